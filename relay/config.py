@@ -1,0 +1,772 @@
+"""The TOML configuration: parsed into frozen dataclasses, validated all at once.
+
+Defaults live in the dataclass field defaults and nowhere else. ``load``
+either returns a complete, valid :class:`Config` or raises
+:class:`ConfigError` listing every :class:`Problem` found, each naming
+where (table or route) and which field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("config/relay.toml")
+
+
+# --- the model --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One next hop of a route: a host name or IP literal (a domain with MX lookup)."""
+
+    name: str
+    port: int = 25
+    #: Share of the route's table, 1-100; a table's loads add up to 100.
+    load: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    #: STARTTLS must be offered and succeed; otherwise the host fails.
+    require_tls: bool = True
+    #: The certificate chain must verify against the system store + [tls] ca_file.
+    require_ca_signed: bool = True
+    #: The certificate must match the name delivered to.
+    validate_hostname: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    #: Tried first, in weighted random order. A single-host route has one.
+    primary: tuple[Host, ...]
+    #: Tried only when every primary failed.
+    secondary: tuple[Host, ...] = ()
+    #: Each host is a domain whose MX records give the real hosts.
+    mx_lookup: bool = False
+    tls: TlsPolicy = TlsPolicy()
+    #: True when configured with ``host``/``port`` rather than tables.
+    single: bool = True
+    #: Not from the config: the recipient's (or a bounce's sender's) own
+    #: domain, by MX. Only then are NXDOMAIN and null MX permanent failures.
+    implicit: bool = False
+
+
+#: Route name (and metric label) for mail sent straight to a domain's MX.
+DIRECT_ROUTE = "(direct)"
+
+
+def direct_route(domain: str) -> Route:
+    """The implicit route to ``domain``'s MX hosts with opportunistic TLS.
+
+    Used for bounces to a sender's domain and for relay_networks clients
+    whose recipient matches no rule: what any MTA does with such mail.
+    """
+    return Route(
+        name=DIRECT_ROUTE,
+        primary=(Host(domain, 25, 100),),
+        mx_lookup=True,
+        tls=TlsPolicy(require_tls=False, require_ca_signed=False, validate_hostname=False),
+        implicit=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    #: Patterns: a full address, "@domain", or "*".
+    recipients: tuple[str, ...]
+    route: str
+
+    def matches(self, address: str) -> bool:
+        address = address.lower()
+        domain = address.rpartition("@")[2]
+        for pattern in self.recipients:
+            pattern = pattern.lower()
+            if pattern == "*" or pattern == address:
+                return True
+            if pattern.startswith("@") and pattern[1:] == domain:
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    #: EHLO name, Received header, bounce From.
+    hostname: str = field(default_factory=socket.getfqdn)
+    listen: tuple[Listen, ...] = (Listen("127.0.0.1", 2525),)
+    #: Recipient domains accepted for relaying.
+    domains: tuple[str, ...] = ()
+    #: Clients allowed to relay to any domain.
+    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_message_size: int = 36_700_160
+    max_recipients: int = 100
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Idle time after which an inbound session is closed, seconds.
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    path: Path = Path("var/spool")
+    #: Seconds undeliverable before a bounce.
+    max_lifetime: float = 5 * 86400.0
+    #: First retry delay in seconds; doubles (with jitter) per attempt.
+    min_backoff: float = 60.0
+    #: Retry delay ceiling in seconds.
+    max_backoff: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    #: Delivery attempts running at once, over all next hops.
+    max_concurrency: int = 20
+    #: Connections at once to one next hop (host:port).
+    max_per_host: int = 5
+    #: Seconds to wait for a TCP connection and greeting.
+    connect_timeout: float = 30.0
+    #: Seconds to wait for any reply after connecting.
+    command_timeout: float = 300.0
+    #: Seconds an idle outbound session is kept for reuse.
+    idle_timeout: float = 10.0
+    #: Addresses tried per attempt, over all candidate hosts (Postfix: 5).
+    max_addresses: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    #: (ip, port) pairs; empty means the system resolver's nameservers.
+    nameservers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    #: Extra trust anchors for outbound verification.
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    #: host:port for /metrics and /healthz; None disables the endpoint.
+    listen: Listen | None = Listen("127.0.0.1", 9325)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: Path = Path("var/audit.log")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class BouncesConfig:
+    #: Route for bounces; "" means the rules, else the sender domain's MX.
+    route: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    #: The file this was loaded from, and the sha256 of its bytes.
+    source: Path
+    sha256: str
+    server: ServerConfig
+    queue: QueueConfig = QueueConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    dns: DnsConfig = DnsConfig()
+    tls: TlsConfig = TlsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
+    log: LogConfig = LogConfig()
+    bounces: BouncesConfig = BouncesConfig()
+    routes: tuple[Route, ...] = ()
+    rules: tuple[Rule, ...] = ()
+
+    def route(self, name: str) -> Route | None:
+        for route in self.routes:
+            if route.name == name:
+                return route
+        return None
+
+    def route_for(self, address: str) -> Route | None:
+        """The route of the first rule that matches ``address`` (first match wins)."""
+        for rule in self.rules:
+            if rule.matches(address):
+                return self.route(rule.route)
+        return None
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the running daemon writes its pid, for ``reload`` and ``queue flush``."""
+        return self.queue.path / "relay.pid"
+
+
+# --- problems ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    #: Where: "server", "routes[2] \"Split delivery\"", "rules[1]", or "" for the file.
+    where: str
+    #: The field, e.g. "port" or "primary[1].load".
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        prefix = ": ".join(part for part in (self.where, self.field) if part)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every reason."""
+
+    def __init__(self, path: Path | str, problems: Sequence[Problem]) -> None:
+        self.path = Path(path)
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n{lines}")
+
+
+# --- parsing helpers --------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+ALLOWED_PORTS = "25, 587, or 1024-65535"
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"``, ``"15m"``, ``"4h"``, ``"5d"`` (also ``"500ms"``) to seconds."""
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"{text!r} is not a duration; use a number and a unit: 30s, 15m, 4h, 5d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def is_hostname(name: str) -> bool:
+    """RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens."""
+    if not name or len(name) > 253:
+        return False
+    labels = name.rstrip(".").split(".")
+    return all(_LABEL.match(label) for label in labels)
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def parse_listen(text: str) -> Listen:
+    """``"127.0.0.1:2525"``, ``"[::1]:2525"`` or ``"localhost:2525"``."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a host:port string")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:2525)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, as [::1]:2525")
+    elif not (is_ip_literal(host) or is_hostname(host)):
+        raise ValueError(f"{text!r}: {host!r} is not an IP address or host name")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+    return Listen(host, int(port_text))
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """``"ip"`` or ``"ip:port"`` (``"[v6]:port"``); port defaults to 53."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a string")
+    if is_ip_literal(text) and not text.startswith("["):
+        return (text, 53)
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not is_ip_literal(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not an IP address or ip:port")
+    return (host, int(port))
+
+
+def check_port(port: Any) -> str | None:
+    """The problem with an outbound port, or None when it is allowed."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        return f"{port!r} is not a whole number; use {ALLOWED_PORTS}"
+    if port == 465:
+        return (
+            "port 465 (implicit TLS) is not supported; use 587 or 25, "
+            "where the relay upgrades with STARTTLS"
+        )
+    if port in (25, 587) or 1024 <= port <= 65535:
+        return None
+    return f"port {port} is not allowed; use {ALLOWED_PORTS}"
+
+
+class _Reader:
+    """Reads one TOML table, recording problems instead of raising."""
+
+    def __init__(
+        self,
+        problems: list[Problem],
+        where: str,
+        table: Any,
+        known: Sequence[str],
+        prefix: str = "",
+    ) -> None:
+        self.problems = problems
+        self.where = where
+        #: Prepended to field names, e.g. "primary[2]." for a host table.
+        self.prefix = prefix
+        self.table: Mapping[str, Any] = table if isinstance(table, Mapping) else {}
+        if not isinstance(table, Mapping):
+            self.problem("", f"must be a table, got {type(table).__name__}")
+        for key in self.table:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                tip = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(known)}"
+                self.problem(key, f"unknown key{tip}")
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(Problem(self.where, f"{self.prefix}{name}".rstrip("."), message))
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python, but `port = true` is a mistake, not port 1.
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            wanted = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            self.problem(name, f"must be {wanted}, got {value!r}")
+            return default
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, None)
+        if value is None:
+            return default
+        if not all(isinstance(item, str) for item in value):
+            self.problem(name, f"must be a list of strings, got {value!r}")
+            return default
+        return tuple(value)
+
+    def duration(self, name: str, default: float) -> float:
+        value = self.get(name, str, None)
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return default
+        if seconds <= 0:
+            self.problem(name, "must be longer than zero")
+            return default
+        return seconds
+
+    def positive(self, name: str, default: int) -> int:
+        value: int = self.get(name, int, default)
+        if value < 1:
+            self.problem(name, f"must be at least 1, got {value}")
+            return default
+        return value
+
+    def path(self, name: str, base: Path, must_exist: bool) -> Path | None:
+        value = self.get(name, str, None)
+        if not value:
+            return None
+        path = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+        if must_exist and not path.is_file():
+            self.problem(name, f"file {str(path)!r} does not exist or is not a file")
+        return path
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "a whole number",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
+
+_TOP_KEYS = (
+    "server", "queue", "delivery", "dns", "tls", "metrics", "audit", "log", "bounces",
+    "routes", "rules",
+)  # fmt: skip
+_SERVER_KEYS = (
+    "hostname", "listen", "domains", "relay_networks", "max_message_size", "max_recipients",
+    "tls_cert", "tls_key", "timeout",
+)  # fmt: skip
+_ROUTE_KEYS = (
+    "name", "host", "port", "mx_lookup", "require_tls", "require_ca_signed",
+    "validate_hostname", "primary", "secondary",
+)  # fmt: skip
+_HOST_KEYS = ("host", "port", "load")
+_RULE_KEYS = ("recipients", "route")
+
+
+# --- sections ---------------------------------------------------------------
+
+
+def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
+    r = _Reader(problems, "server", raw, _SERVER_KEYS)
+    defaults = ServerConfig(hostname="")
+    hostname = r.get("hostname", str, "") or socket.getfqdn()
+    if not is_hostname(hostname):
+        r.problem("hostname", f"{hostname!r} is not a valid host name")
+    listen: list[Listen] = []
+    listen_texts = r.strings("listen", tuple(str(item) for item in defaults.listen))
+    if not listen_texts:
+        r.problem("listen", 'needs at least one host:port, e.g. "127.0.0.1:2525"')
+    for text in listen_texts:
+        try:
+            listen.append(parse_listen(text))
+        except ValueError as exc:
+            r.problem("listen", str(exc))
+    domains = tuple(d.lower().rstrip(".") for d in r.strings("domains", ()))
+    if not domains:
+        r.problem("domains", "must list at least one domain accepted for relaying")
+    for domain in domains:
+        if not is_hostname(domain):
+            r.problem("domains", f"{domain!r} is not a valid domain")
+    networks = []
+    for text in r.strings("relay_networks", ()):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            r.problem("relay_networks", f"{text!r} is not a network; use CIDR like 127.0.0.0/8")
+    cert = r.path("tls_cert", base, must_exist=True)
+    key = r.path("tls_key", base, must_exist=True)
+    if (cert is None) != (key is None):
+        r.problem("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+    return ServerConfig(
+        hostname=hostname,
+        listen=tuple(listen) or defaults.listen,
+        domains=domains,
+        relay_networks=tuple(networks),
+        max_message_size=r.positive("max_message_size", defaults.max_message_size),
+        max_recipients=r.positive("max_recipients", defaults.max_recipients),
+        tls_cert=cert,
+        tls_key=key,
+        timeout=r.duration("timeout", defaults.timeout),
+    )
+
+
+def _queue(problems: list[Problem], raw: Any, base: Path) -> QueueConfig:
+    r = _Reader(problems, "queue", raw, ("path", "max_lifetime", "min_backoff", "max_backoff"))
+    d = QueueConfig()
+    cfg = QueueConfig(
+        path=r.path("path", base, must_exist=False) or (base / d.path).resolve(),
+        max_lifetime=r.duration("max_lifetime", d.max_lifetime),
+        min_backoff=r.duration("min_backoff", d.min_backoff),
+        max_backoff=r.duration("max_backoff", d.max_backoff),
+    )
+    if cfg.min_backoff > cfg.max_backoff:
+        r.problem("min_backoff", "must not be longer than max_backoff")
+    return cfg
+
+
+def _delivery(problems: list[Problem], raw: Any) -> DeliveryConfig:
+    known = tuple(f.name for f in dataclasses.fields(DeliveryConfig))
+    r = _Reader(problems, "delivery", raw, known)
+    d = DeliveryConfig()
+    return DeliveryConfig(
+        max_concurrency=r.positive("max_concurrency", d.max_concurrency),
+        max_per_host=r.positive("max_per_host", d.max_per_host),
+        connect_timeout=r.duration("connect_timeout", d.connect_timeout),
+        command_timeout=r.duration("command_timeout", d.command_timeout),
+        idle_timeout=r.duration("idle_timeout", d.idle_timeout),
+        max_addresses=r.positive("max_addresses", d.max_addresses),
+    )
+
+
+def _dns(problems: list[Problem], raw: Any) -> DnsConfig:
+    r = _Reader(problems, "dns", raw, ("nameservers", "timeout"))
+    servers = []
+    for text in r.strings("nameservers", ()):
+        try:
+            servers.append(parse_nameserver(text))
+        except ValueError as exc:
+            r.problem("nameservers", str(exc))
+    return DnsConfig(tuple(servers), r.duration("timeout", DnsConfig().timeout))
+
+
+def _metrics(problems: list[Problem], raw: Any) -> MetricsConfig:
+    r = _Reader(problems, "metrics", raw, ("listen",))
+    text = r.get("listen", str, None)
+    if text is None:
+        return MetricsConfig()
+    if text == "":
+        return MetricsConfig(listen=None)
+    try:
+        return MetricsConfig(parse_listen(text))
+    except ValueError as exc:
+        r.problem("listen", str(exc))
+        return MetricsConfig()
+
+
+def _log(problems: list[Problem], raw: Any) -> LogConfig:
+    r = _Reader(problems, "log", raw, ("format", "level"))
+    fmt = r.get("format", str, "text")
+    if fmt not in ("text", "json"):
+        r.problem("format", f'{fmt!r} is not a log format; use "text" or "json"')
+    level = r.get("level", str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        r.problem("level", f"{level!r} is not a level; use debug, info, warning or error")
+    return LogConfig(fmt, level)
+
+
+def _hosts(r: _Reader, table: str, raw: Any, mx_lookup: bool) -> tuple[Host, ...]:
+    if not isinstance(raw, list) or not raw:
+        r.problem(table, f"must be a non-empty array of tables ([[routes.{table}]])")
+        return ()
+    hosts = []
+    for i, item in enumerate(raw, start=1):
+        # Field names carry the table position so the user finds the line.
+        hr = _Reader(r.problems, r.where, item, _HOST_KEYS, prefix=f"{table}[{i}].")
+        name = _host_name(hr, "host", hr.table.get("host"), mx_lookup)
+        port = _port(hr, "port", hr.table.get("port", 25))
+        load = hr.table.get("load")
+        if isinstance(load, bool) or not isinstance(load, int) or not 1 <= load <= 100:
+            hr.problem("load", f"must be a whole number from 1 to 100, got {load!r}")
+            load = 0
+        hosts.append(Host(name, port, load))
+    total = sum(h.load for h in hosts)
+    if all(h.load for h in hosts) and total != 100:
+        loads = " + ".join(str(h.load) for h in hosts)
+        r.problem(table, f"loads must add up to 100, got {loads} = {total}")
+    return tuple(hosts)
+
+
+def _host_name(r: _Reader, field_name: str, value: Any, mx_lookup: bool) -> str:
+    if not isinstance(value, str) or not value:
+        r.problem(field_name, "is required: a host name (recommended) or an IP address")
+        return ""
+    if mx_lookup:
+        if is_ip_literal(value):
+            r.problem(field_name, f"{value!r} is an IP address; with mx_lookup it must be a domain")
+        elif not is_hostname(value):
+            r.problem(field_name, f"{value!r} is not a valid domain")
+        return value.lower().rstrip(".")
+    if is_ip_literal(value):
+        return value.strip("[]")
+    if not is_hostname(value):
+        r.problem(field_name, f"{value!r} is not a valid host name or IP address")
+    return value.lower().rstrip(".")
+
+
+def _port(r: _Reader, field_name: str, value: Any) -> int:
+    problem = check_port(value)
+    if problem:
+        r.problem(field_name, problem)
+        return 25
+    return int(value)
+
+
+def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
+    name = raw.get("name") if isinstance(raw, Mapping) else None
+    where = f"routes[{index}]" + (f" {name!r}" if isinstance(name, str) and name else "")
+    r = _Reader(problems, where, raw, _ROUTE_KEYS)
+    if not isinstance(raw, Mapping):
+        return None
+    if not isinstance(name, str) or not name.strip():
+        r.problem("name", "is required and must not be empty")
+        name = ""
+    mx_lookup = r.get("mx_lookup", bool, False)
+    d = TlsPolicy()
+    tls = TlsPolicy(
+        require_tls=r.get("require_tls", bool, d.require_tls),
+        require_ca_signed=r.get("require_ca_signed", bool, d.require_ca_signed),
+        validate_hostname=r.get("validate_hostname", bool, d.validate_hostname),
+    )
+    # The options build on each other, as in the console: a certificate can
+    # only be checked on a connection that is required to be encrypted.
+    if tls.require_ca_signed and not tls.require_tls:
+        r.problem(
+            "require_ca_signed",
+            "is on (the default) but needs require_tls = true; turn require_tls on, "
+            "or set require_ca_signed = false too",
+        )
+    if tls.validate_hostname and not tls.require_ca_signed:
+        r.problem(
+            "validate_hostname",
+            "is on (the default) but needs require_ca_signed = true; turn require_ca_signed on, "
+            "or set validate_hostname = false too",
+        )
+    single = "host" in raw or "port" in raw
+    multiple = "primary" in raw or "secondary" in raw
+    if single and multiple:
+        r.problem("host", "a route has either host/port or primary/secondary tables, not both")
+        return None
+    if not single and not multiple:
+        r.problem("host", "missing: give host (and port), or [[routes.primary]] tables")
+        return None
+    if single:
+        host = _host_name(r, "host", raw.get("host"), mx_lookup)
+        port = _port(r, "port", raw.get("port", 25))
+        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True)
+    if "primary" not in raw:
+        r.problem("primary", "missing: secondary hosts need at least one [[routes.primary]]")
+        return None
+    primary = _hosts(r, "primary", raw["primary"], mx_lookup)
+    secondary = _hosts(r, "secondary", raw["secondary"], mx_lookup) if "secondary" in raw else ()
+    return Route(name, primary, secondary, mx_lookup, tls, single=False)
+
+
+def _rule(
+    problems: list[Problem], index: int, raw: Any, route_names: Mapping[str, int]
+) -> Rule | None:
+    r = _Reader(problems, f"rules[{index}]", raw, _RULE_KEYS)
+    if not isinstance(raw, Mapping):
+        return None
+    patterns = r.strings("recipients", ())
+    if not patterns:
+        r.problem("recipients", 'must list at least one pattern: an address, "@domain" or "*"')
+    for pattern in patterns:
+        local, at, domain = pattern.rpartition("@")
+        ok = pattern == "*" or (at and is_hostname(domain) and "@" not in local)
+        if not ok:
+            r.problem("recipients", f'{pattern!r} is not an address, "@domain" or "*"')
+    route = r.get("route", str, "")
+    if not route:
+        r.problem("route", "is required: the name of a route")
+    elif route not in route_names:
+        hint = difflib.get_close_matches(route, list(route_names), n=1)
+        tip = f"; did you mean {hint[0]!r}?" if hint else ""
+        r.problem("route", f"no route is named {route!r}{tip}")
+    return Rule(patterns, route)
+
+
+def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
+    """Validate parsed TOML ``data`` as read from ``source``; raise ConfigError."""
+    problems: list[Problem] = []
+    base = source.resolve().parent
+    top = _Reader(problems, "", data, _TOP_KEYS)
+    server = _server(problems, data.get("server", {}), base)
+    queue = _queue(problems, data.get("queue", {}), base)
+    delivery = _delivery(problems, data.get("delivery", {}))
+    dns = _dns(problems, data.get("dns", {}))
+    tls_reader = _Reader(problems, "tls", data.get("tls", {}), ("ca_file",))
+    tls = TlsConfig(tls_reader.path("ca_file", base, must_exist=True))
+    metrics = _metrics(problems, data.get("metrics", {}))
+    audit_reader = _Reader(problems, "audit", data.get("audit", {}), ("path",))
+    audit = AuditConfig(
+        audit_reader.path("path", base, must_exist=False) or (base / AuditConfig().path).resolve()
+    )
+    log = _log(problems, data.get("log", {}))
+
+    raw_routes = top.get("routes", list, [])
+    routes = [r for i, raw in enumerate(raw_routes, start=1) if (r := _route(problems, i, raw))]
+    names: dict[str, int] = {}
+    for i, raw in enumerate(raw_routes, start=1):
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        if not isinstance(name, str) or not name.strip():
+            continue
+        if name in names:
+            problems.append(
+                Problem(f"routes[{i}] {name!r}", "name", f"duplicate: routes[{names[name]}] has it")
+            )
+        names.setdefault(name, i)
+    rules = [
+        rule
+        for i, raw in enumerate(top.get("rules", list, []), start=1)
+        if (rule := _rule(problems, i, raw, names)) is not None
+    ]
+    bounce_reader = _Reader(problems, "bounces", data.get("bounces", {}), ("route",))
+    bounces = BouncesConfig(bounce_reader.get("route", str, ""))
+    if bounces.route and bounces.route not in names:
+        bounce_reader.problem("route", f"no route is named {bounces.route!r}")
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(
+        source=source.resolve(),
+        sha256=sha256,
+        server=server,
+        queue=queue,
+        delivery=delivery,
+        dns=dns,
+        tls=tls,
+        metrics=metrics,
+        audit=audit,
+        log=log,
+        bounces=bounces,
+        routes=tuple(routes),
+        rules=tuple(rules),
+    )
+
+
+def load(path: Path | str) -> Config:
+    """Read, parse and validate the TOML file at ``path``.
+
+    Raises ConfigError for a missing or unreadable file, a TOML syntax
+    error (with line and column) or any validation problem.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(path, [Problem("", "", f"cannot read config file: {reason}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [Problem("", "", f"not UTF-8 text: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [Problem("", "", f"TOML syntax error: {exc}")]) from None
+    return parse(data, path, hashlib.sha256(raw).hexdigest())
+
+
+def default_path(argument: str | None) -> Path:
+    """``--config`` if given, else ``$RELAY_CONFIG``, else ``config/relay.toml``."""
+    return Path(argument or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
+
+
+def describe(config: Config) -> list[str]:
+    """Human-readable summary lines, one per route (for check-config and start-up logs)."""
+    lines = []
+    for route in config.routes:
+        opts = [
+            f"{opt}={'on' if getattr(route.tls, opt) else 'off'}"
+            for opt in ("require_tls", "require_ca_signed", "validate_hostname")
+        ]
+        if route.mx_lookup:
+            opts.insert(0, "mx_lookup")
+        lines.append(f"route {route.name!r}: {' '.join(opts)}")
+        tables = [("primary", route.primary), ("secondary", route.secondary)]
+        for table, hosts in tables:
+            for host in hosts:
+                label = "host" if route.single else table
+                share = "" if route.single else f" load {host.load}%"
+                lines.append(f"  {label} {host.name} port {host.port}{share}")
+    for i, rule in enumerate(config.rules, start=1):
+        lines.append(f"rule {i}: {', '.join(rule.recipients)} -> {rule.route!r}")
+    return lines

@@ -1,0 +1,151 @@
+"""The message envelope and its per-recipient delivery state, as spooled.
+
+The envelope is what the spool persists next to the message bytes: who
+sent it, to whom, from where, and where each recipient stands. It is
+serialised as JSON so an operator can read it with ``relay queue show``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.errors import Reply
+
+
+class RcptState(enum.Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+
+
+@dataclass(slots=True)
+class Recipient:
+    address: str
+    state: RcptState = RcptState.PENDING
+    #: Delivery attempts that included this recipient.
+    attempts: int = 0
+    #: The last reply or failure seen for this recipient (for the DSN and `queue list`).
+    last_reply: Reply | None = None
+    #: The host that gave ``last_reply``, e.g. "mx1.example.com [192.0.2.1]".
+    remote_mta: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"address": self.address, "state": self.state.value}
+        if self.attempts:
+            data["attempts"] = self.attempts
+        if self.last_reply is not None:
+            r = self.last_reply
+            data["last_reply"] = [r.code, r.status_text, r.text]
+        if self.remote_mta:
+            data["remote_mta"] = self.remote_mta
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recipient:
+        reply = None
+        if data.get("last_reply"):
+            code, status, text = data["last_reply"]
+            parts = tuple(int(p) for p in status.split("."))
+            reply = Reply(int(code), (parts[0], parts[1], parts[2]), text)
+        return cls(
+            address=data["address"],
+            state=RcptState(data.get("state", "pending")),
+            attempts=int(data.get("attempts", 0)),
+            last_reply=reply,
+            remote_mta=data.get("remote_mta", ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    #: Peer IP address ("" for locally generated mail such as bounces).
+    ip: str = ""
+    #: The EHLO/HELO argument the client gave.
+    helo: str = ""
+    #: Reverse DNS name, if known.
+    name: str = ""
+    #: TLS version of the inbound session, e.g. "TLSv1.3"; "" for plaintext.
+    tls: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"ip": self.ip, "helo": self.helo, "name": self.name, "tls": self.tls}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClientInfo:
+        return cls(*(str(data.get(key, "")) for key in ("ip", "helo", "name", "tls")))
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One spooled message: envelope, client and delivery state (bytes stay on disk)."""
+
+    #: Queue id: in every log line and the 250 reply.
+    id: str
+    #: Envelope sender; "" is the null reverse-path (bounces): never bounced.
+    mail_from: str
+    recipients: list[Recipient]
+    client: ClientInfo = ClientInfo()
+    #: Arrival time, seconds since the epoch.
+    received_at: float = field(default_factory=time.time)
+    #: When the next attempt is due, seconds since the epoch.
+    next_attempt: float = 0.0
+    #: Attempts so far (of the message, over all routes).
+    attempts: int = 0
+    #: Size of the spooled message in bytes.
+    size: int = 0
+    #: SMTPUTF8 was requested by the client (RFC 6531).
+    smtputf8: bool = False
+    #: BODY=8BITMIME was requested (RFC 6152).
+    body_8bit: bool = False
+    #: True for delivery status notifications this relay generated.
+    is_bounce: bool = False
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state is RcptState.PENDING]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "mail_from": self.mail_from,
+            "recipients": [r.to_json() for r in self.recipients],
+            "client": self.client.to_json(),
+            "received_at": self.received_at,
+            "next_attempt": self.next_attempt,
+            "attempts": self.attempts,
+            "size": self.size,
+            "smtputf8": self.smtputf8,
+            "body_8bit": self.body_8bit,
+            "is_bounce": self.is_bounce,
+        }
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), ensure_ascii=False, indent=1).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        return cls(
+            id=data["id"],
+            mail_from=data["mail_from"],
+            recipients=[Recipient.from_json(r) for r in data["recipients"]],
+            client=ClientInfo.from_json(data.get("client", {})),
+            received_at=float(data.get("received_at", 0.0)),
+            next_attempt=float(data.get("next_attempt", 0.0)),
+            attempts=int(data.get("attempts", 0)),
+            size=int(data.get("size", 0)),
+            smtputf8=bool(data.get("smtputf8", False)),
+            body_8bit=bool(data.get("body_8bit", False)),
+            is_bounce=bool(data.get("is_bounce", False)),
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes) -> Envelope:
+        return cls.from_json(json.loads(raw.decode("utf-8")))

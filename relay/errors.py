@@ -1,0 +1,274 @@
+"""Replies, failure classes and the one place that maps failures to SMTP codes.
+
+Reply codes follow RFC 5321 section 4.2; enhanced status codes follow
+RFC 3463. Every status that reaches the wire or a delivery status
+notification is a :class:`Reply` built here. This module is a leaf: it
+imports nothing from relay.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: basic code, enhanced status code and text."""
+
+    #: Basic reply code, e.g. 250, 451, 550.
+    code: int
+    #: Enhanced status code (RFC 3463), e.g. (4, 4, 1).
+    status: tuple[int, int, int]
+    #: Human-readable text, one line, no CR or LF.
+    text: str
+
+    def __post_init__(self) -> None:
+        # The class digit of both codes must agree (RFC 3463 section 2);
+        # a 4xx reply with a 5.x.x status is a bug, not a choice.
+        if self.code // 100 != self.status[0]:
+            raise ValueError(f"reply class {self.code} != status class {self.status}")
+        if "\r" in self.text or "\n" in self.text:
+            raise ValueError("reply text must be a single line")
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def status_text(self) -> str:
+        return ".".join(str(part) for part in self.status)
+
+    def __str__(self) -> str:
+        """The reply as it goes on the wire (without CRLF)."""
+        return f"{self.code} {self.status_text} {self.text}"
+
+    def as_permanent(self) -> Reply:
+        """The same reply moved to class 5, for bounces after max_lifetime.
+
+        4.4.1 becomes 5.4.1 and 451 becomes 551-ish: the basic code keeps
+        its second and third digits so the class of both codes changes
+        together (the maddy ESC-class bug cannot happen here).
+        """
+        if self.permanent:
+            return self
+        code = 500 + self.code % 100
+        return Reply(code, (5, self.status[1], self.status[2]), self.text)
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> Reply:
+        """Build a Reply from a remote server's code and text.
+
+        The enhanced status code is taken from the text when present
+        (RFC 2034); otherwise a generic one of the right class is used.
+        """
+        text = " ".join(message.split())
+        klass = code // 100
+        status = (klass, 0, 0)
+        first, _, rest = text.partition(" ")
+        parts = first.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and int(parts[0]) == klass:
+            status = (int(parts[0]), int(parts[1]), int(parts[2]))
+            text = rest
+        if klass not in (2, 4, 5):
+            # A reply outside 2xx/4xx/5xx where a final reply was expected
+            # is a protocol error of the peer: treat it as temporary.
+            return cls(451, (4, 5, 0), f"unexpected reply {code} {text}".strip())
+        return cls(code, status, text)
+
+
+# --- inbound replies (DESIGN.md "Behaviour / Inbound", STYLE.md 3.4) -------
+
+RELAYING_DENIED = Reply(550, (5, 7, 1), "Relaying denied")
+NO_ROUTE = Reply(550, (5, 1, 1), "No route for this recipient")
+TOO_MANY_RECIPIENTS = Reply(452, (4, 5, 3), "Too many recipients")
+MESSAGE_TOO_BIG = Reply(552, (5, 3, 4), "Message size exceeds fixed limit")
+MALFORMED_ADDRESS = Reply(501, (5, 1, 3), "Bad address syntax")
+BAD_SYNTAX = Reply(501, (5, 5, 4), "Syntax error in parameters or arguments")
+LOOP_DETECTED = Reply(554, (5, 4, 6), "Routing loop detected: too many Received headers")
+BARE_LINE_ENDING = Reply(
+    550, (5, 6, 0), "Message contains bare CR or LF line endings; only CRLF is allowed"
+)
+BAD_HEADER = Reply(550, (5, 6, 0), "Message contains a malformed header line")
+SPOOL_FAILED = Reply(451, (4, 3, 0), "Temporary local problem, please try again later")
+DISK_FULL = Reply(452, (4, 3, 1), "Insufficient system storage")
+INTERNAL_ERROR = Reply(451, (4, 3, 0), "Temporary local problem, please try again later")
+SHUTTING_DOWN = Reply(421, (4, 3, 2), "Service shutting down, try again later")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, (2, 0, 0), f"Ok: queued as {queue_id}")
+
+
+# --- failure classes --------------------------------------------------------
+
+
+class RelayError(Exception):
+    """A failure with the Reply that describes it.
+
+    ``detail`` is kept for logs only; the reply text is what a client or a
+    DSN sees.
+    """
+
+    default_reply = Reply(451, (4, 3, 0), "Temporary local problem")
+
+    def __init__(self, detail: str = "", reply: Reply | None = None) -> None:
+        self.reply = reply or self.default_reply
+        self.detail = detail or self.reply.text
+        super().__init__(self.detail)
+
+
+class TemporaryFailure(RelayError):
+    """4xx: defer and retry until queue.max_lifetime, then bounce."""
+
+
+class DnsTemporary(TemporaryFailure):
+    """SERVFAIL, timeout, no nameserver answered."""
+
+    default_reply = Reply(451, (4, 4, 3), "Temporary DNS failure")
+
+
+class RouteMisconfigured(TemporaryFailure):
+    """A name from the configuration does not resolve (NXDOMAIN, null MX).
+
+    Deferred, never bounced: a typo in a route must not bounce everyone's
+    mail. Logged loudly and counted by the caller.
+    """
+
+    default_reply = Reply(451, (4, 4, 4), "Route host does not resolve; check the relay config")
+
+
+class HostUnreachable(TemporaryFailure):
+    """Connection refused or timed out, or a 4xx/5xx greeting."""
+
+    default_reply = Reply(451, (4, 4, 1), "Next hop unreachable")
+
+
+class ConnectionLost(TemporaryFailure):
+    """The peer dropped the connection or stopped answering mid-transaction."""
+
+    default_reply = Reply(451, (4, 4, 2), "Connection to next hop lost")
+
+
+class RemoteTemporary(TemporaryFailure):
+    """The next hop answered 4xx; its reply is kept verbatim."""
+
+
+class PermanentFailure(RelayError):
+    """5xx: bounce now (only ever for mail we accepted)."""
+
+    default_reply = Reply(554, (5, 0, 0), "Permanent failure")
+
+
+class NoSuchDomain(PermanentFailure):
+    default_reply = Reply(550, (5, 1, 2), "Domain does not exist (NXDOMAIN)")
+
+
+class NullMx(PermanentFailure):
+    """RFC 7505: the domain publishes ``MX 0 .`` and accepts no mail."""
+
+    default_reply = Reply(556, (5, 1, 10), "Domain accepts no mail (null MX)")
+
+
+class NoRoute(PermanentFailure):
+    default_reply = Reply(550, (5, 4, 4), "No MX and no address record for the domain")
+
+
+class RemotePermanent(PermanentFailure):
+    """The next hop answered 5xx; its reply is kept verbatim."""
+
+
+class TlsFailure(enum.Enum):
+    """Which check of a route's TLS policy failed; also the metric label."""
+
+    NO_STARTTLS = "no_starttls"
+    HANDSHAKE = "handshake"
+    UNTRUSTED_CA = "untrusted_ca"
+    HOSTNAME_MISMATCH = "hostname_mismatch"
+    EXPIRED = "expired"
+
+
+# The words a DSN and test-tls use for each failed check, and how to fix it.
+TLS_FAILURE_TEXT: dict[TlsFailure, str] = {
+    TlsFailure.NO_STARTTLS: "the server did not offer STARTTLS",
+    TlsFailure.HANDSHAKE: "the TLS handshake failed",
+    TlsFailure.UNTRUSTED_CA: "the server certificate is not signed by a trusted CA",
+    TlsFailure.HOSTNAME_MISMATCH: "the server certificate does not match the host name",
+    TlsFailure.EXPIRED: "the server certificate has expired or is not yet valid",
+}
+
+TLS_FAILURE_OPTION: dict[TlsFailure, str] = {
+    TlsFailure.NO_STARTTLS: "require_tls",
+    TlsFailure.HANDSHAKE: "require_tls",
+    TlsFailure.UNTRUSTED_CA: "require_ca_signed",
+    TlsFailure.HOSTNAME_MISMATCH: "validate_hostname",
+    TlsFailure.EXPIRED: "require_ca_signed",
+}
+
+TLS_FIXES = (
+    "use the host name that appears in the server's certificate",
+    "install a certificate issued by a trusted CA with the right host name",
+    "if a third-party relay service is used, ask its provider",
+    "or turn off the option in the route (not recommended)",
+)
+
+# RFC 3463: 5.7.4 "security features not supported", 5.7.5 "cryptographic failure".
+_TLS_STATUS = {TlsFailure.NO_STARTTLS: (5, 7, 4)}
+
+
+class TlsPolicyFailure(RelayError):
+    """One host failed the route's TLS policy."""
+
+    def __init__(self, reason: TlsFailure, detail: str = "") -> None:
+        self.reason = reason
+        status = _TLS_STATUS.get(reason, (5, 7, 5))
+        option = TLS_FAILURE_OPTION[reason]
+        text = f"TLS required by route ({option}): {TLS_FAILURE_TEXT[reason]}"
+        super().__init__(detail or text, Reply(550, status, text))
+
+
+class SpoolError(RelayError):
+    """The spool could not store or update a message."""
+
+    default_reply = SPOOL_FAILED
+
+
+class SpoolFull(SpoolError):
+    """No space left on the spool's file system."""
+
+    default_reply = DISK_FULL
+
+
+# --- aggregation ------------------------------------------------------------
+
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+DEFERRED = "deferred"
+
+
+def outcome(results: Iterable[Reply | RelayError]) -> str:
+    """Decide one recipient's fate from every candidate host's result.
+
+    Rules (DESIGN.md "Outcomes"): any acceptance delivers; a permanent
+    reply bounces; when *every* candidate failed the TLS policy the
+    recipient bounces at once; anything else defers. No results at all
+    (nothing to try) defers.
+    """
+    items = list(results)
+    if not items:
+        return DEFERRED
+    for item in items:
+        if isinstance(item, Reply) and item.code // 100 == 2:
+            return DELIVERED
+    for item in items:
+        reply = item if isinstance(item, Reply) else item.reply
+        if isinstance(item, PermanentFailure) or (isinstance(item, Reply) and reply.permanent):
+            return BOUNCED
+    if all(isinstance(item, TlsPolicyFailure) for item in items):
+        return BOUNCED
+    return DEFERRED

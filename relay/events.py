@@ -1,0 +1,73 @@
+"""One log line per event, on stderr, as key=value text or JSON.
+
+Every line about a message carries its queue id (``id=``) so that
+``grep ID`` tells the message's whole story. Addresses are logged,
+message bodies never.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_logger = logging.getLogger("relay")
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``ts=... level=info event=accepted id=... from=<a@b> ...``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        head = f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()}"
+        body = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+        line = f"{head} event={_quote(record.getMessage())} {body}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        data.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            data["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def setup(fmt: str = "text", level: str = "info") -> None:
+    """Send relay's events to stderr in the configured format (idempotent)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    _logger.handlers[:] = [handler]
+    _logger.setLevel(level.upper())
+    _logger.propagate = False
+
+
+def log(event: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
+    """Log one event, e.g. ``log("accepted", id=qid, size=1234)``."""
+    _logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+
+
+def warning(event: str, **fields: Any) -> None:
+    log(event, logging.WARNING, **fields)
+
+
+def error(event: str, exc_info: bool = False, **fields: Any) -> None:
+    log(event, logging.ERROR, exc_info=exc_info, **fields)

@@ -1,0 +1,21 @@
+"""Fixtures shared by every test area. Area-specific fixtures live in tests/support/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a TOML config into tmp_path and return its path."""
+
+    def write(text: str, name: str = "relay.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
