@@ -43,9 +43,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from relay import app
+    # Imported here so that check-config and queue commands stay light.
+    from relay.app import run
 
-    return app.run(configmod.default_path(args.config))
+    return run(configmod.default_path(args.config))
 
 
 def _read_pid(cfg: Config) -> int | None:

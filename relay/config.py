@@ -317,6 +317,16 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     return (host, int(port))
 
 
+def suggest(word: str, known: Sequence[str]) -> str | None:
+    """The known name the user most likely meant by ``word``, if any."""
+    close = difflib.get_close_matches(word, known, n=1)
+    if close:
+        return close[0]
+    # Abbreviations such as "mx" for "mx_lookup".
+    starts = [k for k in known if k.startswith(word) or word.startswith(k)]
+    return starts[0] if len(starts) == 1 else None
+
+
 def check_port(port: Any) -> str | None:
     """The problem with an outbound port, or None when it is allowed."""
     if isinstance(port, bool) or not isinstance(port, int):
@@ -351,8 +361,8 @@ class _Reader:
             self.problem("", f"must be a table, got {type(table).__name__}")
         for key in self.table:
             if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                tip = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(known)}"
+                hint = suggest(key, known)
+                tip = f"; did you mean {hint!r}?" if hint else f"; known: {', '.join(known)}"
                 self.problem(key, f"unknown key{tip}")
 
     def problem(self, name: str, message: str) -> None:
@@ -660,8 +670,8 @@ def _rule(
     if not route:
         r.problem("route", "is required: the name of a route")
     elif route not in route_names:
-        hint = difflib.get_close_matches(route, list(route_names), n=1)
-        tip = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = suggest(route, list(route_names))
+        tip = f"; did you mean {hint!r}?" if hint else ""
         r.problem("route", f"no route is named {route!r}{tip}")
     return Rule(patterns, route)
 
