@@ -31,7 +31,8 @@ Partial failure. :func:`plan` never raises for DNS: it returns a
 :class:`Plan` with the candidates of every domain that resolved and one
 error per domain that did not (``dns_failures``, in route order), so the
 caller can log and count a misconfigured route host even when another host
-carries the mail. When a plan has no candidates, ``Plan.failure`` is the
+carries the mail (``relay_route_dns_errors_total{route, host}`` counts
+RouteMisconfigured). When a plan has no candidates, ``Plan.failure`` is the
 error to record for every recipient (temporary if any failure was).
 :func:`candidates` is the short form: the candidate list, raising
 ``Plan.failure`` when there is none.
@@ -83,14 +84,26 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsFailure:
+    """A route domain whose MX lookup failed: no candidates came from it."""
+
+    #: The host (domain) as written in the route: the metric label
+    #: (``relay_route_dns_errors_total{route, host}`` for RouteMisconfigured).
+    configured: str
+    #: "primary" or "secondary".
+    table: str
+    #: RouteMisconfigured / DnsTemporary (config routes), or NoSuchDomain /
+    #: NullMx / DnsTemporary (implicit routes).
+    error: RelayError
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """The candidates of one attempt, and the DNS failures met building them."""
 
     candidates: tuple[Candidate, ...]
-    #: One error per route domain whose MX lookup failed, in route order:
-    #: RouteMisconfigured / DnsTemporary (config routes), or NoSuchDomain /
-    #: NullMx / DnsTemporary (implicit routes).
-    dns_failures: tuple[RelayError, ...] = ()
+    #: One entry per route domain whose MX lookup failed, in route order.
+    dns_failures: tuple[DnsFailure, ...] = ()
 
     @property
     def failure(self) -> RelayError | None:
@@ -101,10 +114,10 @@ class Plan:
         """
         if self.candidates or not self.dns_failures:
             return None
-        for error in self.dns_failures:
-            if isinstance(error, TemporaryFailure):
-                return error
-        return self.dns_failures[0]
+        for failure in self.dns_failures:
+            if isinstance(failure.error, TemporaryFailure):
+                return failure.error
+        return self.dns_failures[0].error
 
 
 # --- rules ------------------------------------------------------------------
@@ -210,25 +223,25 @@ async def plan(route: Route, resolver: Resolver, rng: random.Random) -> Plan:
     ordered = [(PRIMARY, host) for host in weighted_order(route.primary, rng)]
     ordered += [(SECONDARY, host) for host in weighted_order(route.secondary, rng)]
     if not route.mx_lookup:
-        found = [
+        direct = [
             Candidate(host.name, host.port, None, table, host.name, route.name, route.implicit)
             for table, host in ordered
         ]
-        return Plan(_unique(found))
+        return Plan(_unique(direct))
     # Resolve concurrently, but draw the MX shuffles in route order afterwards.
     answers = await asyncio.gather(*(_mx_records(h, resolver) for _, h in ordered))
-    candidates: list[Candidate] = []
-    failures: list[RelayError] = []
+    found: list[Candidate] = []
+    failures: list[DnsFailure] = []
     for (table, host), answer in zip(ordered, answers, strict=True):
         names = _expand(route, host, answer, rng)
         if isinstance(names, RelayError):
-            failures.append(names)
+            failures.append(DnsFailure(host.name, table, names))
             continue
-        candidates += [
+        found += [
             Candidate(name, host.port, host.name, table, host.name, route.name, route.implicit)
             for name in names
         ]
-    return Plan(_unique(candidates), tuple(failures))
+    return Plan(_unique(found), tuple(failures))
 
 
 async def _mx_records(host: Host, resolver: Resolver) -> list[tuple[int, str]] | RelayError:

@@ -12,7 +12,7 @@ import pytest
 from relay.config import DnsConfig
 from relay.dns import DnsResolver, ip_literal
 from relay.errors import DnsTemporary, NoRoute, NoSuchDomain, NullMx
-from tests.support.dnsserver import DnsServer, dnsmasq_servers
+from tests.support.dnsserver import DnsServer, dns_server, dnsmasq_servers  # noqa: F401
 
 ZONE = {
     "hosts": {
@@ -171,3 +171,12 @@ async def test_invalid_name_cannot_exist(resolver: DnsResolver) -> None:
 def test_system_resolver_builds_without_query() -> None:
     # Empty [dns] nameservers: /etc/resolv.conf (or none, if unreadable).
     assert DnsResolver(DnsConfig()).config.nameservers == ()
+
+
+async def test_large_answer_retried_over_tcp(dns_server) -> None:  # noqa: F811
+    # 120 A records do not fit a 512-byte UDP answer: dnsmasq truncates,
+    # the resolver retries over TCP (dnsmasq listens on both).
+    v4 = [f"127.0.{i // 250}.{i % 250 + 1}" for i in range(120)]
+    server = dns_server(hosts={"big.test": v4})
+    found = await DnsResolver(server.config()).addresses("big.test")
+    assert sorted(found) == sorted(v4)

@@ -167,8 +167,11 @@ async def test_partial_failure_keeps_working_candidates(resolver: DnsResolver) -
     result = await plan(route, resolver, random.Random(0))
     assert [c.host for c in result.candidates] == ["backup.corp.test"]
     assert result.failure is None
-    kinds = sorted(type(e).__name__ for e in result.dns_failures)
-    assert kinds == ["DnsTemporary", "RouteMisconfigured"]
+    found = {(f.configured, f.table, type(f.error)) for f in result.dns_failures}
+    assert found == {
+        ("x.broken.test", PRIMARY, DnsTemporary),
+        ("nonexistent.test", PRIMARY, RouteMisconfigured),
+    }
 
 
 async def test_temporary_wins_when_nothing_resolves(resolver: DnsResolver) -> None:
@@ -177,7 +180,8 @@ async def test_temporary_wins_when_nothing_resolves(resolver: DnsResolver) -> No
         mx_route("nonexistent.test", secondary=("x.broken.test",)), implicit=True
     )
     result = await plan(route, resolver, random.Random(0))
-    assert [type(e) for e in result.dns_failures] == [NoSuchDomain, DnsTemporary]
+    assert [type(f.error) for f in result.dns_failures] == [NoSuchDomain, DnsTemporary]
+    assert [f.table for f in result.dns_failures] == [PRIMARY, SECONDARY]
     assert isinstance(result.failure, DnsTemporary)
 
 
