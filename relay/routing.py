@@ -1,11 +1,64 @@
 """Which route a recipient takes, and the ordered candidate hosts of a route.
 
-STUB: interface only; implemented under issue #4.
+Rules: the first rule that matches a recipient names its route
+(:func:`route_for`); bounces follow :func:`bounce_route`.
+
+Candidate order (DESIGN.md "Routing"), built by :func:`plan`:
+
+- single host: that host;
+- multiple hosts: the primaries in weighted random order
+  (:func:`weighted_order`), then the secondaries the same way;
+- ``mx_lookup``: each host of that order is a domain, replaced by its MX
+  hosts in preference order with equal preferences shuffled (RFC 5321
+  section 5.1), on the port of the route's host entry; a domain without
+  MX records is its own candidate (implicit MX, RFC 5321 section 5.1).
+  MX lookups of all the route's domains run concurrently. A host (and
+  port) that appears twice is kept only where it appears first.
+
+Only MX lookups happen here; a candidate's addresses are looked up when it
+is tried, with :func:`addresses_for`.
+
+DNS failures. A name from the configuration that does not resolve (NXDOMAIN,
+null MX, no address record) is a configuration problem: it becomes
+:class:`~relay.errors.RouteMisconfigured`, a temporary failure naming the
+route and host, so a typo defers mail instead of bouncing it. Only for an
+implicit route (``config.direct_route``: a bounce to a sender's domain, or a
+trusted client's recipient that matched no rule) are NXDOMAIN
+(NoSuchDomain), null MX (NullMx) and no address (NoRoute) permanent.
+SERVFAIL and timeouts are always :class:`~relay.errors.DnsTemporary`.
+
+Partial failure. :func:`plan` never raises for DNS: it returns a
+:class:`Plan` with the candidates of every domain that resolved and one
+error per domain that did not (``dns_failures``, in route order), so the
+caller can log and count a misconfigured route host even when another host
+carries the mail (``relay_route_dns_errors_total{route, host}`` counts
+RouteMisconfigured). When a plan has no candidates, ``Plan.failure`` is the
+error to record for every recipient (temporary if any failure was).
+:func:`candidates` is the short form: the candidate list, raising
+``Plan.failure`` when there is none.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from relay import config as cfg
+from relay.config import Config, Host, Route
+from relay.dns import Resolver, ip_literal
+from relay.errors import (
+    NoRoute,
+    NoSuchDomain,
+    PermanentFailure,
+    RelayError,
+    RouteMisconfigured,
+    TemporaryFailure,
+)
+
+PRIMARY = "primary"
+SECONDARY = "secondary"
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,9 +69,243 @@ class Candidate:
     #: (the route's host, or the MX host's name), or an IP literal.
     host: str
     port: int
-    #: The domain whose MX gave this host, when the route does MX lookup.
+    #: The domain whose MX gave this host, when the route does MX lookup
+    #: (also for an implicit MX, where it equals ``host``).
     via_mx: str | None = None
     #: "primary" or "secondary".
     table: str = "primary"
     #: The host as written in the route (metric label: config values only).
     configured: str = ""
+    #: The route's name (for log lines and RouteMisconfigured details).
+    route: str = ""
+    #: From an implicit route (config.direct_route): permanent DNS answers
+    #: (NXDOMAIN, no address) are final instead of a configuration problem.
+    implicit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DnsFailure:
+    """A route domain whose MX lookup failed: no candidates came from it."""
+
+    #: The host (domain) as written in the route: the metric label
+    #: (``relay_route_dns_errors_total{route, host}`` for RouteMisconfigured).
+    configured: str
+    #: "primary" or "secondary".
+    table: str
+    #: RouteMisconfigured / DnsTemporary (config routes), or NoSuchDomain /
+    #: NullMx / DnsTemporary (implicit routes).
+    error: RelayError
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The candidates of one attempt, and the DNS failures met building them."""
+
+    candidates: tuple[Candidate, ...]
+    #: One entry per route domain whose MX lookup failed, in route order.
+    dns_failures: tuple[DnsFailure, ...] = ()
+
+    @property
+    def failure(self) -> RelayError | None:
+        """The error for every recipient when there is no candidate, else None.
+
+        Temporary wins over permanent: if any domain might still answer
+        later, the mail is deferred rather than bounced.
+        """
+        if self.candidates or not self.dns_failures:
+            return None
+        for failure in self.dns_failures:
+            if isinstance(failure.error, TemporaryFailure):
+                return failure.error
+        return self.dns_failures[0].error
+
+
+# --- rules ------------------------------------------------------------------
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].strip().lower().rstrip(".")
+
+
+def route_for(config: Config, address: str, client_trusted: bool) -> Route | None:
+    """The route of the first rule matching ``address`` (first match wins).
+
+    When no rule matches and the client is in relay_networks
+    (``client_trusted``), the implicit route to the address's domain MX
+    (``config.direct_route``); otherwise None (no route: reject at RCPT).
+    """
+    route = config.route_for(address)
+    if route is not None:
+        return route
+    domain = _domain(address) if "@" in address else ""
+    if client_trusted and domain:
+        return cfg.direct_route(domain)
+    return None
+
+
+def bounce_route(config: Config, sender: str) -> Route:
+    """The route of a bounce (DSN) to ``sender`` (DESIGN.md "[bounces]").
+
+    The ``[bounces] route`` when set, else the route of the first rule that
+    matches the sender's address, else the sender domain's MX with
+    opportunistic TLS (``config.direct_route``, an implicit route).
+    Raises ValueError for a sender without a domain (``<>`` is never
+    bounced; the caller checks that first).
+    """
+    if config.bounces.route:
+        route = config.route(config.bounces.route)
+        if route is not None:
+            return route
+    route = config.route_for(sender)
+    if route is not None:
+        return route
+    domain = _domain(sender) if "@" in sender else ""
+    if not domain:
+        raise ValueError(f"cannot bounce to {sender!r}: no domain")
+    return cfg.direct_route(domain)
+
+
+# --- candidate order --------------------------------------------------------
+
+
+def weighted_order(hosts: Sequence[Host], rng: random.Random) -> list[Host]:
+    """``hosts`` in weighted random order, without replacement.
+
+    The first pick follows the loads (a host with load 70 of 100 comes
+    first 70% of the time); each next pick follows the loads of the hosts
+    still left. Hosts with a non-positive load (never valid in a loaded
+    config) go last, in their given order.
+    """
+    left = [host for host in hosts if host.load > 0]
+    ordered: list[Host] = []
+    while left:
+        # Integer loads: randrange keeps the shares exact, no float drift.
+        point = rng.randrange(sum(host.load for host in left))
+        for i, host in enumerate(left):
+            point -= host.load
+            if point < 0:
+                ordered.append(left.pop(i))
+                break
+    return ordered + [host for host in hosts if host.load <= 0]
+
+
+def _config_error(route: Route, host: str, error: RelayError) -> RelayError:
+    """Map a permanent DNS answer about a route's own host to the route's policy."""
+    if route.implicit or not isinstance(error, PermanentFailure):
+        return error
+    return RouteMisconfigured(
+        f"route {route.name!r}: host {host!r} is misconfigured in DNS: {error.detail}"
+    )
+
+
+def shuffle_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[str]:
+    """MX hosts in preference order, equal preferences shuffled (RFC 5321 section 5.1)."""
+    by_preference: dict[int, list[str]] = {}
+    for preference, host in records:
+        by_preference.setdefault(preference, []).append(host)
+    hosts: list[str] = []
+    for preference in sorted(by_preference):
+        # Sorted first, so a seeded rng gives the same order whatever the
+        # order of the DNS answer.
+        group = sorted(by_preference[preference])
+        rng.shuffle(group)
+        hosts.extend(group)
+    return hosts
+
+
+async def plan(route: Route, resolver: Resolver, rng: random.Random) -> Plan:
+    """The candidates of one attempt over ``route`` and any DNS failures met.
+
+    Never raises for DNS (see the module docstring). Draws from ``rng``
+    in a fixed order (weighted orders first, then MX shuffles in route
+    order) so a seeded rng gives a reproducible plan.
+    """
+    ordered = [(PRIMARY, host) for host in weighted_order(route.primary, rng)]
+    ordered += [(SECONDARY, host) for host in weighted_order(route.secondary, rng)]
+    if not route.mx_lookup:
+        direct = [
+            Candidate(host.name, host.port, None, table, host.name, route.name, route.implicit)
+            for table, host in ordered
+        ]
+        return Plan(_unique(direct))
+    # Resolve concurrently, but draw the MX shuffles in route order afterwards.
+    answers = await asyncio.gather(*(_mx_records(h, resolver) for _, h in ordered))
+    found: list[Candidate] = []
+    failures: list[DnsFailure] = []
+    for (table, host), answer in zip(ordered, answers, strict=True):
+        names = _expand(route, host, answer, rng)
+        if isinstance(names, RelayError):
+            failures.append(DnsFailure(host.name, table, names))
+            continue
+        found += [
+            Candidate(name, host.port, host.name, table, host.name, route.name, route.implicit)
+            for name in names
+        ]
+    return Plan(_unique(found), tuple(failures))
+
+
+async def _mx_records(host: Host, resolver: Resolver) -> list[tuple[int, str]] | RelayError:
+    if ip_literal(host.name) is not None:
+        return []
+    try:
+        return await resolver.mx(host.name)
+    except RelayError as exc:
+        return exc
+
+
+def _expand(
+    route: Route, host: Host, answer: list[tuple[int, str]] | RelayError, rng: random.Random
+) -> list[str] | RelayError:
+    if isinstance(answer, RelayError):
+        return _config_error(route, host.name, answer)
+    if not answer:
+        # No MX: the domain itself is the mail host (implicit MX, RFC 5321 5.1).
+        return [ip_literal(host.name) or host.name]
+    return shuffle_mx(answer, rng)
+
+
+def _unique(candidates: Sequence[Candidate]) -> tuple[Candidate, ...]:
+    """Each (host, port) once, where it first appears."""
+    seen: set[tuple[str, int]] = set()
+    out: list[Candidate] = []
+    for candidate in candidates:
+        key = (candidate.host, candidate.port)
+        if key not in seen:
+            seen.add(key)
+            out.append(candidate)
+    return tuple(out)
+
+
+async def candidates(route: Route, resolver: Resolver, rng: random.Random) -> list[Candidate]:
+    """The candidate hosts of ``route`` in the order to try them.
+
+    The short form of :func:`plan`: partial DNS failures are dropped;
+    when there is no candidate at all, raises ``Plan.failure``
+    (RouteMisconfigured, DnsTemporary, or for an implicit route
+    NoSuchDomain / NullMx).
+    """
+    result = await plan(route, resolver, rng)
+    if result.failure is not None:
+        raise result.failure
+    return list(result.candidates)
+
+
+async def addresses_for(candidate: Candidate, resolver: Resolver) -> list[str]:
+    """The IP addresses to try for ``candidate``: IPv6 and IPv4 interleaved.
+
+    Use this rather than ``resolver.addresses`` in delivery: it applies
+    the route's DNS policy. For a configured route, NXDOMAIN or no
+    address record for the host becomes RouteMisconfigured (temporary,
+    naming route and host); for an implicit route they stay NoSuchDomain
+    / NoRoute (permanent). Timeouts and SERVFAIL raise DnsTemporary.
+    """
+    try:
+        return await resolver.addresses(candidate.host)
+    except (NoSuchDomain, NoRoute) as exc:
+        if candidate.implicit:
+            raise
+        via = f" (MX of {candidate.via_mx})" if candidate.via_mx else ""
+        raise RouteMisconfigured(
+            f"route {candidate.route!r}: host {candidate.host!r}{via} "
+            f"does not resolve: {exc.detail}"
+        ) from None
