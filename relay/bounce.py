@@ -218,7 +218,7 @@ def _explain(failure: Failure) -> list[str]:
             lines += _wrap(f"- {fix}", "      ")
         options = sorted({TLS_FAILURE_OPTION[issue.reason] for issue in failure.tls})
         if options:
-            lines += _wrap(f"  (the option in the route: {', '.join(options)})", "    ")
+            lines += _wrap(f"(route options involved: {', '.join(options)})", "    ")
     elif failure.reason is BounceReason.EXPIRED:
         lines += _wrap(
             f"The message could not be delivered{route} for too long and the relay "
