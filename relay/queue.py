@@ -469,7 +469,10 @@ class Scheduler:
         a DSN's recipient goes by :meth:`_bounce_route`.
         """
         if envelope.is_bounce:
-            return self._bounce_route(address)
+            try:
+                return self._bounce_route(address)
+            except ValueError:
+                return None  # no domain to send it to: deferred, dropped at its lifetime
         cfg = self._config()
         route = cfg.route_for(address)
         if route is None and _trusted(cfg, envelope.client.ip):
@@ -479,12 +482,18 @@ class Scheduler:
     def _bounce_route(self, sender: str) -> Route:
         """``[bounces] route``, else the rule matching the sender, else the sender's MX.
 
+        Raises ValueError for a sender without a domain (as routing.bounce_route).
         TODO(lead): ``routing.bounce_route(config, sender)``.
         """
         cfg = self._config()
         if cfg.bounces.route and (route := cfg.route(cfg.bounces.route)) is not None:
             return route
-        return cfg.route_for(sender) or direct_route(sender.rpartition("@")[2])
+        if (route := cfg.route_for(sender)) is not None:
+            return route
+        domain = sender.rpartition("@")[2] if "@" in sender else ""
+        if not domain:
+            raise ValueError(f"cannot bounce to {sender!r}: no domain")
+        return direct_route(domain)
 
 
 # --- helpers ----------------------------------------------------------------------

@@ -28,9 +28,7 @@ def main(count: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spool = Spool(Path(tmp), fsync=False)
         cfg = make_config(spool.path)
-        scheduler = Scheduler(
-            lambda: cfg, spool, FakeDeliverer(), Metrics(), rng=random.Random(1)
-        )
+        scheduler = Scheduler(lambda: cfg, spool, FakeDeliverer(), Metrics(), rng=random.Random(1))
         # Realistic envelopes (built outside the measurement; add() must not keep them).
         now = time.time()
         envelopes = [

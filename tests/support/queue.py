@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from relay.config import (
     BouncesConfig,
@@ -23,7 +24,7 @@ from relay.delivery import Attempt, HostResult
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics
-from relay.queue import Scheduler
+from relay.queue import Deliverer, Scheduler
 from relay.routing import Candidate
 from relay.spool import Spool, new_id
 
@@ -132,13 +133,13 @@ def make_config(
     rules: Sequence[Rule] = (Rule(("@example.com",), "Corp"),),
     bounce_route: str = "",
     relay_networks: Sequence[str] = (),
+    routes: Sequence[Route] = (
+        Route("Corp", (Host("mx.corp.test", 25),)),
+        Route("Bounces", (Host("smarthost.test", 587),)),
+    ),
 ) -> Config:
     import ipaddress
 
-    routes = (
-        Route("Corp", (Host("mx.corp.test", 25),)),
-        Route("Bounces", (Host("smarthost.test", 587),)),
-    )
     return Config(
         source=spool_path / "relay.toml",
         sha256="",
@@ -150,7 +151,7 @@ def make_config(
         queue=QueueConfig(spool_path, max_lifetime, min_backoff, max_backoff),
         delivery=DeliveryConfig(max_concurrency=max_concurrency),
         bounces=BouncesConfig(bounce_route),
-        routes=routes,
+        routes=tuple(routes),
         rules=tuple(rules),
     )
 
@@ -181,7 +182,8 @@ def spool_message(
 @dataclass
 class Harness:
     spool: Spool
-    deliverer: FakeDeliverer
+    #: A FakeDeliverer unless the test passed another Deliverer.
+    deliverer: Any
     metrics: Metrics
     clock: Clock
     scheduler: Scheduler
@@ -197,7 +199,7 @@ class Harness:
 
 def harness(
     tmp_path: Path,
-    deliverer: FakeDeliverer | None = None,
+    deliverer: Deliverer | None = None,
     config: Config | None = None,
     clock: Clock | None = None,
 ) -> Harness:
