@@ -248,6 +248,11 @@ class Scheduler:
             # `relay queue delete` removed it while it waited: nothing to do.
             events.log("dropped", id=qid, reason="no longer in the spool")
             return None
+        except (ValueError, TypeError) as exc:
+            # An unreadable envelope will not get better by retrying; the
+            # spool sets it aside (".corrupt") at the next start for a human.
+            events.error("dropped", id=qid, reason="unreadable envelope", error=str(exc))
+            return None
         if envelope.done:
             await asyncio.to_thread(self._spool.delete, qid)
             return None
@@ -341,7 +346,9 @@ class Scheduler:
                 outcome, reply = attempt.outcome(address), attempt.last(address)
                 remote = attempt.remote.get(address, "")
             rcpt.last_reply, rcpt.remote_mta = reply, remote
-            self._metrics.recipients.labels(route.name, outcome).inc()
+            if outcome != errors.DEFERRED:
+                # Deferred ones are counted once the cycle knows whether they expired.
+                self._metrics.recipients.labels(route.name, outcome).inc()
             if outcome == errors.DELIVERED:
                 rcpt.state = RcptState.DELIVERED
                 self._metrics.delivery_seconds.labels(route.name).observe(
@@ -370,7 +377,10 @@ class Scheduler:
         if deferred and now - envelope.received_at >= cfg.queue.max_lifetime:
             for rcpt, route in deferred:
                 failures.append(self._expire(envelope, rcpt, route, now))
+                self._metrics.recipients.labels(route, errors.BOUNCED).inc()
             deferred = []
+        for _, route in deferred:
+            self._metrics.recipients.labels(route, errors.DEFERRED).inc()
         if failures and not await self._bounce(envelope, body, failures, now):
             # The DSN could not be spooled: keep the recipients pending and
             # try again later, when the failure will be seen again.

@@ -11,15 +11,18 @@ from email.message import EmailMessage
 import pytest
 
 from relay.config import Rule
-from relay.envelope import RcptState
+from relay.envelope import Envelope, RcptState
 from relay.errors import (
     DELIVERY_EXPIRED,
     NO_ROUTE_NOW,
     HostUnreachable,
+    SpoolFull,
     TlsFailure,
     TlsPolicyFailure,
 )
+from relay.metrics import Metrics
 from relay.queue import JITTER, Scheduler, backoff
+from relay.spool import Spool
 from tests.support.queue import (
     PERM,
     TEMP,
@@ -214,6 +217,8 @@ async def test_expiry_bounces_with_4_4_7_and_the_last_error(tmp_path) -> None:
     assert block["Diagnostic-Code"] == "smtp; 451 4.3.0 Try again later"
     assert "gave up" in dsn.body.decode()
     assert h.sample("relay_bounces_total", reason="expired") == 1
+    assert h.sample("relay_recipients_total", route="Corp", outcome="deferred") == 1
+    assert h.sample("relay_recipients_total", route="Corp", outcome="bounced") == 1
     assert h.spooled() == []
 
 
@@ -281,6 +286,42 @@ async def test_message_deleted_from_the_spool_is_dropped(tmp_path) -> None:
         await settle(h.scheduler)
     assert h.deliverer.calls == []
     assert len(h.scheduler) == 0
+
+
+async def test_unreadable_envelope_is_dropped_from_the_index(tmp_path) -> None:
+    h = harness(tmp_path)
+    env = spool_message(h.spool, ["bob@example.com"])
+    (h.spool.msg_dir / f"{env.id}.json").write_bytes(b"{not json")
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await settle(h.scheduler)
+    assert h.deliverer.calls == []
+    assert len(h.scheduler) == 0
+
+
+class FullSpool(Spool):
+    """A spool whose disk filled up after the original was accepted."""
+
+    def put(self, envelope: Envelope, data: bytes) -> None:
+        raise SpoolFull("no space left on device")
+
+
+async def test_originals_stay_pending_when_the_dsn_cannot_be_spooled(tmp_path) -> None:
+    spool = FullSpool(tmp_path / "spool", fsync=False)
+    spool.open()
+    env = spool_message(Spool(spool.path, fsync=False), ["bob@example.com"])
+    fake = FakeDeliverer(script={"bob@example.com": [PERM]})
+    scheduler = Scheduler(
+        lambda: make_config(spool.path), spool, fake, Metrics(), clock=Clock(), rng=random.Random(1)
+    )
+    async with running(scheduler):
+        scheduler.add(env)
+        await settle(scheduler)
+    (stored,) = spool.load_all()
+    # Never marked bounced without a durable DSN: it will fail (and bounce) again.
+    assert stored.recipients[0].state is RcptState.PENDING
+    assert stored.recipients[0].last_reply == PERM
+    assert len(scheduler) == 1
 
 
 async def test_a_failing_deliverer_defers(tmp_path) -> None:
