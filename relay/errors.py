@@ -100,6 +100,17 @@ DISK_FULL = Reply(452, (4, 3, 1), "Insufficient system storage")
 INTERNAL_ERROR = Reply(451, (4, 3, 0), "Temporary local problem, please try again later")
 SHUTTING_DOWN = Reply(421, (4, 3, 2), "Service shutting down, try again later")
 
+# --- queue replies (issue #4, #5) --------------------------------------------
+
+#: Recorded for a recipient that no rule routes any more (rules changed by a
+#: reload): deferred, never bounced, so fixing the config lets it go out.
+NO_ROUTE_NOW = Reply(451, (4, 4, 0), "No route for this recipient in the current configuration")
+#: A recipient bounced at max_lifetime with no reply ever seen (RFC 3463 X.4.7).
+DELIVERY_EXPIRED = Reply(554, (5, 4, 7), "Delivery time expired")
+#: The DSN Status of a recipient bounced at max_lifetime (RFC 3463 4.4.7,
+#: "delivery time expired"; issue #5 asks for it with Action: failed).
+EXPIRED_STATUS = (4, 4, 7)
+
 
 def queued(queue_id: str) -> Reply:
     return Reply(250, (2, 0, 0), f"Ok: queued as {queue_id}")

@@ -1,0 +1,361 @@
+"""Delivery status notifications (RFC 3464) for mail this relay accepted but cannot deliver.
+
+A DSN is ``multipart/report; report-type=delivery-status`` (RFC 6522) with
+three parts: a plain-words explanation, the machine-readable
+``message/delivery-status`` fields, and the original message's headers
+(``text/rfc822-headers``). Internationalised addresses use the RFC 6533
+types (``utf-8`` address type, ``message/global-delivery-status``,
+``message/global-headers``) and make the DSN an SMTPUTF8 message.
+
+:func:`build_dsn` is pure: same input, same bytes except the fresh
+Message-ID and MIME boundary. The message is assembled line by line rather
+than through ``email.generator`` so that the bytes are exactly what the
+RFCs ask for: CRLF only, no line over 998 octets (RFC 5322 section 2.1.1),
+7-bit fields in ``message/delivery-status``. Dates, Message-IDs and header
+parsing come from the stdlib ``email`` package.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import utils
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from relay.envelope import Envelope
+from relay.errors import (
+    TLS_FAILURE_OPTION,
+    TLS_FAILURE_TEXT,
+    TLS_FIXES,
+    NoRoute,
+    NoSuchDomain,
+    NullMx,
+    RelayError,
+    Reply,
+    TlsFailure,
+    TlsPolicyFailure,
+)
+
+
+class BounceReason(enum.Enum):
+    """Why recipients bounced; the value is the relay_bounces_total label."""
+
+    REMOTE_PERMANENT = "remote_permanent"
+    TLS_POLICY = "tls_policy"
+    EXPIRED = "expired"
+    DOUBLE_BOUNCE = "double_bounce"
+    DNS_PERMANENT = "dns_permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsIssue:
+    """One host that failed the route's TLS policy, and which check it failed."""
+
+    host: str
+    reason: TlsFailure
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One recipient listed in a DSN: what failed, where and when."""
+
+    address: str
+    #: The reply for the Diagnostic-Code: the next hop's, or our own for TLS/DNS/expiry.
+    reply: Reply
+    reason: BounceReason
+    #: "host [ip]" or "host" of the next hop that answered; "" when none did.
+    remote_mta: str = ""
+    #: Hosts that failed the TLS policy (for the fix-it text).
+    tls: tuple[TlsIssue, ...] = ()
+    #: Seconds since the epoch of the last attempt, or None if never attempted.
+    last_attempt: float | None = None
+    #: The route the recipient took ("" if unknown), for the human text.
+    route: str = ""
+    #: The DSN Status when it differs from the reply's (4.4.7 at max_lifetime).
+    status: tuple[int, int, int] | None = None
+
+    @property
+    def status_text(self) -> str:
+        return ".".join(str(part) for part in (self.status or self.reply.status))
+
+
+_DNS_PERMANENT = (NoSuchDomain, NullMx, NoRoute)
+
+
+def reason_for(results: Iterable[Reply | RelayError]) -> BounceReason:
+    """The bounce reason of a recipient whose outcome was "bounced".
+
+    Every candidate failing the TLS policy is ``tls_policy``; a permanent
+    DNS answer for the destination (NXDOMAIN, null MX, no address) is
+    ``dns_permanent``; anything else is the next hop's 5xx.
+    """
+    items = list(results)
+    if items and all(isinstance(item, TlsPolicyFailure) for item in items):
+        return BounceReason.TLS_POLICY
+    if any(isinstance(item, _DNS_PERMANENT) for item in items):
+        return BounceReason.DNS_PERMANENT
+    return BounceReason.REMOTE_PERMANENT
+
+
+def needs_smtputf8(envelope: Envelope, failed: Sequence[Failure]) -> bool:
+    """True when the DSN carries a non-ASCII address and must go out with SMTPUTF8."""
+    addresses = [envelope.mail_from, *(f.address for f in failed)]
+    return envelope.smtputf8 or not all(a.isascii() for a in addresses)
+
+
+# --- small formatting helpers ------------------------------------------------
+
+_MAX_LINE = 998  # RFC 5322 section 2.1.1, without the CRLF
+_FOLD_AT = 76
+
+
+def _ascii(text: str) -> str:
+    """Fields of message/delivery-status are US-ASCII (RFC 3464 section 2.1.2)."""
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _field(name: str, value: str) -> list[str]:
+    """A header field folded at white space; words longer than a line are split."""
+    words = _one_line(value).split(" ")
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in words:
+        while len(word) > _MAX_LINE - 2:
+            # No white space to fold at: split the word (never exceed 998).
+            lines.append(line)
+            line = " " + word[: _MAX_LINE - 2]
+            word = word[_MAX_LINE - 2 :]
+        if len(line) + 1 + len(word) > _FOLD_AT and line != f"{name}:":
+            lines.append(line)
+            line = " " + word
+        else:
+            line = f"{line} {word}" if word else line
+    lines.append(line)
+    return lines
+
+
+def _date(seconds: float) -> str:
+    return utils.format_datetime(datetime.fromtimestamp(seconds, UTC))
+
+
+def _remote_name(remote_mta: str) -> str:
+    """``"mx.example.com [192.0.2.1]"`` -> ``"mx.example.com"`` for the Remote-MTA field."""
+    return remote_mta.split(" ", 1)[0].strip("[]")
+
+
+def _address_field(address: str, utf8: bool) -> str:
+    # RFC 6533 section 3: the "utf-8" address type for internationalised addresses.
+    return f"utf-8; {address}" if utf8 and not address.isascii() else f"rfc822; {address}"
+
+
+def _original_headers(original: bytes) -> bytes:
+    """The header block of the original message, CRLF-normalised."""
+    end = original.find(b"\r\n\r\n")
+    head = original if end < 0 else original[: end + 2]
+    lines = re.split(rb"\r\n|\r|\n", head)
+    out: list[bytes] = []
+    for line in lines:
+        if not line:
+            continue
+        while len(line) > _MAX_LINE:
+            out.append(line[:_MAX_LINE])
+            line = b" " + line[_MAX_LINE:]
+        out.append(line)
+    return b"".join(part + b"\r\n" for part in out)
+
+
+def _original_message_id(headers: bytes) -> str | None:
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(headers)
+    value = parsed.get("Message-ID")
+    if not isinstance(value, str):
+        return None
+    value = _one_line(value)
+    match = re.fullmatch(r"<[^<>\s]+>", value)
+    return match.group(0) if match else None
+
+
+# --- the human-readable part --------------------------------------------------
+
+
+def _wrap(text: str, indent: str = "") -> list[str]:
+    # A "- item" continues under the item's text, not under its dash.
+    hanging = indent + ("  " if text.startswith("- ") else "")
+    return textwrap.wrap(
+        text,
+        width=_FOLD_AT,
+        initial_indent=indent,
+        subsequent_indent=hanging,
+        break_long_words=True,
+        break_on_hyphens=False,
+    ) or [indent.rstrip()]
+
+
+def _explain(failure: Failure) -> list[str]:
+    """Plain words for one recipient: what failed, at which host, what to do."""
+    lines = [f"<{failure.address}>:"]
+    where = f" at host {failure.remote_mta}" if failure.remote_mta else ""
+    route = f' (route "{failure.route}")' if failure.route else ""
+    if failure.reason is BounceReason.TLS_POLICY:
+        lines += _wrap(
+            f"The message was not sent{route} because the route requires a secure "
+            "(TLS) connection and no host passed the check:",
+            "    ",
+        )
+        for issue in failure.tls:
+            lines += _wrap(f"- {issue.host}: {TLS_FAILURE_TEXT[issue.reason]}", "      ")
+        lines += _wrap("How to fix it:", "    ")
+        for fix in TLS_FIXES:
+            lines += _wrap(f"- {fix}", "      ")
+        options = sorted({TLS_FAILURE_OPTION[issue.reason] for issue in failure.tls})
+        if options:
+            lines += _wrap(f"(route options involved: {', '.join(options)})", "    ")
+    elif failure.reason is BounceReason.EXPIRED:
+        lines += _wrap(
+            f"The message could not be delivered{route} for too long and the relay "
+            f"gave up. The last error{where} was: {failure.reply}",
+            "    ",
+        )
+    elif failure.reason is BounceReason.DNS_PERMANENT:
+        lines += _wrap(f"The recipient's domain does not accept mail: {failure.reply}", "    ")
+    else:
+        lines += _wrap(
+            f"The next mail server{where} refused the recipient{route}. It replied: "
+            f"{failure.reply}",
+            "    ",
+        )
+    return lines
+
+
+def _human_text(envelope: Envelope, failed: Sequence[Failure], hostname: str) -> list[str]:
+    lines = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        *_wrap(
+            f"Your message (queue id {envelope.id}) could not be delivered to the "
+            "following recipients. This is a permanent error; the relay will not "
+            "try again. The headers of your message are attached."
+        ),
+        "",
+    ]
+    for failure in failed:
+        lines += [*_explain(failure), ""]
+    return lines
+
+
+# --- the delivery-status part -------------------------------------------------
+
+
+def _status_fields(
+    envelope: Envelope, failed: Sequence[Failure], hostname: str, utf8: bool
+) -> list[str]:
+    clean = (lambda s: s) if utf8 else _ascii
+    # RFC 3464 section 2.2: per-message fields first, then a block per recipient.
+    lines = [
+        *_field("Reporting-MTA", f"dns; {hostname}"),
+        *_field("X-Relay-Queue-ID", envelope.id),
+        *_field("Arrival-Date", _date(envelope.received_at)),
+    ]
+    for failure in failed:
+        lines.append("")
+        lines += _field("Final-Recipient", clean(_address_field(failure.address, utf8)))
+        lines += _field("Action", "failed")
+        lines += _field("Status", failure.status_text)
+        if failure.remote_mta:
+            lines += _field("Remote-MTA", clean(f"dns; {_remote_name(failure.remote_mta)}"))
+        lines += _field("Diagnostic-Code", clean(f"smtp; {failure.reply}"))
+        if failure.last_attempt is not None:
+            lines += _field("Last-Attempt-Date", _date(failure.last_attempt))
+    return lines
+
+
+# --- assembly -------------------------------------------------------------------
+
+
+def build_dsn(
+    envelope: Envelope,
+    failed: Sequence[Failure],
+    *,
+    hostname: str,
+    original: bytes,
+    now: datetime,
+) -> bytes:
+    """The RFC 3464 report telling ``envelope.mail_from`` that ``failed`` recipients bounced.
+
+    ``original`` is the spooled message (only its headers are returned).
+    ``now`` is the Date of the report. Raises ValueError for a null sender
+    or no failures: those never get a DSN (no bounce loops).
+    """
+    if not envelope.mail_from:
+        raise ValueError("never bounce the null reverse-path")
+    if not failed:
+        raise ValueError("a DSN needs at least one failed recipient")
+    utf8 = needs_smtputf8(envelope, failed)
+    boundary = f"=_relay_{secrets.token_hex(12)}"
+    headers = _original_headers(original)
+    original_id = _original_message_id(headers)
+
+    top = [
+        *_field("From", f"Mail Delivery System <MAILER-DAEMON@{hostname}>"),
+        *_field("To", f"<{envelope.mail_from}>"),
+        *_field("Subject", "Undelivered Mail Returned to Sender"),
+        *_field("Date", utils.format_datetime(now.astimezone(UTC))),
+        *_field("Message-ID", utils.make_msgid("dsn", domain=hostname)),
+    ]
+    if original_id:
+        top += [*_field("In-Reply-To", original_id), *_field("References", original_id)]
+    top += [
+        # RFC 3834 section 5: a DSN is an automatic reply, so auto-responders stay quiet.
+        *_field("Auto-Submitted", "auto-replied"),
+        "MIME-Version: 1.0",
+        *_field(
+            "Content-Type",
+            f'multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        ),
+        "",
+        "This is a MIME-encapsulated delivery status notification.",
+    ]
+    text = _human_text(envelope, failed, hostname)
+    if not utf8:
+        # Without SMTPUTF8 keep the whole DSN 7-bit; a stray non-ASCII reply
+        # text is not worth a transfer encoding.
+        text = [_ascii(line) for line in text]
+    text_ascii = all(line.isascii() for line in text)
+    human = [
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=" + ("us-ascii" if text_ascii else "utf-8"),
+        "Content-Transfer-Encoding: " + ("7bit" if text_ascii else "8bit"),
+        "Content-Description: Notification",
+        "",
+        *text,
+    ]
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    status = [
+        f"--{boundary}",
+        f"Content-Type: {status_type}",
+        "Content-Description: Delivery report",
+        "",
+        *_status_fields(envelope, failed, hostname, utf8),
+        "",
+    ]
+    # RFC 6533 section 3.3: message/global-headers for headers that may be UTF-8.
+    headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
+    if not utf8 and not headers.isascii():
+        headers = headers.decode("ascii", "replace").encode("ascii", "replace")
+    head_part = [
+        f"--{boundary}",
+        f"Content-Type: {headers_type}",
+        "Content-Description: Undelivered Message Headers",
+        "",
+    ]
+    text_bytes = "\r\n".join([*top, *human, *status, *head_part]).encode("utf-8")
+    return text_bytes + b"\r\n" + headers + f"\r\n--{boundary}--\r\n".encode("ascii")

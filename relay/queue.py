@@ -1,0 +1,551 @@
+"""The scheduler: when each spooled message is tried, and what its outcome changes.
+
+Due messages are loaded from the spool, their pending recipients grouped by
+route, one :meth:`Deliverer.deliver` call made per route (concurrently,
+within ``[delivery] max_concurrency``), and each recipient's outcome written
+back to the spool *before anything else happens*, so a recipient the next
+hop accepted is never delivered twice (DESIGN.md "Outcomes"). Deferred mail
+is retried with exponential backoff and jitter until ``[queue]
+max_lifetime``; permanent failures and expiry produce one RFC 3464 DSN per
+message per attempt (relay.bounce), spooled before the originals are marked
+bounced, so a crash can at worst duplicate a DSN, never lose one.
+
+Only ``(due time, queue id)`` stays in memory per queued message; the
+envelope and body are read from the spool when the message is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import ipaddress
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+from relay import errors, events
+from relay.bounce import BounceReason, Failure, TlsIssue, build_dsn, needs_smtputf8, reason_for
+from relay.config import Config, Route, direct_route
+from relay.envelope import Envelope, RcptState, Recipient
+from relay.errors import RelayError, Reply, TlsPolicyFailure
+from relay.metrics import Metrics
+from relay.spool import Spool, new_id
+
+if TYPE_CHECKING:
+    from relay.delivery import Attempt
+
+#: Jitter either side of the backoff delay, so messages deferred together
+#: (one next hop down) do not all come back in the same second.
+JITTER = 0.15
+
+#: Longest sleep of the dispatch loop: bounds how late a due message starts
+#: when the clock is not the loop's (an injected clock in tests, a clock step).
+_MAX_SLEEP = 1.0
+
+#: Route label for recipients that no rule routes any more.
+_NO_ROUTE = "(none)"
+
+
+def backoff(attempts: int, min_backoff: float, max_backoff: float, rng: random.Random) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt (1 is the first).
+
+    ``min_backoff * 2**(attempts-1)``, capped at ``max_backoff``, times a
+    random factor in ``[1 - JITTER, 1 + JITTER]``; never above ``max_backoff``.
+    """
+    exponent = max(0, min(attempts, 64) - 1)
+    base = min(min_backoff * 2.0**exponent, max_backoff)
+    return min(base * rng.uniform(1 - JITTER, 1 + JITTER), max_backoff)
+
+
+class Deliverer(Protocol):
+    """What the scheduler needs from delivery: one attempt of one route.
+
+    Resolving the route's candidate hosts is the deliverer's business (the
+    scheduler never touches DNS). It should not raise: every failure is a
+    per-recipient result in the Attempt. If it does raise, the recipients
+    are deferred with 451 4.3.0.
+    """
+
+    async def deliver(
+        self, route: Route, envelope: Envelope, recipients: Sequence[str], body: bytes
+    ) -> Attempt: ...
+
+
+class _Limiter:
+    """A semaphore whose size is read from the live config at every acquire (reload)."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.used = 0
+
+    async def acquire(self) -> None:
+        while self.used >= self._limit():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        # Wake everyone; each re-checks the (possibly reloaded) limit.
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class Scheduler:
+    """Runs delivery attempts for spooled messages when they are due."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        spool: Spool,
+        deliverer: Deliverer,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._deliverer = deliverer
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        # The index: queue id -> due time, and a heap over it with lazy
+        # deletion (an entry whose time no longer matches _due is stale).
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._active: dict[str, asyncio.Task[float | None]] = {}
+        self._limiter = _Limiter(lambda: self._config().delivery.max_concurrency)
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # --- the index -------------------------------------------------------------
+
+    def add(self, envelope: Envelope) -> None:
+        """Queue a spooled message for its ``next_attempt`` (never touches disk)."""
+        if envelope.id in self._active:
+            return
+        self._schedule(envelope.id, envelope.next_attempt)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Make every queued message due now (SIGUSR1, ``relay queue flush``)."""
+        now = self._clock()
+        self._due = {qid: min(when, now) for qid, when in self._due.items()}
+        self._heap = [(when, qid) for qid, when in self._due.items()]
+        heapq.heapify(self._heap)
+        events.log("flush", messages=len(self._due) + len(self._active))
+        self._wake.set()
+
+    def __len__(self) -> int:
+        """Messages queued or being tried."""
+        return len(self._due) + len(self._active)
+
+    @property
+    def busy(self) -> bool:
+        """True while an attempt runs or a message is due now."""
+        when = self._next_due()
+        return bool(self._active) or (when is not None and when <= self._clock())
+
+    def _schedule(self, qid: str, when: float) -> None:
+        self._due[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+        self._metrics.queue_messages.set(len(self))
+
+    def _next_due(self) -> float | None:
+        while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def _pop_due(self, now: float) -> str | None:
+        when = self._next_due()
+        if when is None or when > now:
+            return None
+        _, qid = heapq.heappop(self._heap)
+        del self._due[qid]
+        return qid
+
+    # --- the loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start attempts as messages fall due, until :meth:`stop`."""
+        self._stopping = False
+        while not self._stopping:
+            self._wake.clear()
+            self._dispatch()
+            when = self._next_due()
+            delay = _MAX_SLEEP if when is None else max(0.0, when - self._clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(delay, _MAX_SLEEP))
+
+    def _dispatch(self) -> None:
+        # Cycles are bounded too: each holds a message body in memory.
+        limit = self._config().delivery.max_concurrency
+        now = self._clock()
+        while not self._stopping and len(self._active) < limit:
+            qid = self._pop_due(now)
+            if qid is None:
+                return
+            task = asyncio.create_task(self._cycle(qid), name=f"relay-queue-{qid}")
+            self._active[qid] = task
+            task.add_done_callback(functools.partial(self._finished, qid))
+
+    def _finished(self, qid: str, task: asyncio.Task[float | None]) -> None:
+        self._active.pop(qid, None)
+        if task.cancelled():
+            # Abandoned at stop(): its recipients are still pending in the spool.
+            pass
+        elif (exc := task.exception()) is not None:
+            # A spool write failed mid-cycle (disk full...): the spool still
+            # holds the last persisted state; try again after min_backoff.
+            retry = self._config().queue.min_backoff
+            events.error("queue_error", id=qid, error=repr(exc), retry_in=retry)
+            self._schedule(qid, self._clock() + retry)
+        elif (when := task.result()) is not None:
+            self._schedule(qid, when)
+        self._metrics.queue_messages.set(len(self))
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Start no new attempt; wait up to ``grace`` seconds, then cancel what still runs.
+
+        A cancelled attempt leaves its recipients pending in the spool:
+        deliveries are at-least-once, so at worst one is repeated.
+        """
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._active.values())
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        events.log("queue_stopped", finished=len(done), abandoned=len(pending))
+
+    # --- one message ---------------------------------------------------------------
+
+    async def _cycle(self, qid: str) -> float | None:
+        """Try one due message; return its next due time, or None when it left the queue."""
+        try:
+            envelope = await asyncio.to_thread(self._spool.load, qid)
+            body = await asyncio.to_thread(self._spool.read_body, qid)
+        except (KeyError, FileNotFoundError):
+            # `relay queue delete` removed it while it waited: nothing to do.
+            events.log("dropped", id=qid, reason="no longer in the spool")
+            return None
+        except (ValueError, TypeError) as exc:
+            # An unreadable envelope will not get better by retrying; the
+            # spool sets it aside (".corrupt") at the next start for a human.
+            events.error("dropped", id=qid, reason="unreadable envelope", error=str(exc))
+            return None
+        if envelope.done:
+            await asyncio.to_thread(self._spool.delete, qid)
+            return None
+        envelope.attempts += 1
+        failures: list[Failure] = []
+        deferred: list[tuple[Recipient, str]] = []
+        groups, unrouted = self._group(envelope)
+        for rcpt in unrouted:
+            # Rules changed by a reload since the message was accepted: wait
+            # for a config that routes it rather than bounce on a typo.
+            rcpt.last_reply = errors.NO_ROUTE_NOW
+            rcpt.remote_mta = ""
+            deferred.append((rcpt, _NO_ROUTE))
+        await self._attempt_routes(envelope, body, groups, failures, deferred)
+        return await self._conclude(envelope, body, failures, deferred)
+
+    def _group(
+        self, envelope: Envelope
+    ) -> tuple[dict[str, tuple[Route, list[str]]], list[Recipient]]:
+        """Pending recipients by route name (one transaction per route), and the unroutable."""
+        groups: dict[str, tuple[Route, list[str]]] = {}
+        unrouted: list[Recipient] = []
+        for rcpt in envelope.pending:
+            route = self._route_for(envelope, rcpt.address)
+            if route is None:
+                unrouted.append(rcpt)
+                continue
+            key = route.name if not route.implicit else f"{route.name} {route.primary[0].name}"
+            groups.setdefault(key, (route, []))[1].append(rcpt.address)
+        return groups, unrouted
+
+    async def _attempt_routes(
+        self,
+        envelope: Envelope,
+        body: bytes,
+        groups: dict[str, tuple[Route, list[str]]],
+        failures: list[Failure],
+        deferred: list[tuple[Recipient, str]],
+    ) -> None:
+        """One deliver() per route, concurrently; persist each outcome as it arrives."""
+        tasks = {
+            asyncio.create_task(self._deliver(route, envelope, addrs, body)): (route, addrs)
+            for route, addrs in groups.values()
+        }
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    route, addrs = tasks[task]
+                    self._apply(envelope, route, addrs, task.result(), failures, deferred)
+                # Persist now: a delivered recipient must never be tried again.
+                await asyncio.to_thread(self._spool.update, envelope)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _deliver(
+        self, route: Route, envelope: Envelope, addrs: Sequence[str], body: bytes
+    ) -> Attempt | BaseException:
+        await self._limiter.acquire()
+        try:
+            return await self._deliverer.deliver(route, envelope, addrs, body)
+        except Exception as exc:  # the Deliverer contract says it does not raise
+            events.error("deliverer_error", id=envelope.id, route=route.name, exc_info=True)
+            return exc
+        finally:
+            self._limiter.release()
+
+    def _apply(
+        self,
+        envelope: Envelope,
+        route: Route,
+        addrs: Sequence[str],
+        attempt: Attempt | BaseException,
+        failures: list[Failure],
+        deferred: list[tuple[Recipient, str]],
+    ) -> None:
+        """Record each recipient's outcome of one attempt (in memory; the caller persists)."""
+        now = self._clock()
+        for address in addrs:
+            rcpt = _pending(envelope, address)
+            if rcpt is None:
+                continue
+            rcpt.attempts += 1
+            if isinstance(attempt, BaseException):
+                outcome, reply, remote = errors.DEFERRED, errors.INTERNAL_ERROR, ""
+            else:
+                outcome, reply = attempt.outcome(address), attempt.last(address)
+                remote = attempt.remote.get(address, "")
+            rcpt.last_reply, rcpt.remote_mta = reply, remote
+            if outcome != errors.DEFERRED:
+                # Deferred ones are counted once the cycle knows whether they expired.
+                self._metrics.recipients.labels(route.name, outcome).inc()
+            if outcome == errors.DELIVERED:
+                rcpt.state = RcptState.DELIVERED
+                self._metrics.delivery_seconds.labels(route.name).observe(
+                    max(0.0, now - envelope.received_at)
+                )
+                events.log(
+                    "delivered", id=envelope.id, to=f"<{address}>", route=route.name,
+                    remote=remote, reply=str(reply),
+                )  # fmt: skip
+            elif outcome == errors.BOUNCED:
+                assert not isinstance(attempt, BaseException)
+                failures.append(_failure(attempt, address, route, now))
+            else:
+                deferred.append((rcpt, route.name))
+
+    async def _conclude(
+        self,
+        envelope: Envelope,
+        body: bytes,
+        failures: list[Failure],
+        deferred: list[tuple[Recipient, str]],
+    ) -> float | None:
+        """After every route answered: expiry, the DSN, the next attempt or deletion."""
+        cfg = self._config()
+        now = self._clock()
+        if deferred and now - envelope.received_at >= cfg.queue.max_lifetime:
+            for rcpt, route in deferred:
+                failures.append(self._expire(envelope, rcpt, route, now))
+                self._metrics.recipients.labels(route, errors.BOUNCED).inc()
+            deferred = []
+        for _, route in deferred:
+            self._metrics.recipients.labels(route, errors.DEFERRED).inc()
+        if failures and not await self._bounce(envelope, body, failures, now):
+            # The DSN could not be spooled: keep the recipients pending and
+            # try again later, when the failure will be seen again.
+            deferred += [(r, "") for f in failures if (r := _pending(envelope, f.address))]
+        if envelope.done:
+            await asyncio.to_thread(self._spool.delete, envelope.id)
+            events.log("removed", id=envelope.id)
+            return None
+        delay = backoff(envelope.attempts, cfg.queue.min_backoff, cfg.queue.max_backoff, self._rng)
+        # Never sleep past the lifetime: the last try happens at expiry.
+        deadline = envelope.received_at + cfg.queue.max_lifetime
+        envelope.next_attempt = max(now, min(now + delay, deadline))
+        await asyncio.to_thread(self._spool.update, envelope)
+        next_at = datetime.fromtimestamp(envelope.next_attempt, UTC).isoformat(timespec="seconds")
+        for rcpt, route in deferred:
+            events.log(
+                "deferred", id=envelope.id, to=f"<{rcpt.address}>", route=route,
+                remote=rcpt.remote_mta, reply=str(rcpt.last_reply), next_attempt=next_at,
+            )  # fmt: skip
+        return envelope.next_attempt
+
+    def _expire(self, envelope: Envelope, rcpt: Recipient, route: str, now: float) -> Failure:
+        """max_lifetime reached: the recipient fails with its last reply, made permanent."""
+        last = rcpt.last_reply
+        rcpt.last_reply = last.as_permanent() if last else errors.DELIVERY_EXPIRED
+        events.log(
+            "expired", id=envelope.id, to=f"<{rcpt.address}>", route=route,
+            age=round(now - envelope.received_at), reply=str(last or ""),
+        )  # fmt: skip
+        # Issue #5: Status 4.4.7 with Action: failed, Diagnostic-Code the last error.
+        return Failure(
+            address=rcpt.address,
+            reply=last or errors.DELIVERY_EXPIRED,
+            reason=BounceReason.EXPIRED,
+            remote_mta=rcpt.remote_mta,
+            last_attempt=now,
+            route="" if route == _NO_ROUTE else route,
+            status=errors.EXPIRED_STATUS,
+        )
+
+    async def _bounce(
+        self, envelope: Envelope, body: bytes, failures: Sequence[Failure], now: float
+    ) -> bool:
+        """Spool one DSN for ``failures``, then mark them bounced.
+
+        False when the DSN could not be spooled (the recipients stay pending).
+        """
+        dsn_id = ""
+        if not envelope.mail_from:
+            # RFC 5321 section 4.5.5 / RFC 3464: never bounce the null
+            # reverse-path; a DSN that cannot be delivered is dropped.
+            self._metrics.bounces.labels(BounceReason.DOUBLE_BOUNCE.value).inc()
+        else:
+            cfg = self._config()
+            dsn = build_dsn(
+                envelope, failures, hostname=cfg.server.hostname, original=body,
+                now=datetime.fromtimestamp(now, UTC),
+            )  # fmt: skip
+            report = Envelope(
+                id=new_id(),
+                mail_from="",
+                recipients=[Recipient(envelope.mail_from)],
+                received_at=now,
+                next_attempt=now,
+                smtputf8=needs_smtputf8(envelope, failures),
+                is_bounce=True,
+            )
+            try:
+                # Durable before the originals are marked: a crash here means
+                # at worst a second DSN, never none.
+                await asyncio.to_thread(self._spool.put, report, dsn)
+            except RelayError as exc:
+                events.error("bounce_failed", id=envelope.id, error=exc.detail)
+                return False
+            dsn_id = report.id
+            for reason in sorted({f.reason.value for f in failures}):
+                self._metrics.bounces.labels(reason).inc()
+            self.add(report)
+        for failure in failures:
+            rcpt = _pending(envelope, failure.address)
+            if rcpt is not None:
+                rcpt.state = RcptState.BOUNCED
+            events.log(
+                "bounced", logging.WARNING, id=envelope.id, to=f"<{failure.address}>",
+                reason=failure.reason.value, reply=str(failure.reply),
+                remote=failure.remote_mta, dsn=dsn_id or "none (null sender)",
+            )  # fmt: skip
+        return True
+
+    # --- routing (TODO(lead): replace both with relay.routing at merge) -------------
+
+    def _route_for(self, envelope: Envelope, address: str) -> Route | None:
+        """The route ``address`` takes now, or None (deferred until a rule routes it).
+
+        TODO(lead): ``routing.route_for(config, address, client_trusted)``;
+        a DSN's recipient goes by :meth:`_bounce_route`.
+        """
+        if envelope.is_bounce:
+            try:
+                return self._bounce_route(address)
+            except ValueError:
+                return None  # no domain to send it to: deferred, dropped at its lifetime
+        cfg = self._config()
+        route = cfg.route_for(address)
+        if route is None and _trusted(cfg, envelope.client.ip):
+            return direct_route(address.rpartition("@")[2])
+        return route
+
+    def _bounce_route(self, sender: str) -> Route:
+        """``[bounces] route``, else the rule matching the sender, else the sender's MX.
+
+        Raises ValueError for a sender without a domain (as routing.bounce_route).
+        TODO(lead): ``routing.bounce_route(config, sender)``.
+        """
+        cfg = self._config()
+        if cfg.bounces.route and (route := cfg.route(cfg.bounces.route)) is not None:
+            return route
+        if (route := cfg.route_for(sender)) is not None:
+            return route
+        domain = sender.rpartition("@")[2] if "@" in sender else ""
+        if not domain:
+            raise ValueError(f"cannot bounce to {sender!r}: no domain")
+        return direct_route(domain)
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+def _trusted(cfg: Config, ip: str) -> bool:
+    """The client is in ``relay_networks`` (may relay to any domain)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in cfg.server.relay_networks)
+
+
+def _pending(envelope: Envelope, address: str) -> Recipient | None:
+    for rcpt in envelope.recipients:
+        if rcpt.address == address and rcpt.state is RcptState.PENDING:
+            return rcpt
+    return None
+
+
+def _failure(attempt: Attempt, address: str, route: Route, now: float) -> Failure:
+    """The DSN entry of a recipient that bounced in ``attempt``."""
+    results: Sequence[Reply | RelayError] = attempt.results.get(address, ())
+    reason = reason_for(results)
+    tls: tuple[TlsIssue, ...] = ()
+    if reason is BounceReason.TLS_POLICY:
+        tls = tuple(
+            TlsIssue(host.candidate.host, host.failure.reason)
+            for host in attempt.hosts
+            if isinstance(host.failure, TlsPolicyFailure)
+        ) or tuple(
+            TlsIssue(attempt.remote.get(address, "") or route.name, item.reason)
+            for item in results
+            if isinstance(item, TlsPolicyFailure)
+        )
+    return Failure(
+        address=address,
+        reply=attempt.last(address),
+        reason=reason,
+        remote_mta=attempt.remote.get(address, ""),
+        tls=tls,
+        last_attempt=now,
+        route=route.name,
+    )

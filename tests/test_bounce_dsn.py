@@ -1,0 +1,325 @@
+"""The DSN builder: RFC 3464 structure, every field parsed back, golden files per trigger.
+
+Regenerate the golden files after an intended change with
+``RELAY_UPDATE_GOLDEN=1 python -m pytest tests/test_bounce_dsn.py``.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+from datetime import UTC, datetime
+from email.message import EmailMessage, Message
+from pathlib import Path
+
+import pytest
+
+from relay.bounce import (
+    BounceReason,
+    Failure,
+    TlsIssue,
+    build_dsn,
+    needs_smtputf8,
+    reason_for,
+)
+from relay.envelope import Envelope, Recipient
+from relay.errors import (
+    DELIVERY_EXPIRED,
+    EXPIRED_STATUS,
+    TLS_FIXES,
+    NoSuchDomain,
+    NullMx,
+    RemotePermanent,
+    RemoteTemporary,
+    Reply,
+    TlsFailure,
+    TlsPolicyFailure,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+ARRIVAL = datetime(2026, 11, 27, 9, 30, 0, tzinfo=UTC).timestamp()
+LAST = datetime(2026, 11, 28, 11, 59, 0, tzinfo=UTC).timestamp()
+ORIGINAL = (
+    b"Received: from client.test (client.test [192.0.2.10])\r\n"
+    b"\tby relay.example.com with ESMTP id 0ABC; Fri, 27 Nov 2026 09:30:00 +0000\r\n"
+    b"From: Alice <alice@sender.test>\r\n"
+    b"To: Bob <bob@example.com>, Carol <carol@example.com>\r\n"
+    b"Subject: Quarterly report\r\n"
+    b"Message-ID: <orig-1@sender.test>\r\n"
+    b"\r\n"
+    b"The body is never copied into a DSN.\r\n"
+)
+USER_UNKNOWN = Reply(550, (5, 1, 1), "<carol@example.com>: Recipient address rejected")
+
+
+def _envelope(sender: str = "alice@sender.test", *rcpts: str) -> Envelope:
+    addresses = rcpts or ("bob@example.com", "carol@example.com")
+    return Envelope(
+        id="0ABC1234",
+        mail_from=sender,
+        recipients=[Recipient(a) for a in addresses],
+        received_at=ARRIVAL,
+    )
+
+
+def _remote_failure() -> Failure:
+    return Failure(
+        "carol@example.com",
+        USER_UNKNOWN,
+        BounceReason.REMOTE_PERMANENT,
+        remote_mta="mx.corp.example.com [192.0.2.25]",
+        last_attempt=LAST,
+        route="On-prem Exchange",
+    )
+
+
+def _tls_failure() -> Failure:
+    failure = TlsPolicyFailure(TlsFailure.UNTRUSTED_CA)
+    return Failure(
+        "bob@example.com",
+        failure.reply,
+        BounceReason.TLS_POLICY,
+        remote_mta="mx1.corp.example.com [192.0.2.26]",
+        tls=(
+            TlsIssue("mx1.corp.example.com", TlsFailure.UNTRUSTED_CA),
+            TlsIssue("mx2.corp.example.com", TlsFailure.NO_STARTTLS),
+        ),
+        last_attempt=LAST,
+        route="Split delivery",
+    )
+
+
+def _expired_failure() -> Failure:
+    return Failure(
+        "bob@example.com",
+        Reply(451, (4, 4, 1), "Next hop unreachable"),
+        BounceReason.EXPIRED,
+        remote_mta="mx.corp.example.com [192.0.2.25]",
+        last_attempt=LAST,
+        route="On-prem Exchange",
+        status=EXPIRED_STATUS,
+    )
+
+
+CASES = {
+    "remote_permanent": (_envelope(), [_remote_failure()]),
+    "tls_policy": (_envelope(), [_tls_failure()]),
+    "expired": (_envelope(), [_expired_failure()]),
+    "smtputf8": (
+        _envelope("álvaro@sender.test", "jürgen@例え.jp"),
+        [
+            Failure(
+                "jürgen@例え.jp",
+                Reply(550, (5, 1, 1), "mailbox unavailable"),
+                BounceReason.REMOTE_PERMANENT,
+                remote_mta="mx.xn--r8jz45g.jp [192.0.2.30]",
+                last_attempt=LAST,
+            )
+        ],
+    ),
+}
+
+
+def _build(case: str) -> bytes:
+    envelope, failures = CASES[case]
+    return build_dsn(envelope, failures, hostname="relay.example.com", original=ORIGINAL, now=NOW)
+
+
+def _normalise(dsn: bytes) -> bytes:
+    dsn = re.sub(rb"=_relay_[0-9a-f]{24}", b"=_relay_BOUNDARY", dsn)
+    return re.sub(rb"Message-ID: <[^>]*dsn@", b"Message-ID: <MSGID.dsn@", dsn)
+
+
+def _parse(dsn: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(dsn, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def _parts(msg: EmailMessage) -> list[Message]:
+    payload = msg.get_payload()
+    assert isinstance(payload, list)
+    return payload
+
+
+def _status_blocks(part: Message) -> list[Message]:
+    blocks = part.get_payload()
+    assert isinstance(blocks, list)
+    return blocks
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_golden_file(case: str) -> None:
+    path = GOLDEN / f"dsn_{case}.eml"
+    got = _normalise(_build(case))
+    if os.environ.get("RELAY_UPDATE_GOLDEN"):
+        path.write_bytes(got)
+    assert got == path.read_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_wire_form_is_crlf_and_short_lines(case: str) -> None:
+    dsn = _build(case)
+    assert dsn.endswith(b"\r\n")
+    lines = dsn.split(b"\r\n")
+    assert all(b"\r" not in line and b"\n" not in line for line in lines)
+    assert max(len(line) for line in lines) <= 998
+    if case != "smtputf8":
+        assert dsn.isascii()
+
+
+def test_every_field_of_a_remote_permanent_dsn() -> None:
+    msg = _parse(_build("remote_permanent"))
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@relay.example.com>"
+    assert msg["To"].addresses[0].addr_spec == "alice@sender.test"
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["In-Reply-To"] == "<orig-1@sender.test>"
+    assert msg["References"] == "<orig-1@sender.test>"
+    assert msg["Date"].datetime == NOW
+    assert re.fullmatch(r"<[^<>@\s]+@relay\.example\.com>", msg["Message-ID"])
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    human, status, headers = _parts(msg)
+    assert human.get_content_type() == "text/plain"
+    text = " ".join(human.get_payload().split())
+    assert "<carol@example.com>" in text and "mx.corp.example.com [192.0.2.25]" in text
+    assert "550 5.1.1 <carol@example.com>: Recipient address rejected" in text
+    assert "bob@example.com" not in text  # delivered recipients are not listed
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_rcpt = _status_blocks(status)
+    assert per_message["Reporting-MTA"] == "dns; relay.example.com"
+    assert per_message["Arrival-Date"] == "Fri, 27 Nov 2026 09:30:00 +0000"
+    assert dict(per_rcpt.items()) == {
+        "Final-Recipient": "rfc822; carol@example.com",
+        "Action": "failed",
+        "Status": "5.1.1",
+        "Remote-MTA": "dns; mx.corp.example.com",
+        "Diagnostic-Code": "smtp; 550 5.1.1 <carol@example.com>: Recipient address rejected",
+        "Last-Attempt-Date": "Sat, 28 Nov 2026 11:59:00 +0000",
+    }
+    assert headers.get_content_type() == "text/rfc822-headers"
+    original = headers.get_payload()
+    assert "Subject: Quarterly report" in original
+    assert "never copied" not in original
+
+
+def test_tls_dsn_names_the_failed_checks_and_the_fixes() -> None:
+    msg = _parse(_build("tls_policy"))
+    human, status, _ = _parts(msg)
+    text = " ".join(human.get_payload().split())
+    assert "mx1.corp.example.com: the server certificate is not signed by a trusted CA" in text
+    assert "mx2.corp.example.com: the server did not offer STARTTLS" in text
+    for fix in TLS_FIXES:
+        assert fix in text
+    assert "require_ca_signed, require_tls" in text
+    (_, block) = _status_blocks(status)
+    assert block["Status"] == "5.7.5"
+    assert block["Diagnostic-Code"] == (
+        "smtp; 550 5.7.5 TLS required by route (require_ca_signed): "
+        "the server certificate is not signed by a trusted CA"
+    )
+
+
+def test_expired_dsn_has_status_4_4_7_and_the_last_error() -> None:
+    msg = _parse(_build("expired"))
+    human, status, _ = _parts(msg)
+    (_, block) = _status_blocks(status)
+    assert block["Action"] == "failed"
+    assert block["Status"] == "4.4.7"
+    assert block["Diagnostic-Code"] == "smtp; 451 4.4.1 Next hop unreachable"
+    assert "gave up" in human.get_payload()
+
+
+def test_expired_without_any_reply_uses_5_4_7() -> None:
+    failure = Failure("bob@example.com", DELIVERY_EXPIRED, BounceReason.EXPIRED)
+    dsn = build_dsn(_envelope(), [failure], hostname="relay.example.com", original=b"", now=NOW)
+    (_, block) = _status_blocks(_parts(_parse(dsn))[1])
+    assert block["Diagnostic-Code"] == "smtp; 554 5.4.7 Delivery time expired"
+    assert "Remote-MTA" not in block and "Last-Attempt-Date" not in block
+
+
+def test_internationalised_addresses_use_rfc6533_types() -> None:
+    dsn = _build("smtputf8")
+    # RFC 6532: the header fields are UTF-8 text.
+    msg = email.message_from_string(dsn.decode("utf-8"), policy=email.policy.SMTPUTF8)
+    assert isinstance(msg, EmailMessage)
+    assert msg["To"].addresses[0].addr_spec == "álvaro@sender.test"
+    human, status, headers = _parts(msg)
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert headers.get_content_type() == "message/global-headers"
+    assert "Final-Recipient: utf-8; jürgen@例え.jp" in dsn.decode("utf-8")
+    envelope, failures = CASES["smtputf8"]
+    assert needs_smtputf8(envelope, failures)
+    assert not needs_smtputf8(*CASES["remote_permanent"])
+
+
+def test_several_failures_are_listed_in_one_report() -> None:
+    dsn = build_dsn(
+        _envelope(),
+        [_remote_failure(), _tls_failure()],
+        hostname="relay.example.com",
+        original=ORIGINAL,
+        now=NOW,
+    )
+    blocks = _status_blocks(_parts(_parse(dsn))[1])
+    assert [b["Final-Recipient"] for b in blocks[1:]] == [
+        "rfc822; carol@example.com",
+        "rfc822; bob@example.com",
+    ]
+
+
+def test_degenerate_inputs_do_not_break_the_wire_form() -> None:
+    long_reply = Reply(550, (5, 0, 0), "x" * 3000 + " tail ü")
+    header_line = b"X-Long: " + b"y" * 2500 + b"\r\n"
+    original = b"Subject: bare\nlf\rcr \xff\r\n" + header_line + b"\r\nbody"
+    failure = Failure("bob@example.com", long_reply, BounceReason.REMOTE_PERMANENT)
+    dsn = build_dsn(
+        _envelope(), [failure], hostname="relay.example.com", original=original, now=NOW
+    )
+    assert dsn.isascii()
+    lines = dsn.split(b"\r\n")
+    assert all(b"\r" not in line and b"\n" not in line for line in lines)
+    assert max(len(line) for line in lines) <= 998
+    assert "In-Reply-To" not in _parse(dsn)
+
+
+def test_never_for_the_null_sender_or_without_failures() -> None:
+    with pytest.raises(ValueError):
+        build_dsn(_envelope(""), [_remote_failure()], hostname="h.test", original=b"", now=NOW)
+    with pytest.raises(ValueError):
+        build_dsn(_envelope(), [], hostname="h.test", original=b"", now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("results", "reason"),
+    [
+        ([TlsPolicyFailure(TlsFailure.HANDSHAKE)], BounceReason.TLS_POLICY),
+        (
+            [TlsPolicyFailure(TlsFailure.HANDSHAKE), TlsPolicyFailure(TlsFailure.EXPIRED)],
+            BounceReason.TLS_POLICY,
+        ),
+        ([NoSuchDomain()], BounceReason.DNS_PERMANENT),
+        ([NullMx()], BounceReason.DNS_PERMANENT),
+        ([USER_UNKNOWN], BounceReason.REMOTE_PERMANENT),
+        ([RemotePermanent("x", USER_UNKNOWN)], BounceReason.REMOTE_PERMANENT),
+        (
+            [TlsPolicyFailure(TlsFailure.HANDSHAKE), USER_UNKNOWN],
+            BounceReason.REMOTE_PERMANENT,
+        ),
+        # degenerate: nothing at all, or a temporary result, is not TLS
+        ([], BounceReason.REMOTE_PERMANENT),
+        ([RemoteTemporary("x", Reply(451, (4, 0, 0), "later"))], BounceReason.REMOTE_PERMANENT),
+    ],
+)
+def test_reason_for(results, reason) -> None:
+    assert reason_for(results) is reason
+
+
+def test_reasons_are_the_metric_labels() -> None:
+    from relay.metrics import BOUNCE_REASONS
+
+    assert sorted(r.value for r in BounceReason) == sorted(BOUNCE_REASONS)
