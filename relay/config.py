@@ -126,6 +126,14 @@ class ServerConfig:
     #: Idle time after which an inbound session is closed, seconds.
     timeout: float = 300.0
 
+    def trusts(self, ip: str) -> bool:
+        """The client at ``ip`` is in ``relay_networks`` (may relay to any domain)."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.relay_networks)
+
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:

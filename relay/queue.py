@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import heapq
-import ipaddress
 import logging
 import random
 import time
@@ -29,9 +28,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
-from relay import errors, events
+from relay import errors, events, routing
 from relay.bounce import BounceReason, Failure, TlsIssue, build_dsn, needs_smtputf8, reason_for
-from relay.config import Config, Route, direct_route
+from relay.config import Config, Route
 from relay.envelope import Envelope, RcptState, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics
@@ -470,52 +469,25 @@ class Scheduler:
             )  # fmt: skip
         return True
 
-    # --- routing (TODO(lead): replace both with relay.routing at merge) -------------
+    # --- routing -------------------------------------------------------------------
 
     def _route_for(self, envelope: Envelope, address: str) -> Route | None:
         """The route ``address`` takes now, or None (deferred until a rule routes it).
 
-        TODO(lead): ``routing.route_for(config, address, client_trusted)``;
-        a DSN's recipient goes by :meth:`_bounce_route`.
+        Routes are looked up at every attempt, not at acceptance, so a
+        reload that changes the rules applies to mail already queued. A
+        DSN's recipient (the original sender) goes by the bounce route.
         """
+        cfg = self._config()
         if envelope.is_bounce:
             try:
-                return self._bounce_route(address)
+                return routing.bounce_route(cfg, address)
             except ValueError:
                 return None  # no domain to send it to: deferred, dropped at its lifetime
-        cfg = self._config()
-        route = cfg.route_for(address)
-        if route is None and _trusted(cfg, envelope.client.ip):
-            return direct_route(address.rpartition("@")[2])
-        return route
-
-    def _bounce_route(self, sender: str) -> Route:
-        """``[bounces] route``, else the rule matching the sender, else the sender's MX.
-
-        Raises ValueError for a sender without a domain (as routing.bounce_route).
-        TODO(lead): ``routing.bounce_route(config, sender)``.
-        """
-        cfg = self._config()
-        if cfg.bounces.route and (route := cfg.route(cfg.bounces.route)) is not None:
-            return route
-        if (route := cfg.route_for(sender)) is not None:
-            return route
-        domain = sender.rpartition("@")[2] if "@" in sender else ""
-        if not domain:
-            raise ValueError(f"cannot bounce to {sender!r}: no domain")
-        return direct_route(domain)
+        return routing.route_for(cfg, address, cfg.server.trusts(envelope.client.ip))
 
 
 # --- helpers ----------------------------------------------------------------------
-
-
-def _trusted(cfg: Config, ip: str) -> bool:
-    """The client is in ``relay_networks`` (may relay to any domain)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in cfg.server.relay_networks)
 
 
 def _pending(envelope: Envelope, address: str) -> Recipient | None:
