@@ -165,8 +165,8 @@ async def serve(
     listening server: with ``port`` 0, ``server.sockets[0].getsockname()``
     tells the port chosen. ``/healthz`` answers 200 while ``healthy()`` is
     true, else 503. A client gets ``read_timeout`` seconds in total to send
-    its request line and headers, so a slow (slowloris) client cannot hold
-    a connection open for longer than that.
+    its request line and headers, and as long again to take the answer, so
+    a slow (slowloris) client cannot hold a connection open for longer.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -179,10 +179,14 @@ async def serve(
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode("latin-1") + (b"" if method == "HEAD" else body))
-            await writer.drain()
+            # A client that never reads must not hold the connection either.
+            async with asyncio.timeout(read_timeout):
+                await writer.drain()
         except (TimeoutError, ConnectionError, ValueError):
             # ValueError: a line longer than the stream limit (64 KiB).
-            pass
+            # Abort rather than close: close() would wait to flush to a
+            # client that is not reading.
+            writer.transport.abort()
         finally:
             writer.close()
 

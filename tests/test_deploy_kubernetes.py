@@ -192,3 +192,10 @@ DOCS = [
 def test_schema_valid(doc: dict[str, Any]) -> None:
     kv = pytest.importorskip("kubernetes_validate")
     kv.validate(doc, kv.latest_version(), strict=True)
+
+
+def test_kustomization_sets_the_image_of_both_containers() -> None:
+    (kustomization,) = k8s_by_kind("Kustomization")
+    names = {image["name"] for image in kustomization["images"]}
+    images = {c["image"].split(":")[0] for c in pod_spec()["containers"]}
+    assert images == names == {"relay"}

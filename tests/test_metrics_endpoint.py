@@ -162,7 +162,9 @@ async def test_a_slowloris_client_is_dropped_after_the_read_timeout() -> None:
                     writer.write(f"X-Slow-{i}: 1\r\n".encode())
                 await asyncio.wait([closed], timeout=0.1)
             assert closed.done(), "server kept a trickling client for 5 s"
-            assert closed.result() == b""  # dropped without an answer
+            # Dropped without an answer: EOF, or a reset if our last line was unread.
+            error = closed.exception()
+            assert isinstance(error, ConnectionError) if error else closed.result() == b""
             assert loop.time() - started < 2.0
         finally:
             closed.cancel()
@@ -179,7 +181,8 @@ async def test_an_idle_connection_does_not_block_other_clients() -> None:
         try:
             assert (await get(address, "/metrics"))[0] == 200
             async with asyncio.timeout(3):
-                assert await reader.read() == b""  # closed after read_timeout
+                with suppress(ConnectionError):  # closed after read_timeout
+                    assert await reader.read() == b""
         finally:
             writer.close()
             await writer.wait_closed()
