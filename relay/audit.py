@@ -115,7 +115,9 @@ class AuditLog:
             # end it first so this entry starts on a line of its own.
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a regular file rarely takes less, but may
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
