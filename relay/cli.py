@@ -7,6 +7,7 @@ daemon to signal, no such message), 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -158,6 +159,25 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
     return _signal_daemon(cfg, signal.SIGUSR1, "flush")
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from relay.audit import AuditLog, format_entry
+
+    cfg = _load(args)
+    log = AuditLog(cfg.audit.path)
+    if not log.path.exists():
+        print(f"no audit log yet at {log.path}: nothing recorded (the daemon writes it at start)")
+        return EXIT_OK
+    if args.json:
+        # Pass the lines through as written (a torn last line is skipped).
+        for entry in log.entries():
+            print(json.dumps(entry, ensure_ascii=False))
+        return EXIT_OK
+    for entry in log.entries():
+        for line in format_entry(entry):
+            print(line)
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="An SMTP relay that routes mail.")
     common = argparse.ArgumentParser(add_help=False)
@@ -178,6 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "run the daemon in the foreground")
     add("check-config", cmd_check_config, "validate the config; exit 2 listing every problem")
     add("reload", cmd_reload, "make the running daemon reload its config (same as SIGHUP)")
+    audit = add("audit", cmd_audit, "print the audit log of configuration changes, newest last")
+    audit.add_argument("--json", action="store_true", help="print the raw JSON lines")
     queue = sub.add_parser("queue", help="inspect and act on the spool")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     for name, func, text in (

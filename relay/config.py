@@ -788,3 +788,123 @@ def describe(config: Config) -> list[str]:
     for i, rule in enumerate(config.rules, start=1):
         lines.append(f"rule {i}: {', '.join(rule.recipients)} -> {rule.route!r}")
     return lines
+
+
+# --- diff (for the audit log) -----------------------------------------------
+
+#: The settings sections a diff compares field by field, in output order.
+DIFF_SECTIONS = (
+    "server", "queue", "delivery", "dns", "tls", "metrics", "audit", "log", "bounces",
+)  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready form of a config value: Paths, networks, Listen as strings."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    return str(value)
+
+
+def _hosts_text(hosts: Sequence[Host]) -> list[str]:
+    return [f"{h.name}:{h.port} load {h.load}" for h in hosts]
+
+
+def route_snapshot(route: Route) -> dict[str, Any]:
+    """One route as flat ``field: value`` pairs, the unit a route diff compares.
+
+    A single-host route shows ``host`` and ``port``; a multiple-host route
+    shows its ``primary`` and ``secondary`` tables as ``host:port load N``.
+    """
+    fields: dict[str, Any] = {}
+    if route.single:
+        fields["host"] = route.primary[0].name
+        fields["port"] = route.primary[0].port
+    else:
+        fields["primary"] = _hosts_text(route.primary)
+        fields["secondary"] = _hosts_text(route.secondary)
+    fields["mx_lookup"] = route.mx_lookup
+    fields["require_tls"] = route.tls.require_tls
+    fields["require_ca_signed"] = route.tls.require_ca_signed
+    fields["validate_hostname"] = route.tls.validate_hostname
+    return fields
+
+
+def snapshot(config: Config) -> dict[str, Any]:
+    """The whole effective configuration as JSON-ready data (what the audit log keeps).
+
+    ``{"routes": {name: fields}, "rules": [{"recipients", "route"}], "server": {...}, ...}``.
+    """
+    snap: dict[str, Any] = {
+        "routes": {route.name: route_snapshot(route) for route in config.routes},
+        "rules": [{"recipients": list(r.recipients), "route": r.route} for r in config.rules],
+    }
+    for section in DIFF_SECTIONS:
+        value = getattr(config, section)
+        snap[section] = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    # (ip, port) pairs read better as the "ip:port" the config file uses.
+    snap["dns"]["nameservers"] = [
+        f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip, port in config.dns.nameservers
+    ]
+    return snap
+
+
+def _fields_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``{field: [old, new]}`` for every field that differs; a missing field is None."""
+    keys = list(old) + [k for k in new if k not in old]
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+
+
+def _named_diff(
+    old: Mapping[str, Mapping[str, Any]], new: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    changed = {
+        name: fields
+        for name in old
+        if name in new and (fields := _fields_diff(old[name], new[name]))
+    }
+    return {
+        "added": [name for name in new if name not in old],
+        "removed": [name for name in old if name not in new],
+        "changed": changed,
+    }
+
+
+def diff_snapshots(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """What changed from snapshot ``old`` to snapshot ``new`` (see :func:`diff`)."""
+    # Rules have no names and their order matters (first match wins), so a
+    # rule is known by its position: "rules[2]" changed means the second rule.
+    old_rules = {f"rules[{i}]": r for i, r in enumerate(old.get("rules", []), start=1)}
+    new_rules = {f"rules[{i}]": r for i, r in enumerate(new.get("rules", []), start=1)}
+    result: dict[str, Any] = {
+        "routes": _named_diff(old.get("routes", {}), new.get("routes", {})),
+        "rules": _named_diff(old_rules, new_rules),
+    }
+    for section in DIFF_SECTIONS:
+        result[section] = _fields_diff(old.get(section, {}), new.get(section, {}))
+    return result
+
+
+def diff(old: Config, new: Config) -> dict[str, Any]:
+    """What changed from ``old`` to ``new``: pure, deterministic, JSON-serialisable.
+
+    ``{"routes": {"added": [names], "removed": [names], "changed": {name:
+    {field: [old, new]}}}, "rules": {same, keyed "rules[N]"}, "server":
+    {field: [old, new]}, "queue": {...}, ...}`` with every section of
+    :data:`DIFF_SECTIONS` present (empty when unchanged). Route fields are
+    those of :func:`route_snapshot`; values are strings, numbers, booleans,
+    None or lists of them. The file's own hash is not part of the diff.
+    """
+    return diff_snapshots(snapshot(old), snapshot(new))
+
+
+def diff_is_empty(changes: Mapping[str, Any]) -> bool:
+    """True when a :func:`diff` result records no change at all."""
+    for key, value in changes.items():
+        if key in ("routes", "rules"):
+            if value["added"] or value["removed"] or value["changed"]:
+                return False
+        elif value:
+            return False
+    return True

@@ -16,10 +16,28 @@ from typing import Any
 _logger = logging.getLogger("relay")
 
 
+#: Characters that some readers take as a line break although JSON leaves
+#: them unescaped (NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR).
+_UNICODE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _one_line(text: str) -> str:
+    """JSON text with the line breaks JSON itself leaves alone escaped too."""
+    for char, escape in _UNICODE_BREAKS.items():
+        text = text.replace(char, escape)
+    return text
+
+
 def _quote(value: Any) -> str:
+    """A value as it appears after ``key=``: bare when safe, else a JSON string.
+
+    Quoting escapes CR, LF and every other control or separator character,
+    so a value can never break the line or forge another key (no log
+    injection from an address or a remote reply).
+    """
     text = str(value)
     if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
-        return json.dumps(text, ensure_ascii=False)
+        return _one_line(json.dumps(text, ensure_ascii=False))
     return text
 
 
@@ -33,11 +51,14 @@ class TextFormatter(logging.Formatter):
         body = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
         line = f"{head} event={_quote(record.getMessage())} {body}".rstrip()
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # Still one line per event: the traceback is a quoted field.
+            line += f" traceback={_quote(self.formatException(record.exc_info))}"
         return line
 
 
 class JsonFormatter(logging.Formatter):
+    """``{"ts": ..., "level": "info", "event": "accepted", "id": ..., ...}``, one per line."""
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -48,7 +69,7 @@ class JsonFormatter(logging.Formatter):
         data.update(getattr(record, "fields", {}))
         if record.exc_info:
             data["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=False, default=str)
+        return _one_line(json.dumps(data, ensure_ascii=False, default=str))
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:

@@ -116,39 +116,77 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+#: Header lines read before giving up on a request (we need none of them).
+MAX_HEADER_LINES = 100
+
+
+async def _read_request_path(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """The method and path of one HTTP request; its headers are read and dropped."""
+    request = await reader.readline()
+    for _ in range(MAX_HEADER_LINES):
+        if await reader.readline() in (b"\r\n", b"\n", b""):
+            break
+    parts = request.decode("latin-1").split()
+    if len(parts) < 2:
+        return "", ""
+    return parts[0], parts[1].split("?")[0]
+
+
+def _respond(
+    metrics: Metrics, healthy: Callable[[], bool], method: str, path: str
+) -> tuple[str, str, bytes]:
+    if method not in ("GET", "HEAD"):
+        return "405 Method Not Allowed", "text/plain", b"use GET\n"
+    if path == "/metrics":
+        return "200 OK", CONTENT_TYPE_LATEST, metrics.exposition()
+    if path == "/healthz":
+        try:
+            ok = healthy()
+        except Exception:  # a broken check means unhealthy, not a dead endpoint
+            ok = False
+        if ok:
+            return "200 OK", "text/plain", b"ok\n"
+        return "503 Service Unavailable", "text/plain", b"spool not writable\n"
+    return "404 Not Found", "text/plain", b"not found\n"
+
+
 async def serve(
-    metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]
+    metrics: Metrics,
+    host: str,
+    port: int,
+    healthy: Callable[[], bool],
+    *,
+    read_timeout: float = 10.0,
 ) -> asyncio.Server:
     """Serve ``/metrics`` and ``/healthz`` over a minimal HTTP/1.0 responder.
 
     asyncio streams rather than prometheus_client's threaded server, so the
-    endpoint lives on the daemon's loop and stops with it.
+    endpoint lives on the daemon's loop and stops with it. Returns the
+    listening server: with ``port`` 0, ``server.sockets[0].getsockname()``
+    tells the port chosen. ``/healthz`` answers 200 while ``healthy()`` is
+    true, else 503. A client gets ``read_timeout`` seconds in total to send
+    its request line and headers, and as long again to take the answer, so
+    a slow (slowloris) client cannot hold a connection open for longer.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            # Drain the headers; we answer without reading a body.
-            while await asyncio.wait_for(reader.readline(), 10) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            if path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.exposition()
-            elif path == "/healthz":
-                ok = healthy()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                ctype, body = "text/plain", b"ok\n" if ok else b"spool not writable\n"
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            async with asyncio.timeout(read_timeout):
+                method, path = await _read_request_path(reader)
+            status, ctype, body = _respond(metrics, healthy, method, path)
             head = (
                 f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
-            writer.write(head.encode("latin-1") + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
+            writer.write(head.encode("latin-1") + (b"" if method == "HEAD" else body))
+            # A client that never reads must not hold the connection either.
+            async with asyncio.timeout(read_timeout):
+                await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):
+            # ValueError: a line longer than the stream limit (64 KiB).
+            # Abort rather than close: close() would wait to flush to a
+            # client that is not reading.
+            writer.transport.abort()
         finally:
             writer.close()
 
