@@ -12,7 +12,7 @@ by the first word of the argument's address:
 - ``"GREETING"``: replaces the 220 greeting (the connection is then closed);
 - ``"STARTTLS"``: a refusal such as ``"454 4.7.0 no TLS"``, or a ``"220 ..."``
   followed by plaintext garbage (the client's handshake fails);
-- ``"EHLO"``, ``"MAIL"``, ``"RCPT"``, ``"DATA"`` (DATA: the reply after the
+- ``"EHLO"``, ``"MAIL"``, ``"RCPT"``, ``"RSET"``, ``"DATA"`` (DATA: the reply after the
   message), ``"RCPT bad@x.test"`` (only that recipient),
   ``"MAIL <>"`` (only the null sender);
 - a value is a reply line (``"550 5.1.1 no such user"``), ``"drop"`` (close
@@ -104,8 +104,9 @@ class _SinkSMTP(SMTP):
                 return
         await super().push(status)
 
-    async def _scripted(self, command: str, arg: str) -> bool:
+    async def _scripted(self, command: str, arg: str | None) -> bool:
         """Answer from the script if it has a reply; True when it did."""
+        arg = arg or ""
         self.sink.lines.append(f"{command} {arg}".strip())
         address = arg.partition(":")[2].strip().split(" ")[0].strip("<>")
         if command == "MAIL" and not address:
@@ -145,8 +146,12 @@ class _SinkSMTP(SMTP):
             self.transport.close()
 
     async def smtp_RSET(self, arg: str) -> None:
-        self.sink.lines.append("RSET")
-        await super().smtp_RSET(arg)
+        if not await self._scripted("RSET", arg):
+            await super().smtp_RSET(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.sink.lines.append("QUIT")
+        await super().smtp_QUIT(arg)
 
 
 class Sink:
