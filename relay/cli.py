@@ -7,14 +7,22 @@ daemon to signal, no such message), 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
+import json
 import os
+import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from relay import config as configmod
-from relay.config import Config, ConfigError
+from relay import errors
+from relay.config import Config, ConfigError, Route
+from relay.dns import Resolver
 from relay.envelope import Envelope, RcptState
 from relay.spool import Spool
 
@@ -157,6 +165,180 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
     return _signal_daemon(cfg, signal.SIGUSR1, "flush")
 
 
+# --- test-tls (issue #6 item 5) ---------------------------------------------
+
+
+class _SystemResolver:
+    """Stand-in until relay.dns.DnsResolver lands: addresses via getaddrinfo.
+
+    TODO(merge): delete once relay.dns.DnsResolver exists; _resolver() uses it.
+    """
+
+    async def mx(self, domain: str) -> list[tuple[int, str]]:
+        raise errors.DnsTemporary("MX lookups need relay.dns.DnsResolver")
+
+    async def addresses(self, name: str) -> list[str]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise errors.NoSuchDomain(f"{name}: {exc}") from exc
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _resolver(cfg: Config) -> Resolver:
+    """The resolver delivery uses (relay.dns.DnsResolver on [dns])."""
+    factory = getattr(importlib.import_module("relay.dns"), "DnsResolver", None)
+    if factory is None:
+        return _SystemResolver()
+    resolver: Resolver = factory(cfg.dns)
+    return resolver
+
+
+async def _candidates(route: Route, resolver: Resolver) -> list[Any]:
+    from relay import routing
+    from relay.routing import Candidate
+
+    compute = getattr(routing, "candidates", None)
+    if compute is not None:
+        return list(await compute(route, resolver, random.Random()))
+    if route.mx_lookup:
+        # TODO(merge): routing.candidates expands MX; nothing to do here then.
+        raise errors.DnsTemporary("MX routes need relay.routing.candidates")
+    tables = (("primary", route.primary), ("secondary", route.secondary))
+    return [
+        Candidate(host=h.name, port=h.port, table=table, configured=h.name)
+        for table, hosts in tables
+        for h in hosts
+    ]
+
+
+async def _probe(cfg: Config, route: Route) -> list[Any]:
+    from relay.delivery import Deliverer
+    from relay.metrics import Metrics
+
+    resolver = _resolver(cfg)
+    deliverer = Deliverer(lambda: cfg, resolver, Metrics())
+    try:
+        return await deliverer.probe(route, await _candidates(route, resolver))
+    finally:
+        await deliverer.close()
+
+
+def _probe_json(route: Route, result: Any) -> dict[str, Any]:
+    cand, cert = result.candidate, result.certificate
+    return {
+        "route": route.name,
+        "host": cand.host,
+        "table": cand.table,
+        "via_mx": cand.via_mx,
+        "address": result.ip,
+        "port": cand.port,
+        "error": result.error or None,
+        "starttls": result.starttls,
+        "tls_version": result.tls_version,
+        "cipher": result.cipher,
+        "certificate": None
+        if cert is None
+        else {
+            "subject": cert.subject,
+            "issuer": cert.issuer,
+            "sans": list(cert.sans),
+            "not_after": cert.not_after,
+            "days_left": cert.days_left,
+        },
+        "chain_verified": result.chain_verified,
+        "chain_error": result.chain_error or None,
+        "hostname_matched": result.hostname_matched,
+        "hostname_checked": result.hostname_checked or None,
+        "checks": {
+            option: {"enabled": getattr(route.tls, option), "passed": ok, "reason": why or None}
+            for option, ok, why in result.checks()
+        },
+        "failures": [
+            {
+                "reason": f.value,
+                "option": errors.TLS_FAILURE_OPTION[f],
+                "text": errors.TLS_FAILURE_TEXT[f],
+            }
+            for f in result.failures
+        ],
+        "passed": result.passed,
+    }
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _print_probe(route: Route, result: Any) -> None:
+    cand, cert = result.candidate, result.certificate
+    where = f"[{result.ip}]" if result.ip else "(no address)"
+    via = f", MX of {cand.via_mx}" if cand.via_mx else ""
+    print(f"{cand.host} {where}:{cand.port} ({cand.table}{via})")
+    if result.error:
+        print(f"  error:            {result.error}")
+        print("  verdict:          FAIL (host not reachable as delivery would reach it)")
+        return
+    print(f"  STARTTLS offered: {_yes(result.starttls)}")
+    if result.tls_version:
+        print(f"  TLS:              {result.tls_version}, {result.cipher}")
+    if cert is not None:
+        print(f"  subject:          {cert.subject or '-'}")
+        print(f"  SANs:             {', '.join(cert.sans) or '-'}")
+        print(f"  issuer:           {cert.issuer or '-'}")
+        left = cert.days_left
+        when = f"{left} days left" if left >= 0 else f"EXPIRED {-left} days ago"
+        print(f"  not after:        {cert.not_after} ({when})")
+    if result.tls_version:
+        chain = _yes(result.chain_verified) + (
+            "" if result.chain_verified else f" ({result.chain_error})"
+        )
+        print(f"  chain verified:   {chain}")
+        print(
+            f"  hostname matched: {_yes(result.hostname_matched)} "
+            f"(against {result.hostname_checked})"
+        )
+    for option, ok, why in result.checks():
+        enabled = getattr(route.tls, option)
+        state = "pass" if ok else f"FAIL: {why}"
+        if not enabled:
+            state = f"off ({'would pass' if ok else 'would fail: ' + why})"
+        print(f"  {option + ' = ' + str(enabled).lower() + ':':<28}{state}")
+    if result.passed:
+        print("  verdict:          PASS")
+        return
+    failed = ", ".join(sorted({errors.TLS_FAILURE_OPTION[f] for f in result.failures}))
+    print(f"  verdict:          FAIL ({failed})")
+    for fix in errors.TLS_FIXES:
+        print(f"    fix: {fix}")
+
+
+def cmd_test_tls(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    route = cfg.route(args.route)
+    if route is None:
+        names = ", ".join(repr(r.name) for r in cfg.routes) or "none"
+        print(f"no route named {args.route!r}; routes: {names}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        results = asyncio.run(_probe(cfg, route))
+    except errors.RelayError as exc:
+        print(f"route {route.name!r}: {exc.detail}", file=sys.stderr)
+        return EXIT_FAIL
+    passed = bool(results) and all(r.passed for r in results)
+    if args.json:
+        report = {"route": route.name, "passed": passed}
+        report["hosts"] = [_probe_json(route, r) for r in results]
+        print(json.dumps(report, indent=2))
+    else:
+        for result in results:
+            _print_probe(route, result)
+        count = sum(1 for r in results if r.passed)
+        print(f"-- route {route.name!r}: {count}/{len(results)} host(s) pass its TLS policy")
+    return EXIT_OK if passed else EXIT_FAIL
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="An SMTP relay that routes mail.")
     common = argparse.ArgumentParser(add_help=False)
@@ -177,6 +359,13 @@ def _parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "run the daemon in the foreground")
     add("check-config", cmd_check_config, "validate the config; exit 2 listing every problem")
     add("reload", cmd_reload, "make the running daemon reload its config (same as SIGHUP)")
+    test_tls = add(
+        "test-tls",
+        cmd_test_tls,
+        "connect to every host of ROUTE as delivery would and check its TLS policy",
+    )
+    test_tls.add_argument("route", metavar="ROUTE", help="the route's name")
+    test_tls.add_argument("--json", action="store_true", help="print JSON for scripts")
     queue = sub.add_parser("queue", help="inspect and act on the spool")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     for name, func, text in (

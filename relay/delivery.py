@@ -297,6 +297,8 @@ class ProbeResult:
     starttls: bool = False
     tls_version: str | None = None
     cipher: str | None = None
+    #: Why STARTTLS was offered but no TLS session came up.
+    tls_error: str = ""
     certificate: Certificate | None = None
     #: The chain verified against the system store + [tls] ca_file.
     chain_verified: bool = False
@@ -313,6 +315,24 @@ class ProbeResult:
     @property
     def passed(self) -> bool:
         return not self.error and not self.failures
+
+    def checks(self) -> list[tuple[str, bool, str]]:
+        """(option, would pass, why not) for each TLS option, on or off in the route."""
+        text = errors.TLS_FAILURE_TEXT
+        if not self.starttls:
+            tls_why = text[TlsFailure.NO_STARTTLS]
+        elif self.tls_version is None:
+            tls_why = f"{text[TlsFailure.HANDSHAKE]}: {self.tls_error}"
+        else:
+            tls_why = ""
+        tls_ok = not tls_why
+        chain_why = "" if self.chain_verified else (self.chain_error or "no TLS session")
+        name_why = "" if self.hostname_matched else (self.hostname_error or "no TLS session")
+        return [
+            ("require_tls", tls_ok, tls_why),
+            ("require_ca_signed", tls_ok and self.chain_verified, chain_why),
+            ("validate_hostname", tls_ok and self.hostname_matched, name_why),
+        ]
 
 
 def _dn(parts: Any) -> str:
@@ -333,7 +353,7 @@ def decode_certificate(der: bytes) -> Certificate:
         info: dict[str, Any] = decoder(handle.name)
     sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
     not_after = str(info.get("notAfter", ""))
-    days = int((ssl.cert_time_to_seconds(not_after) - time.time()) // 86400) if not_after else 0
+    days = int((ssl.cert_time_to_seconds(not_after) - time.time()) / 86400) if not_after else 0
     return Certificate(
         subject=_dn(info.get("subject")),
         issuer=_dn(info.get("issuer")),
@@ -714,8 +734,9 @@ class Deliverer:
             session.close()
             failure = exc.failure if isinstance(exc, _HandshakeFailed) else exc
             failures = (TlsFailure.HANDSHAKE,) if route.tls.require_tls else ()
-            return ProbeResult(candidate, ip, starttls=True, failures=failures,
-                               chain_error=failure.detail)  # fmt: skip
+            return ProbeResult(
+                candidate, ip, starttls=True, failures=failures, tls_error=failure.detail
+            )
         der = _info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
         cert = decode_certificate(der) if der else None
         version, cipher = session.tls_version, session.cipher
