@@ -165,6 +165,17 @@ def _is_final(item: Reply | RelayError) -> bool:
     return isinstance(item, errors.PermanentFailure)
 
 
+def _host_label(route: Route, candidate: Candidate) -> str:
+    """The metric label for a host: config values only (bounded cardinality).
+
+    Implicit routes (mail to a domain's own MX) go to hosts from the
+    internet, not from the config: they share one label.
+    """
+    if route.implicit:
+        return "(mx)"
+    return candidate.configured or candidate.host
+
+
 def _ip_literal(name: str) -> str | None:
     try:
         return str(ipaddress.ip_address(name.strip("[]")))
@@ -414,6 +425,7 @@ class Deliverer:
         self._config = config
         self._resolver = resolver
         self._metrics = metrics
+        # Reserved for address-order jitter; candidate order comes from routing.
         self._rng = rng or random.Random()
         self._pool = _Pool()
 
@@ -479,13 +491,15 @@ class Deliverer:
         try:
             return await self._resolver.addresses(candidate.host)
         except errors.PermanentFailure as exc:
-            if route.implicit and candidate.via_mx in (None, candidate.host):
-                # The recipient's (or bounce sender's) own domain: permanent.
-                raise
-            # A name from the configuration (or an MX target) that does not
-            # resolve: defer and say so loudly; never bounce for a typo.
-            label = candidate.configured or candidate.host
-            self._metrics.route_dns_errors.labels(route.name, label).inc()
+            if route.implicit:
+                if candidate.via_mx in (None, candidate.host):
+                    # The recipient's (or bounce sender's) own domain: permanent.
+                    raise
+                # Someone else's MX target that does not resolve: try the others.
+                raise errors.HostUnreachable(f"MX host {candidate.host}: {exc.detail}") from exc
+            # A name from the configuration that does not resolve: defer
+            # and say so loudly; never bounce everyone's mail for a typo.
+            self._metrics.route_dns_errors.labels(route.name, _host_label(route, candidate)).inc()
             events.warning("route_dns_error", route=route.name, host=candidate.host, error=exc)
             raise errors.RouteMisconfigured(f"{candidate.host}: {exc.detail}") from exc
 
@@ -515,6 +529,11 @@ class Deliverer:
                     session.close()
                 txn.fail(carried, exc, where)
                 return self._result(candidate, ip, session, failure=exc, reply=exc.reply)
+            except BaseException:
+                # Cancelled (shutdown): never pool a session mid-transaction.
+                if session is not None:
+                    session.close()
+                raise
             self._pool.give(session, cfg.delivery.idle_timeout, cfg.delivery.max_per_host)
             return self._result(candidate, ip, session, reply=reply, reused=reused)
 
@@ -662,7 +681,7 @@ class Deliverer:
     def _host_done(self, route: Route, envelope: Envelope, result: HostResult) -> HostResult:
         """Count and log one host tried."""
         cand = result.candidate
-        label = cand.configured or cand.host
+        label = _host_label(route, cand)
         failure = result.failure
         if isinstance(failure, TlsPolicyFailure):
             outcome = "tls_failed"

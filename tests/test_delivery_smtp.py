@@ -8,9 +8,11 @@ import logging
 import pytest
 
 from relay import errors
+from relay.config import direct_route
 from relay.delivery import Deliverer
 from relay.errors import Reply
 from relay.metrics import Metrics
+from relay.routing import Candidate
 from tests.support.delivery import (
     BODY,
     OPPORTUNISTIC,
@@ -328,3 +330,40 @@ async def test_concurrent_attempts_share_a_route(closing):
     assert len(sink.messages) == 8
     # max_per_host bounds the connections open at once, and they are reused.
     assert sink.connections <= 2
+
+
+async def test_4xx_to_rcpt_tries_the_next_host_for_that_recipient(closing):
+    async with Sink(replies={"RCPT c@x.test": "450 4.2.1 mailbox busy"}) as one, Sink() as two:
+        d = deliverer(make_config())
+        closing(d)
+        env = envelope("a@src.test", "b@x.test", "c@x.test")
+        cands = [candidate("mx1.test", one.port), candidate("mx2.test", two.port)]
+        attempt = await d.deliver(route(OPPORTUNISTIC), env, addresses(env), BODY, cands)
+    assert attempt.outcome("b@x.test") == attempt.outcome("c@x.test") == errors.DELIVERED
+    assert len(attempt.results["b@x.test"]) == 1
+    first, second = attempt.results["c@x.test"]
+    assert isinstance(first, Reply) and first.code == 450 and second.code == 250
+    assert one.messages[0].rcpt_tos == ["b@x.test"] and two.messages[0].rcpt_tos == ["c@x.test"]
+
+
+async def test_implicit_route_dns_failures(closing):
+    metrics = Metrics()
+    d = deliverer(make_config(), {}, metrics)
+    closing(d)
+    direct = direct_route("gone.test")
+    env = envelope()
+    # The domain's own name (implicit MX) does not exist: permanent.
+    own = Candidate(host="gone.test", port=25, via_mx="gone.test")
+    attempt = await d.deliver(direct, env, addresses(env), BODY, [own])
+    assert attempt.outcome("b@x.test") == errors.BOUNCED
+    # An MX target that does not resolve is that host's problem: defer.
+    target = Candidate(host="mx.elsewhere.test", port=25, via_mx="gone.test")
+    attempt = await d.deliver(direct, env, addresses(env), BODY, [target])
+    assert attempt.outcome("b@x.test") == errors.DEFERRED
+    samples = {
+        s.labels["host"]
+        for m in metrics.registry.collect()
+        if m.name == "relay_delivery_attempts"
+        for s in m.samples
+    }
+    assert samples == {"(mx)"}  # no host names from the internet in labels

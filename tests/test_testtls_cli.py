@@ -163,3 +163,37 @@ async def test_unknown_route_is_a_usage_error(tmp_path, pki):
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert "no route named 'Nope'" in err.decode()
+
+
+async def test_every_host_of_a_multi_host_route(tmp_path, pki):
+    async with (
+        _sink(pki, {"names": ("127.0.0.1",)}) as good,
+        _sink(pki, {"names": ("127.0.0.1",), "untrusted": True}) as bad,
+    ):
+        config = tmp_path / "multi.toml"
+        config.write_text(
+            f"""
+[server]
+hostname = "relay.test"
+domains = ["x.test"]
+[tls]
+ca_file = "{pki.ca_file}"
+[[routes]]
+name = "Downstream"
+[[routes.primary]]
+host = "127.0.0.1"
+port = {good.port}
+load = 100
+[[routes.secondary]]
+host = "127.0.0.1"
+port = {bad.port}
+load = 100
+"""
+        )
+        code, out, _ = await _run(config, "--json")
+    assert code == 1
+    hosts = json.loads(out)["hosts"]
+    assert [(h["table"], h["port"], h["passed"]) for h in hosts] == [
+        ("primary", good.port, True),
+        ("secondary", bad.port, False),
+    ]
