@@ -105,6 +105,8 @@ def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
 
     The one place that knows aiosmtplib's exception hierarchy (like httpx's
     map_httpcore_exceptions). Order matters: subclasses first.
+    ``require_tls``: an ssl.SSLError is a TLS-policy failure (during
+    STARTTLS under a policy that requires TLS) rather than a lost connection.
     """
     try:
         yield
@@ -564,7 +566,7 @@ class Deliverer:
         """A pooled session that answers RSET, or a fresh one; (session, reused)."""
         while (session := self._pool.take(key, cfg.delivery.idle_timeout)) is not None:
             try:
-                with map_smtp_errors():
+                with map_smtp_errors(require_tls=False):
                     # RFC 5321 section 4.1.1.5: RSET clears any leftover
                     # transaction state; it doubles as a liveness check.
                     await session.smtp.rset(timeout=cfg.delivery.command_timeout)
@@ -643,7 +645,9 @@ class Deliverer:
         """MAIL, RCPT per open recipient, DATA; the reply that sums it up."""
         smtp = session.smtp
         recipients = txn.open
-        with map_smtp_errors():
+        # TLS is settled by now: a TLS error mid-transaction is a lost
+        # connection, not a policy failure.
+        with map_smtp_errors(require_tls=False):
             options = _mail_options(smtp, envelope, len(body))
             encoding = "utf-8" if envelope.smtputf8 else "ascii"
             # aiosmtplib's mail("") sends "MAIL FROM:<>" (RFC 5321 null reverse-path).
