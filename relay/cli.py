@@ -7,16 +7,22 @@ daemon to signal, no such message), 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import random
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from relay import config as configmod
-from relay.config import Config, ConfigError
+from relay import errors, routing
+from relay.config import Config, ConfigError, Route
+from relay.dns import DnsResolver, Resolver
 from relay.envelope import Envelope, RcptState
+from relay.routing import Candidate
 from relay.spool import Spool
 
 EXIT_OK = 0
@@ -178,6 +184,140 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- test-tls (issue #6 item 5) ---------------------------------------------
+
+
+async def _candidates(route: Route, resolver: Resolver) -> list[Candidate]:
+    """The route's candidate hosts, after MX lookup, exactly as delivery orders them."""
+    return await routing.candidates(route, resolver, random.Random())
+
+
+async def _probe(cfg: Config, route: Route) -> list[Any]:
+    from relay.delivery import Deliverer
+    from relay.metrics import Metrics
+
+    resolver = DnsResolver(cfg.dns)
+    deliverer = Deliverer(lambda: cfg, resolver, Metrics())
+    try:
+        return await deliverer.probe(route, await _candidates(route, resolver))
+    finally:
+        await deliverer.close()
+
+
+def _probe_json(route: Route, result: Any) -> dict[str, Any]:
+    cand, cert = result.candidate, result.certificate
+    return {
+        "route": route.name,
+        "host": cand.host,
+        "table": cand.table,
+        "via_mx": cand.via_mx,
+        "address": result.ip,
+        "port": cand.port,
+        "error": result.error or None,
+        "starttls": result.starttls,
+        "tls_version": result.tls_version,
+        "cipher": result.cipher,
+        "certificate": None
+        if cert is None
+        else {
+            "subject": cert.subject,
+            "issuer": cert.issuer,
+            "sans": list(cert.sans),
+            "not_after": cert.not_after,
+            "days_left": cert.days_left,
+        },
+        "chain_verified": result.chain_verified,
+        "chain_error": result.chain_error or None,
+        "hostname_matched": result.hostname_matched,
+        "hostname_checked": result.hostname_checked or None,
+        "checks": {
+            option: {"enabled": getattr(route.tls, option), "passed": ok, "reason": why or None}
+            for option, ok, why in result.checks()
+        },
+        "failures": [
+            {
+                "reason": f.value,
+                "option": errors.TLS_FAILURE_OPTION[f],
+                "text": errors.TLS_FAILURE_TEXT[f],
+            }
+            for f in result.failures
+        ],
+        "passed": result.passed,
+    }
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _print_probe(route: Route, result: Any) -> None:
+    cand, cert = result.candidate, result.certificate
+    where = f"[{result.ip}]" if result.ip else "(no address)"
+    via = f", MX of {cand.via_mx}" if cand.via_mx else ""
+    print(f"{cand.host} {where}:{cand.port} ({cand.table}{via})")
+    if result.error:
+        print(f"  error:            {result.error}")
+        print("  verdict:          FAIL (host not reachable as delivery would reach it)")
+        return
+    print(f"  STARTTLS offered: {_yes(result.starttls)}")
+    if result.tls_version:
+        print(f"  TLS:              {result.tls_version}, {result.cipher}")
+    if cert is not None:
+        print(f"  subject:          {cert.subject or '-'}")
+        print(f"  SANs:             {', '.join(cert.sans) or '-'}")
+        print(f"  issuer:           {cert.issuer or '-'}")
+        left = cert.days_left
+        when = f"{left} days left" if left >= 0 else f"EXPIRED {-left} days ago"
+        print(f"  not after:        {cert.not_after} ({when})")
+    if result.tls_version:
+        chain = _yes(result.chain_verified) + (
+            "" if result.chain_verified else f" ({result.chain_error})"
+        )
+        print(f"  chain verified:   {chain}")
+        print(
+            f"  hostname matched: {_yes(result.hostname_matched)} "
+            f"(against {result.hostname_checked})"
+        )
+    for option, ok, why in result.checks():
+        enabled = getattr(route.tls, option)
+        state = "pass" if ok else f"FAIL: {why}"
+        if not enabled:
+            state = f"off ({'would pass' if ok else 'would fail: ' + why})"
+        print(f"  {option + ' = ' + str(enabled).lower() + ':':<28}{state}")
+    if result.passed:
+        print("  verdict:          PASS")
+        return
+    failed = ", ".join(sorted({errors.TLS_FAILURE_OPTION[f] for f in result.failures}))
+    print(f"  verdict:          FAIL ({failed})")
+    for fix in errors.TLS_FIXES:
+        print(f"    fix: {fix}")
+
+
+def cmd_test_tls(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    route = cfg.route(args.route)
+    if route is None:
+        names = ", ".join(repr(r.name) for r in cfg.routes) or "none"
+        print(f"no route named {args.route!r}; routes: {names}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        results = asyncio.run(_probe(cfg, route))
+    except errors.RelayError as exc:
+        print(f"route {route.name!r}: {exc.detail}", file=sys.stderr)
+        return EXIT_FAIL
+    passed = bool(results) and all(r.passed for r in results)
+    if args.json:
+        report = {"route": route.name, "passed": passed}
+        report["hosts"] = [_probe_json(route, r) for r in results]
+        print(json.dumps(report, indent=2))
+    else:
+        for result in results:
+            _print_probe(route, result)
+        count = sum(1 for r in results if r.passed)
+        print(f"-- route {route.name!r}: {count}/{len(results)} host(s) pass its TLS policy")
+    return EXIT_OK if passed else EXIT_FAIL
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="An SMTP relay that routes mail.")
     common = argparse.ArgumentParser(add_help=False)
@@ -200,6 +340,13 @@ def _parser() -> argparse.ArgumentParser:
     add("reload", cmd_reload, "make the running daemon reload its config (same as SIGHUP)")
     audit = add("audit", cmd_audit, "print the audit log of configuration changes, newest last")
     audit.add_argument("--json", action="store_true", help="print the raw JSON lines")
+    test_tls = add(
+        "test-tls",
+        cmd_test_tls,
+        "connect to every host of ROUTE as delivery would and check its TLS policy",
+    )
+    test_tls.add_argument("route", metavar="ROUTE", help="the route's name")
+    test_tls.add_argument("--json", action="store_true", help="print JSON for scripts")
     queue = sub.add_parser("queue", help="inspect and act on the spool")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     for name, func, text in (

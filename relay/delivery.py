@@ -1,15 +1,49 @@
-"""One delivery attempt over a route's candidates with aiosmtplib.
+"""One delivery attempt over a route's candidates with aiosmtplib (RFC 5321, RFC 3207).
 
-STUB: result types only; implemented under issue #4.
+``Deliverer.deliver`` walks the candidate hosts in order, each host's
+addresses in turn (at most ``[delivery] max_addresses`` in all), and runs
+one SMTP transaction carrying every recipient still open: EHLO, STARTTLS
+per the route's TLS policy, MAIL, one RCPT per recipient, DATA. Every
+result is recorded per recipient and per host, so ``errors.outcome``
+decides each recipient's fate.
+
+Moving on: a connect failure, a 4xx/5xx greeting, a dropped connection,
+a 4xx to MAIL or DATA, or a TLS-policy failure moves the open recipients
+to the next candidate. A 5xx to RCPT is final for that recipient; a 5xx
+to MAIL or DATA is final for all. A 4xx to RCPT leaves the recipient open
+for the next candidate.
+
+At-least-once: the scheduler persists per-recipient state after
+``deliver`` returns. The only window for a duplicate is between the next
+hop's 250 to DATA and that state write (a crash there, or a connection
+lost after the final dot but before the reply, delivers again on retry).
+
+aiosmtplib is used here and nowhere else; its exceptions are mapped to
+relay's failure classes in :func:`map_smtp_errors` only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import ipaddress
+import random
+import re
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from relay import errors
-from relay.errors import RelayError, Reply
+import aiosmtplib
+
+from relay import errors, events, tls
+from relay.config import Config, Route, TlsPolicy
+from relay.dns import Resolver
+from relay.envelope import Envelope
+from relay.errors import RelayError, Reply, TlsFailure, TlsPolicyFailure
+from relay.metrics import Metrics
 from relay.routing import Candidate
 
 
@@ -25,6 +59,10 @@ class HostResult:
     peer_subject: str | None = None
     #: None when the host took the transaction (some recipients may still be refused).
     failure: RelayError | None = None
+    #: The reply that sums up this host for the log (DATA reply, or the failure's).
+    reply: Reply | None = None
+    #: True when an idle pooled session was reused for this transaction.
+    reused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +87,799 @@ class Attempt:
             return errors.HostUnreachable("no candidate host").reply
         item = items[-1]
         return item if isinstance(item, Reply) else item.reply
+
+
+# --- exception mapping (STYLE.md 3.4 "Mapping aiosmtplib") ------------------
+
+
+def _remote(code: int, message: str, detail: str = "") -> RelayError:
+    """The next hop's reply as a failure, kept verbatim."""
+    reply = Reply.parse(code, message)
+    klass = errors.RemotePermanent if reply.permanent else errors.RemoteTemporary
+    return klass(detail or str(reply), reply)
+
+
+@contextlib.contextmanager
+def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
+    """Turn every aiosmtplib (and ssl/OS) exception into a RelayError.
+
+    The one place that knows aiosmtplib's exception hierarchy (like httpx's
+    map_httpcore_exceptions). Order matters: subclasses first.
+    ``require_tls``: an ssl.SSLError is a TLS-policy failure (during
+    STARTTLS under a policy that requires TLS) rather than a lost connection.
+    """
+    try:
+        yield
+    except RelayError:
+        raise
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        # A 4xx/5xx greeting means "not now, not here": try the next host.
+        raise errors.HostUnreachable(f"greeting {exc.code} {exc.message}") from exc
+    except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
+        raise errors.HostUnreachable(str(exc)) from exc
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        raise errors.ConnectionLost(str(exc)) from exc
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        first = exc.recipients[0] if exc.recipients else None
+        if first is None:
+            raise errors.TemporaryFailure("recipients refused") from exc
+        raise _remote(first.code, first.message) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _remote(exc.code, exc.message) from exc
+    except ssl.SSLError as exc:
+        if require_tls:
+            raise TlsPolicyFailure(tls.classify(exc), tls.describe_failure(exc)) from exc
+        raise errors.ConnectionLost(f"TLS: {tls.describe_failure(exc)}") from exc
+    except (ConnectionError, TimeoutError) as exc:
+        raise errors.ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        # aiosmtplib.SMTPException (generic), SMTPNotSupported, bugs: never
+        # lose the message over them; defer and keep the traceback.
+        events.error("delivery_error", exc_info=True, error=repr(exc))
+        raise errors.TemporaryFailure(repr(exc), errors.INTERNAL_ERROR) from exc
+
+
+# --- the body ---------------------------------------------------------------
+
+# Any CR not followed by LF, or LF not preceded by CR.
+_BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def check_body(body: bytes) -> None:
+    """Refuse to send a body with a bare CR or LF (no SMTP smuggling downstream).
+
+    aiosmtplib's data() rewrites every lone CR or LF to CRLF, dot-stuffs
+    lines starting with "." (RFC 5321 section 4.5.2), appends CRLF if the
+    body lacks it, then ".\r\n". Inbound refuses bare CR/LF, so spooled
+    bodies are CRLF-only and pass through byte for byte; should one ever
+    not be, we refuse rather than let aiosmtplib silently rewrite it.
+    """
+    if _BARE_CR_LF.search(body):
+        raise errors.PermanentFailure(
+            "spooled body contains a bare CR or LF", errors.BARE_LINE_ENDING
+        )
+
+
+def _is_final(item: Reply | RelayError) -> bool:
+    """A result that ends a recipient's attempt: accepted, or refused for good."""
+    if isinstance(item, Reply):
+        return item.code // 100 in (2, 5)
+    return isinstance(item, errors.PermanentFailure)
+
+
+def _host_label(route: Route, candidate: Candidate) -> str:
+    """The metric label for a host: config values only (bounded cardinality).
+
+    Implicit routes (mail to a domain's own MX) go to hosts from the
+    internet, not from the config: they share one label.
+    """
+    if route.implicit:
+        return "(mx)"
+    return candidate.configured or candidate.host
+
+
+def _ip_literal(name: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        return None
+
+
+# --- sessions and the pool --------------------------------------------------
+
+#: (ip, port, tls policy, server_hostname): one next hop as a connection sees it.
+HopKey = tuple[str, int, TlsPolicy, str]
+
+
+@dataclass(slots=True)
+class Session:
+    """One open SMTP connection, after EHLO (and STARTTLS when it happened)."""
+
+    smtp: aiosmtplib.SMTP
+    key: HopKey
+    tls_version: str | None = None
+    cipher: str | None = None
+    verified: bool = False
+    peer_subject: str | None = None
+    idle_since: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        self.smtp.close()
+
+
+class _Pool:
+    """Idle sessions per next hop, and a connection semaphore per next hop."""
+
+    def __init__(self) -> None:
+        self._idle: dict[HopKey, list[Session]] = {}
+        self._slots: dict[HopKey, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def slot(self, key: HopKey, limit: int) -> asyncio.Semaphore:
+        sem = self._slots.get(key)
+        if sem is None:
+            sem = self._slots[key] = asyncio.Semaphore(limit)
+        return sem
+
+    def take(self, key: HopKey, idle_timeout: float) -> Session | None:
+        """An idle session for ``key`` younger than ``idle_timeout``, if any."""
+        sessions = self._idle.get(key, [])
+        now = time.monotonic()
+        while sessions:
+            session = sessions.pop()
+            if now - session.idle_since < idle_timeout and session.smtp.is_connected:
+                return session
+            self._retire(session)
+        return None
+
+    def give(self, session: Session, idle_timeout: float, limit: int) -> None:
+        sessions = self._idle.setdefault(session.key, [])
+        if len(sessions) >= limit or idle_timeout <= 0:
+            self._retire(session)
+            return
+        session.idle_since = time.monotonic()
+        sessions.append(session)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(idle_timeout, self._expire, session.key, idle_timeout)
+        self._timers.add(timer)
+
+    def _expire(self, key: HopKey, idle_timeout: float) -> None:
+        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > _now()}
+        now = time.monotonic()
+        sessions = self._idle.get(key, [])
+        keep = [s for s in sessions if now - s.idle_since < idle_timeout * 0.999]
+        for session in sessions:
+            if session not in keep:
+                self._retire(session)
+        self._idle[key] = keep
+
+    def _retire(self, session: Session) -> None:
+        """QUIT politely in the background; close regardless."""
+        task = asyncio.get_running_loop().create_task(_quit(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for sessions in self._idle.values():
+            for session in sessions:
+                self._retire(session)
+        self._idle.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def _quit(session: Session) -> None:
+    try:
+        if session.smtp.is_connected:
+            await session.smtp.quit(timeout=5)
+    except Exception:  # noqa: S110 - a failed QUIT on a connection we drop anyway
+        pass
+    finally:
+        session.close()
+
+
+# --- probing (relay test-tls) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """The parts of a server certificate test-tls prints."""
+
+    subject: str
+    issuer: str
+    sans: tuple[str, ...]
+    not_after: str
+    #: Whole days until not_after (negative once expired).
+    days_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What ``relay test-tls`` found at one address of one candidate host."""
+
+    candidate: Candidate
+    ip: str | None = None
+    starttls: bool = False
+    tls_version: str | None = None
+    cipher: str | None = None
+    #: Why STARTTLS was offered but no TLS session came up.
+    tls_error: str = ""
+    certificate: Certificate | None = None
+    #: The chain verified against the system store + [tls] ca_file.
+    chain_verified: bool = False
+    chain_error: str = ""
+    #: The certificate matched ``hostname_checked`` (a name or IP literal).
+    hostname_matched: bool = False
+    hostname_checked: str = ""
+    hostname_error: str = ""
+    #: The route's TLS policy failures at this host, in check order.
+    failures: tuple[TlsFailure, ...] = ()
+    #: Failure to reach or speak SMTP to the host, if any.
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and not self.failures
+
+    def checks(self) -> list[tuple[str, bool, str]]:
+        """(option, would pass, why not) for each TLS option, on or off in the route."""
+        text = errors.TLS_FAILURE_TEXT
+        if not self.starttls:
+            tls_why = text[TlsFailure.NO_STARTTLS]
+        elif self.tls_version is None:
+            tls_why = f"{text[TlsFailure.HANDSHAKE]}: {self.tls_error}"
+        else:
+            tls_why = ""
+        tls_ok = not tls_why
+        chain_why = "" if self.chain_verified else (self.chain_error or "no TLS session")
+        name_why = "" if self.hostname_matched else (self.hostname_error or "no TLS session")
+        return [
+            ("require_tls", tls_ok, tls_why),
+            ("require_ca_signed", tls_ok and self.chain_verified, chain_why),
+            ("validate_hostname", tls_ok and self.hostname_matched, name_why),
+        ]
+
+
+def _dn(parts: Any) -> str:
+    return ", ".join(f"{k}={v}" for rdn in parts or () for (k, v) in rdn)
+
+
+def decode_certificate(der: bytes) -> Certificate:
+    """Decode a DER certificate with the stdlib only (no cryptography needed).
+
+    ``ssl._ssl._test_decode_cert`` is what CPython's own tests use to read a
+    PEM file into the getpeercert() dict; it is there in 3.11.
+    """
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as handle:
+        handle.write(pem)
+        handle.flush()
+        decoder = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+        info: dict[str, Any] = decoder(handle.name)
+    sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
+    not_after = str(info.get("notAfter", ""))
+    days = int((ssl.cert_time_to_seconds(not_after) - time.time()) / 86400) if not_after else 0
+    return Certificate(
+        subject=_dn(info.get("subject")),
+        issuer=_dn(info.get("issuer")),
+        sans=sans,
+        not_after=not_after,
+        days_left=days,
+    )
+
+
+# --- the deliverer ----------------------------------------------------------
+
+
+class _Transaction:
+    """Per-recipient results of one attempt, as they come in."""
+
+    def __init__(self, recipients: Sequence[str]) -> None:
+        self.results: dict[str, list[Reply | RelayError]] = {r: [] for r in recipients}
+        self.remote: dict[str, str] = {}
+        #: Recipients that already have a result from the current host.
+        self.seen: set[str] = set()
+
+    def next_host(self) -> list[str]:
+        """Start a new host; the recipients it should carry."""
+        self.seen = set()
+        return self.open
+
+    def record(self, address: str, item: Reply | RelayError, where: str) -> None:
+        self.results[address].append(item)
+        self.remote[address] = where
+        self.seen.add(address)
+
+    def fail(self, addresses: Sequence[str], failure: RelayError, where: str) -> None:
+        """The host failed: every recipient it carried without a result gets ``failure``."""
+        for address in addresses:
+            if address not in self.seen:
+                self.record(address, failure, where)
+
+    @property
+    def open(self) -> list[str]:
+        return [r for r, items in self.results.items() if not items or not _is_final(items[-1])]
+
+
+class Deliverer:
+    """Delivers one route's recipients of one message: ``deliver() -> Attempt``.
+
+    ``config`` is called for every attempt, so a reload takes effect at the
+    next attempt. Open sessions are pooled per next hop for
+    ``[delivery] idle_timeout``; call :meth:`close` on shutdown.
+    """
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        resolver: Resolver,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._resolver = resolver
+        self._metrics = metrics
+        # Reserved for address-order jitter; candidate order comes from routing.
+        self._rng = rng or random.Random()
+        self._pool = _Pool()
+
+    async def close(self) -> None:
+        """QUIT and close every pooled session."""
+        await self._pool.close()
+
+    # --- deliver ----------------------------------------------------------
+
+    async def deliver(
+        self,
+        route: Route,
+        envelope: Envelope,
+        recipients: Sequence[str],
+        body: bytes,
+        candidates: Sequence[Candidate],
+    ) -> Attempt:
+        """Try ``candidates`` in order until every recipient has a final result.
+
+        Never raises for delivery problems: they are in the Attempt. With
+        no candidates, every recipient is deferred (no results).
+        """
+        txn = _Transaction(recipients)
+        hosts: list[HostResult] = []
+        try:
+            check_body(body)
+        except RelayError as exc:
+            events.error("refused_body", id=envelope.id, route=route.name, error=exc.detail)
+            for address in recipients:
+                txn.record(address, exc, "")
+            return self._attempt(route, hosts, txn)
+        budget = self._config().delivery.max_addresses
+        for candidate in candidates:
+            if not txn.open or budget <= 0:
+                break
+            try:
+                ips = await self._addresses(route, candidate)
+            except RelayError as exc:
+                hosts.append(self._host_done(route, envelope, HostResult(candidate, failure=exc)))
+                txn.fail(txn.next_host(), exc, candidate.host)
+                continue
+            for ip in ips:
+                if not txn.open or budget <= 0:
+                    break
+                budget -= 1
+                result = await self._try_host(route, envelope, candidate, ip, txn, body)
+                hosts.append(self._host_done(route, envelope, result))
+        return self._attempt(route, hosts, txn)
+
+    def _attempt(self, route: Route, hosts: list[HostResult], txn: _Transaction) -> Attempt:
+        return Attempt(
+            route=route.name,
+            hosts=tuple(hosts),
+            results={r: tuple(items) for r, items in txn.results.items()},
+            remote=dict(txn.remote),
+        )
+
+    async def _addresses(self, route: Route, candidate: Candidate) -> list[str]:
+        """The IPs to connect to for ``candidate`` (an IP literal is itself)."""
+        literal = _ip_literal(candidate.host)
+        if literal is not None:
+            return [literal]
+        try:
+            return await self._resolver.addresses(candidate.host)
+        except errors.PermanentFailure as exc:
+            if route.implicit:
+                if candidate.via_mx in (None, candidate.host):
+                    # The recipient's (or bounce sender's) own domain: permanent.
+                    raise
+                # Someone else's MX target that does not resolve: try the others.
+                raise errors.HostUnreachable(f"MX host {candidate.host}: {exc.detail}") from exc
+            # A name from the configuration that does not resolve: defer
+            # and say so loudly; never bounce everyone's mail for a typo.
+            self._metrics.route_dns_errors.labels(route.name, _host_label(route, candidate)).inc()
+            events.warning("route_dns_error", route=route.name, host=candidate.host, error=exc)
+            raise errors.RouteMisconfigured(f"{candidate.host}: {exc.detail}") from exc
+
+    async def _try_host(
+        self,
+        route: Route,
+        envelope: Envelope,
+        candidate: Candidate,
+        ip: str,
+        txn: _Transaction,
+        body: bytes,
+    ) -> HostResult:
+        """One transaction at one address; records into ``txn``; never raises RelayError."""
+        cfg = self._config()
+        policy = route.tls
+        key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
+        where = f"{candidate.host} [{ip}]"
+        session: Session | None = None
+        reused = False
+        carried = txn.next_host()
+        async with self._pool.slot(key, cfg.delivery.max_per_host):
+            try:
+                session, reused = await self._session(key, cfg)
+                reply = await self._transaction(session, envelope, txn, body, where)
+            except RelayError as exc:
+                if session is not None:
+                    session.close()
+                txn.fail(carried, exc, where)
+                return self._result(candidate, ip, session, failure=exc, reply=exc.reply)
+            except BaseException:
+                # Cancelled (shutdown): never pool a session mid-transaction.
+                if session is not None:
+                    session.close()
+                raise
+            self._pool.give(session, cfg.delivery.idle_timeout, cfg.delivery.max_per_host)
+            return self._result(candidate, ip, session, reply=reply, reused=reused)
+
+    @staticmethod
+    def _result(
+        candidate: Candidate,
+        ip: str,
+        session: Session | None,
+        failure: RelayError | None = None,
+        reply: Reply | None = None,
+        reused: bool = False,
+    ) -> HostResult:
+        if session is None:
+            return HostResult(candidate, ip, failure=failure, reply=reply)
+        return HostResult(
+            candidate,
+            ip,
+            tls_version=session.tls_version,
+            cipher=session.cipher,
+            verified=session.verified,
+            peer_subject=session.peer_subject,
+            failure=failure,
+            reply=reply,
+            reused=reused,
+        )
+
+    async def _session(self, key: HopKey, cfg: Config) -> tuple[Session, bool]:
+        """A pooled session that answers RSET, or a fresh one; (session, reused)."""
+        while (session := self._pool.take(key, cfg.delivery.idle_timeout)) is not None:
+            try:
+                with map_smtp_errors(require_tls=False):
+                    # RFC 5321 section 4.1.1.5: RSET clears any leftover
+                    # transaction state; it doubles as a liveness check.
+                    await session.smtp.rset(timeout=cfg.delivery.command_timeout)
+                return session, True
+            except RelayError:
+                # A dead pooled session is not the host's fault: replace it.
+                session.close()
+        return await self._connect(key, cfg), False
+
+    async def _connect(self, key: HopKey, cfg: Config) -> Session:
+        """Connect, EHLO and STARTTLS per the policy; raise a RelayError if the host fails."""
+        ip, port, policy, name = key
+        try:
+            return await self._open(key, cfg, starttls=True)
+        except TlsPolicyFailure:
+            raise
+        except _HandshakeFailed as exc:
+            if policy.require_tls:
+                raise exc.failure from exc
+            # Opportunistic (RFC 7435): a failed handshake must not stop
+            # the mail; reconnect to the same host and stay in plaintext.
+            events.warning("tls_fallback", host=name, ip=ip, port=port, error=exc.failure.detail)
+            return await self._open(key, cfg, starttls=False)
+
+    async def _open(self, key: HopKey, cfg: Config, starttls: bool) -> Session:
+        ip, port, policy, name = key
+        smtp = aiosmtplib.SMTP(
+            hostname=ip,
+            port=port,
+            local_hostname=cfg.server.hostname,
+            start_tls=False,
+            use_tls=False,
+            timeout=cfg.delivery.command_timeout,
+        )
+        session = Session(smtp, key)
+        try:
+            with map_smtp_errors(policy.require_tls):
+                await smtp.connect(timeout=cfg.delivery.connect_timeout)
+                await _hello(smtp)
+            if starttls:
+                await self._starttls(session, policy, cfg)
+        except BaseException:
+            smtp.close()
+            raise
+        return session
+
+    async def _starttls(self, session: Session, policy: TlsPolicy, cfg: Config) -> None:
+        smtp = session.smtp
+        _, _, _, name = session.key
+        if not smtp.supports_extension("starttls"):
+            if policy.require_tls:
+                raise TlsPolicyFailure(TlsFailure.NO_STARTTLS)
+            return
+        context = tls.client_context(policy, cfg.tls.ca_file)
+        try:
+            with map_smtp_errors(require_tls=True):
+                # SNI and verification use the name delivered to, never the IP.
+                await smtp.starttls(server_hostname=name, tls_context=context)
+        except TlsPolicyFailure as exc:
+            raise _HandshakeFailed(exc) from exc
+        except RelayError as exc:
+            # Refused (e.g. 454), dropped or timed out during the upgrade.
+            detail = f"STARTTLS failed: {exc.detail}"
+            raise _HandshakeFailed(TlsPolicyFailure(TlsFailure.HANDSHAKE, detail)) from exc
+        with map_smtp_errors(policy.require_tls):
+            await _hello(smtp)
+        session.tls_version = _info(smtp, "ssl_object", lambda o: o.version())
+        session.cipher = _info(smtp, "cipher", lambda c: c[0])
+        session.verified = policy.require_ca_signed
+        if policy.require_ca_signed:
+            session.peer_subject = _info(smtp, "peercert", lambda c: _dn(c.get("subject")))
+
+    async def _transaction(
+        self, session: Session, envelope: Envelope, txn: _Transaction, body: bytes, where: str
+    ) -> Reply:
+        """MAIL, RCPT per open recipient, DATA; the reply that sums it up."""
+        smtp = session.smtp
+        recipients = txn.open
+        # TLS is settled by now: a TLS error mid-transaction is a lost
+        # connection, not a policy failure.
+        with map_smtp_errors(require_tls=False):
+            options = _mail_options(smtp, envelope, len(body))
+            encoding = "utf-8" if envelope.smtputf8 else "ascii"
+            # aiosmtplib's mail("") sends "MAIL FROM:<>" (RFC 5321 null reverse-path).
+            await smtp.mail(envelope.mail_from, options=options, encoding=encoding)
+            accepted: list[str] = []
+            last: Reply | None = None
+            for address in recipients:
+                try:
+                    response = await smtp.rcpt(address, encoding=encoding)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    last = Reply.parse(exc.code, exc.message)
+                    txn.record(address, last, where)
+                    continue
+                accepted.append(address)
+            if not accepted:
+                await smtp.rset()
+                assert last is not None
+                return last
+            try:
+                response = await smtp.data(body)
+            except aiosmtplib.SMTPDataError as exc:
+                reply = Reply.parse(exc.code, exc.message)
+                if reply.temporary:
+                    # A 4xx to DATA: this host failed the transaction; the
+                    # recipients stay open for the next candidate.
+                    raise _remote(exc.code, exc.message) from exc
+                for address in accepted:
+                    txn.record(address, reply, where)
+                return reply
+        reply = Reply.parse(response.code, response.message)
+        for address in accepted:
+            txn.record(address, reply, where)
+        return reply
+
+    def _host_done(self, route: Route, envelope: Envelope, result: HostResult) -> HostResult:
+        """Count and log one host tried."""
+        cand = result.candidate
+        label = _host_label(route, cand)
+        failure = result.failure
+        if isinstance(failure, TlsPolicyFailure):
+            outcome = "tls_failed"
+            self._metrics.tls_failures.labels(route.name, label, failure.reason.value).inc()
+        elif isinstance(failure, errors.HostUnreachable):
+            outcome = "unreachable"
+        elif isinstance(failure, errors.DnsTemporary | errors.RouteMisconfigured) or (
+            result.ip is None and failure is not None
+        ):
+            outcome = "dns_failed"
+        elif result.reply is not None and result.reply.code // 100 == 2:
+            outcome = "delivered"
+        elif result.reply is not None and result.reply.permanent:
+            outcome = "bounced"
+        else:
+            outcome = "deferred"
+        self._metrics.delivery_attempts.labels(route.name, label, outcome).inc()
+        reply = result.reply or (failure.reply if failure else None)
+        fields: dict[str, Any] = {
+            "id": envelope.id,
+            "route": route.name,
+            "host": cand.host,
+            "ip": result.ip or "-",
+            "port": cand.port,
+            "tls": result.tls_version or "none",
+            "verified": result.verified,
+            "reused": result.reused,
+            "result": outcome,
+            "reply": str(reply) if reply else "-",
+        }
+        if failure is not None and failure.detail != (reply.text if reply else ""):
+            fields["detail"] = failure.detail
+        events.log("attempt", **fields)
+        return result
+
+    # --- probe (relay test-tls) -------------------------------------------
+
+    async def probe(self, route: Route, candidates: Sequence[Candidate]) -> list[ProbeResult]:
+        """Connect to every address of every candidate as delivery would; send no mail."""
+        results: list[ProbeResult] = []
+        for candidate in candidates:
+            try:
+                ips = await self._addresses(route, candidate)
+            except RelayError as exc:
+                results.append(ProbeResult(candidate, error=f"DNS: {exc.detail}"))
+                continue
+            for ip in ips:
+                results.append(await self._probe_one(route, candidate, ip))
+        return results
+
+    async def _probe_one(self, route: Route, candidate: Candidate, ip: str) -> ProbeResult:
+        """Three looks at one address: the certificate, the chain, the name."""
+        cfg = self._config()
+        name = candidate.host.strip("[]")
+        # First look: encrypt without checks, to read the certificate even
+        # when it would fail verification.
+        look = TlsPolicy(require_tls=True, require_ca_signed=False, validate_hostname=False)
+        try:
+            session = await self._open((ip, candidate.port, look, name), cfg, starttls=False)
+        except RelayError as exc:
+            return ProbeResult(candidate, ip, error=exc.detail)
+        if not session.smtp.supports_extension("starttls"):
+            await _quit(session)
+            failures = (TlsFailure.NO_STARTTLS,) if route.tls.require_tls else ()
+            return ProbeResult(candidate, ip, failures=failures)
+        try:
+            await self._starttls(session, look, cfg)
+        except (_HandshakeFailed, RelayError) as exc:
+            session.close()
+            failure = exc.failure if isinstance(exc, _HandshakeFailed) else exc
+            failures = (TlsFailure.HANDSHAKE,) if route.tls.require_tls else ()
+            return ProbeResult(
+                candidate, ip, starttls=True, failures=failures, tls_error=failure.detail
+            )
+        der = _info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
+        cert = decode_certificate(der) if der else None
+        version, cipher = session.tls_version, session.cipher
+        await _quit(session)
+        # Second look: the chain alone; third: the name, as delivery checks it.
+        chain = await self._check(candidate, ip, TlsPolicy(True, True, False), cfg)
+        named: TlsPolicyFailure | None
+        if chain is None:
+            named = await self._check(candidate, ip, TlsPolicy(True, True, True), cfg)
+        elif cert is not None and _matches(name, cert.sans):
+            named = None
+        else:
+            named = TlsPolicyFailure(TlsFailure.HOSTNAME_MISMATCH, f"no SAN matches {name}")
+        found: list[TlsFailure] = []
+        if route.tls.require_ca_signed and chain is not None:
+            found.append(chain.reason)
+        if route.tls.validate_hostname and named is not None:
+            found.append(named.reason)
+        return ProbeResult(
+            candidate,
+            ip,
+            starttls=True,
+            tls_version=version,
+            cipher=cipher,
+            certificate=cert,
+            chain_verified=chain is None,
+            chain_error=chain.detail if chain else "",
+            hostname_matched=named is None,
+            hostname_checked=name,
+            hostname_error=named.detail if named else "",
+            failures=tuple(found),
+        )
+
+    async def _check(
+        self, candidate: Candidate, ip: str, policy: TlsPolicy, cfg: Config
+    ) -> TlsPolicyFailure | None:
+        """Handshake under ``policy``; the failure, or None when it passed."""
+        key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
+        try:
+            session = await self._open(key, cfg, starttls=True)
+        except _HandshakeFailed as exc:
+            return exc.failure
+        except TlsPolicyFailure as exc:
+            return exc
+        except RelayError as exc:
+            return TlsPolicyFailure(TlsFailure.HANDSHAKE, exc.detail)
+        await _quit(session)
+        return None
+
+
+class _HandshakeFailed(Exception):
+    """STARTTLS failed at a host; opportunistic delivery falls back to plaintext."""
+
+    def __init__(self, failure: TlsPolicyFailure) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+
+
+async def _hello(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, falling back to HELO when EHLO is refused (RFC 5321 section 3.2)."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError as exc:
+        if exc.code // 100 != 5 or not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, size: int) -> list[str]:
+    """ESMTP MAIL parameters the envelope asks for and the server offers."""
+    options: list[str] = []
+    if smtp.supports_extension("size"):
+        options.append(f"SIZE={size}")  # RFC 1870
+    if envelope.body_8bit and smtp.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")  # RFC 6152
+    if envelope.smtputf8:
+        if smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")  # RFC 6531
+        elif not _ascii_envelope(envelope):
+            # RFC 6531 section 3.4: a non-ASCII address cannot be downgraded.
+            raise errors.PermanentFailure("next hop lacks SMTPUTF8", errors.SMTPUTF8_UNSUPPORTED)
+    return options
+
+
+def _ascii_envelope(envelope: Envelope) -> bool:
+    addresses = [envelope.mail_from, *(r.address for r in envelope.recipients)]
+    return all(a.isascii() for a in addresses)
+
+
+def _info(smtp: aiosmtplib.SMTP, key: str, pick: Callable[[Any], Any]) -> Any:
+    value = smtp.get_transport_info(key)
+    return pick(value) if value else None
+
+
+def _matches(name: str, sans: Sequence[str]) -> bool:
+    """RFC 6125 matching of ``name`` against "DNS:..."/"IP Address:..." SANs (for display)."""
+    literal = _ip_literal(name)
+    for san in sans:
+        kind, _, value = san.partition(":")
+        if literal is not None:
+            if kind == "IP Address" and _ip_literal(value) == literal:
+                return True
+            continue
+        if kind != "DNS":
+            continue
+        value, host = value.lower().rstrip("."), name.lower().rstrip(".")
+        if value == host:
+            return True
+        if value.startswith("*.") and "." in host and host.split(".", 1)[1] == value[2:]:
+            return True
+    return False
+
+
+__all__ = [
+    "Attempt",
+    "Certificate",
+    "Deliverer",
+    "HostResult",
+    "ProbeResult",
+    "check_body",
+    "decode_certificate",
+    "map_smtp_errors",
+]

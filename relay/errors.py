@@ -99,6 +99,10 @@ SPOOL_FAILED = Reply(451, (4, 3, 0), "Temporary local problem, please try again 
 DISK_FULL = Reply(452, (4, 3, 1), "Insufficient system storage")
 INTERNAL_ERROR = Reply(451, (4, 3, 0), "Temporary local problem, please try again later")
 SHUTTING_DOWN = Reply(421, (4, 3, 2), "Service shutting down, try again later")
+# RFC 6531 section 3.4: a non-ASCII address cannot go to a next hop without SMTPUTF8.
+SMTPUTF8_UNSUPPORTED = Reply(
+    550, (5, 6, 7), "Next hop does not support SMTPUTF8, required by a non-ASCII address"
+)
 
 # --- queue replies (issue #4, #5) --------------------------------------------
 

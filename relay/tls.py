@@ -1,0 +1,90 @@
+"""The one TLS-context builder (inbound and outbound) and TLS failure classification.
+
+Outbound contexts follow a route's :class:`~relay.config.TlsPolicy`
+(DESIGN.md "TLS policy"; RFC 3207 STARTTLS):
+
+- opportunistic (``require_tls = false``) and ``require_tls`` alone:
+  encrypt, check nothing (RFC 7435 opportunistic security);
+- ``require_ca_signed``: the chain must verify against the system store
+  plus ``[tls] ca_file``; any name is fine unless ...
+- ``validate_hostname``: the certificate must match the name delivered
+  to (RFC 6125). The caller passes that *name* as ``server_hostname``,
+  never the IP it connected to; an IP literal must match an IP SAN.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from pathlib import Path
+
+from relay.config import TlsPolicy
+from relay.errors import TlsFailure
+
+# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) that mean
+# "the certificate is outside its validity period".
+_EXPIRED_CODES = frozenset({9, 10})  # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
+# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_EMAIL_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_CODES = frozenset({62, 63, 64})
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The context for inbound STARTTLS with the configured certificate and key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    # Clients are not asked for certificates: relay authorises by network.
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@functools.lru_cache(maxsize=32)
+def client_context(policy: TlsPolicy, ca_file: Path | None = None) -> ssl.SSLContext:
+    """The outbound context for ``policy``; cached, so build once per (policy, ca_file).
+
+    A cached context is shared by every connection with the same policy;
+    SSLContext is safe to share once configured. Call
+    ``client_context.cache_clear()`` after a trust store changes on disk.
+    """
+    if not policy.require_ca_signed:
+        # Opportunistic or encryption-only: a self-signed or expired
+        # certificate still gives confidentiality against passive attackers.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        if not policy.require_tls:
+            # Opportunistic TLS should succeed with old peers rather than
+            # fall back to plaintext: allow every version OpenSSL allows.
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        else:
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    # Without validate_hostname the chain must verify but any name is fine.
+    context.check_hostname = policy.validate_hostname
+    return context
+
+
+def classify(exc: BaseException) -> TlsFailure:
+    """Which check of the TLS policy ``exc`` (raised by a handshake) failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        message = (exc.verify_message or str(exc)).lower()
+        if code in _EXPIRED_CODES or "expired" in message or "not yet valid" in message:
+            return TlsFailure.EXPIRED
+        if code in _NAME_CODES or "mismatch" in message:
+            return TlsFailure.HOSTNAME_MISMATCH
+        # Self-signed, unknown issuer, bad signature, unusable chain...
+        return TlsFailure.UNTRUSTED_CA
+    return TlsFailure.HANDSHAKE
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A one-line reason for logs and ``relay test-tls`` (OpenSSL's words)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.verify_message} (verify code {exc.verify_code})"
+    return str(exc) or type(exc).__name__

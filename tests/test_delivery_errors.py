@@ -1,0 +1,96 @@
+"""Guard: every aiosmtplib exception maps to a relay failure class (STYLE.md 3.4)."""
+
+from __future__ import annotations
+
+import inspect
+import ssl
+
+import aiosmtplib
+import pytest
+
+from relay import errors
+from relay.delivery import map_smtp_errors
+from relay.errors import TlsFailure, TlsPolicyFailure
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    """Build any aiosmtplib exception with plausible arguments."""
+    if issubclass(cls, aiosmtplib.SMTPRecipientsRefused):
+        return cls([aiosmtplib.SMTPRecipientRefused(550, "5.1.1 nope", "a@x.test")])
+    params = [
+        p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind is p.POSITIONAL_ONLY
+    ]
+    if [p.name for p in params][:2] == ["code", "message"]:
+        extra = ["a@x.test"] * (len(params) - 2)
+        return cls(451, "4.3.0 try later", *extra)
+    return cls("boom")
+
+
+EXPECTED: dict[str, type[errors.RelayError]] = {
+    "SMTPException": errors.TemporaryFailure,
+    "SMTPNotSupported": errors.TemporaryFailure,
+    "SMTPServerDisconnected": errors.ConnectionLost,
+    "SMTPTimeoutError": errors.ConnectionLost,
+    "SMTPReadTimeoutError": errors.ConnectionLost,
+    "SMTPConnectError": errors.HostUnreachable,
+    "SMTPConnectTimeoutError": errors.HostUnreachable,
+    "SMTPConnectResponseError": errors.HostUnreachable,
+    "SMTPResponseException": errors.RemoteTemporary,
+    "SMTPHeloError": errors.RemoteTemporary,
+    "SMTPDataError": errors.RemoteTemporary,
+    "SMTPAuthenticationError": errors.RemoteTemporary,
+    "SMTPSenderRefused": errors.RemoteTemporary,
+    "SMTPRecipientRefused": errors.RemoteTemporary,
+    "SMTPRecipientsRefused": errors.RemotePermanent,
+}
+
+EXPORTED = sorted(
+    name
+    for name in aiosmtplib.__all__
+    if isinstance(getattr(aiosmtplib, name), type)
+    and issubclass(getattr(aiosmtplib, name), BaseException)
+)
+
+
+def test_every_exported_exception_is_in_the_table():
+    assert set(EXPORTED) == set(EXPECTED), "a new aiosmtplib exception needs a mapping"
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_each_exception_maps_to_its_class(name):
+    exc = _instance(getattr(aiosmtplib, name))
+    with pytest.raises(errors.RelayError) as caught, map_smtp_errors():
+        raise exc
+    assert type(caught.value) is EXPECTED[name]
+    assert caught.value.__cause__ is exc
+
+
+def test_remote_reply_is_kept_verbatim():
+    with pytest.raises(errors.RemotePermanent) as caught, map_smtp_errors():
+        raise aiosmtplib.SMTPSenderRefused(553, "5.7.1 sender not allowed", "a@x.test")
+    assert caught.value.reply == errors.Reply(553, (5, 7, 1), "sender not allowed")
+
+
+def test_ssl_errors_are_tls_policy_failures_when_required():
+    exc = ssl.SSLCertVerificationError(1, "certificate verify failed: certificate has expired")
+    exc.verify_code, exc.verify_message = 10, "certificate has expired"
+    with pytest.raises(TlsPolicyFailure) as caught, map_smtp_errors(require_tls=True):
+        raise exc
+    assert caught.value.reason is TlsFailure.EXPIRED
+    with pytest.raises(errors.ConnectionLost), map_smtp_errors(require_tls=False):
+        raise ssl.SSLError(1, "wrong version number")
+
+
+def test_unexpected_exception_defers_with_internal_error():
+    with pytest.raises(errors.TemporaryFailure) as caught, map_smtp_errors():
+        raise KeyError("bug")
+    assert caught.value.reply == errors.INTERNAL_ERROR
+
+
+def test_relay_errors_pass_through():
+    failure = errors.HostUnreachable("x")
+    with pytest.raises(errors.HostUnreachable) as caught, map_smtp_errors():
+        raise failure
+    assert caught.value is failure
