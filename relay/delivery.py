@@ -38,7 +38,7 @@ from typing import Any
 
 import aiosmtplib
 
-from relay import errors, events, tls
+from relay import errors, events, routing, tls
 from relay.config import Config, Route, TlsPolicy
 from relay.dns import Resolver
 from relay.envelope import Envelope
@@ -486,24 +486,15 @@ class Deliverer:
         )
 
     async def _addresses(self, route: Route, candidate: Candidate) -> list[str]:
-        """The IPs to connect to for ``candidate`` (an IP literal is itself)."""
-        literal = _ip_literal(candidate.host)
-        if literal is not None:
-            return [literal]
+        """The IPs to connect to for ``candidate``, under the route's DNS policy."""
         try:
-            return await self._resolver.addresses(candidate.host)
-        except errors.PermanentFailure as exc:
-            if route.implicit:
-                if candidate.via_mx in (None, candidate.host):
-                    # The recipient's (or bounce sender's) own domain: permanent.
-                    raise
-                # Someone else's MX target that does not resolve: try the others.
-                raise errors.HostUnreachable(f"MX host {candidate.host}: {exc.detail}") from exc
-            # A name from the configuration that does not resolve: defer
-            # and say so loudly; never bounce everyone's mail for a typo.
+            return await routing.addresses_for(candidate, self._resolver)
+        except errors.RouteMisconfigured as exc:
+            # A name from the configuration that does not resolve: deferred
+            # (never bounce everyone's mail for a typo), but said loudly.
             self._metrics.route_dns_errors.labels(route.name, _host_label(route, candidate)).inc()
             events.warning("route_dns_error", route=route.name, host=candidate.host, error=exc)
-            raise errors.RouteMisconfigured(f"{candidate.host}: {exc.detail}") from exc
+            raise
 
     async def _try_host(
         self,

@@ -49,6 +49,7 @@ from relay import config as cfg
 from relay.config import Config, Host, Route
 from relay.dns import Resolver, ip_literal
 from relay.errors import (
+    HostUnreachable,
     NoRoute,
     NoSuchDomain,
     PermanentFailure,
@@ -303,7 +304,14 @@ async def addresses_for(candidate: Candidate, resolver: Resolver) -> list[str]:
         return await resolver.addresses(candidate.host)
     except (NoSuchDomain, NoRoute) as exc:
         if candidate.implicit:
-            raise
+            if candidate.via_mx in (None, candidate.host):
+                # The recipient's (or a bounce sender's) own domain: permanent.
+                raise
+            # Someone else's MX target that does not resolve: the other MX
+            # hosts may still work, so this host is merely unreachable.
+            raise HostUnreachable(
+                f"MX host {candidate.host!r} of {candidate.via_mx}: {exc.detail}"
+            ) from None
         via = f" (MX of {candidate.via_mx})" if candidate.via_mx else ""
         raise RouteMisconfigured(
             f"route {candidate.route!r}: host {candidate.host!r}{via} "

@@ -353,11 +353,11 @@ async def test_implicit_route_dns_failures(closing):
     direct = direct_route("gone.test")
     env = envelope()
     # The domain's own name (implicit MX) does not exist: permanent.
-    own = Candidate(host="gone.test", port=25, via_mx="gone.test")
+    own = Candidate(host="gone.test", port=25, via_mx="gone.test", implicit=True)
     attempt = await d.deliver(direct, env, addresses(env), BODY, [own])
     assert attempt.outcome("b@x.test") == errors.BOUNCED
     # An MX target that does not resolve is that host's problem: defer.
-    target = Candidate(host="mx.elsewhere.test", port=25, via_mx="gone.test")
+    target = Candidate(host="mx.elsewhere.test", port=25, via_mx="gone.test", implicit=True)
     attempt = await d.deliver(direct, env, addresses(env), BODY, [target])
     assert attempt.outcome("b@x.test") == errors.DEFERRED
     samples = {
