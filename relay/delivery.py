@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import random
 import re
 import ssl
@@ -40,7 +39,7 @@ import aiosmtplib
 
 from relay import errors, events, routing, tls
 from relay.config import Config, Route, TlsPolicy
-from relay.dns import Resolver
+from relay.dns import Resolver, ip_literal
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsFailure, TlsPolicyFailure
 from relay.metrics import Metrics
@@ -176,13 +175,6 @@ def _host_label(route: Route, candidate: Candidate) -> str:
     if route.implicit:
         return "(mx)"
     return candidate.configured or candidate.host
-
-
-def _ip_literal(name: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(name.strip("[]")))
-    except ValueError:
-        return None
 
 
 # --- sessions and the pool --------------------------------------------------
@@ -847,11 +839,11 @@ def _info(smtp: aiosmtplib.SMTP, key: str, pick: Callable[[Any], Any]) -> Any:
 
 def _matches(name: str, sans: Sequence[str]) -> bool:
     """RFC 6125 matching of ``name`` against "DNS:..."/"IP Address:..." SANs (for display)."""
-    literal = _ip_literal(name)
+    literal = ip_literal(name)
     for san in sans:
         kind, _, value = san.partition(":")
         if literal is not None:
-            if kind == "IP Address" and _ip_literal(value) == literal:
+            if kind == "IP Address" and ip_literal(value) == literal:
                 return True
             continue
         if kind != "DNS":

@@ -300,6 +300,9 @@ async def addresses_for(candidate: Candidate, resolver: Resolver) -> list[str]:
     naming route and host); for an implicit route they stay NoSuchDomain
     / NoRoute (permanent). Timeouts and SERVFAIL raise DnsTemporary.
     """
+    literal = ip_literal(candidate.host)
+    if literal is not None:
+        return [literal]
     try:
         return await resolver.addresses(candidate.host)
     except (NoSuchDomain, NoRoute) as exc:

@@ -13,6 +13,7 @@ from relay.config import Host, Route, direct_route
 from relay.dns import DnsResolver
 from relay.errors import (
     DnsTemporary,
+    HostUnreachable,
     NoRoute,
     NoSuchDomain,
     NullMx,
@@ -197,12 +198,18 @@ async def test_addresses_for_config_route_misconfigured(resolver: DnsResolver) -
 
 
 async def test_addresses_for_implicit_route_is_permanent(resolver: DnsResolver) -> None:
+    # The domain's MX names a host that does not exist: that host is
+    # unreachable (other MX hosts may work), not the domain gone.
     (gone,) = await candidates(direct_route("dangling.test"), resolver, random.Random(0))
-    with pytest.raises(NoSuchDomain):
+    with pytest.raises(HostUnreachable):
         await addresses_for(gone, resolver)
     (noaddr,) = await candidates(direct_route("noaddr.test"), resolver, random.Random(0))
-    with pytest.raises(NoRoute):
+    with pytest.raises(HostUnreachable):
         await addresses_for(noaddr, resolver)
+    # The domain's own name (implicit MX) without an address: permanent.
+    own = Candidate("noaddr.test", 25, via_mx="noaddr.test", implicit=True)
+    with pytest.raises(NoRoute):
+        await addresses_for(own, resolver)
 
 
 async def test_addresses_for_single_host_route(resolver: DnsResolver) -> None:
