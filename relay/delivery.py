@@ -435,13 +435,21 @@ class Deliverer:
         envelope: Envelope,
         recipients: Sequence[str],
         body: bytes,
-        candidates: Sequence[Candidate],
+        candidates: Sequence[Candidate] | None = None,
     ) -> Attempt:
         """Try ``candidates`` in order until every recipient has a final result.
 
+        Without ``candidates`` (the scheduler's call) the route is planned
+        here: weighted order, MX lookup, all through the one resolver.
         Never raises for delivery problems: they are in the Attempt. With
         no candidates, every recipient is deferred (no results).
         """
+        if candidates is None:
+            planned = await self._plan(route, envelope)
+            if isinstance(planned, RelayError):
+                results = {address: (planned,) for address in recipients}
+                return Attempt(route.name, (), results, {})
+            candidates = planned
         txn = _Transaction(recipients)
         hosts: list[HostResult] = []
         try:
@@ -468,6 +476,26 @@ class Deliverer:
                 result = await self._try_host(route, envelope, candidate, ip, txn, body)
                 hosts.append(self._host_done(route, envelope, result))
         return self._attempt(route, hosts, txn)
+
+    async def _plan(self, route: Route, envelope: Envelope) -> Sequence[Candidate] | RelayError:
+        """The route's candidates, or the DNS failure that left none."""
+        plan = await routing.plan(route, self._resolver, self._rng)
+        for failure in plan.dns_failures:
+            if isinstance(failure.error, errors.RouteMisconfigured):
+                # A typo in the config: deferred, never bounced, but loud.
+                self._metrics.route_dns_errors.labels(route.name, failure.configured).inc()
+                events.warning(
+                    "route_dns_error", id=envelope.id, route=route.name,
+                    host=failure.configured, error=failure.error.detail,
+                )  # fmt: skip
+            else:
+                events.log(
+                    "dns_failure", id=envelope.id, route=route.name,
+                    host=failure.configured, error=failure.error.detail,
+                )  # fmt: skip
+        if not plan.candidates and plan.failure is not None:
+            return plan.failure
+        return plan.candidates
 
     def _attempt(self, route: Route, hosts: list[HostResult], txn: _Transaction) -> Attempt:
         return Attempt(
