@@ -100,6 +100,15 @@ DISK_FULL = Reply(452, (4, 3, 1), "Insufficient system storage")
 INTERNAL_ERROR = Reply(451, (4, 3, 0), "Temporary local problem, please try again later")
 SHUTTING_DOWN = Reply(421, (4, 3, 2), "Service shutting down, try again later")
 
+# Added for issue #3 (inbound); additive only.
+SENDER_OK = Reply(250, (2, 1, 0), "Sender ok")
+RECIPIENT_OK = Reply(250, (2, 1, 5), "Recipient ok")
+BAD_HELO = Reply(501, (5, 5, 4), "Invalid EHLO/HELO argument: give a domain or address literal")
+NON_ASCII_ADDRESS = Reply(553, (5, 6, 7), "Non-ASCII address needs the SMTPUTF8 parameter")
+LINE_TOO_LONG = Reply(500, (5, 5, 2), "Line too long (RFC 5321 section 4.5.3.1)")
+NUL_IN_MESSAGE = Reply(550, (5, 6, 0), "Message contains NUL characters")
+IDLE_TIMEOUT = Reply(421, (4, 4, 2), "Timeout, closing connection")
+
 
 def queued(queue_id: str) -> Reply:
     return Reply(250, (2, 0, 0), f"Ok: queued as {queue_id}")
