@@ -264,10 +264,14 @@ def has_bare_line_ending(content: bytes) -> bool:
 
 def header_lines(content: bytes) -> list[bytes]:
     """The header section's lines (RFC 5322 section 2.1), without CRLF."""
-    if content.startswith(b"\r\n"):
+    if not content or content.startswith(b"\r\n"):
         return []
     head, _, _ = content.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[-1]:
+        # A message of headers only ends in CRLF without an empty line.
+        lines.pop()
+    return lines
 
 
 def _valid_field_name(name: bytes) -> bool:
