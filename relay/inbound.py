@@ -369,7 +369,26 @@ _AIOSMTPD_REPLIES: dict[str, tuple[Reply, str]] = {
     "553 5.1.3 Error: malformed address": (errors.MALFORMED_ADDRESS, "bad_address"),
     "500 Line too long (see RFC5321 4.5.3.1.6)": (errors.LINE_TOO_LONG, "bad_syntax"),
     "500 Command line too long": (errors.LINE_TOO_LONG, "bad_syntax"),
+    # An empty command line, or one that ended in a bare LF (_CrlfCommandReader).
+    "500 Error: bad syntax": (errors.BAD_COMMAND_LINE, "bad_syntax"),
 }
+
+
+class _CrlfCommandReader(asyncio.StreamReader):
+    """aiosmtpd's stream reader, refusing command lines that end in a bare LF.
+
+    aiosmtpd reads commands up to LF (``readuntil()``) and DATA lines up to
+    CRLF. RFC 5321 section 2.3.8 says lines end in CRLF only; a command
+    ending in a bare LF is turned into an empty line, which aiosmtpd
+    answers with its syntax error (mapped to 500 5.5.2 below), so the
+    command is refused rather than executed. DATA reads are untouched.
+    """
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        line = await super().readuntil(separator)
+        if separator == b"\n" and not line.endswith(b"\r\n"):
+            return b"\n"
+        return line
 
 
 class _Connection(SMTP):
@@ -401,6 +420,13 @@ class _Connection(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.inbound.closed(self)
         super().connection_lost(error)
+
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # The reader aiosmtpd created, made strict about command line endings.
+        reader.__class__ = _CrlfCommandReader
+        super()._cb_client_connected(reader, writer)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete

@@ -487,3 +487,16 @@ async def test_aiosmtpd_texts_are_mapped() -> None:
         "552 Error: Too much mail data",
         "553 5.1.3 Error: malformed address",
     }
+
+
+@pytest.mark.parametrize("line", [b"MAIL FROM:<s@example.org>\n", b"NOOP\n", b"\r\n"], ids=repr)
+async def test_command_lines_must_end_in_crlf(cfg: Config, line: bytes) -> None:
+    async with running_inbound(cfg) as h:
+        client = await session(h)
+        async with client:
+            await client.send(line)
+            code, text = await client.reply()
+            assert text == str(errors.BAD_COMMAND_LINE)
+            # Not executed: MAIL was refused, so RCPT still needs one.
+            assert (await client.cmd("RCPT TO:<user@example.com>"))[0] == 503
+            assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
