@@ -21,6 +21,7 @@ import collections
 import contextlib
 import email.utils
 import ipaddress
+import logging
 import re
 import ssl
 import string
@@ -41,6 +42,8 @@ from relay.spool import Spool, new_id
 
 # RFC 5321 section 6.3 suggests 100 hops; DESIGN.md sets 30 Received headers.
 MAX_RECEIVED = 30
+#: The one mailbox allowed without a domain (RFC 5321 section 4.5.1).
+POSTMASTER = "postmaster"
 
 # --- envelope addresses (RFC 5321 section 4.1.2, RFC 6531 section 3.3) -------
 
@@ -180,6 +183,9 @@ def parse_path(arg: str) -> tuple[str, str]:
         raise AddressError("junk after the path")
     if inner == "":
         return "<>", rest.strip()
+    if inner.lower() == POSTMASTER:
+        # RFC 5321 section 4.5.1: "RCPT TO:<Postmaster>" MUST be accepted.
+        return inner, rest.strip()
     if inner.startswith("@"):
         route, colon, inner = inner.partition(":")
         if not colon:
@@ -509,6 +515,10 @@ class _Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if address.lower() == POSTMASTER:
+            # A reverse-path needs a domain; only RCPT has the special case.
+            self.inbound.rejected("bad_address", session, "MAIL")
+            return str(errors.MALFORMED_ADDRESS)
         if not address.isascii() and "SMTPUTF8" not in mail_options:
             # RFC 6531 section 3.4: non-ASCII addresses need SMTPUTF8.
             self.inbound.rejected("bad_address", session, "MAIL")
@@ -529,6 +539,9 @@ class _Handler:
         config = self.inbound.config()
         reply: Reply
         reason = ""
+        if address.lower() == POSTMASTER:
+            # The relay's own postmaster: the first domain it serves.
+            address = f"postmaster@{config.server.domains[0]}"
         if address == "<>":
             reply, reason = errors.MALFORMED_ADDRESS, "bad_address"
         elif not address.isascii() and not envelope.smtp_utf8:
@@ -610,6 +623,8 @@ class Inbound:
     async def start(self) -> None:
         """Bind every listen address; raises OSError if one cannot be bound."""
         loop = asyncio.get_running_loop()
+        # Every refusal is our own log event; aiosmtpd's per-command chatter is not.
+        logging.getLogger("mail.log").setLevel(logging.ERROR)
         try:
             for listen in self.config().server.listen:
                 server = await loop.create_server(self._connection, listen.host, listen.port)
@@ -644,7 +659,8 @@ class Inbound:
         for conn in list(self.connections):
             conn.goodbye(errors.SHUTTING_DOWN)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_closed.wait(), max(grace, 1.0))
+            # Closing is immediate; this only lets connection_lost run.
+            await asyncio.wait_for(self._all_closed.wait(), 1.0)
         # Let cancelled session tasks finish unwinding.
         await asyncio.sleep(0)
 

@@ -148,6 +148,8 @@ RCPT_CASES = [
     ("user@example.com", errors.MALFORMED_ADDRESS, "bad_address"),
     ("<user(comment)@example.com>", errors.MALFORMED_ADDRESS, "bad_address"),
     ("<>", errors.MALFORMED_ADDRESS, "bad_address"),
+    ("<Postmaster>", errors.RECIPIENT_OK, ""),
+    ("<postmaster@other.test>", errors.RELAYING_DENIED, "relaying_denied"),
     ("<用户@example.com>", errors.NON_ASCII_ADDRESS, "bad_address"),
 ]
 
@@ -500,3 +502,16 @@ async def test_command_lines_must_end_in_crlf(cfg: Config, line: bytes) -> None:
             # Not executed: MAIL was refused, so RCPT still needs one.
             assert (await client.cmd("RCPT TO:<user@example.com>"))[0] == 503
             assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
+
+
+async def test_postmaster_without_domain_goes_to_first_domain(cfg: Config) -> None:
+    async with running_inbound(cfg) as h:
+        client = await session(h)
+        async with client:
+            code, text = await client.cmd("MAIL FROM:<postmaster>")
+            assert text == str(errors.MALFORMED_ADDRESS)
+            await client.cmd("MAIL FROM:<s@example.org>")
+            assert (await client.cmd("RCPT TO:<POSTMASTER>"))[0] == 250
+            assert (await send_message(client, MSG))[0] == 250
+        [env] = h.spooled()
+        assert env.recipients[0].address == "postmaster@example.com"
