@@ -447,7 +447,8 @@ class _Connection(SMTP):
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
         mapped = _AIOSMTPD_REPLIES.get(text)
         if mapped is not None:
-            self.inbound.rejected(mapped[1], self.session, text)
+            # aiosmtpd answered on its own (no hook ran): count and log it here.
+            self.inbound.rejected(mapped[1], self.session, "-", reply=mapped[0])
             status = str(mapped[0])
         elif text.startswith("500 Error: ("):
             # aiosmtpd's exception reply carries the exception text; it must
