@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import ssl
@@ -142,31 +143,42 @@ def _server_tls_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 class PidFile:
-    """``<queue.path>/relay.pid``: how ``relay reload`` and ``relay queue flush`` find us."""
+    """``<queue.path>/relay.pid``: how ``relay reload`` and ``relay queue flush`` find us.
+
+    The file is also a lock (flock): a second relay on the same spool
+    cannot start, and a stale file from a killed relay is simply reused.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None
 
-    def running(self) -> int | None:
-        """The pid of another live relay using this spool, or None."""
+    def lock(self) -> int | None:
+        """Take the lock; None on success, else the pid of the relay that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            pid = int(self.path.read_text().strip())
-            if pid == os.getpid():
-                return None
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return None
-        return pid
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            return int(holder) if holder.isdigit() else -1
+        self._fd = fd
+        return None
 
     def write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, self.path)
+        """Write our pid (once signal handlers are in place: they are what it invites)."""
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def remove(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            if int(self.path.read_text().strip()) == os.getpid():
-                self.path.unlink()
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
 
 
 class Daemon:
@@ -192,12 +204,22 @@ class Daemon:
         cfg = self._config
         events.setup(cfg.log.format, cfg.log.level)
         pid_file = PidFile(cfg.pid_file)
-        self.spool.open()
-        other = pid_file.running()
-        if other is not None:
-            events.error("already_running", pid=other, pid_file=str(pid_file.path))
+        # Lock before touching the spool: open() cleans tmp/, which would
+        # break the writes of a relay that is still running on it.
+        holder = pid_file.lock()
+        if holder is not None:
+            events.error("already_running", pid=holder, pid_file=str(pid_file.path))
             return 1
+        try:
+            return await self._serve(cfg, pid_file)
+        finally:
+            pid_file.remove()
+
+    async def _serve(self, cfg: Config, pid_file: PidFile) -> int:
+        self.spool.open()
         scheduler = _build_scheduler(self.config, self.spool, self.metrics)
+        self._install_signals(scheduler)
+        pid_file.write()
         recovered = 0
         for envelope in self.spool.load_all():
             scheduler.add(envelope)
@@ -217,9 +239,7 @@ class Daemon:
             events.error("start_failed", error=str(exc))
             await inbound.stop(0)
             return 1
-        pid_file.write()
         self._applied(cfg, "start")
-        self._install_signals(scheduler)
         run_task = asyncio.create_task(scheduler.run())
         events.log(
             "started",
@@ -233,7 +253,6 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self._shutdown(inbound, scheduler, run_task, metrics_server)
-            pid_file.remove()
         return 0
 
     async def _shutdown(
