@@ -108,7 +108,9 @@ NON_ASCII_ADDRESS = Reply(553, (5, 6, 7), "Non-ASCII address needs the SMTPUTF8 
 LINE_TOO_LONG = Reply(500, (5, 5, 2), "Line too long (RFC 5321 section 4.5.3.1)")
 NUL_IN_MESSAGE = Reply(550, (5, 6, 0), "Message contains NUL characters")
 IDLE_TIMEOUT = Reply(421, (4, 4, 2), "Timeout, closing connection")
-BAD_COMMAND_LINE = Reply(500, (5, 5, 2), "Syntax error: a command line must end in CRLF")
+BAD_COMMAND_LINE = Reply(
+    500, (5, 5, 2), "Syntax error: empty command, or a line not ending in CRLF"
+)
 
 
 def queued(queue_id: str) -> Reply:

@@ -37,7 +37,7 @@ from relay import errors, events
 from relay.config import Config
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
-from relay.metrics import Metrics
+from relay.metrics import REJECT_REASONS, Metrics
 from relay.spool import Spool, new_id
 
 # RFC 5321 section 6.3 suggests 100 hops; DESIGN.md sets 30 Received headers.
@@ -666,7 +666,10 @@ class Inbound:
         await asyncio.sleep(0)
 
     def rejected(self, reason: str, session: Session | None, command: str, **fields: Any) -> None:
-        """Count and log one refusal."""
+        """Count and log one refusal (``reason`` from metrics.REJECT_REASONS)."""
+        if reason not in REJECT_REASONS:
+            # A closed label set (STYLE.md 3.7); every path is exercised by tests.
+            raise ValueError(f"unknown reject reason {reason!r}")
         self.metrics.messages_rejected.labels(reason=reason).inc()
         ip = _peer_ip(session) if session is not None else ""
         extra: dict[str, Any] = {k: str(v) for k, v in fields.items()}
