@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from relay import config as configmod
@@ -49,11 +50,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _daemon_config_path(args: argparse.Namespace) -> Path | None:
+    """The config for ``run`` and ``queue``: None means the embedded default.
+
+    That default applies only when nothing names a config (no --config, no
+    $RELAY_CONFIG) and config/relay.toml does not exist.
+    """
+    path = configmod.default_path(args.config)
+    named = args.config or os.environ.get("RELAY_CONFIG")
+    return path if named or path.exists() else None
+
+
+def _load_daemon(args: argparse.Namespace) -> Config:
+    from relay import app
+
+    path = _daemon_config_path(args)
+    return app.default_config() if path is None else configmod.load(path)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # Imported here so that check-config and queue commands stay light.
     from relay.app import run
 
-    return run(configmod.default_path(args.config))
+    return run(_daemon_config_path(args))
 
 
 def _read_pid(cfg: Config) -> int | None:
@@ -99,7 +118,7 @@ def _spool(cfg: Config) -> Spool:
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load_daemon(args)
     now = time.time()
     total = pending = 0
     print(f"{'ID':<26} {'AGE':>5} {'NEXT':>6}  SENDER -> PENDING RECIPIENTS / LAST ERROR")
@@ -119,7 +138,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load_daemon(args)
     spool = _spool(cfg)
     try:
         env = spool.load(args.id)
@@ -152,7 +171,7 @@ def _print_envelope(env: Envelope) -> None:
 
 
 def cmd_queue_delete(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load_daemon(args)
     if _spool(cfg).delete(args.id):
         print(f"deleted {args.id}")
         return EXIT_OK
@@ -161,7 +180,7 @@ def cmd_queue_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load_daemon(args)
     return _signal_daemon(cfg, signal.SIGUSR1, "flush")
 
 

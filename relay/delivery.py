@@ -429,6 +429,10 @@ class Deliverer:
 
     # --- deliver ----------------------------------------------------------
 
+    def use_resolver(self, resolver: Resolver) -> None:
+        """Resolve through ``resolver`` from the next attempt on (a reload changed [dns])."""
+        self._resolver = resolver
+
     async def deliver(
         self,
         route: Route,

@@ -115,6 +115,18 @@ DELIVERY_EXPIRED = Reply(554, (5, 4, 7), "Delivery time expired")
 #: "delivery time expired"; issue #5 asks for it with Action: failed).
 EXPIRED_STATUS = (4, 4, 7)
 
+# Added for issue #3 (inbound); additive only.
+SENDER_OK = Reply(250, (2, 1, 0), "Sender ok")
+RECIPIENT_OK = Reply(250, (2, 1, 5), "Recipient ok")
+BAD_HELO = Reply(501, (5, 5, 4), "Invalid EHLO/HELO argument: give a domain or address literal")
+NON_ASCII_ADDRESS = Reply(553, (5, 6, 7), "Non-ASCII address needs the SMTPUTF8 parameter")
+LINE_TOO_LONG = Reply(500, (5, 5, 2), "Line too long (RFC 5321 section 4.5.3.1)")
+NUL_IN_MESSAGE = Reply(550, (5, 6, 0), "Message contains NUL characters")
+IDLE_TIMEOUT = Reply(421, (4, 4, 2), "Timeout, closing connection")
+BAD_COMMAND_LINE = Reply(
+    500, (5, 5, 2), "Syntax error: empty command, or a line not ending in CRLF"
+)
+
 
 def queued(queue_id: str) -> Reply:
     return Reply(250, (2, 0, 0), f"Ok: queued as {queue_id}")

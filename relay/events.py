@@ -48,7 +48,8 @@ class TextFormatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, "fields", {})
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         head = f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()}"
-        body = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+        # A trailing underscore lets callers write keywords like from_=.
+        body = " ".join(f"{k.rstrip('_')}={_quote(v)}" for k, v in fields.items())
         line = f"{head} event={_quote(record.getMessage())} {body}".rstrip()
         if record.exc_info:
             # Still one line per event: the traceback is a quoted field.
@@ -66,7 +67,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
-        data.update(getattr(record, "fields", {}))
+        data.update((k.rstrip("_"), v) for k, v in getattr(record, "fields", {}).items())
         if record.exc_info:
             data["traceback"] = self.formatException(record.exc_info)
         return _one_line(json.dumps(data, ensure_ascii=False, default=str))

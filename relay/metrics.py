@@ -29,6 +29,7 @@ OUTCOMES = ("delivered", "deferred", "bounced")
 REJECT_REASONS = (
     "relaying_denied", "no_route", "too_many_recipients", "too_big", "bad_address",
     "bad_syntax", "loop", "bare_line_ending", "bad_header", "spool_error", "disk_full",
+    "bad_content",
 )  # fmt: skip
 ATTEMPT_RESULTS = ("delivered", "deferred", "bounced", "tls_failed", "unreachable", "dns_failed")
 BOUNCE_REASONS = ("remote_permanent", "tls_policy", "expired", "double_bounce", "dns_permanent")

@@ -1,0 +1,758 @@
+"""Inbound SMTP: aiosmtpd listeners, recipient policy, message checks, spool before 250.
+
+Implements the receiving side of RFC 5321 with SIZE (RFC 1870), 8BITMIME
+(RFC 6152), SMTPUTF8 (RFC 6531) and STARTTLS (RFC 3207). The rules:
+
+* Envelope addresses are parsed strictly by the RFC 5321 section 4.1.2
+  grammar (not aiosmtpd's lenient RFC 5322 header parser), so a CR, LF, NUL
+  or any other control character can never enter the spool or the next hop.
+* A message ends only at CRLF.CRLF; a bare CR or bare LF anywhere in it gets
+  the whole message refused, never normalised (no SMTP smuggling).
+* ``250 queued as`` is sent only after :meth:`relay.spool.Spool.put` has
+  made message and envelope durable.
+
+aiosmtpd is imported in this module only (STYLE.md 3.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import email.utils
+import ipaddress
+import logging
+import re
+import ssl
+import string
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from relay import errors, events
+from relay.config import Config
+from relay.envelope import ClientInfo, Envelope, Recipient
+from relay.errors import Reply, SpoolError, SpoolFull
+from relay.metrics import REJECT_REASONS, Metrics
+from relay.spool import Spool, new_id
+
+# RFC 5321 section 6.3 suggests 100 hops; DESIGN.md sets 30 Received headers.
+MAX_RECEIVED = 30
+#: The one mailbox allowed without a domain (RFC 5321 section 4.5.1).
+POSTMASTER = "postmaster"
+
+# --- envelope addresses (RFC 5321 section 4.1.2, RFC 6531 section 3.3) -------
+
+_ATEXT = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~")
+_LDH = frozenset(string.ascii_letters + string.digits + "-")
+
+
+class AddressError(ValueError):
+    """The MAIL FROM / RCPT TO argument is not a valid RFC 5321 path."""
+
+
+def _non_ascii_ok(ch: str) -> bool:
+    # UTF8-non-ascii (RFC 6531 section 3.3), but never a C1 control or a
+    # lone surrogate (aiosmtpd's surrogateescape for invalid UTF-8).
+    code = ord(ch)
+    return code > 0x9F and not 0xD800 <= code <= 0xDFFF and ch.isprintable()
+
+
+def _is_atext(ch: str) -> bool:
+    return ch in _ATEXT or (ord(ch) > 127 and _non_ascii_ok(ch))
+
+
+def _check_dot_string(local: str) -> None:
+    # Dot-string = Atom *("." Atom); no empty atoms, so no leading,
+    # trailing or doubled dots, and no "@" (which is not atext).
+    atoms = local.split(".")
+    if not all(atoms) or not all(_is_atext(ch) for atom in atoms for ch in atom):
+        raise AddressError(f"bad local part {local!r}")
+
+
+def _check_quoted_string(quoted: str) -> None:
+    # Quoted-string = DQUOTE *QcontentSMTP DQUOTE; qtextSMTP is %d32-33 /
+    # %d35-91 / %d93-126, quoted-pairSMTP is "\" %d32-126: no controls.
+    body = quoted[1:-1]
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\":
+            if i + 1 >= len(body) or not 32 <= ord(body[i + 1]) <= 126:
+                raise AddressError("bad quoted-pair")
+            i += 2
+            continue
+        ascii_ok = 32 <= ord(ch) <= 126 and ch != '"'
+        if not ascii_ok and not (ord(ch) > 127 and _non_ascii_ok(ch)):
+            raise AddressError("bad character in quoted local part")
+        i += 1
+
+
+def _check_domain(domain: str) -> None:
+    # Domain = sub-domain *("." sub-domain); sub-domain = Let-dig [Ldh-str],
+    # or a U-label under SMTPUTF8 (RFC 6531 section 3.3).
+    if not domain or len(domain.encode("utf-8", "surrogateescape")) > 255:
+        raise AddressError("bad domain length")
+    for label in domain.split("."):
+        if not label or label.startswith("-") or label.endswith("-") or len(label) > 63:
+            raise AddressError(f"bad domain label {label!r}")
+        if not all(ch in _LDH or (ord(ch) > 127 and _non_ascii_ok(ch)) for ch in label):
+            raise AddressError(f"bad domain label {label!r}")
+
+
+def _check_address_literal(literal: str) -> None:
+    # address-literal = "[" ( IPv4 / "IPv6:" IPv6 / General ) "]" (section 4.1.3).
+    inner = literal[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        raise AddressError(f"bad address literal {literal!r}") from None
+
+
+def _split_mailbox(mailbox: str) -> tuple[str, str]:
+    """Local part and domain of ``Mailbox = Local-part "@" ( Domain / address-literal )``."""
+    if mailbox.startswith('"'):
+        end = 1
+        while end < len(mailbox) and mailbox[end] != '"':
+            end += 2 if mailbox[end] == "\\" else 1
+        local, rest = mailbox[: end + 1], mailbox[end + 1 :]
+        if not rest.startswith("@") or len(local) < 2:
+            raise AddressError("quoted local part must be followed by @domain")
+        _check_quoted_string(local)
+        return local, rest[1:]
+    local, at, domain = mailbox.partition("@")
+    if not at:
+        raise AddressError("no @domain")
+    _check_dot_string(local)
+    return local, domain
+
+
+def check_mailbox(mailbox: str) -> tuple[str, str]:
+    """Validate one RFC 5321 Mailbox; return (local part, domain). Raises AddressError."""
+    local, domain = _split_mailbox(mailbox)
+    if domain.startswith("[") and domain.endswith("]"):
+        _check_address_literal(domain)
+    else:
+        # A second "@" (user@other.test@example.com) lands here and fails.
+        _check_domain(domain)
+    return local, domain
+
+
+def _path_end(arg: str) -> int:
+    """Index of the ">" closing the path, skipping quoted strings."""
+    quoted = False
+    i = 1
+    while i < len(arg):
+        ch = arg[i]
+        if quoted and ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return i
+        i += 1
+    raise AddressError("no closing '>'")
+
+
+def parse_path(arg: str) -> tuple[str, str]:
+    """Split a MAIL FROM / RCPT TO argument into (mailbox, parameters).
+
+    ``Path = "<" [ A-d-l ":" ] Mailbox ">"`` (RFC 5321 section 4.1.2). The
+    null reverse-path comes back as ``"<>"``. A source route is checked
+    and dropped: section 3.6.1 says a server SHOULD ignore the route and
+    send to the final mailbox, so policy applies to that mailbox only.
+    The mailbox is returned exactly as written (quotes kept), so the next
+    hop receives what the client sent. Raises AddressError.
+    """
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in arg):
+        # CR, LF, NUL, TAB...: never part of a path or a parameter.
+        raise AddressError("control character in argument")
+    if not arg.startswith("<"):
+        raise AddressError("the path must be in angle brackets")
+    end = _path_end(arg)
+    inner, rest = arg[1:end], arg[end + 1 :]
+    if rest and not rest.startswith(" "):
+        raise AddressError("junk after the path")
+    if inner == "":
+        return "<>", rest.strip()
+    if inner.lower() == POSTMASTER:
+        # RFC 5321 section 4.5.1: "RCPT TO:<Postmaster>" MUST be accepted.
+        return inner, rest.strip()
+    if inner.startswith("@"):
+        route, colon, inner = inner.partition(":")
+        if not colon:
+            raise AddressError("source route without ':'")
+        for hop in route.split(","):
+            if not hop.startswith("@"):
+                raise AddressError("bad source route")
+            _check_domain(hop[1:])
+    check_mailbox(inner)
+    return inner, rest.strip()
+
+
+def domain_of(mailbox: str) -> str:
+    """The domain of a mailbox already checked by :func:`parse_path`, lower-cased."""
+    return mailbox.rpartition("@")[2].lower()
+
+
+# --- recipient policy (DESIGN.md "Inbound") ----------------------------------
+
+
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return None
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def may_relay(config: Config, ip: str) -> bool:
+    """True when the client's address is in ``[server] relay_networks``."""
+    addr = client_address(ip)
+    return addr is not None and any(addr in net for net in config.server.relay_networks)
+
+
+def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
+    """Accept or refuse one recipient (a mailbox from :func:`parse_path`).
+
+    * an address literal (``user@[192.0.2.1]``): refused for everyone,
+      550 5.7.1 -- it names no domain the rules could route;
+    * a client in ``relay_networks``: accepted, any domain;
+    * a domain in ``domains``: accepted when a rule matches, else 550 5.1.1;
+    * anything else: 550 5.7.1 relaying denied.
+
+    The domain is the part after the *last* "@", the one RFC 5321 routes
+    by; ``%``, ``!`` and quoted ``@`` in the local part are never
+    interpreted here (section 2.3.11: only the destination host does).
+    """
+    domain = domain_of(mailbox)
+    if domain.startswith("["):
+        return errors.RELAYING_DENIED
+    if may_relay(config, client_ip):
+        return errors.RECIPIENT_OK
+    if domain in config.server.domains:
+        return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
+    return errors.RELAYING_DENIED
+
+
+# --- message checks and the Received header ----------------------------------
+
+_HELO = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:]+\])$")
+_WSP = (0x20, 0x09)
+
+
+def valid_helo(name: str) -> bool:
+    """An EHLO/HELO argument we will write into a Received header.
+
+    A domain or an address literal (RFC 5321 section 4.1.1.1); underscores
+    are tolerated (common in Windows host names). Anything else -- CR, LF,
+    NUL, spaces, parentheses, non-ASCII -- is refused with 501.
+    """
+    return len(name) <= 255 and bool(_HELO.match(name))
+
+
+def has_bare_line_ending(content: bytes) -> bool:
+    """True when a CR or LF appears other than as the pair CRLF."""
+    pairs = content.count(b"\r\n")
+    return content.count(b"\r") != pairs or content.count(b"\n") != pairs
+
+
+def header_lines(content: bytes) -> list[bytes]:
+    """The header section's lines (RFC 5322 section 2.1), without CRLF."""
+    if not content or content.startswith(b"\r\n"):
+        return []
+    head, _, _ = content.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[-1]:
+        # A message of headers only ends in CRLF without an empty line.
+        lines.pop()
+    return lines
+
+
+def _valid_field_name(name: bytes) -> bool:
+    # field-name = 1*ftext; ftext = %d33-57 / %d59-126 (RFC 5322 section 3.6.8).
+    return bool(name) and all(33 <= b <= 126 and b != 58 for b in name)
+
+
+def check_message(content: bytes, max_received: int = MAX_RECEIVED) -> tuple[Reply, str] | None:
+    """Why the message must be refused (reply, metric reason), or None.
+
+    Refuses NUL anywhere, a bare CR or bare LF anywhere (Postfix's
+    smtpd_forbid_bare_newline idea: refused, never normalised), a header
+    section line that is neither ``name:`` nor a continuation -- a leading
+    continuation line would fold into our Received header -- and more than
+    ``max_received`` Received headers (a mail loop).
+    """
+    if b"\x00" in content:
+        return errors.NUL_IN_MESSAGE, "bad_content"
+    if has_bare_line_ending(content):
+        return errors.BARE_LINE_ENDING, "bare_line_ending"
+    received = 0
+    for index, line in enumerate(header_lines(content)):
+        if line[:1] and line[0] in _WSP:
+            if index == 0:
+                return errors.BAD_HEADER, "bad_header"
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or not _valid_field_name(name):
+            return errors.BAD_HEADER, "bad_header"
+        if name.lower() == b"received":
+            received += 1
+    if received > max_received:
+        return errors.LOOP_DETECTED, "loop"
+    return None
+
+
+def protocol_keyword(esmtp: bool, tls: bool, smtputf8: bool) -> str:
+    """The Received ``with`` keyword: RFC 3848 (ESMTP, ESMTPS) and RFC 6531 (UTF8SMTP[S])."""
+    if not esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "")
+
+
+def _tcp_info(ip: str) -> str:
+    addr = client_address(ip)
+    if addr is None:
+        return "[unknown]"
+    # RFC 5321 section 4.1.3: IPv6 literals carry the "IPv6:" tag.
+    return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+
+
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipients: Sequence[str],
+    when: float,
+    cipher: tuple[str, str, int] | None = None,
+) -> bytes:
+    """Our trace header (RFC 5321 section 4.4), folded, ending in CRLF.
+
+    Every variable part was validated before (HELO by :func:`valid_helo`,
+    addresses by :func:`parse_path`), so nothing here can break the line.
+    The ``for`` clause names the recipient only when there is exactly one,
+    so one recipient never learns about the others.
+    """
+    stamp = email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
+    lines = [f"Received: from {helo} ({_tcp_info(client_ip)})"]
+    by = f"by {hostname} (relay) with {protocol}"
+    if cipher:
+        by += f" (using {cipher[1]} with cipher {cipher[0]} ({cipher[2]} bits))"
+    lines.append(by)
+    last = f"id {queue_id}"
+    if len(recipients) == 1:
+        last += f"\r\n\tfor <{recipients[0]}>"
+    lines.append(f"{last}; {stamp}")
+    return ("\r\n\t".join(lines) + "\r\n").encode("utf-8")
+
+
+# --- aiosmtpd glue ----------------------------------------------------------
+
+# aiosmtpd answers some conditions itself with fixed texts; they are mapped
+# here to our replies (and metric reasons), the one place where its wire
+# texts are known. Pinned to aiosmtpd 1.4.6 by tests/test_inbound_smtp.py.
+_AIOSMTPD_REPLIES: dict[str, tuple[Reply, str]] = {
+    "552 Error: Too much mail data": (errors.MESSAGE_TOO_BIG, "too_big"),
+    "552 Error: message size exceeds fixed maximum message size": (
+        errors.MESSAGE_TOO_BIG,
+        "too_big",
+    ),
+    "553 5.1.3 Error: malformed address": (errors.MALFORMED_ADDRESS, "bad_address"),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": (errors.LINE_TOO_LONG, "bad_syntax"),
+    "500 Command line too long": (errors.LINE_TOO_LONG, "bad_syntax"),
+    # An empty command line, or one that ended in a bare LF (_CrlfCommandReader).
+    "500 Error: bad syntax": (errors.BAD_COMMAND_LINE, "bad_syntax"),
+}
+
+
+class _CrlfCommandReader(asyncio.StreamReader):
+    """aiosmtpd's stream reader, refusing command lines that end in a bare LF.
+
+    aiosmtpd reads commands up to LF (``readuntil()``) and DATA lines up to
+    CRLF. RFC 5321 section 2.3.8 says lines end in CRLF only; a command
+    ending in a bare LF is turned into an empty line, which aiosmtpd
+    answers with its syntax error (mapped to 500 5.5.2 below), so the
+    command is refused rather than executed. DATA reads are untouched.
+    """
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        line = await super().readuntil(separator)
+        if separator == b"\n" and not line.endswith(b"\r\n"):
+            return b"\n"
+        return line
+
+
+class _Connection(SMTP):
+    """One inbound session: aiosmtpd's SMTP with strict addresses and mapped replies."""
+
+    def __init__(self, inbound: Inbound, config: Config, tls: ssl.SSLContext | None) -> None:
+        # aiosmtpd keeps per-command size limits in a class-level dict that
+        # every connection shares; give each connection its own.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(
+            inbound.handler,
+            hostname=config.server.hostname,
+            ident="ESMTP relay",
+            data_size_limit=config.server.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=tls,
+            timeout=config.server.timeout,
+            # We offer no AUTH; with no mechanisms left, smtp_AUTH refuses.
+            auth_exclude_mechanism=("LOGIN", "PLAIN"),
+            loop=asyncio.get_running_loop(),
+        )
+        self.inbound = inbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.inbound.opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.inbound.closed(self)
+        super().connection_lost(error)
+
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # The reader aiosmtpd created, made strict about command line endings.
+        reader.__class__ = _CrlfCommandReader
+        super()._cb_client_connected(reader, writer)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete
+        # syntax, CFWS) with the strict RFC 5321 path grammar. None makes
+        # aiosmtpd answer its malformed-address reply, mapped to 501 5.1.3.
+        try:
+            return parse_path(arg)
+        except AddressError:
+            return None, None
+
+    async def push(self, status: Any) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        mapped = _AIOSMTPD_REPLIES.get(text)
+        if mapped is not None:
+            # aiosmtpd answered on its own (no hook ran): count and log it here.
+            self.inbound.rejected(mapped[1], self.session, "-", reply=mapped[0])
+            status = str(mapped[0])
+        elif text.startswith("500 Error: ("):
+            # aiosmtpd's exception reply carries the exception text; it must
+            # never reach a client even if handle_exception itself failed.
+            status = str(errors.INTERNAL_ERROR)
+        await super().push(status)
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 section 4.5.3.2: say why before closing an idle session.
+        self.goodbye(errors.IDLE_TIMEOUT)
+
+    def goodbye(self, reply: Reply) -> None:
+        """Send ``reply`` (421) and close the connection, whatever the state."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError, AttributeError):
+            self._writer.write(f"{reply}\r\n".encode())
+        transport.close()
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+class _Handler:
+    """The aiosmtpd hooks: policy at each command, checks and spool at DATA."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self.inbound = inbound
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, hostname: str
+    ) -> str:
+        if not valid_helo(hostname):
+            self.inbound.rejected("bad_syntax", session, "HELO")
+            return str(errors.BAD_HELO)
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        if not valid_helo(hostname):
+            self.inbound.rejected("bad_syntax", session, "EHLO")
+            return [str(errors.BAD_HELO)]
+        session.host_name = hostname
+        # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8 and STARTTLS (when a
+        # context is set); drop its AUTH line, we offer no authentication.
+        return [line for line in responses if not line[4:].startswith("AUTH")]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if address.lower() == POSTMASTER:
+            # A reverse-path needs a domain; only RCPT has the special case.
+            self.inbound.rejected("bad_address", session, "MAIL")
+            return str(errors.MALFORMED_ADDRESS)
+        if not address.isascii() and "SMTPUTF8" not in mail_options:
+            # RFC 6531 section 3.4: non-ASCII addresses need SMTPUTF8.
+            self.inbound.rejected("bad_address", session, "MAIL")
+            return str(errors.NON_ASCII_ADDRESS)
+        # With a hook, aiosmtpd leaves recording the sender to us.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(errors.SENDER_OK)
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        config = self.inbound.config()
+        reply: Reply
+        reason = ""
+        if address.lower() == POSTMASTER:
+            # The relay's own postmaster: the first domain it serves.
+            address = f"postmaster@{config.server.domains[0]}"
+        if address == "<>":
+            reply, reason = errors.MALFORMED_ADDRESS, "bad_address"
+        elif not address.isascii() and not envelope.smtp_utf8:
+            reply, reason = errors.NON_ASCII_ADDRESS, "bad_address"
+        elif len(envelope.rcpt_tos) >= config.server.max_recipients:
+            reply, reason = errors.TOO_MANY_RECIPIENTS, "too_many_recipients"
+        else:
+            reply = recipient_reply(config, _peer_ip(session), address)
+            reason = {errors.RELAYING_DENIED: "relaying_denied", errors.NO_ROUTE: "no_route"}.get(
+                reply, ""
+            )
+        if reason:
+            self.inbound.rejected(reason, session, "RCPT", rcpt=address, reply=reply)
+            return str(reply)
+        # With a hook, aiosmtpd leaves recording the recipient to us. A
+        # repeated recipient is acknowledged but delivered once.
+        if address not in envelope.rcpt_tos:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return str(reply)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        return str(await self.inbound.accept(server, session, envelope))
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never aiosmtpd's default "500 Error: (Class) text": no internals
+        # to the client, the traceback to our log.
+        events.error("inbound_error", exc_info=True, error=type(error).__name__)
+        return str(errors.INTERNAL_ERROR)
+
+
+# --- the server ---------------------------------------------------------------
+
+
+class Inbound:
+    """Listens on every ``[server] listen`` address and spools what it accepts.
+
+    ``config`` is called at every command, so a reload applies to open
+    sessions at once (except per-connection settings: size limit, timeout,
+    hostname and TLS, which new connections pick up). ``on_accept`` is
+    called with each envelope after its spool write (the scheduler's
+    ``add``); inbound never delivers.
+    """
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        spool: Spool,
+        metrics: Metrics,
+        on_accept: Callable[[Envelope], None],
+        *,
+        tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.metrics = metrics
+        self.on_accept = on_accept
+        self.tls_context = tls_context
+        self.clock = clock
+        self.handler = _Handler(self)
+        self.connections: set[_Connection] = set()
+        self.servers: list[asyncio.Server] = []
+        self._writes = 0
+        self._writes_done = asyncio.Event()
+        self._writes_done.set()
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    def opened(self, conn: _Connection) -> None:
+        self.connections.add(conn)
+        self._all_closed.clear()
+
+    def closed(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
+
+    async def start(self) -> None:
+        """Bind every listen address; raises OSError if one cannot be bound."""
+        loop = asyncio.get_running_loop()
+        # Every refusal is our own log event; aiosmtpd's per-command chatter is not.
+        logging.getLogger("mail.log").setLevel(logging.ERROR)
+        try:
+            for listen in self.config().server.listen:
+                server = await loop.create_server(self._connection, listen.host, listen.port)
+                self.servers.append(server)
+        except OSError:
+            await self.stop(0)
+            raise
+
+    def _connection(self) -> _Connection:
+        return _Connection(self, self.config(), self.tls_context())
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) pairs, e.g. to find a port chosen by the OS."""
+        return [
+            (str(sock.getsockname()[0]), int(sock.getsockname()[1]))
+            for server in self.servers
+            for sock in server.sockets
+        ]
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; let spool writes in progress finish (within ``grace``
+        seconds) so their 250 goes out; then answer 421 to every open
+        session and close it. Everything spooled stays spooled."""
+        for server in self.servers:
+            server.close()
+        self.servers.clear()
+        try:
+            await asyncio.wait_for(self._writes_done.wait(), grace)
+        except TimeoutError:
+            events.warning("shutdown_spool_write_pending", writes=self._writes)
+        for conn in list(self.connections):
+            conn.goodbye(errors.SHUTTING_DOWN)
+        with contextlib.suppress(TimeoutError):
+            # Closing is immediate; this only lets connection_lost run.
+            await asyncio.wait_for(self._all_closed.wait(), 1.0)
+        # Let cancelled session tasks finish unwinding.
+        await asyncio.sleep(0)
+
+    def rejected(self, reason: str, session: Session | None, command: str, **fields: Any) -> None:
+        """Count and log one refusal (``reason`` from metrics.REJECT_REASONS)."""
+        if reason not in REJECT_REASONS:
+            # A closed label set (STYLE.md 3.7); every path is exercised by tests.
+            raise ValueError(f"unknown reject reason {reason!r}")
+        self.metrics.messages_rejected.labels(reason=reason).inc()
+        ip = _peer_ip(session) if session is not None else ""
+        extra: dict[str, Any] = {k: str(v) for k, v in fields.items()}
+        events.log("rejected", reason=reason, command=command, client=ip, **extra)
+
+    async def accept(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> Reply:
+        """Check the message, spool it durably, then hand it to ``on_accept``."""
+        content = envelope.original_content or b""
+        problem = check_message(content)
+        if problem is not None:
+            self.rejected(problem[1], session, "DATA", reply=problem[0])
+            return problem[0]
+        env = self._envelope(session, envelope)
+        cipher = session.ssl.get("cipher") if session.ssl else None
+        header = received_header(
+            helo=env.client.helo,
+            client_ip=env.client.ip,
+            hostname=server.hostname,
+            protocol=protocol_keyword(session.extended_smtp, bool(cipher), env.smtputf8),
+            queue_id=env.id,
+            recipients=[r.address for r in env.recipients],
+            when=env.received_at,
+            cipher=cipher,
+        )
+        try:
+            await self._spool(env, header + content)
+        except SpoolFull as exc:
+            events.error("spool_failed", id=env.id, error=exc.detail)
+            self.rejected("disk_full", session, "DATA")
+            return errors.DISK_FULL
+        except SpoolError as exc:
+            events.error("spool_failed", id=env.id, error=exc.detail)
+            self.rejected("spool_error", session, "DATA")
+            return errors.SPOOL_FAILED
+        self.metrics.messages_received.inc()
+        events.log(
+            "accepted",
+            id=env.id,
+            from_=f"<{env.mail_from}>",
+            to=",".join(f"<{r.address}>" for r in env.recipients),
+            size=env.size,
+            client=env.client.ip,
+            helo=env.client.helo,
+            tls=env.client.tls or "no",
+        )
+        try:
+            self.on_accept(env)
+        except Exception:
+            # The message is durable; the scheduler finds it at the next start.
+            events.error("schedule_failed", exc_info=True, id=env.id)
+        return errors.queued(env.id)
+
+    async def _spool(self, env: Envelope, data: bytes) -> None:
+        self._writes += 1
+        self._writes_done.clear()
+        try:
+            await asyncio.to_thread(self.spool.put, env, data)
+        finally:
+            self._writes -= 1
+            if not self._writes:
+                self._writes_done.set()
+
+    def _envelope(self, session: Session, envelope: SmtpEnvelope) -> Envelope:
+        now = self.clock()
+        sender = envelope.mail_from or ""
+        cipher = session.ssl.get("cipher") if session.ssl else None
+        return Envelope(
+            id=new_id(),
+            mail_from="" if sender == "<>" else sender,
+            recipients=[Recipient(address) for address in envelope.rcpt_tos],
+            client=ClientInfo(
+                ip=str(client_address(_peer_ip(session)) or _peer_ip(session)),
+                helo=session.host_name or "",
+                tls=str(cipher[1]) if cipher else "",
+            ),
+            received_at=now,
+            next_attempt=now,
+            smtputf8=envelope.smtp_utf8,
+            body_8bit="BODY=8BITMIME" in envelope.mail_options,
+        )
+
+
+def listen_texts(inbound: Inbound) -> Iterable[str]:
+    """The bound addresses as host:port text, for the start-up log."""
+    for host, port in inbound.addresses:
+        yield f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,249 @@
+"""Helpers for the inbound and daemon tests: configs, an in-process server, raw clients.
+
+Everything talks real SMTP over loopback; nothing in relay is patched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay import config as configmod
+from relay.config import Config, Listen, MetricsConfig
+from relay.envelope import Envelope
+from relay.inbound import Inbound
+from relay.metrics import Metrics
+from relay.spool import Spool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE_TOML = """\
+[server]
+hostname = "relay.test"
+listen = ["127.0.0.1:2525"]
+domains = ["example.com", "example.net"]
+max_message_size = {max_message_size}
+max_recipients = {max_recipients}
+timeout = "{timeout}"
+{extra_server}
+
+[queue]
+path = "{spool}"
+
+[metrics]
+listen = "{metrics}"
+
+[[routes]]
+name = "Corp"
+host = "127.0.0.1"
+port = 2526
+require_tls = false
+require_ca_signed = false
+validate_hostname = false
+
+[[rules]]
+recipients = ["@example.com", "known@example.net"]
+route = "Corp"
+"""
+
+
+def config_text(
+    spool: Path,
+    *,
+    max_message_size: int = 100_000,
+    max_recipients: int = 5,
+    timeout: str = "30s",
+    extra_server: str = "",
+    metrics: str = "",
+    listen: str | None = None,
+) -> str:
+    text = BASE_TOML.format(
+        spool=spool,
+        max_message_size=max_message_size,
+        max_recipients=max_recipients,
+        timeout=timeout,
+        extra_server=extra_server,
+        metrics=metrics,
+    )
+    if listen is not None:
+        text = text.replace('listen = ["127.0.0.1:2525"]', f"listen = {listen}")
+    return text
+
+
+def make_config(tmp_path: Path, **kwargs: object) -> Config:
+    """A valid Config listening on 127.0.0.1 port 0 (the OS picks), metrics off."""
+    text = config_text(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
+    cfg = configmod.parse(tomllib.loads(text), tmp_path / "relay.toml")
+    server = dataclasses.replace(cfg.server, listen=(Listen("127.0.0.1", 0),))
+    return dataclasses.replace(cfg, server=server, metrics=MetricsConfig(listen=None))
+
+
+@dataclass
+class Harness:
+    inbound: Inbound
+    spool: Spool
+    metrics: Metrics
+    accepted: list[Envelope] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.inbound.addresses[0][1]
+
+    def spooled(self) -> list[Envelope]:
+        return list(self.spool.load_all())
+
+    def rejected(self, reason: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "relay_messages_rejected_total", {"reason": reason}
+        )
+        return value or 0.0
+
+
+@contextlib.asynccontextmanager
+async def running_inbound(
+    config: Config | Callable[[], Config],
+    spool: Spool | None = None,
+    tls_context: object = None,
+) -> AsyncIterator[Harness]:
+    """An Inbound on the test's loop, with a spool; stopped (and checked closed) after."""
+    current = config if callable(config) else (lambda: config)
+    spool = spool or Spool(current().queue.path, fsync=False)
+    spool.open()
+    metrics = Metrics()
+    accepted: list[Envelope] = []
+    inbound = Inbound(
+        current,
+        spool,
+        metrics,
+        accepted.append,
+        tls_context=lambda: tls_context,  # type: ignore[arg-type,return-value]
+    )
+    await inbound.start()
+    try:
+        yield Harness(inbound, spool, metrics, accepted)
+    finally:
+        await inbound.stop(grace=2)
+
+
+class RawClient:
+    """A byte-exact SMTP client: what smtplib will not send, this does."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        client = cls(reader, writer)
+        code, _ = await client.reply()
+        assert code == 220
+        return client
+
+    async def reply(self, wait: float = 5) -> tuple[int, str]:
+        """One (possibly multi-line) reply: code and the lines' text joined by newlines."""
+        lines = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), wait)
+            if not raw:
+                raise ConnectionError("connection closed")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(line)
+            if line[3:4] != "-":
+                return int(line[:3]), "\n".join(lines)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def cmd(self, line: str | bytes) -> tuple[int, str]:
+        data = line if isinstance(line, bytes) else line.encode("utf-8")
+        await self.send(data + b"\r\n")
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def raw_client(port: int) -> RawClient:
+    return await RawClient.connect(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class RelayProcess:
+    """``python -m relay run`` as a subprocess of this checkout, stderr captured to a file."""
+
+    def __init__(self, config: Path | None, cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.cwd = cwd
+        self.log_path = cwd / f"relay-{time.monotonic_ns()}.log"
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.env.pop("RELAY_CONFIG", None)
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_for: str = "event=started", timeout: float = 15) -> RelayProcess:
+        args = [sys.executable, "-m", "relay", "run"]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(args, cwd=self.cwd, env=self.env, stderr=log)
+        log.close()
+        self.wait_log(wait_for, timeout)
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged in {timeout}s:\n{self.log}")
+            time.sleep(0.05)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

@@ -1,0 +1,94 @@
+"""Spool failures answer 451/452 and leave nothing behind (a real tiny file system)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay import errors
+from relay.config import Config, QueueConfig
+from relay.spool import Spool
+from tests.support.inbound import RawClient, make_config, running_inbound
+
+MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\n" + b"x" * 900 + b"\r\n"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: writes fail for real with ENOSPC, or EROFS once remounted."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(mount: Path) -> None:
+    with open(mount / "filler", "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def spool_config(tmp_path: Path, spool_dir: Path) -> Config:
+    cfg = make_config(tmp_path)
+    return dataclasses.replace(cfg, queue=QueueConfig(path=spool_dir))
+
+
+async def send_one(port: int) -> str:
+    client = await RawClient.connect(port)
+    async with client:
+        await client.cmd("EHLO client.test")
+        await client.cmd("MAIL FROM:<s@example.org>")
+        await client.cmd("RCPT TO:<user@example.com>")
+        assert (await client.cmd("DATA"))[0] == 354
+        await client.send(MSG + b".\r\n")
+        _, text = await client.reply()
+    return text
+
+
+def leftovers(spool: Spool) -> list[str]:
+    return sorted(p.name for d in (spool.msg_dir, spool.tmp_dir) for p in d.iterdir())
+
+
+async def test_disk_full_answers_452_and_leaves_nothing(tmp_path: Path, tiny_fs: Path) -> None:
+    cfg = spool_config(tmp_path, tiny_fs / "spool")
+    spool = Spool(cfg.queue.path)  # fsync on, as in production
+    async with running_inbound(cfg, spool=spool) as h:
+        assert (await send_one(h.port)).startswith("250 ")
+        fill(tiny_fs)
+        text = await send_one(h.port)
+        assert text == str(errors.DISK_FULL)
+        assert h.rejected("disk_full") == 1
+        assert len(leftovers(spool)) == 2  # only the first message's .eml and .json
+        assert len(h.accepted) == 1
+
+
+async def test_read_only_spool_answers_451_and_leaves_nothing(
+    tmp_path: Path, tiny_fs: Path
+) -> None:
+    cfg = spool_config(tmp_path, tiny_fs / "spool")
+    spool = Spool(cfg.queue.path)
+    async with running_inbound(cfg, spool=spool) as h:
+        remount = await asyncio.create_subprocess_exec("mount", "-o", "remount,ro", str(tiny_fs))
+        assert await asyncio.wait_for(remount.wait(), 10) == 0
+        text = await send_one(h.port)
+        assert text == str(errors.SPOOL_FAILED)
+        assert h.rejected("spool_error") == 1
+        assert leftovers(spool) == []
+        assert not spool.writable()
