@@ -1,0 +1,35 @@
+"""Fixtures for end-to-end tests: a test CA and private Postfix instances.
+
+Every fixture tears down what it started, even when the test fails; the
+Postfix maillogs are copied into the test's ``tmp_path/postfix-logs`` first
+so a failure can be investigated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.e2e_pki import TestCA
+from tests.support.postfix import PostfixFactory
+
+
+@pytest.fixture
+def e2e_ca(tmp_path: Path) -> TestCA:
+    """A fresh trustme CA whose PEM files live under ``tmp_path/pki``."""
+    return TestCA.create(tmp_path / "pki")
+
+
+@pytest.fixture
+def postfix(tmp_path: Path) -> Iterator[PostfixFactory]:
+    """Factory for private Postfix instances (``.downstream()``, ``.upstream()``).
+
+    Skips the test when Postfix is missing or we are not root.
+    """
+    factory = PostfixFactory(keep_logs_in=tmp_path / "postfix-logs")
+    try:
+        yield factory
+    finally:
+        factory.close()
