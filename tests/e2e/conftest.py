@@ -7,13 +7,14 @@ so a failure can be investigated.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.e2e_pki import TestCA
 from tests.support.postfix import PostfixFactory
+from tests.support.procs import RelayProcess
 
 
 @pytest.fixture
@@ -33,3 +34,31 @@ def postfix(tmp_path: Path) -> Iterator[PostfixFactory]:
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def relay() -> Iterator[Callable[[Path], RelayProcess]]:
+    """Start ``python -m relay run --config PATH``: ``proc = relay(path)``.
+
+    Returns once the relay's SMTP port accepts connections; every relay
+    started this way is stopped (SIGTERM, then SIGKILL) at teardown. While
+    the daemon is still the foundation stub ("not implemented yet") the
+    test is skipped instead of failing.
+    """
+    started: list[RelayProcess] = []
+
+    def start(config_path: Path) -> RelayProcess:
+        proc = RelayProcess(config_path)
+        started.append(proc)
+        try:
+            return proc.start()
+        except RuntimeError:
+            if any("not implemented" in line for line in proc.stderr_lines()):
+                pytest.skip("`relay run` is not implemented on this branch yet")
+            raise
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()

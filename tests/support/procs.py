@@ -8,16 +8,15 @@ with a message instead of hanging until pytest-timeout fires.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -137,7 +136,8 @@ class RelayProcess:
 
     ``start()`` returns once the first ``[server] listen`` address accepts TCP
     connections. stderr (the event log) goes to a file so the child never
-    blocks on a full pipe; read it with ``stderr_lines()``. Use as a context
+    blocks on a full pipe (``<config stem>.stderr.log`` next to the config
+    unless ``log_dir`` is given); read it with ``stderr_lines()``. Use as a context
     manager, or call ``stop()`` in a finalizer: it never leaves the child
     behind.
     """
@@ -146,14 +146,16 @@ class RelayProcess:
     env: Mapping[str, str] | None = None
     python: str = sys.executable
     startup_timeout: float = 15.0
+    # Where stderr/stdout are captured; default: next to the config file.
+    log_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.config_path = Path(self.config_path)
         self.host, self.port = _first_listener(self.config_path)
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_dir = Path(tempfile.mkdtemp(prefix="relay-proc-"))
-        self.stderr_path = self._log_dir / "stderr.log"
-        self.stdout_path = self._log_dir / "stdout.log"
+        log_dir = Path(self.log_dir) if self.log_dir else self.config_path.parent
+        self.stderr_path = log_dir / f"{self.config_path.stem}.stderr.log"
+        self.stdout_path = log_dir / f"{self.config_path.stem}.stdout.log"
 
     @property
     def argv(self) -> list[str]:
@@ -254,7 +256,8 @@ class RelayProcess:
     def cleanup(self) -> None:
         """Stop the daemon and delete the captured logs."""
         self.stop()
-        shutil.rmtree(self._log_dir, ignore_errors=True)
+        for path in (self.stderr_path, self.stdout_path):
+            path.unlink(missing_ok=True)
 
     def __enter__(self) -> RelayProcess:
         return self.start()
@@ -288,3 +291,121 @@ def kill_tree(root_pid: int) -> None:
     for pid in reversed(list(iter_tree(root_pid))):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- relay configs for scenarios --------------------------------------------------
+
+TomlValue = str | int | float | bool | Path | list[str] | tuple[str, ...]
+
+
+def _toml(value: TomlValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    # TOML basic strings accept JSON's escapes.
+    return json.dumps(str(value))
+
+
+def _table(header: str, items: Mapping[str, object]) -> list[str]:
+    lines = [header]
+    nested: list[str] = []
+    for key, value in items.items():
+        if isinstance(value, list) and value and isinstance(value[0], Mapping):
+            # An array of tables inside a table: [[routes.primary]] etc.
+            for sub in value:
+                nested += ["", *_table(f"[[{header.strip('[]')}.{key}]]", sub)]
+        else:
+            lines.append(f"{key} = {_toml(value)}")  # type: ignore[arg-type]
+    return lines + nested
+
+
+def route(
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = 25,
+    *,
+    tls: str = "opportunistic",
+    mx_lookup: bool = False,
+    primary: Sequence[Mapping[str, object]] = (),
+    secondary: Sequence[Mapping[str, object]] = (),
+) -> dict[str, object]:
+    """One ``[[routes]]`` table. ``tls``: "opportunistic" (no checks), "required"
+    (STARTTLS only), "ca" (plus a CA-signed chain) or "full" (plus hostname match).
+    With ``primary`` (and ``secondary``) lists of ``{"host", "port", "load"}`` it is
+    a multiple-host route and ``host``/``port`` are ignored.
+    """
+    levels = {
+        "opportunistic": (False, False, False),
+        "required": (True, False, False),
+        "ca": (True, True, False),
+        "full": (True, True, True),
+    }
+    require_tls, require_ca, check_name = levels[tls]
+    table: dict[str, object] = {"name": name}
+    if primary:
+        table["primary"] = [dict(h) for h in primary]
+        if secondary:
+            table["secondary"] = [dict(h) for h in secondary]
+    else:
+        table |= {"host": host, "port": port}
+    return table | {
+        "mx_lookup": mx_lookup,
+        "require_tls": require_tls,
+        "require_ca_signed": require_ca,
+        "validate_hostname": check_name,
+    }
+
+
+def relay_config(
+    directory: Path,
+    routes: Sequence[Mapping[str, object]],
+    rules: Sequence[tuple[Sequence[str], str]] | None = None,
+    *,
+    domains: Sequence[str] = ("example.org",),
+    port: int | None = None,
+    name: str = "relay",
+    **sections: Mapping[str, object],
+) -> Path:
+    """Write ``directory/<name>.toml`` for a relay under test and return its path.
+
+    Defaults suit a scenario: listen and metrics on free loopback ports,
+    spool and audit log inside ``directory``, retries after 1-2 s, short
+    delivery timeouts, 127.0.0.0/8 may relay. ``rules`` are (patterns,
+    route name) pairs, default: every recipient to the first route. Any
+    ``sections`` (``server={...}``, ``queue={...}``, ``tls={"ca_file": ...}``,
+    ``dns={"nameservers": [...]}``...) are merged over the defaults.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    defaults: dict[str, dict[str, object]] = {
+        "server": {
+            "hostname": "relay.test",
+            "listen": [f"127.0.0.1:{port or free_port()}"],
+            "domains": list(domains),
+            "relay_networks": ["127.0.0.0/8"],
+        },
+        "queue": {
+            "path": str(directory / f"{name}-spool"),
+            "min_backoff": "1s",
+            "max_backoff": "2s",
+        },
+        "delivery": {"connect_timeout": "5s", "command_timeout": "30s"},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "audit": {"path": str(directory / f"{name}-audit.log")},
+    }
+    for key, values in sections.items():
+        defaults[key] = {**defaults.get(key, {}), **values}
+    if rules is None:
+        rules = [(["*"], str(routes[0]["name"]))]
+    lines: list[str] = []
+    for key, values in defaults.items():
+        lines += [*_table(f"[{key}]", values), ""]
+    for table in routes:
+        lines += [*_table("[[routes]]", table), ""]
+    for patterns, route_name in rules:
+        lines += [*_table("[[rules]]", {"recipients": list(patterns), "route": route_name}), ""]
+    path = directory / f"{name}.toml"
+    path.write_text("\n".join(lines))
+    return path
