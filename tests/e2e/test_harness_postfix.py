@@ -13,6 +13,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -87,6 +88,23 @@ def test_swaks_to_downstream_plain_lands_in_maildir(postfix: PostfixFactory) -> 
     assert all(str(m["Subject"]) == "plain hello" for m in messages)
     assert str(messages[0]["Return-Path"]) == "<alice@sender.test>"
     assert len(down.messages("bob@example.org")) == 1
+
+
+def test_swaks_body_file_and_data_file(postfix: PostfixFactory, tmp_path: Path) -> None:
+    """The README's swaks one-liners with --body @file and --data @file."""
+    down = postfix.downstream()
+    body = tmp_path / "body.txt"
+    body.write_text("line one\nline two\n")
+    eml = tmp_path / "message.eml"
+    eml.write_text("From: a@sender.test\nTo: bob@example.org\nSubject: whole file\n\nfrom eml\n")
+    server = ("--server", f"127.0.0.1:{down.port}", "--to", "bob@example.org")
+    assert swaks(*server, "--header", "Subject: report", "--body", f"@{body}").returncode == 0
+    assert swaks(*server, "--data", f"@{eml}").returncode == 0
+    first, second = down.wait_messages(2)
+    assert str(first["Subject"]) == "report"
+    assert first.get_content().rstrip("\n") == "line one\nline two"
+    assert str(second["Subject"]) == "whole file"
+    assert second.get_content().rstrip("\n") == "from eml"
 
 
 def test_swaks_starttls_to_downstream_with_test_ca(postfix: PostfixFactory, e2e_ca: TestCA) -> None:

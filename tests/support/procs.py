@@ -266,8 +266,12 @@ class RelayProcess:
         self.stop()
 
 
-def iter_tree(root_pid: int) -> Iterator[int]:
-    """``root_pid`` and all its live descendants (from /proc, one pass)."""
+def iter_tree(root_pid: int, *, zombies: bool = False) -> Iterator[int]:
+    """``root_pid`` and all its live descendants (from /proc, one pass).
+
+    With ``zombies`` also exited-but-unreaped ones (their CPU times are still
+    readable and not yet in the parent's cutime).
+    """
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -281,7 +285,7 @@ def iter_tree(root_pid: int) -> Iterator[int]:
     stack = [root_pid]
     while stack:
         pid = stack.pop()
-        if pid_alive(pid):
+        if zombies or pid_alive(pid):
             yield pid
         stack.extend(children.get(pid, ()))
 
