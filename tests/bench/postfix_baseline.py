@@ -34,7 +34,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.support.postfix import SMTP_SINK, SMTP_SOURCE, PostfixFactory, postfix_missing
-from tests.support.procs import free_port, iter_tree, wait_for, wait_port
+from tests.support.procs import (
+    RelayProcess,
+    free_port,
+    iter_tree,
+    relay_config,
+    route,
+    wait_for,
+    wait_port,
+)
 
 MAX_COUNT = 100_000
 MAX_SIZE = 1 << 20
@@ -285,6 +293,32 @@ def postfix_baseline(
         )
 
 
+def relay_benchmark(
+    count: int = 2000, size: int = 1024, sessions: int = 10, timeout: float = 300.0
+) -> BenchResult:
+    """The same workload through ``python -m relay run`` (issue #8's comparison).
+
+    relay gets a scratch config from ``relay_config()``: one opportunistic
+    route to the sink, spool in a temporary directory (fsynced as the
+    contract requires). Raises ``RuntimeError`` if the relay cannot start.
+    """
+    check_bounds(count, size, sessions)
+    with SmtpSink() as sink, tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
+        config = relay_config(Path(scratch), [route("Sink", "127.0.0.1", sink.port)])
+        with RelayProcess(config) as proc:
+            run_mta_benchmark(proc.port, sink, 1, size, 1, mta_pids=list, mta="warmup", timeout=30)
+            return run_mta_benchmark(
+                proc.port,
+                sink,
+                count,
+                size,
+                sessions,
+                mta_pids=lambda: [proc.pid],
+                mta="relay",
+                timeout=timeout,
+            )
+
+
 def format_table(results: Sequence[BenchResult]) -> str:
     rows = [(name, *(str(getattr(r, name)) for r in results)) for name in asdict(results[0])]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -298,23 +332,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=2000, help=f"messages (max {MAX_COUNT})")
     parser.add_argument("--size", type=int, default=1024, help="bytes per message")
     parser.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the run")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    parser.add_argument(
+        "--mta",
+        choices=("postfix", "relay", "both"),
+        default="postfix",
+        help="what to measure (relay: python -m relay run)",
+    )
     parser.add_argument("--json", type=Path, default=Path("postfix_baseline.json"))
     args = parser.parse_args(argv)
-    missing = postfix_missing() or next(
+    missing = next(
         (f"{b} is not installed" for b in (SMTP_SINK, SMTP_SOURCE) if not os.access(b, os.X_OK)),
         None,
     )
+    if args.mta != "relay":
+        missing = missing or postfix_missing()
     if missing:
-        print(f"cannot run the Postfix baseline: {missing}", file=sys.stderr)
+        print(f"cannot run the benchmark: {missing}", file=sys.stderr)
         return 2
     try:
         check_bounds(args.count, args.size, args.sessions)
     except ValueError as exc:
         parser.error(str(exc))
-    result = postfix_baseline(args.count, args.size, args.sessions, args.timeout)
-    print(format_table([result]))
-    args.json.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    runs = {"postfix": [postfix_baseline], "relay": [relay_benchmark]}
+    runs["both"] = runs["postfix"] + runs["relay"]
+    results = [run(args.count, args.size, args.sessions, args.timeout) for run in runs[args.mta]]
+    print(format_table(results))
+    payload = [asdict(r) for r in results]
+    args.json.write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
 
