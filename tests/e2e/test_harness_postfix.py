@@ -204,3 +204,31 @@ def test_upstream_defers_while_next_hop_is_down_then_delivers(postfix: PostfixFa
     up.flush()
     (message,) = down.wait_messages(1)
     assert str(message["Subject"]) == "later"
+
+
+def test_three_hop_chain_with_tls_on_both_hops(postfix: PostfixFactory, e2e_ca: TestCA) -> None:
+    """The shape of the relay scenarios, with a Postfix standing in for relay."""
+    down = postfix.downstream(tls=e2e_ca.issue("127.0.0.1", stem="down"), tls_level="encrypt")
+    middle_cert = e2e_ca.issue("relay.test", stem="middle")
+    middle = postfix.upstream(
+        relay_port=down.port,
+        name="middle",
+        tls_level="encrypt",
+        settings={
+            "smtpd_tls_cert_file": str(middle_cert.cert),
+            "smtpd_tls_key_file": str(middle_cert.key),
+            "smtpd_tls_security_level": "may",
+        },
+    )
+    up = postfix.upstream(
+        relay_port=middle.port, tls_level="secure", ca_file=e2e_ca.ca_file, tls_match="relay.test"
+    )
+    up.submit(b"Subject: chain\r\n\r\nthree hops\r\n", "alice@up.test", ["bob@example.org"])
+    (message,) = down.wait_messages(1)
+    assert str(message["Return-Path"]) == "<alice@up.test>"
+    received = [str(h) for h in message.get_all("Received", [])]
+    assert len(received) >= 3 and all("with ESMTPS" in h for h in received[:2])
+    up.wait_log(
+        rf"Verified TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:{middle.port}"
+    )
+    middle.wait_log(rf"TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:{down.port}")
