@@ -1,0 +1,1 @@
+"""End-to-end tests: real MTAs (Postfix, swaks) around `python -m relay run`."""

@@ -1,0 +1,64 @@
+"""Fixtures for end-to-end tests: a test CA and private Postfix instances.
+
+Every fixture tears down what it started, even when the test fails; the
+Postfix maillogs are copied into the test's ``tmp_path/postfix-logs`` first
+so a failure can be investigated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.e2e_pki import TestCA
+from tests.support.postfix import PostfixFactory
+from tests.support.procs import RelayProcess
+
+
+@pytest.fixture
+def e2e_ca(tmp_path: Path) -> TestCA:
+    """A fresh trustme CA whose PEM files live under ``tmp_path/pki``."""
+    return TestCA.create(tmp_path / "pki")
+
+
+@pytest.fixture
+def postfix(tmp_path: Path) -> Iterator[PostfixFactory]:
+    """Factory for private Postfix instances (``.downstream()``, ``.upstream()``).
+
+    Skips the test when Postfix is missing or we are not root.
+    """
+    factory = PostfixFactory(keep_logs_in=tmp_path / "postfix-logs")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def relay() -> Iterator[Callable[[Path], RelayProcess]]:
+    """Start ``python -m relay run --config PATH``: ``proc = relay(path)``.
+
+    Returns once the relay's SMTP port accepts connections; every relay
+    started this way is stopped (SIGTERM, then SIGKILL) at teardown. While
+    the daemon is still the foundation stub ("not implemented yet") the
+    test is skipped instead of failing.
+    """
+    started: list[RelayProcess] = []
+
+    def start(config_path: Path) -> RelayProcess:
+        proc = RelayProcess(config_path)
+        started.append(proc)
+        try:
+            return proc.start()
+        except RuntimeError:
+            if any("not implemented" in line for line in proc.stderr_lines()):
+                pytest.skip("`relay run` is not implemented on this branch yet")
+            raise
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
