@@ -629,10 +629,11 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
     # The options build on each other, as in the console: a certificate can
     # only be checked on a connection that is required to be encrypted.
     if tls.require_ca_signed and not tls.require_tls:
+        also = " and validate_hostname = false" if tls.validate_hostname else ""
         r.problem(
             "require_ca_signed",
             "is on (the default) but needs require_tls = true; turn require_tls on, "
-            "or set require_ca_signed = false too",
+            f"or set require_ca_signed = false{also} too",
         )
     if tls.validate_hostname and not tls.require_ca_signed:
         r.problem(

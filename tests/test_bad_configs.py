@@ -1,0 +1,34 @@
+"""Each invalid example in tests/bad_configs/: `relay check-config` exits 2 and names every problem.
+
+A case is a folder with relay.toml and expected.txt (one expected line
+fragment per line; each must appear in the output, and the count of
+problems must equal the number of lines).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = sorted((Path(__file__).parent / "bad_configs").iterdir())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)
+def test_check_config_names_every_problem(case: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", "--config", str(case / "relay.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    expected = [line for line in (case / "expected.txt").read_text().splitlines() if line]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in expected:
+        assert fragment in result.stderr, f"{fragment!r} missing from:\n{result.stderr}"
+    assert f"{len(expected)} problem(s)" in result.stderr, result.stderr
