@@ -209,6 +209,7 @@ class Relay:
         body: bytes = BODY,
         *,
         received_at: float | None = None,
+        smtputf8: bool = False,
     ) -> Envelope:
         """Spool a message as inbound does, then hand it to the scheduler."""
         now = self.clock() if received_at is None else received_at
@@ -219,6 +220,7 @@ class Relay:
             client=ClientInfo(ip="192.0.2.10", helo="client.test"),
             received_at=now,
             next_attempt=now,
+            smtputf8=smtputf8,
         )
         self.spool.put(envelope, body)
         self.scheduler.add(envelope)
@@ -269,17 +271,45 @@ def parse_dsn(data: bytes) -> EmailMessage:
     return message
 
 
-def dsn_parts(data: bytes) -> tuple[EmailMessage, str, list[dict[str, str]]]:
-    """(the DSN, its human-readable text, the per-recipient fields of its report)."""
+def dsn_parts(data: bytes, utf8: bool = False) -> tuple[EmailMessage, str, list[dict[str, str]]]:
+    """(the DSN, its human-readable text, the per-recipient fields of its report).
+
+    ``utf8``: an RFC 6533 DSN (``message/global-delivery-status``).
+    """
     message = parse_dsn(data)
     assert message.get_content_type() == "multipart/report"
+    # RFC 6533 changes the report part's type, not the report-type.
     assert message.get_param("report-type") == "delivery-status"
     parts = list(message.iter_parts())
     human = parts[0].get_content()
     report = parts[1]
-    assert report.get_content_type() == "message/delivery-status"
-    # The email package parses message/delivery-status into header blocks:
-    # the first is per message, each next one per recipient (RFC 3464 2.1).
-    blocks = [block for block in report.get_payload()]
-    recipients = [{k.lower(): str(v) for k, v in block.items()} for block in blocks[1:]]
-    return message, " ".join(human.split()), recipients
+    kind = "global-delivery-status" if utf8 else "delivery-status"
+    assert report.get_content_type() == f"message/{kind}"
+    payload = report.get_payload()
+    assert isinstance(payload, list)
+    if not utf8:
+        # The email package parses message/delivery-status into header blocks:
+        # the first is per message, each next one per recipient (RFC 3464 2.1).
+        blocks = [{k.lower(): str(v) for k, v in block.items()} for block in payload]
+    else:
+        # message/global-delivery-status is parsed like message/rfc822: one
+        # "message" whose headers are the first block; read the text instead.
+        blocks = _field_blocks(payload[0].as_string())
+    return message, " ".join(human.split()), blocks[1:]
+
+
+def _field_blocks(text: str) -> list[dict[str, str]]:
+    """RFC 3464 field blocks separated by blank lines (continuations unfolded)."""
+    blocks: list[dict[str, str]] = []
+    for chunk in text.replace("\r\n", "\n").strip().split("\n\n"):
+        fields: dict[str, str] = {}
+        name = ""
+        for line in chunk.split("\n"):
+            if line[:1] in (" ", "\t") and name:
+                fields[name] += " " + line.strip()
+            elif ":" in line:
+                name, _, value = line.partition(":")
+                name = name.strip().lower()
+                fields[name] = value.strip()
+        blocks.append(fields)
+    return blocks
