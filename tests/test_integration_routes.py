@@ -170,3 +170,59 @@ async def test_connection_reuse_at_the_sink(tmp_path, dnsmasq):
     counts = Counter(m.connection for m in sink.messages)
     assert 1 <= sink.connections <= 3, counts
     assert sum(counts.values()) == 50
+
+
+async def test_strict_tls_sessions_are_reused(tmp_path, dnsmasq):
+    pki = Pki(tmp_path / "pki")
+    server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
+    async with Sink(tls_context=pki.server_context("mx1.corp.test")) as sink:
+        route = single_route(
+            "Corp", "mx1.corp.test", sink.port,
+            require_tls=True, require_ca_signed=True, validate_hostname=True,
+        )  # fmt: skip
+        toml = config_text(tmp_path, server, route, CORP, ca_file=pki.ca_file, max_per_host=2)
+        async with Relay(tmp_path, toml) as relay:
+            for i in range(20):
+                relay.put(SENDER, [f"user{i}@corp.test"])
+            await until(lambda: len(sink.messages) == 20)
+            await idle(relay)
+    assert sink.connections <= 2
+    assert all(m.tls is not None for m in sink.messages)
+    # Never a plaintext MAIL on a reused connection.
+    assert None not in sink.sessions_tls
+
+
+async def test_idle_session_is_closed_after_idle_timeout(tmp_path, dnsmasq):
+    server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
+    async with Sink() as sink:
+        route = single_route("Corp", "mx1.corp.test", sink.port)
+        toml = config_text(tmp_path, server, route, CORP).replace(
+            'idle_timeout = "5s"', 'idle_timeout = "200ms"'
+        )
+        async with Relay(tmp_path, toml) as relay:
+            assert relay.config.delivery.idle_timeout == 0.2
+            relay.put(SENDER, ["one@corp.test"])
+            await until(lambda: sink.messages)
+            await until(lambda: "QUIT" in sink.lines, 3)
+            relay.put(SENDER, ["two@corp.test"])
+            await until(lambda: len(sink.messages) == 2)
+            await idle(relay)
+    assert sink.connections == 2
+    assert [m.connection for m in sink.messages] == [1, 2]
+
+
+async def test_session_reused_after_a_refused_transaction(tmp_path, dnsmasq):
+    server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
+    refuse = {"RCPT bad@corp.test": "550 5.1.1 no such user", "DATA": ["554 5.6.0 rejected"]}
+    async with Sink(replies=refuse) as sink:
+        route = single_route("Corp", "mx1.corp.test", sink.port)
+        toml = config_text(tmp_path, server, route, CORP, max_per_host=1)
+        async with Relay(tmp_path, toml) as relay:
+            for address in ("bad@corp.test", "first@corp.test", "ok@corp.test"):
+                # One at a time, so each finds the previous one's pooled session.
+                relay.put("", [address])
+                await until(lambda: not relay.spooled())
+                await idle(relay)
+            assert relay.sample("relay_bounces_total", reason="double_bounce") == 2
+    assert [m.rcpt_tos for m in sink.messages] == [["ok@corp.test"]]
+    assert sink.connections == 1

@@ -150,12 +150,15 @@ def config_text(
     max_concurrency: int = 20,
     max_per_host: int = 5,
     bounce_route: str = "",
+    relay_networks: Sequence[str] = (),
 ) -> str:
     """A complete relay.toml for one test: spool in tmp_path, DNS at ``dns``."""
     tls = f'[tls]\nca_file = "{ca_file}"\n' if ca_file else ""
     bounces = f'[bounces]\nroute = "{bounce_route}"\n' if bounce_route else ""
+    networks = ", ".join(f'"{n}"' for n in relay_networks)
     return (
         '[server]\nhostname = "relay.test"\ndomains = ["corp.test"]\n'
+        f"relay_networks = [{networks}]\n"
         f'[queue]\npath = "{tmp_path / "spool"}"\nmax_lifetime = "{max_lifetime}"\n'
         f'min_backoff = "{min_backoff}"\nmax_backoff = "{max_backoff}"\n'
         f"[delivery]\nmax_concurrency = {max_concurrency}\nmax_per_host = {max_per_host}\n"
