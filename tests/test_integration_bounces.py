@@ -8,8 +8,11 @@ parsed with the email package.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from relay.envelope import RcptState
 from relay.errors import TLS_FAILURE_OPTION, TLS_FAILURE_TEXT, TlsFailure
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
@@ -296,3 +299,45 @@ async def test_metrics_after_known_traffic(tmp_path, dnsmasq, dsn_sink):
         "rfc822; x@strict.test",
     ]
     assert plain.messages == []
+
+
+async def test_each_route_persisted_as_it_ends_then_abandoned_one_retried(
+    tmp_path, dnsmasq, dsn_sink
+):
+    """Route B's delivery is on disk while route A still hangs; a restart retries only A."""
+    server = dnsmasq(hosts={**HOSTS, "slow.corp.test": ["127.0.0.1"]}, mx=MX)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never greets
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    slow_port = listener.sockets[0].getsockname()[1]
+    try:
+        async with Sink() as fast:
+            routes = single_route("Slow", "slow.corp.test", slow_port)
+            routes += single_route("Corp", "mx1.corp.test", fast.port) + senders_route(dsn_sink)
+            rules = rule("Slow", "@slow.test") + RULES
+            toml = config_text(tmp_path, server, routes, rules)
+            relay = Relay(tmp_path, toml)
+            task = asyncio.create_task(relay.scheduler.run())
+            relay.put(SENDER, ["a@slow.test", "b@corp.test"])
+            await until(lambda: fast.messages and accepted)
+            await until(lambda: [r.state for r in relay.spooled()[0].recipients]
+                        == [RcptState.PENDING, RcptState.DELIVERED])  # fmt: skip
+            await relay.scheduler.stop(0.1)
+            await asyncio.wait_for(task, 5)
+            await relay.deliverer.close()
+            for writer in accepted:
+                writer.close()
+            # The slow host recovers: it is now the fast sink.
+            toml = toml.replace(f"port = {slow_port}", f"port = {fast.port}")
+            async with Relay(tmp_path, toml) as again:
+                assert again.requeue() == 1
+                await until(lambda: len(fast.messages) == 2)
+                await idle(again)
+                assert again.spooled() == []
+        assert [m.rcpt_tos for m in fast.messages] == [["b@corp.test"], ["a@slow.test"]]
+    finally:
+        listener.close()
+        await listener.wait_closed()
