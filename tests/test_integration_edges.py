@@ -314,3 +314,34 @@ async def test_stop_abandons_an_attempt_to_a_silent_host(tmp_path, dnsmasq, dsn_
             writer.close()
         listener.close()
         await listener.wait_closed()
+
+
+@pytest.mark.parametrize("require_tls", [False, True], ids=["opportunistic", "required"])
+async def test_failed_handshake(tmp_path, dnsmasq, dsn_sink, require_tls):
+    """Opportunistic TLS falls back to plaintext (RFC 7435); required TLS bounces."""
+    pki = Pki(tmp_path / "pki")
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    broken = {"STARTTLS": "220 2.0.0 go ahead"}  # then plaintext garbage
+    async with Sink(tls_context=pki.server_context("mx1.corp.test"), replies=broken) as sink:
+        options = STRICT_TLS if require_tls else {}
+        route = single_route("Corp", "mx1.corp.test", sink.port, **options)
+        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with Relay(tmp_path, toml) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: sink.messages or dsn_sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+            failures = relay.sample("relay_tls_failures_total", route="Corp",
+                                    host="mx1.corp.test", reason="handshake")  # fmt: skip
+    if require_tls:
+        assert sink.messages == []
+        _, human, [fields] = dsn_parts(dsn_sink.messages[0].data)
+        assert fields["status"] == "5.7.5"
+        assert TLS_FAILURE_TEXT[TlsFailure.HANDSHAKE] in human
+        assert failures == 1
+    else:
+        [message] = sink.messages
+        assert message.tls is None
+        assert sink.connections == 2
+        assert dsn_sink.connections == 0
+        assert failures == 0

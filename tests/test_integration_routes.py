@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from relay import config as config_module
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     BODY,
@@ -226,3 +227,26 @@ async def test_session_reused_after_a_refused_transaction(tmp_path, dnsmasq):
             assert relay.sample("relay_bounces_total", reason="double_bounce") == 2
     assert [m.rcpt_tos for m in sink.messages] == [["ok@corp.test"]]
     assert sink.connections == 1
+
+
+async def test_new_config_applies_at_the_next_attempt(tmp_path, dnsmasq):
+    """A reload (the config callable answering a new Config) redirects queued mail."""
+    server = dnsmasq(hosts={"old.corp.test": ["127.0.0.1"], "new.corp.test": ["127.0.0.1"]})
+    async with Sink() as sink:
+        old = single_route("Corp", "old.corp.test", closed_port())
+        toml = config_text(tmp_path, server, old, CORP, min_backoff="10m", max_backoff="1h")
+        async with Relay(tmp_path, toml) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: relay.sample("relay_recipients_total", route="Corp",
+                                             outcome="deferred"))  # fmt: skip
+            await idle(relay)
+            new = single_route("Corp", "new.corp.test", sink.port)
+            path = tmp_path / "reloaded.toml"
+            path.write_text(config_text(tmp_path, server, new, CORP))
+            relay.config = config_module.load(path)
+            relay.scheduler.flush()
+            await until(lambda: sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+            assert relay.sample("relay_delivery_attempts_total", route="Corp",
+                                host="new.corp.test", result="delivered") == 1  # fmt: skip
