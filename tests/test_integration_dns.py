@@ -158,3 +158,21 @@ async def test_servfail_defers(tmp_path, dnsmasq, mx_lookup):
         # A DNS outage is not a configuration problem.
         assert relay.sample("relay_route_dns_errors_total", route="Corp", host=host) == 0
         assert relay.sample("relay_bounces_total", reason="dns_permanent") == 0
+
+
+async def test_ipv6_address_is_tried_first(tmp_path, dnsmasq):
+    try:
+        v6, v4 = await sinks_on_one_port(["::1", "127.0.0.1"])
+    except OSError as exc:  # no IPv6 loopback on this machine
+        pytest.skip(f"cannot listen on [::1]: {exc}")
+    try:
+        server = dnsmasq(hosts={"dual.corp.test": ["127.0.0.1", "::1"]})
+        route = single_route("Corp", "dual.corp.test", v6.port)
+        async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: v6.messages)
+            await idle(relay)
+        assert v4.connections == 0
+    finally:
+        await v6.stop()
+        await v4.stop()
