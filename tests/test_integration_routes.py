@@ -222,7 +222,7 @@ async def test_session_reused_after_a_refused_transaction(tmp_path, dnsmasq):
             for address in ("bad@corp.test", "first@corp.test", "ok@corp.test"):
                 # One at a time, so each finds the previous one's pooled session.
                 relay.put("", [address])
-                await until(lambda: not relay.spooled())
+                await until(lambda: len(relay.scheduler) == 0)
                 await idle(relay)
             assert relay.sample("relay_bounces_total", reason="double_bounce") == 2
     assert [m.rcpt_tos for m in sink.messages] == [["ok@corp.test"]]
