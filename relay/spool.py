@@ -138,7 +138,13 @@ class Spool:
         """Every spooled envelope, oldest first. Unreadable ones are skipped and renamed."""
         for meta in sorted(self.msg_dir.glob("*.json")):
             try:
-                yield Envelope.loads(meta.read_bytes())
+                data = meta.read_bytes()
+            except FileNotFoundError:
+                # Delivered and deleted since the listing (the daemon runs
+                # while `relay queue list` reads): gone, not corrupt.
+                continue
+            try:
+                yield Envelope.loads(data)
             except (OSError, ValueError, KeyError, TypeError):
                 # Keep it for a human, out of the way of the scheduler.
                 meta.rename(meta.with_suffix(".corrupt"))

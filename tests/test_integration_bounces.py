@@ -1,0 +1,343 @@
+"""Bounces over the whole path: TLS-policy failures, remote replies, expiry,
+partial delivery across a restart, the null sender, and the metrics they leave.
+
+Every DSN travels like any message: through the rules to the sender
+domain's MX (found through dnsmasq) and arrives at that sink, where it is
+parsed with the email package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.envelope import RcptState
+from relay.errors import TLS_FAILURE_OPTION, TLS_FAILURE_TEXT, TlsFailure
+from tests.support.dnsserver import dnsmasq_servers
+from tests.support.integ import (
+    BODY,
+    SENDER,
+    Relay,
+    closed_port,
+    config_text,
+    dsn_parts,
+    idle,
+    rule,
+    single_route,
+    until,
+)
+from tests.support.pki import Pki
+from tests.support.queue import Clock
+from tests.support.sink import Sink
+
+RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
+HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
+MX = {"sender.test": [(10, "mx.sender.test")]}
+
+
+@pytest.fixture
+def dnsmasq():
+    with dnsmasq_servers() as start:
+        yield start
+
+
+@pytest.fixture
+async def dsn_sink():
+    """The sender domain's MX: where DSNs to alice@sender.test arrive."""
+    async with Sink() as sink:
+        yield sink
+
+
+def senders_route(dsn_sink: Sink) -> str:
+    # The sender domain's MX hosts, by MX lookup, on the sink's port.
+    return single_route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
+
+
+def _mails(sink: Sink) -> int:
+    return sum(line.startswith("MAIL") for line in sink.lines)
+
+
+# --- TLS policy ---------------------------------------------------------------
+
+ON = {"require_tls": True, "require_ca_signed": True, "validate_hostname": True}
+TLS_ONLY = {"require_tls": True, "require_ca_signed": False, "validate_hostname": False}
+CA_ONLY = {"require_tls": True, "require_ca_signed": True, "validate_hostname": False}
+OFF = {"require_tls": False, "require_ca_signed": False, "validate_hostname": False}
+
+#: failure, how the sink's certificate is made (None: no STARTTLS), the
+#: route's options with the failing check on, and with it off.
+TLS_CASES = [
+    (TlsFailure.NO_STARTTLS, None, TLS_ONLY, OFF),
+    (TlsFailure.UNTRUSTED_CA, {"untrusted": True}, CA_ONLY, TLS_ONLY),
+    (TlsFailure.HOSTNAME_MISMATCH, {"names": ("other.test",)}, ON, CA_ONLY),
+    (TlsFailure.EXPIRED, {"expired": True}, CA_ONLY, TLS_ONLY),
+]
+TLS_IDS = [case[0].value for case in TLS_CASES]
+
+
+def _tls_sink(pki: Pki, cert: dict | None) -> Sink:
+    if cert is None:
+        return Sink()
+    names = cert.get("names", ("mx1.corp.test",))
+    options = {k: v for k, v in cert.items() if k != "names"}
+    return Sink(tls_context=pki.server_context(*names, **options))
+
+
+@pytest.mark.parametrize(("failure", "cert", "on", "off"), TLS_CASES, ids=TLS_IDS)
+async def test_tls_failure_bounces_at_once(tmp_path, dnsmasq, dsn_sink, failure, cert, on, off):
+    pki = Pki(tmp_path / "pki")
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with _tls_sink(pki, cert) as failing:
+        routes = single_route("Corp", "mx1.corp.test", failing.port, **on)
+        routes += senders_route(dsn_sink)
+        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        async with Relay(tmp_path, toml) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: dsn_sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+            assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
+            assert relay.sample("relay_tls_failures_total", route="Corp", host="mx1.corp.test",
+                                reason=failure.value) == 1  # fmt: skip
+            # Bounced at once: one attempt, never deferred.
+            assert relay.sample("relay_recipients_total", route="Corp", outcome="deferred") == 0
+        assert failing.messages == []
+        assert _mails(failing) == 0
+    [dsn] = dsn_sink.messages
+    assert dsn.mail_from == "<>"  # aiosmtpd keeps the null path as written
+    assert dsn.rcpt_tos == [SENDER]
+    message, human, recipients = dsn_parts(dsn.data)
+    assert message["To"] == SENDER
+    [fields] = recipients
+    assert fields["final-recipient"] == "rfc822; bob@corp.test"
+    assert fields["action"] == "failed"
+    expected = "5.7.4" if failure is TlsFailure.NO_STARTTLS else "5.7.5"
+    assert fields["status"] == expected
+    assert TLS_FAILURE_TEXT[failure] in human
+    assert TLS_FAILURE_OPTION[failure] in human
+    assert "mx1.corp.test" in human
+
+
+@pytest.mark.parametrize(("failure", "cert", "on", "off"), TLS_CASES, ids=TLS_IDS)
+async def test_tls_check_off_delivers(tmp_path, dnsmasq, dsn_sink, failure, cert, on, off):
+    pki = Pki(tmp_path / "pki")
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with _tls_sink(pki, cert) as sink:
+        routes = single_route("Corp", "mx1.corp.test", sink.port, **off)
+        routes += senders_route(dsn_sink)
+        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        async with Relay(tmp_path, toml) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+    [message] = sink.messages
+    assert message.data == BODY
+    assert (message.tls is None) == (cert is None)
+    assert dsn_sink.connections == 0
+
+
+# --- remote replies --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["MAIL", "DATA"])
+async def test_451_then_accept_is_delivered_once(tmp_path, dnsmasq, dsn_sink, command):
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with Sink(replies={command: ["451 4.3.0 try again"]}) as sink:
+        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+            assert relay.sample("relay_recipients_total", route="Corp", outcome="deferred") == 1
+            assert relay.sample("relay_recipients_total", route="Corp", outcome="delivered") == 1
+    assert len(sink.messages) == 1
+    assert _mails(sink) == 2
+    assert dsn_sink.connections == 0
+
+
+async def test_550_for_one_recipient_bounces_only_that_one(tmp_path, dnsmasq, dsn_sink):
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with Sink(replies={"RCPT bad@corp.test": "550 5.1.1 no such user"}) as sink:
+        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+            relay.put(SENDER, ["good@corp.test", "bad@corp.test"])
+            await until(lambda: dsn_sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+    [delivered] = sink.messages
+    assert delivered.rcpt_tos == ["good@corp.test"]
+    [dsn] = dsn_sink.messages
+    _, human, recipients = dsn_parts(dsn.data)
+    assert [r["final-recipient"] for r in recipients] == ["rfc822; bad@corp.test"]
+    assert recipients[0]["status"] == "5.1.1"
+    assert "550 5.1.1 no such user" in recipients[0]["diagnostic-code"]
+    assert "bad@corp.test" in human
+    assert "good@corp.test" not in human
+
+
+async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    clock = Clock(1_900_000_000.0)
+    routes = single_route("Corp", "mx1.corp.test", closed_port()) + senders_route(dsn_sink)
+    toml = config_text(
+        tmp_path, server, routes, RULES,
+        max_lifetime="1h", min_backoff="10m", max_backoff="1h",
+    )  # fmt: skip
+    async with Relay(tmp_path, toml, clock=clock) as relay:
+        relay.put(SENDER, ["bob@corp.test"])
+        await until(lambda: relay.sample("relay_recipients_total", route="Corp",
+                                         outcome="deferred"))  # fmt: skip
+        await idle(relay)
+        assert dsn_sink.connections == 0
+        clock.advance(3600)
+        relay.scheduler.flush()
+        await until(lambda: dsn_sink.messages)
+        await idle(relay)
+        assert relay.spooled() == []
+        assert relay.sample("relay_bounces_total", reason="expired") == 1
+        assert relay.sample("relay_recipients_total", route="Corp", outcome="bounced") == 1
+    [dsn] = dsn_sink.messages
+    _, _, [fields] = dsn_parts(dsn.data)
+    assert fields["final-recipient"] == "rfc822; bob@corp.test"
+    assert fields["action"] == "failed"
+    assert fields["status"] == "4.4.7"
+    # The last error relay saw: the host was unreachable.
+    assert fields["diagnostic-code"].startswith("smtp; 4")
+
+
+# --- persistence ---------------------------------------------------------------
+
+
+async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_sink):
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with Sink(replies={"RCPT later@corp.test": "451 4.2.0 mailbox busy"}) as sink:
+        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        toml = config_text(tmp_path, server, routes, RULES, min_backoff="10m", max_backoff="1h")
+        async with Relay(tmp_path, toml) as relay:
+            relay.put(SENDER, ["good@corp.test", "later@corp.test"])
+            await until(lambda: sink.messages)
+            await idle(relay)
+        [left] = relay.spooled()
+        assert [r.address for r in left.pending] == ["later@corp.test"]
+        sink.script.replies.clear()
+        # A restart: a new Scheduler and Deliverer over the same spool.
+        async with Relay(tmp_path, toml) as again:
+            assert again.requeue() == 1
+            again.scheduler.flush()
+            await until(lambda: len(sink.messages) == 2)
+            await idle(again)
+            assert again.spooled() == []
+    first, second = sink.messages
+    assert first.rcpt_tos == ["good@corp.test"]
+    assert second.rcpt_tos == ["later@corp.test"]
+    assert sum(m.rcpt_tos.count("good@corp.test") for m in sink.messages) == 1
+    assert dsn_sink.connections == 0
+
+
+async def test_null_sender_failure_sends_no_dsn(tmp_path, dnsmasq, dsn_sink):
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
+        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+            relay.put("", ["bad@corp.test"])
+            await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
+            await idle(relay)
+            assert relay.spooled() == []
+            assert relay.sample("relay_bounces_total", reason="remote_permanent") == 0
+    assert any(line.startswith("MAIL FROM:<>") for line in sink.lines)
+    assert dsn_sink.connections == 0
+
+
+# --- metrics ---------------------------------------------------------------------
+
+
+async def test_metrics_after_known_traffic(tmp_path, dnsmasq, dsn_sink):
+    hosts = {**HOSTS, "mx2.corp.test": ["127.0.0.1"]}
+    server = dnsmasq(hosts=hosts, mx=MX)
+    refuse = {"RCPT bad@corp.test": "550 5.1.1 no such user"}
+    async with Sink(replies=refuse) as corp, Sink() as plain:
+        routes = single_route("Corp", "mx1.corp.test", corp.port)
+        routes += single_route("Strict", "mx2.corp.test", plain.port, **ON)
+        routes += senders_route(dsn_sink)
+        rules = rule("Strict", "@strict.test") + RULES
+        async with Relay(tmp_path, config_text(tmp_path, server, routes, rules)) as relay:
+            relay.put(SENDER, ["good@corp.test", "bad@corp.test", "x@strict.test"])
+            await until(lambda: dsn_sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+            sample = relay.sample
+    expected = {
+        ("relay_recipients_total", ("Corp", "delivered")): 1,
+        ("relay_recipients_total", ("Corp", "bounced")): 1,
+        ("relay_recipients_total", ("Corp", "deferred")): 0,
+        ("relay_recipients_total", ("Strict", "bounced")): 1,
+        ("relay_recipients_total", ("Senders", "delivered")): 1,
+    }
+    for (name, (route, outcome)), value in expected.items():
+        assert sample(name, route=route, outcome=outcome) == value, (route, outcome)
+    attempts = {
+        ("Corp", "mx1.corp.test", "delivered"): 1,
+        ("Strict", "mx2.corp.test", "tls_failed"): 1,
+        ("Senders", "sender.test", "delivered"): 1,
+    }
+    for (route, host, result), value in attempts.items():
+        assert sample("relay_delivery_attempts_total", route=route, host=host,
+                      result=result) == value, (route, host, result)  # fmt: skip
+    assert sample("relay_tls_failures_total", route="Strict", host="mx2.corp.test",
+                  reason="no_starttls") == 1  # fmt: skip
+    # One DSN for two causes: each cause counted once.
+    assert sample("relay_bounces_total", reason="remote_permanent") == 1
+    assert sample("relay_bounces_total", reason="tls_policy") == 1
+    assert sample("relay_bounces_total", reason="double_bounce") == 0
+    [dsn] = dsn_sink.messages
+    _, _, recipients = dsn_parts(dsn.data)
+    assert sorted(r["final-recipient"] for r in recipients) == [
+        "rfc822; bad@corp.test",
+        "rfc822; x@strict.test",
+    ]
+    assert plain.messages == []
+
+
+async def test_each_route_persisted_as_it_ends_then_abandoned_one_retried(
+    tmp_path, dnsmasq, dsn_sink
+):
+    """Route B's delivery is on disk while route A still hangs; a restart retries only A."""
+    server = dnsmasq(hosts={**HOSTS, "slow.corp.test": ["127.0.0.1"]}, mx=MX)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never greets
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    slow_port = listener.sockets[0].getsockname()[1]
+    try:
+        async with Sink() as fast:
+            routes = single_route("Slow", "slow.corp.test", slow_port)
+            routes += single_route("Corp", "mx1.corp.test", fast.port) + senders_route(dsn_sink)
+            rules = rule("Slow", "@slow.test") + RULES
+            toml = config_text(tmp_path, server, routes, rules)
+            relay = Relay(tmp_path, toml)
+            task = asyncio.create_task(relay.scheduler.run())
+            relay.put(SENDER, ["a@slow.test", "b@corp.test"])
+            await until(lambda: fast.messages and accepted)
+            await until(lambda: [r.state for r in relay.spooled()[0].recipients]
+                        == [RcptState.PENDING, RcptState.DELIVERED])  # fmt: skip
+            await relay.scheduler.stop(0.1)
+            await asyncio.wait_for(task, 5)
+            await relay.deliverer.close()
+            for writer in accepted:
+                writer.close()
+            # The slow host recovers: it is now the fast sink.
+            toml = toml.replace(f"port = {slow_port}", f"port = {fast.port}")
+            async with Relay(tmp_path, toml) as again:
+                assert again.requeue() == 1
+                await until(lambda: len(fast.messages) == 2)
+                await idle(again)
+                assert again.spooled() == []
+        assert [m.rcpt_tos for m in fast.messages] == [["b@corp.test"], ["a@slow.test"]]
+    finally:
+        listener.close()
+        await listener.wait_closed()
