@@ -99,7 +99,18 @@ def _signal_daemon(cfg: Config, sig: signal.Signals, what: str) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    """Validate here first, so the operator sees the problems at once.
+
+    An invalid file is not sent to the daemon: it exits 2 with the list,
+    and the daemon keeps its current config (a bare SIGHUP with the same
+    file would be refused by the daemon, logged and audited).
+    """
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        print("not reloaded: the running relay keeps its current config", file=sys.stderr)
+        return EXIT_CONFIG
     return _signal_daemon(cfg, signal.SIGHUP, "reload")
 
 
