@@ -98,9 +98,14 @@ class PidFile:
         self._fd: int | None = None
 
     def lock(self) -> int | None:
-        """Take the lock; None on success, else the pid of the relay that holds it."""
+        """Take the lock; None on success, else the pid of the relay that holds it.
+
+        The lock is held on a read-only descriptor: a daemon that keeps no
+        file in the spool open for writing between writes lets its file
+        system be remounted read-only (which /healthz then reports).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,8 +118,11 @@ class PidFile:
     def write(self) -> None:
         """Write our pid (once signal handlers are in place: they are what it invites)."""
         assert self._fd is not None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         if self._fd is None:
