@@ -468,7 +468,7 @@ class Deliverer:
             if not txn.open or budget <= 0:
                 break
             try:
-                ips = await self._addresses(route, candidate)
+                ips = await self._addresses(route, candidate, envelope.id)
             except RelayError as exc:
                 hosts.append(self._host_done(route, envelope, HostResult(candidate, failure=exc)))
                 txn.fail(txn.next_host(), exc, candidate.host)
@@ -509,7 +509,9 @@ class Deliverer:
             remote=dict(txn.remote),
         )
 
-    async def _addresses(self, route: Route, candidate: Candidate) -> list[str]:
+    async def _addresses(
+        self, route: Route, candidate: Candidate, qid: str | None = None
+    ) -> list[str]:
         """The IPs to connect to for ``candidate``, under the route's DNS policy."""
         try:
             return await routing.addresses_for(candidate, self._resolver)
@@ -517,7 +519,12 @@ class Deliverer:
             # A name from the configuration that does not resolve: deferred
             # (never bounce everyone's mail for a typo), but said loudly.
             self._metrics.route_dns_errors.labels(route.name, _host_label(route, candidate)).inc()
-            events.warning("route_dns_error", route=route.name, host=candidate.host, error=exc)
+            # With the queue id (none for test-tls): `grep ID` tells why it waits.
+            ident = {"id": qid} if qid else {}
+            events.warning(
+                "route_dns_error", **ident, route=route.name, host=candidate.host,
+                error=exc.detail,
+            )  # fmt: skip
             raise
 
     async def _try_host(

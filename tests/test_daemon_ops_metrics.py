@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.support.dnsserver import DnsServer, dnsmasq_servers
 from tests.support.inbound import RawClient, RelayProcess, free_port
 from tests.support.opsd import (
     Samples,
@@ -41,6 +42,9 @@ LOCAL = "zqlocalpart"  # the sink recipients' local part
 DEFERRED_RCPT = "zqdeferred@refused.test"
 STRICT_RCPT = "zqstrict@strict.test"
 DENIED_RCPT = "zqdenied@elsewhere.test"
+TYPO_RCPT = "zqtypo@typo.test"
+#: The sink route's host name, resolved by dnsmasq: host and IP differ in the logs.
+SINK_HOST = "mx-sink.test"
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Traffic:
     delivered_ids: list[str] = field(default_factory=list)
     deferred_id: str = ""
     strict_id: str = ""
+    typo_id: str = ""
     exposition: str = ""
 
     @property
@@ -59,77 +64,98 @@ class Traffic:
         return samples(self.exposition)
 
 
-def config(tmp: Path, smtp: int, metrics: int, sink: int, strict: int, bounce: int) -> str:
+def config(
+    tmp: Path, smtp: int, metrics: int, dns: DnsServer, sink: int, strict: int, bounce: int
+) -> str:
     refused = free_port()  # nothing listens there: connection refused
     return (
         f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com", "refused.test", "strict.test"]\n\n'
+        'domains = ["example.com", "refused.test", "strict.test", "typo.test"]\n\n'
+        f'[dns]\nnameservers = ["{dns.ip}:{dns.port}"]\ntimeout = "2s"\n\n'
         f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\nmax_backoff = "2h"\n\n'
         f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
         f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
         '[log]\nformat = "json"\n\n'
         '[bounces]\nroute = "Bounces"\n\n'
-        + route_toml("Sink", sink)
+        + route_toml("Sink", sink, host=SINK_HOST)
         + route_toml("Refused", refused)
         + route_toml("Strict", strict, require_tls=True)
         + route_toml("Bounces", bounce)
+        + route_toml("Typo", free_port(), host="nxhost.test")
         + rule_toml("Sink", "@example.com")
         + rule_toml("Refused", "@refused.test")
         + rule_toml("Strict", "@strict.test")
+        + rule_toml("Typo", "@typo.test")
     )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def traffic(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Traffic]:
     tmp = tmp_path_factory.mktemp("opsd-metrics")
-    async with Sink() as sink, Sink() as strict, Sink() as bounce_sink:
-        smtp, metrics = free_port(), free_port()
-        path = tmp / "relay.toml"
-        path.write_text(config(tmp, smtp, metrics, sink.port, strict.port, bounce_sink.port))
-        proc = RelayProcess(path, tmp)
-        proc.start(wait_for='"event": "started"')
-        t = Traffic(proc, metrics, sink, bounce_sink)
-        try:
-            for n in range(3):
-                t.delivered_ids.append(await send(smtp, SENDER, [f"{LOCAL}{n}@example.com"], EHLO))
-            async with await RawClient.connect(smtp) as client:
-                await client.cmd(f"EHLO {EHLO}")
-                await client.cmd(f"MAIL FROM:<{SENDER}>")
-                code, text = await client.cmd(f"RCPT TO:<{DENIED_RCPT}>")
-                assert code == 550 and "5.7.1" in text, text
-                await client.cmd("QUIT")
-            t.deferred_id = await send(smtp, SENDER, [DEFERRED_RCPT], EHLO)
-            t.strict_id = await send(smtp, SENDER, [STRICT_RCPT], EHLO)
-            # 3 delivered + the bounced original + its DSN leave the spool.
-            await wait_log(proc, '"event": "removed"', count=5, within=20)
-            await wait_log(proc, '"event": "deferred"')
-            _, t.exposition = await http_get(metrics, "/metrics")
-            yield t
-        finally:
-            proc.stop()
+    with dnsmasq_servers() as dns_servers:
+        dns = dns_servers(hosts={SINK_HOST: ["127.0.0.1"]})
+        async with Sink() as sink, Sink() as strict, Sink() as bounce_sink:
+            smtp, metrics = free_port(), free_port()
+            path = tmp / "relay.toml"
+            ports = (sink.port, strict.port, bounce_sink.port)
+            path.write_text(config(tmp, smtp, metrics, dns, *ports))
+            async for traffic in run_traffic(tmp, path, smtp, metrics, sink, bounce_sink):
+                yield traffic
+
+
+async def run_traffic(
+    tmp: Path, path: Path, smtp: int, metrics: int, sink: Sink, bounce_sink: Sink
+) -> AsyncIterator[Traffic]:
+    proc = RelayProcess(path, tmp)
+    proc.start(wait_for='"event": "started"')
+    t = Traffic(proc, metrics, sink, bounce_sink)
+    try:
+        for n in range(3):
+            t.delivered_ids.append(await send(smtp, SENDER, [f"{LOCAL}{n}@example.com"], EHLO))
+        async with await RawClient.connect(smtp) as client:
+            await client.cmd(f"EHLO {EHLO}")
+            await client.cmd(f"MAIL FROM:<{SENDER}>")
+            code, text = await client.cmd(f"RCPT TO:<{DENIED_RCPT}>")
+            assert code == 550 and "5.7.1" in text, text
+            await client.cmd("QUIT")
+        t.deferred_id = await send(smtp, SENDER, [DEFERRED_RCPT], EHLO)
+        t.strict_id = await send(smtp, SENDER, [STRICT_RCPT], EHLO)
+        t.typo_id = await send(smtp, SENDER, [TYPO_RCPT], EHLO)
+        # 3 delivered + the bounced original + its DSN leave the spool.
+        await wait_log(proc, '"event": "removed"', count=5, within=20)
+        await wait_log(proc, '"event": "deferred"', count=2)
+        _, t.exposition = await http_get(metrics, "/metrics")
+        yield t
+    finally:
+        proc.stop()
 
 
 async def test_counters_are_exact_after_known_traffic(traffic: Traffic) -> None:
     m = traffic.parsed
-    assert value(m, "relay_messages_received_total") == 5
+    assert value(m, "relay_messages_received_total") == 6
     assert matching(m, "relay_messages_rejected_total") == {(("reason", "relaying_denied"),): 1}
     assert matching(m, "relay_recipients_total") == {
         (("outcome", "delivered"), ("route", "Sink")): 3,
         (("outcome", "deferred"), ("route", "Refused")): 1,
         (("outcome", "bounced"), ("route", "Strict")): 1,
         (("outcome", "delivered"), ("route", "Bounces")): 1,
+        (("outcome", "deferred"), ("route", "Typo")): 1,
     }
     assert matching(m, "relay_delivery_attempts_total") == {
-        (("host", "127.0.0.1"), ("result", "delivered"), ("route", "Sink")): 3,
+        (("host", SINK_HOST), ("result", "delivered"), ("route", "Sink")): 3,
         (("host", "127.0.0.1"), ("result", "unreachable"), ("route", "Refused")): 1,
         (("host", "127.0.0.1"), ("result", "tls_failed"), ("route", "Strict")): 1,
         (("host", "127.0.0.1"), ("result", "delivered"), ("route", "Bounces")): 1,
+        (("host", "nxhost.test"), ("result", "dns_failed"), ("route", "Typo")): 1,
     }
     assert matching(m, "relay_tls_failures_total") == {
         (("host", "127.0.0.1"), ("reason", "no_starttls"), ("route", "Strict")): 1
     }
     assert matching(m, "relay_bounces_total") == {(("reason", "tls_policy"),): 1}
-    assert value(m, "relay_queue_messages") == 1
+    assert matching(m, "relay_route_dns_errors_total") == {
+        (("host", "nxhost.test"), ("route", "Typo")): 1
+    }
+    assert value(m, "relay_queue_messages") == 2
     assert value(m, "relay_delivery_seconds_count", route="Sink") == 3
     assert value(m, "relay_delivery_seconds_count", route="Bounces") == 1
     assert value(m, "relay_delivery_seconds_count", route="Refused") is None
@@ -161,13 +187,21 @@ async def test_exposition_has_every_contract_metric_and_process_metrics(traffic:
 
 
 async def test_no_label_value_carries_an_address_or_client_string(traffic: Traffic) -> None:
-    client_strings = ("zq", "@", "sender.test", "refused.test", "strict.test", "elsewhere.test")
+    client_strings = (
+        "zq",
+        "@",
+        "sender.test",
+        "refused.test",
+        "strict.test",
+        "elsewhere.test",
+        "typo.test",
+    )
     for (name, labels), _ in traffic.parsed.items():
         for key, label_value in labels:
             for needle in client_strings:
                 assert needle not in label_value, (name, key, label_value)
     # Nor anywhere else in the exposition (HELP texts included).
-    for needle in (SENDER, EHLO, LOCAL, "zqdenied", "zqdeferred", "zqstrict"):
+    for needle in (SENDER, EHLO, LOCAL, "zqdenied", "zqdeferred", "zqstrict", "zqtypo"):
         assert needle not in traffic.exposition
 
 
@@ -196,7 +230,7 @@ async def test_grep_queue_id_tells_a_delivered_message_story(traffic: Traffic) -
     accepted, attempt, delivered, _ = lines
     assert accepted["id"] == qid and accepted["from"] == f"<{SENDER}>"
     assert accepted["client"] == "127.0.0.1"
-    assert attempt["route"] == "Sink" and attempt["host"] == "127.0.0.1"
+    assert attempt["route"] == "Sink" and attempt["host"] == SINK_HOST
     assert attempt["ip"] == "127.0.0.1"
     assert attempt["tls"] == "none" and attempt["verified"] is False
     assert str(attempt["reply"]).startswith("250")
@@ -226,3 +260,14 @@ async def test_grep_queue_id_shows_a_tls_bounce_and_its_dsn(traffic: Traffic) ->
     dsn_story = story(traffic, str(bounced["dsn"]))
     assert [line["event"] for line in dsn_story] == ["bounced", "attempt", "delivered", "removed"]
     assert dsn_story[1]["route"] == "Bounces"
+
+
+async def test_grep_queue_id_shows_a_route_name_that_does_not_resolve(traffic: Traffic) -> None:
+    lines = story(traffic, traffic.typo_id)
+    events = [line["event"] for line in lines]
+    assert events == ["accepted", "route_dns_error", "attempt", "deferred"]
+    dns_error, attempt, deferred = lines[1:]
+    assert dns_error["level"] == "warning"
+    assert dns_error["route"] == "Typo" and dns_error["host"] == "nxhost.test"
+    assert attempt["result"] == "dns_failed" and attempt["ip"] == "-"
+    assert deferred["route"] == "Typo" and "next_attempt" in deferred
