@@ -123,7 +123,7 @@ async def test_invalid_reload_is_refused_logged_counted_audited(daemon: Daemon) 
     assert "'Spare': port:" in problem and "465" in problem, problem
     assert "level=error event=reload_failed" in daemon.proc.log
     assert await daemon.reloads("error") == 1
-    assert await daemon.reloads("success") is None
+    assert await daemon.reloads("success") == 0
     refused = daemon.audit_entries()[-1]
     assert refused["event"] == "reload_refused" and refused["trigger"] == "SIGHUP"
     assert any("Spare" in p and "465" in p for p in refused["problems"])  # type: ignore[union-attr]

@@ -81,6 +81,11 @@ def matching(parsed: Samples, name: str) -> dict[tuple[tuple[str, str], ...], fl
     return {labels: v for (n, labels), v in parsed.items() if n == name}
 
 
+def nonzero(parsed: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of ``name`` that are not 0 (closed label sets start at 0)."""
+    return {labels: v for labels, v in matching(parsed, name).items() if v}
+
+
 async def send(
     port: int, sender: str, rcpts: list[str], ehlo: str = "client.test", body: bytes = MSG
 ) -> str:
