@@ -145,6 +145,8 @@ class Daemon:
         self.deliverer = Deliverer(self.config, DnsResolver(self._config.dns), self.metrics)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[bool]] = set()
+        #: Set once the SMTP listeners are up (a reload may change them).
+        self._inbound: Inbound | None = None
 
     def config(self) -> Config:
         """The current config: every component reads it through this callable."""
@@ -183,6 +185,7 @@ class Daemon:
         metrics_server = None
         try:
             await inbound.start()
+            self._inbound = inbound
             if cfg.metrics.listen is not None:
                 listen = cfg.metrics.listen
                 metrics_server = await metricsmod.serve(
@@ -267,6 +270,8 @@ class Daemon:
             self.metrics.config_reloads.labels(result="error").inc()
             events.error("reload_failed", config=str(old.source), error=str(exc))
             return False
+        if not await self._relisten(old, new):
+            return False
         # One reference swap: inbound and the scheduler read it per command.
         self._config, self._tls = new, server_tls
         # A CA file may have changed on disk under the same path.
@@ -276,15 +281,36 @@ class Daemon:
         self.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)
-        for field in ("listen", "queue", "metrics"):
-            changed = (
-                old.server.listen != new.server.listen
-                if field == "listen"
-                else getattr(old, field) != getattr(new, field)
-            )
-            if changed:
+        for field in ("queue", "metrics"):
+            if getattr(old, field) != getattr(new, field):
                 events.warning("reload_needs_restart", setting=field)
         self._applied(new, "reload", old)
+        return True
+
+    async def _relisten(self, old: Config, new: Config) -> bool:
+        """Bind the listeners a reload added, close the ones it removed.
+
+        Only when ``[server] listen`` changed; open sessions are never
+        dropped. False (the reload is refused, listeners as before) when
+        a new address cannot be bound.
+        """
+        if self._inbound is None or new.server.listen == old.server.listen:
+            return True
+        try:
+            added, removed = await self._inbound.relisten(new.server.listen)
+        except OSError as exc:
+            self.metrics.config_reloads.labels(result="error").inc()
+            problem = configmod.Problem("server", "listen", f"cannot listen: {exc}")
+            events.error("reload_failed", config=str(new.source), problems=1)
+            events.error("reload_problem", problem=str(problem))
+            self._audit(old, lambda log: log.record_refused(new.source, [problem]))
+            return False
+        events.log(
+            "listen_changed",
+            added=",".join(map(str, added)) or "-",
+            removed=",".join(map(str, removed)) or "-",
+            listen=",".join(listen_texts(self._inbound)),
+        )
         return True
 
     def _applied(self, new: Config, reason: str, old: Config | None = None) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,17 @@ class Daemon:
     spare_port: int
     #: Nothing listens there: mail on route Old is deferred.
     old_port: int
+    #: A second SMTP port, added to ``listen`` by a reload.
+    smtp2: int
+    #: The SMTP ports ``write`` puts in ``listen`` (default: just ``smtp``).
+    ports: list[int] = field(default_factory=list)
 
     def write(self, *, new: bool = False, spare_port: int | None = None) -> None:
         """Config A (``new=False``) or B: B adds route New, routes old.test to it, removes Old."""
         domains = '"example.com", "old.test"' + (', "new.test"' if new else "")
+        listen = ", ".join(f'"127.0.0.1:{port}"' for port in self.ports or [self.smtp])
         text = (
-            f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{self.smtp}"]\n'
+            f'[server]\nhostname = "relay.test"\nlisten = [{listen}]\n'
             f"domains = [{domains}]\n\n"
             f'[queue]\npath = "{self.tmp / "spool"}"\nmin_backoff = "1h"\n\n'
             f'[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n\n'
@@ -82,9 +88,8 @@ async def daemon(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Daem
     async with Sink() as sink, Sink() as new_sink:
         path = tmp / "relay.toml"
         proc = RelayProcess(path, tmp)
-        d = Daemon(
-            proc, path, tmp, free_port(), free_port(), sink, new_sink, free_port(), free_port()
-        )
+        ports = [free_port() for _ in range(5)]
+        d = Daemon(proc, path, tmp, ports[0], ports[1], sink, new_sink, *ports[2:])
         d.write()
         proc.start()
         try:
@@ -148,12 +153,17 @@ async def test_reload_adds_route_and_rule_open_session_survives(daemon: Daemon) 
         await wait_log(daemon.proc, f"event=deferred id={old_qid}")
 
         new_spare = free_port()
+        daemon.ports = [daemon.smtp, daemon.smtp2]
         daemon.write(new=True, spare_port=new_spare)
         done = await cli(daemon.proc, daemon.path, "reload")
         assert done.returncode == 0, done.stderr
         await wait_log(daemon.proc, "reason=reload")
         assert await daemon.reloads("success") == 1
         assert await daemon.reloads("error") == 1
+        # `listen` changed: the new address is bound, the old one stays.
+        await wait_log(daemon.proc, f"event=listen_changed added=127.0.0.1:{daemon.smtp2}")
+        async with await RawClient.connect(daemon.smtp2) as other:
+            assert (await other.cmd("EHLO client.test"))[0] == 250
 
         # The session opened before the reload carries on, under the new rules.
         qid = await send_on(client, SENDER, ["x@new.test"])
@@ -178,6 +188,10 @@ async def test_reload_adds_route_and_rule_open_session_survives(daemon: Daemon) 
     assert changes["routes"]["changed"] == {  # type: ignore[index]
         "Spare": {"port": [daemon.spare_port, new_spare]}
     }
+    assert changes["server"]["listen"] == [  # type: ignore[index]
+        [f"127.0.0.1:{daemon.smtp}"],
+        [f"127.0.0.1:{daemon.smtp}", f"127.0.0.1:{daemon.smtp2}"],
+    ]
 
     shown = await cli(daemon.proc, daemon.path, "audit")
     assert shown.returncode == 0, shown.stderr
@@ -187,3 +201,43 @@ async def test_reload_adds_route_and_rule_open_session_survives(daemon: Daemon) 
     assert f'route "Spare": changed port: {daemon.spare_port} → {new_spare}' in out
     assert "reload refused by SIGHUP" in out and "465" in out
     assert re.search(r"reload sha256 \S+→\S+ by SIGHUP", out), out
+    daemon.spare_port = new_spare
+
+
+async def test_reload_removing_a_listener_keeps_its_open_sessions(daemon: Daemon) -> None:
+    client = await RawClient.connect(daemon.smtp)
+    try:
+        assert (await client.cmd("EHLO client.test"))[0] == 250
+        daemon.ports = [daemon.smtp2]
+        daemon.write(new=True)
+        daemon.proc.signal(signal.SIGHUP)
+        await wait_log(daemon.proc, f"event=listen_changed added=- removed=127.0.0.1:{daemon.smtp}")
+        with pytest.raises(ConnectionRefusedError):
+            await RawClient.connect(daemon.smtp)
+        # The session the removed listener accepted is still served.
+        qid = await send_on(client, SENDER, ["z@new.test"])
+        assert (await client.cmd("QUIT"))[0] == 221
+    finally:
+        await client.close()
+    await wait_log(daemon.proc, f"event=delivered id={qid}")
+    await send(daemon.smtp2, SENDER, ["w@new.test"])
+    await wait_until(lambda: len(daemon.new_sink.messages) == 4, "delivery via the new listener")
+
+
+async def test_reload_to_an_address_in_use_is_refused_listeners_unchanged(daemon: Daemon) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        daemon.ports = [daemon.smtp2, taken]
+        daemon.write(new=True)
+        daemon.proc.signal(signal.SIGHUP)
+        await wait_log(daemon.proc, "server: listen: cannot listen")
+    assert await daemon.reloads("error") == 2
+    refused = daemon.audit_entries()[-1]
+    assert refused["event"] == "reload_refused"
+    assert "cannot listen" in str(refused["problems"])
+    async with await RawClient.connect(daemon.smtp2) as client:
+        assert (await client.cmd("EHLO client.test"))[0] == 250
+    daemon.ports = [daemon.smtp2]
+    daemon.write(new=True)
