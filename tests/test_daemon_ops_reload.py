@@ -55,10 +55,12 @@ class Daemon:
     smtp2: int
     #: The SMTP ports ``write`` puts in ``listen`` (default: just ``smtp``).
     ports: list[int] = field(default_factory=list)
+    #: Route Guarded (to the plain sink) requires TLS.
+    guarded_tls: bool = False
 
     def write(self, *, new: bool = False, spare_port: int | None = None) -> None:
         """Config A (``new=False``) or B: B adds route New, routes old.test to it, removes Old."""
-        domains = '"example.com", "old.test"' + (', "new.test"' if new else "")
+        domains = '"example.com", "old.test", "guarded.test"' + (', "new.test"' if new else "")
         listen = ", ".join(f'"127.0.0.1:{port}"' for port in self.ports or [self.smtp])
         text = (
             f'[server]\nhostname = "relay.test"\nlisten = [{listen}]\n'
@@ -66,10 +68,13 @@ class Daemon:
             f'[queue]\npath = "{self.tmp / "spool"}"\nmin_backoff = "1h"\n\n'
             f'[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n\n'
             f'[audit]\npath = "{self.tmp / "audit.log"}"\n\n'
+            '[bounces]\nroute = "Sink"\n\n'
             + route_toml("Sink", self.sink.port)
+            + route_toml("Guarded", self.sink.port, require_tls=self.guarded_tls)
             + route_toml("Spare", spare_port or self.spare_port)
             + (route_toml("New", self.new_sink.port) if new else route_toml("Old", self.old_port))
             + rule_toml("Sink", "@example.com")
+            + rule_toml("Guarded", "@guarded.test")
             + (rule_toml("New", "@new.test", "@old.test") if new else rule_toml("Old", "@old.test"))
         )
         self.path.write_text(text)
@@ -111,7 +116,7 @@ async def test_start_is_audited_with_every_route_added(daemon: Daemon) -> None:
     [start] = daemon.audit_entries()
     assert start["event"] == "start" and start["path"] == str(daemon.path)
     assert re.fullmatch(r"[0-9a-f]{64}", str(start["sha256"]))
-    assert start["changes"]["routes"]["added"] == ["Sink", "Spare", "Old"]  # type: ignore[index]
+    assert start["changes"]["routes"]["added"] == ["Sink", "Guarded", "Spare", "Old"]  # type: ignore[index]
 
 
 async def test_invalid_reload_is_refused_logged_counted_audited(daemon: Daemon) -> None:
@@ -241,3 +246,27 @@ async def test_reload_to_an_address_in_use_is_refused_listeners_unchanged(daemon
         assert (await client.cmd("EHLO client.test"))[0] == 250
     daemon.ports = [daemon.smtp2]
     daemon.write(new=True)
+
+
+async def test_reload_changes_tls_policy_for_the_next_attempt(daemon: Daemon) -> None:
+    before = await send(daemon.smtp2, SENDER, ["g1@guarded.test"])
+    await wait_log(daemon.proc, f"event=delivered id={before}")
+    daemon.guarded_tls = True
+    daemon.write(new=True)
+    done = await cli(daemon.proc, daemon.path, "reload")
+    assert done.returncode == 0, done.stderr
+    await wait_until(
+        lambda: (
+            daemon.audit_entries()[-1].get("changes", {}).get("routes", {}).get("changed")
+            == {"Guarded": {"require_tls": [False, True]}}
+        ),
+        "the reload audited",
+    )
+    # The same host, plaintext only: now it fails the route's TLS policy.
+    after = await send(daemon.smtp2, SENDER, ["g2@guarded.test"])
+    await wait_log(daemon.proc, f"event=bounced id={after}")
+    attempt = next(line for line in daemon.proc.log.splitlines() if f"attempt id={after}" in line)
+    assert "route=Guarded" in attempt and "result=tls_failed" in attempt, attempt
+    await wait_until(
+        lambda: any(m.rcpt_tos == [SENDER] for m in daemon.sink.messages), "the DSN on Sink"
+    )
