@@ -204,6 +204,9 @@ async def test_reload_adds_route_and_rule_open_session_survives(daemon: Daemon) 
     assert 'route "New": added' in out
     assert 'route "Old": removed' in out
     assert f'route "Spare": changed port: {daemon.spare_port} → {new_spare}' in out
+    assert "rules[3]: changed recipients: [@old.test] → [@new.test, @old.test]" in out
+    assert "rules[3]: changed route: Old → New" in out
+    assert "server: changed domains:" in out
     assert "reload refused by SIGHUP" in out and "465" in out
     assert re.search(r"reload sha256 \S+→\S+ by SIGHUP", out), out
     daemon.spare_port = new_spare
