@@ -546,7 +546,7 @@ class Deliverer:
         carried = txn.next_host()
         async with self._pool.slot(key, cfg.delivery.max_per_host):
             try:
-                session, reused = await self._session(key, cfg)
+                session, reused = await self._session(key, cfg, envelope.id)
                 reply = await self._transaction(session, envelope, txn, body, where)
             except RelayError as exc:
                 if session is not None:
@@ -584,7 +584,7 @@ class Deliverer:
             reused=reused,
         )
 
-    async def _session(self, key: HopKey, cfg: Config) -> tuple[Session, bool]:
+    async def _session(self, key: HopKey, cfg: Config, qid: str = "") -> tuple[Session, bool]:
         """A pooled session that answers RSET, or a fresh one; (session, reused)."""
         while (session := self._pool.take(key, cfg.delivery.idle_timeout)) is not None:
             try:
@@ -596,9 +596,9 @@ class Deliverer:
             except RelayError:
                 # A dead pooled session is not the host's fault: replace it.
                 session.close()
-        return await self._connect(key, cfg), False
+        return await self._connect(key, cfg, qid), False
 
-    async def _connect(self, key: HopKey, cfg: Config) -> Session:
+    async def _connect(self, key: HopKey, cfg: Config, qid: str = "") -> Session:
         """Connect, EHLO and STARTTLS per the policy; raise a RelayError if the host fails."""
         ip, port, policy, name = key
         try:
@@ -610,7 +610,12 @@ class Deliverer:
                 raise exc.failure from exc
             # Opportunistic (RFC 7435): a failed handshake must not stop
             # the mail; reconnect to the same host and stay in plaintext.
-            events.warning("tls_fallback", host=name, ip=ip, port=port, error=exc.failure.detail)
+            # With the queue id of the attempt that opened it: `grep ID` shows
+            # why its attempt line says tls=none.
+            ident = {"id": qid} if qid else {}
+            events.warning(
+                "tls_fallback", **ident, host=name, ip=ip, port=port, error=exc.failure.detail
+            )
             return await self._open(key, cfg, starttls=False)
 
     async def _open(self, key: HopKey, cfg: Config, starttls: bool) -> Session:

@@ -34,6 +34,7 @@ from tests.support.opsd import (
     value,
     wait_log,
 )
+from tests.support.pki import Pki
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -45,6 +46,7 @@ DEFERRED_RCPT = "zqdeferred@refused.test"
 STRICT_RCPT = "zqstrict@strict.test"
 DENIED_RCPT = "zqdenied@elsewhere.test"
 TYPO_RCPT = "zqtypo@typo.test"
+FALLBACK_RCPT = "zqfallback@fallback.test"
 #: The sink route's host name, resolved by dnsmasq: host and IP differ in the logs.
 SINK_HOST = "mx-sink.test"
 
@@ -59,6 +61,7 @@ class Traffic:
     deferred_id: str = ""
     strict_id: str = ""
     typo_id: str = ""
+    fallback_id: str = ""
     exposition: str = ""
 
     @property
@@ -67,12 +70,19 @@ class Traffic:
 
 
 def config(
-    tmp: Path, smtp: int, metrics: int, dns: DnsServer, sink: int, strict: int, bounce: int
+    tmp: Path,
+    smtp: int,
+    metrics: int,
+    dns: DnsServer,
+    sink: int,
+    strict: int,
+    bounce: int,
+    fallback: int,
 ) -> str:
     refused = free_port()  # nothing listens there: connection refused
     return (
         f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com", "refused.test", "strict.test", "typo.test"]\n\n'
+        'domains = ["example.com", "refused.test", "strict.test", "typo.test", "fallback.test"]\n\n'
         f'[dns]\nnameservers = ["{dns.ip}:{dns.port}"]\ntimeout = "2s"\n\n'
         f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\nmax_backoff = "2h"\n\n'
         f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
@@ -84,10 +94,12 @@ def config(
         + route_toml("Strict", strict, require_tls=True)
         + route_toml("Bounces", bounce)
         + route_toml("Typo", free_port(), host="nxhost.test")
+        + route_toml("Fallback", fallback)
         + rule_toml("Sink", "@example.com")
         + rule_toml("Refused", "@refused.test")
         + rule_toml("Strict", "@strict.test")
         + rule_toml("Typo", "@typo.test")
+        + rule_toml("Fallback", "@fallback.test")
     )
 
 
@@ -96,10 +108,17 @@ async def traffic(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tra
     tmp = tmp_path_factory.mktemp("opsd-metrics")
     with dnsmasq_servers() as dns_servers:
         dns = dns_servers(hosts={SINK_HOST: ["127.0.0.1"]})
-        async with Sink() as sink, Sink() as strict, Sink() as bounce_sink:
+        # Offers STARTTLS, then answers the handshake with garbage.
+        broken_tls = Pki(tmp / "pki").server_context("127.0.0.1")
+        async with (
+            Sink() as sink,
+            Sink() as strict,
+            Sink() as bounce_sink,
+            Sink(tls_context=broken_tls, replies={"STARTTLS": "220 go ahead"}) as fallback,
+        ):
             smtp, metrics = free_port(), free_port()
             path = tmp / "relay.toml"
-            ports = (sink.port, strict.port, bounce_sink.port)
+            ports = (sink.port, strict.port, bounce_sink.port, fallback.port)
             path.write_text(config(tmp, smtp, metrics, dns, *ports))
             async for traffic in run_traffic(tmp, path, smtp, metrics, sink, bounce_sink):
                 yield traffic
@@ -123,8 +142,9 @@ async def run_traffic(
         t.deferred_id = await send(smtp, SENDER, [DEFERRED_RCPT], EHLO)
         t.strict_id = await send(smtp, SENDER, [STRICT_RCPT], EHLO)
         t.typo_id = await send(smtp, SENDER, [TYPO_RCPT], EHLO)
+        t.fallback_id = await send(smtp, SENDER, [FALLBACK_RCPT], EHLO)
         # 3 delivered + the bounced original + its DSN leave the spool.
-        await wait_log(proc, '"event": "removed"', count=5, within=20)
+        await wait_log(proc, '"event": "removed"', count=6, within=20)
         await wait_log(proc, '"event": "deferred"', count=2)
         _, t.exposition = await http_get(metrics, "/metrics")
         yield t
@@ -134,7 +154,7 @@ async def run_traffic(
 
 async def test_counters_are_exact_after_known_traffic(traffic: Traffic) -> None:
     m = traffic.parsed
-    assert value(m, "relay_messages_received_total") == 6
+    assert value(m, "relay_messages_received_total") == 7
     # Closed label sets are exported from the start, at 0 (see relay.metrics).
     assert nonzero(m, "relay_messages_rejected_total") == {(("reason", "relaying_denied"),): 1}
     assert set(matching(m, "relay_messages_rejected_total")) == {
@@ -142,6 +162,7 @@ async def test_counters_are_exact_after_known_traffic(traffic: Traffic) -> None:
     }
     assert matching(m, "relay_recipients_total") == {
         (("outcome", "delivered"), ("route", "Sink")): 3,
+        (("outcome", "delivered"), ("route", "Fallback")): 1,
         (("outcome", "deferred"), ("route", "Refused")): 1,
         (("outcome", "bounced"), ("route", "Strict")): 1,
         (("outcome", "delivered"), ("route", "Bounces")): 1,
@@ -149,6 +170,8 @@ async def test_counters_are_exact_after_known_traffic(traffic: Traffic) -> None:
     }
     assert matching(m, "relay_delivery_attempts_total") == {
         (("host", SINK_HOST), ("result", "delivered"), ("route", "Sink")): 3,
+        # Opportunistic TLS whose handshake failed: plaintext, no TLS failure.
+        (("host", "127.0.0.1"), ("result", "delivered"), ("route", "Fallback")): 1,
         (("host", "127.0.0.1"), ("result", "unreachable"), ("route", "Refused")): 1,
         (("host", "127.0.0.1"), ("result", "tls_failed"), ("route", "Strict")): 1,
         (("host", "127.0.0.1"), ("result", "delivered"), ("route", "Bounces")): 1,
@@ -205,13 +228,23 @@ async def test_no_label_value_carries_an_address_or_client_string(traffic: Traff
         "strict.test",
         "elsewhere.test",
         "typo.test",
+        "fallback.test",
     )
     for (name, labels), _ in traffic.parsed.items():
         for key, label_value in labels:
             for needle in client_strings:
                 assert needle not in label_value, (name, key, label_value)
     # Nor anywhere else in the exposition (HELP texts included).
-    for needle in (SENDER, EHLO, LOCAL, "zqdenied", "zqdeferred", "zqstrict", "zqtypo"):
+    for needle in (
+        SENDER,
+        EHLO,
+        LOCAL,
+        "zqdenied",
+        "zqdeferred",
+        "zqstrict",
+        "zqtypo",
+        "zqfallback",
+    ):
         assert needle not in traffic.exposition
 
 
@@ -281,3 +314,13 @@ async def test_grep_queue_id_shows_a_route_name_that_does_not_resolve(traffic: T
     assert dns_error["route"] == "Typo" and dns_error["host"] == "nxhost.test"
     assert attempt["result"] == "dns_failed" and attempt["ip"] == "-"
     assert deferred["route"] == "Typo" and "next_attempt" in deferred
+
+
+async def test_grep_queue_id_shows_an_opportunistic_tls_fallback(traffic: Traffic) -> None:
+    lines = story(traffic, traffic.fallback_id)
+    events = [line["event"] for line in lines]
+    assert events == ["accepted", "tls_fallback", "attempt", "delivered", "removed"]
+    fallback, attempt = lines[1], lines[2]
+    assert fallback["level"] == "warning" and fallback["ip"] == "127.0.0.1"
+    assert attempt["route"] == "Fallback" and attempt["tls"] == "none"
+    assert attempt["verified"] is False and attempt["result"] == "delivered"
