@@ -10,6 +10,7 @@ to a sink through ``[bounces] route``).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -146,7 +147,13 @@ async def run_traffic(
         # 3 delivered + the bounced original + its DSN leave the spool.
         await wait_log(proc, '"event": "removed"', count=6, within=20)
         await wait_log(proc, '"event": "deferred"', count=2)
-        _, t.exposition = await http_get(metrics, "/metrics")
+        # The queue gauge is set as each attempt's task finishes, just after
+        # its last log line: scrape until it has settled.
+        for _ in range(50):
+            _, t.exposition = await http_get(metrics, "/metrics")
+            if value(samples(t.exposition), "relay_queue_messages") == 2:
+                break
+            await asyncio.sleep(0.1)
         yield t
     finally:
         proc.stop()
