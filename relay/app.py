@@ -145,6 +145,7 @@ class Daemon:
         self.deliverer = Deliverer(self.config, DnsResolver(self._config.dns), self.metrics)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[bool]] = set()
+        self._reloading = asyncio.Lock()
         #: Set once the SMTP listeners are up (a reload may change them).
         self._inbound: Inbound | None = None
 
@@ -253,7 +254,15 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> bool:
-        """SIGHUP: load the config again; swap it in only if it is valid."""
+        """SIGHUP: load the config again; swap it in only if it is valid.
+
+        Reloads run one at a time: each one compares with (and audits
+        against) the config the previous one left, never a stale one.
+        """
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         old = self._config
         try:
             new = await asyncio.to_thread(self._load)
