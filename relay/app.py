@@ -98,9 +98,14 @@ class PidFile:
         self._fd: int | None = None
 
     def lock(self) -> int | None:
-        """Take the lock; None on success, else the pid of the relay that holds it."""
+        """Take the lock; None on success, else the pid of the relay that holds it.
+
+        The lock is held on a read-only descriptor: a daemon that keeps no
+        file in the spool open for writing between writes lets its file
+        system be remounted read-only (which /healthz then reports).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,8 +118,11 @@ class PidFile:
     def write(self) -> None:
         """Write our pid (once signal handlers are in place: they are what it invites)."""
         assert self._fd is not None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         if self._fd is None:
@@ -137,6 +145,9 @@ class Daemon:
         self.deliverer = Deliverer(self.config, DnsResolver(self._config.dns), self.metrics)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[bool]] = set()
+        self._reloading = asyncio.Lock()
+        #: Set once the SMTP listeners are up (a reload may change them).
+        self._inbound: Inbound | None = None
 
     def config(self) -> Config:
         """The current config: every component reads it through this callable."""
@@ -175,6 +186,7 @@ class Daemon:
         metrics_server = None
         try:
             await inbound.start()
+            self._inbound = inbound
             if cfg.metrics.listen is not None:
                 listen = cfg.metrics.listen
                 metrics_server = await metricsmod.serve(
@@ -242,7 +254,15 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> bool:
-        """SIGHUP: load the config again; swap it in only if it is valid."""
+        """SIGHUP: load the config again; swap it in only if it is valid.
+
+        Reloads run one at a time: each one compares with (and audits
+        against) the config the previous one left, never a stale one.
+        """
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         old = self._config
         try:
             new = await asyncio.to_thread(self._load)
@@ -259,6 +279,8 @@ class Daemon:
             self.metrics.config_reloads.labels(result="error").inc()
             events.error("reload_failed", config=str(old.source), error=str(exc))
             return False
+        if not await self._relisten(old, new):
+            return False
         # One reference swap: inbound and the scheduler read it per command.
         self._config, self._tls = new, server_tls
         # A CA file may have changed on disk under the same path.
@@ -268,15 +290,36 @@ class Daemon:
         self.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)
-        for field in ("listen", "queue", "metrics"):
-            changed = (
-                old.server.listen != new.server.listen
-                if field == "listen"
-                else getattr(old, field) != getattr(new, field)
-            )
-            if changed:
+        for field in ("queue", "metrics"):
+            if getattr(old, field) != getattr(new, field):
                 events.warning("reload_needs_restart", setting=field)
         self._applied(new, "reload", old)
+        return True
+
+    async def _relisten(self, old: Config, new: Config) -> bool:
+        """Bind the listeners a reload added, close the ones it removed.
+
+        Only when ``[server] listen`` changed; open sessions are never
+        dropped. False (the reload is refused, listeners as before) when
+        a new address cannot be bound.
+        """
+        if self._inbound is None or new.server.listen == old.server.listen:
+            return True
+        try:
+            added, removed = await self._inbound.relisten(new.server.listen)
+        except OSError as exc:
+            self.metrics.config_reloads.labels(result="error").inc()
+            problem = configmod.Problem("server", "listen", f"cannot listen: {exc}")
+            events.error("reload_failed", config=str(new.source), problems=1)
+            events.error("reload_problem", problem=str(problem))
+            self._audit(old, lambda log: log.record_refused(new.source, [problem]))
+            return False
+        events.log(
+            "listen_changed",
+            added=",".join(map(str, added)) or "-",
+            removed=",".join(map(str, removed)) or "-",
+            listen=",".join(listen_texts(self._inbound)),
+        )
         return True
 
     def _applied(self, new: Config, reason: str, old: Config | None = None) -> None:

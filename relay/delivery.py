@@ -468,7 +468,7 @@ class Deliverer:
             if not txn.open or budget <= 0:
                 break
             try:
-                ips = await self._addresses(route, candidate)
+                ips = await self._addresses(route, candidate, envelope.id)
             except RelayError as exc:
                 hosts.append(self._host_done(route, envelope, HostResult(candidate, failure=exc)))
                 txn.fail(txn.next_host(), exc, candidate.host)
@@ -509,7 +509,9 @@ class Deliverer:
             remote=dict(txn.remote),
         )
 
-    async def _addresses(self, route: Route, candidate: Candidate) -> list[str]:
+    async def _addresses(
+        self, route: Route, candidate: Candidate, qid: str | None = None
+    ) -> list[str]:
         """The IPs to connect to for ``candidate``, under the route's DNS policy."""
         try:
             return await routing.addresses_for(candidate, self._resolver)
@@ -517,7 +519,12 @@ class Deliverer:
             # A name from the configuration that does not resolve: deferred
             # (never bounce everyone's mail for a typo), but said loudly.
             self._metrics.route_dns_errors.labels(route.name, _host_label(route, candidate)).inc()
-            events.warning("route_dns_error", route=route.name, host=candidate.host, error=exc)
+            # With the queue id (none for test-tls): `grep ID` tells why it waits.
+            ident = {"id": qid} if qid else {}
+            events.warning(
+                "route_dns_error", **ident, route=route.name, host=candidate.host,
+                error=exc.detail,
+            )  # fmt: skip
             raise
 
     async def _try_host(
@@ -539,7 +546,7 @@ class Deliverer:
         carried = txn.next_host()
         async with self._pool.slot(key, cfg.delivery.max_per_host):
             try:
-                session, reused = await self._session(key, cfg)
+                session, reused = await self._session(key, cfg, envelope.id)
                 reply = await self._transaction(session, envelope, txn, body, where)
             except RelayError as exc:
                 if session is not None:
@@ -577,7 +584,7 @@ class Deliverer:
             reused=reused,
         )
 
-    async def _session(self, key: HopKey, cfg: Config) -> tuple[Session, bool]:
+    async def _session(self, key: HopKey, cfg: Config, qid: str = "") -> tuple[Session, bool]:
         """A pooled session that answers RSET, or a fresh one; (session, reused)."""
         while (session := self._pool.take(key, cfg.delivery.idle_timeout)) is not None:
             try:
@@ -589,9 +596,9 @@ class Deliverer:
             except RelayError:
                 # A dead pooled session is not the host's fault: replace it.
                 session.close()
-        return await self._connect(key, cfg), False
+        return await self._connect(key, cfg, qid), False
 
-    async def _connect(self, key: HopKey, cfg: Config) -> Session:
+    async def _connect(self, key: HopKey, cfg: Config, qid: str = "") -> Session:
         """Connect, EHLO and STARTTLS per the policy; raise a RelayError if the host fails."""
         ip, port, policy, name = key
         try:
@@ -603,7 +610,12 @@ class Deliverer:
                 raise exc.failure from exc
             # Opportunistic (RFC 7435): a failed handshake must not stop
             # the mail; reconnect to the same host and stay in plaintext.
-            events.warning("tls_fallback", host=name, ip=ip, port=port, error=exc.failure.detail)
+            # With the queue id of the attempt that opened it: `grep ID` shows
+            # why its attempt line says tls=none.
+            ident = {"id": qid} if qid else {}
+            events.warning(
+                "tls_fallback", **ident, host=name, ip=ip, port=port, error=exc.failure.detail
+            )
             return await self._open(key, cfg, starttls=False)
 
     async def _open(self, key: HopKey, cfg: Config, starttls: bool) -> Session:

@@ -34,7 +34,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import errors, events
-from relay.config import Config
+from relay.config import Config, Listen
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import REJECT_REASONS, Metrics
@@ -606,6 +606,8 @@ class Inbound:
         self.handler = _Handler(self)
         self.connections: set[_Connection] = set()
         self.servers: list[asyncio.Server] = []
+        #: The same servers by the listen address they were bound for.
+        self._listening: dict[Listen, asyncio.Server] = {}
         self._writes = 0
         self._writes_done = asyncio.Event()
         self._writes_done.set()
@@ -623,16 +625,57 @@ class Inbound:
 
     async def start(self) -> None:
         """Bind every listen address; raises OSError if one cannot be bound."""
-        loop = asyncio.get_running_loop()
         # Every refusal is our own log event; aiosmtpd's per-command chatter is not.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
         try:
             for listen in self.config().server.listen:
-                server = await loop.create_server(self._connection, listen.host, listen.port)
-                self.servers.append(server)
+                await self._bind(listen)
         except OSError:
             await self.stop(0)
             raise
+
+    async def _bind(self, listen: Listen) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._connection, listen.host, listen.port)
+        self.servers.append(server)
+        self._listening[listen] = server
+
+    def _unbind(self, listen: Listen) -> None:
+        # asyncio.Server.close() stops accepting but leaves the connections
+        # it accepted open: their sessions carry on to the end.
+        server = self._listening.pop(listen)
+        self.servers.remove(server)
+        server.close()
+
+    async def relisten(self, listens: Sequence[Listen]) -> tuple[list[Listen], list[Listen]]:
+        """Make the listeners match ``listens`` (a reload changed ``[server] listen``).
+
+        Addresses in both stay bound, untouched. Removed ones stop
+        accepting (first, so that e.g. ``0.0.0.0:2525`` can become
+        ``127.0.0.1:2525``), sessions they accepted carry on; then new ones
+        are bound. If one cannot be bound, the listeners are put back as
+        they were and the OSError is raised. Returns (added, removed).
+        """
+        wanted = list(dict.fromkeys(listens))
+        removed = [listen for listen in self._listening if listen not in wanted]
+        added = [listen for listen in wanted if listen not in self._listening]
+        for listen in removed:
+            self._unbind(listen)
+        bound: list[Listen] = []
+        try:
+            for listen in added:
+                await self._bind(listen)
+                bound.append(listen)
+        except OSError:
+            for listen in bound:
+                self._unbind(listen)
+            for listen in removed:
+                try:
+                    await self._bind(listen)
+                except OSError as exc:
+                    events.error("listen_lost", listen=str(listen), error=str(exc))
+            raise
+        return added, removed
 
     def _connection(self) -> _Connection:
         return _Connection(self, self.config(), self.tls_context())
@@ -653,6 +696,7 @@ class Inbound:
         for server in self.servers:
             server.close()
         self.servers.clear()
+        self._listening.clear()
         try:
             await asyncio.wait_for(self._writes_done.wait(), grace)
         except TimeoutError:

@@ -113,6 +113,17 @@ class Metrics:
             registry=r,
         )
 
+        # Every value of a closed label set is exported from the start, at 0:
+        # a series that first appears at 1 hides its first increase from
+        # rate()/increase(), so an alert on the first failed reload or the
+        # first bounce would never fire.
+        for reason in REJECT_REASONS:
+            self.messages_rejected.labels(reason)
+        for reason in BOUNCE_REASONS:
+            self.bounces.labels(reason)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
