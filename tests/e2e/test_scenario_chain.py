@@ -164,6 +164,29 @@ def test_message_arrives_intact_with_exactly_one_relay_received(chain: Chain) ->
     assert raw.count(b"\nReceived: ") == 3  # Postfix's, ours, the original one
 
 
+def test_smtputf8_addresses_pass_through(chain: Chain) -> None:
+    """RFC 6531: a non-ASCII mailbox goes through with SMTPUTF8 on both hops."""
+    recipient = "jörg@example.org"
+    message = (
+        f"From: élise@up.test\r\nTo: {recipient}\r\nSubject: grüße\r\n"
+        # A Date of our own: Postfix would add one (a "local" client, 127.0.0.1).
+        "Date: Sat, 28 Nov 2026 12:00:01 +0000\r\nMessage-ID: <utf8.1@up.test>\r\n\r\nhéllo\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", chain.relay.port, local_hostname="client.test", timeout=10) as c:
+        c.ehlo()
+        assert c.has_extn("smtputf8")
+        assert c.mail("élise@up.test", ["SMTPUTF8", "BODY=8BITMIME"])[0] == 250
+        assert c.rcpt(recipient)[0] == 250
+        assert c.data(message)[0] == 250
+
+    (raw,) = wait_for(lambda: raw_delivered(chain.down, recipient), 20, what="the message")
+    fields, rest = split_fields(raw, 5)
+    assert fields[0] == "Return-Path: <élise@up.test>".encode()
+    assert b"by downstream.test (Postfix) with UTF8SMTPS" in fields[3]
+    assert b"by relay.test (relay) with UTF8SMTP\n" in fields[4]
+    assert rest == message.replace(b"\r\n", b"\n")
+
+
 @pytest.mark.parametrize("starttls", [False, True], ids=["plain", "starttls"])
 def test_swaks_through_relay(chain: Chain, starttls: bool) -> None:
     recipient = f"carol-{'tls' if starttls else 'plain'}@example.org"
