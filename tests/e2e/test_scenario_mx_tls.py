@@ -123,3 +123,21 @@ def test_wrong_name_certificate_bounces_to_sender_domain(mx_setup: MxSetup) -> N
     # Nothing reached the wrong-name host's mailbox: the handshake was the last step.
     assert mx_setup.wrong.messages() == []
     assert not mx_setup.wrong.maillog().count("status=sent")
+
+
+def test_one_message_two_routes_delivers_one_and_bounces_the_other(mx_setup: MxSetup) -> None:
+    """The good route delivers; the DSN lists only the recipient behind the wrong name."""
+    sent = swaks(
+        "--server", f"127.0.0.1:{mx_setup.relay.port}", "--from", "erin@sender.test",
+        "--to", "frank@good.test,grace@wrong.test", "--header", "Subject: split",
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stdout
+
+    (message,) = mx_setup.good.wait_messages(1, timeout=20, recipient="frank@good.test")
+    assert str(message["Subject"]) == "split"
+    (dsn,) = mx_setup.senders.wait_messages(1, timeout=20, recipient="erin@sender.test")
+    _, status, _ = dsn.iter_parts()
+    fields = status.as_string()
+    assert "grace@wrong.test" in fields, fields
+    assert "frank@good.test" not in fields, fields
+    assert mx_setup.wrong.messages() == []
