@@ -61,3 +61,4 @@ def test_downstream_down_then_up_delivers_queued_mail(
     down.start()
     (message,) = down.wait_messages(1, timeout=20)
     assert str(message["Delivered-To"]) == "bob@example.org"
+    assert not [line for line in proc.stderr_lines() if "event=bounced" in line]
