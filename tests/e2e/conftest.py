@@ -41,21 +41,14 @@ def relay() -> Iterator[Callable[[Path], RelayProcess]]:
     """Start ``python -m relay run --config PATH``: ``proc = relay(path)``.
 
     Returns once the relay's SMTP port accepts connections; every relay
-    started this way is stopped (SIGTERM, then SIGKILL) at teardown. While
-    the daemon is still the foundation stub ("not implemented yet") the
-    test is skipped instead of failing.
+    started this way is stopped (SIGTERM, then SIGKILL) at teardown.
     """
     started: list[RelayProcess] = []
 
     def start(config_path: Path) -> RelayProcess:
         proc = RelayProcess(config_path)
         started.append(proc)
-        try:
-            return proc.start()
-        except RuntimeError:
-            if any("not implemented" in line for line in proc.stderr_lines()):
-                pytest.skip("`relay run` is not implemented on this branch yet")
-            raise
+        return proc.start()
 
     try:
         yield start

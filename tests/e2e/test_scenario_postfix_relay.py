@@ -2,7 +2,7 @@
 
 Also the template for further scenarios: a downstream Postfix, a relay
 config from ``relay_config()``, the relay as a subprocess, an upstream
-Postfix (or swaks) in front. Skipped while ``relay run`` is the stub.
+Postfix (or swaks) in front.
 """
 
 from __future__ import annotations
