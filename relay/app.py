@@ -177,9 +177,15 @@ class Daemon:
         self._install_signals(scheduler)
         pid_file.write()
         recovered = 0
-        for envelope in self.spool.load_all():
+        unreadable: list[str] = []
+        for envelope in self.spool.load_all(unreadable=unreadable):
             scheduler.add(envelope)
             recovered += 1
+        for qid in unreadable:
+            events.error(
+                "dropped", id=qid, reason="unreadable envelope",
+                kept=str(self.spool.corrupt_dir),
+            )  # fmt: skip
         inbound = Inbound(
             self.config, self.spool, self.metrics, scheduler.add, tls_context=self.tls_context
         )

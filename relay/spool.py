@@ -5,6 +5,8 @@ Layout under ``[queue] path``::
     msg/<id>.eml    the message bytes, our Received header first
     msg/<id>.json   the envelope (relay.envelope.Envelope as JSON)
     tmp/            files being written; anything here at start-up is junk
+    corrupt/        messages whose envelope cannot be read (both files, for a
+                    human): never delivered, never deleted by relay
 
 A message exists once its ``.json`` is in ``msg/``: the body is renamed
 into place first, the envelope second, and the directory is fsynced after
@@ -23,6 +25,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 from relay.envelope import Envelope
@@ -62,6 +65,7 @@ class Spool:
         self.path = path
         self.msg_dir = path / "msg"
         self.tmp_dir = path / "tmp"
+        self.corrupt_dir = path / "corrupt"
         #: Turn off only in tests that measure something else; 250 means durable.
         self.fsync = fsync
 
@@ -71,11 +75,20 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
             leftover.unlink(missing_ok=True)
+        for legacy in self.msg_dir.glob("*.corrupt"):
+            # Set aside by an older relay next to its body: move both.
+            self.quarantine(legacy.stem)
         for body in self.msg_dir.glob("*.eml"):
-            if not body.with_suffix(".json").exists():
-                # Renamed into place but the envelope never followed: the
-                # client never got a 250, so nothing was promised.
-                body.unlink(missing_ok=True)
+            if body.with_suffix(".json").exists():
+                continue
+            if (self.corrupt_dir / f"{body.stem}.json").exists():
+                # A quarantine interrupted between its two renames: finish it.
+                # That body was accepted; it is never deleted here.
+                self.quarantine(body.stem)
+                continue
+            # Renamed into place but the envelope never followed: the
+            # client never got a 250, so nothing was promised.
+            body.unlink(missing_ok=True)
 
     def _write(self, target: Path, data: bytes) -> Path:
         tmp = self.tmp_dir / f"{target.name}.{secrets.token_hex(4)}"
@@ -116,16 +129,30 @@ class Spool:
                 path.unlink(missing_ok=True)
             raise _spool_error(exc, f"cannot spool {envelope.id}") from exc
 
-    def update(self, envelope: Envelope) -> None:
-        """Persist a changed envelope (recipient states, next attempt) atomically."""
+    def update(self, envelope: Envelope) -> bool:
+        """Persist a changed envelope (recipient states, next attempt) atomically.
+
+        Only an existing message is updated: False (and nothing written)
+        when its envelope or body is gone, e.g. ``relay queue delete`` ran
+        during the attempt. Raises SpoolFull / SpoolError when the write fails.
+        """
         meta = self.msg_dir / f"{envelope.id}.json"
+        body = self.body_path(envelope.id)
+        if not (meta.exists() and body.exists()):
+            return False
         try:
             tmp = self._write(meta, envelope.dumps())
             os.replace(tmp, meta)
+            if not body.exists():
+                # Deleted between the check and the rename: do not leave an
+                # envelope without a body behind.
+                meta.unlink(missing_ok=True)
+                return False
             if self.fsync:
                 _fsync_dir(self.msg_dir)
         except OSError as exc:
             raise _spool_error(exc, f"cannot update {envelope.id}") from exc
+        return True
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope of one message; KeyError when there is none."""
@@ -134,8 +161,15 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(queue_id) from None
 
-    def load_all(self) -> Iterator[Envelope]:
-        """Every spooled envelope, oldest first. Unreadable ones are skipped and renamed."""
+    def load_all(
+        self, quarantine: bool = True, unreadable: list[str] | None = None
+    ) -> Iterator[Envelope]:
+        """Every spooled envelope, oldest first; unreadable ones are skipped.
+
+        With ``quarantine`` (the daemon) an unreadable message is moved to
+        ``corrupt/``; without it (the read-only CLI) it is left where it is.
+        Either way its id is appended to ``unreadable`` when given.
+        """
         for meta in sorted(self.msg_dir.glob("*.json")):
             try:
                 data = meta.read_bytes()
@@ -144,10 +178,38 @@ class Spool:
                 # while `relay queue list` reads): gone, not corrupt.
                 continue
             try:
-                yield Envelope.loads(data)
+                envelope = Envelope.loads(data)
             except (OSError, ValueError, KeyError, TypeError):
-                # Keep it for a human, out of the way of the scheduler.
-                meta.rename(meta.with_suffix(".corrupt"))
+                if unreadable is not None:
+                    unreadable.append(meta.stem)
+                if quarantine:
+                    self.quarantine(meta.stem)
+                continue
+            yield envelope
+
+    def quarantine(self, queue_id: str) -> None:
+        """Move a message whose envelope cannot be read to ``corrupt/``, body and all.
+
+        Out of the way of the scheduler, kept for a human. The body moves
+        first: a crash in between leaves ``corrupt/<id>.eml`` next to
+        ``msg/<id>.json``, which the next load quarantines again, and never
+        a body without an envelope (which :meth:`open` would delete).
+        """
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        for suffix, target in ((".eml", ".eml"), (".json", ".json"), (".corrupt", ".json")):
+            with suppress(FileNotFoundError):
+                os.replace(
+                    self.msg_dir / f"{queue_id}{suffix}", self.corrupt_dir / f"{queue_id}{target}"
+                )
+        if self.fsync:
+            _fsync_dir(self.corrupt_dir)
+            _fsync_dir(self.msg_dir)
+
+    def quarantined(self) -> list[str]:
+        """Ids of the messages set aside in ``corrupt/`` (read-only)."""
+        if not self.corrupt_dir.is_dir():
+            return []
+        return sorted({p.stem for p in self.corrupt_dir.iterdir() if p.suffix in (".json", ".eml")})
 
     def body_path(self, queue_id: str) -> Path:
         return self.msg_dir / f"{queue_id}.eml"

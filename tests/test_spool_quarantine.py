@@ -1,0 +1,63 @@
+"""The spool keeps what it cannot read, body and all, and updates only live messages."""
+
+from __future__ import annotations
+
+from relay.spool import Spool
+from tests.support.queue import spool_message
+
+
+def _spool(tmp_path) -> Spool:  # type: ignore[no-untyped-def]
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    return spool
+
+
+def test_unreadable_envelope_is_set_aside_with_its_body_and_survives_a_restart(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    good = spool_message(spool, ["bob@example.com"])
+    bad = spool_message(spool, ["carol@example.com"])
+    (spool.msg_dir / f"{bad.id}.json").write_bytes(b"{written by a newer relay")
+    assert [e.id for e in spool.load_all()] == [good.id]
+    assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == [
+        f"{bad.id}.eml",
+        f"{bad.id}.json",
+    ]
+    assert spool.quarantined() == [bad.id]
+    Spool(spool.path, fsync=False).open()  # the next start
+    assert (spool.corrupt_dir / f"{bad.id}.eml").read_bytes().startswith(b"From: Alice")
+    assert sorted(p.stem for p in spool.msg_dir.iterdir()) == [good.id, good.id]
+
+
+def test_start_keeps_the_body_of_an_envelope_set_aside_by_an_older_relay(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    bad = spool_message(spool, ["carol@example.com"])
+    meta = spool.msg_dir / f"{bad.id}.json"
+    meta.rename(meta.with_suffix(".corrupt"))  # what relay did before corrupt/
+    Spool(spool.path, fsync=False).open()
+    assert spool.quarantined() == [bad.id]
+    assert (spool.corrupt_dir / f"{bad.id}.eml").exists()
+    assert (spool.corrupt_dir / f"{bad.id}.json").exists()
+
+
+def test_read_only_listing_moves_nothing(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    bad = spool_message(spool, ["carol@example.com"])
+    (spool.msg_dir / f"{bad.id}.json").write_bytes(b"garbage")
+    unreadable: list[str] = []
+    assert list(spool.load_all(quarantine=False, unreadable=unreadable)) == []
+    assert unreadable == [bad.id]
+    assert (spool.msg_dir / f"{bad.id}.json").exists()
+    assert not spool.corrupt_dir.exists()
+
+
+def test_update_of_a_deleted_message_writes_nothing(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    env = spool_message(spool, ["bob@example.com"])
+    assert spool.update(env) is True
+    assert spool.delete(env.id)
+    assert spool.update(env) is False
+    assert list(spool.msg_dir.iterdir()) == []
+    # Nor when only the body went (a delete interrupted half-way).
+    env2 = spool_message(spool, ["bob@example.com"])
+    spool.body_path(env2.id).unlink()
+    assert spool.update(env2) is False
