@@ -11,7 +11,11 @@ message per attempt (relay.bounce), spooled before the originals are marked
 bounced, so a crash can at worst duplicate a DSN, never lose one.
 
 Only ``(due time, queue id)`` stays in memory per queued message; the
-envelope and body are read from the spool when the message is due.
+envelope and body are read from the spool when the message is due. The
+exception is a message whose latest state could not be written (disk full,
+I/O error): its envelope stays in memory, the write is retried before any
+new attempt of it, and its state is never reloaded from disk meanwhile, so
+a recipient the next hop accepted is not delivered again.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from relay import errors, events, routing
 from relay.bounce import BounceReason, Failure, TlsIssue, build_dsn, needs_smtputf8, reason_for
@@ -49,6 +53,10 @@ _MAX_SLEEP = 1.0
 
 #: Route label for recipients that no rule routes any more.
 _NO_ROUTE = "(none)"
+
+#: What became of a state write: on disk, the message was deleted meanwhile
+#: (``relay queue delete``), or the write failed and the state is held in memory.
+_Saved = Literal["saved", "gone", "failed"]
 
 
 def backoff(attempts: int, min_backoff: float, max_backoff: float, rng: random.Random) -> float:
@@ -128,6 +136,9 @@ class Scheduler:
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._active: dict[str, asyncio.Task[float | None]] = {}
+        #: Envelopes whose latest state is not on disk yet (a failed write):
+        #: the truth until a write succeeds; the spool copy is stale.
+        self._unsaved: dict[str, Envelope] = {}
         self._limiter = _Limiter(lambda: self._config().delivery.max_concurrency)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -209,8 +220,8 @@ class Scheduler:
             # Abandoned at stop(): its recipients are still pending in the spool.
             pass
         elif (exc := task.exception()) is not None:
-            # A spool write failed mid-cycle (disk full...): the spool still
-            # holds the last persisted state; try again after min_backoff.
+            # Something unexpected failed mid-cycle (a failed state write is
+            # handled in the cycle and kept in _unsaved); try again later.
             retry = self._config().queue.min_backoff
             events.error("queue_error", id=qid, error=repr(exc), retry_in=retry)
             self._schedule(qid, self._clock() + retry)
@@ -235,21 +246,44 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         events.log("queue_stopped", finished=len(done), abandoned=len(pending))
+        await self._save_unsaved()
+
+    async def _save_unsaved(self) -> None:
+        """Last chance at stop() for states only held in memory."""
+        for envelope in list(self._unsaved.values()):
+            await self._save(envelope)
+        if self._unsaved:
+            # Lost with the process: these recipients may be delivered again.
+            events.error("spool_state_lost", ids=",".join(sorted(self._unsaved)))
 
     # --- one message ---------------------------------------------------------------
 
     async def _cycle(self, qid: str) -> float | None:
         """Try one due message; return its next due time, or None when it left the queue."""
+        held = self._unsaved.get(qid)
+        if held is not None:
+            # The disk is behind memory: write first, attempt nothing until then.
+            saved = await self._save(held)
+            if saved == "failed":
+                return self._clock() + self._config().queue.min_backoff
+            if saved == "gone":
+                events.log("dropped", id=qid, reason="no longer in the spool")
+                return None
+            if held.next_attempt > self._clock():
+                return held.next_attempt
         try:
-            envelope = await asyncio.to_thread(self._spool.load, qid)
+            envelope = held if held is not None else await asyncio.to_thread(self._spool.load, qid)
             body = await asyncio.to_thread(self._spool.read_body, qid)
         except (KeyError, FileNotFoundError):
-            # `relay queue delete` removed it while it waited: nothing to do.
+            # `relay queue delete` removed it while it waited: nothing to do
+            # but remove an envelope that outlived its body.
+            await asyncio.to_thread(self._spool.delete, qid)
             events.log("dropped", id=qid, reason="no longer in the spool")
             return None
         except (ValueError, TypeError) as exc:
-            # An unreadable envelope will not get better by retrying; the
-            # spool sets it aside (".corrupt") at the next start for a human.
+            # An unreadable envelope will not get better by retrying: set it
+            # aside (corrupt/, body and all) for a human.
+            await asyncio.to_thread(self._spool.quarantine, qid)
             events.error("dropped", id=qid, reason="unreadable envelope", error=str(exc))
             return None
         if envelope.done:
@@ -265,8 +299,24 @@ class Scheduler:
             rcpt.last_reply = errors.NO_ROUTE_NOW
             rcpt.remote_mta = ""
             deferred.append((rcpt, _NO_ROUTE))
-        await self._attempt_routes(envelope, body, groups, failures, deferred)
+        if not await self._attempt_routes(envelope, body, groups, failures, deferred):
+            events.log("dropped", id=qid, reason="no longer in the spool")
+            return None
         return await self._conclude(envelope, body, failures, deferred)
+
+    async def _save(self, envelope: Envelope) -> _Saved:
+        """Write the envelope's state; on failure keep it in memory (loudly) instead."""
+        try:
+            written = await asyncio.to_thread(self._spool.update, envelope)
+        except RelayError as exc:
+            self._unsaved[envelope.id] = envelope
+            events.error(
+                "spool_write_failed", id=envelope.id, error=exc.detail,
+                state="kept in memory; retried before the next attempt",
+            )  # fmt: skip
+            return "failed"
+        self._unsaved.pop(envelope.id, None)
+        return "saved" if written else "gone"
 
     def _group(
         self, envelope: Envelope
@@ -290,13 +340,19 @@ class Scheduler:
         groups: dict[str, tuple[Route, list[str]]],
         failures: list[Failure],
         deferred: list[tuple[Recipient, str]],
-    ) -> None:
-        """One deliver() per route, concurrently; persist each outcome as it arrives."""
+    ) -> bool:
+        """One deliver() per route, concurrently; persist each outcome as it arrives.
+
+        A failed write does not stop the other routes: their transactions
+        are under way, and the state is kept in memory (:meth:`_save`).
+        False when the message was deleted from the spool meanwhile.
+        """
         tasks = {
             asyncio.create_task(self._deliver(route, envelope, addrs, body)): (route, addrs)
             for route, addrs in groups.values()
         }
         pending = set(tasks)
+        gone = False
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -304,12 +360,14 @@ class Scheduler:
                     route, addrs = tasks[task]
                     self._apply(envelope, route, addrs, task.result(), failures, deferred)
                 # Persist now: a delivered recipient must never be tried again.
-                await asyncio.to_thread(self._spool.update, envelope)
+                gone = gone or await self._save(envelope) == "gone"
         finally:
+            # Only when the cycle itself is cancelled (stop()).
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        return not gone
 
     async def _deliver(
         self, route: Route, envelope: Envelope, addrs: Sequence[str], body: bytes
@@ -345,10 +403,10 @@ class Scheduler:
                 outcome, reply = attempt.outcome(address), attempt.last(address)
                 remote = attempt.remote.get(address, "")
             rcpt.last_reply, rcpt.remote_mta = reply, remote
-            if outcome != errors.DEFERRED:
-                # Deferred ones are counted once the cycle knows whether they expired.
-                self._metrics.recipients.labels(route.name, outcome).inc()
             if outcome == errors.DELIVERED:
+                # Deferred ones are counted once the cycle knows whether they
+                # expired, bounced ones once their DSN is spooled (_bounce).
+                self._metrics.recipients.labels(route.name, outcome).inc()
                 rcpt.state = RcptState.DELIVERED
                 self._metrics.delivery_seconds.labels(route.name).observe(
                     max(0.0, now - envelope.received_at)
@@ -376,29 +434,37 @@ class Scheduler:
         if deferred and now - envelope.received_at >= cfg.queue.max_lifetime:
             for rcpt, route in deferred:
                 failures.append(self._expire(envelope, rcpt, route, now))
-                self._metrics.recipients.labels(route, errors.BOUNCED).inc()
             deferred = []
-        for _, route in deferred:
-            self._metrics.recipients.labels(route, errors.DEFERRED).inc()
         if failures and not await self._bounce(envelope, body, failures, now):
             # The DSN could not be spooled: keep the recipients pending and
             # try again later, when the failure will be seen again.
-            deferred += [(r, "") for f in failures if (r := _pending(envelope, f.address))]
+            deferred += [
+                (r, f.route or _NO_ROUTE) for f in failures if (r := _pending(envelope, f.address))
+            ]
+        for _, route in deferred:
+            self._metrics.recipients.labels(route, errors.DEFERRED).inc()
         if envelope.done:
             await asyncio.to_thread(self._spool.delete, envelope.id)
+            self._unsaved.pop(envelope.id, None)
             events.log("removed", id=envelope.id)
             return None
         delay = backoff(envelope.attempts, cfg.queue.min_backoff, cfg.queue.max_backoff, self._rng)
         # Never sleep past the lifetime: the last try happens at expiry.
         deadline = envelope.received_at + cfg.queue.max_lifetime
         envelope.next_attempt = max(now, min(now + delay, deadline))
-        await asyncio.to_thread(self._spool.update, envelope)
+        saved = await self._save(envelope)
+        if saved == "gone":
+            events.log("dropped", id=envelope.id, reason="no longer in the spool")
+            return None
         next_at = datetime.fromtimestamp(envelope.next_attempt, UTC).isoformat(timespec="seconds")
         for rcpt, route in deferred:
             events.log(
                 "deferred", id=envelope.id, to=f"<{rcpt.address}>", route=route,
                 remote=rcpt.remote_mta, reply=str(rcpt.last_reply), next_attempt=next_at,
             )  # fmt: skip
+        if saved == "failed":
+            # Retry the write at a backoff, before (and in place of) an attempt.
+            return min(envelope.next_attempt, now + cfg.queue.min_backoff)
         return envelope.next_attempt
 
     def _expire(self, envelope: Envelope, rcpt: Recipient, route: str, now: float) -> Failure:
@@ -462,6 +528,9 @@ class Scheduler:
             rcpt = _pending(envelope, failure.address)
             if rcpt is not None:
                 rcpt.state = RcptState.BOUNCED
+                # Counted here, once: a DSN that could not be spooled leaves
+                # the recipient pending, to fail (and be counted) again later.
+                self._metrics.recipients.labels(failure.route or _NO_ROUTE, errors.BOUNCED).inc()
             events.log(
                 "bounced", logging.WARNING, id=envelope.id, to=f"<{failure.address}>",
                 reason=failure.reason.value, reply=str(failure.reply),

@@ -202,8 +202,10 @@ def harness(
     deliverer: Deliverer | None = None,
     config: Config | None = None,
     clock: Clock | None = None,
+    spool: Spool | None = None,
 ) -> Harness:
-    spool = Spool(tmp_path / "spool", fsync=False)
+    """A scheduler on a fresh spool (or ``spool``, e.g. one whose disk fills up)."""
+    spool = spool or Spool(tmp_path / "spool", fsync=False)
     spool.open()
     cfg = config or make_config(spool.path)
     metrics = Metrics()

@@ -1,0 +1,173 @@
+"""The scheduler when the spool misbehaves: failed state writes, deletes mid-attempt.
+
+DESIGN.md: no recipient is delivered twice by a retry once the next hop
+accepted it, and a full disk loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from relay.config import Host, Route, Rule
+from relay.delivery import Attempt
+from relay.envelope import Envelope, RcptState
+from relay.errors import SpoolFull
+from relay.spool import Spool
+from tests.support.queue import (
+    PERM,
+    TEMP,
+    FakeDeliverer,
+    harness,
+    make_config,
+    running,
+    settle,
+    spool_message,
+    until,
+)
+
+
+class FillingSpool(Spool):
+    """A spool whose disk fills up (and frees up) when the test says so."""
+
+    update_full = False
+    put_full = False
+
+    def update(self, envelope: Envelope) -> bool:
+        if self.update_full:
+            raise SpoolFull(f"cannot update {envelope.id}: [Errno 28] No space left on device")
+        return super().update(envelope)
+
+    def put(self, envelope: Envelope, data: bytes) -> None:
+        if self.put_full:
+            raise SpoolFull(f"cannot spool {envelope.id}: [Errno 28] No space left on device")
+        super().put(envelope, data)
+
+
+class SlowRoute:
+    """A Deliverer: route ``slow`` is held until ``gate`` is set; records finished attempts."""
+
+    def __init__(self, inner: FakeDeliverer, slow: str) -> None:
+        self.inner = inner
+        self.slow = slow
+        self.gate = asyncio.Event()
+        self.finished: list[str] = []
+
+    async def deliver(
+        self, route: Route, envelope: Envelope, recipients: Sequence[str], body: bytes
+    ) -> Attempt:
+        if route.name == self.slow:
+            await self.gate.wait()
+        attempt = await self.inner.deliver(route, envelope, recipients, body)
+        self.finished.extend(recipients)
+        return attempt
+
+
+def _two_routes(tmp_path):  # type: ignore[no-untyped-def]
+    return make_config(
+        tmp_path / "spool",
+        rules=(Rule(("@example.com",), "Corp"), Rule(("@other.test",), "Other")),
+        routes=(
+            Route("Corp", (Host("mx.corp.test", 25),)),
+            Route("Other", (Host("mx.other.test", 25),)),
+        ),
+    )
+
+
+async def test_failed_write_neither_cancels_other_routes_nor_redelivers(tmp_path) -> None:
+    spool = FillingSpool(tmp_path / "spool", fsync=False)
+    deliverer = SlowRoute(FakeDeliverer(), slow="Other")
+    h = harness(tmp_path, deliverer, _two_routes(tmp_path), spool=spool)
+    env = spool_message(spool, ["bob@example.com", "carol@other.test"])
+    spool.update_full = True
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        # bob is delivered and his state write fails while carol's transaction runs.
+        await until(lambda: "bob@example.com" in deliverer.finished)
+        await asyncio.sleep(0.05)
+        deliverer.gate.set()
+        await settle(h.scheduler)
+        assert deliverer.finished == ["bob@example.com", "carol@other.test"]
+        spool.update_full = False
+        for _ in range(3):
+            h.clock.advance(4000)
+            await settle(h.scheduler)
+    assert deliverer.inner.calls_for("bob@example.com") == 1
+    assert deliverer.inner.calls_for("carol@other.test") == 1
+    assert h.spooled() == []
+    assert len(h.scheduler) == 0
+
+
+async def test_state_held_in_memory_is_written_before_the_next_attempt(tmp_path) -> None:
+    spool = FillingSpool(tmp_path / "spool", fsync=False)
+    h = harness(tmp_path, FakeDeliverer(script={"dave@example.com": [TEMP]}), spool=spool)
+    env = spool_message(spool, ["bob@example.com", "dave@example.com"])
+    spool.update_full = True
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await settle(h.scheduler)
+        assert h.deliverer.calls_for("bob@example.com") == 1
+        # The disk is behind: it still says bob is pending.
+        (stored,) = spool.load_all()
+        assert stored.recipients[0].state is RcptState.PENDING
+        assert len(h.scheduler) == 1
+        # Still full at the retry: the write is retried, nothing is attempted.
+        h.clock.advance(61)
+        await settle(h.scheduler)
+        assert len(h.deliverer.calls) == 1
+        assert len(h.scheduler) == 1
+        # Space again: the state is written, then dave (only) is tried again.
+        spool.update_full = False
+        h.clock.advance(61)
+        await settle(h.scheduler)
+        h.clock.advance(120)
+        await settle(h.scheduler)
+    assert h.deliverer.calls_for("bob@example.com") == 1
+    assert h.deliverer.calls_for("dave@example.com") == 2
+    assert h.spooled() == []
+    assert len(h.scheduler) == 0
+
+
+async def test_delete_during_an_attempt_leaves_nothing_behind(tmp_path) -> None:
+    gate = asyncio.Event()
+    h = harness(tmp_path, FakeDeliverer(script={"bob@example.com": [TEMP]}, gate=gate))
+    env = spool_message(h.spool, ["bob@example.com"])
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await until(lambda: h.deliverer.running == 1)
+        assert h.spool.delete(env.id)  # `relay queue delete` while the attempt runs
+        gate.set()
+        await settle(h.scheduler)
+    assert list(h.spool.msg_dir.iterdir()) == []
+    assert len(h.scheduler) == 0
+    assert h.sample("relay_queue_messages") == 0
+
+
+async def test_an_envelope_without_its_body_is_removed(tmp_path) -> None:
+    h = harness(tmp_path)
+    env = spool_message(h.spool, ["bob@example.com"])
+    h.spool.body_path(env.id).unlink()
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await settle(h.scheduler)
+    assert h.deliverer.calls == []
+    assert list(h.spool.msg_dir.iterdir()) == []
+    assert len(h.scheduler) == 0
+
+
+async def test_bounced_recipient_is_counted_once_the_dsn_is_spooled(tmp_path) -> None:
+    spool = FillingSpool(tmp_path / "spool", fsync=False)
+    h = harness(tmp_path, FakeDeliverer(script={"bob@example.com": [PERM, PERM]}), spool=spool)
+    env = spool_message(spool, ["bob@example.com"])
+    spool.put_full = True  # the DSN cannot be spooled at the first attempt
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await settle(h.scheduler)
+        assert h.sample("relay_recipients_total", route="Corp", outcome="bounced") == 0
+        assert h.sample("relay_recipients_total", route="Corp", outcome="deferred") == 1
+        spool.put_full = False
+        h.clock.advance(100)
+        await settle(h.scheduler)
+    assert h.deliverer.calls_for("bob@example.com") == 2
+    assert h.sample("relay_recipients_total", route="Corp", outcome="bounced") == 1
+    assert h.sample("relay_bounces_total", reason="remote_permanent") == 1
