@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import random
@@ -76,12 +77,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _read_pid(cfg: Config) -> int | None:
+    """The pid of the relay running on this spool, or None.
+
+    The pid is trusted only while its file is locked: the daemon holds
+    LOCK_EX on it (relay.app.PidFile) for as long as it runs. A file we can
+    lock is stale (a relay killed with -9), and its pid may by now belong
+    to an unrelated process that our signal would terminate.
+    """
     try:
-        pid = int(cfg.pid_file.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+        fd = os.open(cfg.pid_file, os.O_RDONLY)
+    except OSError:
         return None
-    return pid
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        return None  # we got the lock: no relay holds it
+    finally:
+        os.close(fd)  # also releases our lock
 
 
 def _signal_daemon(cfg: Config, sig: signal.Signals, what: str) -> int:
@@ -132,8 +147,11 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     cfg = _load_daemon(args)
     now = time.time()
     total = pending = 0
+    spool = _spool(cfg)
+    unreadable: list[str] = []
     print(f"{'ID':<26} {'AGE':>5} {'NEXT':>6}  SENDER -> PENDING RECIPIENTS / LAST ERROR")
-    for env in _spool(cfg).load_all():
+    # Read-only: an unreadable envelope is reported, never moved (the daemon does that).
+    for env in spool.load_all(quarantine=False, unreadable=unreadable):
         total += 1
         waiting = env.pending
         pending += len(waiting)
@@ -145,6 +163,12 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         for err in sorted(errors):
             print(f"{'':<42}last error: {err}")
     print(f"-- {total} message(s), {pending} pending recipient(s)")
+    corrupt = len(set(spool.quarantined()) | set(unreadable))
+    if corrupt:
+        print(
+            f"warning: {corrupt} corrupt message(s) (unreadable envelope) not listed and "
+            f"never delivered: set aside in {spool.corrupt_dir} (see docs/queue.md)"
+        )
     return EXIT_OK
 
 
@@ -155,6 +179,9 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
         env = spool.load(args.id)
     except KeyError:
         print(f"no message {args.id} in the queue ({spool.path})", file=sys.stderr)
+        return EXIT_FAIL
+    except (ValueError, TypeError) as exc:
+        print(f"message {args.id}: unreadable envelope ({exc})", file=sys.stderr)
         return EXIT_FAIL
     _print_envelope(env)
     print()
