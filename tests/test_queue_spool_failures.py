@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
-from relay.config import Host, Route, Rule
+from relay.config import Config, Host, Route, Rule
 from relay.delivery import Attempt
 from relay.envelope import Envelope, RcptState
 from relay.errors import SpoolFull
@@ -63,7 +64,7 @@ class SlowRoute:
         return attempt
 
 
-def _two_routes(tmp_path):  # type: ignore[no-untyped-def]
+def _two_routes(tmp_path: Path) -> Config:
     return make_config(
         tmp_path / "spool",
         rules=(Rule(("@example.com",), "Corp"), Rule(("@other.test",), "Other")),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from relay.spool import Spool
 from tests.support.queue import spool_message
 
 
-def _spool(tmp_path) -> Spool:  # type: ignore[no-untyped-def]
+def _spool(tmp_path: Path) -> Spool:
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.open()
     return spool
