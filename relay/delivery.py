@@ -319,8 +319,7 @@ class _Pool:
             if session not in keep:
                 self._retire(session)
         self._idle[key] = keep
-        if key not in self._slots:
-            self._forget(key)
+        self._forget(key)
 
     def _retire(self, session: Session) -> None:
         """QUIT politely in the background; close regardless."""
