@@ -158,8 +158,12 @@ class DeliveryConfig:
     command_timeout: float = 300.0
     #: Seconds an idle outbound session is kept for reuse.
     idle_timeout: float = 10.0
-    #: Addresses tried per attempt, over all candidate hosts (Postfix: 5).
+    #: Addresses tried per attempt, over all candidate hosts (Postfix: 5);
+    #: every candidate host still gets one while the budget lasts.
     max_addresses: int = 5
+    #: Seconds to wait for the reply after the message's final dot
+    #: (RFC 5321 section 4.5.3.2.6 asks for 10 minutes).
+    data_timeout: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +528,7 @@ def _delivery(problems: list[Problem], raw: Any) -> DeliveryConfig:
         command_timeout=r.duration("command_timeout", d.command_timeout),
         idle_timeout=r.duration("idle_timeout", d.idle_timeout),
         max_addresses=r.positive("max_addresses", d.max_addresses),
+        data_timeout=r.duration("data_timeout", d.data_timeout),
     )
 
 

@@ -1,22 +1,29 @@
 """One delivery attempt over a route's candidates with aiosmtplib (RFC 5321, RFC 3207).
 
 ``Deliverer.deliver`` walks the candidate hosts in order, each host's
-addresses in turn (at most ``[delivery] max_addresses`` in all), and runs
+addresses in turn (at most ``[delivery] max_addresses`` in all, keeping
+one address for each later candidate), and runs
 one SMTP transaction carrying every recipient still open: EHLO, STARTTLS
 per the route's TLS policy, MAIL, one RCPT per recipient, DATA. Every
 result is recorded per recipient and per host, so ``errors.outcome``
 decides each recipient's fate.
 
 Moving on: a connect failure, a 4xx/5xx greeting, a dropped connection,
-a 4xx to MAIL or DATA, or a TLS-policy failure moves the open recipients
-to the next candidate. A 5xx to RCPT is final for that recipient; a 5xx
-to MAIL or DATA is final for all. A 4xx to RCPT leaves the recipient open
-for the next candidate.
+a 4xx to MAIL, STARTTLS or DATA, or a TLS-policy failure moves the open
+recipients to the next candidate. A 5xx to RCPT is final for that
+recipient; a 5xx to MAIL or DATA is final for all. A 4xx to RCPT leaves
+the recipient open for the next candidate. Only a verdict on the host's
+TLS is a TLS-policy failure (no STARTTLS, a 5xx to STARTTLS, a
+certificate error, an OpenSSL alert); a 4xx to STARTTLS or the peer
+going away mid-handshake is temporary. When the address budget runs out
+before every candidate was tried, the open recipients defer (never the
+"every host failed TLS" bounce).
 
 At-least-once: the scheduler persists per-recipient state after
-``deliver`` returns. The only window for a duplicate is between the next
-hop's 250 to DATA and that state write (a crash there, or a connection
-lost after the final dot but before the reply, delivers again on retry).
+``deliver`` returns. A duplicate can come from a crash between the next
+hop's 250 to DATA and that state write, or from a reply lost after the
+final dot (waited for ``data_timeout``): those recipients are deferred and
+not sent to another host in the same attempt (RFC 5321 section 6.1).
 
 aiosmtplib is used here and nowhere else; its exceptions are mapped to
 relay's failure classes in :func:`map_smtp_errors` only.
@@ -31,7 +38,8 @@ import re
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +90,9 @@ class Attempt:
     def last(self, address: str) -> Reply:
         """The reply to record for this recipient (for logs, queue list, the DSN)."""
         items = self.results.get(address, ())
+        # A NotTried marker only keeps the outcome a deferral; the last
+        # host's own result says more.
+        items = tuple(i for i in items if not isinstance(i, errors.NotTried)) or items
         if not items:
             return errors.HostUnreachable("no candidate host").reply
         item = items[-1]
@@ -104,8 +115,10 @@ def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
 
     The one place that knows aiosmtplib's exception hierarchy (like httpx's
     map_httpcore_exceptions). Order matters: subclasses first.
-    ``require_tls``: an ssl.SSLError is a TLS-policy failure (during
-    STARTTLS under a policy that requires TLS) rather than a lost connection.
+    ``require_tls``: an ssl.SSLError that is OpenSSL's verdict on the peer
+    (a certificate error, an alert, a protocol mismatch) is a TLS-policy
+    failure rather than a lost connection; the peer closing or resetting
+    the connection mid-handshake is never a verdict (:func:`tls.interrupted`).
     """
     try:
         yield
@@ -126,7 +139,7 @@ def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
     except aiosmtplib.SMTPResponseException as exc:
         raise _remote(exc.code, exc.message) from exc
     except ssl.SSLError as exc:
-        if require_tls:
+        if require_tls and not tls.interrupted(exc):
             raise TlsPolicyFailure(tls.classify(exc), tls.describe_failure(exc)) from exc
         raise errors.ConnectionLost(f"TLS: {tls.describe_failure(exc)}") from exc
     except (ConnectionError, TimeoutError) as exc:
@@ -199,20 +212,81 @@ class Session:
         self.smtp.close()
 
 
+class _HopLimit:
+    """Connections in use to one next hop, bounded by a limit read at every acquire.
+
+    Reading ``[delivery] max_per_host`` from the live config each time
+    (like queue._Limiter) makes a reload take effect for hops already seen.
+    """
+
+    def __init__(self) -> None:
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def unused(self) -> bool:
+        return self.used == 0 and not self._waiters
+
+    async def acquire(self, limit: Callable[[], int]) -> None:
+        while self.used >= limit():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        # Wake everyone; each re-checks the (possibly reloaded) limit.
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class _Pool:
-    """Idle sessions per next hop, and a connection semaphore per next hop."""
+    """Idle sessions per next hop, and a connection limit per next hop.
+
+    A hop's entries are dropped once it has no connection in use and no
+    idle session, so state does not grow with every host ever delivered to.
+    """
 
     def __init__(self) -> None:
         self._idle: dict[HopKey, list[Session]] = {}
-        self._slots: dict[HopKey, asyncio.Semaphore] = {}
+        self._slots: dict[HopKey, _HopLimit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
 
-    def slot(self, key: HopKey, limit: int) -> asyncio.Semaphore:
-        sem = self._slots.get(key)
-        if sem is None:
-            sem = self._slots[key] = asyncio.Semaphore(limit)
-        return sem
+    @property
+    def hops(self) -> int:
+        """Next hops with any state (a connection in use or idle sessions)."""
+        return len(self._slots.keys() | self._idle.keys())
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: HopKey, limit: Callable[[], int]) -> AsyncIterator[None]:
+        """Hold one of ``limit()`` connection slots for ``key``."""
+        gate = self._slots.setdefault(key, _HopLimit())
+        try:
+            await gate.acquire(limit)
+        except BaseException:
+            self._forget(key)
+            raise
+        try:
+            yield
+        finally:
+            gate.release()
+            self._forget(key)
+
+    def _forget(self, key: HopKey) -> None:
+        """Drop ``key``'s entries when nothing uses them."""
+        gate = self._slots.get(key)
+        if gate is not None and gate.unused:
+            del self._slots[key]
+        if not self._idle.get(key):
+            self._idle.pop(key, None)
 
     def take(self, key: HopKey, idle_timeout: float) -> Session | None:
         """An idle session for ``key`` younger than ``idle_timeout``, if any."""
@@ -245,6 +319,7 @@ class _Pool:
             if session not in keep:
                 self._retire(session)
         self._idle[key] = keep
+        self._forget(key)
 
     def _retire(self, session: Session) -> None:
         """QUIT politely in the background; close regardless."""
@@ -379,6 +454,8 @@ class _Transaction:
         self.remote: dict[str, str] = {}
         #: Recipients that already have a result from the current host.
         self.seen: set[str] = set()
+        #: Recipients settled for this attempt without a final result.
+        self.held: set[str] = set()
 
     def next_host(self) -> list[str]:
         """Start a new host; the recipients it should carry."""
@@ -390,6 +467,10 @@ class _Transaction:
         self.remote[address] = where
         self.seen.add(address)
 
+    def hold(self, addresses: Iterable[str]) -> None:
+        """No other host gets ``addresses`` in this attempt (their reply was lost)."""
+        self.held.update(addresses)
+
     def fail(self, addresses: Sequence[str], failure: RelayError, where: str) -> None:
         """The host failed: every recipient it carried without a result gets ``failure``."""
         for address in addresses:
@@ -398,7 +479,11 @@ class _Transaction:
 
     @property
     def open(self) -> list[str]:
-        return [r for r, items in self.results.items() if not items or not _is_final(items[-1])]
+        return [
+            r
+            for r, items in self.results.items()
+            if r not in self.held and (not items or not _is_final(items[-1]))
+        ]
 
 
 class Deliverer:
@@ -426,6 +511,11 @@ class Deliverer:
     async def close(self) -> None:
         """QUIT and close every pooled session."""
         await self._pool.close()
+
+    @property
+    def pooled_hops(self) -> int:
+        """Next hops the pool holds state for (in use or idle sessions)."""
+        return self._pool.hops
 
     # --- deliver ----------------------------------------------------------
 
@@ -464,8 +554,12 @@ class Deliverer:
                 txn.record(address, exc, "")
             return self._attempt(route, hosts, txn)
         budget = self._config().delivery.max_addresses
-        for candidate in candidates:
-            if not txn.open or budget <= 0:
+        untried = 0
+        for index, candidate in enumerate(candidates):
+            if not txn.open:
+                break
+            if budget <= 0:
+                untried = len(candidates) - index
                 break
             try:
                 ips = await self._addresses(route, candidate, envelope.id)
@@ -473,13 +567,33 @@ class Deliverer:
                 hosts.append(self._host_done(route, envelope, HostResult(candidate, failure=exc)))
                 txn.fail(txn.next_host(), exc, candidate.host)
                 continue
-            for ip in ips:
-                if not txn.open or budget <= 0:
+            # Keep one address for each candidate after this one, so a
+            # primary with many addresses cannot starve the secondaries.
+            cap = max(1, budget - (len(candidates) - index - 1))
+            for ip in ips[:cap]:
+                if not txn.open:
                     break
                 budget -= 1
                 result = await self._try_host(route, envelope, candidate, ip, txn, body)
                 hosts.append(self._host_done(route, envelope, result))
+        if untried and txn.open:
+            self._not_tried(route, envelope, txn, untried)
         return self._attempt(route, hosts, txn)
+
+    def _not_tried(self, route: Route, envelope: Envelope, txn: _Transaction, count: int) -> None:
+        """The budget ran out before ``count`` candidates: the open recipients defer.
+
+        Without this, TLS failures at the hosts tried would bounce them at
+        once although other hosts were never asked (errors.outcome).
+        """
+        events.warning(
+            "addresses_exhausted", id=envelope.id, route=route.name, untried_hosts=count,
+            recipients=len(txn.open),
+        )  # fmt: skip
+        failure = errors.NotTried(f"{count} candidate host(s) not tried: max_addresses reached")
+        for address in txn.open:
+            # Not a host's result: the remote and reply of the last host stay.
+            txn.results[address].append(failure)
 
     async def _plan(self, route: Route, envelope: Envelope) -> Sequence[Candidate] | RelayError:
         """The route's candidates, or the DNS failure that left none."""
@@ -544,14 +658,18 @@ class Deliverer:
         session: Session | None = None
         reused = False
         carried = txn.next_host()
-        async with self._pool.slot(key, cfg.delivery.max_per_host):
+        async with self._pool.slot(key, lambda: self._config().delivery.max_per_host):
             try:
                 session, reused = await self._session(key, cfg, envelope.id)
-                reply = await self._transaction(session, envelope, txn, body, where)
+                reply = await self._transaction(session, envelope, txn, body, where, cfg)
             except RelayError as exc:
                 if session is not None:
                     session.close()
                 txn.fail(carried, exc, where)
+                if isinstance(exc, errors.ReplyLost):
+                    # The next hop may have the message: no other host gets
+                    # it in this attempt (RFC 5321 section 6.1); deferred.
+                    txn.hold(a for a in carried if txn.results[a][-1] is exc)
                 return self._result(candidate, ip, session, failure=exc, reply=exc.reply)
             except BaseException:
                 # Cancelled (shutdown): never pool a session mid-transaction.
@@ -654,10 +772,15 @@ class Deliverer:
                 await smtp.starttls(server_hostname=name, tls_context=context)
         except TlsPolicyFailure as exc:
             raise _HandshakeFailed(exc) from exc
-        except RelayError as exc:
-            # Refused (e.g. 454), dropped or timed out during the upgrade.
-            detail = f"STARTTLS failed: {exc.detail}"
+        except errors.RemotePermanent as exc:
+            # A 5xx to STARTTLS: the host refuses TLS for good, a policy verdict.
+            detail = f"STARTTLS refused: {exc.reply}"
             raise _HandshakeFailed(TlsPolicyFailure(TlsFailure.HANDSHAKE, detail)) from exc
+        except RelayError as exc:
+            # A 4xx (RFC 3207 section 4: 454 is temporary), a dropped or reset
+            # connection or a timeout during the upgrade say nothing about the
+            # host's TLS: a temporary failure, deferred and moved on from.
+            raise _HandshakeFailed(exc) from exc
         with map_smtp_errors(policy.require_tls):
             await _hello(smtp)
         session.tls_version = _info(smtp, "ssl_object", lambda o: o.version())
@@ -667,7 +790,13 @@ class Deliverer:
             session.peer_subject = _info(smtp, "peercert", lambda c: _dn(c.get("subject")))
 
     async def _transaction(
-        self, session: Session, envelope: Envelope, txn: _Transaction, body: bytes, where: str
+        self,
+        session: Session,
+        envelope: Envelope,
+        txn: _Transaction,
+        body: bytes,
+        where: str,
+        cfg: Config,
     ) -> Reply:
         """MAIL, RCPT per open recipient, DATA; the reply that sums it up."""
         smtp = session.smtp
@@ -694,7 +823,7 @@ class Deliverer:
                 assert last is not None
                 return last
             try:
-                response = await smtp.data(body)
+                response = await _send_data(smtp, body, cfg)
             except aiosmtplib.SMTPDataError as exc:
                 reply = Reply.parse(exc.code, exc.message)
                 if reply.temporary:
@@ -828,7 +957,9 @@ class Deliverer:
         try:
             session = await self._open(key, cfg, starttls=True)
         except _HandshakeFailed as exc:
-            return exc.failure
+            if isinstance(exc.failure, TlsPolicyFailure):
+                return exc.failure
+            return TlsPolicyFailure(TlsFailure.HANDSHAKE, exc.failure.detail)
         except TlsPolicyFailure as exc:
             return exc
         except RelayError as exc:
@@ -838,9 +969,13 @@ class Deliverer:
 
 
 class _HandshakeFailed(Exception):
-    """STARTTLS failed at a host; opportunistic delivery falls back to plaintext."""
+    """STARTTLS failed at a host; opportunistic delivery falls back to plaintext.
 
-    def __init__(self, failure: TlsPolicyFailure) -> None:
+    ``failure`` is a TlsPolicyFailure for a verdict on the host's TLS, or a
+    temporary failure (4xx to STARTTLS, connection dropped or timed out).
+    """
+
+    def __init__(self, failure: RelayError) -> None:
         super().__init__(failure.detail)
         self.failure = failure
 
@@ -853,6 +988,42 @@ async def _hello(smtp: aiosmtplib.SMTP) -> None:
         if exc.code // 100 != 5 or not smtp.is_connected:
             raise
         await smtp.helo()
+
+
+# RFC 5321 section 4.5.2: a line starting with "." gets one more.
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+async def _send_data(smtp: aiosmtplib.SMTP, body: bytes, cfg: Config) -> aiosmtplib.SMTPResponse:
+    """DATA, the body and the final dot; the 250 reply to the dot.
+
+    aiosmtplib's data() waits for 354 and for the reply to the dot with one
+    timeout and cannot tell us which wait failed. Here the 354 waits
+    ``command_timeout``; the reply to the dot waits ``data_timeout``
+    (RFC 5321 section 4.5.3.2.6: 10 minutes). Once the dot is written a
+    dropped connection or a timeout raises :class:`errors.ReplyLost`:
+    the next hop may have taken the message. ``body`` is CRLF-only
+    (:func:`check_body`), so dot-stuffing is all the encoding it needs.
+    """
+    start = await smtp.execute_command(b"DATA", timeout=cfg.delivery.command_timeout)
+    if start.code != aiosmtplib.SMTPStatus.start_input:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    protocol.write(_LEADING_DOT.sub(b"..", body) + b".\r\n")
+    try:
+        # read_response marks the reply as expected before it first yields,
+        # so the reply cannot arrive unseen between the write and the wait.
+        response = await protocol.read_response(timeout=cfg.delivery.data_timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        smtp.close()
+        raise errors.ReplyLost(f"after the final dot: {exc}") from exc
+    if response.code != aiosmtplib.SMTPStatus.completed:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, size: int) -> list[str]:

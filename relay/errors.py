@@ -182,6 +182,26 @@ class ConnectionLost(TemporaryFailure):
     default_reply = Reply(451, (4, 4, 2), "Connection to next hop lost")
 
 
+class ReplyLost(ConnectionLost):
+    """No reply to the final dot (dropped or timed out): the next hop may have the mail.
+
+    Deferred, and not sent to another host in the same attempt: a second
+    host would very likely make a duplicate (RFC 5321 section 6.1).
+    """
+
+    default_reply = Reply(451, (4, 4, 2), "No reply from next hop after the message was sent")
+
+
+class NotTried(TemporaryFailure):
+    """The attempt's address budget ran out before this recipient's remaining hosts.
+
+    Recorded so that ``outcome`` defers rather than bounces on TLS failures
+    at only some of the candidate hosts.
+    """
+
+    default_reply = Reply(451, (4, 4, 1), "Not every next hop could be tried in this attempt")
+
+
 class RemoteTemporary(TemporaryFailure):
     """The next hop answered 4xx; its reply is kept verbatim."""
 

@@ -83,6 +83,20 @@ def classify(exc: BaseException) -> TlsFailure:
     return TlsFailure.HANDSHAKE
 
 
+def interrupted(exc: BaseException) -> bool:
+    """True when a TLS error means "the peer went away", not a verdict on its TLS.
+
+    The rule: the peer closing (EOF, close_notify) or resetting the
+    connection, or a socket-level error under OpenSSL, is a temporary
+    problem of the connection. Every other ssl.SSLError is OpenSSL's
+    verdict on the peer (a certificate error, an alert received or sent,
+    a protocol or cipher mismatch, garbage instead of TLS records) and
+    fails a policy that requires TLS.
+    """
+    interruptions = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+    return isinstance(exc, (*interruptions, ConnectionError, TimeoutError))
+
+
 def describe_failure(exc: BaseException) -> str:
     """A one-line reason for logs and ``relay test-tls`` (OpenSSL's words)."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:

@@ -83,6 +83,29 @@ def test_ssl_errors_are_tls_policy_failures_when_required():
         raise ssl.SSLError(1, "wrong version number")
 
 
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+        ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed (EOF)"),
+        ssl.SSLSyscallError(5, "Some I/O error occurred"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError(),
+    ],
+)
+def test_peer_going_away_mid_handshake_is_not_a_tls_verdict(exc):
+    # The peer closing or resetting is temporary even under require_tls.
+    with pytest.raises(errors.ConnectionLost), map_smtp_errors(require_tls=True):
+        raise exc
+
+
+def test_openssl_alert_is_a_tls_verdict():
+    exc = ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION] tlsv1 alert protocol version")
+    with pytest.raises(TlsPolicyFailure) as caught, map_smtp_errors(require_tls=True):
+        raise exc
+    assert caught.value.reason is TlsFailure.HANDSHAKE
+
+
 def test_unexpected_exception_defers_with_internal_error():
     with pytest.raises(errors.TemporaryFailure) as caught, map_smtp_errors():
         raise KeyError("bug")

@@ -148,12 +148,14 @@ async def test_required_tls_failed_handshake_fails_the_host(pki):
     assert sink.connections == 1 and not sink.messages
 
 
-async def test_starttls_refused_with_454_fails_required_tls(pki):
+async def test_starttls_refused_with_454_defers_required_tls(pki):
+    # RFC 3207 section 4: 454 is temporary; no verdict on the host's TLS.
     replies = {"STARTTLS": "454 4.7.0 TLS not available"}
     async with Sink(tls_context=pki.server_context("mx1.test"), replies=replies) as sink:
         attempt = await _deliver(pki, sink, ENCRYPT_ONLY)
     (result,) = attempt.results["b@x.test"]
-    assert isinstance(result, TlsPolicyFailure) and result.reason is TlsFailure.HANDSHAKE
+    assert isinstance(result, errors.RemoteTemporary) and result.reply.code == 454
+    assert attempt.outcome("b@x.test") == errors.DEFERRED
 
 
 async def test_mixed_tls_failure_and_temporary_failure_defers(pki):

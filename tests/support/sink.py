@@ -11,12 +11,16 @@ by the first word of the argument's address:
 
 - ``"GREETING"``: replaces the 220 greeting (the connection is then closed);
 - ``"STARTTLS"``: a refusal such as ``"454 4.7.0 no TLS"``, or a ``"220 ..."``
-  followed by plaintext garbage (the client's handshake fails);
+  followed by plaintext garbage (the client's handshake fails), or
+  :data:`STARTTLS_THEN_DROP` (agree, then close without a TLS byte: the
+  peer went away mid-handshake), or :data:`STARTTLS_THEN_STALL` (agree,
+  then never answer the handshake);
 - ``"EHLO"``, ``"MAIL"``, ``"RCPT"``, ``"RSET"``, ``"DATA"`` (DATA: the reply after the
   message), ``"RCPT bad@x.test"`` (only that recipient),
   ``"MAIL <>"`` (only the null sender);
 - a value is a reply line (``"550 5.1.1 no such user"``), ``"drop"`` (close
-  the connection without answering), or a list of those used one per
+  the connection without answering), for DATA also ``"stall"`` (never
+  answer the final dot) or ``"sleep 0.5"`` (answer 250 after 0.5 s), or a list of those used one per
   command in turn, after which the default (accept) applies again.
 
 Everything seen is recorded: ``messages`` (:class:`Received`),
@@ -32,6 +36,7 @@ session replacement).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +47,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay import errors
 
 Script = str | list[str]
+
+#: A STARTTLS script: agree with 220, then close before any TLS record.
+STARTTLS_THEN_DROP = "220 2.0.0 go ahead (then drop)"
+#: A STARTTLS script: agree with 220, then never answer the ClientHello.
+STARTTLS_THEN_STALL = "220 2.0.0 go ahead (then stall)"
 
 
 @dataclass
@@ -140,8 +150,18 @@ class _SinkSMTP(SMTP):
             return
         self.sink.lines.append("STARTTLS")
         await super().push(reply)
-        if reply.startswith("220") and self.transport is not None:
-            # Agree, then answer the ClientHello with plaintext: a failed handshake.
+        if reply == STARTTLS_THEN_DROP and self.transport is not None:
+            self.transport.close()
+        elif reply == STARTTLS_THEN_STALL:
+            # Swallow the ClientHello and never answer it.
+            while await self._reader.read(4096):
+                pass
+        elif reply.startswith("220") and self.transport is not None:
+            # Agree, wait for the ClientHello, then answer it with plaintext:
+            # the client's handshake fails with an OpenSSL error (a verdict).
+            # Closing at once instead would only look like a dropped connection.
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await asyncio.wait_for(self._reader.read(1), 5)
             self.transport.write(b"this is not TLS\r\n")
             self.transport.close()
 
@@ -228,7 +248,12 @@ class Sink:
             assert server.transport is not None
             server.transport.close()
             return "421 4.3.0 dropping"
-        if reply is not None:
+        if reply == "stall":
+            # Never answer the final dot (until the connection closes).
+            await asyncio.Event().wait()
+        if reply is not None and reply.startswith("sleep "):
+            await asyncio.sleep(float(reply.split()[1]))
+        elif reply is not None:
             return reply
         content = envelope.original_content or b""
         self.messages.append(
