@@ -34,7 +34,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import errors, events
-from relay.config import Config, Listen
+from relay.config import Config, Listen, domain_key
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import REJECT_REASONS, Metrics
@@ -228,21 +228,26 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
 
     * an address literal (``user@[192.0.2.1]``): refused for everyone,
       550 5.7.1 -- it names no domain the rules could route;
-    * a client in ``relay_networks``: accepted, any domain;
-    * a domain in ``domains``: accepted when a rule matches, else 550 5.1.1;
+    * a domain in ``domains``: accepted when a rule matches, else 550 5.1.1
+      -- for every client, trusted or not: its public MX is usually this
+      relay, so sending it there would loop ("mail for X loops back to
+      myself", as Postfix says);
+    * a client in ``relay_networks``: accepted, any other domain;
     * anything else: 550 5.7.1 relaying denied.
 
     The domain is the part after the *last* "@", the one RFC 5321 routes
     by; ``%``, ``!`` and quoted ``@`` in the local part are never
     interpreted here (section 2.3.11: only the destination host does).
+    It is compared as A-labels, so ``user@bücher.example`` (RFC 6531
+    section 3.3) is the served domain ``xn--bcher-kva.example``.
     """
     domain = domain_of(mailbox)
     if domain.startswith("["):
         return errors.RELAYING_DENIED
+    if domain_key(domain) in config.server.domains:
+        return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
     if may_relay(config, client_ip):
         return errors.RECIPIENT_OK
-    if domain in config.server.domains:
-        return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
     return errors.RELAYING_DENIED
 
 
