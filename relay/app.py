@@ -274,16 +274,15 @@ class Daemon:
             new = await asyncio.to_thread(self._load)
             server_tls = _server_tls_context(new)
         except ConfigError as exc:
-            self.metrics.config_reloads.labels(result="error").inc()
-            events.error("reload_failed", config=str(exc.path), problems=len(exc.problems))
-            for problem in exc.problems:
-                events.error("reload_problem", problem=str(problem))
-            path, problems = exc.path, exc.problems
-            self._audit(old, lambda log: log.record_refused(path, problems))
+            self._refuse(old, exc.path, list(exc.problems))
             return False
         except (OSError, ssl.SSLError) as exc:
             self.metrics.config_reloads.labels(result="error").inc()
             events.error("reload_failed", config=str(old.source), error=str(exc))
+            return False
+        needs_restart = restart_problems(old, new)
+        if needs_restart:
+            self._refuse(old, new.source, needs_restart)
             return False
         if not await self._relisten(old, new):
             return False
@@ -296,9 +295,6 @@ class Daemon:
         self.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)
-        for field in ("queue", "metrics"):
-            if getattr(old, field) != getattr(new, field):
-                events.warning("reload_needs_restart", setting=field)
         self._applied(new, "reload", old)
         return True
 
@@ -314,11 +310,8 @@ class Daemon:
         try:
             added, removed = await self._inbound.relisten(new.server.listen)
         except OSError as exc:
-            self.metrics.config_reloads.labels(result="error").inc()
             problem = configmod.Problem("server", "listen", f"cannot listen: {exc}")
-            events.error("reload_failed", config=str(new.source), problems=1)
-            events.error("reload_problem", problem=str(problem))
-            self._audit(old, lambda log: log.record_refused(new.source, [problem]))
+            self._refuse(old, new.source, [problem])
             return False
         events.log(
             "listen_changed",
@@ -327,6 +320,14 @@ class Daemon:
             listen=",".join(listen_texts(self._inbound)),
         )
         return True
+
+    def _refuse(self, old: Config, source: Path, problems: list[configmod.Problem]) -> None:
+        """A loaded config cannot be applied: count, log and audit it; ``old`` keeps running."""
+        self.metrics.config_reloads.labels(result="error").inc()
+        events.error("reload_failed", config=str(source), problems=len(problems))
+        for problem in problems:
+            events.error("reload_problem", problem=str(problem))
+        self._audit(old, lambda log: log.record_refused(source, problems))
 
     def _applied(self, new: Config, reason: str, old: Config | None = None) -> None:
         """A config took effect (start or reload): log it, and audit it."""
@@ -351,6 +352,36 @@ class Daemon:
             write(AuditLog(cfg.audit.path))
         except OSError as exc:
             events.error("audit_failed", path=str(cfg.audit.path), error=str(exc))
+
+
+def restart_problems(old: Config, new: Config) -> list[configmod.Problem]:
+    """The changes from ``old`` to ``new`` a reload cannot apply, as Problems.
+
+    ``queue.path`` (the spool, and the pid file ``relay reload`` and
+    ``relay queue`` find the daemon by) and ``metrics.listen`` are bound
+    at start. A reload changing either is refused as a whole, so the audit
+    log never says a config applied that did not. The ``[queue]``
+    durations apply live: the scheduler reads them at every use.
+    """
+    problems = []
+    if new.queue.path != old.queue.path:
+        problems.append(
+            configmod.Problem(
+                "queue",
+                "path",
+                f"changing it needs a restart; the running relay keeps {old.queue.path}",
+            )
+        )
+    if new.metrics.listen != old.metrics.listen:
+        keeps = str(old.metrics.listen) if old.metrics.listen else "the endpoint off"
+        problems.append(
+            configmod.Problem(
+                "metrics",
+                "listen",
+                f"changing it needs a restart; the running relay keeps {keeps}",
+            )
+        )
+    return problems
 
 
 def run(config_path: Path | None) -> int:

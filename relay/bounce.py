@@ -79,6 +79,9 @@ class Failure:
     route: str = ""
     #: The DSN Status when it differs from the reply's (4.4.7 at max_lifetime).
     status: tuple[int, int, int] | None = None
+    #: True when ``reply`` came over the wire from ``remote_mta`` (its 4xx/5xx);
+    #: False when the relay wrote it (TLS policy, DNS, unreachable, expiry).
+    remote: bool = False
 
     @property
     def status_text(self) -> str:
@@ -270,9 +273,15 @@ def _status_fields(
         lines += _field("Final-Recipient", clean(_address_field(failure.address, utf8)))
         lines += _field("Action", "failed")
         lines += _field("Status", failure.status_text)
-        if failure.remote_mta:
-            lines += _field("Remote-MTA", clean(f"dns; {_remote_name(failure.remote_mta)}"))
-        lines += _field("Diagnostic-Code", clean(f"smtp; {failure.reply}"))
+        # RFC 3464 section 2.3.6: "smtp;" is a reply the remote host sent.
+        # Our own texts (TLS policy, DNS, unreachable) get our own type and
+        # no Remote-MTA, which never said them.
+        if failure.remote:
+            if failure.remote_mta:
+                lines += _field("Remote-MTA", clean(f"dns; {_remote_name(failure.remote_mta)}"))
+            lines += _field("Diagnostic-Code", clean(f"smtp; {failure.reply}"))
+        else:
+            lines += _field("Diagnostic-Code", clean(f"X-Relay; {failure.reply}"))
         if failure.last_attempt is not None:
             lines += _field("Last-Attempt-Date", _date(failure.last_attempt))
     return lines

@@ -83,6 +83,33 @@ def direct_route(domain: str) -> Route:
     )
 
 
+def domain_key(domain: str) -> str:
+    """``domain`` in the one form domains are compared in: lower-case A-labels.
+
+    RFC 6531 section 3.3 lets an SMTPUTF8 client write a domain in U-labels
+    (``bücher.example``); RFC 5890 section 2.3.2.1 makes it the same domain
+    as its A-label form (``xn--bcher-kva.example``), so every comparison of
+    domains (config, rules, inbound, routing) goes through here. A trailing
+    dot is dropped. Text the stdlib ``idna`` codec cannot convert comes
+    back lower-cased, as written (validation then refuses it where needed).
+    """
+    text = domain.strip().rstrip(".").lower()
+    if text.isascii():
+        return text
+    try:
+        return text.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return text
+
+
+def address_key(address: str) -> str:
+    """``address`` for comparison: the local part lower-cased, the domain by :func:`domain_key`."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower()
+    return f"{local.lower()}@{domain_key(domain)}"
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     #: Patterns: a full address, "@domain", or "*".
@@ -90,10 +117,12 @@ class Rule:
     route: str
 
     def matches(self, address: str) -> bool:
-        address = address.lower()
+        # Domains compare as A-labels (RFC 5890), so a U-label recipient
+        # matches an "@xn--..." pattern and the other way round.
+        address = address_key(address)
         domain = address.rpartition("@")[2]
         for pattern in self.recipients:
-            pattern = pattern.lower()
+            pattern = address_key(pattern) if "@" in pattern else pattern
             if pattern == "*" or pattern == address:
                 return True
             if pattern.startswith("@") and pattern[1:] == domain:
@@ -474,7 +503,8 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
             listen.append(parse_listen(text))
         except ValueError as exc:
             r.problem("listen", str(exc))
-    domains = tuple(d.lower().rstrip(".") for d in r.strings("domains", ()))
+    # U-labels are allowed (RFC 6531 section 3.3) and kept as A-labels.
+    domains = tuple(domain_key(d) for d in r.strings("domains", ()))
     if not domains:
         r.problem("domains", "must list at least one domain accepted for relaying")
     for domain in domains:
@@ -677,7 +707,7 @@ def _rule(
         r.problem("recipients", 'must list at least one pattern: an address, "@domain" or "*"')
     for pattern in patterns:
         local, at, domain = pattern.rpartition("@")
-        ok = pattern == "*" or (at and is_hostname(domain) and "@" not in local)
+        ok = pattern == "*" or (at and is_hostname(domain_key(domain)) and "@" not in local)
         if not ok:
             r.problem("recipients", f'{pattern!r} is not an address, "@domain" or "*"')
     route = r.get("route", str, "")

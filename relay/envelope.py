@@ -32,6 +32,9 @@ class Recipient:
     last_reply: Reply | None = None
     #: The host that gave ``last_reply``, e.g. "mx1.example.com [192.0.2.1]".
     remote_mta: str = ""
+    #: True when ``last_reply`` came from that host over the wire (its
+    #: 4xx/5xx), False when the relay wrote it (for the DSN's Diagnostic-Code).
+    last_remote: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"address": self.address, "state": self.state.value}
@@ -42,6 +45,8 @@ class Recipient:
             data["last_reply"] = [r.code, r.status_text, r.text]
         if self.remote_mta:
             data["remote_mta"] = self.remote_mta
+        if self.last_remote:
+            data["last_remote"] = True
         return data
 
     @classmethod
@@ -57,6 +62,7 @@ class Recipient:
             attempts=int(data.get("attempts", 0)),
             last_reply=reply,
             remote_mta=data.get("remote_mta", ""),
+            last_remote=bool(data.get("last_remote", False)),
         )
 
 

@@ -34,7 +34,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import errors, events
-from relay.config import Config, Listen
+from relay.config import Config, Listen, domain_key
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import REJECT_REASONS, Metrics
@@ -228,21 +228,26 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
 
     * an address literal (``user@[192.0.2.1]``): refused for everyone,
       550 5.7.1 -- it names no domain the rules could route;
-    * a client in ``relay_networks``: accepted, any domain;
-    * a domain in ``domains``: accepted when a rule matches, else 550 5.1.1;
+    * a domain in ``domains``: accepted when a rule matches, else 550 5.1.1
+      -- for every client, trusted or not: its public MX is usually this
+      relay, so sending it there would loop ("mail for X loops back to
+      myself", as Postfix says);
+    * a client in ``relay_networks``: accepted, any other domain;
     * anything else: 550 5.7.1 relaying denied.
 
     The domain is the part after the *last* "@", the one RFC 5321 routes
     by; ``%``, ``!`` and quoted ``@`` in the local part are never
     interpreted here (section 2.3.11: only the destination host does).
+    It is compared as A-labels, so ``user@bücher.example`` (RFC 6531
+    section 3.3) is the served domain ``xn--bcher-kva.example``.
     """
     domain = domain_of(mailbox)
     if domain.startswith("["):
         return errors.RELAYING_DENIED
+    if domain_key(domain) in config.server.domains:
+        return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
     if may_relay(config, client_ip):
         return errors.RECIPIENT_OK
-    if domain in config.server.domains:
-        return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
     return errors.RELAYING_DENIED
 
 
@@ -387,13 +392,19 @@ class _CrlfCommandReader(asyncio.StreamReader):
     CRLF. RFC 5321 section 2.3.8 says lines end in CRLF only; a command
     ending in a bare LF is turned into an empty line, which aiosmtpd
     answers with its syntax error (mapped to 500 5.5.2 below), so the
-    command is refused rather than executed. DATA reads are untouched.
+    command is refused rather than executed. DATA lines (read up to CRLF)
+    are returned untouched, and each one calls ``on_data_line``.
     """
+
+    #: Called after each DATA line is read (the session's idle timer).
+    on_data_line: Callable[[], None] | None = None
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
         line = await super().readuntil(separator)
         if separator == b"\n" and not line.endswith(b"\r\n"):
             return b"\n"
+        if separator == b"\r\n" and self.on_data_line is not None:
+            self.on_data_line()
         return line
 
 
@@ -418,6 +429,10 @@ class _Connection(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self.inbound = inbound
+        #: loop.time() of the last timer reset for a DATA line.
+        self._data_timer_reset = 0.0
+        #: True from the end of DATA until its reply is sent (the spool write).
+        self._timer_suspended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -432,7 +447,31 @@ class _Connection(SMTP):
     ) -> None:
         # The reader aiosmtpd created, made strict about command line endings.
         reader.__class__ = _CrlfCommandReader
+        assert isinstance(reader, _CrlfCommandReader)
+        reader.on_data_line = self._data_line
         super()._cb_client_connected(reader, writer)
+
+    def _data_line(self) -> None:
+        # aiosmtpd resets the idle timer per command only, so [server]
+        # timeout would bound the whole DATA phase: a big message on a slow
+        # link got 421 mid-data. RFC 5321 section 4.5.3.2 times each data
+        # block instead; reset per line received, at most every tenth of
+        # the timeout (no timer churn on a fast 35 MB upload).
+        now = self.loop.time()
+        if now - self._data_timer_reset >= self._timeout_duration / 10:
+            self._data_timer_reset = now
+            self._reset_timeout()
+
+    def suspend_timeout(self) -> None:
+        """Stop the idle timer until the next reply is sent (the spool write).
+
+        RFC 5321 section 4.5.3.2: the client waits 10 minutes for the reply
+        to the final dot. A timer firing during the write would drop a
+        session whose message is queued anyway; the client would resend it.
+        """
+        self._timer_suspended = True
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete
@@ -455,6 +494,10 @@ class _Connection(SMTP):
             # never reach a client even if handle_exception itself failed.
             status = str(errors.INTERNAL_ERROR)
         await super().push(status)
+        if self._timer_suspended:
+            self._timer_suspended = False
+            if self.transport is not None:
+                self._reset_timeout()
 
     def _timeout_cb(self) -> None:
         # RFC 5321 section 4.5.3.2: say why before closing an idle session.
@@ -565,6 +608,8 @@ class _Handler:
         return str(reply)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        if isinstance(server, _Connection):
+            server.suspend_timeout()
         return str(await self.inbound.accept(server, session, envelope))
 
     async def handle_exception(self, error: Exception) -> str:

@@ -298,6 +298,7 @@ class Scheduler:
             # for a config that routes it rather than bounce on a typo.
             rcpt.last_reply = errors.NO_ROUTE_NOW
             rcpt.remote_mta = ""
+            rcpt.last_remote = False
             deferred.append((rcpt, _NO_ROUTE))
         if not await self._attempt_routes(envelope, body, groups, failures, deferred):
             events.log("dropped", id=qid, reason="no longer in the spool")
@@ -399,9 +400,11 @@ class Scheduler:
             rcpt.attempts += 1
             if isinstance(attempt, BaseException):
                 outcome, reply, remote = errors.DEFERRED, errors.INTERNAL_ERROR, ""
+                rcpt.last_remote = False
             else:
                 outcome, reply = attempt.outcome(address), attempt.last(address)
                 remote = attempt.remote.get(address, "")
+                rcpt.last_remote = from_wire(attempt.results.get(address, ()))
             rcpt.last_reply, rcpt.remote_mta = reply, remote
             if outcome == errors.DELIVERED:
                 # Deferred ones are counted once the cycle knows whether they
@@ -481,6 +484,7 @@ class Scheduler:
             reply=last or errors.DELIVERY_EXPIRED,
             reason=BounceReason.EXPIRED,
             remote_mta=rcpt.remote_mta,
+            remote=last is not None and rcpt.last_remote,
             last_attempt=now,
             route="" if route == _NO_ROUTE else route,
             status=errors.EXPIRED_STATUS,
@@ -566,6 +570,18 @@ def _pending(envelope: Envelope, address: str) -> Recipient | None:
     return None
 
 
+def from_wire(results: Sequence[Reply | RelayError]) -> bool:
+    """True when the last result is a reply the remote host sent (its 4xx/5xx).
+
+    A Reply, RemoteTemporary or RemotePermanent came over the wire; every
+    other RelayError (TLS policy, DNS, unreachable, lost) is the relay's
+    own diagnosis (RFC 3464 section 2.3.6: only the former is "smtp;").
+    """
+    if not results:
+        return False
+    return isinstance(results[-1], Reply | errors.RemoteTemporary | errors.RemotePermanent)
+
+
 def _failure(attempt: Attempt, address: str, route: Route, now: float) -> Failure:
     """The DSN entry of a recipient that bounced in ``attempt``."""
     results: Sequence[Reply | RelayError] = attempt.results.get(address, ())
@@ -586,6 +602,7 @@ def _failure(attempt: Attempt, address: str, route: Route, now: float) -> Failur
         reply=attempt.last(address),
         reason=reason,
         remote_mta=attempt.remote.get(address, ""),
+        remote=from_wire(results),
         tls=tls,
         last_attempt=now,
         route=route.name,

@@ -125,7 +125,8 @@ class Plan:
 
 
 def _domain(address: str) -> str:
-    return address.rpartition("@")[2].strip().lower().rstrip(".")
+    # A-labels: what DNS is asked, and how [server] domains are kept.
+    return cfg.domain_key(address.rpartition("@")[2])
 
 
 def route_for(config: Config, address: str, client_trusted: bool) -> Route | None:
@@ -134,12 +135,14 @@ def route_for(config: Config, address: str, client_trusted: bool) -> Route | Non
     When no rule matches and the client is in relay_networks
     (``client_trusted``), the implicit route to the address's domain MX
     (``config.direct_route``); otherwise None (no route: reject at RCPT).
+    Never the direct route for a domain in ``[server] domains``: its MX is
+    usually this relay, and the mail would loop back to itself.
     """
     route = config.route_for(address)
     if route is not None:
         return route
     domain = _domain(address) if "@" in address else ""
-    if client_trusted and domain:
+    if client_trusted and domain and domain not in config.server.domains:
         return cfg.direct_route(domain)
     return None
 

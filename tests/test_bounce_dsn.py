@@ -73,6 +73,7 @@ def _remote_failure() -> Failure:
         remote_mta="mx.corp.example.com [192.0.2.25]",
         last_attempt=LAST,
         route="On-prem Exchange",
+        remote=True,
     )
 
 
@@ -117,6 +118,7 @@ CASES = {
                 BounceReason.REMOTE_PERMANENT,
                 remote_mta="mx.xn--r8jz45g.jp [192.0.2.30]",
                 last_attempt=LAST,
+                remote=True,
             )
         ],
     ),
@@ -218,10 +220,13 @@ def test_tls_dsn_names_the_failed_checks_and_the_fixes() -> None:
     assert "require_ca_signed, require_tls" in text
     (_, block) = _status_blocks(status)
     assert block["Status"] == "5.7.5"
+    # RFC 3464 section 2.3.6: the relay's own diagnosis is not an "smtp;"
+    # reply, and no Remote-MTA is named as if it had said it.
     assert block["Diagnostic-Code"] == (
-        "smtp; 550 5.7.5 TLS required by route (require_ca_signed): "
+        "X-Relay; 550 5.7.5 TLS required by route (require_ca_signed): "
         "the server certificate is not signed by a trusted CA"
     )
+    assert "Remote-MTA" not in block
 
 
 def test_expired_dsn_has_status_4_4_7_and_the_last_error() -> None:
@@ -230,15 +235,45 @@ def test_expired_dsn_has_status_4_4_7_and_the_last_error() -> None:
     (_, block) = _status_blocks(status)
     assert block["Action"] == "failed"
     assert block["Status"] == "4.4.7"
-    assert block["Diagnostic-Code"] == "smtp; 451 4.4.1 Next hop unreachable"
+    assert block["Diagnostic-Code"] == "X-Relay; 451 4.4.1 Next hop unreachable"
+    assert "Remote-MTA" not in block
     assert "gave up" in human.get_payload()
+
+
+def test_expired_with_a_remote_4xx_keeps_it_as_an_smtp_reply() -> None:
+    greylisted = Reply(450, (4, 7, 1), "Greylisted, try again later")
+    failure = Failure(
+        "bob@example.com",
+        greylisted,
+        BounceReason.EXPIRED,
+        remote_mta="mx.corp.example.com [192.0.2.25]",
+        status=EXPIRED_STATUS,
+        remote=True,
+    )
+    dsn = build_dsn(_envelope(), [failure], hostname="relay.example.com", original=b"", now=NOW)
+    (_, block) = _status_blocks(_parts(_parse(dsn))[1])
+    assert block["Diagnostic-Code"] == "smtp; 450 4.7.1 Greylisted, try again later"
+    assert block["Remote-MTA"] == "dns; mx.corp.example.com"
+
+
+def test_local_diagnostic_is_never_labelled_smtp() -> None:
+    no_domain = Failure(
+        "bob@nowhere.example",
+        Reply(550, (5, 1, 2), "Recipient domain does not exist"),
+        BounceReason.DNS_PERMANENT,
+        remote_mta="nowhere.example",
+    )
+    dsn = build_dsn(_envelope(), [no_domain], hostname="relay.example.com", original=b"", now=NOW)
+    (_, block) = _status_blocks(_parts(_parse(dsn))[1])
+    assert block["Diagnostic-Code"] == "X-Relay; 550 5.1.2 Recipient domain does not exist"
+    assert "Remote-MTA" not in block
 
 
 def test_expired_without_any_reply_uses_5_4_7() -> None:
     failure = Failure("bob@example.com", DELIVERY_EXPIRED, BounceReason.EXPIRED)
     dsn = build_dsn(_envelope(), [failure], hostname="relay.example.com", original=b"", now=NOW)
     (_, block) = _status_blocks(_parts(_parse(dsn))[1])
-    assert block["Diagnostic-Code"] == "smtp; 554 5.4.7 Delivery time expired"
+    assert block["Diagnostic-Code"] == "X-Relay; 554 5.4.7 Delivery time expired"
     assert "Remote-MTA" not in block and "Last-Attempt-Date" not in block
 
 

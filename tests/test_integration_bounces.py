@@ -204,8 +204,10 @@ async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
     assert fields["final-recipient"] == "rfc822; bob@corp.test"
     assert fields["action"] == "failed"
     assert fields["status"] == "4.4.7"
-    # The last error relay saw: the host was unreachable.
-    assert fields["diagnostic-code"].startswith("smtp; 4")
+    # The last error relay saw: the host was unreachable -- the relay's own
+    # diagnosis, not a reply from a remote MTA (RFC 3464 section 2.3.6).
+    assert fields["diagnostic-code"].startswith("X-Relay; 451 4.4.1 ")
+    assert "remote-mta" not in fields
 
 
 # --- persistence ---------------------------------------------------------------

@@ -155,6 +155,10 @@ async def test_one_permanent_failure_bounces_only_that_recipient(tmp_path) -> No
     assert (dsn.mail_from, dsn.recipients, dsn.route) == ("", ["alice@sender.test"], "(direct)")
     assert _final_recipients(dsn.body) == ["rfc822; carol@example.com"]
     assert "carol@example.com" in dsn.body.decode() and "dan@example.com" not in dsn.body.decode()
+    # The next hop's own reply (RFC 3464 section 2.3.6): "smtp;" and its Remote-MTA.
+    (block,) = _status_blocks(dsn.body)[1:]
+    assert block["Diagnostic-Code"] == f"smtp; {PERM}"
+    assert block["Remote-MTA"] == "dns; mx.example.com"
     assert h.spooled() == []
     assert h.sample("relay_bounces_total", reason="remote_permanent") == 1
     assert h.sample("relay_recipients_total", route="Corp", outcome="bounced") == 1
@@ -181,6 +185,9 @@ async def test_tls_policy_failure_bounces_at_once_without_retry(tmp_path) -> Non
     assert "use the host name that appears in the server's certificate" in text
     (block,) = _status_blocks(dsn.body)[1:]
     assert block["Status"] == "5.7.5" and block["Action"] == "failed"
+    # The relay's own diagnosis, not a reply the remote host sent.
+    assert block["Diagnostic-Code"].startswith("X-Relay; 550 5.7.5 ")
+    assert "Remote-MTA" not in block
     assert h.sample("relay_bounces_total", reason="tls_policy") == 1
     assert h.spooled() == []
 
@@ -399,7 +406,9 @@ async def test_unreachable_message_expires_with_its_last_reply_made_permanent(tm
         await until(lambda: any(c.mail_from == "" for c in h.deliverer.calls))
     (dsn,) = [c for c in h.deliverer.calls if c.mail_from == ""]
     (block,) = _status_blocks(dsn.body)[1:]
-    assert block["Diagnostic-Code"] == "smtp; 451 4.4.1 Next hop unreachable"
+    # The relay's own text (RFC 3464 section 2.3.6), with no Remote-MTA.
+    assert block["Diagnostic-Code"] == "X-Relay; 451 4.4.1 Next hop unreachable"
+    assert "Remote-MTA" not in block
     assert DELIVERY_EXPIRED.status == (5, 4, 7)
 
 
@@ -420,3 +429,17 @@ async def test_add_keeps_only_the_index_in_memory(tmp_path, count: int) -> None:
 def test_scheduler_satisfies_the_constructor_contract(tmp_path) -> None:
     h = harness(tmp_path)
     assert isinstance(h.scheduler, Scheduler)
+
+
+async def test_whether_the_last_reply_was_remote_is_kept_in_the_spool(tmp_path) -> None:
+    # The DSN at expiry says "smtp;" only for a reply the next hop sent,
+    # so the spool remembers which kind the last one was.
+    script = {"bob@example.com": [TEMP], "dan@example.com": [HostUnreachable("refused")]}
+    h = harness(tmp_path, FakeDeliverer(script=script))
+    env = spool_message(h.spool, ["bob@example.com", "dan@example.com"])
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await settle(h.scheduler)
+    [stored] = h.spooled()
+    remote = {r.address: r.last_remote for r in stored.recipients}
+    assert remote == {"bob@example.com": True, "dan@example.com": False}

@@ -67,7 +67,11 @@ def config_text(
     extra_server: str = "",
     metrics: str = "",
     listen: str | None = None,
+    domains: str | None = None,
+    extra: str = "",
 ) -> str:
+    """The inbound tests' TOML; ``domains`` replaces the served domains' list
+    (TOML text), ``extra`` is appended (more routes or rules)."""
     text = BASE_TOML.format(
         spool=spool,
         max_message_size=max_message_size,
@@ -78,7 +82,9 @@ def config_text(
     )
     if listen is not None:
         text = text.replace('listen = ["127.0.0.1:2525"]', f"listen = {listen}")
-    return text
+    if domains is not None:
+        text = text.replace('domains = ["example.com", "example.net"]', f"domains = {domains}")
+    return text + extra
 
 
 def make_config(tmp_path: Path, **kwargs: object) -> Config:

@@ -1,0 +1,138 @@
+"""A reload cannot move the spool or the metrics listener: refused, never half-applied.
+
+``queue.path`` (and the pid file in it) and ``metrics.listen`` are bound at
+start. A reload changing either is refused like an invalid one -- counted
+as an error, audited as reload_refused -- and the old config runs on, so
+``relay reload`` / ``relay queue`` keep finding the daemon and its spool.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import subprocess
+import sys
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay import app
+from relay import config as configmod
+from relay.config import Config
+from tests.support.inbound import RelayProcess, config_text, free_port
+
+MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+class Relay:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.config = tmp_path / "relay.toml"
+        self.audit = tmp_path / "audit.log"
+        self.write()
+        self.process = RelayProcess(self.config, tmp_path)
+
+    def write(self, spool: str = "spool", metrics: int | None = None, lifetime: str = "5d") -> None:
+        text = config_text(
+            self.tmp_path / spool,
+            metrics=f"127.0.0.1:{metrics or self.metrics_port}",
+            listen=f'["127.0.0.1:{self.port}"]',
+            extra=f'\n[audit]\npath = "{self.audit}"\n',
+        )
+        text = text.replace("\n[metrics]", f'max_lifetime = "{lifetime}"\n\n[metrics]', 1)
+        self.config.write_text(text)
+
+    def reloads(self, result: str) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text: str = resp.read().decode()
+        needle = f'relay_config_reloads_total{{result="{result}"}} '
+        return next(line for line in text.splitlines() if line.startswith(needle))[len(needle) :]
+
+    def audit_entries(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
+            env=self.process.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    r = Relay(tmp_path)
+    try:
+        yield r
+    finally:
+        r.process.stop()
+
+
+def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(relay: Relay) -> None:
+    relay.process.start()
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.sendmail("s@example.org", ["user@example.com"], MSG) == {}
+    new_metrics = free_port()
+    relay.write(spool="elsewhere", metrics=new_metrics)
+    relay.process.signal(signal.SIGHUP)
+    relay.process.wait_log("event=reload_failed")
+    log = relay.process.log
+    old_spool = relay.tmp_path / "spool"
+    assert f"queue: path: changing it needs a restart; the running relay keeps {old_spool}" in log
+    assert (
+        "metrics: listen: changing it needs a restart; "
+        f"the running relay keeps 127.0.0.1:{relay.metrics_port}" in log
+    )
+    assert "reason=reload" not in log and "reload_needs_restart" not in log
+    # Counted as an error on the listener that still runs; audited as refused.
+    assert relay.reloads("error") == "1.0" and relay.reloads("success") == "0.0"
+    refused = relay.audit_entries()[-1]
+    assert refused["event"] == "reload_refused"
+    assert len(refused["problems"]) == 2  # type: ignore[arg-type]
+
+    # The old config runs on: back to it, the CLI finds the daemon and its spool.
+    relay.write()
+    listed = relay.cli("queue", "list")
+    assert listed.returncode == 0 and "1 message(s)" in listed.stdout, listed
+    done = relay.cli("reload")
+    assert done.returncode == 0, done.stderr
+    relay.process.wait_log("reason=reload")
+
+
+def test_queue_durations_apply_on_reload(relay: Relay) -> None:
+    relay.process.start()
+    relay.write(lifetime="2d")
+    relay.process.signal(signal.SIGHUP)
+    relay.process.wait_log("reason=reload")
+    assert relay.reloads("success") == "1.0" and relay.reloads("error") == "0.0"
+    reload = relay.audit_entries()[-1]
+    assert reload["event"] == "reload"
+    assert reload["changes"]["queue"]["max_lifetime"] == [432000.0, 172800.0]  # type: ignore[index]
+
+
+def _config(tmp_path: Path, **kwargs: object) -> Config:
+    text = config_text(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
+    return configmod.parse(tomllib.loads(text), tmp_path / "relay.toml")
+
+
+def test_restart_problems_names_only_path_and_metrics_listen(tmp_path: Path) -> None:
+    old = _config(tmp_path, metrics="127.0.0.1:9325")
+    same = _config(tmp_path, metrics="127.0.0.1:9325", timeout="1m")
+    assert app.restart_problems(old, same) == []
+    moved = configmod.parse(
+        tomllib.loads(config_text(tmp_path / "other", metrics="")), tmp_path / "relay.toml"
+    )
+    problems = app.restart_problems(old, moved)
+    assert [(p.where, p.field) for p in problems] == [("queue", "path"), ("metrics", "listen")]
+    assert str(tmp_path / "spool") in problems[0].message

@@ -1,0 +1,93 @@
+"""Recipient policy for served domains: U-labels (RFC 6531) and no loop for trusted clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay import errors
+from relay.config import Config
+from tests.support.inbound import RawClient, make_config, running_inbound
+
+MSG = b"Subject: hi\r\n\r\nHallo.\r\n"
+
+IDN_RULE = """
+[[rules]]
+recipients = ["@{domain}"]
+route = "Corp"
+"""
+
+
+def idn_config(tmp_path: Path, served: str, rule: str) -> Config:
+    return make_config(
+        tmp_path,
+        domains=f'["example.com", "{served}"]',
+        extra=IDN_RULE.format(domain=rule),
+    )
+
+
+async def smtputf8_session(port: int) -> RawClient:
+    client = await RawClient.connect(port)
+    assert (await client.cmd("EHLO client.test"))[0] == 250
+    assert (await client.cmd("MAIL FROM:<s@example.org> SMTPUTF8"))[0] == 250
+    return client
+
+
+@pytest.mark.parametrize(
+    ("served", "rule"),
+    [
+        ("bücher.example", "bücher.example"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("xn--bcher-kva.example", "Bücher.example"),
+        ("BÜCHER.example", "xn--bcher-kva.example"),
+    ],
+)
+async def test_u_label_and_a_label_recipients_are_accepted(
+    tmp_path: Path, served: str, rule: str
+) -> None:
+    cfg = idn_config(tmp_path, served, rule)
+    async with running_inbound(cfg) as h:
+        async with await smtputf8_session(h.port) as client:
+            # RFC 6531 section 3.3: the domain may come in U-labels.
+            assert (await client.cmd("RCPT TO:<anna@bücher.example>"))[0] == 250
+            assert (await client.cmd("RCPT TO:<ben@xn--bcher-kva.example>"))[0] == 250
+            assert (await client.cmd("RCPT TO:<cleo@BÜCHER.EXAMPLE>"))[0] == 250
+            assert (await client.cmd("DATA"))[0] == 354
+            await client.send(MSG + b".\r\n")
+            assert (await client.reply())[0] == 250
+        [env] = h.spooled()
+        # Kept as the client wrote them: the next hop gets what was sent.
+        assert [r.address for r in env.recipients] == [
+            "anna@bücher.example",
+            "ben@xn--bcher-kva.example",
+            "cleo@BÜCHER.EXAMPLE",
+        ]
+
+
+async def test_other_u_label_domain_is_still_relaying_denied(tmp_path: Path) -> None:
+    cfg = idn_config(tmp_path, "bücher.example", "bücher.example")
+    async with running_inbound(cfg) as h:
+        async with await smtputf8_session(h.port) as client:
+            _, text = await client.cmd("RCPT TO:<anna@bucher.example>")
+        assert text == str(errors.RELAYING_DENIED)
+
+
+async def test_trusted_client_gets_no_route_for_a_served_domain_without_a_rule(
+    tmp_path: Path,
+) -> None:
+    # example.net is served but only known@example.net has a rule. Its MX
+    # is this relay: the direct route would loop, so 550 5.1.1 as for
+    # anyone -- while foreign domains still relay for the trusted client.
+    cfg = make_config(tmp_path, extra_server='relay_networks = ["127.0.0.0/8"]')
+    async with running_inbound(cfg) as h:
+        async with await RawClient.connect(h.port) as client:
+            assert (await client.cmd("EHLO client.test"))[0] == 250
+            assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
+            _, text = await client.cmd("RCPT TO:<other@example.net>")
+            assert text == str(errors.NO_ROUTE)
+            _, text = await client.cmd("RCPT TO:<other@Example.NET>")
+            assert text == str(errors.NO_ROUTE)
+            assert (await client.cmd("RCPT TO:<known@example.net>"))[0] == 250
+            assert (await client.cmd("RCPT TO:<user@other.test>"))[0] == 250
+        assert h.rejected("no_route") == 2

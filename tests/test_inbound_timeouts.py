@@ -1,0 +1,84 @@
+"""The idle timer around DATA: per data line, and never during the spool write.
+
+aiosmtpd resets [server] timeout per command only; RFC 5321 section
+4.5.3.2 times each data block (3 minutes) and lets the client wait 10
+minutes for the reply to the final dot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from relay import errors
+from relay.envelope import Envelope
+from relay.spool import Spool
+from tests.support.inbound import RawClient, make_config, running_inbound
+
+
+class SlowSpool(Spool):
+    """A real spool whose writes take ``delay`` seconds (a slow disk's fsync)."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path, fsync=False)
+        self.delay = delay
+
+    def put(self, envelope: Envelope, data: bytes) -> None:
+        time.sleep(self.delay)  # runs in the spool's worker thread
+        super().put(envelope, data)
+
+
+async def _start_data(client: RawClient) -> None:
+    assert (await client.cmd("EHLO client.test"))[0] == 250
+    assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<user@example.com>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+
+
+async def test_slow_data_longer_than_the_timeout_is_accepted(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, timeout="1s")
+    async with running_inbound(cfg) as h:
+        async with await RawClient.connect(h.port) as client:
+            await _start_data(client)
+            await client.send(b"Subject: slow\r\n\r\n")
+            # 2.4 s of DATA in all, a line every 0.3 s: each line is activity.
+            for i in range(8):
+                await asyncio.sleep(0.3)
+                await client.send(b"line %d\r\n" % i)
+            await client.send(b".\r\n")
+            code, text = await client.reply()
+        assert code == 250, text
+        [env] = h.spooled()
+        assert h.spool.read_body(env.id).endswith(b"line 7\r\n")
+
+
+async def test_stalled_data_still_times_out(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, timeout="500ms")
+    async with running_inbound(cfg) as h:
+        async with await RawClient.connect(h.port) as client:
+            await _start_data(client)
+            await client.send(b"Subject: stalled\r\n\r\n")
+            _, text = await client.reply(wait=5)
+        assert text == str(errors.IDLE_TIMEOUT)
+        assert h.spooled() == []
+
+
+async def test_timer_is_off_during_the_spool_write_and_back_after(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, timeout="500ms")
+    spool = SlowSpool(cfg.queue.path, delay=1.5)
+    async with running_inbound(cfg, spool=spool) as h:
+        async with await RawClient.connect(h.port) as client:
+            await _start_data(client)
+            await client.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
+            # The write takes three timeouts: the client gets its 250, not a
+            # 421 for a message that is queued anyway (and then resent).
+            code, text = await client.reply(wait=5)
+            assert code == 250, text
+            # And the timer runs again once the reply is out (no command
+            # came since to restart it).
+            started = time.monotonic()
+            _, text = await client.reply(wait=5)
+            assert text == str(errors.IDLE_TIMEOUT)
+            assert time.monotonic() - started < 3
+        assert len(h.spooled()) == 1
