@@ -221,11 +221,15 @@ class _HopLimit:
 
     def __init__(self) -> None:
         self.used = 0
+        #: Tasks holding or waiting for a slot. A woken waiter is no longer
+        #: in _waiters but not yet in ``used``: only this count says whether
+        #: the gate may be dropped without a second gate doubling the limit.
+        self.users = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def unused(self) -> bool:
-        return self.used == 0 and not self._waiters
+        return self.users == 0
 
     async def acquire(self, limit: Callable[[], int]) -> None:
         while self.used >= limit():
@@ -269,15 +273,18 @@ class _Pool:
     async def slot(self, key: HopKey, limit: Callable[[], int]) -> AsyncIterator[None]:
         """Hold one of ``limit()`` connection slots for ``key``."""
         gate = self._slots.setdefault(key, _HopLimit())
+        gate.users += 1
         try:
             await gate.acquire(limit)
         except BaseException:
+            gate.users -= 1
             self._forget(key)
             raise
         try:
             yield
         finally:
             gate.release()
+            gate.users -= 1
             self._forget(key)
 
     def _forget(self, key: HopKey) -> None:

@@ -117,3 +117,28 @@ async def test_different_policy_is_a_different_next_hop():
             await d.close()
     # Same (ip, port, policy) but another server_hostname: a new connection.
     assert sink.connections == 2
+
+
+async def test_hop_limit_is_never_exceeded_while_waiters_are_woken():
+    # A release wakes every waiter; while they are between "woken" and
+    # "holding", the hop's gate must not be dropped, or the next arrival
+    # would get a fresh gate and the limit would count twice.
+    from relay.config import TlsPolicy
+    from relay.delivery import _Pool
+
+    pool = _Pool()
+    key = ("127.0.0.1", 25, TlsPolicy(), "mx.test")
+    active = peak = 0
+
+    async def user(i: int) -> None:
+        nonlocal active, peak
+        await asyncio.sleep(i * 0.001)
+        async with pool.slot(key, lambda: 2):
+            active += 1
+            peak = max(peak, active)
+            await asyncio.sleep(0.004)
+            active -= 1
+
+    await asyncio.gather(*(user(i) for i in range(60)))
+    assert peak <= 2
+    assert pool.hops == 0
