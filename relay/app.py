@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib
 import os
 import signal
 import ssl
@@ -193,6 +194,7 @@ class Daemon:
             recovered=recovered,
             config=str(cfg.source),
             pid=os.getpid(),
+            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         try:
             await self._stop.wait()
@@ -227,6 +229,7 @@ class Daemon:
             await metrics_server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
+        self.spool.close()
         events.log("stopped")
 
     def _install_signals(self, scheduler: Scheduler) -> None:
@@ -327,4 +330,21 @@ def run(config_path: Path | None) -> int:
             events.error("start_failed", error=str(exc))
             return 1
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(main())
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (optional: not a dependency), else asyncio's.
+
+    ``RELAY_EVENT_LOOP=asyncio`` forces the standard loop. uvloop cut the
+    daemon's CPU per message in the issue #8 benchmark (docs/performance.md).
+    """
+    if os.environ.get("RELAY_EVENT_LOOP", "") == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

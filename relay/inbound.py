@@ -726,7 +726,9 @@ class Inbound:
         self._writes += 1
         self._writes_done.clear()
         try:
-            await asyncio.to_thread(self.spool.put, env, data)
+            # Durable before we return: fsynced, renamed, directory fsynced
+            # (the directory fsync shared with concurrent sessions).
+            await self.spool.put_async(env, data)
         finally:
             self._writes -= 1
             if not self._writes:

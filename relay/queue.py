@@ -241,8 +241,7 @@ class Scheduler:
     async def _cycle(self, qid: str) -> float | None:
         """Try one due message; return its next due time, or None when it left the queue."""
         try:
-            envelope = await asyncio.to_thread(self._spool.load, qid)
-            body = await asyncio.to_thread(self._spool.read_body, qid)
+            envelope, body = await self._spool.read_async(qid)
         except (KeyError, FileNotFoundError):
             # `relay queue delete` removed it while it waited: nothing to do.
             events.log("dropped", id=qid, reason="no longer in the spool")
@@ -253,7 +252,7 @@ class Scheduler:
             events.error("dropped", id=qid, reason="unreadable envelope", error=str(exc))
             return None
         if envelope.done:
-            await asyncio.to_thread(self._spool.delete, qid)
+            await self._spool.delete_async(qid)
             return None
         envelope.attempts += 1
         failures: list[Failure] = []
@@ -304,7 +303,10 @@ class Scheduler:
                     route, addrs = tasks[task]
                     self._apply(envelope, route, addrs, task.result(), failures, deferred)
                 # Persist now: a delivered recipient must never be tried again.
-                await asyncio.to_thread(self._spool.update, envelope)
+                # When none is left pending, _conclude deletes the message
+                # next, and that delete is the durable record instead.
+                if not envelope.done:
+                    await self._spool.update_async(envelope)
         finally:
             for task in pending:
                 task.cancel()
@@ -385,14 +387,14 @@ class Scheduler:
             # try again later, when the failure will be seen again.
             deferred += [(r, "") for f in failures if (r := _pending(envelope, f.address))]
         if envelope.done:
-            await asyncio.to_thread(self._spool.delete, envelope.id)
+            await self._spool.delete_async(envelope.id)
             events.log("removed", id=envelope.id)
             return None
         delay = backoff(envelope.attempts, cfg.queue.min_backoff, cfg.queue.max_backoff, self._rng)
         # Never sleep past the lifetime: the last try happens at expiry.
         deadline = envelope.received_at + cfg.queue.max_lifetime
         envelope.next_attempt = max(now, min(now + delay, deadline))
-        await asyncio.to_thread(self._spool.update, envelope)
+        await self._spool.update_async(envelope)
         next_at = datetime.fromtimestamp(envelope.next_attempt, UTC).isoformat(timespec="seconds")
         for rcpt, route in deferred:
             events.log(
