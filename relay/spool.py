@@ -163,11 +163,13 @@ class Spool:
                 await self._in_thread(undo)
             raise _spool_error(exc, what) from exc
 
-    async def put_async(self, envelope: Envelope, data: bytes) -> None:
+    async def put_async(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> None:
         """:meth:`put` for the event loop: returns only once the message is durable
         (both files fsynced and renamed, then ``msg/`` fsynced), with the
-        directory fsync shared by concurrent callers. Same errors as put()."""
-        placed = await self._in_thread(self._place, envelope, data)
+        directory fsync shared by concurrent callers. Same errors as put().
+        The stored body is ``prefix + data`` (our Received header first),
+        written without joining the two in memory."""
+        placed = await self._in_thread(self._place, envelope, data, prefix)
 
         def undo() -> None:
             for path in placed:
@@ -215,10 +217,12 @@ class Spool:
                 # client never got a 250, so nothing was promised.
                 body.unlink(missing_ok=True)
 
-    def _write(self, target: Path, data: bytes) -> Path:
+    def _write(self, target: Path, data: bytes, prefix: bytes = b"") -> Path:
         tmp = self.tmp_dir / f"{target.name}.{secrets.token_hex(4)}"
         try:
             with open(tmp, "wb") as fh:
+                if prefix:
+                    fh.write(prefix)
                 fh.write(data)
                 if self.fsync:
                     fh.flush()
@@ -242,15 +246,15 @@ class Spool:
                 path.unlink(missing_ok=True)
             raise _spool_error(exc, f"cannot spool {envelope.id}") from exc
 
-    def _place(self, envelope: Envelope, data: bytes) -> list[Path]:
+    def _place(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> list[Path]:
         """Write both files fsynced and rename them into ``msg/`` (body first);
         the caller fsyncs the directory. Leaves nothing behind on error."""
         body = self.msg_dir / f"{envelope.id}.eml"
         meta = self.msg_dir / f"{envelope.id}.json"
-        envelope.size = len(data)
+        envelope.size = len(prefix) + len(data)
         written: list[Path] = []
         try:
-            tmp_body = self._write(body, data)
+            tmp_body = self._write(body, data, prefix)
             written.append(tmp_body)
             tmp_meta = self._write(meta, envelope.dumps())
             written.append(tmp_meta)

@@ -559,33 +559,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {info}", flush=True)
     rows: list[Row] = []
     started = time.monotonic()
+
+    def write_json() -> None:
+        # After every variant: a run cut short still leaves its figures.
+        info["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
+        info["wall_seconds"] = round(time.monotonic() - started, 1)
+        payload = {
+            "machine": info,
+            "counts": counts,
+            "sessions": SESSIONS,
+            "rows": [
+                {
+                    "variant": r.variant,
+                    "mta": r.mta,
+                    **asdict(r.result),
+                    "latency_p50_ms": r.latency_p50_ms,
+                    "latency_p99_ms": r.latency_p99_ms,
+                    **r.extra,
+                }
+                for r in rows
+            ],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="relay-compare-") as tmp:
         for name in wanted:
             print(f"== {name}", flush=True)
             new = VARIANTS[name](Path(tmp), counts)
             rows += new
             print(format_table(new), flush=True)
-    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    info["wall_seconds"] = round(time.monotonic() - started, 1)
+            write_json()
     print("\n== all")
     print(format_table(rows))
-    payload = {
-        "machine": info,
-        "counts": counts,
-        "sessions": SESSIONS,
-        "rows": [
-            {
-                "variant": r.variant,
-                "mta": r.mta,
-                **asdict(r.result),
-                "latency_p50_ms": r.latency_p50_ms,
-                "latency_p99_ms": r.latency_p99_ms,
-                **r.extra,
-            }
-            for r in rows
-        ],
-    }
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
 
