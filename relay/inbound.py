@@ -456,12 +456,22 @@ async def read_data(
 
 
 def longest_line(raw: bytes) -> int:
-    """Length of the longest CRLF-terminated line, without its CRLF."""
+    """Length of the longest CRLF-terminated line, without its CRLF.
+
+    Splits about 1 MiB at a time (cut at a CRLF): split and len run in C,
+    and a 30 MiB message never becomes 30 MiB of small line objects.
+    """
     longest = start = 0
-    while (end := raw.find(b"\r\n", start)) >= 0:
-        longest = max(longest, end - start)
-        start = end + 2
-    return max(longest, len(raw) - start)
+    size = len(raw)
+    while start < size:
+        end = raw.find(b"\r\n", min(start + _LINE_WINDOW, size))
+        stop = size if end < 0 else end
+        longest = max(longest, *map(len, raw[start:stop].split(b"\r\n")))
+        start = stop + 2
+    return longest
+
+
+_LINE_WINDOW = 1 << 20
 
 
 def unstuff(raw: bytes) -> bytes:
