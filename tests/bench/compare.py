@@ -57,7 +57,15 @@ from tests.bench.postfix_baseline import (
 from tests.bench.pysink import PySink
 from tests.support.e2e_pki import TestCA
 from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
-from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, route, wait_for
+from tests.support.procs import (
+    ROOT,
+    RelayProcess,
+    free_port,
+    iter_tree,
+    relay_config,
+    route,
+    wait_for,
+)
 
 SESSIONS = 20
 KIB = 1024
@@ -231,9 +239,11 @@ def _files(directory: Path) -> Iterator[Path]:
             yield path
 
 
-#: The relay builds under test: name -> source tree (None: this checkout).
-#: ``--baseline-relay DIR`` adds "relay-base", e.g. an export of main.
-RELAYS: dict[str, Path | None] = {"relay": None}
+#: The relays under test: name -> directories put first on PYTHONPATH (none:
+#: this checkout). ``--baseline-relay DIR`` adds "relay-base" (the relay
+#: package in DIR, e.g. an export of main); ``--uvloop-path DIR`` adds
+#: "relay-uvloop" (this checkout, with uvloop importable from DIR).
+RELAYS: dict[str, tuple[Path, ...]] = {"relay": ()}
 
 
 @contextlib.contextmanager
@@ -249,9 +259,9 @@ def relay_mta(
     sections = {"metrics": {"listen": f"127.0.0.1:{metrics_port}"}, **sections}
     scratch = scratch / name
     config = relay_config(scratch, [route("Sink", "127.0.0.1", sink_port, tls=policy)], **sections)
-    src = RELAYS[name]
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
-    with RelayProcess(config, env=env if src else None) as proc:
+    paths = [str(p) for p in RELAYS[name]]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
+    with RelayProcess(config, env=env if paths else None) as proc:
         mta = RelayMta(proc, metrics_port)
         mta.name = name
         yield mta
@@ -422,29 +432,33 @@ def variant_queue(scratch: Path, counts: dict[str, int]) -> list[Row]:
 
 
 def variant_large(scratch: Path, counts: dict[str, int]) -> list[Row]:
-    """Peak RSS relaying 30 MiB messages, 1 and then 4 sessions at once (relay only)."""
+    """Peak RSS relaying 30 MiB messages, 1 and then 4 sessions at once (relays only)."""
     size = 30 * KIB * KIB
     rows: list[Row] = []
-    for sessions in (1, 4):
-        with (
-            SmtpSink() as sink,
-            relay_mta(
-                scratch / f"large-{sessions}",
-                sink.port,
-                server={"max_message_size": 40 * KIB * KIB},
-            ) as relay,
-        ):
-            run_mta_benchmark(relay.port, sink, 1, KIB, 1, mta_pids=list, mta="warmup")
-            rss0, _ = _rss_kib(relay.pids())
-            result = run_mta_benchmark(
-                relay.port, sink, sessions, size, sessions, mta_pids=relay.pids, mta="relay"
-            )
-            row = Row(f"large 30M x{sessions}", "relay", result)
-            row.extra["rss_before_mib"] = round(rss0 / 1024, 1)
-            row.extra["growth_mib"] = round(result.peak_rss_mib - rss0 / 1024, 1)
-            rows.append(row)
-    one, four = (r.extra["growth_mib"] for r in rows)
-    rows[-1].extra["growth_per_extra_session_mib"] = round((four - one) / 3, 1)
+    for name in RELAYS:
+        mine: list[Row] = []
+        for sessions in (1, 4):
+            with (
+                SmtpSink() as sink,
+                relay_mta(
+                    scratch / f"large-{sessions}",
+                    sink.port,
+                    name=name,
+                    server={"max_message_size": 40 * KIB * KIB},
+                ) as relay,
+            ):
+                run_mta_benchmark(relay.port, sink, 1, KIB, 1, mta_pids=list, mta="warmup")
+                rss0, _ = _rss_kib(relay.pids())
+                result = run_mta_benchmark(
+                    relay.port, sink, sessions, size, sessions, mta_pids=relay.pids, mta=name
+                )
+                row = Row(f"large 30M x{sessions}", name, result)
+                row.extra["rss_before_mib"] = round(rss0 / 1024, 1)
+                row.extra["growth_mib"] = round(result.peak_rss_mib - rss0 / 1024, 1)
+                mine.append(row)
+        one, four = (r.extra["growth_mib"] for r in mine)
+        mine[-1].extra["growth_per_extra_session_mib"] = round((four - one) / 3, 1)
+        rows += mine
     return rows
 
 
@@ -530,6 +544,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count-queue", type=int, help="queue-run messages (default 100000)")
     parser.add_argument("--json", type=Path, default=Path("bench-compare.json"))
     parser.add_argument(
+        "--uvloop-path",
+        type=Path,
+        metavar="DIR",
+        help="also run this checkout with uvloop importable from DIR (pip install --target DIR "
+        "uvloop) as relay-uvloop",
+    )
+    parser.add_argument(
         "--baseline-relay",
         type=Path,
         metavar="DIR",
@@ -554,7 +575,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (args.baseline_relay / "relay" / "__main__.py").exists():
             parser.error(f"{args.baseline_relay} holds no relay package")
         RELAYS.clear()
-        RELAYS.update({"relay-base": args.baseline_relay.resolve(), "relay": None})
+        RELAYS.update({"relay-base": (args.baseline_relay.resolve(),), "relay": ()})
+    if args.uvloop_path:
+        if not (args.uvloop_path / "uvloop").is_dir():
+            parser.error(f"no uvloop package in {args.uvloop_path}")
+        RELAYS["relay-uvloop"] = (ROOT, args.uvloop_path.resolve())
     info = machine()
     print(f"machine: {info}", flush=True)
     rows: list[Row] = []
