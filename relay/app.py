@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib
 import os
 import signal
 import ssl
@@ -194,7 +193,6 @@ class Daemon:
             recovered=recovered,
             config=str(cfg.source),
             pid=os.getpid(),
-            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         try:
             await self._stop.wait()
@@ -330,21 +328,4 @@ def run(config_path: Path | None) -> int:
             events.error("start_failed", error=str(exc))
             return 1
 
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(main())
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when it is installed (optional: not a dependency), else asyncio's.
-
-    ``RELAY_EVENT_LOOP=asyncio`` forces the standard loop. uvloop cut the
-    daemon's CPU per message in the issue #8 benchmark (docs/performance.md).
-    """
-    if os.environ.get("RELAY_EVENT_LOOP", "") == "asyncio":
-        return None
-    try:
-        uvloop = importlib.import_module("uvloop")
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    return asyncio.run(main())

@@ -58,7 +58,6 @@ from tests.bench.pysink import PySink
 from tests.support.e2e_pki import TestCA
 from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
 from tests.support.procs import (
-    ROOT,
     RelayProcess,
     free_port,
     iter_tree,
@@ -186,14 +185,6 @@ class RelayMta(Mta):
     def flush(self) -> None:
         self.proc.signal(signal.SIGUSR1)
 
-    def event_loop(self) -> str:
-        """The event loop the daemon reported at start (uvloop is optional)."""
-        for line in self.proc.stderr_lines():
-            if "event=started" in line:
-                match = re.search(r" loop=(\w+)", line)
-                return match.group(1) if match else "asyncio"
-        return "?"
-
     def metric(self, name: str, labels: str = "") -> float:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
@@ -241,8 +232,7 @@ def _files(directory: Path) -> Iterator[Path]:
 
 #: The relays under test: name -> directories put first on PYTHONPATH (none:
 #: this checkout). ``--baseline-relay DIR`` adds "relay-base" (the relay
-#: package in DIR, e.g. an export of main); ``--uvloop-path DIR`` adds
-#: "relay-uvloop" (this checkout, with uvloop importable from DIR).
+#: package in DIR, e.g. an export of main).
 RELAYS: dict[str, tuple[Path, ...]] = {"relay": ()}
 
 
@@ -287,10 +277,7 @@ def measure(
     )
     time.sleep(0.3)  # the delivered lines follow the sink's 250 by a hair
     p50, p99 = _quantiles(mta.latencies(offset))
-    row = Row(variant, mta.name, result, p50, p99)
-    if isinstance(mta, RelayMta):
-        row.extra["event_loop"] = mta.event_loop()
-    return row
+    return Row(variant, mta.name, result, p50, p99)
 
 
 def paced(mta: Mta, sink: SmtpSink, rate: int, seconds: int = 10) -> dict[str, Any]:
@@ -483,8 +470,8 @@ def format_table(rows: Sequence[Row]) -> str:
     """One line per variant and figure: each MTA, then each relay's ratio to Postfix."""
     mtas = list(dict.fromkeys(["postfix", *(r.mta for r in rows)]))
     relays = mtas[1:]
-    head = f"{'variant':<14}{'figure':<20}" + "".join(f"{m:>12}" for m in mtas)
-    head += "".join(f"{m + '/pf':>15}" for m in relays)
+    head = f"{'variant':<14}{'figure':<30}" + "".join(f"{m:>14}" for m in mtas)
+    head += "".join(f"{m + '/pf':>17}" for m in relays)
     lines = [head]
     for variant in dict.fromkeys(r.variant for r in rows):
         by_mta = {r.mta: r for r in rows if r.variant == variant}
@@ -493,20 +480,21 @@ def format_table(rows: Sequence[Row]) -> str:
         for name in names:
             values = [by_mta[m].figure(name) if m in by_mta else None for m in mtas]
             label = "drain_rate" if queue and name == "end_to_end_rate" else name
-            line = f"{variant:<14}{label:<20}" + "".join(f"{_fmt(v):>12}" for v in values)
+            line = f"{variant:<14}{label:<30}" + "".join(f"{_fmt(v):>14}" for v in values)
             base = values[0]
             for value in values[1:]:
-                line += f"{value / base:>15.2f}" if base and value is not None else f"{'-':>15}"
+                line += f"{value / base:>17.2f}" if base and value is not None else f"{'-':>17}"
             lines.append(line)
         for key in sorted({k for r in by_mta.values() for k in r.extra}):
             for mta in mtas:
                 value = by_mta[mta].extra.get(key) if mta in by_mta else None
                 if isinstance(value, dict):
                     text = " ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-                    lines.append(f"{variant:<14}{key:<20}{mta}: {text}")
+                    lines.append(f"{variant:<14}{key:<30}{mta}: {text}")
             values = [by_mta[m].extra.get(key) if m in by_mta else None for m in mtas]
             if not any(isinstance(v, dict) for v in values):
-                lines.append(f"{variant:<14}{key:<20}" + "".join(f"{_fmt(v):>12}" for v in values))
+                cells = "".join(f"{_fmt(v):>14}" for v in values)
+                lines.append(f"{variant:<14}{key:<30}{cells}")
     return "\n".join(lines)
 
 
@@ -544,13 +532,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count-queue", type=int, help="queue-run messages (default 100000)")
     parser.add_argument("--json", type=Path, default=Path("bench-compare.json"))
     parser.add_argument(
-        "--uvloop-path",
-        type=Path,
-        metavar="DIR",
-        help="also run this checkout with uvloop importable from DIR (pip install --target DIR "
-        "uvloop) as relay-uvloop",
-    )
-    parser.add_argument(
         "--baseline-relay",
         type=Path,
         metavar="DIR",
@@ -576,10 +557,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{args.baseline_relay} holds no relay package")
         RELAYS.clear()
         RELAYS.update({"relay-base": (args.baseline_relay.resolve(),), "relay": ()})
-    if args.uvloop_path:
-        if not (args.uvloop_path / "uvloop").is_dir():
-            parser.error(f"no uvloop package in {args.uvloop_path}")
-        RELAYS["relay-uvloop"] = (ROOT, args.uvloop_path.resolve())
     info = machine()
     print(f"machine: {info}", flush=True)
     rows: list[Row] = []
