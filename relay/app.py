@@ -245,6 +245,7 @@ class Daemon:
             await metrics_server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
+        self.spool.close()
         events.log("stopped")
 
     def _install_signals(self, scheduler: Scheduler) -> None:

@@ -7,8 +7,10 @@ message bodies never.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -28,6 +30,9 @@ def _one_line(text: str) -> str:
     return text
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def _quote(value: Any) -> str:
     """A value as it appears after ``key=``: bare when safe, else a JSON string.
 
@@ -36,9 +41,15 @@ def _quote(value: Any) -> str:
     injection from an address or a remote reply).
     """
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+    if text == "" or _NEEDS_QUOTES.search(text) or not text.isprintable():
         return _one_line(json.dumps(text, ensure_ascii=False))
     return text
+
+
+@functools.lru_cache(maxsize=4)
+def _second(epoch: int) -> str:
+    """The UTC second as text; cached, as consecutive lines share it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
 
 
 class TextFormatter(logging.Formatter):
@@ -46,7 +57,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {})
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        stamp = _second(int(record.created))
         head = f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()}"
         # A trailing underscore lets callers write keywords like from_=.
         body = " ".join(f"{k.rstrip('_')}={_quote(v)}" for k, v in fields.items())
@@ -62,8 +73,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _second(int(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
@@ -84,7 +94,16 @@ def setup(fmt: str = "text", level: str = "info") -> None:
 
 def log(event: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
     """Log one event, e.g. ``log("accepted", id=qid, size=1234)``."""
-    _logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+    if not _logger.isEnabledFor(level):
+        return
+    # makeRecord directly: Logger.log would walk the stack for the caller's
+    # file and line (findCaller), which no formatter here prints and which
+    # cost several percent of the daemon's CPU per message (issue #8).
+    info = sys.exc_info() if exc_info else None
+    record = _logger.makeRecord(
+        _logger.name, level, "", 0, event, (), info, extra={"fields": fields}
+    )
+    _logger.handle(record)
 
 
 def warning(event: str, **fields: Any) -> None:

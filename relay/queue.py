@@ -272,8 +272,9 @@ class Scheduler:
             if held.next_attempt > self._clock():
                 return held.next_attempt
         try:
-            envelope = held if held is not None else await asyncio.to_thread(self._spool.load, qid)
-            body = await asyncio.to_thread(self._spool.read_body, qid)
+            envelope, body = await self._spool.read_async(qid)
+            if held is not None:
+                envelope = held
         except (KeyError, FileNotFoundError):
             # `relay queue delete` removed it while it waited: nothing to do
             # but remove an envelope that outlived its body.
@@ -287,7 +288,7 @@ class Scheduler:
             events.error("dropped", id=qid, reason="unreadable envelope", error=str(exc))
             return None
         if envelope.done:
-            await asyncio.to_thread(self._spool.delete, qid)
+            await self._spool.delete_async(qid)
             return None
         envelope.attempts += 1
         failures: list[Failure] = []
@@ -308,7 +309,7 @@ class Scheduler:
     async def _save(self, envelope: Envelope) -> _Saved:
         """Write the envelope's state; on failure keep it in memory (loudly) instead."""
         try:
-            written = await asyncio.to_thread(self._spool.update, envelope)
+            written = await self._spool.update_async(envelope)
         except RelayError as exc:
             self._unsaved[envelope.id] = envelope
             events.error(
@@ -447,7 +448,7 @@ class Scheduler:
         for _, route in deferred:
             self._metrics.recipients.labels(route, errors.DEFERRED).inc()
         if envelope.done:
-            await asyncio.to_thread(self._spool.delete, envelope.id)
+            await self._spool.delete_async(envelope.id)
             self._unsaved.pop(envelope.id, None)
             events.log("removed", id=envelope.id)
             return None

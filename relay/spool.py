@@ -15,23 +15,39 @@ that counts (an orphan body is removed at start-up). Every write is
 temp file + fsync + rename + directory fsync, the sequence that survives
 kill -9 and power loss on POSIX file systems.
 
-All methods block; the asyncio side calls them through ``asyncio.to_thread``.
+The plain methods block. The event loop uses their ``*_async`` twins,
+which run the file work in the spool's own thread pool and share the
+directory fsync between concurrent callers (group commit, see
+:class:`GroupSync`): each caller still returns only after an fsync of
+``msg/`` that started after its own rename or unlink, so every promise
+above holds per message, while a burst of N concurrent writes costs one
+directory fsync instead of N.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
 from relay.envelope import Envelope
 from relay.errors import SpoolError, SpoolFull
 
 _ID_CHARS = "0123456789BCDFGHJKLMNPQRSTVWXZ"
+
+#: Threads for spool file work. fsyncs issued concurrently share journal
+#: commits on ext4/xfs, so a few more threads than cores pay off (measured:
+#: 8 threads about 2x one thread's fsync rate on the development VM).
+SPOOL_THREADS = 8
+
+_T = TypeVar("_T")
 
 
 def new_id() -> str:
@@ -58,6 +74,56 @@ def _spool_error(exc: OSError, what: str) -> SpoolError:
     return SpoolError(f"{what}: {exc}")
 
 
+class GroupSync:
+    """Group commit of one blocking ``sync`` (a directory fsync) for many waiters.
+
+    ``await wait()`` returns once a ``sync()`` call that *started after*
+    ``wait()`` was called has completed, and raises its OSError if that
+    call failed. Callers that arrive while a sync runs are served together
+    by the next one: under load, one fsync covers every concurrent caller.
+    Must be used from one event loop.
+    """
+
+    def __init__(self, sync: Callable[[], None], executor: ThreadPoolExecutor | None) -> None:
+        self._sync = sync
+        self._executor = executor
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        #: How many syncs ran, and how many waiters they served (for benchmarks).
+        self.syncs = 0
+        self.served = 0
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        await waiter
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiters:
+                # Everyone in this batch finished their rename/unlink before
+                # the sync below starts; later arrivals wait for the next one.
+                batch, self._waiters = self._waiters, []
+                try:
+                    await loop.run_in_executor(self._executor, self._sync)
+                except OSError as exc:
+                    for waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for waiter in batch:
+                        if not waiter.done():
+                            waiter.set_result(None)
+                self.syncs += 1
+                self.served += len(batch)
+        finally:
+            self._task = None
+
+
 class Spool:
     """Stores messages durably; the single owner of the spool directory."""
 
@@ -68,6 +134,82 @@ class Spool:
         self.corrupt_dir = path / "corrupt"
         #: Turn off only in tests that measure something else; 250 means durable.
         self.fsync = fsync
+        self._executor: ThreadPoolExecutor | None = None
+        self._group: tuple[asyncio.AbstractEventLoop, GroupSync] | None = None
+
+    # --- the event loop's API ---------------------------------------------------
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(SPOOL_THREADS, thread_name_prefix="relay-spool")
+        return self._executor
+
+    async def _in_thread(self, func: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), func, *args)
+
+    def group_sync(self) -> GroupSync:
+        """The directory-fsync committer of the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._group is None or self._group[0] is not loop:
+            self._group = (loop, GroupSync(self._sync_msg_dir, self._pool()))
+        return self._group[1]
+
+    def _sync_msg_dir(self) -> None:
+        if self.fsync:
+            _fsync_dir(self.msg_dir)
+
+    async def _commit(self, what: str, undo: Callable[[], None] | None = None) -> None:
+        """Wait for a directory fsync covering what this caller renamed or unlinked."""
+        try:
+            await self.group_sync().wait()
+        except OSError as exc:
+            if undo is not None:
+                await self._in_thread(undo)
+            raise _spool_error(exc, what) from exc
+
+    async def put_async(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> None:
+        """:meth:`put` for the event loop: returns only once the message is durable
+        (both files fsynced and renamed, then ``msg/`` fsynced), with the
+        directory fsync shared by concurrent callers. Same errors as put().
+        The stored body is ``prefix + data`` (our Received header first),
+        written without joining the two in memory."""
+        placed = await self._in_thread(self._place, envelope, data, prefix)
+
+        def undo() -> None:
+            for path in placed:
+                path.unlink(missing_ok=True)
+
+        await self._commit(f"cannot spool {envelope.id}", undo)
+
+    async def update_async(self, envelope: Envelope) -> bool:
+        """:meth:`update` with the directory fsync shared (group commit)."""
+        if not await self._in_thread(self._replace_meta, envelope):
+            return False
+        await self._commit(f"cannot update {envelope.id}")
+        return True
+
+    async def delete_async(self, queue_id: str) -> bool:
+        """:meth:`delete` with the directory fsync shared (group commit)."""
+        if not await self._in_thread(self._unlink, queue_id):
+            return False
+        await self._commit(f"cannot delete {queue_id}")
+        return True
+
+    async def read_async(self, queue_id: str) -> tuple[Envelope, bytes]:
+        """The envelope and body of one message (KeyError / FileNotFoundError if gone)."""
+        return await self._in_thread(self._read, queue_id)
+
+    def _read(self, queue_id: str) -> tuple[Envelope, bytes]:
+        return self.load(queue_id), self.read_body(queue_id)
+
+    def close(self) -> None:
+        """Stop the spool's threads (after the last *_async call)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._group = None
+
+    # --- blocking API ------------------------------------------------------------
 
     def open(self) -> None:
         """Create the directories and clean up what a crash left behind."""
@@ -90,10 +232,12 @@ class Spool:
             # client never got a 250, so nothing was promised.
             body.unlink(missing_ok=True)
 
-    def _write(self, target: Path, data: bytes) -> Path:
+    def _write(self, target: Path, data: bytes, prefix: bytes = b"") -> Path:
         tmp = self.tmp_dir / f"{target.name}.{secrets.token_hex(4)}"
         try:
             with open(tmp, "wb") as fh:
+                if prefix:
+                    fh.write(prefix)
                 fh.write(data)
                 if self.fsync:
                     fh.flush()
@@ -109,12 +253,23 @@ class Spool:
         Raises SpoolFull (disk full) or SpoolError (anything else); either
         way nothing of the message is left behind.
         """
+        placed = self._place(envelope, data)
+        try:
+            self._sync_msg_dir()
+        except OSError as exc:
+            for path in placed:
+                path.unlink(missing_ok=True)
+            raise _spool_error(exc, f"cannot spool {envelope.id}") from exc
+
+    def _place(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> list[Path]:
+        """Write both files fsynced and rename them into ``msg/`` (body first);
+        the caller fsyncs the directory. Leaves nothing behind on error."""
         body = self.msg_dir / f"{envelope.id}.eml"
         meta = self.msg_dir / f"{envelope.id}.json"
-        envelope.size = len(data)
+        envelope.size = len(prefix) + len(data)
         written: list[Path] = []
         try:
-            tmp_body = self._write(body, data)
+            tmp_body = self._write(body, data, prefix)
             written.append(tmp_body)
             tmp_meta = self._write(meta, envelope.dumps())
             written.append(tmp_meta)
@@ -122,12 +277,11 @@ class Spool:
             written[0] = body
             os.replace(tmp_meta, meta)
             written[1] = meta
-            if self.fsync:
-                _fsync_dir(self.msg_dir)
         except OSError as exc:
             for path in written:
                 path.unlink(missing_ok=True)
             raise _spool_error(exc, f"cannot spool {envelope.id}") from exc
+        return written
 
     def update(self, envelope: Envelope) -> bool:
         """Persist a changed envelope (recipient states, next attempt) atomically.
@@ -136,6 +290,16 @@ class Spool:
         when its envelope or body is gone, e.g. ``relay queue delete`` ran
         during the attempt. Raises SpoolFull / SpoolError when the write fails.
         """
+        if not self._replace_meta(envelope):
+            return False
+        try:
+            self._sync_msg_dir()
+        except OSError as exc:
+            raise _spool_error(exc, f"cannot update {envelope.id}") from exc
+        return True
+
+    def _replace_meta(self, envelope: Envelope) -> bool:
+        """Rename a new envelope over the old one (no directory fsync): False if gone."""
         meta = self.msg_dir / f"{envelope.id}.json"
         body = self.body_path(envelope.id)
         if not (meta.exists() and body.exists()):
@@ -148,8 +312,6 @@ class Spool:
                 # envelope without a body behind.
                 meta.unlink(missing_ok=True)
                 return False
-            if self.fsync:
-                _fsync_dir(self.msg_dir)
         except OSError as exc:
             raise _spool_error(exc, f"cannot update {envelope.id}") from exc
         return True
@@ -219,13 +381,18 @@ class Spool:
 
     def delete(self, queue_id: str) -> bool:
         """Remove a message (envelope first, so a crash leaves an orphan body, not a ghost)."""
-        meta = self.msg_dir / f"{queue_id}.json"
-        if not meta.exists():
+        if not self._unlink(queue_id):
             return False
-        meta.unlink(missing_ok=True)
+        self._sync_msg_dir()
+        return True
+
+    def _unlink(self, queue_id: str) -> bool:
+        meta = self.msg_dir / f"{queue_id}.json"
+        try:
+            meta.unlink()
+        except FileNotFoundError:
+            return False
         self.body_path(queue_id).unlink(missing_ok=True)
-        if self.fsync:
-            _fsync_dir(self.msg_dir)
         return True
 
     def writable(self) -> bool:

@@ -24,9 +24,9 @@ class SlowSpool(Spool):
         super().__init__(path, fsync=False)
         self.delay = delay
 
-    def put(self, envelope: Envelope, data: bytes) -> None:
-        time.sleep(self.delay)  # runs in the spool's worker thread
-        super().put(envelope, data)
+    async def put_async(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> None:
+        await asyncio.sleep(self.delay)  # the write inbound awaits before its 250
+        await super().put_async(envelope, data, prefix)
 
 
 async def _start_data(client: RawClient) -> None:

@@ -39,6 +39,11 @@ class FillingSpool(Spool):
             raise SpoolFull(f"cannot update {envelope.id}: [Errno 28] No space left on device")
         return super().update(envelope)
 
+    async def update_async(self, envelope: Envelope) -> bool:
+        if self.update_full:
+            raise SpoolFull(f"cannot update {envelope.id}: [Errno 28] No space left on device")
+        return await super().update_async(envelope)
+
     def put(self, envelope: Envelope, data: bytes) -> None:
         if self.put_full:
             raise SpoolFull(f"cannot spool {envelope.id}: [Errno 28] No space left on device")

@@ -1,4 +1,8 @@
-"""Run every benchmark module in this package: ``python -m tests.bench [NAME ...]``."""
+"""Run every benchmark module in this package: ``python -m tests.bench [NAME ...]``.
+
+``python -m tests.bench compare [--quick] ...`` runs the relay/Postfix
+comparison instead (tests/bench/compare.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ import tests.bench as package
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["compare"]:
+        # Issue #8's side-by-side comparison with Postfix: its own options.
+        from tests.bench import compare
+
+        return compare.main(argv[1:])
     names = sorted(
         m.name for m in pkgutil.iter_modules(package.__path__) if m.name.startswith("bench_")
     )

@@ -45,7 +45,7 @@ from tests.support.procs import (
 )
 
 MAX_COUNT = 100_000
-MAX_SIZE = 1 << 20
+MAX_SIZE = 32 << 20  # the 30 MiB message check of issue #8
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 

@@ -1,0 +1,601 @@
+"""Issue #8: relay against Postfix, side by side, in one invocation.
+
+    python -m tests.bench compare [--quick] [--json bench.json] [--only plain,tls,queue,large]
+
+Every variant runs the same workload through both MTAs on loopback,
+``smtp-source`` → MTA → sink, 20 concurrent sessions (``-d``: connections
+reused), both MTAs fsyncing each message before their 250:
+
+* ``plain``: 20 000 × 1 KiB and 2 000 × 100 KiB to Postfix's ``smtp-sink``;
+  plus the latency at half of relay's peak rate (``smtp-source -w 1`` with
+  as many sessions as half the measured relay rate).
+* ``tls``: the same 1 KiB workload to a sink that requires STARTTLS with a
+  certificate from a trustme CA; relay's route has all three options on
+  (require_tls, require_ca_signed, validate_hostname), Postfix runs with
+  ``smtp_tls_security_level = secure`` and the CA.
+* ``queue``: 100 000 × 1 KiB accepted while the downstream is down (retries
+  pushed an hour out), RSS growth per queued message; then the sink comes
+  up, the queue is flushed (SIGUSR1 / ``postqueue -f``) and the drain timed.
+* ``large``: relay only: peak RSS relaying one 30 MiB message, and 4 at once.
+
+``--quick`` divides the counts by 10 (2 000 × 1 KiB, 200 × 100 KiB, queue
+10 000). Latency is accept → delivered as each MTA records it: for relay the
+``event=accepted`` and ``event=delivered`` log lines of each queue id
+(millisecond timestamps); for Postfix the ``delay=`` of each ``status=sent``
+line (from the queue file's creation at MAIL FROM, 10 ms resolution). Both
+end when the sink answered 250 to the MTA, i.e. on arrival at the sink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tests.bench.postfix_baseline import (
+    BenchResult,
+    SmtpSink,
+    TreeSampler,
+    _memory_kib,
+    run_mta_benchmark,
+)
+from tests.bench.pysink import PySink
+from tests.support.e2e_pki import TestCA
+from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
+from tests.support.procs import (
+    RelayProcess,
+    free_port,
+    iter_tree,
+    relay_config,
+    route,
+    wait_for,
+)
+
+SESSIONS = 20
+KIB = 1024
+FIGURES = (
+    "end_to_end_rate",
+    "accept_rate",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "peak_rss_mib",
+    "peak_pss_mib",
+    "cpu_seconds",
+)
+
+
+@dataclass
+class Row:
+    """One workload's figures for one MTA (BenchResult plus latency)."""
+
+    variant: str
+    mta: str
+    result: BenchResult
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def figure(self, name: str) -> float | None:
+        if name.startswith("latency"):
+            return getattr(self, name)  # type: ignore[no-any-return]
+        return getattr(self.result, name)  # type: ignore[no-any-return]
+
+
+def _quantiles(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if len(values) < 2:
+        return (values[0] * 1000, values[0] * 1000) if values else (None, None)
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return round(q[49] * 1000, 1), round(q[98] * 1000, 1)
+
+
+# -- latency sources -----------------------------------------------------------
+
+_RELAY_EVENT = re.compile(r"^ts=(\S+)Z level=\w+ event=(accepted|delivered) id=(\S+)")
+
+
+def relay_latencies(log: Path, offset: int) -> list[float]:
+    """Seconds from each message's ``event=accepted`` to its ``event=delivered`` line."""
+    accepted: dict[str, float] = {}
+    delays: list[float] = []
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        for raw in fh:
+            match = _RELAY_EVENT.match(raw.decode(errors="replace"))
+            if not match:
+                continue
+            stamp = datetime.fromisoformat(match.group(1) + "+00:00").timestamp()
+            if match.group(2) == "accepted":
+                accepted[match.group(3)] = stamp
+            elif match.group(3) in accepted:
+                delays.append(stamp - accepted.pop(match.group(3)))
+    return delays
+
+
+_POSTFIX_SENT = re.compile(r" delay=([\d.]+), .*status=sent ")
+
+
+def postfix_latencies(log: Path, offset: int) -> list[float]:
+    """The ``delay=`` of every ``status=sent`` line after ``offset``."""
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        text = fh.read().decode(errors="replace")
+    return [float(m.group(1)) for m in _POSTFIX_SENT.finditer(text)]
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+# -- the two MTAs ----------------------------------------------------------------
+
+
+class Mta:
+    """What a variant needs from an MTA under test."""
+
+    name: str
+    port: int
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def log_offset(self) -> int:
+        raise NotImplementedError
+
+    def latencies(self, offset: int) -> list[float]:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def settled(self, count: int) -> bool:
+        """True once ``count`` messages are queued and no attempt is in flight."""
+        raise NotImplementedError
+
+
+class RelayMta(Mta):
+    name = "relay"
+
+    def __init__(self, proc: RelayProcess, metrics_port: int) -> None:
+        self.proc, self.port, self.metrics_port = proc, proc.port, metrics_port
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def log_offset(self) -> int:
+        return _size(self.proc.stderr_path)
+
+    def latencies(self, offset: int) -> list[float]:
+        return relay_latencies(self.proc.stderr_path, offset)
+
+    def flush(self) -> None:
+        self.proc.signal(signal.SIGUSR1)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
+            text = response.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and labels in line and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def settled(self, count: int) -> bool:
+        deferred = self.metric("relay_recipients_total", 'outcome="deferred"')
+        return deferred >= count
+
+
+class PostfixMta(Mta):
+    name = "postfix"
+
+    def __init__(self, inst: UpstreamClient) -> None:
+        self.inst, self.port = inst, inst.port
+
+    def pids(self) -> list[int]:
+        return [pid] if (pid := self.inst.master_pid) else []
+
+    def log_offset(self) -> int:
+        return _size(self.inst.maillog_path)
+
+    def latencies(self, offset: int) -> list[float]:
+        return postfix_latencies(self.inst.maillog_path, offset)
+
+    def flush(self) -> None:
+        self.inst.flush()
+
+    def settled(self, count: int) -> bool:
+        spool = self.inst.queue_dir
+        busy = sum(1 for d in ("incoming", "active", "maildrop") for _ in _files(spool / d))
+        return busy == 0 and sum(1 for _ in _files(spool / "deferred")) >= count
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            yield path
+
+
+#: The relays under test: name -> directories put first on PYTHONPATH (none:
+#: this checkout). ``--baseline-relay DIR`` adds "relay-base" (the relay
+#: package in DIR, e.g. an export of main).
+RELAYS: dict[str, tuple[Path, ...]] = {"relay": ()}
+
+
+@contextlib.contextmanager
+def relay_mta(
+    scratch: Path,
+    sink_port: int,
+    policy: str = "opportunistic",
+    name: str = "relay",
+    **sections: dict[str, object],
+) -> Iterator[RelayMta]:
+    """``python -m relay run`` from the tree RELAYS[name], one route to the sink."""
+    metrics_port = free_port()
+    sections = {"metrics": {"listen": f"127.0.0.1:{metrics_port}"}, **sections}
+    scratch = scratch / name
+    config = relay_config(scratch, [route("Sink", "127.0.0.1", sink_port, tls=policy)], **sections)
+    paths = [str(p) for p in RELAYS[name]]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
+    with RelayProcess(config, env=env if paths else None) as proc:
+        mta = RelayMta(proc, metrics_port)
+        mta.name = name
+        yield mta
+
+
+@contextlib.contextmanager
+def postfix_mta(sink_port: int, **kwargs: Any) -> Iterator[PostfixMta]:
+    with PostfixFactory() as factory:
+        yield PostfixMta(factory.upstream(relay_port=sink_port, name="bench", **kwargs))
+
+
+# -- the variants ----------------------------------------------------------------
+
+
+def measure(
+    variant: str, mta: Mta, sink: SmtpSink, count: int, size: int, sessions: int = SESSIONS
+) -> Row:
+    """Warm up, then the workload; latency from the MTA's log lines of this run."""
+    run_mta_benchmark(mta.port, sink, 1, size, 1, mta_pids=list, mta="warmup", timeout=60)
+    offset = mta.log_offset()
+    result = run_mta_benchmark(
+        mta.port, sink, count, size, sessions, mta_pids=mta.pids, mta=mta.name, timeout=900
+    )
+    time.sleep(0.3)  # the delivered lines follow the sink's 250 by a hair
+    p50, p99 = _quantiles(mta.latencies(offset))
+    return Row(variant, mta.name, result, p50, p99)
+
+
+def paced(mta: Mta, sink: SmtpSink, rate: int, seconds: int = 10) -> dict[str, Any]:
+    """Latency at about ``rate`` msg/s: ``rate`` sessions each sending 1 KiB
+    messages with a random pause of 0-2 s between them (``smtp-source -R 2``,
+    one per second on average, not in lockstep), for about ``seconds`` s."""
+    sessions = max(1, rate)
+    count = sessions * seconds
+    offset = mta.log_offset()
+    before = sink.received()
+    started = time.monotonic()
+    argv = [SMTP_SOURCE, "-d", "-R", "2", "-s", str(sessions), "-m", str(count), "-l", str(KIB)]
+    argv += ["-M", "source.test", "-f", "bench@source.test", "-t", "bench@example.org"]
+    subprocess.run([*argv, f"127.0.0.1:{mta.port}"], stdin=subprocess.DEVNULL, check=True)
+    sink.wait(before + count, 120)
+    elapsed = time.monotonic() - started
+    time.sleep(0.3)
+    p50, p99 = _quantiles(mta.latencies(offset))
+    return {
+        "target_rate": rate,
+        "achieved_rate": round(count / elapsed, 1),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "messages": count,
+    }
+
+
+def variant_plain(scratch: Path, counts: dict[str, int]) -> list[Row]:
+    rows: list[Row] = []
+    for label, size in (("1k", KIB), ("100k", 100 * KIB)):
+        count = counts[label]
+        with SmtpSink() as sink, postfix_mta(sink.port, tls_level="none") as pf:
+            rows.append(measure(f"plain {label}", pf, sink, count, size))
+        for name in RELAYS:
+            with (
+                SmtpSink() as sink,
+                relay_mta(scratch / f"plain-{label}", sink.port, name=name) as relay,
+            ):
+                row = measure(f"plain {label}", relay, sink, count, size)
+                rows.append(row)
+                if label == "1k":
+                    half = int(row.result.end_to_end_rate / 2)
+                    row.extra["half_rate_latency"] = paced(relay, sink, half)
+    return rows
+
+
+def variant_tls(scratch: Path, counts: dict[str, int]) -> list[Row]:
+    ca = TestCA.create(scratch / "pki")
+    leaf = ca.issue("sink.test", "127.0.0.1", stem="sink")
+    rows: list[Row] = []
+    count = counts["1k"]
+    with (
+        PySink(leaf.cert, leaf.key) as sink,
+        postfix_mta(sink.port, tls_level="secure", ca_file=ca.ca_file, tls_match="sink.test") as pf,
+    ):
+        rows.append(measure("tls 1k", pf, sink, count, KIB))
+    for name in RELAYS:
+        with PySink(leaf.cert, leaf.key) as sink:
+            tls_section = {"ca_file": str(ca.ca_file)}
+            with relay_mta(scratch / "tls", sink.port, "full", name, tls=tls_section) as relay:
+                rows.append(measure("tls 1k", relay, sink, count, KIB))
+    return rows
+
+
+def _rss_kib(pids: Sequence[int]) -> tuple[int, int]:
+    rss = pss = 0
+    for pid in {p for root in pids for p in iter_tree(root)}:
+        with contextlib.suppress(OSError):
+            one_rss, one_pss = _memory_kib(pid)
+            rss, pss = rss + one_rss, pss + one_pss
+    return rss, pss
+
+
+def queue_run(variant: str, mta: Mta, sink_port: int, count: int) -> Row:
+    """Accept ``count`` messages with the downstream down, then drain them."""
+    rss0, pss0 = _rss_kib(mta.pids())
+    sampler = TreeSampler(mta.pids)
+    sampler.start()
+    started = time.monotonic()
+    argv = [SMTP_SOURCE, "-d", "-s", str(SESSIONS), "-m", str(count), "-l", str(KIB)]
+    argv += ["-M", "source.test", "-f", "bench@source.test", "-t", "bench@example.org"]
+    subprocess.run([*argv, f"127.0.0.1:{mta.port}"], stdin=subprocess.DEVNULL, check=True)
+    accepted = time.monotonic()
+    wait_for(lambda: mta.settled(count), 900, interval=0.5, what=f"{count} deferred")
+    settled = time.monotonic()
+    rss1, pss1 = _rss_kib(mta.pids())
+    with SmtpSink(port=sink_port) as sink:
+        drain_start = time.monotonic()
+        mta.flush()
+        sink.wait(count, 1800)
+        drained = time.monotonic()
+    cpu = sampler.stop()
+    accept_s, drain_s = accepted - started, drained - drain_start
+    result = BenchResult(
+        mta=mta.name,
+        count=count,
+        size=KIB,
+        sessions=SESSIONS,
+        accept_seconds=round(accept_s, 3),
+        accept_rate=round(count / accept_s, 1),
+        end_to_end_seconds=round(drain_s, 3),
+        end_to_end_rate=round(count / drain_s, 1),
+        peak_rss_mib=round(sampler.peak_rss_kib / 1024, 1),
+        peak_pss_mib=round(sampler.peak_pss_kib / 1024, 1),
+        peak_processes=sampler.peak_processes,
+        cpu_seconds=round(cpu, 2),
+        cpu_ms_per_message=round(1000 * cpu / count, 3),
+    )
+    extra = {
+        "settle_seconds": round(settled - accepted, 3),
+        "rss_per_queued_message_bytes": round((rss1 - rss0) * 1024 / count),
+        "pss_per_queued_message_bytes": round((pss1 - pss0) * 1024 / count),
+        "drain_seconds": round(drain_s, 3),
+    }
+    return Row(variant, mta.name, result, extra=extra)
+
+
+def variant_queue(scratch: Path, counts: dict[str, int]) -> list[Row]:
+    count = counts["queue"]
+    rows: list[Row] = []
+    hour = "3600s"
+    slow = {
+        "queue_run_delay": hour,
+        "minimal_backoff_time": hour,
+        "maximal_backoff_time": hour,
+        # The first attempt fails at connect; do not mark the host dead for long.
+        "smtp_connect_timeout": "2s",
+    }
+    down = free_port()
+    with postfix_mta(down, tls_level="none", settings=slow) as pf:
+        rows.append(queue_run("queue 1k", pf, down, count))
+    for name in RELAYS:
+        down = free_port()
+        with relay_mta(
+            scratch / "queue", down, name=name, queue={"min_backoff": "1h", "max_backoff": "1h"}
+        ) as relay:
+            rows.append(queue_run("queue 1k", relay, down, count))
+    return rows
+
+
+def variant_large(scratch: Path, counts: dict[str, int]) -> list[Row]:
+    """Peak RSS relaying 30 MiB messages, 1 and then 4 sessions at once (relays only)."""
+    size = 30 * KIB * KIB
+    rows: list[Row] = []
+    for name in RELAYS:
+        mine: list[Row] = []
+        for sessions in (1, 4):
+            with (
+                SmtpSink() as sink,
+                relay_mta(
+                    scratch / f"large-{sessions}",
+                    sink.port,
+                    name=name,
+                    server={"max_message_size": 40 * KIB * KIB},
+                ) as relay,
+            ):
+                run_mta_benchmark(relay.port, sink, 1, KIB, 1, mta_pids=list, mta="warmup")
+                rss0, _ = _rss_kib(relay.pids())
+                result = run_mta_benchmark(
+                    relay.port, sink, sessions, size, sessions, mta_pids=relay.pids, mta=name
+                )
+                row = Row(f"large 30M x{sessions}", name, result)
+                row.extra["rss_before_mib"] = round(rss0 / 1024, 1)
+                row.extra["growth_mib"] = round(result.peak_rss_mib - rss0 / 1024, 1)
+                mine.append(row)
+        one, four = (r.extra["growth_mib"] for r in mine)
+        mine[-1].extra["growth_per_extra_session_mib"] = round((four - one) / 3, 1)
+        rows += mine
+    return rows
+
+
+VARIANTS: dict[str, Callable[[Path, dict[str, int]], list[Row]]] = {
+    "plain": variant_plain,
+    "tls": variant_tls,
+    "queue": variant_queue,
+    "large": variant_large,
+}
+
+
+# -- output ----------------------------------------------------------------------
+
+
+def _fmt(value: float | str | None) -> str:
+    if isinstance(value, str):
+        return value
+    return "-" if value is None else f"{value:g}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """One line per variant and figure: each MTA, then each relay's ratio to Postfix."""
+    mtas = list(dict.fromkeys(["postfix", *(r.mta for r in rows)]))
+    relays = mtas[1:]
+    head = f"{'variant':<14}{'figure':<30}" + "".join(f"{m:>14}" for m in mtas)
+    head += "".join(f"{m + '/pf':>17}" for m in relays)
+    lines = [head]
+    for variant in dict.fromkeys(r.variant for r in rows):
+        by_mta = {r.mta: r for r in rows if r.variant == variant}
+        queue = variant.startswith("queue")
+        names = (*FIGURES[:2], *FIGURES[4:]) if queue else FIGURES
+        for name in names:
+            values = [by_mta[m].figure(name) if m in by_mta else None for m in mtas]
+            label = "drain_rate" if queue and name == "end_to_end_rate" else name
+            line = f"{variant:<14}{label:<30}" + "".join(f"{_fmt(v):>14}" for v in values)
+            base = values[0]
+            for value in values[1:]:
+                line += f"{value / base:>17.2f}" if base and value is not None else f"{'-':>17}"
+            lines.append(line)
+        for key in sorted({k for r in by_mta.values() for k in r.extra}):
+            for mta in mtas:
+                value = by_mta[mta].extra.get(key) if mta in by_mta else None
+                if isinstance(value, dict):
+                    text = " ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+                    lines.append(f"{variant:<14}{key:<30}{mta}: {text}")
+            values = [by_mta[m].extra.get(key) if m in by_mta else None for m in mtas]
+            if not any(isinstance(v, dict) for v in values):
+                cells = "".join(f"{_fmt(v):>14}" for v in values)
+                lines.append(f"{variant:<14}{key:<30}{cells}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    postfix = subprocess.run(
+        ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "postfix": postfix,
+        "loadavg_at_start": [round(x, 2) for x in load],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench compare", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="counts divided by 10")
+    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    parser.add_argument("--count-1k", type=int, help="1 KiB messages (default 20000)")
+    parser.add_argument("--count-100k", type=int, help="100 KiB messages (default 2000)")
+    parser.add_argument("--count-queue", type=int, help="queue-run messages (default 100000)")
+    parser.add_argument("--json", type=Path, default=Path("bench-compare.json"))
+    parser.add_argument(
+        "--baseline-relay",
+        type=Path,
+        metavar="DIR",
+        help="also run the relay package in DIR (e.g. from `git archive main relay`) as relay-base",
+    )
+    args = parser.parse_args(argv)
+    missing = postfix_missing()
+    if missing:
+        print(f"cannot run the comparison: {missing}", file=sys.stderr)
+        return 2
+    scale = 10 if args.quick else 1
+    counts = {
+        "1k": args.count_1k or 20_000 // scale,
+        "100k": args.count_100k or 2_000 // scale,
+        "queue": args.count_queue or 100_000 // scale,
+    }
+    wanted = [v.strip() for v in args.only.split(",") if v.strip()]
+    unknown = set(wanted) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
+    if args.baseline_relay:
+        if not (args.baseline_relay / "relay" / "__main__.py").exists():
+            parser.error(f"{args.baseline_relay} holds no relay package")
+        RELAYS.clear()
+        RELAYS.update({"relay-base": (args.baseline_relay.resolve(),), "relay": ()})
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    rows: list[Row] = []
+    started = time.monotonic()
+
+    def write_json() -> None:
+        # After every variant: a run cut short still leaves its figures.
+        info["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
+        info["wall_seconds"] = round(time.monotonic() - started, 1)
+        payload = {
+            "machine": info,
+            "counts": counts,
+            "sessions": SESSIONS,
+            "rows": [
+                {
+                    "variant": r.variant,
+                    "mta": r.mta,
+                    **asdict(r.result),
+                    "latency_p50_ms": r.latency_p50_ms,
+                    "latency_p99_ms": r.latency_p99_ms,
+                    **r.extra,
+                }
+                for r in rows
+            ],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="relay-compare-") as tmp:
+        for name in wanted:
+            print(f"== {name}", flush=True)
+            new = VARIANTS[name](Path(tmp), counts)
+            rows += new
+            print(format_table(new), flush=True)
+            write_json()
+    print("\n== all")
+    print(format_table(rows))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

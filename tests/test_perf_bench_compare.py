@@ -1,0 +1,59 @@
+"""The comparison benchmark's pure parts: latency from the MTAs' logs, and the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.bench.compare import Row, format_table, postfix_latencies, relay_latencies
+from tests.bench.postfix_baseline import BenchResult
+
+RELAY_LOG = """\
+ts=2026-11-28T13:00:00.100Z level=info event=started listen=127.0.0.1:2525 loop=asyncio
+ts=2026-11-28T13:00:01.000Z level=info event=accepted id=AAA from=<a@b> to=<c@d> size=10
+ts=2026-11-28T13:00:01.010Z level=info event=accepted id=BBB from=<a@b> to=<c@d> size=10
+ts=2026-11-28T13:00:01.025Z level=info event=attempt id=AAA route=Sink result=delivered
+ts=2026-11-28T13:00:01.025Z level=info event=delivered id=AAA to=<c@d> route=Sink
+ts=2026-11-28T13:00:01.110Z level=info event=delivered id=BBB to=<c@d> route=Sink
+ts=2026-11-28T13:00:01.200Z level=info event=delivered id=CCC to=<c@d> route=Sink
+"""
+
+POSTFIX_LOG = """\
+Nov 28 13:00:01 bench postfix/smtp[1]: 4AB: to=<c@d>, relay=127.0.0.1[127.0.0.1]:2526, \
+delay=0.02, delays=0.01/0/0/0.01, dsn=2.0.0, status=sent (250 Ok)
+Nov 28 13:00:01 bench postfix/smtp[1]: 4AC: to=<c@d>, relay=none, delay=1.5, \
+delays=0/0/1.5/0, dsn=4.4.1, status=deferred (connect to 127.0.0.1[127.0.0.1]:2526: refused)
+Nov 28 13:00:02 bench postfix/smtp[1]: 4AD: to=<c@d>, relay=127.0.0.1[127.0.0.1]:2526, \
+delay=0.11, delays=0.01/0/0/0.1, dsn=2.0.0, status=sent (250 Ok)
+"""
+
+
+def test_relay_latency_pairs_accepted_and_delivered_per_id(tmp_path: Path) -> None:
+    log = tmp_path / "relay.log"
+    log.write_text(RELAY_LOG)
+    delays = relay_latencies(log, 0)
+    # CCC was accepted before the offset (not in the log): not counted.
+    assert [round(d, 3) for d in delays] == [0.025, 0.1]
+
+
+def test_postfix_latency_is_the_delay_of_sent_lines(tmp_path: Path) -> None:
+    log = tmp_path / "maillog"
+    log.write_text(POSTFIX_LOG)
+    assert postfix_latencies(log, 0) == [0.02, 0.11]
+    first_line = len(POSTFIX_LOG.splitlines(keepends=True)[0])
+    assert postfix_latencies(log, first_line) == [0.11]
+
+
+def result(mta: str, rate: float) -> BenchResult:
+    return BenchResult(mta, 100, 1024, 20, 1.0, rate, 1.0, rate, 30.0, 20.0, 1, 1.0, 10.0)
+
+
+def test_table_has_each_mta_and_the_ratio_to_postfix() -> None:
+    rows = [
+        Row("plain 1k", "postfix", result("postfix", 400.0), 10.0, 20.0),
+        Row("plain 1k", "relay", result("relay", 600.0), 5.0, 8.0, {"drain_seconds": 2.5}),
+    ]
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["variant", "figure", "postfix", "relay", "relay/pf"]
+    e2e = next(line for line in table if "end_to_end_rate" in line).split()
+    assert e2e[-3:] == ["400", "600", "1.50"]
+    assert any("drain_seconds" in line and "2.5" in line for line in table)
