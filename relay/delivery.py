@@ -25,33 +25,40 @@ hop's 250 to DATA and that state write, or from a reply lost after the
 final dot (waited for ``data_timeout``): those recipients are deferred and
 not sent to another host in the same attempt (RFC 5321 section 6.1).
 
-aiosmtplib is used here and nowhere else; its exceptions are mapped to
-relay's failure classes in :func:`map_smtp_errors` only.
+The outbound SMTP package: this module (the attempt and the transaction),
+:mod:`relay.session` (connect, EHLO, STARTTLS, and :func:`map_smtp_errors`,
+the one mapping of aiosmtplib's exceptions), :mod:`relay.pool` (session
+reuse, per-hop limits) and :mod:`relay.probe` (``relay test-tls``). aiosmtplib
+is imported in these modules and nowhere else.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 import re
-import ssl
-import tempfile
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiosmtplib
 
-from relay import errors, events, routing, tls
-from relay.config import Config, Route, TlsPolicy
-from relay.dns import Resolver, ip_literal
+from relay import errors, events, routing
+from relay.config import Config, Route
+from relay.dns import Resolver
 from relay.envelope import Envelope
-from relay.errors import RelayError, Reply, TlsFailure, TlsPolicyFailure
+from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics
+from relay.pool import Pool
+from relay.probe import ProbeResult, probe_hosts
 from relay.routing import Candidate
+from relay.session import (
+    HandshakeFailed,
+    HopKey,
+    Session,
+    map_smtp_errors,
+    open_session,
+    remote_failure,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,58 +106,6 @@ class Attempt:
         return item if isinstance(item, Reply) else item.reply
 
 
-# --- exception mapping (STYLE.md 3.4 "Mapping aiosmtplib") ------------------
-
-
-def _remote(code: int, message: str, detail: str = "") -> RelayError:
-    """The next hop's reply as a failure, kept verbatim."""
-    reply = Reply.parse(code, message)
-    klass = errors.RemotePermanent if reply.permanent else errors.RemoteTemporary
-    return klass(detail or str(reply), reply)
-
-
-@contextlib.contextmanager
-def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
-    """Turn every aiosmtplib (and ssl/OS) exception into a RelayError.
-
-    The one place that knows aiosmtplib's exception hierarchy (like httpx's
-    map_httpcore_exceptions). Order matters: subclasses first.
-    ``require_tls``: an ssl.SSLError that is OpenSSL's verdict on the peer
-    (a certificate error, an alert, a protocol mismatch) is a TLS-policy
-    failure rather than a lost connection; the peer closing or resetting
-    the connection mid-handshake is never a verdict (:func:`tls.interrupted`).
-    """
-    try:
-        yield
-    except RelayError:
-        raise
-    except aiosmtplib.SMTPConnectResponseError as exc:
-        # A 4xx/5xx greeting means "not now, not here": try the next host.
-        raise errors.HostUnreachable(f"greeting {exc.code} {exc.message}") from exc
-    except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
-        raise errors.HostUnreachable(str(exc)) from exc
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
-        raise errors.ConnectionLost(str(exc)) from exc
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        first = exc.recipients[0] if exc.recipients else None
-        if first is None:
-            raise errors.TemporaryFailure("recipients refused") from exc
-        raise _remote(first.code, first.message) from exc
-    except aiosmtplib.SMTPResponseException as exc:
-        raise _remote(exc.code, exc.message) from exc
-    except ssl.SSLError as exc:
-        if require_tls and not tls.interrupted(exc):
-            raise TlsPolicyFailure(tls.classify(exc), tls.describe_failure(exc)) from exc
-        raise errors.ConnectionLost(f"TLS: {tls.describe_failure(exc)}") from exc
-    except (ConnectionError, TimeoutError) as exc:
-        raise errors.ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
-    except Exception as exc:
-        # aiosmtplib.SMTPException (generic), SMTPNotSupported, bugs: never
-        # lose the message over them; defer and keep the traceback.
-        events.error("delivery_error", exc_info=True, error=repr(exc))
-        raise errors.TemporaryFailure(repr(exc), errors.INTERNAL_ERROR) from exc
-
-
 # --- the body ---------------------------------------------------------------
 
 
@@ -187,267 +142,6 @@ def _host_label(route: Route, candidate: Candidate) -> str:
     if route.implicit:
         return "(mx)"
     return candidate.configured or candidate.host
-
-
-# --- sessions and the pool --------------------------------------------------
-
-#: (ip, port, tls policy, server_hostname): one next hop as a connection sees it.
-HopKey = tuple[str, int, TlsPolicy, str]
-
-
-@dataclass(slots=True)
-class Session:
-    """One open SMTP connection, after EHLO (and STARTTLS when it happened)."""
-
-    smtp: aiosmtplib.SMTP
-    key: HopKey
-    tls_version: str | None = None
-    cipher: str | None = None
-    verified: bool = False
-    peer_subject: str | None = None
-    idle_since: float = field(default_factory=time.monotonic)
-    #: The pool's timer that closes this session once idle too long.
-    expiry: asyncio.TimerHandle | None = None
-
-    def close(self) -> None:
-        self.smtp.close()
-
-
-class _HopLimit:
-    """Connections in use to one next hop, bounded by a limit read at every acquire.
-
-    Reading ``[delivery] max_per_host`` from the live config each time
-    (like queue._Limiter) makes a reload take effect for hops already seen.
-    """
-
-    def __init__(self) -> None:
-        self.used = 0
-        #: Tasks holding or waiting for a slot. A woken waiter is no longer
-        #: in _waiters but not yet in ``used``: only this count says whether
-        #: the gate may be dropped without a second gate doubling the limit.
-        self.users = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def unused(self) -> bool:
-        return self.users == 0
-
-    async def acquire(self, limit: Callable[[], int]) -> None:
-        while self.used >= limit():
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        self.used += 1
-
-    def release(self) -> None:
-        self.used -= 1
-        # Wake everyone; each re-checks the (possibly reloaded) limit.
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-
-
-class _Pool:
-    """Idle sessions per next hop, and a connection limit per next hop.
-
-    A hop's entries are dropped once it has no connection in use and no
-    idle session, so state does not grow with every host ever delivered to.
-    Each idle session carries its own expiry timer, cancelled when the
-    session is taken again: O(1) per message.
-    """
-
-    def __init__(self) -> None:
-        self._idle: dict[HopKey, list[Session]] = {}
-        self._slots: dict[HopKey, _HopLimit] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def hops(self) -> int:
-        """Next hops with any state (a connection in use or idle sessions)."""
-        return len(self._slots.keys() | self._idle.keys())
-
-    @contextlib.asynccontextmanager
-    async def slot(self, key: HopKey, limit: Callable[[], int]) -> AsyncIterator[None]:
-        """Hold one of ``limit()`` connection slots for ``key``."""
-        gate = self._slots.setdefault(key, _HopLimit())
-        gate.users += 1
-        try:
-            await gate.acquire(limit)
-        except BaseException:
-            gate.users -= 1
-            self._forget(key)
-            raise
-        try:
-            yield
-        finally:
-            gate.release()
-            gate.users -= 1
-            self._forget(key)
-
-    def _forget(self, key: HopKey) -> None:
-        """Drop ``key``'s entries when nothing uses them."""
-        gate = self._slots.get(key)
-        if gate is not None and gate.unused:
-            del self._slots[key]
-        if not self._idle.get(key):
-            self._idle.pop(key, None)
-
-    def take(self, key: HopKey, idle_timeout: float) -> Session | None:
-        """An idle session for ``key`` younger than ``idle_timeout``, if any."""
-        sessions = self._idle.get(key, [])
-        now = time.monotonic()
-        while sessions:
-            session = sessions.pop()
-            _cancel_expiry(session)
-            if now - session.idle_since < idle_timeout and session.smtp.is_connected:
-                return session
-            self._retire(session)
-        return None
-
-    def give(self, session: Session, idle_timeout: float, limit: int) -> None:
-        sessions = self._idle.setdefault(session.key, [])
-        if len(sessions) >= limit or idle_timeout <= 0:
-            self._retire(session)
-            return
-        session.idle_since = time.monotonic()
-        sessions.append(session)
-        loop = asyncio.get_running_loop()
-        session.expiry = loop.call_later(idle_timeout, self._expire, session)
-
-    def _expire(self, session: Session) -> None:
-        """The session stayed idle for idle_timeout: drop it from the pool."""
-        session.expiry = None
-        sessions = self._idle.get(session.key, [])
-        if session in sessions:
-            sessions.remove(session)
-            self._retire(session)
-        self._forget(session.key)
-
-    def _retire(self, session: Session) -> None:
-        """QUIT politely in the background; close regardless."""
-        task = asyncio.get_running_loop().create_task(_quit(session))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        for sessions in self._idle.values():
-            for session in sessions:
-                _cancel_expiry(session)
-                self._retire(session)
-        self._idle.clear()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _cancel_expiry(session: Session) -> None:
-    if session.expiry is not None:
-        session.expiry.cancel()
-        session.expiry = None
-
-
-async def _quit(session: Session) -> None:
-    try:
-        if session.smtp.is_connected:
-            await session.smtp.quit(timeout=5)
-    except Exception:  # noqa: S110 - a failed QUIT on a connection we drop anyway
-        pass
-    finally:
-        session.close()
-
-
-# --- probing (relay test-tls) -----------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Certificate:
-    """The parts of a server certificate test-tls prints."""
-
-    subject: str
-    issuer: str
-    sans: tuple[str, ...]
-    not_after: str
-    #: Whole days until not_after (negative once expired).
-    days_left: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    """What ``relay test-tls`` found at one address of one candidate host."""
-
-    candidate: Candidate
-    ip: str | None = None
-    starttls: bool = False
-    tls_version: str | None = None
-    cipher: str | None = None
-    #: Why STARTTLS was offered but no TLS session came up.
-    tls_error: str = ""
-    certificate: Certificate | None = None
-    #: The chain verified against the system store + [tls] ca_file.
-    chain_verified: bool = False
-    chain_error: str = ""
-    #: The certificate matched ``hostname_checked`` (a name or IP literal).
-    hostname_matched: bool = False
-    hostname_checked: str = ""
-    hostname_error: str = ""
-    #: The route's TLS policy failures at this host, in check order.
-    failures: tuple[TlsFailure, ...] = ()
-    #: Failure to reach or speak SMTP to the host, if any.
-    error: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return not self.error and not self.failures
-
-    def checks(self) -> list[tuple[str, bool, str]]:
-        """(option, would pass, why not) for each TLS option, on or off in the route."""
-        text = errors.TLS_FAILURE_TEXT
-        if not self.starttls:
-            tls_why = text[TlsFailure.NO_STARTTLS]
-        elif self.tls_version is None:
-            tls_why = f"{text[TlsFailure.HANDSHAKE]}: {self.tls_error}"
-        else:
-            tls_why = ""
-        tls_ok = not tls_why
-        chain_why = "" if self.chain_verified else (self.chain_error or "no TLS session")
-        name_why = "" if self.hostname_matched else (self.hostname_error or "no TLS session")
-        return [
-            ("require_tls", tls_ok, tls_why),
-            ("require_ca_signed", tls_ok and self.chain_verified, chain_why),
-            ("validate_hostname", tls_ok and self.hostname_matched, name_why),
-        ]
-
-
-def _dn(parts: Any) -> str:
-    return ", ".join(f"{k}={v}" for rdn in parts or () for (k, v) in rdn)
-
-
-def decode_certificate(der: bytes) -> Certificate:
-    """Decode a DER certificate with the stdlib only (no cryptography needed).
-
-    ``ssl._ssl._test_decode_cert`` is what CPython's own tests use to read a
-    PEM file into the getpeercert() dict; it is there in 3.11.
-    """
-    pem = ssl.DER_cert_to_PEM_cert(der)
-    with tempfile.NamedTemporaryFile("w", suffix=".pem") as handle:
-        handle.write(pem)
-        handle.flush()
-        decoder = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
-        info: dict[str, Any] = decoder(handle.name)
-    sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
-    not_after = str(info.get("notAfter", ""))
-    days = int((ssl.cert_time_to_seconds(not_after) - time.time()) / 86400) if not_after else 0
-    return Certificate(
-        subject=_dn(info.get("subject")),
-        issuer=_dn(info.get("issuer")),
-        sans=sans,
-        not_after=not_after,
-        days_left=days,
-    )
 
 
 # --- the deliverer ----------------------------------------------------------
@@ -513,7 +207,7 @@ class Deliverer:
         self._metrics = metrics
         # Reserved for address-order jitter; candidate order comes from routing.
         self._rng = rng or random.Random()
-        self._pool = _Pool()
+        self._pool = Pool()
 
     async def close(self) -> None:
         """QUIT and close every pooled session."""
@@ -727,10 +421,10 @@ class Deliverer:
         """Connect, EHLO and STARTTLS per the policy; raise a RelayError if the host fails."""
         ip, port, policy, name = key
         try:
-            return await self._open(key, cfg, starttls=True)
+            return await open_session(key, cfg, starttls=True)
         except TlsPolicyFailure:
             raise
-        except _HandshakeFailed as exc:
+        except HandshakeFailed as exc:
             if policy.require_tls:
                 raise exc.failure from exc
             # Opportunistic (RFC 7435): a failed handshake must not stop
@@ -741,60 +435,7 @@ class Deliverer:
             events.warning(
                 "tls_fallback", **ident, host=name, ip=ip, port=port, error=exc.failure.detail
             )
-            return await self._open(key, cfg, starttls=False)
-
-    async def _open(self, key: HopKey, cfg: Config, starttls: bool) -> Session:
-        ip, port, policy, name = key
-        smtp = aiosmtplib.SMTP(
-            hostname=ip,
-            port=port,
-            local_hostname=cfg.server.hostname,
-            start_tls=False,
-            use_tls=False,
-            timeout=cfg.delivery.command_timeout,
-        )
-        session = Session(smtp, key)
-        try:
-            with map_smtp_errors(policy.require_tls):
-                await smtp.connect(timeout=cfg.delivery.connect_timeout)
-                await _hello(smtp)
-            if starttls:
-                await self._starttls(session, policy, cfg)
-        except BaseException:
-            smtp.close()
-            raise
-        return session
-
-    async def _starttls(self, session: Session, policy: TlsPolicy, cfg: Config) -> None:
-        smtp = session.smtp
-        _, _, _, name = session.key
-        if not smtp.supports_extension("starttls"):
-            if policy.require_tls:
-                raise TlsPolicyFailure(TlsFailure.NO_STARTTLS)
-            return
-        context = tls.client_context(policy, cfg.tls.ca_file)
-        try:
-            with map_smtp_errors(require_tls=True):
-                # SNI and verification use the name delivered to, never the IP.
-                await smtp.starttls(server_hostname=name, tls_context=context)
-        except TlsPolicyFailure as exc:
-            raise _HandshakeFailed(exc) from exc
-        except errors.RemotePermanent as exc:
-            # A 5xx to STARTTLS: the host refuses TLS for good, a policy verdict.
-            detail = f"STARTTLS refused: {exc.reply}"
-            raise _HandshakeFailed(TlsPolicyFailure(TlsFailure.HANDSHAKE, detail)) from exc
-        except RelayError as exc:
-            # A 4xx (RFC 3207 section 4: 454 is temporary), a dropped or reset
-            # connection or a timeout during the upgrade say nothing about the
-            # host's TLS: a temporary failure, deferred and moved on from.
-            raise _HandshakeFailed(exc) from exc
-        with map_smtp_errors(policy.require_tls):
-            await _hello(smtp)
-        session.tls_version = _info(smtp, "ssl_object", lambda o: o.version())
-        session.cipher = _info(smtp, "cipher", lambda c: c[0])
-        session.verified = policy.require_ca_signed
-        if policy.require_ca_signed:
-            session.peer_subject = _info(smtp, "peercert", lambda c: _dn(c.get("subject")))
+            return await open_session(key, cfg, starttls=False)
 
     async def _transaction(
         self,
@@ -836,7 +477,7 @@ class Deliverer:
                 if reply.temporary:
                     # A 4xx to DATA: this host failed the transaction; the
                     # recipients stay open for the next candidate.
-                    raise _remote(exc.code, exc.message) from exc
+                    raise remote_failure(exc.code, exc.message) from exc
                 for address in accepted:
                     txn.record(address, reply, where)
                 return reply
@@ -888,113 +529,7 @@ class Deliverer:
 
     async def probe(self, route: Route, candidates: Sequence[Candidate]) -> list[ProbeResult]:
         """Connect to every address of every candidate as delivery would; send no mail."""
-        results: list[ProbeResult] = []
-        for candidate in candidates:
-            try:
-                ips = await self._addresses(route, candidate)
-            except RelayError as exc:
-                results.append(ProbeResult(candidate, error=f"DNS: {exc.detail}"))
-                continue
-            for ip in ips:
-                results.append(await self._probe_one(route, candidate, ip))
-        return results
-
-    async def _probe_one(self, route: Route, candidate: Candidate, ip: str) -> ProbeResult:
-        """Three looks at one address: the certificate, the chain, the name."""
-        cfg = self._config()
-        name = candidate.host.strip("[]")
-        # First look: encrypt without checks, to read the certificate even
-        # when it would fail verification.
-        look = TlsPolicy(require_tls=True, require_ca_signed=False, validate_hostname=False)
-        try:
-            session = await self._open((ip, candidate.port, look, name), cfg, starttls=False)
-        except RelayError as exc:
-            return ProbeResult(candidate, ip, error=exc.detail)
-        if not session.smtp.supports_extension("starttls"):
-            await _quit(session)
-            failures = (TlsFailure.NO_STARTTLS,) if route.tls.require_tls else ()
-            return ProbeResult(candidate, ip, failures=failures)
-        try:
-            await self._starttls(session, look, cfg)
-        except (_HandshakeFailed, RelayError) as exc:
-            session.close()
-            failure = exc.failure if isinstance(exc, _HandshakeFailed) else exc
-            failures = (TlsFailure.HANDSHAKE,) if route.tls.require_tls else ()
-            return ProbeResult(
-                candidate, ip, starttls=True, failures=failures, tls_error=failure.detail
-            )
-        der = _info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
-        cert = decode_certificate(der) if der else None
-        version, cipher = session.tls_version, session.cipher
-        await _quit(session)
-        # Second look: the chain alone; third: the name, as delivery checks it.
-        chain = await self._check(candidate, ip, TlsPolicy(True, True, False), cfg)
-        named: TlsPolicyFailure | None
-        if chain is None:
-            named = await self._check(candidate, ip, TlsPolicy(True, True, True), cfg)
-        elif cert is not None and _matches(name, cert.sans):
-            named = None
-        else:
-            named = TlsPolicyFailure(TlsFailure.HOSTNAME_MISMATCH, f"no SAN matches {name}")
-        found: list[TlsFailure] = []
-        if route.tls.require_ca_signed and chain is not None:
-            found.append(chain.reason)
-        if route.tls.validate_hostname and named is not None:
-            found.append(named.reason)
-        return ProbeResult(
-            candidate,
-            ip,
-            starttls=True,
-            tls_version=version,
-            cipher=cipher,
-            certificate=cert,
-            chain_verified=chain is None,
-            chain_error=chain.detail if chain else "",
-            hostname_matched=named is None,
-            hostname_checked=name,
-            hostname_error=named.detail if named else "",
-            failures=tuple(found),
-        )
-
-    async def _check(
-        self, candidate: Candidate, ip: str, policy: TlsPolicy, cfg: Config
-    ) -> TlsPolicyFailure | None:
-        """Handshake under ``policy``; the failure, or None when it passed."""
-        key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
-        try:
-            session = await self._open(key, cfg, starttls=True)
-        except _HandshakeFailed as exc:
-            if isinstance(exc.failure, TlsPolicyFailure):
-                return exc.failure
-            return TlsPolicyFailure(TlsFailure.HANDSHAKE, exc.failure.detail)
-        except TlsPolicyFailure as exc:
-            return exc
-        except RelayError as exc:
-            return TlsPolicyFailure(TlsFailure.HANDSHAKE, exc.detail)
-        await _quit(session)
-        return None
-
-
-class _HandshakeFailed(Exception):
-    """STARTTLS failed at a host; opportunistic delivery falls back to plaintext.
-
-    ``failure`` is a TlsPolicyFailure for a verdict on the host's TLS, or a
-    temporary failure (4xx to STARTTLS, connection dropped or timed out).
-    """
-
-    def __init__(self, failure: RelayError) -> None:
-        super().__init__(failure.detail)
-        self.failure = failure
-
-
-async def _hello(smtp: aiosmtplib.SMTP) -> None:
-    """EHLO, falling back to HELO when EHLO is refused (RFC 5321 section 3.2)."""
-    try:
-        await smtp.ehlo()
-    except aiosmtplib.SMTPHeloError as exc:
-        if exc.code // 100 != 5 or not smtp.is_connected:
-            raise
-        await smtp.helo()
+        return await probe_hosts(route, candidates, self._addresses, self._config)
 
 
 # RFC 5321 section 4.5.2: a line starting with "." gets one more.
@@ -1054,37 +589,11 @@ def _ascii_envelope(envelope: Envelope) -> bool:
     return all(a.isascii() for a in addresses)
 
 
-def _info(smtp: aiosmtplib.SMTP, key: str, pick: Callable[[Any], Any]) -> Any:
-    value = smtp.get_transport_info(key)
-    return pick(value) if value else None
-
-
-def _matches(name: str, sans: Sequence[str]) -> bool:
-    """RFC 6125 matching of ``name`` against "DNS:..."/"IP Address:..." SANs (for display)."""
-    literal = ip_literal(name)
-    for san in sans:
-        kind, _, value = san.partition(":")
-        if literal is not None:
-            if kind == "IP Address" and ip_literal(value) == literal:
-                return True
-            continue
-        if kind != "DNS":
-            continue
-        value, host = value.lower().rstrip("."), name.lower().rstrip(".")
-        if value == host:
-            return True
-        if value.startswith("*.") and "." in host and host.split(".", 1)[1] == value[2:]:
-            return True
-    return False
-
-
 __all__ = [
     "Attempt",
-    "Certificate",
     "Deliverer",
     "HostResult",
     "ProbeResult",
     "check_body",
-    "decode_certificate",
     "map_smtp_errors",
 ]

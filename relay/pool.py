@@ -1,0 +1,152 @@
+"""Reuse of open outbound SMTP sessions per next hop, and the per-hop connection limit.
+
+Part of the outbound SMTP package (delivery, session, pool, probe); it
+needs no aiosmtplib of its own: sessions come from :mod:`relay.session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+from relay.session import HopKey, Session, quit_session
+
+
+class _HopLimit:
+    """Connections in use to one next hop, bounded by a limit read at every acquire.
+
+    Reading ``[delivery] max_per_host`` from the live config each time
+    (like queue._Limiter) makes a reload take effect for hops already seen.
+    """
+
+    def __init__(self) -> None:
+        self.used = 0
+        #: Tasks holding or waiting for a slot. A woken waiter is no longer
+        #: in _waiters but not yet in ``used``: only this count says whether
+        #: the gate may be dropped without a second gate doubling the limit.
+        self.users = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def unused(self) -> bool:
+        return self.users == 0
+
+    async def acquire(self, limit: Callable[[], int]) -> None:
+        while self.used >= limit():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        # Wake everyone; each re-checks the (possibly reloaded) limit.
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class Pool:
+    """Idle sessions per next hop, and a connection limit per next hop.
+
+    A hop's entries are dropped once it has no connection in use and no
+    idle session, so state does not grow with every host ever delivered to.
+    Each idle session carries its own expiry timer, cancelled when the
+    session is taken again: O(1) per message.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[HopKey, list[Session]] = {}
+        self._slots: dict[HopKey, _HopLimit] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def hops(self) -> int:
+        """Next hops with any state (a connection in use or idle sessions)."""
+        return len(self._slots.keys() | self._idle.keys())
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: HopKey, limit: Callable[[], int]) -> AsyncIterator[None]:
+        """Hold one of ``limit()`` connection slots for ``key``."""
+        gate = self._slots.setdefault(key, _HopLimit())
+        gate.users += 1
+        try:
+            await gate.acquire(limit)
+        except BaseException:
+            gate.users -= 1
+            self._forget(key)
+            raise
+        try:
+            yield
+        finally:
+            gate.release()
+            gate.users -= 1
+            self._forget(key)
+
+    def _forget(self, key: HopKey) -> None:
+        """Drop ``key``'s entries when nothing uses them."""
+        gate = self._slots.get(key)
+        if gate is not None and gate.unused:
+            del self._slots[key]
+        if not self._idle.get(key):
+            self._idle.pop(key, None)
+
+    def take(self, key: HopKey, idle_timeout: float) -> Session | None:
+        """An idle session for ``key`` younger than ``idle_timeout``, if any."""
+        sessions = self._idle.get(key, [])
+        now = time.monotonic()
+        while sessions:
+            session = sessions.pop()
+            _cancel_expiry(session)
+            if now - session.idle_since < idle_timeout and session.smtp.is_connected:
+                return session
+            self._retire(session)
+        return None
+
+    def give(self, session: Session, idle_timeout: float, limit: int) -> None:
+        sessions = self._idle.setdefault(session.key, [])
+        if len(sessions) >= limit or idle_timeout <= 0:
+            self._retire(session)
+            return
+        session.idle_since = time.monotonic()
+        sessions.append(session)
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(idle_timeout, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        """The session stayed idle for idle_timeout: drop it from the pool."""
+        session.expiry = None
+        sessions = self._idle.get(session.key, [])
+        if session in sessions:
+            sessions.remove(session)
+            self._retire(session)
+        self._forget(session.key)
+
+    def _retire(self, session: Session) -> None:
+        """QUIT politely in the background; close regardless."""
+        task = asyncio.get_running_loop().create_task(quit_session(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for sessions in self._idle.values():
+            for session in sessions:
+                _cancel_expiry(session)
+                self._retire(session)
+        self._idle.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _cancel_expiry(session: Session) -> None:
+    if session.expiry is not None:
+        session.expiry.cancel()
+        session.expiry = None

@@ -1,0 +1,232 @@
+"""The TLS probe behind ``relay test-tls``: STARTTLS, chain and name checks (RFC 3207, RFC 6125).
+
+It connects to a route's hosts as delivery would and sends no mail.
+
+Part of the outbound SMTP package (delivery, session, pool, probe); it
+needs no aiosmtplib of its own: sessions come from :mod:`relay.session`.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relay import errors
+from relay.config import Config, Route, TlsPolicy
+from relay.dns import ip_literal
+from relay.errors import RelayError, TlsFailure, TlsPolicyFailure
+from relay.routing import Candidate
+from relay.session import (
+    HandshakeFailed,
+    HopKey,
+    distinguished_name,
+    open_session,
+    quit_session,
+    start_tls,
+    transport_info,
+)
+
+#: The IPs to connect to for a candidate, under the route's DNS policy
+#: (the Deliverer's own lookup, so its metrics and log lines apply).
+AddressLookup = Callable[[Route, Candidate], Awaitable[list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """The parts of a server certificate test-tls prints."""
+
+    subject: str
+    issuer: str
+    sans: tuple[str, ...]
+    not_after: str
+    #: Whole days until not_after (negative once expired).
+    days_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What ``relay test-tls`` found at one address of one candidate host."""
+
+    candidate: Candidate
+    ip: str | None = None
+    starttls: bool = False
+    tls_version: str | None = None
+    cipher: str | None = None
+    #: Why STARTTLS was offered but no TLS session came up.
+    tls_error: str = ""
+    certificate: Certificate | None = None
+    #: The chain verified against the system store + [tls] ca_file.
+    chain_verified: bool = False
+    chain_error: str = ""
+    #: The certificate matched ``hostname_checked`` (a name or IP literal).
+    hostname_matched: bool = False
+    hostname_checked: str = ""
+    hostname_error: str = ""
+    #: The route's TLS policy failures at this host, in check order.
+    failures: tuple[TlsFailure, ...] = ()
+    #: Failure to reach or speak SMTP to the host, if any.
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and not self.failures
+
+    def checks(self) -> list[tuple[str, bool, str]]:
+        """(option, would pass, why not) for each TLS option, on or off in the route."""
+        text = errors.TLS_FAILURE_TEXT
+        if not self.starttls:
+            tls_why = text[TlsFailure.NO_STARTTLS]
+        elif self.tls_version is None:
+            tls_why = f"{text[TlsFailure.HANDSHAKE]}: {self.tls_error}"
+        else:
+            tls_why = ""
+        tls_ok = not tls_why
+        chain_why = "" if self.chain_verified else (self.chain_error or "no TLS session")
+        name_why = "" if self.hostname_matched else (self.hostname_error or "no TLS session")
+        return [
+            ("require_tls", tls_ok, tls_why),
+            ("require_ca_signed", tls_ok and self.chain_verified, chain_why),
+            ("validate_hostname", tls_ok and self.hostname_matched, name_why),
+        ]
+
+
+def decode_certificate(der: bytes) -> Certificate:
+    """Decode a DER certificate with the stdlib only (no cryptography needed).
+
+    ``ssl._ssl._test_decode_cert`` is what CPython's own tests use to read a
+    PEM file into the getpeercert() dict; it is there in 3.11.
+    """
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as handle:
+        handle.write(pem)
+        handle.flush()
+        decoder = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
+        info: dict[str, Any] = decoder(handle.name)
+    sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
+    not_after = str(info.get("notAfter", ""))
+    days = int((ssl.cert_time_to_seconds(not_after) - time.time()) / 86400) if not_after else 0
+    return Certificate(
+        subject=distinguished_name(info.get("subject")),
+        issuer=distinguished_name(info.get("issuer")),
+        sans=sans,
+        not_after=not_after,
+        days_left=days,
+    )
+
+
+async def probe_hosts(
+    route: Route,
+    candidates: Sequence[Candidate],
+    addresses: AddressLookup,
+    config: Callable[[], Config],
+) -> list[ProbeResult]:
+    """Connect to every address of every candidate as delivery would; send no mail."""
+    results: list[ProbeResult] = []
+    for candidate in candidates:
+        try:
+            ips = await addresses(route, candidate)
+        except RelayError as exc:
+            results.append(ProbeResult(candidate, error=f"DNS: {exc.detail}"))
+            continue
+        for ip in ips:
+            results.append(await _probe_one(route, candidate, ip, config()))
+    return results
+
+
+async def _probe_one(route: Route, candidate: Candidate, ip: str, cfg: Config) -> ProbeResult:
+    """Three looks at one address: the certificate, the chain, the name."""
+    name = candidate.host.strip("[]")
+    # First look: encrypt without checks, to read the certificate even
+    # when it would fail verification.
+    look = TlsPolicy(require_tls=True, require_ca_signed=False, validate_hostname=False)
+    try:
+        session = await open_session((ip, candidate.port, look, name), cfg, starttls=False)
+    except RelayError as exc:
+        return ProbeResult(candidate, ip, error=exc.detail)
+    if not session.smtp.supports_extension("starttls"):
+        await quit_session(session)
+        failures = (TlsFailure.NO_STARTTLS,) if route.tls.require_tls else ()
+        return ProbeResult(candidate, ip, failures=failures)
+    try:
+        await start_tls(session, look, cfg)
+    except (HandshakeFailed, RelayError) as exc:
+        session.close()
+        failure = exc.failure if isinstance(exc, HandshakeFailed) else exc
+        failures = (TlsFailure.HANDSHAKE,) if route.tls.require_tls else ()
+        return ProbeResult(
+            candidate, ip, starttls=True, failures=failures, tls_error=failure.detail
+        )
+    der = transport_info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
+    cert = decode_certificate(der) if der else None
+    version, cipher = session.tls_version, session.cipher
+    await quit_session(session)
+    # Second look: the chain alone; third: the name, as delivery checks it.
+    chain = await _check(candidate, ip, TlsPolicy(True, True, False), cfg)
+    named: TlsPolicyFailure | None
+    if chain is None:
+        named = await _check(candidate, ip, TlsPolicy(True, True, True), cfg)
+    elif cert is not None and _matches(name, cert.sans):
+        named = None
+    else:
+        named = TlsPolicyFailure(TlsFailure.HOSTNAME_MISMATCH, f"no SAN matches {name}")
+    found: list[TlsFailure] = []
+    if route.tls.require_ca_signed and chain is not None:
+        found.append(chain.reason)
+    if route.tls.validate_hostname and named is not None:
+        found.append(named.reason)
+    return ProbeResult(
+        candidate,
+        ip,
+        starttls=True,
+        tls_version=version,
+        cipher=cipher,
+        certificate=cert,
+        chain_verified=chain is None,
+        chain_error=chain.detail if chain else "",
+        hostname_matched=named is None,
+        hostname_checked=name,
+        hostname_error=named.detail if named else "",
+        failures=tuple(found),
+    )
+
+
+async def _check(
+    candidate: Candidate, ip: str, policy: TlsPolicy, cfg: Config
+) -> TlsPolicyFailure | None:
+    """Handshake under ``policy``; the failure, or None when it passed."""
+    key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
+    try:
+        session = await open_session(key, cfg, starttls=True)
+    except HandshakeFailed as exc:
+        if isinstance(exc.failure, TlsPolicyFailure):
+            return exc.failure
+        return TlsPolicyFailure(TlsFailure.HANDSHAKE, exc.failure.detail)
+    except TlsPolicyFailure as exc:
+        return exc
+    except RelayError as exc:
+        return TlsPolicyFailure(TlsFailure.HANDSHAKE, exc.detail)
+    await quit_session(session)
+    return None
+
+
+def _matches(name: str, sans: Sequence[str]) -> bool:
+    """RFC 6125 matching of ``name`` against "DNS:..."/"IP Address:..." SANs (for display)."""
+    literal = ip_literal(name)
+    for san in sans:
+        kind, _, value = san.partition(":")
+        if literal is not None:
+            if kind == "IP Address" and ip_literal(value) == literal:
+                return True
+            continue
+        if kind != "DNS":
+            continue
+        value, host = value.lower().rstrip("."), name.lower().rstrip(".")
+        if value == host:
+            return True
+        if value.startswith("*.") and "." in host and host.split(".", 1)[1] == value[2:]:
+            return True
+    return False

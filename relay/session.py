@@ -1,0 +1,200 @@
+"""Opening one outbound SMTP session: connect, EHLO, STARTTLS per policy (RFC 5321, RFC 3207).
+
+Part of the outbound SMTP package (delivery, session, pool, probe), the
+only modules that import aiosmtplib; its exceptions are mapped to relay's
+failure classes here, in :func:`map_smtp_errors`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+
+from relay import errors, events, tls
+from relay.config import Config, TlsPolicy
+from relay.errors import RelayError, Reply, TlsFailure, TlsPolicyFailure
+
+# --- exception mapping (STYLE.md 3.4 "Mapping aiosmtplib") ------------------
+
+
+def remote_failure(code: int, message: str, detail: str = "") -> RelayError:
+    """The next hop's reply as a failure, kept verbatim."""
+    reply = Reply.parse(code, message)
+    klass = errors.RemotePermanent if reply.permanent else errors.RemoteTemporary
+    return klass(detail or str(reply), reply)
+
+
+@contextlib.contextmanager
+def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
+    """Turn every aiosmtplib (and ssl/OS) exception into a RelayError.
+
+    The one place that knows aiosmtplib's exception hierarchy (like httpx's
+    map_httpcore_exceptions). Order matters: subclasses first.
+    ``require_tls``: an ssl.SSLError that is OpenSSL's verdict on the peer
+    (a certificate error, an alert, a protocol mismatch) is a TLS-policy
+    failure rather than a lost connection; the peer closing or resetting
+    the connection mid-handshake is never a verdict (:func:`tls.interrupted`).
+    """
+    try:
+        yield
+    except RelayError:
+        raise
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        # A 4xx/5xx greeting means "not now, not here": try the next host.
+        raise errors.HostUnreachable(f"greeting {exc.code} {exc.message}") from exc
+    except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError) as exc:
+        raise errors.HostUnreachable(str(exc)) from exc
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        raise errors.ConnectionLost(str(exc)) from exc
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        first = exc.recipients[0] if exc.recipients else None
+        if first is None:
+            raise errors.TemporaryFailure("recipients refused") from exc
+        raise remote_failure(first.code, first.message) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        raise remote_failure(exc.code, exc.message) from exc
+    except ssl.SSLError as exc:
+        if require_tls and not tls.interrupted(exc):
+            raise TlsPolicyFailure(tls.classify(exc), tls.describe_failure(exc)) from exc
+        raise errors.ConnectionLost(f"TLS: {tls.describe_failure(exc)}") from exc
+    except (ConnectionError, TimeoutError) as exc:
+        raise errors.ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        # aiosmtplib.SMTPException (generic), SMTPNotSupported, bugs: never
+        # lose the message over them; defer and keep the traceback.
+        events.error("delivery_error", exc_info=True, error=repr(exc))
+        raise errors.TemporaryFailure(repr(exc), errors.INTERNAL_ERROR) from exc
+
+
+#: (ip, port, tls policy, server_hostname): one next hop as a connection sees it.
+HopKey = tuple[str, int, TlsPolicy, str]
+
+
+@dataclass(slots=True)
+class Session:
+    """One open SMTP connection, after EHLO (and STARTTLS when it happened)."""
+
+    smtp: aiosmtplib.SMTP
+    key: HopKey
+    tls_version: str | None = None
+    cipher: str | None = None
+    verified: bool = False
+    peer_subject: str | None = None
+    idle_since: float = field(default_factory=time.monotonic)
+    #: The pool's timer that closes this session once idle too long.
+    expiry: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        self.smtp.close()
+
+
+class HandshakeFailed(Exception):
+    """STARTTLS failed at a host; opportunistic delivery falls back to plaintext.
+
+    ``failure`` is a TlsPolicyFailure for a verdict on the host's TLS, or a
+    temporary failure (4xx to STARTTLS, connection dropped or timed out).
+    """
+
+    def __init__(self, failure: RelayError) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+
+
+async def _hello(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, falling back to HELO when EHLO is refused (RFC 5321 section 3.2)."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError as exc:
+        if exc.code // 100 != 5 or not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
+async def open_session(key: HopKey, cfg: Config, starttls: bool) -> Session:
+    """Connect and EHLO; STARTTLS per the key's policy when ``starttls``.
+
+    Raises a RelayError when the host fails, :class:`HandshakeFailed` when
+    only the STARTTLS upgrade did; the connection is closed either way.
+    """
+    ip, port, policy, name = key
+    smtp = aiosmtplib.SMTP(
+        hostname=ip,
+        port=port,
+        local_hostname=cfg.server.hostname,
+        start_tls=False,
+        use_tls=False,
+        timeout=cfg.delivery.command_timeout,
+    )
+    session = Session(smtp, key)
+    try:
+        with map_smtp_errors(policy.require_tls):
+            await smtp.connect(timeout=cfg.delivery.connect_timeout)
+            await _hello(smtp)
+        if starttls:
+            await start_tls(session, policy, cfg)
+    except BaseException:
+        smtp.close()
+        raise
+    return session
+
+
+async def start_tls(session: Session, policy: TlsPolicy, cfg: Config) -> None:
+    """STARTTLS under ``policy`` and EHLO again; record the TLS session's facts."""
+    smtp = session.smtp
+    _, _, _, name = session.key
+    if not smtp.supports_extension("starttls"):
+        if policy.require_tls:
+            raise TlsPolicyFailure(TlsFailure.NO_STARTTLS)
+        return
+    context = tls.client_context(policy, cfg.tls.ca_file)
+    try:
+        with map_smtp_errors(require_tls=True):
+            # SNI and verification use the name delivered to, never the IP.
+            await smtp.starttls(server_hostname=name, tls_context=context)
+    except TlsPolicyFailure as exc:
+        raise HandshakeFailed(exc) from exc
+    except errors.RemotePermanent as exc:
+        # A 5xx to STARTTLS: the host refuses TLS for good, a policy verdict.
+        detail = f"STARTTLS refused: {exc.reply}"
+        raise HandshakeFailed(TlsPolicyFailure(TlsFailure.HANDSHAKE, detail)) from exc
+    except RelayError as exc:
+        # A 4xx (RFC 3207 section 4: 454 is temporary), a dropped or reset
+        # connection or a timeout during the upgrade say nothing about the
+        # host's TLS: a temporary failure, deferred and moved on from.
+        raise HandshakeFailed(exc) from exc
+    with map_smtp_errors(policy.require_tls):
+        await _hello(smtp)
+    session.tls_version = transport_info(smtp, "ssl_object", lambda o: o.version())
+    session.cipher = transport_info(smtp, "cipher", lambda c: c[0])
+    session.verified = policy.require_ca_signed
+    if policy.require_ca_signed:
+        session.peer_subject = transport_info(
+            smtp, "peercert", lambda c: distinguished_name(c.get("subject"))
+        )
+
+
+async def quit_session(session: Session) -> None:
+    """QUIT politely; close regardless."""
+    try:
+        if session.smtp.is_connected:
+            await session.smtp.quit(timeout=5)
+    except Exception:  # noqa: S110 - a failed QUIT on a connection we drop anyway
+        pass
+    finally:
+        session.close()
+
+
+def transport_info(smtp: aiosmtplib.SMTP, key: str, pick: Callable[[Any], Any]) -> Any:
+    value = smtp.get_transport_info(key)
+    return pick(value) if value else None
+
+
+def distinguished_name(parts: Any) -> str:
+    return ", ".join(f"{k}={v}" for rdn in parts or () for (k, v) in rdn)
