@@ -16,7 +16,8 @@ import pytest
 
 from relay import app, errors
 from relay.spool import Spool
-from tests.support.inbound import ROOT, RelayProcess, config_text, free_port
+from tests.support.inbound import ROOT, RelayProcess, config_text
+from tests.support.procs import free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 

@@ -23,7 +23,8 @@ import pytest
 from relay import app
 from relay import config as configmod
 from relay.config import Config
-from tests.support.inbound import RelayProcess, config_text, free_port
+from tests.support.inbound import RelayProcess, config_text
+from tests.support.procs import free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 

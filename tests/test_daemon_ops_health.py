@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from relay import errors
-from tests.support.inbound import RawClient, RelayProcess, free_port
+from tests.support.inbound import RawClient, RelayProcess
 from tests.support.opsd import http_get, route_toml, rule_toml, samples, send, value
+from tests.support.procs import free_port
 
 
 @pytest.fixture

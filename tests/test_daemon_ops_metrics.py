@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from relay import metrics
 from tests.support.dnsserver import DnsServer, dnsmasq_servers
-from tests.support.inbound import RawClient, RelayProcess, free_port
+from tests.support.inbound import RawClient, RelayProcess
 from tests.support.opsd import (
     Samples,
     http_get,
@@ -36,6 +36,7 @@ from tests.support.opsd import (
     wait_log,
 )
 from tests.support.pki import Pki
+from tests.support.procs import free_port
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

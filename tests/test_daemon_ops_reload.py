@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.support.inbound import RawClient, RelayProcess, free_port
+from tests.support.inbound import RawClient, RelayProcess
 from tests.support.opsd import (
     cli,
     http_get,
@@ -32,6 +32,7 @@ from tests.support.opsd import (
     wait_log,
     wait_until,
 )
+from tests.support.procs import free_port
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -27,7 +27,8 @@ from relay.dns import DnsResolver
 from relay.metrics import Metrics
 from relay.queue import Scheduler
 from relay.spool import Spool
-from tests.support.inbound import RelayProcess, config_text, free_port
+from tests.support.inbound import RelayProcess, config_text
+from tests.support.procs import free_port
 
 CLIENTS = 20
 SIZES = {"1 KiB": 1024, "100 KiB": 100 * 1024}
