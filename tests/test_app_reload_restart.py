@@ -23,8 +23,8 @@ import pytest
 from relay import app
 from relay import config as configmod
 from relay.config import Config
-from tests.support.inbound import RelayProcess, config_text
-from tests.support.procs import free_port
+from tests.support.inbound import config_text
+from tests.support.procs import RelayProcess, free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -37,7 +37,7 @@ class Relay:
         self.config = tmp_path / "relay.toml"
         self.audit = tmp_path / "audit.log"
         self.write()
-        self.process = RelayProcess(self.config, tmp_path)
+        self.process = RelayProcess(self.config, cwd=tmp_path)
 
     def write(self, spool: str = "spool", metrics: int | None = None, lifetime: str = "5d") -> None:
         text = config_text(
@@ -62,7 +62,7 @@ class Relay:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
-            env=self.process.env,
+            env=self.process.child_env,
             capture_output=True,
             text=True,
             timeout=30,
@@ -80,7 +80,7 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
 
 
 def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         client.ehlo("client.test")
         assert client.sendmail("s@example.org", ["user@example.com"], MSG) == {}
@@ -112,7 +112,7 @@ def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(relay
 
 
 def test_queue_durations_apply_on_reload(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     relay.write(lifetime="2d")
     relay.process.signal(signal.SIGHUP)
     relay.process.wait_log("reason=reload")

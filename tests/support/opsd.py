@@ -17,7 +17,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.inbound import RawClient, RelayProcess
+from tests.support.inbound import RawClient
+from tests.support.procs import RelayProcess
 
 MSG = b"From: a@sender.test\r\nSubject: ops\r\n\r\nHello.\r\n"
 
@@ -115,7 +116,7 @@ async def cli(proc: RelayProcess, config: Path, *args: str) -> subprocess.Comple
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "relay", *args, "--config", str(config)],
-        env=proc.env,
+        env=proc.child_env,
         capture_output=True,
         text=True,
         timeout=30,
