@@ -56,14 +56,7 @@ class Relay:
         return "\n".join(line for line in text.splitlines() if line.startswith(line_start))
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
-            env=self.process.child_env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        return self.process.cli(*args, config=self.config)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import signal
 import smtplib
 import subprocess
-import sys
 import tomllib
 import urllib.request
 from collections.abc import Iterator
@@ -60,14 +59,7 @@ class Relay:
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
-            env=self.process.child_env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        return self.process.cli(*args, config=self.config)
 
 
 @pytest.fixture

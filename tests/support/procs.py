@@ -191,6 +191,20 @@ class RelayProcess:
         env.update(self.env or {})
         return env
 
+    def cli(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """``python -m relay ARGS --config CONFIG`` (default: this daemon's config)
+        in the daemon's environment; output captured as text, 30 s at most."""
+        config = config or self.config_path
+        assert config is not None, "no config to run the CLI against"
+        return subprocess.run(
+            [self.python, "-m", "relay", *args, "--config", str(config)],
+            env=self.child_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
     @property
     def proc(self) -> subprocess.Popen[bytes] | None:
         return self._proc
