@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures of the delivery tests (pki, closing), shared by several modules.
+pytest_plugins = ["tests.support.delivery"]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

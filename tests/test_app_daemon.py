@@ -16,7 +16,8 @@ import pytest
 
 from relay import app, errors
 from relay.spool import Spool
-from tests.support.inbound import ROOT, RelayProcess, config_text, free_port
+from tests.support.inbound import ROOT, config_text
+from tests.support.procs import RelayProcess, free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -32,7 +33,7 @@ class Relay:
         self.config = tmp_path / "relay.toml"
         self.listen = listen or f'["127.0.0.1:{self.port}"]'
         self.write()
-        self.process = RelayProcess(self.config, tmp_path)
+        self.process = RelayProcess(self.config, cwd=tmp_path)
 
     def write(self, **kwargs: object) -> None:
         text = config_text(
@@ -55,14 +56,7 @@ class Relay:
         return "\n".join(line for line in text.splitlines() if line.startswith(line_start))
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
-            env=self.process.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        return self.process.cli(*args, config=self.config)
 
 
 @pytest.fixture
@@ -83,7 +77,7 @@ def send(relay: Relay, rcpt: str = "user@example.com") -> None:
 
 
 def test_kill_9_after_250_then_next_start_recovers(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     client = relay.smtp()
     client.mail("sender@example.org")
     client.rcpt("user@example.com")
@@ -98,8 +92,8 @@ def test_kill_9_after_250_then_next_start_recovers(relay: Relay) -> None:
     assert [e.id for e in spool.load_all()] == [queue_id]
     (spool.tmp_dir / "junk.tmp").write_bytes(b"half-written")
 
-    relay.process = RelayProcess(relay.config, relay.tmp_path)
-    relay.process.start()
+    relay.process = RelayProcess(relay.config, cwd=relay.tmp_path)
+    relay.process.start(wait_for="event=started")
     assert "recovered=1" in relay.process.log
     assert not (spool.tmp_dir / "junk.tmp").exists()
     assert relay.metric("relay_queue_messages") == "relay_queue_messages 1.0"
@@ -108,7 +102,7 @@ def test_kill_9_after_250_then_next_start_recovers(relay: Relay) -> None:
 
 
 def test_sigterm_421_to_open_sessions_exit_0_spool_kept(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     send(relay)
     pid_file = relay.spool_dir / "relay.pid"
     assert pid_file.read_text().strip() == str(relay.process.proc.pid)  # type: ignore[union-attr]
@@ -131,7 +125,7 @@ def test_sigterm_421_to_open_sessions_exit_0_spool_kept(relay: Relay) -> None:
 
 
 def test_sighup_refuses_invalid_config_then_applies_valid_one(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     client = relay.smtp()
     client.mail("sender@example.org")
     assert client.rcpt("user@other.test")[0] == 550
@@ -159,7 +153,7 @@ def test_sighup_refuses_invalid_config_then_applies_valid_one(relay: Relay) -> N
 
 
 def test_queue_flush_and_reload_commands_signal_the_daemon(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     send(relay)
     done = relay.cli("queue", "flush")
     assert done.returncode == 0, done.stderr
@@ -177,7 +171,7 @@ def test_queue_flush_and_reload_commands_signal_the_daemon(relay: Relay) -> None
 
 
 def test_second_daemon_on_same_spool_refuses(relay: Relay, tmp_path: Path) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     (tmp_path / "other").mkdir()
     other = Relay(tmp_path / "other")
     other.spool_dir = relay.spool_dir
@@ -194,7 +188,7 @@ def test_listens_on_ipv4_and_ipv6(tmp_path: Path) -> None:
     port4 = free_port()
     r = Relay(tmp_path, listen=f'["127.0.0.1:{port4}", "[::1]:{port6}"]')
     try:
-        r.process.start()
+        r.process.start(wait_for="event=started")
         for host, port in (("127.0.0.1", port4), ("::1", port6)):
             client = smtplib.SMTP(host, port, timeout=10)
             assert client.ehlo("client.test")[0] == 250
@@ -211,7 +205,7 @@ def test_embedded_default_config_runs_without_any_file(tmp_path: Path) -> None:
     cfg = app.default_config()
     assert [str(x) for x in cfg.server.listen] == ["127.0.0.1:2525"]
     assert cfg.queue.path == (Path.cwd() / "var/spool").resolve()
-    proc = RelayProcess(None, tmp_path)
+    proc = RelayProcess(None, cwd=tmp_path)
     try:
         try:
             proc.start(wait_for="event=")

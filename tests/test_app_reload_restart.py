@@ -12,7 +12,6 @@ import json
 import signal
 import smtplib
 import subprocess
-import sys
 import tomllib
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +22,8 @@ import pytest
 from relay import app
 from relay import config as configmod
 from relay.config import Config
-from tests.support.inbound import RelayProcess, config_text, free_port
+from tests.support.inbound import config_text
+from tests.support.procs import RelayProcess, free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -36,7 +36,7 @@ class Relay:
         self.config = tmp_path / "relay.toml"
         self.audit = tmp_path / "audit.log"
         self.write()
-        self.process = RelayProcess(self.config, tmp_path)
+        self.process = RelayProcess(self.config, cwd=tmp_path)
 
     def write(self, spool: str = "spool", metrics: int | None = None, lifetime: str = "5d") -> None:
         text = config_text(
@@ -59,14 +59,7 @@ class Relay:
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
-            env=self.process.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        return self.process.cli(*args, config=self.config)
 
 
 @pytest.fixture
@@ -79,7 +72,7 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
 
 
 def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         client.ehlo("client.test")
         assert client.sendmail("s@example.org", ["user@example.com"], MSG) == {}
@@ -111,7 +104,7 @@ def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(relay
 
 
 def test_queue_durations_apply_on_reload(relay: Relay) -> None:
-    relay.process.start()
+    relay.process.start(wait_for="event=started")
     relay.write(lifetime="2d")
     relay.process.signal(signal.SIGHUP)
     relay.process.wait_log("reason=reload")

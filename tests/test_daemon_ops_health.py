@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from relay import errors
-from tests.support.inbound import RawClient, RelayProcess, free_port
+from tests.support.inbound import RawClient
 from tests.support.opsd import http_get, route_toml, rule_toml, samples, send, value
+from tests.support.procs import RelayProcess, free_port
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ async def test_healthz_503_while_spool_is_read_only_then_200_again(
         + route_toml("Sink", free_port())
         + rule_toml("Sink", "@example.com")
     )
-    proc = RelayProcess(path, tmp_path).start()
+    proc = RelayProcess(path, cwd=tmp_path).start(wait_for="event=started")
     try:
         assert await http_get(metrics, "/healthz") == (200, "ok\n")
         await remount(spool_fs, "ro")

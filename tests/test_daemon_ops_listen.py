@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from relay.config import Listen
-from tests.support.inbound import RawClient, free_port, make_config, running_inbound
+from tests.support.inbound import RawClient, make_config, running_inbound
+from tests.support.procs import free_port
 
 
 def listening(port: int) -> Listen:

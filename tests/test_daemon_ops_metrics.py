@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from relay import metrics
 from tests.support.dnsserver import DnsServer, dnsmasq_servers
-from tests.support.inbound import RawClient, RelayProcess, free_port
+from tests.support.inbound import RawClient
 from tests.support.opsd import (
     Samples,
     http_get,
@@ -36,6 +36,7 @@ from tests.support.opsd import (
     wait_log,
 )
 from tests.support.pki import Pki
+from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -128,7 +129,7 @@ async def traffic(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tra
 async def run_traffic(
     tmp: Path, path: Path, smtp: int, metrics: int, sink: Sink, bounce_sink: Sink
 ) -> AsyncIterator[Traffic]:
-    proc = RelayProcess(path, tmp)
+    proc = RelayProcess(path, cwd=tmp)
     proc.start(wait_for='"event": "started"')
     t = Traffic(proc, metrics, sink, bounce_sink)
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.support.inbound import RawClient, RelayProcess, free_port
+from tests.support.inbound import RawClient
 from tests.support.opsd import (
     cli,
     http_get,
@@ -32,6 +32,7 @@ from tests.support.opsd import (
     wait_log,
     wait_until,
 )
+from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -92,11 +93,11 @@ async def daemon(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Daem
     tmp = tmp_path_factory.mktemp("opsd-reload")
     async with Sink() as sink, Sink() as new_sink:
         path = tmp / "relay.toml"
-        proc = RelayProcess(path, tmp)
+        proc = RelayProcess(path, cwd=tmp)
         ports = [free_port() for _ in range(5)]
         d = Daemon(proc, path, tmp, ports[0], ports[1], sink, new_sink, *ports[2:])
         d.write()
-        proc.start()
+        proc.start(wait_for="event=started")
         try:
             yield d
         finally:

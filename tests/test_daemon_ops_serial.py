@@ -13,7 +13,8 @@ from pathlib import Path
 
 from relay import config as configmod
 from relay.app import Daemon
-from tests.support.inbound import config_text, free_port
+from tests.support.inbound import config_text
+from tests.support.procs import free_port
 
 
 async def test_overlapping_reloads_apply_one_change_once(tmp_path: Path) -> None:

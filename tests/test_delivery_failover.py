@@ -24,24 +24,9 @@ from tests.support.delivery import (
     make_config,
     route,
 )
-from tests.support.pki import Pki
 from tests.support.sink import STARTTLS_THEN_DROP, STARTTLS_THEN_STALL, Sink, StaticResolver
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pki(tmp_path):
-    return Pki(tmp_path / "pki")
-
-
-@pytest.fixture
-async def closing():
-    """Register Deliverers to close at the end of the test."""
-    opened: list[Deliverer] = []
-    yield opened.append
-    for d in opened:
-        await d.close()
 
 
 def _tls_failures(metrics: Metrics) -> float:

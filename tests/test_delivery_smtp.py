@@ -9,7 +9,6 @@ import pytest
 
 from relay import errors
 from relay.config import direct_route
-from relay.delivery import Deliverer
 from relay.errors import Reply
 from relay.metrics import Metrics
 from relay.routing import Candidate
@@ -24,24 +23,9 @@ from tests.support.delivery import (
     make_config,
     route,
 )
-from tests.support.pki import Pki
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pki(tmp_path):
-    return Pki(tmp_path / "pki")
-
-
-@pytest.fixture
-async def closing():
-    """Register Deliverers to close at the end of the test."""
-    opened: list[Deliverer] = []
-    yield opened.append
-    for d in opened:
-        await d.close()
 
 
 async def test_plain_single_host(closing):

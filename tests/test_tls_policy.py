@@ -29,11 +29,6 @@ from tests.support.sink import Sink
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def pki(tmp_path):
-    return Pki(tmp_path / "pki")
-
-
 # (server certificate, the policy that must fail and why, a policy that delivers)
 CASES = {
     "no_starttls": (None, ENCRYPT_ONLY, TlsFailure.NO_STARTTLS, OPPORTUNISTIC),

@@ -27,7 +27,8 @@ from relay.dns import DnsResolver
 from relay.metrics import Metrics
 from relay.queue import Scheduler
 from relay.spool import Spool
-from tests.support.inbound import RelayProcess, config_text, free_port
+from tests.support.inbound import config_text
+from tests.support.procs import RelayProcess, free_port
 
 CLIENTS = 20
 SIZES = {"1 KiB": 1024, "100 KiB": 100 * 1024}
@@ -109,7 +110,7 @@ def main() -> None:
             listen=f'["127.0.0.1:{port}"]',
         )
         config.write_text(text)
-        relay = RelayProcess(config, root).start()
+        relay = RelayProcess(config, cwd=root).start(wait_for="event=started")
         try:
             for label in SIZES:
                 asyncio.run(run_size(port, label))

@@ -55,7 +55,7 @@ from tests.bench.postfix_baseline import (
     run_mta_benchmark,
 )
 from tests.bench.pysink import PySink
-from tests.support.e2e_pki import TestCA
+from tests.support.pki import Pki
 from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
 from tests.support.procs import (
     RelayProcess,
@@ -325,7 +325,7 @@ def variant_plain(scratch: Path, counts: dict[str, int]) -> list[Row]:
 
 
 def variant_tls(scratch: Path, counts: dict[str, int]) -> list[Row]:
-    ca = TestCA.create(scratch / "pki")
+    ca = Pki(scratch / "pki")
     leaf = ca.issue("sink.test", "127.0.0.1", stem="sink")
     rows: list[Row] = []
     count = counts["1k"]

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.e2e_pki import TestCA
+from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
 from tests.support.procs import RelayProcess
 
 
 @pytest.fixture
-def e2e_ca(tmp_path: Path) -> TestCA:
+def e2e_ca(tmp_path: Path) -> Pki:
     """A fresh trustme CA whose PEM files live under ``tmp_path/pki``."""
-    return TestCA.create(tmp_path / "pki")
+    return Pki(tmp_path / "pki")
 
 
 @pytest.fixture

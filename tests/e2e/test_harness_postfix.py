@@ -19,7 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.support.e2e_pki import TestCA
+from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
 from tests.support.procs import free_port, port_open, swaks, wait_for
 
@@ -59,7 +59,7 @@ def sink() -> Iterator[tuple[Sink, int]]:
 
 
 @pytest.fixture
-def tls_sink(e2e_ca: TestCA) -> Iterator[tuple[Sink, int]]:
+def tls_sink(e2e_ca: Pki) -> Iterator[tuple[Sink, int]]:
     """A sink offering STARTTLS with a certificate for relay.test from the test CA."""
     files = e2e_ca.issue("relay.test", stem="sink")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -107,7 +107,7 @@ def test_swaks_body_file_and_data_file(postfix: PostfixFactory, tmp_path: Path) 
     assert second.get_content().rstrip("\n") == "from eml"
 
 
-def test_swaks_starttls_to_downstream_with_test_ca(postfix: PostfixFactory, e2e_ca: TestCA) -> None:
+def test_swaks_starttls_to_downstream_with_test_ca(postfix: PostfixFactory, e2e_ca: Pki) -> None:
     down = postfix.downstream(tls=e2e_ca.issue("mx.example.org"), tls_level="encrypt")
     base = ("--server", f"127.0.0.1:{down.port}", "--to", "bob@example.org")
     # The server requires STARTTLS: plaintext mail is refused at MAIL FROM.
@@ -179,7 +179,7 @@ def test_upstream_forwards_sendmail_and_smtp_to_sink(
 
 
 def test_upstream_verifies_sink_certificate(
-    postfix: PostfixFactory, e2e_ca: TestCA, tls_sink: tuple[Sink, int]
+    postfix: PostfixFactory, e2e_ca: Pki, tls_sink: tuple[Sink, int]
 ) -> None:
     handler, sink_port = tls_sink
     up = postfix.upstream(
@@ -206,7 +206,7 @@ def test_upstream_defers_while_next_hop_is_down_then_delivers(postfix: PostfixFa
     assert str(message["Subject"]) == "later"
 
 
-def test_three_hop_chain_with_tls_on_both_hops(postfix: PostfixFactory, e2e_ca: TestCA) -> None:
+def test_three_hop_chain_with_tls_on_both_hops(postfix: PostfixFactory, e2e_ca: Pki) -> None:
     """The shape of the relay scenarios, with a Postfix standing in for relay."""
     down = postfix.downstream(tls=e2e_ca.issue("127.0.0.1", stem="down"), tls_level="encrypt")
     middle_cert = e2e_ca.issue("relay.test", stem="middle")

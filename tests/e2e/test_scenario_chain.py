@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.e2e_pki import TestCA
+from tests.support.pki import Pki
 from tests.support.postfix import DownstreamServer, PostfixFactory, UpstreamClient
 from tests.support.procs import RelayProcess, relay_config, route, swaks, wait_for
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.e2e
 
 @dataclass
 class Chain:
-    ca: TestCA
+    ca: Pki
     down: DownstreamServer
     relay: RelayProcess
     up: UpstreamClient
@@ -44,7 +44,7 @@ class Chain:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     tmp = tmp_path_factory.mktemp("chain")
-    ca = TestCA.create(tmp / "pki")
+    ca = Pki(tmp / "pki")
     with PostfixFactory(keep_logs_in=tmp / "postfix-logs") as postfix:
         down = postfix.downstream(tls=ca.issue("127.0.0.1", stem="down"), tls_level="may")
         # 127.0.0.1 too: swaks --tls-verify checks the name it connected to.

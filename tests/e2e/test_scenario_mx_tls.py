@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.support.dnsserver import dnsmasq_servers
-from tests.support.e2e_pki import TestCA
+from tests.support.pki import Pki
 from tests.support.postfix import DownstreamServer, PostfixFactory
 from tests.support.procs import RelayProcess, relay_config, route, swaks
 
@@ -43,7 +43,7 @@ class MxSetup:
 @pytest.fixture(scope="module")
 def mx_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MxSetup]:
     tmp = tmp_path_factory.mktemp("mx")
-    ca = TestCA.create(tmp / "pki")
+    ca = Pki(tmp / "pki")
     with PostfixFactory(keep_logs_in=tmp / "postfix-logs") as postfix, dnsmasq_servers() as dns:
         server = dns(
             hosts={f"mx.{d}.test": ["127.0.0.1"] for d in ("good", "wrong", "sender")},

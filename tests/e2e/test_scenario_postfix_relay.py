@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.e2e_pki import TestCA
+from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
 from tests.support.procs import RelayProcess, relay_config, route, swaks, wait_for
 
@@ -22,7 +22,7 @@ StartRelay = Callable[[Path], RelayProcess]
 
 
 def test_postfix_through_relay_with_verified_tls(
-    tmp_path: Path, postfix: PostfixFactory, e2e_ca: TestCA, relay: StartRelay
+    tmp_path: Path, postfix: PostfixFactory, e2e_ca: Pki, relay: StartRelay
 ) -> None:
     down = postfix.downstream(tls=e2e_ca.issue("127.0.0.1", stem="down"), tls_level="encrypt")
     inbound = e2e_ca.issue("relay.test", stem="relay")

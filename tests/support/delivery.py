@@ -1,9 +1,15 @@
-"""Helpers for delivery tests: a Config, routes, envelopes and a Deliverer for sinks."""
+"""Helpers for delivery tests: a Config, routes, envelopes and a Deliverer for sinks.
+
+The fixtures ``pki`` and ``closing`` reach every test through ``pytest_plugins`` in
+tests/conftest.py.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+
+import pytest
 
 from relay.config import (
     Config,
@@ -18,6 +24,7 @@ from relay.delivery import Deliverer
 from relay.envelope import Envelope, Recipient
 from relay.metrics import Metrics
 from relay.routing import Candidate
+from tests.support.pki import Pki
 from tests.support.sink import StaticResolver
 
 OPPORTUNISTIC = TlsPolicy(require_tls=False, require_ca_signed=False, validate_hostname=False)
@@ -66,3 +73,17 @@ def deliverer(
 
 def addresses(env: Envelope) -> Sequence[str]:
     return [r.address for r in env.recipients]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "pki")
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[Callable[[Deliverer], None]]:
+    """Register Deliverers to close at the end of the test."""
+    opened: list[Deliverer] = []
+    yield opened.append
+    for d in opened:
+        await d.close()

@@ -8,12 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import tomllib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -192,64 +186,3 @@ class RawClient:
 
 async def raw_client(port: int) -> RawClient:
     return await RawClient.connect(port)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-class RelayProcess:
-    """``python -m relay run`` as a subprocess of this checkout, stderr captured to a file."""
-
-    def __init__(self, config: Path | None, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.cwd = cwd
-        self.log_path = cwd / f"relay-{time.monotonic_ns()}.log"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.env.pop("RELAY_CONFIG", None)
-        self.env.update(env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, wait_for: str = "event=started", timeout: float = 15) -> RelayProcess:
-        args = [sys.executable, "-m", "relay", "run"]
-        if self.config is not None:
-            args += ["--config", str(self.config)]
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(args, cwd=self.cwd, env=self.env, stderr=log)
-        log.close()
-        self.wait_log(wait_for, timeout)
-        return self
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged in {timeout}s:\n{self.log}")
-            time.sleep(0.05)
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 15) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)

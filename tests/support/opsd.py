@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.inbound import RawClient, RelayProcess
+from tests.support.inbound import RawClient
+from tests.support.procs import RelayProcess
 
 MSG = b"From: a@sender.test\r\nSubject: ops\r\n\r\nHello.\r\n"
 
@@ -112,15 +112,7 @@ async def send_on(client: RawClient, sender: str, rcpts: list[str], body: bytes 
 
 async def cli(proc: RelayProcess, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m relay ARGS --config F``, off the loop."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "relay", *args, "--config", str(config)],
-        env=proc.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return await asyncio.to_thread(proc.cli, *args, config=config)
 
 
 def json_lines(log: str) -> list[dict[str, object]]:

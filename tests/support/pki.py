@@ -1,10 +1,13 @@
-"""Test PKI: a trusted trustme CA, an untrusted one, and server certificates.
+"""Test PKI: a trusted trustme CA, an untrusted one, and certificate files.
 
-``Pki(tmp_path)`` writes ``ca.pem`` (use it as ``[tls] ca_file``) and
-issues certificates as ready-to-use server contexts built by
-relay.tls.server_context, so the sinks exercise our own builder::
+``Pki(directory)`` writes ``ca.pem`` (use it as ``[tls] ca_file``, or hand
+it to Postfix and swaks) and issues leaf certificates as files, since
+Postfix, swaks and the relay subprocess read them from disk; for the
+in-process sinks it builds server contexts with relay.tls.server_context,
+so they exercise our own builder::
 
-    pki = Pki(tmp_path)
+    pki = Pki(tmp_path / "pki")
+    files = pki.issue("relay.test", stem="relay")        # CertFiles(cert, key)
     ctx = pki.server_context("mx1.test", "127.0.0.1")   # good
     ctx = pki.server_context("mx1.test", untrusted=True) # unknown CA ("self-signed")
     ctx = pki.server_context("other.test")               # wrong name for mx1.test
@@ -17,6 +20,7 @@ import datetime
 import itertools
 import ssl
 from pathlib import Path
+from typing import NamedTuple
 
 import trustme
 
@@ -25,11 +29,18 @@ from relay import tls
 _serial = itertools.count()
 
 
+class CertFiles(NamedTuple):
+    """A leaf certificate (chain: leaf then intermediates) and its private key."""
+
+    cert: Path
+    key: Path
+
+
 class Pki:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, organization: str = "relay test CA") -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ca = trustme.CA(organization_name="relay test CA")
+        self.ca = trustme.CA(organization_name=organization)
         #: A CA nobody trusts: its certificates fail require_ca_signed.
         self.untrusted_ca = trustme.CA(organization_name="untrusted test CA")
         #: The trust anchor file for ``[tls] ca_file``.
@@ -37,9 +48,15 @@ class Pki:
         self.ca.cert_pem.write_to_path(str(self.ca_file))
 
     def issue(
-        self, *names: str, untrusted: bool = False, expired: bool = False
-    ) -> tuple[Path, Path]:
-        """Issue a leaf certificate for ``names``; return (chain file, key file)."""
+        self, *names: str, untrusted: bool = False, expired: bool = False, stem: str | None = None
+    ) -> CertFiles:
+        """Issue a leaf for DNS names / IP literals ``names``; write ``<stem>.crt/.key``.
+
+        The default stem is the first name plus a serial number, so issuing the
+        same name twice (good and expired, say) never overwrites a file.
+        """
+        if not names:
+            raise ValueError("a certificate needs at least one name")
         ca = self.untrusted_ca if untrusted else self.ca
         now = datetime.datetime.now(datetime.UTC)
         kwargs = {}
@@ -49,11 +66,13 @@ class Pki:
                 "not_after": now - datetime.timedelta(days=1),
             }
         leaf = ca.issue_cert(*names, **kwargs)
-        n = next(_serial)
-        cert, key = self.dir / f"leaf{n}.crt", self.dir / f"leaf{n}.key"
+        if stem is None:
+            stem = f"{names[0].replace('*', '_').replace(':', '_')}-{next(_serial)}"
+        cert, key = self.dir / f"{stem}.crt", self.dir / f"{stem}.key"
         cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
         leaf.private_key_pem.write_to_path(str(key))
-        return cert, key
+        key.chmod(0o600)
+        return CertFiles(cert, key)
 
     def server_context(
         self, *names: str, untrusted: bool = False, expired: bool = False

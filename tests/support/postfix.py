@@ -45,7 +45,7 @@ from typing import Self
 
 import pytest
 
-from tests.support.e2e_pki import CertFiles
+from tests.support.pki import CertFiles
 from tests.support.procs import (
     free_port,
     kill_tree,

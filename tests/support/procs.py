@@ -130,36 +130,84 @@ def _first_listener(config_path: Path) -> tuple[str, int]:
     return first.host, first.port
 
 
+# start()'s ``wait_for`` parameter shadows the function of that name.
+_wait_until = wait_for
+
+
 @dataclass
 class RelayProcess:
-    """``python -m relay run --config CONFIG`` as a child process.
+    """``python -m relay run [--config CONFIG]`` as a child process.
 
     ``start()`` returns once the first ``[server] listen`` address accepts TCP
-    connections. stderr (the event log) goes to a file so the child never
-    blocks on a full pipe (``<config stem>.stderr.log`` next to the config
-    unless ``log_dir`` is given); read it with ``stderr_lines()``. Use as a context
-    manager, or call ``stop()`` in a finalizer: it never leaves the child
-    behind.
+    connections, or, with ``wait_for=TEXT``, once TEXT is in this run's stderr
+    (what the daemon tests wait on: ``event=started``, ``event=already_running``).
+    stderr (the event log) goes to a file so the child never blocks on a full
+    pipe (``<config stem>.stderr.log`` in ``log_dir``, default ``cwd``); read
+    this run's with ``log`` / ``wait_log()``, every run's with ``stderr_lines()``.
+    The child runs in ``cwd`` (default: next to the config; required without
+    one) with this checkout on PYTHONPATH and no RELAY_CONFIG. Use as a context
+    manager, or call ``stop()`` in a finalizer: it never leaves the child behind.
     """
 
-    config_path: Path
+    config_path: Path | None
     env: Mapping[str, str] | None = None
     python: str = sys.executable
     startup_timeout: float = 15.0
-    # Where stderr/stdout are captured; default: next to the config file.
+    # Where stderr/stdout are captured; default: cwd.
     log_dir: Path | None = None
+    cwd: Path | None = None
 
     def __post_init__(self) -> None:
-        self.config_path = Path(self.config_path)
-        self.host, self.port = _first_listener(self.config_path)
+        if self.config_path is None:
+            if self.cwd is None:
+                raise ValueError("a RelayProcess without a config needs a cwd")
+            stem = "relay"
+        else:
+            self.config_path = Path(self.config_path)
+            stem = self.config_path.stem
+        # The first listener, read from the config at each start().
+        self.host, self.port = "127.0.0.1", 2525
+        self.cwd = Path(self.cwd) if self.cwd else self.config_path.parent  # type: ignore[union-attr]
         self._proc: subprocess.Popen[bytes] | None = None
-        log_dir = Path(self.log_dir) if self.log_dir else self.config_path.parent
-        self.stderr_path = log_dir / f"{self.config_path.stem}.stderr.log"
-        self.stdout_path = log_dir / f"{self.config_path.stem}.stdout.log"
+        log_dir = Path(self.log_dir) if self.log_dir else self.cwd
+        self.stderr_path = log_dir / f"{stem}.stderr.log"
+        self.stdout_path = log_dir / f"{stem}.stdout.log"
+        # Where this run's stderr starts in the file (earlier runs come before it).
+        self._log_start = 0
 
     @property
     def argv(self) -> list[str]:
-        return [self.python, "-m", "relay", "run", "--config", str(self.config_path)]
+        args = [self.python, "-m", "relay", "run"]
+        if self.config_path is not None:
+            args += ["--config", str(self.config_path)]
+        return args
+
+    @property
+    def child_env(self) -> dict[str, str]:
+        """The child's environment; also right for ``python -m relay`` CLI calls."""
+        env = dict(os.environ)
+        env.pop("RELAY_CONFIG", None)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env.update(self.env or {})
+        return env
+
+    def cli(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """``python -m relay ARGS --config CONFIG`` (default: this daemon's config)
+        in the daemon's environment; output captured as text, 30 s at most."""
+        config = config or self.config_path
+        assert config is not None, "no config to run the CLI against"
+        return subprocess.run(
+            [self.python, "-m", "relay", *args, "--config", str(config)],
+            env=self.child_env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self._proc
 
     @property
     def pid(self) -> int:
@@ -170,27 +218,31 @@ class RelayProcess:
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
-    def start(self, timeout: float | None = None) -> RelayProcess:
+    def start(self, timeout: float | None = None, *, wait_for: str | None = None) -> RelayProcess:
         """Spawn the daemon and wait until its SMTP port accepts connections.
 
         Raises ``RuntimeError`` with the tail of stderr if the process exits
         first, ``TimeoutError`` if the port never opens (the child is killed).
+        With ``wait_for``, waits for that stderr text instead, as ``wait_log``.
         """
         assert self._proc is None or self._proc.poll() is not None, "relay already running"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        env.update(self.env or {})
+        if self.config_path is not None:
+            self.host, self.port = _first_listener(self.config_path)
         # The child keeps its own descriptors; ours are closed right away.
         with self.stderr_path.open("ab") as err, self.stdout_path.open("ab") as out:
+            self._log_start = err.tell()
             self._proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                env=env,
-                cwd=self.config_path.parent,
+                env=self.child_env,
+                cwd=self.cwd,
                 start_new_session=True,  # its own process group: kill9() reaches any children
             )
+        if wait_for is not None:
+            self.wait_log(wait_for, timeout or self.startup_timeout)
+            return self
 
         def ready() -> bool:
             if self._proc is not None and self._proc.poll() is not None:
@@ -201,13 +253,35 @@ class RelayProcess:
             return port_open(self.host, self.port)
 
         try:
-            wait_for(
+            _wait_until(
                 ready, timeout or self.startup_timeout, what=f"relay on {self.host}:{self.port}"
             )
         except TimeoutError:
             self.kill9()
             raise
         return self
+
+    @property
+    def log(self) -> str:
+        """This run's stderr so far (since the last ``start()``)."""
+        try:
+            with self.stderr_path.open("rb") as handle:
+                handle.seek(self._log_start)
+                return handle.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, text: str, timeout: float = 10) -> None:
+        """Wait until ``text`` is in this run's stderr; AssertionError (with the log)
+        if the daemon exits first or ``timeout`` s pass."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert self._proc is not None, "relay not started"
+            if self._proc.poll() is not None:
+                raise AssertionError(f"relay exited {self._proc.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged in {timeout}s:\n{self.log}")
+            time.sleep(0.05)
 
     def signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the daemon (SIGHUP reloads, SIGTERM stops)."""
@@ -217,8 +291,14 @@ class RelayProcess:
     def reload(self) -> None:
         self.signal(signal.SIGHUP)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
+    def wait(self, timeout: float = 15) -> int:
+        """Wait for the daemon to exit by itself; its exit code."""
+        assert self._proc is not None, "relay not started"
+        return self._proc.wait(timeout)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s (past the daemon's 10 s shutdown grace),
+        then SIGKILL. Returns the exit code."""
         if self._proc is None:
             return None
         if self._proc.poll() is None:
