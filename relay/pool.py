@@ -9,49 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from relay.limits import LiveLimit
 from relay.session import HopKey, Session, quit_session
-
-
-class _HopLimit:
-    """Connections in use to one next hop, bounded by a limit read at every acquire.
-
-    Reading ``[delivery] max_per_host`` from the live config each time
-    (like queue._Limiter) makes a reload take effect for hops already seen.
-    """
-
-    def __init__(self) -> None:
-        self.used = 0
-        #: Tasks holding or waiting for a slot. A woken waiter is no longer
-        #: in _waiters but not yet in ``used``: only this count says whether
-        #: the gate may be dropped without a second gate doubling the limit.
-        self.users = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def unused(self) -> bool:
-        return self.users == 0
-
-    async def acquire(self, limit: Callable[[], int]) -> None:
-        while self.used >= limit():
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        self.used += 1
-
-    def release(self) -> None:
-        self.used -= 1
-        # Wake everyone; each re-checks the (possibly reloaded) limit.
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 class Pool:
@@ -65,7 +26,8 @@ class Pool:
 
     def __init__(self) -> None:
         self._idle: dict[HopKey, list[Session]] = {}
-        self._slots: dict[HopKey, _HopLimit] = {}
+        #: Per next hop, ``[delivery] max_per_host`` read live (a reload applies).
+        self._slots: dict[HopKey, LiveLimit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -76,25 +38,24 @@ class Pool:
     @contextlib.asynccontextmanager
     async def slot(self, key: HopKey, limit: Callable[[], int]) -> AsyncIterator[None]:
         """Hold one of ``limit()`` connection slots for ``key``."""
-        gate = self._slots.setdefault(key, _HopLimit())
-        gate.users += 1
+        gate = self._slots.get(key)
+        if gate is None:
+            gate = self._slots[key] = LiveLimit(limit)
         try:
-            await gate.acquire(limit)
+            await gate.acquire()
         except BaseException:
-            gate.users -= 1
             self._forget(key)
             raise
         try:
             yield
         finally:
             gate.release()
-            gate.users -= 1
             self._forget(key)
 
     def _forget(self, key: HopKey) -> None:
         """Drop ``key``'s entries when nothing uses them."""
         gate = self._slots.get(key)
-        if gate is not None and gate.unused:
+        if gate is not None and gate.idle:
             del self._slots[key]
         if not self._idle.get(key):
             self._idle.pop(key, None)

@@ -27,7 +27,6 @@ import heapq
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -37,6 +36,7 @@ from relay.bounce import BounceReason, Failure, TlsIssue, build_dsn, needs_smtpu
 from relay.config import Config, Route
 from relay.envelope import Envelope, RcptState, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
+from relay.limits import LiveLimit
 from relay.metrics import Metrics
 from relay.spool import Spool, new_id
 
@@ -84,34 +84,6 @@ class Deliverer(Protocol):
     ) -> Attempt: ...
 
 
-class _Limiter:
-    """A semaphore whose size is read from the live config at every acquire (reload)."""
-
-    def __init__(self, limit: Callable[[], int]) -> None:
-        self._limit = limit
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self.used = 0
-
-    async def acquire(self) -> None:
-        while self.used >= self._limit():
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        self.used += 1
-
-    def release(self) -> None:
-        self.used -= 1
-        # Wake everyone; each re-checks the (possibly reloaded) limit.
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-
-
 class Scheduler:
     """Runs delivery attempts for spooled messages when they are due."""
 
@@ -139,7 +111,7 @@ class Scheduler:
         #: Envelopes whose latest state is not on disk yet (a failed write):
         #: the truth until a write succeeds; the spool copy is stale.
         self._unsaved: dict[str, Envelope] = {}
-        self._limiter = _Limiter(lambda: self._config().delivery.max_concurrency)
+        self._limiter = LiveLimit(lambda: self._config().delivery.max_concurrency)
         self._wake = asyncio.Event()
         self._stopping = False
 
