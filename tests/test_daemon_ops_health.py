@@ -8,13 +8,13 @@ skipped where mounting is not allowed) and remounts read-only while
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relay import errors
+from tests.support.fs import tmpfs
 from tests.support.inbound import RawClient
 from tests.support.opsd import http_get, route_toml, rule_toml, samples, send, value
 from tests.support.procs import RelayProcess, free_port
@@ -22,19 +22,8 @@ from tests.support.procs import RelayProcess, free_port
 
 @pytest.fixture
 def spool_fs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "fs", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 async def remount(mount: Path, mode: str) -> None:

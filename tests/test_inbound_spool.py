@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from relay import errors
 from relay.config import Config, QueueConfig
 from relay.spool import Spool
+from tests.support.fs import tmpfs
 from tests.support.inbound import RawClient, make_config, running_inbound
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\n" + b"x" * 900 + b"\r\n"
@@ -21,19 +21,8 @@ MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\n" + b"x" * 900 + b"\r\n"
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs: writes fail for real with ENOSPC, or EROFS once remounted."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "fs", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(mount: Path) -> None:
