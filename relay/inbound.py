@@ -403,7 +403,10 @@ class _CrlfCommandReader(asyncio.StreamReader):
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
         line = await super().readuntil(separator)
-        if separator == b"\n" and not line.endswith(b"\r\n"):
+        # A bare CR just before the CRLF ("DATA\r\r\n") would vanish in
+        # aiosmtpd's rstrip and the command would run: refuse it like a bare
+        # LF. A CR inside an argument is left to the argument checks (501).
+        if separator == b"\n" and (not line.endswith(b"\r\n") or line.endswith(b"\r\r\n")):
             return b"\n"
         if separator == b"\r\n" and self.on_data_line is not None:
             self.on_data_line()
@@ -910,8 +913,16 @@ class Inbound:
             when=env.received_at,
             cipher=cipher,
         )
+        write = asyncio.ensure_future(self._spool(env, header, content))
         try:
-            await self._spool(env, header, content)
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The session was cancelled (client gone, shutdown) while the
+            # write went on. If it lands, the message is durable and must be
+            # scheduled now, not at the next start, although no 250 reached
+            # the client (which will likely send it again).
+            write.add_done_callback(lambda task: self._landed_unanswered(task, env))
+            raise
         except SpoolFull as exc:
             events.error("spool_failed", id=env.id, error=exc.detail)
             self.rejected("disk_full", session, "DATA")
@@ -937,6 +948,16 @@ class Inbound:
             # The message is durable; the scheduler finds it at the next start.
             events.error("schedule_failed", exc_info=True, id=env.id)
         return errors.queued(env.id)
+
+    def _landed_unanswered(self, write: asyncio.Future[None], env: Envelope) -> None:
+        if write.cancelled() or write.exception() is not None:
+            return
+        events.warning("accepted_unanswered", id=env.id, client=env.client.ip, size=env.size)
+        self.metrics.messages_received.inc()
+        try:
+            self.on_accept(env)
+        except Exception:
+            events.error("schedule_failed", exc_info=True, id=env.id)
 
     async def _spool(self, env: Envelope, header: bytes, content: bytes) -> None:
         self._writes += 1

@@ -110,10 +110,13 @@ class GroupSync:
                 batch, self._waiters = self._waiters, []
                 try:
                     await loop.run_in_executor(self._executor, self._sync)
-                except OSError as exc:
+                except Exception as exc:
+                    # Any failure (an fsync error, or the pool already shut
+                    # down) fails this batch: nobody may wait forever.
+                    failure = exc if isinstance(exc, OSError) else OSError(str(exc))
                     for waiter in batch:
                         if not waiter.done():
-                            waiter.set_exception(exc)
+                            waiter.set_exception(failure)
                 else:
                     for waiter in batch:
                         if not waiter.done():
@@ -164,7 +167,9 @@ class Spool:
             await self.group_sync().wait()
         except OSError as exc:
             if undo is not None:
-                await self._in_thread(undo)
+                # Best effort: the caller gets the spool error either way.
+                with suppress(OSError, RuntimeError):
+                    await self._in_thread(undo)
             raise _spool_error(exc, what) from exc
 
     async def put_async(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> None:
@@ -176,8 +181,11 @@ class Spool:
         placed = await self._in_thread(self._place, envelope, data, prefix)
 
         def undo() -> None:
+            # The client gets 451: make the removal durable too, or a crash
+            # could bring back a message nobody was promised.
             for path in placed:
                 path.unlink(missing_ok=True)
+            self._sync_msg_dir()
 
         await self._commit(f"cannot spool {envelope.id}", undo)
 

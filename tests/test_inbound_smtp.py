@@ -491,7 +491,18 @@ async def test_aiosmtpd_texts_are_mapped() -> None:
     }
 
 
-@pytest.mark.parametrize("line", [b"MAIL FROM:<s@example.org>\n", b"NOOP\n", b"\r\n"], ids=repr)
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"MAIL FROM:<s@example.org>\n",
+        b"NOOP\n",
+        b"\r\n",
+        # A bare CR before the CRLF: not CRLF-only either.
+        b"MAIL FROM:<s@example.org>\r\r\n",
+        b"NOOP\r\r\r\n",
+    ],
+    ids=repr,
+)
 async def test_command_lines_must_end_in_crlf(cfg: Config, line: bytes) -> None:
     async with running_inbound(cfg) as h:
         client = await session(h)

@@ -82,3 +82,24 @@ async def test_timer_is_off_during_the_spool_write_and_back_after(tmp_path: Path
             assert text == str(errors.IDLE_TIMEOUT)
             assert time.monotonic() - started < 3
         assert len(h.spooled()) == 1
+
+
+async def test_client_gone_during_the_spool_write_still_schedules_the_message(
+    tmp_path: Path,
+) -> None:
+    # The session is cancelled when the client disconnects; the write goes
+    # on and lands, so the message is durable and must be scheduled now
+    # (not only at the next start), although no 250 was sent.
+    cfg = make_config(tmp_path)
+    spool = SlowSpool(cfg.queue.path, delay=0.5)
+    async with running_inbound(cfg, spool=spool) as h:
+        async with await RawClient.connect(h.port) as client:
+            await _start_data(client)
+            await client.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
+            await asyncio.sleep(0.1)
+        for _ in range(50):
+            if h.accepted:
+                break
+            await asyncio.sleep(0.05)
+        assert [e.id for e in h.accepted] == [e.id for e in h.spooled()]
+        assert len(h.accepted) == 1

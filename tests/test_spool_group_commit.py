@@ -109,3 +109,14 @@ async def test_concurrent_puts_are_all_durable_with_fewer_directory_fsyncs(tmp_p
         assert list(spool.tmp_dir.iterdir()) == []
     finally:
         spool.close()
+
+
+async def test_a_sync_that_cannot_run_fails_its_waiters_instead_of_hanging() -> None:
+    # E.g. the spool's thread pool already shut down at exit: the waiters
+    # must get an error (451 to the client), never wait forever.
+    def gone() -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    group = GroupSync(gone, None)
+    with pytest.raises(OSError):
+        await asyncio.wait_for(group.wait(), 5)
