@@ -301,12 +301,9 @@ class Deliverer:
         plan = await routing.plan(route, self._resolver, self._rng)
         for failure in plan.dns_failures:
             if isinstance(failure.error, errors.RouteMisconfigured):
-                # A typo in the config: deferred, never bounced, but loud.
-                self._metrics.route_dns_errors.labels(route.name, failure.configured).inc()
-                events.warning(
-                    "route_dns_error", id=envelope.id, route=route.name,
-                    host=failure.configured, error=failure.error.detail,
-                )  # fmt: skip
+                self._route_dns_error(
+                    route, failure.configured, failure.configured, failure.error, envelope.id
+                )
             else:
                 events.log(
                     "dns_failure", id=envelope.id, route=route.name,
@@ -331,16 +328,18 @@ class Deliverer:
         try:
             return await routing.addresses_for(candidate, self._resolver)
         except errors.RouteMisconfigured as exc:
-            # A name from the configuration that does not resolve: deferred
-            # (never bounce everyone's mail for a typo), but said loudly.
-            self._metrics.route_dns_errors.labels(route.name, _host_label(route, candidate)).inc()
-            # With the queue id (none for test-tls): `grep ID` tells why it waits.
-            ident = {"id": qid} if qid else {}
-            events.warning(
-                "route_dns_error", **ident, route=route.name, host=candidate.host,
-                error=exc.detail,
-            )  # fmt: skip
+            self._route_dns_error(route, _host_label(route, candidate), candidate.host, exc, qid)
             raise
+
+    def _route_dns_error(
+        self, route: Route, label: str, host: str, error: RelayError, qid: str | None
+    ) -> None:
+        """A name from the configuration does not resolve: the mail is deferred
+        (never bounce everyone's mail for a typo), but it is said loudly."""
+        self._metrics.route_dns_errors.labels(route.name, label).inc()
+        # With the queue id (none for test-tls): `grep ID` tells why it waits.
+        ident = {"id": qid} if qid else {}
+        events.warning("route_dns_error", **ident, route=route.name, host=host, error=error.detail)
 
     async def _try_host(
         self,
