@@ -371,21 +371,7 @@ def queue_run(variant: str, mta: Mta, sink_port: int, count: int) -> Row:
         drained = time.monotonic()
     cpu = sampler.stop()
     accept_s, drain_s = accepted - started, drained - drain_start
-    result = BenchResult(
-        mta=mta.name,
-        count=count,
-        size=KIB,
-        sessions=SESSIONS,
-        accept_seconds=round(accept_s, 3),
-        accept_rate=round(count / accept_s, 1),
-        end_to_end_seconds=round(drain_s, 3),
-        end_to_end_rate=round(count / drain_s, 1),
-        peak_rss_mib=round(sampler.peak_rss_kib / 1024, 1),
-        peak_pss_mib=round(sampler.peak_pss_kib / 1024, 1),
-        peak_processes=sampler.peak_processes,
-        cpu_seconds=round(cpu, 2),
-        cpu_ms_per_message=round(1000 * cpu / count, 3),
-    )
+    result = BenchResult.measured(mta.name, count, KIB, SESSIONS, accept_s, drain_s, sampler, cpu)
     extra = {
         "settle_seconds": round(settled - accepted, 3),
         "rss_per_queued_message_bytes": round((rss1 - rss0) * 1024 / count),

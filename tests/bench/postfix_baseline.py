@@ -204,6 +204,35 @@ class BenchResult:
     cpu_seconds: float
     cpu_ms_per_message: float
 
+    @classmethod
+    def measured(
+        cls,
+        mta: str,
+        count: int,
+        size: int,
+        sessions: int,
+        accept_s: float,
+        e2e_s: float,
+        sampler: TreeSampler,
+        cpu: float,
+    ) -> BenchResult:
+        """The figures from raw timings (seconds) and the process sampler."""
+        return cls(
+            mta=mta,
+            count=count,
+            size=size,
+            sessions=sessions,
+            accept_seconds=round(accept_s, 3),
+            accept_rate=round(count / accept_s, 1),
+            end_to_end_seconds=round(e2e_s, 3),
+            end_to_end_rate=round(count / e2e_s, 1),
+            peak_rss_mib=round(sampler.peak_rss_kib / 1024, 1),
+            peak_pss_mib=round(sampler.peak_pss_kib / 1024, 1),
+            peak_processes=sampler.peak_processes,
+            cpu_seconds=round(cpu, 2),
+            cpu_ms_per_message=round(1000 * cpu / count, 3),
+        )
+
 
 def check_bounds(count: int, size: int, sessions: int) -> None:
     if not 1 <= count <= MAX_COUNT:
@@ -253,21 +282,7 @@ def run_mta_benchmark(
         done = time.monotonic()
         cpu = sampler.stop()
     accept_s, e2e_s = accepted - started, done - started
-    return BenchResult(
-        mta=mta,
-        count=count,
-        size=size,
-        sessions=sessions,
-        accept_seconds=round(accept_s, 3),
-        accept_rate=round(count / accept_s, 1),
-        end_to_end_seconds=round(e2e_s, 3),
-        end_to_end_rate=round(count / e2e_s, 1),
-        peak_rss_mib=round(sampler.peak_rss_kib / 1024, 1),
-        peak_pss_mib=round(sampler.peak_pss_kib / 1024, 1),
-        peak_processes=sampler.peak_processes,
-        cpu_seconds=round(cpu, 2),
-        cpu_ms_per_message=round(1000 * cpu / count, 3),
-    )
+    return BenchResult.measured(mta, count, size, sessions, accept_s, e2e_s, sampler, cpu)
 
 
 def postfix_baseline(
