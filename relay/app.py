@@ -39,7 +39,8 @@ SHUTDOWN_GRACE = 10.0
 
 #: ``relay run`` with no --config, no $RELAY_CONFIG and no config/relay.toml
 #: runs on this (DESIGN.md: one command runs the relay on an embedded
-#: default). Relative paths are relative to the current directory.
+#: default). Relative paths are relative to the current directory. It is
+#: config/relay.toml but for its paths; a test keeps the two the same.
 DEFAULT_CONFIG_TOML = """\
 [server]
 hostname = "relay.localhost"
@@ -49,6 +50,8 @@ relay_networks = ["127.0.0.0/8", "::1/128"]
 
 [queue]
 path = "var/spool"
+min_backoff = "30s"
+max_backoff = "10m"
 
 [metrics]
 listen = "127.0.0.1:9325"

@@ -233,3 +233,17 @@ def test_embedded_default_is_not_used_when_a_config_is_named(tmp_path: Path) -> 
     )
     assert done.returncode == 2
     assert "cannot read config file" in done.stderr
+
+
+def test_embedded_default_matches_config_relay_toml() -> None:
+    # Two copies of one decision: the shipped default and the embedded one
+    # differ only in where their paths point.
+    from relay import config
+
+    shipped = config.load(Path(__file__).resolve().parent.parent / "config/relay.toml")
+    embedded = app.default_config()
+    assert config.describe(embedded) == config.describe(shipped)
+    for section in ("server", "delivery", "dns", "tls", "metrics", "log", "bounces"):
+        assert getattr(embedded, section) == getattr(shipped, section), section
+    for field in ("max_lifetime", "min_backoff", "max_backoff"):
+        assert getattr(embedded.queue, field) == getattr(shipped.queue, field), field
