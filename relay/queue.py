@@ -244,9 +244,11 @@ class Scheduler:
             if held.next_attempt > self._clock():
                 return held.next_attempt
         try:
-            envelope, body = await self._spool.read_async(qid)
-            if held is not None:
-                envelope = held
+            if held is None:
+                envelope, body = await self._spool.read_async(qid)
+            else:
+                # Memory is ahead of the disk's envelope: read only the body.
+                envelope, body = held, await asyncio.to_thread(self._spool.read_body, qid)
         except (KeyError, FileNotFoundError):
             # `relay queue delete` removed it while it waited: nothing to do
             # but remove an envelope that outlived its body.
