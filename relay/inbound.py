@@ -758,8 +758,8 @@ class Inbound:
     ``config`` is called at every command, so a reload applies to open
     sessions at once (except per-connection settings: size limit, timeout,
     hostname and TLS, which new connections pick up). ``on_accept`` is
-    called with each envelope after its spool write (the scheduler's
-    ``add``); inbound never delivers.
+    called with each envelope after its spool write, and the stored body's
+    parts (the scheduler's ``add``); inbound never delivers.
     """
 
     def __init__(
@@ -767,7 +767,7 @@ class Inbound:
         config: Callable[[], Config],
         spool: Spool,
         metrics: Metrics,
-        on_accept: Callable[[Envelope], None],
+        on_accept: Callable[[Envelope, Sequence[bytes]], None],
         *,
         tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
         clock: Callable[[], float] = time.time,
@@ -943,7 +943,7 @@ class Inbound:
             tls=env.client.tls or "no",
         )
         try:
-            self.on_accept(env)
+            self.on_accept(env, (header, content))
         except Exception:
             # The message is durable; the scheduler finds it at the next start.
             events.error("schedule_failed", exc_info=True, id=env.id)
@@ -955,7 +955,7 @@ class Inbound:
         events.warning("accepted_unanswered", id=env.id, client=env.client.ip, size=env.size)
         self.metrics.messages_received.inc()
         try:
-            self.on_accept(env)
+            self.on_accept(env, ())
         except Exception:
             events.error("schedule_failed", exc_info=True, id=env.id)
 

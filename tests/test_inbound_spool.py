@@ -81,3 +81,15 @@ async def test_read_only_spool_answers_451_and_leaves_nothing(
         assert h.rejected("spool_error") == 1
         assert leftovers(spool) == []
         assert not spool.writable()
+
+
+async def test_the_scheduler_is_handed_the_body_as_spooled(tmp_path: Path) -> None:
+    # The first attempt of a just-accepted message uses these bytes instead
+    # of reading the spool: they must be the stored body, Received included.
+    async with running_inbound(make_config(tmp_path)) as h:
+        text = await send_one(h.port)
+        assert text.startswith("250 2.0.0 Ok: queued as ")
+        [env] = h.accepted
+        assert h.handed[env.id] == h.spool.read_body(env.id)
+        assert h.handed[env.id].startswith(b"Received: ")
+        assert h.handed[env.id].endswith(MSG)

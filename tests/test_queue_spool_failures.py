@@ -177,3 +177,104 @@ async def test_bounced_recipient_is_counted_once_the_dsn_is_spooled(tmp_path) ->
     assert h.deliverer.calls_for("bob@example.com") == 2
     assert h.sample("relay_recipients_total", route="Corp", outcome="bounced") == 1
     assert h.sample("relay_bounces_total", reason="remote_permanent") == 1
+
+
+class CountingSpool(Spool):
+    """Counts the scheduler's reads and state writes; deletes fail while ``delete_fails``."""
+
+    delete_fails = False
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, fsync=False)
+        self.reads = 0
+        self.updates = 0
+        self.deletes = 0
+
+    async def read_async(self, queue_id: str) -> tuple[Envelope, bytes]:
+        self.reads += 1
+        return await super().read_async(queue_id)
+
+    async def update_async(self, envelope: Envelope) -> bool:
+        self.updates += 1
+        return await super().update_async(envelope)
+
+    async def delete_async(self, queue_id: str) -> bool:
+        self.deletes += 1
+        if self.delete_fails:
+            raise OSError(5, "Input/output error")
+        return await super().delete_async(queue_id)
+
+
+async def test_a_just_accepted_message_is_tried_from_memory(tmp_path) -> None:
+    spool = CountingSpool(tmp_path / "spool")
+    h = harness(tmp_path, spool=spool)
+    env = spool_message(h.spool, ["bob@example.com"], body=b"Subject: t\r\n\r\nheld\r\n")
+    async with running(h.scheduler):
+        h.scheduler.add(env, (b"Subject: t\r\n", b"\r\nheld\r\n"))
+        await settle(h.scheduler)
+    assert spool.reads == 0
+    assert [c.body for c in h.deliverer.calls] == [b"Subject: t\r\n\r\nheld\r\n"]
+    assert h.spooled() == []
+
+
+async def test_a_large_or_recovered_message_is_read_from_the_spool(tmp_path) -> None:
+    from relay.queue import FRESH_BODY_MAX
+
+    spool = CountingSpool(tmp_path / "spool")
+    h = harness(tmp_path, spool=spool)
+    big = b"x" * (FRESH_BODY_MAX + 1)
+    large = spool_message(h.spool, ["bob@example.com"], body=big)
+    recovered = spool_message(h.spool, ["carol@example.com"])
+    async with running(h.scheduler):
+        h.scheduler.add(large, (big,))
+        h.scheduler.add(recovered)
+        await settle(h.scheduler)
+    assert spool.reads == 2
+    assert len(h.deliverer.calls) == 2
+    assert h.spooled() == []
+
+
+async def test_a_fully_delivered_message_is_deleted_without_a_state_write(tmp_path) -> None:
+    spool = CountingSpool(tmp_path / "spool")
+    h = harness(tmp_path, spool=spool)
+    env = spool_message(h.spool, ["bob@example.com", "carol@example.com"])
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await settle(h.scheduler)
+    assert (spool.updates, spool.deletes) == (0, 1)
+    assert h.spooled() == []
+
+
+async def test_a_partly_delivered_message_writes_its_state(tmp_path) -> None:
+    spool = CountingSpool(tmp_path / "spool")
+    h = harness(tmp_path, FakeDeliverer(script={"carol@example.com": [TEMP]}), spool=spool)
+    env = spool_message(h.spool, ["bob@example.com", "carol@example.com"])
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await settle(h.scheduler)
+    assert spool.updates >= 1 and spool.deletes == 0
+    [stored] = h.spooled()
+    states = {r.address: r.state for r in stored.recipients}
+    assert states == {
+        "bob@example.com": RcptState.DELIVERED,
+        "carol@example.com": RcptState.PENDING,
+    }
+
+
+async def test_a_failed_delete_writes_the_delivered_state_instead(tmp_path) -> None:
+    # The delete is the only record of success: when it fails, the states
+    # go to disk, so a restart never delivers the recipient again.
+    spool = CountingSpool(tmp_path / "spool")
+    spool.delete_fails = True
+    h = harness(tmp_path, spool=spool)
+    env = spool_message(h.spool, ["bob@example.com"])
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await until(lambda: spool.deletes == 1 and spool.updates == 1)
+        [stored] = h.spooled()
+        assert stored.done and stored.recipients[0].state == RcptState.DELIVERED
+        spool.delete_fails = False
+        h.clock.advance(h.config.queue.min_backoff)
+        h.scheduler.flush()
+        await until(lambda: h.spooled() == [])
+    assert len(h.deliverer.calls) == 1

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +95,8 @@ class Harness:
     spool: Spool
     metrics: Metrics
     accepted: list[Envelope] = field(default_factory=list)
+    #: The body parts handed over with each accepted envelope, by queue id.
+    handed: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -122,16 +124,22 @@ async def running_inbound(
     spool.open()
     metrics = Metrics()
     accepted: list[Envelope] = []
+    handed: dict[str, bytes] = {}
+
+    def on_accept(envelope: Envelope, body: Sequence[bytes]) -> None:
+        accepted.append(envelope)
+        handed[envelope.id] = b"".join(body)
+
     inbound = Inbound(
         current,
         spool,
         metrics,
-        accepted.append,
+        on_accept,
         tls_context=lambda: tls_context,  # type: ignore[arg-type,return-value]
     )
     await inbound.start()
     try:
-        yield Harness(inbound, spool, metrics, accepted)
+        yield Harness(inbound, spool, metrics, accepted, handed)
     finally:
         await inbound.stop(grace=2)
 
