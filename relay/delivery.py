@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 
 from relay import errors, events, routing
 from relay.config import Config, Route
@@ -55,8 +56,10 @@ from relay.session import (
     HandshakeFailed,
     HopKey,
     Session,
+    StaleSession,
     map_smtp_errors,
     open_session,
+    pipeline,
     remote_failure,
 )
 
@@ -360,8 +363,17 @@ class Deliverer:
         carried = txn.next_host()
         async with self._pool.slot(key, lambda: self._config().delivery.max_per_host):
             try:
-                session, reused = await self._session(key, cfg, envelope.id)
-                reply = await self._transaction(session, envelope, txn, body, where, cfg)
+                while True:
+                    session, reused = await self._session(key, cfg, envelope.id)
+                    try:
+                        reply = await self._transaction(
+                            session, envelope, txn, body, where, cfg, reused
+                        )
+                        break
+                    except StaleSession:
+                        # Closed while pooled, nothing sent: not the host's fault.
+                        session.close()
+                        session = None
             except RelayError as exc:
                 if session is not None:
                     session.close()
@@ -405,6 +417,9 @@ class Deliverer:
     async def _session(self, key: HopKey, cfg: Config, qid: str = "") -> tuple[Session, bool]:
         """A pooled session that answers RSET, or a fresh one; (session, reused)."""
         while (session := self._pool.take(key, cfg.delivery.idle_timeout)) is not None:
+            if _pipelining(session.smtp):
+                # The RSET goes out with the transaction's command group.
+                return session, True
             try:
                 with map_smtp_errors(require_tls=False):
                     # RFC 5321 section 4.1.1.5: RSET clears any leftover
@@ -444,33 +459,65 @@ class Deliverer:
         body: bytes,
         where: str,
         cfg: Config,
+        reused: bool = False,
     ) -> Reply:
-        """MAIL, RCPT per open recipient, DATA; the reply that sums it up."""
+        """MAIL, RCPT per open recipient, DATA; the reply that sums it up.
+
+        With a server that offers PIPELINING (RFC 2920) the commands go out
+        as one group (after an RSET on a ``reused`` session): two round
+        trips per message instead of five. Raises :class:`StaleSession` if
+        a reused session turns out closed before its first reply.
+        """
         smtp = session.smtp
         recipients = txn.open
         # TLS is settled by now: a TLS error mid-transaction is a lost
         # connection, not a policy failure.
         with map_smtp_errors(require_tls=False):
-            options = _mail_options(smtp, envelope, len(body))
             encoding = "utf-8" if envelope.smtputf8 else "ascii"
-            # aiosmtplib's mail("") sends "MAIL FROM:<>" (RFC 5321 null reverse-path).
-            await smtp.mail(envelope.mail_from, options=options, encoding=encoding)
+            options = _mail_options(smtp, envelope, len(body))
+            # quote_address: as aiosmtplib's mail() and rcpt() quote ("" -> "<>").
+            mail = b" ".join(
+                [b"MAIL FROM:" + quote_address(envelope.mail_from).encode(encoding)]
+                + [o.encode("ascii") for o in options]
+            )
+            rcpts = [b"RCPT TO:" + quote_address(a).encode(encoding) for a in recipients]
+            timeout = cfg.delivery.command_timeout
+            if _pipelining(smtp):
+                # Section 3.1: RSET, MAIL and RCPT may appear anywhere in a
+                # group, DATA only last.
+                group = [b"RSET"] * reused + [mail, *rcpts, b"DATA"]
+                replies = await pipeline(smtp, group, timeout, fresh=not reused)
+                mail_reply, *rcpt_replies, data_reply = replies[reused:]
+            else:
+                mail_reply = await smtp.execute_command(mail, timeout=timeout)
+                rcpt_replies, data_reply = [], None
+                if mail_reply.code == aiosmtplib.SMTPStatus.completed:
+                    rcpt_replies = [await smtp.execute_command(r, timeout=timeout) for r in rcpts]
+            if mail_reply.code != aiosmtplib.SMTPStatus.completed:
+                raise remote_failure(mail_reply.code, mail_reply.message)
             accepted: list[str] = []
             last: Reply | None = None
-            for address in recipients:
-                try:
-                    response = await smtp.rcpt(address, encoding=encoding)
-                except aiosmtplib.SMTPRecipientRefused as exc:
-                    last = Reply.parse(exc.code, exc.message)
-                    txn.record(address, last, where)
+            for address, response in zip(recipients, rcpt_replies, strict=True):
+                if response.code in (aiosmtplib.SMTPStatus.completed, 251):
+                    accepted.append(address)
                     continue
-                accepted.append(address)
+                last = Reply.parse(response.code, response.message)
+                txn.record(address, last, where)
             if not accepted:
-                await smtp.rset()
+                if data_reply is None:
+                    await smtp.rset(timeout=timeout)
+                elif data_reply.code == aiosmtplib.SMTPStatus.start_input:
+                    # Section 3.1: a server that took DATA with no valid
+                    # recipient gets an empty message it will refuse.
+                    await _send_body(smtp, b"", cfg)
                 assert last is not None
                 return last
+            if data_reply is None:
+                data_reply = await smtp.execute_command(b"DATA", timeout=timeout)
             try:
-                response = await _send_data(smtp, body, cfg)
+                if data_reply.code != aiosmtplib.SMTPStatus.start_input:
+                    raise aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)
+                response = await _send_body(smtp, body, cfg)
             except aiosmtplib.SMTPDataError as exc:
                 reply = Reply.parse(exc.code, exc.message)
                 if reply.temporary:
@@ -535,20 +582,20 @@ class Deliverer:
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
-async def _send_data(smtp: aiosmtplib.SMTP, body: bytes, cfg: Config) -> aiosmtplib.SMTPResponse:
-    """DATA, the body and the final dot; the 250 reply to the dot.
+def _pipelining(smtp: aiosmtplib.SMTP) -> bool:
+    return smtp.supports_extension("pipelining")
 
-    aiosmtplib's data() waits for 354 and for the reply to the dot with one
-    timeout and cannot tell us which wait failed. Here the 354 waits
-    ``command_timeout``; the reply to the dot waits ``data_timeout``
-    (RFC 5321 section 4.5.3.2.6: 10 minutes). Once the dot is written a
-    dropped connection or a timeout raises :class:`errors.ReplyLost`:
-    the next hop may have taken the message. ``body`` is CRLF-only
-    (:func:`check_body`), so dot-stuffing is all the encoding it needs.
+
+async def _send_body(smtp: aiosmtplib.SMTP, body: bytes, cfg: Config) -> aiosmtplib.SMTPResponse:
+    """After the 354: the body and the final dot; the 250 reply to the dot.
+
+    The 354 waited ``command_timeout``; the reply to the dot waits
+    ``data_timeout`` (RFC 5321 section 4.5.3.2.6: 10 minutes). Once the dot
+    is written a dropped connection or a timeout raises
+    :class:`errors.ReplyLost`: the next hop may have taken the message.
+    ``body`` is CRLF-only (:func:`check_body`), so dot-stuffing is all the
+    encoding it needs.
     """
-    start = await smtp.execute_command(b"DATA", timeout=cfg.delivery.command_timeout)
-    if start.code != aiosmtplib.SMTPStatus.start_input:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,11 @@ def remote_failure(code: int, message: str, detail: str = "") -> RelayError:
     return klass(detail or str(reply), reply)
 
 
+class StaleSession(Exception):
+    """A pooled session was found closed by the server before its first reply:
+    nothing of the transaction reached the host; use another session."""
+
+
 @contextlib.contextmanager
 def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
     """Turn every aiosmtplib (and ssl/OS) exception into a RelayError.
@@ -44,7 +49,7 @@ def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
     """
     try:
         yield
-    except RelayError:
+    except (RelayError, StaleSession):
         raise
     except aiosmtplib.SMTPConnectResponseError as exc:
         # A 4xx/5xx greeting means "not now, not here": try the next host.
@@ -178,6 +183,58 @@ async def start_tls(session: Session, policy: TlsPolicy, cfg: Config) -> None:
         session.peer_subject = transport_info(
             smtp, "peercert", lambda c: distinguished_name(c.get("subject"))
         )
+
+
+def _reply_in_buffer(protocol: Any) -> aiosmtplib.SMTPResponse | None:
+    # aiosmtplib 5.1 parses one reply per data_received() and keeps the rest
+    # of the bytes in its buffer; the replies to a pipelined group often
+    # arrive together. A version-pin test guards this private method.
+    reply: aiosmtplib.SMTPResponse | None = protocol._read_response_from_buffer()
+    return reply
+
+
+async def pipeline(
+    smtp: aiosmtplib.SMTP, commands: Sequence[bytes], reply_timeout: float, fresh: bool = True
+) -> list[aiosmtplib.SMTPResponse]:
+    """RFC 2920 command pipelining: write ``commands`` at once, then read one
+    reply per command, in order. The caller checks that the server offers
+    PIPELINING and that only the last command may change the session's
+    state (DATA, section 3.1).
+
+    ``fresh=False`` (a pooled session): if the connection turns out closed
+    before the first reply, :class:`StaleSession` (the server dropped it
+    while it sat idle, and received nothing). Other losses raise as
+    aiosmtplib's own commands do, and close the connection.
+    """
+    protocol = smtp.protocol
+    if protocol is None or not smtp.is_connected:
+        if not fresh:
+            raise StaleSession()
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    for command in commands:
+        # Same guard as aiosmtplib's execute_command: no command injection.
+        if b"\r" in command or b"\n" in command:
+            raise ValueError("Command contains a line break")
+    replies: list[aiosmtplib.SMTPResponse] = []
+    try:
+        protocol.write(b"".join(command + b"\r\n" for command in commands))
+        while len(replies) < len(commands):
+            # No await between one reply and the check of the buffer for the
+            # next: read_response() marks a reply expected before it yields.
+            reply = _reply_in_buffer(protocol) if replies else None
+            replies.append(reply or await protocol.read_response(timeout=reply_timeout))
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        smtp.close()
+        if not replies and not fresh:
+            raise StaleSession() from exc
+        raise
+    except aiosmtplib.SMTPTimeoutError:
+        smtp.close()
+        raise
+    if any(r.code == aiosmtplib.SMTPStatus.domain_unavailable for r in replies):
+        # 421: the server is closing the session (as aiosmtplib does).
+        smtp.close()
+    return replies
 
 
 async def quit_session(session: Session) -> None:

@@ -30,7 +30,9 @@ lines), ``sessions_tls`` (TLS version at each MAIL, None if plaintext).
 :class:`StaticResolver` maps test names to addresses (``{"mx1.test":
 ["127.0.0.1"]}``) for a Deliverer; unknown names raise NoSuchDomain.
 ``Sink.kill_connections()`` drops every open connection (to test pooled
-session replacement).
+session replacement). ``pipelining=True`` offers PIPELINING (RFC 2920);
+``grouped`` then lists the commands that arrived with the next command
+already waiting behind them (sent as one group, not in lock-step).
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class _SinkSMTP(SMTP):
         """Answer from the script if it has a reply; True when it did."""
         arg = arg or ""
         self.sink.lines.append(f"{command} {arg}".strip())
+        if self._reader._buffer:  # type: ignore[attr-defined]
+            self.sink.grouped.append(command)
         address = arg.partition(":")[2].strip().split(" ")[0].strip("<>")
         if command == "MAIL" and not address:
             address = "<>"
@@ -184,6 +188,7 @@ class Sink:
         replies: Mapping[str, Script] | None = None,
         hostname: str = "sink.test",
         smtputf8: bool = True,
+        pipelining: bool = False,
     ) -> None:
         #: STARTTLS is offered exactly when a context is given.
         self.tls_context = tls_context
@@ -192,6 +197,8 @@ class Sink:
         )
         self.hostname = hostname
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
+        self.grouped: list[str] = []
         self.messages: list[Received] = []
         self.lines: list[str] = []
         self.sessions_tls: list[str | None] = []
@@ -240,6 +247,19 @@ class Sink:
         await self.stop()
 
     # --- aiosmtpd handler hooks -------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: _SinkSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_DATA(self, server: _SinkSMTP, session: Session, envelope: Envelope) -> str:
         reply = server.sink.script.take("DATA")
