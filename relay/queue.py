@@ -11,7 +11,9 @@ message per attempt (relay.bounce), spooled before the originals are marked
 bounced, so a crash can at worst duplicate a DSN, never lose one.
 
 Only ``(due time, queue id)`` stays in memory per queued message; the
-envelope and body are read from the spool when the message is due. The
+envelope and body are read from the spool when the message is due (a body
+over ``spool.IN_MEMORY_MAX`` is not read whole: delivery gets the open
+file and sends it in pieces). The
 exception is a message whose latest state could not be written (disk full,
 I/O error): its envelope stays in memory, the write is retried before any
 new attempt of it, and its state is never reloaded from disk meanwhile, so
@@ -38,7 +40,7 @@ from relay.envelope import Envelope, RcptState, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.limits import LiveLimit
 from relay.metrics import Metrics
-from relay.spool import Spool, new_id
+from relay.spool import IN_MEMORY_MAX, Body, BodyFile, Spool, new_id
 
 if TYPE_CHECKING:
     from relay.delivery import Attempt
@@ -80,7 +82,7 @@ class Deliverer(Protocol):
     """
 
     async def deliver(
-        self, route: Route, envelope: Envelope, recipients: Sequence[str], body: bytes
+        self, route: Route, envelope: Envelope, recipients: Sequence[str], body: Body
     ) -> Attempt: ...
 
 
@@ -232,6 +234,16 @@ class Scheduler:
 
     async def _cycle(self, qid: str) -> float | None:
         """Try one due message; return its next due time, or None when it left the queue."""
+        bodies: list[Body] = []
+        try:
+            return await self._try(qid, bodies)
+        finally:
+            for body in bodies:
+                if isinstance(body, BodyFile):
+                    body.close()
+
+    async def _try(self, qid: str, bodies: list[Body]) -> float | None:
+        """:meth:`_cycle`; the body read goes into ``bodies`` (closed by the caller)."""
         held = self._unsaved.get(qid)
         if held is not None:
             # The disk is behind memory: write first, attempt nothing until then.
@@ -245,10 +257,12 @@ class Scheduler:
                 return held.next_attempt
         try:
             if held is None:
-                envelope, body = await self._spool.read_async(qid)
+                envelope, body = await self._spool.open_async(qid, IN_MEMORY_MAX)
             else:
                 # Memory is ahead of the disk's envelope: read only the body.
-                envelope, body = held, await asyncio.to_thread(self._spool.read_body, qid)
+                body = await asyncio.to_thread(self._spool.open_body, qid, IN_MEMORY_MAX)
+                envelope = held
+            bodies.append(body)
         except (KeyError, FileNotFoundError):
             # `relay queue delete` removed it while it waited: nothing to do
             # but remove an envelope that outlived its body.
@@ -312,7 +326,7 @@ class Scheduler:
     async def _attempt_routes(
         self,
         envelope: Envelope,
-        body: bytes,
+        body: Body,
         groups: dict[str, tuple[Route, list[str]]],
         failures: list[Failure],
         deferred: list[tuple[Recipient, str]],
@@ -346,7 +360,7 @@ class Scheduler:
         return not gone
 
     async def _deliver(
-        self, route: Route, envelope: Envelope, addrs: Sequence[str], body: bytes
+        self, route: Route, envelope: Envelope, addrs: Sequence[str], body: Body
     ) -> Attempt | BaseException:
         await self._limiter.acquire()
         try:
@@ -402,7 +416,7 @@ class Scheduler:
     async def _conclude(
         self,
         envelope: Envelope,
-        body: bytes,
+        body: Body,
         failures: list[Failure],
         deferred: list[tuple[Recipient, str]],
     ) -> float | None:
@@ -466,7 +480,7 @@ class Scheduler:
         )
 
     async def _bounce(
-        self, envelope: Envelope, body: bytes, failures: Sequence[Failure], now: float
+        self, envelope: Envelope, body: Body, failures: Sequence[Failure], now: float
     ) -> bool:
         """Spool one DSN for ``failures``, then mark them bounced.
 
@@ -479,6 +493,9 @@ class Scheduler:
             self._metrics.bounces.labels(BounceReason.DOUBLE_BOUNCE.value).inc()
         else:
             cfg = self._config()
+            if isinstance(body, BodyFile):
+                # The DSN quotes the header section only: read a bounded head.
+                body = await asyncio.to_thread(body.head, IN_MEMORY_MAX)
             dsn = build_dsn(
                 envelope, failures, hostname=cfg.server.hostname, original=body,
                 now=datetime.fromtimestamp(now, UTC),
