@@ -252,3 +252,52 @@ async def test_relaying_a_large_message_takes_far_less_memory_than_its_size(tmp_
     assert digests == [(hashlib.sha256(stuff(stored)).hexdigest(), len(stuff(stored)))]
     # The in-memory path held several copies of the message: here well under one.
     assert peak < size / 4, f"peak {peak / MIB:.1f} MiB for a {size / MIB:.0f} MiB message"
+
+
+class _HangUpInData(asyncio.Protocol):
+    """A next hop that takes DATA, then closes the connection at the first body bytes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.in_data = False
+        transport.write(b"220 hangup.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.in_data:
+            self.transport.close()
+            return
+        for line in data.split(b"\r\n"):
+            if not line:
+                continue
+            if line.upper() == b"DATA":
+                self.in_data = True
+                self.transport.write(b"354 go ahead\r\n")
+            else:
+                self.transport.write(b"250 ok\r\n")
+
+
+async def test_a_connection_lost_before_the_dot_fails_over(closing, body_file) -> None:
+    """Before the final dot the next hop cannot have the message: not a lost
+    reply, so the next candidate gets it in the same attempt."""
+    body, file = body_file
+    loop = asyncio.get_running_loop()
+    hangup = await loop.create_server(_HangUpInData, "127.0.0.1", 0)
+    try:
+        with file:
+            async with Sink() as two:
+                d = deliverer(make_config(data_timeout=5))
+                closing(d)
+                env = envelope()
+                cands = [
+                    candidate("mx1.test", hangup.sockets[0].getsockname()[1]),
+                    candidate("mx2.test", two.port),
+                ]
+                attempt = await d.deliver(route(OPPORTUNISTIC), env, addresses(env), file, cands)
+    finally:
+        hangup.close()
+        await hangup.wait_closed()
+    first, second = attempt.results["b@x.test"]
+    assert isinstance(first, errors.ConnectionLost), first
+    assert attempt.outcome("b@x.test") == errors.DELIVERED
+    assert [m.data for m in two.messages] == [body]
