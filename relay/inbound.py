@@ -1124,6 +1124,8 @@ class Inbound:
             tls=env.client.tls or "no",
         )
         try:
+            # A spilled message has no body in memory (content is b""): it
+            # must never be handed on as if it had; the scheduler reads it.
             self.on_accept(env)
         except Exception:
             # The message is durable; the scheduler finds it at the next start.
