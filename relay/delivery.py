@@ -34,6 +34,7 @@ is imported in these modules and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ from typing import Any
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import SMTPProtocol
 
 from relay import errors, events, routing
 from relay.config import Config, Route
@@ -62,6 +64,7 @@ from relay.session import (
     pipeline,
     remote_failure,
 )
+from relay.spool import Body, BodyFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,50 @@ def check_body(body: bytes) -> None:
     # Counting in C beats a regex with look-arounds several times over.
     pairs = body.count(b"\r\n")
     if body.count(b"\r") != pairs or body.count(b"\n") != pairs:
+        raise errors.PermanentFailure(
+            "spooled body contains a bare CR or LF", errors.BARE_LINE_ENDING
+        )
+
+
+#: Bytes read from a spooled body file and written per step (delivery of a
+#: large message): memory per session stays about twice this.
+SEND_CHUNK = 256 << 10
+
+
+def _piece(body: BodyFile, offset: int, chunk: int) -> bytes:
+    """Up to ``chunk`` bytes of ``body`` from ``offset``, one less when they
+    would end between a CR and its LF, so a piece after one that ends in
+    CRLF starts a line and dot-stuffing per piece is exact. Blocking."""
+    piece = body.read(offset, chunk)
+    if len(piece) > 1 and piece.endswith(b"\r") and offset + len(piece) < body.size:
+        piece = piece[:-1]
+    return piece
+
+
+def scan_body_file(body: BodyFile, chunk: int = SEND_CHUNK) -> bool:
+    """True when the file holds a bare CR or LF (blocking: run it in a thread).
+
+    :func:`check_body` per piece; pieces never split a CRLF, so the counts add up.
+    """
+    if body.bare_line_ending is None:
+        pairs = crs = lfs = offset = 0
+        while offset < body.size:
+            data = _piece(body, offset, chunk)
+            if not data:
+                break  # the file shrank: cannot happen in the spool
+            offset += len(data)
+            pairs += data.count(b"\r\n")
+            crs += data.count(b"\r")
+            lfs += data.count(b"\n")
+        body.bare_line_ending = crs != pairs or lfs != pairs
+    return body.bare_line_ending
+
+
+async def check_any_body(body: Body) -> None:
+    """:func:`check_body` for a body in memory or in a file."""
+    if isinstance(body, bytes):
+        check_body(body)
+    elif await asyncio.to_thread(scan_body_file, body):
         raise errors.PermanentFailure(
             "spooled body contains a bare CR or LF", errors.BARE_LINE_ENDING
         )
@@ -232,7 +279,7 @@ class Deliverer:
         route: Route,
         envelope: Envelope,
         recipients: Sequence[str],
-        body: bytes,
+        body: Body,
         candidates: Sequence[Candidate] | None = None,
     ) -> Attempt:
         """Try ``candidates`` in order until every recipient has a final result.
@@ -241,6 +288,8 @@ class Deliverer:
         here: weighted order, MX lookup, all through the one resolver.
         Never raises for delivery problems: they are in the Attempt. With
         no candidates, every recipient is deferred (no results).
+        ``body`` is the spooled body, in memory or (large) an open file,
+        which is then sent in pieces (:data:`SEND_CHUNK`).
         """
         if candidates is None:
             planned = await self._plan(route, envelope)
@@ -251,7 +300,7 @@ class Deliverer:
         txn = _Transaction(recipients)
         hosts: list[HostResult] = []
         try:
-            check_body(body)
+            await check_any_body(body)
         except RelayError as exc:
             events.error("refused_body", id=envelope.id, route=route.name, error=exc.detail)
             for address in recipients:
@@ -351,7 +400,7 @@ class Deliverer:
         candidate: Candidate,
         ip: str,
         txn: _Transaction,
-        body: bytes,
+        body: Body,
     ) -> HostResult:
         """One transaction at one address; records into ``txn``; never raises RelayError."""
         cfg = self._config()
@@ -456,7 +505,7 @@ class Deliverer:
         session: Session,
         envelope: Envelope,
         txn: _Transaction,
-        body: bytes,
+        body: Body,
         where: str,
         cfg: Config,
         reused: bool = False,
@@ -474,7 +523,8 @@ class Deliverer:
         # connection, not a policy failure.
         with map_smtp_errors(require_tls=False):
             encoding = "utf-8" if envelope.smtputf8 else "ascii"
-            options = _mail_options(smtp, envelope, len(body))
+            size = len(body) if isinstance(body, bytes) else body.size
+            options = _mail_options(smtp, envelope, size)
             # quote_address: as aiosmtplib's mail() and rcpt() quote ("" -> "<>").
             mail = b" ".join(
                 [b"MAIL FROM:" + quote_address(envelope.mail_from).encode(encoding)]
@@ -586,32 +636,114 @@ def _pipelining(smtp: aiosmtplib.SMTP) -> bool:
     return smtp.supports_extension("pipelining")
 
 
-async def _send_body(smtp: aiosmtplib.SMTP, body: bytes, cfg: Config) -> aiosmtplib.SMTPResponse:
+async def _send_body(smtp: aiosmtplib.SMTP, body: Body, cfg: Config) -> aiosmtplib.SMTPResponse:
     """After the 354: the body and the final dot; the 250 reply to the dot.
 
-    The 354 waited ``command_timeout``; the reply to the dot waits
-    ``data_timeout`` (RFC 5321 section 4.5.3.2.6: 10 minutes). Once the dot
-    is written a dropped connection or a timeout raises
+    aiosmtplib's data() waits for 354 and for the reply to the dot with one
+    timeout and cannot tell us which wait failed, and copies the body
+    three times. Here the 354 waited ``command_timeout``; the reply to the
+    dot waits ``data_timeout`` (RFC 5321 section 4.5.3.2.6: 10 minutes).
+    Once the dot is written a dropped connection or a timeout raises
     :class:`errors.ReplyLost`: the next hop may have taken the message.
     ``body`` is CRLF-only (:func:`check_body`), so dot-stuffing is all the
-    encoding it needs.
+    encoding it needs. A body in a file goes in pieces (:func:`_send_file`).
     """
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    if body and not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    protocol.write(_LEADING_DOT.sub(b"..", body) + b".\r\n")
-    try:
+    if isinstance(body, bytes):
+        if body and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        protocol.write(_LEADING_DOT.sub(b"..", body) + b".\r\n")
         # read_response marks the reply as expected before it first yields,
         # so the reply cannot arrive unseen between the write and the wait.
-        response = await protocol.read_response(timeout=cfg.delivery.data_timeout)
+        waiting = protocol.read_response(timeout=cfg.delivery.data_timeout)
+    else:
+        # Waiting for the reply from the start marks it as expected, so a
+        # reply sent early (before our dot) is not dropped as unsolicited.
+        reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+        try:
+            await _send_file(protocol, body, reply, cfg.delivery.command_timeout)
+        except BaseException:
+            await _forget(reply)
+            raise
+        waiting = _reply_within(reply, cfg.delivery.data_timeout)
+    try:
+        response = await waiting
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
         smtp.close()
         raise errors.ReplyLost(f"after the final dot: {exc}") from exc
     if response.code != aiosmtplib.SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+async def _send_file(
+    protocol: SMTPProtocol,
+    body: BodyFile,
+    reply: asyncio.Future[aiosmtplib.SMTPResponse],
+    limit: float,
+) -> None:
+    """Write ``body`` piece by piece, dot-stuffed, then the final dot.
+
+    Each piece waits until the transport has room again (its buffer below
+    the high-water mark), for at most ``limit`` seconds, so a slow next hop
+    costs one piece of memory, not the body. Raises aiosmtplib's
+    exceptions: before the dot, the next hop cannot have the message.
+    """
+    loop = asyncio.get_running_loop()
+    offset = 0
+    line_start = True
+    while offset < body.size:
+        piece = await loop.run_in_executor(None, _piece, body, offset, SEND_CHUNK)
+        if not piece:
+            raise errors.TemporaryFailure("spooled body shrank during delivery")
+        offset += len(piece)
+        if line_start and piece.startswith(b"."):
+            protocol.write(b".")
+        # Pieces never split a CRLF: every "CRLF ." is inside one piece.
+        protocol.write(piece.replace(b"\r\n.", b"\r\n.."))
+        line_start = piece.endswith(b"\r\n")
+        del piece
+        await _drained(protocol, reply, limit)
+    # As data(): a body not ending in CRLF gets one before the dot.
+    protocol.write(b".\r\n" if line_start else b"\r\n.\r\n")
+
+
+async def _drained(
+    protocol: SMTPProtocol, reply: asyncio.Future[aiosmtplib.SMTPResponse], limit: float
+) -> None:
+    """Wait until the transport takes more; raise if the next hop answered or left early."""
+    if reply.done():
+        early = reply.result()  # raises SMTPServerDisconnected when it went away
+        code = early.code if early.code // 100 in (4, 5) else 451
+        raise aiosmtplib.SMTPResponseException(
+            code, f"reply before the end of the data: {early.message}"
+        )
+    try:
+        async with asyncio.timeout(limit):
+            # FlowControlMixin's drain, the one StreamWriter.drain() uses.
+            await protocol._drain_helper()
+    except TimeoutError as exc:
+        raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from exc
+
+
+async def _reply_within(
+    reply: asyncio.Future[aiosmtplib.SMTPResponse], limit: float
+) -> aiosmtplib.SMTPResponse:
+    try:
+        return await asyncio.wait_for(reply, limit)
+    except TimeoutError as exc:
+        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+
+
+async def _forget(reply: asyncio.Future[aiosmtplib.SMTPResponse]) -> None:
+    """Stop waiting for a reply (the transaction failed before the dot)."""
+    if not reply.done():
+        reply.cancel()
+        await asyncio.gather(reply, return_exceptions=True)
+    elif not reply.cancelled():
+        reply.exception()  # retrieved: no "never retrieved" log
 
 
 def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, size: int) -> list[str]:
@@ -640,6 +772,7 @@ __all__ = [
     "Deliverer",
     "HostResult",
     "ProbeResult",
+    "check_any_body",
     "check_body",
     "map_smtp_errors",
 ]

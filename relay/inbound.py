@@ -28,7 +28,7 @@ import string
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -38,7 +38,7 @@ from relay.config import Config, Listen, domain_key
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import REJECT_REASONS, Metrics
-from relay.spool import Spool, new_id
+from relay.spool import IN_MEMORY_MAX, BodyWriter, Spool, new_id
 
 # RFC 5321 section 6.3 suggests 100 hops; DESIGN.md sets 30 Received headers.
 MAX_RECEIVED = 30
@@ -273,23 +273,78 @@ def has_bare_line_ending(content: bytes) -> bool:
     return content.count(b"\r") != pairs or content.count(b"\n") != pairs
 
 
-def header_lines(content: bytes) -> list[bytes]:
-    """The header section's lines (RFC 5322 section 2.1), without CRLF."""
-    if not content or content.startswith(b"\r\n"):
-        return []
-    # find + slice, not partition: partition would copy the whole body too.
-    end = content.find(b"\r\n\r\n")
-    head = content if end < 0 else content[:end]
-    lines = head.split(b"\r\n")
-    if not lines[-1]:
-        # A message of headers only ends in CRLF without an empty line.
-        lines.pop()
-    return lines
-
-
 def _valid_field_name(name: bytes) -> bool:
     # field-name = 1*ftext; ftext = %d33-57 / %d59-126 (RFC 5322 section 3.6.8).
     return bool(name) and all(33 <= b <= 126 and b != 58 for b in name)
+
+
+class MessageCheck:
+    """The checks of :func:`check_message`, fed the content in pieces.
+
+    Each piece must start at the start of a line and end in CRLF (or be
+    the last), as :func:`read_data` hands them out, so no CRLF and no header
+    line is ever split between two pieces. Fed the whole content at once it
+    is :func:`check_message`.
+    """
+
+    __slots__ = ("max_received", "nul", "bare", "bad_header", "received", "in_header", "lines")
+
+    def __init__(self, max_received: int = MAX_RECEIVED) -> None:
+        self.max_received = max_received
+        self.nul = self.bare = self.bad_header = False
+        self.received = 0
+        self.in_header = True
+        #: Header lines seen so far (only whether it is 0 matters).
+        self.lines = 0
+
+    def feed(self, content: bytes) -> None:
+        if b"\x00" in content:
+            self.nul = True
+        if has_bare_line_ending(content):
+            self.bare = True
+        if self.in_header and not self.bad_header and content:
+            self._headers(content)
+
+    def _headers(self, content: bytes) -> None:
+        if content.startswith(b"\r\n"):
+            # An empty line: the header section ended with the last piece
+            # (or the message has none).
+            self.in_header = False
+            return
+        # find + slice, not partition: partition would copy the whole body too.
+        end = content.find(b"\r\n\r\n")
+        if end >= 0:
+            self.in_header = False
+        lines = (content if end < 0 else content[:end]).split(b"\r\n")
+        if not lines[-1]:
+            # A piece (or a message of headers only) ends in CRLF.
+            lines.pop()
+        for line in lines:
+            first = self.lines == 0
+            self.lines += 1
+            if line[:1] and line[0] in _WSP:
+                if first:
+                    self.bad_header = True
+                    return
+                continue
+            name, colon, _ = line.partition(b":")
+            if not colon or not _valid_field_name(name):
+                self.bad_header = True
+                return
+            if name.lower() == b"received":
+                self.received += 1
+
+    def result(self) -> tuple[Reply, str] | None:
+        """Why the message must be refused (reply, metric reason), or None."""
+        if self.nul:
+            return errors.NUL_IN_MESSAGE, "bad_content"
+        if self.bare:
+            return errors.BARE_LINE_ENDING, "bare_line_ending"
+        if self.bad_header:
+            return errors.BAD_HEADER, "bad_header"
+        if self.received > self.max_received:
+            return errors.LOOP_DETECTED, "loop"
+        return None
 
 
 def check_message(content: bytes, max_received: int = MAX_RECEIVED) -> tuple[Reply, str] | None:
@@ -301,24 +356,9 @@ def check_message(content: bytes, max_received: int = MAX_RECEIVED) -> tuple[Rep
     continuation line would fold into our Received header -- and more than
     ``max_received`` Received headers (a mail loop).
     """
-    if b"\x00" in content:
-        return errors.NUL_IN_MESSAGE, "bad_content"
-    if has_bare_line_ending(content):
-        return errors.BARE_LINE_ENDING, "bare_line_ending"
-    received = 0
-    for index, line in enumerate(header_lines(content)):
-        if line[:1] and line[0] in _WSP:
-            if index == 0:
-                return errors.BAD_HEADER, "bad_header"
-            continue
-        name, colon, _ = line.partition(b":")
-        if not colon or not _valid_field_name(name):
-            return errors.BAD_HEADER, "bad_header"
-        if name.lower() == b"received":
-            received += 1
-    if received > max_received:
-        return errors.LOOP_DETECTED, "loop"
-    return None
+    check = MessageCheck(max_received)
+    check.feed(content)
+    return check.result()
 
 
 def protocol_keyword(esmtp: bool, tls: bool, smtputf8: bool) -> str:
@@ -425,13 +465,36 @@ _TOO_MUCH = "552 Error: Too much mail data"
 _TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 
 
+class Spill(Protocol):
+    """Where :func:`read_data` puts the content of a large message as it comes."""
+
+    #: Unflushed raw content above this many bytes goes to :meth:`write`.
+    threshold: int
+
+    async def write(self, raw: bytes) -> None:
+        """Take ``raw``: still dot-stuffed, whole lines (starting at a line
+        start, ending in CRLF, except the last piece which ends the content)."""
+
+    def abandon(self) -> None:
+        """The message is refused (too big, line too long): drop what was written."""
+
+
 async def read_data(
-    reader: _CrlfCommandReader, size_limit: int | None, line_limit: int
+    reader: _CrlfCommandReader,
+    size_limit: int | None,
+    line_limit: int,
+    spill: Spill | None = None,
 ) -> tuple[bytes | None, str | None]:
     """Read DATA content up to CRLF.CRLF in blocks: (raw content, None), or
     (None, aiosmtpd's refusal) when too big or a line too long, or (None,
     None) at end of stream. The raw content is still dot-stuffed and ends
     in CRLF (or is empty); bytes read past the terminator are put back.
+
+    With ``spill``, once more than ``spill.threshold`` bytes are held the
+    complete lines go to ``spill.write`` as they come, and so does the rest
+    at the end: the content is then (b"", None) and ``spill`` has it all.
+    On a refusal the spill is abandoned; at end of stream the caller
+    cleans up. Below the threshold nothing changes (the fast path).
 
     aiosmtpd reads DATA one line per await, which cost about 8 ms of CPU
     per 100 KiB message (issue #8); this reads up to DATA_BLOCK at once and
@@ -440,9 +503,12 @@ async def read_data(
     with its CRLF is refused.
     """
     # The CRLF before the terminator may be the one that ended "DATA":
-    # start with it so an empty message is found like any other.
+    # start with it so an empty message is found like any other. buf[i] is
+    # content byte i - 2 + shift: shift counts the bytes dropped or spilled.
     buf = bytearray(b"\r\n")
-    discarded = 0
+    shift = 0
+    refusal: str | None = None
+    spilled = False
     while True:
         start = max(0, len(buf) - len(_DATA_END) + 1)
         block = await reader.read(DATA_BLOCK)
@@ -455,21 +521,58 @@ async def read_data(
         end = buf.find(_DATA_END, start)
         if end >= 0:
             break
-        if size_limit and len(buf) - 2 > size_limit + len(_DATA_END):
-            # Too big whatever comes next: keep only a tail that may hold
+        if refusal is None and size_limit and shift + len(buf) - 2 > size_limit + len(_DATA_END):
+            refusal = _TOO_MUCH
+        elif refusal is None and spill is not None and len(buf) > spill.threshold:
+            flushed, refusal = await _spill_lines(buf, spill, line_limit)
+            shift += flushed
+            spilled = spilled or flushed > 0
+        if refusal is not None:
+            if spilled and spill is not None:
+                spill.abandon()
+                spilled = False
+            # Refused whatever comes next: keep only a tail that may hold
             # the start of the terminator, and read on to the end.
-            discarded += len(buf) - len(_DATA_END)
+            shift += len(buf) - len(_DATA_END)
             del buf[: -len(_DATA_END)]
     reader.unread(bytes(buf[end + len(_DATA_END) :]))
-    if discarded:
-        return None, _TOO_MUCH
-    raw = bytes(memoryview(buf)[2 : end + 2])
-    del buf
-    if size_limit and len(raw) > size_limit:
-        return None, _TOO_MUCH
-    if longest_line(raw) + 2 > line_limit:
-        return None, _TOO_LONG
-    return raw, None
+    if size_limit and shift + end > size_limit:
+        refusal = _TOO_MUCH
+    if refusal is None:
+        raw = bytes(memoryview(buf)[2 : end + 2])
+        del buf
+        if longest_line(raw) + 2 > line_limit:
+            refusal = _TOO_LONG
+        elif spilled and spill is not None:
+            if raw:
+                await spill.write(raw)
+            return b"", None
+        else:
+            return raw, None
+    if spilled and spill is not None:
+        spill.abandon()
+    return None, refusal
+
+
+async def _spill_lines(buf: bytearray, spill: Spill, line_limit: int) -> tuple[int, str | None]:
+    """Hand buf's complete lines to ``spill``; keep the last CRLF and what
+    follows it in ``buf`` (so ``buf`` again starts with a CRLF, as at the
+    start: a terminator or a "CRLF ." can never be cut). Returns the bytes
+    spilled, and aiosmtpd's refusal when a line is too long."""
+    last = buf.rfind(b"\r\n")
+    if last >= 2:
+        raw = bytes(memoryview(buf)[2 : last + 2])
+        if longest_line(raw) + 2 > line_limit:
+            return 0, _TOO_LONG
+        del buf[:last]
+        await spill.write(raw)
+    else:
+        last = 0
+    if len(buf) - 1 > line_limit:
+        # The line under way is too long already (its last byte may be
+        # the CR of its CRLF, hence - 1, not - 2).
+        return last, _TOO_LONG
+    return last, None
 
 
 def longest_line(raw: bytes) -> int:
@@ -498,6 +601,60 @@ def unstuff(raw: bytes) -> bytes:
     return raw.replace(b"\r\n.", b"\r\n")
 
 
+#: Content held in memory while DATA is received, before the rest goes to
+#: the spool's temp file (see relay.spool.IN_MEMORY_MAX).
+SPILL_THRESHOLD = IN_MEMORY_MAX
+
+
+class _Spill:
+    """A large message's content on its way into the spool (:class:`Spill`).
+
+    The first piece decides the queue id and writes our Received header,
+    then each piece is unstuffed, checked (:class:`MessageCheck`) and
+    appended to a :class:`relay.spool.BodyWriter`. A spool error is kept
+    for the reply after the final dot (the client must send the rest
+    first); later pieces are then only checked.
+    """
+
+    def __init__(self, start: Callable[[], tuple[Envelope, bytes]], spool: Spool) -> None:
+        self.threshold = SPILL_THRESHOLD
+        self._start = start
+        self._spool = spool
+        self.check = MessageCheck()
+        #: The provisional envelope (queue id, client) the header was made for.
+        self.envelope: Envelope | None = None
+        self.writer: BodyWriter | None = None
+        self.failure: SpoolError | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.envelope is not None
+
+    async def write(self, raw: bytes) -> None:
+        content = unstuff(raw)
+        del raw
+        self.check.feed(content)
+        prefix = b""
+        if self.envelope is None:
+            self.envelope, prefix = self._start()
+            self.writer = self._spool.body_writer(self.envelope.id)
+        if self.failure is not None or self.writer is None:
+            return
+        try:
+            await self.writer.write(content, prefix)
+        except SpoolError as exc:
+            self.failure = exc
+
+    def abandon(self) -> None:
+        self.discard()
+        self.envelope = None
+
+    def discard(self) -> None:
+        """Remove the temp file unless the spool took it (put_async)."""
+        if self.writer is not None:
+            self.writer.discard()
+
+
 class _Connection(SMTP):
     """One inbound session: aiosmtpd's SMTP with strict addresses and mapped replies."""
 
@@ -523,6 +680,8 @@ class _Connection(SMTP):
         self._data_timer_reset = 0.0
         #: True from the end of DATA until its reply is sent (the spool write).
         self._timer_suspended = False
+        #: The content of the DATA under way when it went to a temp file.
+        self.data_spill: _Spill | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -583,25 +742,41 @@ class _Connection(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         reader = self._reader
         assert isinstance(reader, _CrlfCommandReader)
+        envelope, session = self.envelope, self.session
+        assert session is not None
+        spill = _Spill(lambda: self.inbound.begin(self, session, envelope), self.inbound.spool)
         try:
-            raw, refusal = await read_data(reader, self.data_size_limit, self.line_length_limit)
+            status = await self._receive(reader, spill)
         except asyncio.CancelledError:
             # The connection was lost during DATA (aiosmtpd cancels us).
             self._writer.close()
             raise
-        if raw is None:
-            if refusal is None:  # end of stream
-                self._writer.close()
-                return
-            await self.push(refusal)
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+        finally:
+            # Refused, dropped or spooled: no temp file outlives the DATA
+            # (once put_async took it, this is a no-op).
+            spill.discard()
+            self.data_spill = None
+        if status is None:  # end of stream
+            self._writer.close()
             return
+        await self.push(status)
+
+    async def _receive(self, reader: _CrlfCommandReader, spill: _Spill) -> Any:
+        """Read the content and run the DATA hook: the reply, None at end of stream."""
+        assert self.envelope is not None
+        raw, refusal = await read_data(reader, self.data_size_limit, self.line_length_limit, spill)
+        if raw is None:
+            if refusal is None:
+                return None
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return refusal
         content = unstuff(raw)
         del raw
         self.envelope.content = self.envelope.original_content = content
+        self.data_spill = spill if spill.started else None
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        return "250 OK" if status is MISSING else status
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete
@@ -738,9 +913,11 @@ class _Handler:
         return str(reply)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        spill = None
         if isinstance(server, _Connection):
             server.suspend_timeout()
-        return str(await self.inbound.accept(server, session, envelope))
+            spill = server.data_spill
+        return str(await self.inbound.accept(server, session, envelope, spill))
 
     async def handle_exception(self, error: Exception) -> str:
         # Never aiosmtpd's default "500 Error: (Class) text": no internals
@@ -894,26 +1071,36 @@ class Inbound:
         extra: dict[str, Any] = {k: str(v) for k, v in fields.items()}
         events.log("rejected", reason=reason, command=command, client=ip, **extra)
 
-    async def accept(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> Reply:
-        """Check the message, spool it durably, then hand it to ``on_accept``."""
+    async def accept(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        spill: _Spill | None = None,
+    ) -> Reply:
+        """Check the message, spool it durably, then hand it to ``on_accept``.
+
+        The content is ``envelope.original_content``, or, for a large
+        message, already in ``spill``'s temp file (checked piece by piece,
+        with the Received header :meth:`begin` made).
+        """
         content = envelope.original_content or b""
-        problem = check_message(content)
+        problem = check_message(content) if spill is None else spill.check.result()
         if problem is not None:
             self.rejected(problem[1], session, "DATA", reply=problem[0])
             return problem[0]
-        env = self._envelope(session, envelope)
-        cipher = session.ssl.get("cipher") if session.ssl else None
-        header = received_header(
-            helo=env.client.helo,
-            client_ip=env.client.ip,
-            hostname=server.hostname,
-            protocol=protocol_keyword(session.extended_smtp, bool(cipher), env.smtputf8),
-            queue_id=env.id,
-            recipients=[r.address for r in env.recipients],
-            when=env.received_at,
-            cipher=cipher,
-        )
-        write = asyncio.ensure_future(self._spool(env, header, content))
+        if spill is None:
+            env = self._envelope(session, envelope)
+            header = self._received(server, session, env)
+        else:
+            assert spill.envelope is not None
+            env = self._envelope(session, envelope, spill.envelope.id)
+            header = b""
+            if spill.failure is not None:
+                # The disk filled (or failed) during the DATA.
+                return self._not_spooled(env, session, spill.failure)
+        body = spill.writer if spill is not None else None
+        write = asyncio.ensure_future(self._spool(env, header, content, body))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -923,14 +1110,8 @@ class Inbound:
             # the client (which will likely send it again).
             write.add_done_callback(lambda task: self._landed_unanswered(task, env))
             raise
-        except SpoolFull as exc:
-            events.error("spool_failed", id=env.id, error=exc.detail)
-            self.rejected("disk_full", session, "DATA")
-            return errors.DISK_FULL
         except SpoolError as exc:
-            events.error("spool_failed", id=env.id, error=exc.detail)
-            self.rejected("spool_error", session, "DATA")
-            return errors.SPOOL_FAILED
+            return self._not_spooled(env, session, exc)
         self.metrics.messages_received.inc()
         events.log(
             "accepted",
@@ -943,11 +1124,48 @@ class Inbound:
             tls=env.client.tls or "no",
         )
         try:
-            self.on_accept(env, (header, content))
+            # A spilled message has no body in memory: the scheduler reads it.
+            self.on_accept(env, (header, content) if spill is None else ())
         except Exception:
             # The message is durable; the scheduler finds it at the next start.
             events.error("schedule_failed", exc_info=True, id=env.id)
         return errors.queued(env.id)
+
+    def _not_spooled(self, env: Envelope, session: Session, exc: SpoolError) -> Reply:
+        """Log and count a failed spool write; the reply (452 when the disk is full)."""
+        events.error("spool_failed", id=env.id, error=exc.detail)
+        if isinstance(exc, SpoolFull):
+            self.rejected("disk_full", session, "DATA")
+            return errors.DISK_FULL
+        self.rejected("spool_error", session, "DATA")
+        return errors.SPOOL_FAILED
+
+    def begin(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope
+    ) -> tuple[Envelope, bytes]:
+        """A large message starts going to disk: its queue id and Received header.
+
+        Its header is made now, not after the final dot, since it is the
+        first thing in the file: the time stamp says when the message
+        passed :data:`SPILL_THRESHOLD` (sendmail also stamps the start). The
+        envelope's ``received_at`` is still the time of acceptance.
+        """
+        env = self._envelope(session, envelope)
+        return env, self._received(server, session, env)
+
+    @staticmethod
+    def _received(server: SMTP, session: Session, env: Envelope) -> bytes:
+        cipher = session.ssl.get("cipher") if session.ssl else None
+        return received_header(
+            helo=env.client.helo,
+            client_ip=env.client.ip,
+            hostname=server.hostname,
+            protocol=protocol_keyword(session.extended_smtp, bool(cipher), env.smtputf8),
+            queue_id=env.id,
+            recipients=[r.address for r in env.recipients],
+            when=env.received_at,
+            cipher=cipher,
+        )
 
     def _landed_unanswered(self, write: asyncio.Future[None], env: Envelope) -> None:
         if write.cancelled() or write.exception() is not None:
@@ -959,25 +1177,32 @@ class Inbound:
         except Exception:
             events.error("schedule_failed", exc_info=True, id=env.id)
 
-    async def _spool(self, env: Envelope, header: bytes, content: bytes) -> None:
+    async def _spool(
+        self, env: Envelope, header: bytes, content: bytes, body: BodyWriter | None
+    ) -> None:
         self._writes += 1
         self._writes_done.clear()
         try:
             # Durable before we return: fsynced, renamed, directory fsynced
             # (the directory fsync shared with concurrent sessions).
             # header and content written one after the other: no joined copy.
-            await self.spool.put_async(env, content, prefix=header)
+            if body is None:
+                await self.spool.put_async(env, content, prefix=header)
+            else:
+                await self.spool.put_async(env, content, body=body)
         finally:
             self._writes -= 1
             if not self._writes:
                 self._writes_done.set()
 
-    def _envelope(self, session: Session, envelope: SmtpEnvelope) -> Envelope:
+    def _envelope(
+        self, session: Session, envelope: SmtpEnvelope, queue_id: str | None = None
+    ) -> Envelope:
         now = self.clock()
         sender = envelope.mail_from or ""
         cipher = session.ssl.get("cipher") if session.ssl else None
         return Envelope(
-            id=new_id(),
+            id=queue_id or new_id(),
             mail_from="" if sender == "<>" else sender,
             recipients=[Recipient(address) for address in envelope.rcpt_tos],
             client=ClientInfo(

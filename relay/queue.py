@@ -11,7 +11,9 @@ message per attempt (relay.bounce), spooled before the originals are marked
 bounced, so a crash can at worst duplicate a DSN, never lose one.
 
 Only ``(due time, queue id)`` stays in memory per queued message; the
-envelope and body are read from the spool when the message is due. The
+envelope and body are read from the spool when the message is due (a body
+over ``spool.IN_MEMORY_MAX`` is not read whole: delivery gets the open
+file and sends it in pieces). The
 exception is a message whose latest state could not be written (disk full,
 I/O error): its envelope stays in memory, the write is retried before any
 new attempt of it, and its state is never reloaded from disk meanwhile, so
@@ -38,7 +40,7 @@ from relay.envelope import Envelope, RcptState, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.limits import LiveLimit
 from relay.metrics import Metrics
-from relay.spool import Spool, new_id
+from relay.spool import IN_MEMORY_MAX, Body, BodyFile, Spool, new_id
 
 if TYPE_CHECKING:
     from relay.delivery import Attempt
@@ -61,9 +63,9 @@ _Saved = Literal["saved", "gone", "failed"]
 #: A just-accepted message's body is handed to the scheduler in memory, so
 #: its first attempt reads nothing back from disk (two opens, two reads and
 #: a JSON parse per message: a fifth of the 1 KiB path's spool work,
-#: issue #8). Bounded per message and in total: beyond these the first
-#: attempt reads the spool as every later one does.
-FRESH_BODY_MAX = 256 * 1024
+#: issue #8). Bounded per message (the spool's IN_MEMORY_MAX: larger
+#: bodies are files anyway) and in total: beyond these the first attempt
+#: reads the spool as every later one does.
 FRESH_TOTAL_MAX = 16 * 1024 * 1024
 
 
@@ -88,7 +90,7 @@ class Deliverer(Protocol):
     """
 
     async def deliver(
-        self, route: Route, envelope: Envelope, recipients: Sequence[str], body: bytes
+        self, route: Route, envelope: Envelope, recipients: Sequence[str], body: Body
     ) -> Attempt: ...
 
 
@@ -120,7 +122,7 @@ class Scheduler:
         #: the truth until a write succeeds; the spool copy is stale.
         self._unsaved: dict[str, Envelope] = {}
         #: Just-accepted messages, envelope and body as spooled, until their
-        #: first attempt (FRESH_BODY_MAX, FRESH_TOTAL_MAX).
+        #: first attempt (IN_MEMORY_MAX, FRESH_TOTAL_MAX).
         self._fresh: dict[str, tuple[Envelope, bytes]] = {}
         self._fresh_bytes = 0
         self._limiter = LiveLimit(lambda: self._config().delivery.max_concurrency)
@@ -134,14 +136,14 @@ class Scheduler:
 
         ``body``, the parts of the message as spooled, may come with a
         message just accepted: its first attempt then uses them and this
-        ``envelope`` instead of reading them back (within the FRESH_* bounds).
+        ``envelope`` instead of reading them back (within IN_MEMORY_MAX and FRESH_TOTAL_MAX).
         """
         if envelope.id in self._active:
             return
         size = sum(map(len, body))
         if (
             body
-            and size <= FRESH_BODY_MAX
+            and size <= IN_MEMORY_MAX
             and self._fresh_bytes + size <= FRESH_TOTAL_MAX
             and envelope.id not in self._fresh
         ):
@@ -258,6 +260,16 @@ class Scheduler:
 
     async def _cycle(self, qid: str) -> float | None:
         """Try one due message; return its next due time, or None when it left the queue."""
+        bodies: list[Body] = []
+        try:
+            return await self._try(qid, bodies)
+        finally:
+            for body in bodies:
+                if isinstance(body, BodyFile):
+                    body.close()
+
+    async def _try(self, qid: str, bodies: list[Body]) -> float | None:
+        """:meth:`_cycle`; the body read goes into ``bodies`` (closed by the caller)."""
         held = self._unsaved.get(qid)
         if held is not None:
             # The disk is behind memory: write first, attempt nothing until then.
@@ -270,14 +282,17 @@ class Scheduler:
             if held.next_attempt > self._clock():
                 return held.next_attempt
         fresh = self._take_fresh(qid)
+        body: Body
         try:
             if fresh is not None:
                 envelope, body = fresh
             elif held is None:
-                envelope, body = await self._spool.read_async(qid)
+                envelope, body = await self._spool.open_async(qid, IN_MEMORY_MAX)
             else:
                 # Memory is ahead of the disk's envelope: read only the body.
-                envelope, body = held, await asyncio.to_thread(self._spool.read_body, qid)
+                body = await asyncio.to_thread(self._spool.open_body, qid, IN_MEMORY_MAX)
+                envelope = held
+            bodies.append(body)
         except (KeyError, FileNotFoundError):
             # `relay queue delete` removed it while it waited: nothing to do
             # but remove an envelope that outlived its body.
@@ -346,7 +361,7 @@ class Scheduler:
     async def _attempt_routes(
         self,
         envelope: Envelope,
-        body: bytes,
+        body: Body,
         groups: dict[str, tuple[Route, list[str]]],
         failures: list[Failure],
         deferred: list[tuple[Recipient, str]],
@@ -385,7 +400,7 @@ class Scheduler:
         return not gone
 
     async def _deliver(
-        self, route: Route, envelope: Envelope, addrs: Sequence[str], body: bytes
+        self, route: Route, envelope: Envelope, addrs: Sequence[str], body: Body
     ) -> Attempt | BaseException:
         await self._limiter.acquire()
         try:
@@ -441,7 +456,7 @@ class Scheduler:
     async def _conclude(
         self,
         envelope: Envelope,
-        body: bytes,
+        body: Body,
         failures: list[Failure],
         deferred: list[tuple[Recipient, str]],
     ) -> float | None:
@@ -521,7 +536,7 @@ class Scheduler:
         )
 
     async def _bounce(
-        self, envelope: Envelope, body: bytes, failures: Sequence[Failure], now: float
+        self, envelope: Envelope, body: Body, failures: Sequence[Failure], now: float
     ) -> bool:
         """Spool one DSN for ``failures``, then mark them bounced.
 
@@ -534,6 +549,9 @@ class Scheduler:
             self._metrics.bounces.labels(BounceReason.DOUBLE_BOUNCE.value).inc()
         else:
             cfg = self._config()
+            if isinstance(body, BodyFile):
+                # The DSN quotes the header section only: read a bounded head.
+                body = await asyncio.to_thread(body.head, IN_MEMORY_MAX)
             dsn = build_dsn(
                 envelope, failures, hostname=cfg.server.hostname, original=body,
                 now=datetime.fromtimestamp(now, UTC),

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from relay.envelope import Envelope
 from relay.errors import SpoolError, SpoolFull
@@ -46,6 +46,14 @@ _ID_CHARS = "0123456789BCDFGHJKLMNPQRSTVWXZ"
 #: commits on ext4/xfs, so a few more threads than cores pay off (measured:
 #: 8 threads about 2x one thread's fsync rate on the development VM).
 SPOOL_THREADS = 8
+
+#: A body up to this size is held in memory whole: while it is received
+#: (inbound) and while it is delivered (the scheduler reads it with one
+#: read). A larger one lives in a file and is handled in pieces of about
+#: this size, so each concurrent large message costs a few hundred KiB of
+#: memory instead of several times its size (issue #8). Most mail is far
+#: smaller, and stays on the one-write, one-read path.
+IN_MEMORY_MAX = 256 << 10
 
 _T = TypeVar("_T")
 
@@ -127,6 +135,146 @@ class GroupSync:
             self._task = None
 
 
+class BodyWriter:
+    """A message body written into ``tmp/`` piece by piece (a large DATA).
+
+    :meth:`write` appends in the spool's threads; :meth:`Spool.put_async`
+    with ``body=`` then fsyncs it and renames it into ``msg/``. Until then
+    :meth:`discard` removes the file (refused message, lost connection);
+    it may be called at any time, also while a write is under way, and
+    more than once. A failed write removes the file too.
+    """
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
+        self._spool = spool
+        self.path = spool.tmp_dir / f"{queue_id}.eml.{secrets.token_hex(4)}"
+        self.size = 0
+        self._fh: BinaryIO | None = None
+        #: Writes submitted to a thread and not finished there yet.
+        self._busy = 0
+        self._discarded = False
+        #: Set by put_async: from then on the spool owns (and cleans up) the file.
+        self.placing = False
+
+    async def write(self, data: bytes, prefix: bytes = b"") -> None:
+        """Append ``prefix + data`` (not joined in memory). Raises SpoolFull /
+        SpoolError, after which the file is gone and the writer is discarded."""
+        if self._discarded:
+            raise SpoolError(f"cannot spool: {self.path.name} was discarded")
+        loop = asyncio.get_running_loop()
+        self._busy += 1
+        job = self._spool._pool().submit(self._append, prefix, data)
+        # The file is closed only once the thread is done with it, even
+        # when the awaiting session is cancelled meanwhile.
+        job.add_done_callback(lambda _: self._call_soon(loop, self._idle))
+        try:
+            await asyncio.wrap_future(job)
+        except OSError as exc:
+            self.discard()
+            raise _spool_error(exc, f"cannot spool {self.path.name}") from exc
+        self.size += len(prefix) + len(data)
+
+    def _append(self, prefix: bytes, data: bytes) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by _close
+        if prefix:
+            self._fh.write(prefix)
+        self._fh.write(data)
+
+    @staticmethod
+    def _call_soon(loop: asyncio.AbstractEventLoop, func: Callable[[], None]) -> None:
+        with suppress(RuntimeError):  # the loop is closed: the process is ending
+            loop.call_soon_threadsafe(func)
+
+    def _idle(self) -> None:
+        self._busy -= 1
+        if self._discarded and not self._busy:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            with suppress(OSError):
+                self._fh.close()
+            self._fh = None
+
+    def discard(self) -> None:
+        """Remove the file now (a no-op once :meth:`Spool.put_async` took it)."""
+        if self.placing or self._discarded:
+            return
+        self._discarded = True
+        self.path.unlink(missing_ok=True)
+        if not self._busy:
+            self._close()
+
+    def finish(self, fsync: bool) -> Path:
+        """Flush, fsync and close (blocking, in a spool thread); the temp path.
+        On error the file is removed and the OSError raised."""
+        try:
+            if self._fh is None:
+                self._fh = open(self.path, "wb")  # noqa: SIM115 - closed below
+            self._fh.flush()
+            if fsync:
+                os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+        except BaseException:
+            self._close()
+            self.path.unlink(missing_ok=True)
+            raise
+        return self.path
+
+
+class BodyFile:
+    """A spooled body read in pieces (:data:`IN_MEMORY_MAX` and up), never whole.
+
+    Holds the file open, so a ``relay queue delete`` during delivery does
+    not cut the body short. :meth:`read` is a positioned read (pread), so
+    concurrent readers (one per route) do not disturb each other. Blocking:
+    call it in a thread. Close it when the delivery cycle ends.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size = size
+        #: Cached result of a scan for bare CR/LF (delivery's check), or None.
+        self.bare_line_ending: bool | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``offset`` (fewer only at the end)."""
+        parts: list[bytes] = []
+        while length > 0:
+            part = os.pread(self._fd, length, offset)
+            if not part:
+                break
+            parts.append(part)
+            offset += len(part)
+            length -= len(part)
+        return b"".join(parts) if len(parts) != 1 else parts[0]
+
+    def head(self, limit: int) -> bytes:
+        """The first ``limit`` bytes, cut after their last CRLF when the body
+        is longer (whole lines only): enough for the header section."""
+        data = self.read(0, limit)
+        if self.size > limit:
+            data = data[: data.rfind(b"\r\n") + 2]
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> BodyFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: A spooled body as delivery gets it: in memory, or an open file when large.
+Body = bytes | BodyFile
+
+
 class Spool:
     """Stores messages durably; the single owner of the spool directory."""
 
@@ -172,13 +320,24 @@ class Spool:
                     await self._in_thread(undo)
             raise _spool_error(exc, what) from exc
 
-    async def put_async(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> None:
+    async def put_async(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        prefix: bytes = b"",
+        body: BodyWriter | None = None,
+    ) -> None:
         """:meth:`put` for the event loop: returns only once the message is durable
         (both files fsynced and renamed, then ``msg/`` fsynced), with the
         directory fsync shared by concurrent callers. Same errors as put().
         The stored body is ``prefix + data`` (our Received header first),
-        written without joining the two in memory."""
-        placed = await self._in_thread(self._place, envelope, data, prefix)
+        written without joining the two in memory -- or, with ``body``, the
+        file that writer holds (``data`` and ``prefix`` unused), which is
+        fsynced and renamed in place of writing one; it is removed if the
+        message cannot be spooled."""
+        if body is not None:
+            body.placing = True
+        placed = await self._in_thread(self._place, envelope, data, prefix, body)
 
         def undo() -> None:
             # The client gets 451: make the removal durable too, or a crash
@@ -209,6 +368,28 @@ class Spool:
 
     def _read(self, queue_id: str) -> tuple[Envelope, bytes]:
         return self.load(queue_id), self.read_body(queue_id)
+
+    async def open_async(self, queue_id: str, inline_max: int) -> tuple[Envelope, Body]:
+        """:meth:`read_async`, but a body over ``inline_max`` bytes comes as an
+        open :class:`BodyFile` (the caller closes it) instead of bytes."""
+        return await self._in_thread(self._open, queue_id, inline_max)
+
+    def _open(self, queue_id: str, inline_max: int) -> tuple[Envelope, Body]:
+        envelope = self.load(queue_id)
+        return envelope, self.open_body(queue_id, inline_max)
+
+    def open_body(self, queue_id: str, inline_max: int) -> Body:
+        """The body as bytes, or as an open :class:`BodyFile` when over
+        ``inline_max`` bytes. FileNotFoundError when there is none."""
+        with open(self.body_path(queue_id), "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size <= inline_max:
+                return fh.read()
+            return BodyFile(os.dup(fh.fileno()), size)
+
+    def body_writer(self, queue_id: str) -> BodyWriter:
+        """A body file in ``tmp/`` to fill piece by piece, for :meth:`put_async`."""
+        return BodyWriter(self, queue_id)
 
     def close(self) -> None:
         """Stop the spool's threads (after the last *_async call)."""
@@ -269,15 +450,25 @@ class Spool:
                 path.unlink(missing_ok=True)
             raise _spool_error(exc, f"cannot spool {envelope.id}") from exc
 
-    def _place(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> list[Path]:
+    def _place(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        prefix: bytes = b"",
+        writer: BodyWriter | None = None,
+    ) -> list[Path]:
         """Write both files fsynced and rename them into ``msg/`` (body first);
-        the caller fsyncs the directory. Leaves nothing behind on error."""
+        the caller fsyncs the directory. Leaves nothing behind on error.
+        With ``writer``, its file (already written) is the body."""
         body = self.msg_dir / f"{envelope.id}.eml"
         meta = self.msg_dir / f"{envelope.id}.json"
-        envelope.size = len(prefix) + len(data)
+        envelope.size = len(prefix) + len(data) if writer is None else writer.size
         written: list[Path] = []
         try:
-            tmp_body = self._write(body, data, prefix)
+            if writer is None:
+                tmp_body = self._write(body, data, prefix)
+            else:
+                tmp_body = writer.finish(self.fsync)
             written.append(tmp_body)
             tmp_meta = self._write(meta, envelope.dumps())
             written.append(tmp_meta)

@@ -14,7 +14,7 @@ from relay.config import Config, Host, Route, Rule
 from relay.delivery import Attempt
 from relay.envelope import Envelope, RcptState
 from relay.errors import SpoolFull
-from relay.spool import Spool
+from relay.spool import Body, Spool
 from tests.support.queue import (
     PERM,
     TEMP,
@@ -190,9 +190,9 @@ class CountingSpool(Spool):
         self.updates = 0
         self.deletes = 0
 
-    async def read_async(self, queue_id: str) -> tuple[Envelope, bytes]:
+    async def open_async(self, queue_id: str, inline_max: int) -> tuple[Envelope, Body]:
         self.reads += 1
-        return await super().read_async(queue_id)
+        return await super().open_async(queue_id, inline_max)
 
     async def update_async(self, envelope: Envelope) -> bool:
         self.updates += 1
@@ -218,11 +218,11 @@ async def test_a_just_accepted_message_is_tried_from_memory(tmp_path) -> None:
 
 
 async def test_a_large_or_recovered_message_is_read_from_the_spool(tmp_path) -> None:
-    from relay.queue import FRESH_BODY_MAX
+    from relay.spool import IN_MEMORY_MAX
 
     spool = CountingSpool(tmp_path / "spool")
     h = harness(tmp_path, spool=spool)
-    big = b"x" * (FRESH_BODY_MAX + 1)
+    big = b"x" * (IN_MEMORY_MAX + 1)
     large = spool_message(h.spool, ["bob@example.com"], body=big)
     recovered = spool_message(h.spool, ["carol@example.com"])
     async with running(h.scheduler):
