@@ -57,3 +57,40 @@ def test_table_has_each_mta_and_the_ratio_to_postfix() -> None:
     e2e = next(line for line in table if "end_to_end_rate" in line).split()
     assert e2e[-3:] == ["400", "600", "1.50"]
     assert any("drain_seconds" in line and "2.5" in line for line in table)
+
+
+def test_pacer_message_is_dot_terminated_and_about_the_size() -> None:
+    from tests.bench.pacer import message
+
+    body = message(1024)
+    assert body.endswith(b"\r\n.\r\n") and 900 <= len(body) <= 1100
+    assert all(len(line) <= 998 for line in body.split(b"\r\n"))
+
+
+def test_pacer_sends_every_message_over_real_smtp() -> None:
+    # The pacer drives a real SMTP server (aiosmtpd in its own thread); it
+    # offers rate x seconds messages and reports how many it sent.
+    from aiosmtpd.controller import Controller
+
+    from tests.bench.pacer import pace
+
+    class Count:
+        def __init__(self) -> None:
+            self.messages = 0
+
+        async def handle_DATA(self, server, session, envelope) -> str:
+            self.messages += 1
+            return "250 2.0.0 OK"
+
+    from tests.support.procs import free_port
+
+    handler = Count()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        sent = pace(port, rate=40, seconds=0.5, sessions=4)
+    finally:
+        controller.stop()
+    assert sent.sent == 20 == handler.messages
+    assert sent.rate > 0
