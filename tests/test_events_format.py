@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -158,3 +159,35 @@ def test_setup_is_idempotent(restore_logger: None) -> None:
     assert len(logger.handlers) == 1
     assert isinstance(logger.handlers[0].formatter, JsonFormatter)
     assert logger.level == logging.DEBUG
+
+
+async def test_lines_of_one_loop_turn_are_written_together_and_in_order(
+    restore_logger: None,
+) -> None:
+    import io
+
+    stream = io.StringIO()
+    events.setup("text")
+    handler = logging.getLogger("relay").handlers[0]
+    handler.setStream(stream)
+    events.log("accepted", id="Q1")
+    events.log("delivered", id="Q1")
+    assert stream.getvalue() == ""  # not yet: the turn is not over
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    lines = [parse_text(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["accepted", "delivered"]
+    events.log("removed", id="Q1")
+    events.warning("spool_write_failed", id="Q2")  # a warning: at once, after what waits
+    lines = [parse_text(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines][2:] == ["removed", "spool_write_failed"]
+
+
+def test_lines_outside_a_loop_are_written_at_once(restore_logger: None) -> None:
+    import io
+
+    stream = io.StringIO()
+    events.setup("json")
+    logging.getLogger("relay").handlers[0].setStream(stream)
+    events.log("started", listen="127.0.0.1:2525")
+    assert json.loads(stream.getvalue())["event"] == "started"
