@@ -136,6 +136,10 @@ class Envelope:
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), ensure_ascii=False, indent=1).encode("utf-8")
 
+    def dumps_line(self) -> bytes:
+        """The same JSON on one line (JSON escapes every line break in strings)."""
+        return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Envelope:
         return cls(

@@ -66,7 +66,7 @@ _Saved = Literal["saved", "gone", "failed"]
 #: issue #8). Bounded per message (the spool's IN_MEMORY_MAX: larger
 #: bodies are files anyway) and in total: beyond these the first attempt
 #: reads the spool as every later one does.
-FRESH_TOTAL_MAX = 16 * 1024 * 1024
+FRESH_TOTAL_MAX = 4 * 1024 * 1024
 
 
 def backoff(attempts: int, min_backoff: float, max_backoff: float, rng: random.Random) -> float:

@@ -2,18 +2,24 @@
 
 Layout under ``[queue] path``::
 
-    msg/<id>.eml    the message bytes, our Received header first
-    msg/<id>.json   the envelope (relay.envelope.Envelope as JSON)
+    msg/<id>.eml    the message bytes, our Received header first; a message
+                    accepted in memory starts with one more line, its
+                    envelope as accepted: ``#relay-envelope {json}``
+    msg/<id>.json   the envelope (relay.envelope.Envelope as JSON) once its
+                    state changed, or from the start for a large (streamed)
+                    message; it wins over the line in the body file
     tmp/            files being written; anything here at start-up is junk
     corrupt/        messages whose envelope cannot be read (both files, for a
                     human): never delivered, never deleted by relay
 
-A message exists once its ``.json`` is in ``msg/``: the body is renamed
-into place first, the envelope second, and the directory is fsynced after
-both, so a crash at any point leaves either a complete message or nothing
-that counts (an orphan body is removed at start-up). Every write is
-temp file + fsync + rename + directory fsync, the sequence that survives
-kill -9 and power loss on POSIX file systems.
+A message exists once it has an envelope in ``msg/``: a body file that
+carries one, or a ``.json`` whose body was renamed into place before it.
+One file per message at accept time costs one fsync and one rename (issue
+#8: the two-file write was most of the spool threads' work and of the wait
+before each 250). A crash at any point leaves either a complete message or
+nothing that counts (a body without an envelope is removed at start-up).
+Every write is temp file + fsync + rename + directory fsync, the sequence
+that survives kill -9 and power loss on POSIX file systems.
 
 The plain methods block. The event loop uses their ``*_async`` twins,
 which run the file work in the spool's own thread pool and share the
@@ -68,6 +74,15 @@ def new_id() -> str:
         stamp, digit = divmod(stamp, len(_ID_CHARS))
         chars.append(_ID_CHARS[digit])
     return "".join(reversed(chars)) + secrets.token_hex(5).upper()
+
+
+def _skip_envelope_line(fh: BinaryIO) -> int:
+    """Position ``fh`` at the start of the message (after an envelope line); the offset."""
+    if fh.read(len(ENVELOPE_LINE)) == ENVELOPE_LINE:
+        fh.readline()
+    else:
+        fh.seek(0)
+    return fh.tell()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -235,9 +250,11 @@ class BodyFile:
     call it in a thread. Close it when the delivery cycle ends.
     """
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, base: int = 0) -> None:
         self._fd = fd
         self.size = size
+        #: Where the body starts in the file (after an envelope line).
+        self._base = base
         #: Cached result of a scan for bare CR/LF (delivery's check), or None.
         self.bare_line_ending: bool | None = None
 
@@ -245,7 +262,7 @@ class BodyFile:
         """Up to ``length`` bytes from ``offset`` (fewer only at the end)."""
         parts: list[bytes] = []
         while length > 0:
-            part = os.pread(self._fd, length, offset)
+            part = os.pread(self._fd, length, self._base + offset)
             if not part:
                 break
             parts.append(part)
@@ -272,6 +289,10 @@ class BodyFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+#: The first line of a body file that carries its own envelope. Other body
+#: files start with our Received header (or, streamed, with the message).
+ENVELOPE_LINE = b"#relay-envelope "
 
 #: A spooled body as delivery gets it: in memory, or an open file when large.
 Body = bytes | BodyFile
@@ -389,10 +410,11 @@ class Spool:
         """The body as bytes, or as an open :class:`BodyFile` when over
         ``inline_max`` bytes. FileNotFoundError when there is none."""
         with open(self.body_path(queue_id), "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+            base = _skip_envelope_line(fh)
+            size = os.fstat(fh.fileno()).st_size - base
             if size <= inline_max:
                 return fh.read()
-            return BodyFile(os.dup(fh.fileno()), size)
+            return BodyFile(os.dup(fh.fileno()), size, base)
 
     def body_writer(self, queue_id: str) -> BodyWriter:
         """A body file in ``tmp/`` to fill piece by piece, for :meth:`put_async`."""
@@ -417,7 +439,7 @@ class Spool:
             # Set aside by an older relay next to its body: move both.
             self.quarantine(legacy.stem)
         for body in self.msg_dir.glob("*.eml"):
-            if body.with_suffix(".json").exists():
+            if body.with_suffix(".json").exists() or self._embedded(body.stem) is not None:
                 continue
             if (self.corrupt_dir / f"{body.stem}.json").exists():
                 # A quarantine interrupted between its two renames: finish it.
@@ -464,18 +486,23 @@ class Spool:
         prefix: bytes = b"",
         writer: BodyWriter | None = None,
     ) -> list[Path]:
-        """Write both files fsynced and rename them into ``msg/`` (body first);
-        the caller fsyncs the directory. Leaves nothing behind on error.
-        With ``writer``, its file (already written) is the body."""
+        """Write the message fsynced and rename it into ``msg/``; the caller
+        fsyncs the directory. Leaves nothing behind on error. In memory: one
+        file, the envelope line first. With ``writer`` (its file already
+        written, and begun before the envelope was known): that file as the
+        body, then the ``.json``."""
         body = self.msg_dir / f"{envelope.id}.eml"
         meta = self.msg_dir / f"{envelope.id}.json"
         envelope.size = len(prefix) + len(data) if writer is None else writer.size
         written: list[Path] = []
         try:
             if writer is None:
-                tmp_body = self._write(body, data, prefix)
-            else:
-                tmp_body = writer.finish(self.fsync)
+                line = ENVELOPE_LINE + envelope.dumps_line() + b"\n"
+                tmp_body = self._write(body, data, line + prefix)
+                written.append(tmp_body)
+                os.replace(tmp_body, body)
+                return [body]
+            tmp_body = writer.finish(self.fsync)
             written.append(tmp_body)
             tmp_meta = self._write(meta, envelope.dumps())
             written.append(tmp_meta)
@@ -508,7 +535,7 @@ class Spool:
         """Rename a new envelope over the old one (no directory fsync): False if gone."""
         meta = self.msg_dir / f"{envelope.id}.json"
         body = self.body_path(envelope.id)
-        if not (meta.exists() and body.exists()):
+        if not (body.exists() and (meta.exists() or self._embedded(envelope.id) is not None)):
             return False
         try:
             tmp = self._write(meta, envelope.dumps())
@@ -527,7 +554,22 @@ class Spool:
         try:
             return Envelope.loads((self.msg_dir / f"{queue_id}.json").read_bytes())
         except FileNotFoundError:
-            raise KeyError(queue_id) from None
+            pass
+        embedded = self._embedded(queue_id)
+        if embedded is None:
+            raise KeyError(queue_id)
+        return Envelope.loads(embedded)
+
+    def _embedded(self, queue_id: str) -> bytes | None:
+        """The envelope JSON on the first line of the body file, if it has one."""
+        try:
+            with open(self.body_path(queue_id), "rb") as fh:
+                line = fh.readline()
+        except FileNotFoundError:
+            return None
+        if not line.startswith(ENVELOPE_LINE):
+            return None
+        return line[len(ENVELOPE_LINE) :]
 
     def load_all(
         self, quarantine: bool = True, unreadable: list[str] | None = None
@@ -538,20 +580,24 @@ class Spool:
         ``corrupt/``; without it (the read-only CLI) it is left where it is.
         Either way its id is appended to ``unreadable`` when given.
         """
-        for meta in sorted(self.msg_dir.glob("*.json")):
+        ids = sorted({p.stem for p in self.msg_dir.iterdir() if p.suffix in (".json", ".eml")})
+        for queue_id in ids:
             try:
-                data = meta.read_bytes()
+                data: bytes | None = (self.msg_dir / f"{queue_id}.json").read_bytes()
             except FileNotFoundError:
+                data = self._embedded(queue_id)
+            if data is None:
                 # Delivered and deleted since the listing (the daemon runs
-                # while `relay queue list` reads): gone, not corrupt.
+                # while `relay queue list` reads): gone, not corrupt. Or a
+                # body whose envelope never followed (removed at start-up).
                 continue
             try:
                 envelope = Envelope.loads(data)
             except (OSError, ValueError, KeyError, TypeError):
                 if unreadable is not None:
-                    unreadable.append(meta.stem)
+                    unreadable.append(queue_id)
                 if quarantine:
-                    self.quarantine(meta.stem)
+                    self.quarantine(queue_id)
                 continue
             yield envelope
 
@@ -583,22 +629,33 @@ class Spool:
         return self.msg_dir / f"{queue_id}.eml"
 
     def read_body(self, queue_id: str) -> bytes:
-        return self.body_path(queue_id).read_bytes()
+        data = self.body_path(queue_id).read_bytes()
+        if data.startswith(ENVELOPE_LINE):
+            return data[data.index(b"\n") + 1 :]
+        return data
 
     def delete(self, queue_id: str) -> bool:
-        """Remove a message (envelope first, so a crash leaves an orphan body, not a ghost)."""
+        """Remove a message; False when there was none.
+
+        The body first: it may carry the envelope, and a body left alone
+        would be a message again. A crash in between leaves a ``.json``
+        without a body, which the scheduler drops when it comes due.
+        """
         if not self._unlink(queue_id):
             return False
         self._sync_msg_dir()
         return True
 
     def _unlink(self, queue_id: str) -> bool:
-        meta = self.msg_dir / f"{queue_id}.json"
         try:
-            meta.unlink()
+            self.body_path(queue_id).unlink()
+            existed = True
         except FileNotFoundError:
-            return False
-        self.body_path(queue_id).unlink(missing_ok=True)
+            existed = False
+        try:
+            (self.msg_dir / f"{queue_id}.json").unlink()
+        except FileNotFoundError:
+            return existed
         return True
 
     def writable(self) -> bool:

@@ -179,6 +179,28 @@ def spool_message(
     return envelope
 
 
+def legacy_message(
+    spool: Spool,
+    recipients: Sequence[str],
+    *,
+    body: bytes = BODY,
+    sender: str = "alice@sender.test",
+) -> Envelope:
+    """A message as relay spooled it before one-file messages: the body
+    file (no envelope line) and ``<id>.json``."""
+    envelope = Envelope(
+        id=new_id(),
+        mail_from=sender,
+        recipients=[Recipient(a) for a in recipients],
+        client=ClientInfo(ip="192.0.2.10", helo="client.test"),
+        received_at=1_800_000_000.0,
+        size=len(body),
+    )
+    spool.body_path(envelope.id).write_bytes(body)
+    (spool.msg_dir / f"{envelope.id}.json").write_bytes(envelope.dumps())
+    return envelope
+
+
 @dataclass
 class Harness:
     spool: Spool

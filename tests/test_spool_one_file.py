@@ -1,0 +1,115 @@
+"""One file per message at accept time: the envelope is the body file's first line.
+
+Issue #8: writing the body and the envelope as two fsynced files was most of
+the spool's work per message. A message accepted in memory is now one file,
+``msg/<id>.eml``, starting with ``#relay-envelope {json}``; a ``.json``
+appears when its state changes (and wins); older spools still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from relay.envelope import RcptState
+from relay.spool import ENVELOPE_LINE, BodyFile, Spool
+from tests.support.queue import BODY, harness, legacy_message, running, settle, spool_message
+
+
+def _spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    return spool
+
+
+def test_a_message_is_one_file_with_its_envelope_first(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    env = spool_message(spool, ["bob@example.com", "carol@example.com"])
+    assert [p.name for p in spool.msg_dir.iterdir()] == [f"{env.id}.eml"]
+    raw = spool.body_path(env.id).read_bytes()
+    assert raw.startswith(ENVELOPE_LINE) and raw.endswith(BODY)
+    assert raw.count(b"\n", 0, len(raw) - len(BODY)) == 1  # the envelope is one line
+    assert spool.load(env.id) == dataclasses.replace(env, size=len(BODY))
+    assert spool.read_body(env.id) == BODY
+    assert spool.open_body(env.id, 1 << 20) == BODY
+
+
+def test_a_large_body_read_as_a_file_starts_after_the_envelope(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    env = spool_message(spool, ["bob@example.com"])
+    with spool.open_body(env.id, 10) as body:
+        assert isinstance(body, BodyFile)
+        assert body.size == len(BODY)
+        assert body.read(0, len(BODY) + 100) == BODY
+        assert body.read(5, 7) == BODY[5:12]
+
+
+def test_a_state_change_writes_the_json_which_wins(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    env = spool_message(spool, ["bob@example.com", "carol@example.com"])
+    env.recipients[0].state = RcptState.DELIVERED
+    assert spool.update(env)
+    assert sorted(p.suffix for p in spool.msg_dir.iterdir()) == [".eml", ".json"]
+    assert spool.load(env.id).recipients[0].state == RcptState.DELIVERED
+    assert [e.recipients[0].state for e in spool.load_all()] == [RcptState.DELIVERED]
+    assert spool.read_body(env.id) == BODY
+    assert spool.delete(env.id)
+    assert list(spool.msg_dir.iterdir()) == []
+    with pytest.raises(KeyError):
+        spool.load(env.id)
+    assert not spool.delete(env.id)
+
+
+def test_a_restart_keeps_one_file_messages_and_drops_bodies_without_envelopes(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    kept = spool_message(spool, ["bob@example.com"])
+    orphan = spool.body_path("ORPHAN")
+    orphan.write_bytes(BODY)  # renamed into place, envelope never followed
+    Spool(spool.path, fsync=False).open()
+    assert [p.name for p in spool.msg_dir.iterdir()] == [f"{kept.id}.eml"]
+    assert [e.id for e in spool.load_all()] == [kept.id]
+
+
+async def test_a_delete_cut_short_leaves_nothing_that_is_delivered_again(tmp_path) -> None:
+    # The body goes first: a crash between the two unlinks leaves a .json
+    # without a body, never a body that still carries its first envelope.
+    h = harness(tmp_path)
+    env = spool_message(h.spool, ["bob@example.com", "carol@example.com"])
+    env.recipients[0].state = RcptState.DELIVERED
+    assert h.spool.update(env)
+    h.spool.body_path(env.id).unlink()  # the first half of a delete
+    assert h.spool.update(env) is False
+    async with running(h.scheduler):
+        for stored in h.spool.load_all():
+            h.scheduler.add(stored)
+        await settle(h.scheduler)
+    assert h.deliverer.calls == []
+    assert list(h.spool.msg_dir.iterdir()) == []
+
+
+def test_an_unreadable_envelope_line_is_quarantined_with_the_body(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    good = spool_message(spool, ["bob@example.com"])
+    bad = spool_message(spool, ["carol@example.com"])
+    path = spool.body_path(bad.id)
+    path.write_bytes(ENVELOPE_LINE + b'{"id": trunc\n' + BODY)
+    unreadable: list[str] = []
+    assert [e.id for e in spool.load_all(unreadable=unreadable)] == [good.id]
+    assert unreadable == [bad.id]
+    assert (spool.corrupt_dir / f"{bad.id}.eml").read_bytes().endswith(BODY)
+    Spool(spool.path, fsync=False).open()  # a restart deletes nothing of it
+    assert spool.quarantined() == [bad.id]
+
+
+def test_a_spool_written_by_an_older_relay_still_loads_and_reads(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    old = legacy_message(spool, ["bob@example.com"])
+    new = spool_message(spool, ["carol@example.com"])
+    Spool(spool.path, fsync=False).open()
+    assert sorted(e.id for e in spool.load_all()) == sorted([old.id, new.id])
+    assert spool.read_body(old.id) == BODY == spool.read_body(new.id)
+    assert spool.open_body(old.id, 1 << 20) == BODY
+    assert spool.delete(old.id) and spool.delete(new.id)
+    assert list(spool.msg_dir.iterdir()) == []
