@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import secrets
+import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +66,12 @@ IN_MEMORY_MAX = 256 << 10
 _T = TypeVar("_T")
 
 
+#: Random bits for queue ids and temp names: unique, not secret (a queue id
+#: is printed in every Received header). Seeded from os.urandom; one
+#: getrandom() call per id was 2 % of the event loop's time (issue #8).
+_RNG = random.Random()
+
+
 def new_id() -> str:
     """A queue id: sortable by arrival (microseconds), unique by 40 random bits."""
     stamp = time.time_ns() // 1000
@@ -73,7 +79,11 @@ def new_id() -> str:
     while stamp:
         stamp, digit = divmod(stamp, len(_ID_CHARS))
         chars.append(_ID_CHARS[digit])
-    return "".join(reversed(chars)) + secrets.token_hex(5).upper()
+    return "".join(reversed(chars)) + f"{_RNG.getrandbits(40):010X}"
+
+
+def _tmp_suffix() -> str:
+    return f"{_RNG.getrandbits(32):08x}"
 
 
 def _skip_envelope_line(fh: BinaryIO) -> int:
@@ -164,7 +174,7 @@ class BodyWriter:
 
     def __init__(self, spool: Spool, queue_id: str) -> None:
         self._spool = spool
-        self.path = spool.tmp_dir / f"{queue_id}.eml.{secrets.token_hex(4)}"
+        self.path = spool.tmp_dir / f"{queue_id}.eml.{_tmp_suffix()}"
         self.size = 0
         self._fh: BinaryIO | None = None
         #: Writes submitted to a thread and not finished there yet.
@@ -451,7 +461,7 @@ class Spool:
             body.unlink(missing_ok=True)
 
     def _write(self, target: Path, data: bytes, prefix: bytes = b"") -> Path:
-        tmp = self.tmp_dir / f"{target.name}.{secrets.token_hex(4)}"
+        tmp = self.tmp_dir / f"{target.name}.{_tmp_suffix()}"
         try:
             with open(tmp, "wb") as fh:
                 if prefix:
