@@ -193,13 +193,20 @@ def _reply_in_buffer(protocol: Any) -> aiosmtplib.SMTPResponse | None:
     return reply
 
 
+#: Commands written before their replies are read (RFC 2920 lets a client
+#: send a long list as several groups). aiosmtplib refuses more than 32 KiB
+#: of unread replies ("Response too long", a 5xx that would bounce every
+#: recipient): 50 replies stay far below that even at 512 bytes each.
+PIPELINE_GROUP_MAX = 50
+
+
 async def pipeline(
     smtp: aiosmtplib.SMTP, commands: Sequence[bytes], reply_timeout: float, fresh: bool = True
 ) -> list[aiosmtplib.SMTPResponse]:
-    """RFC 2920 command pipelining: write ``commands`` at once, then read one
-    reply per command, in order. The caller checks that the server offers
-    PIPELINING and that only the last command may change the session's
-    state (DATA, section 3.1).
+    """RFC 2920 command pipelining: write ``commands`` in groups of up to
+    PIPELINE_GROUP_MAX, reading one reply per command, in order, after each
+    group. The caller checks that the server offers PIPELINING and that
+    only the last command may change the session's state (DATA, section 3.1).
 
     ``fresh=False`` (a pooled session): if the connection turns out closed
     before the first reply, :class:`StaleSession` (the server dropped it
@@ -217,12 +224,16 @@ async def pipeline(
             raise ValueError("Command contains a line break")
     replies: list[aiosmtplib.SMTPResponse] = []
     try:
-        protocol.write(b"".join(command + b"\r\n" for command in commands))
-        while len(replies) < len(commands):
-            # No await between one reply and the check of the buffer for the
-            # next: read_response() marks a reply expected before it yields.
-            reply = _reply_in_buffer(protocol) if replies else None
-            replies.append(reply or await protocol.read_response(timeout=reply_timeout))
+        for first in range(0, len(commands), PIPELINE_GROUP_MAX):
+            group = commands[first : first + PIPELINE_GROUP_MAX]
+            protocol.write(b"".join(command + b"\r\n" for command in group))
+            for _ in group:
+                # No await between one reply and the check of the buffer for
+                # the next: read_response() marks a reply expected before it
+                # yields.
+                replies.append(
+                    _reply_in_buffer(protocol) or await _next_reply(protocol, reply_timeout)
+                )
     except aiosmtplib.SMTPServerDisconnected as exc:
         smtp.close()
         if not replies and not fresh:
@@ -235,6 +246,20 @@ async def pipeline(
         # 421: the server is closing the session (as aiosmtplib does).
         smtp.close()
     return replies
+
+
+async def _next_reply(protocol: Any, reply_timeout: float) -> aiosmtplib.SMTPResponse:
+    # The reply's future is awaited directly (timeout=None): its result
+    # wakes this task at the next turn of the loop, before that turn's
+    # reads. aiosmtplib's own timeout (wait_for) adds a turn, in which it
+    # drops bytes that arrive while it holds a parsed reply -- the next
+    # replies of a group that came in more than one segment.
+    try:
+        async with asyncio.timeout(reply_timeout):
+            reply: aiosmtplib.SMTPResponse = await protocol.read_response(timeout=None)
+    except TimeoutError as exc:
+        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+    return reply
 
 
 async def quit_session(session: Session) -> None:

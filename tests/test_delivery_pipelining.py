@@ -208,3 +208,89 @@ async def test_replies_that_arrive_in_one_packet_are_all_read():
         b"RCPT TO",
         b"DATA\r\n",
     ]
+
+
+async def _raw_server(reply_gap_turns: int, seen: list[bytes]):
+    """A pipelining server that answers each command as it reads it, one
+    write per reply, ``reply_gap_turns`` event-loop turns apart (a server
+    without output buffering, or a network cutting a reply burst into
+    segments). Its RCPT replies are long (about 90 bytes)."""
+
+    async def pause() -> None:
+        for _ in range(reply_gap_turns):
+            await asyncio.sleep(0)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        while line := await reader.readline():
+            seen.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-raw.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"RCPT":
+                address = line.split(b":", 1)[1].strip()
+                writer.write(b"250 2.1.5 " + address + b" recipient ok, will be delivered\r\n")
+                await pause()
+            elif verb in (b"MAIL", b"RSET"):
+                writer.write(b"250 2.0.0 ok\r\n")
+                await pause()
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("gap", [0, 1, 2, 3])
+async def test_replies_written_one_turn_apart_are_none_of_them_lost(gap):
+    # aiosmtplib drops bytes that arrive while a parsed reply waits to be
+    # picked up; relay must pick each reply up before the next can arrive.
+    seen: list[bytes] = []
+    server = await _raw_server(gap, seen)
+    port = server.sockets[0].getsockname()[1]
+    rcpts = [f"r{i}@x.test" for i in range(5)]
+    try:
+        d = deliverer(make_config(command_timeout=3.0))
+        try:
+            env = envelope("a@src.test", *rcpts, qid="Q1")
+            attempt = await asyncio.wait_for(
+                d.deliver(route(OPPORTUNISTIC), env, rcpts, BODY, [candidate("mx1.test", port)]),
+                10,
+            )
+        finally:
+            await d.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert all(attempt.outcome(r) == errors.DELIVERED for r in rcpts), attempt
+
+
+async def test_a_long_recipient_list_goes_in_groups_that_fit_the_reply_buffer():
+    # 600 recipients: their replies (about 55 KB, written as fast as the
+    # server reads) would overflow aiosmtplib's 32 KiB reply buffer if all
+    # were sent at once ("Response too long", a 5xx: every recipient
+    # bounced). relay sends at most PIPELINE_GROUP_MAX commands per group.
+    seen: list[bytes] = []
+    server = await _raw_server(0, seen)
+    port = server.sockets[0].getsockname()[1]
+    rcpts = [f"recipient-with-a-long-name-{i:04d}@x.test" for i in range(600)]
+    try:
+        d = deliverer(make_config(command_timeout=3.0))
+        try:
+            env = envelope("a@src.test", *rcpts, qid="Q1")
+            attempt = await asyncio.wait_for(
+                d.deliver(route(OPPORTUNISTIC), env, rcpts, BODY, [candidate("mx1.test", port)]),
+                20,
+            )
+        finally:
+            await d.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert {attempt.outcome(r) for r in rcpts} == {errors.DELIVERED}, attempt.last(rcpts[0])
+    assert sum(line.startswith(b"RCPT TO:") for line in seen) == 600
