@@ -185,7 +185,12 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     _print_envelope(env)
     print()
-    body = spool.read_body(env.id)
+    try:
+        body = spool.read_body(env.id)
+    except FileNotFoundError:
+        # A delete cut short (or running now): the daemon drops the rest.
+        print(f"(the message body is gone: {env.id} is being deleted)")
+        return EXIT_OK
     headers, _, _ = body.partition(b"\r\n\r\n")
     print(headers.decode("utf-8", "replace").replace("\r\n", "\n"))
     return EXIT_OK

@@ -532,27 +532,43 @@ class Deliverer:
             )
             rcpts = [b"RCPT TO:" + quote_address(a).encode(encoding) for a in recipients]
             timeout = cfg.delivery.command_timeout
+            accepted: list[str] = []
+            last: Reply | None = None
+            mail_ok = False
+
+            def rcpt_reply(address: str, response: aiosmtplib.SMTPResponse) -> None:
+                # Recorded as it arrives: a refusal stays a refusal if the
+                # connection is lost later in the transaction.
+                nonlocal last
+                if response.code in (aiosmtplib.SMTPStatus.completed, 251):
+                    accepted.append(address)
+                    return
+                last = Reply.parse(response.code, response.message)
+                txn.record(address, last, where)
+
             if _pipelining(smtp):
                 # Section 3.1: RSET, MAIL and RCPT may appear anywhere in a
                 # group, DATA only last.
                 group = [b"RSET"] * reused + [mail, *rcpts, b"DATA"]
-                replies = await pipeline(smtp, group, timeout, fresh=not reused)
-                mail_reply, *rcpt_replies, data_reply = replies[reused:]
+                first_rcpt = reused + 1
+
+                def on_reply(index: int, response: aiosmtplib.SMTPResponse) -> None:
+                    nonlocal mail_ok
+                    if index == reused:
+                        mail_ok = response.code == aiosmtplib.SMTPStatus.completed
+                    elif mail_ok and first_rcpt <= index < first_rcpt + len(recipients):
+                        rcpt_reply(recipients[index - first_rcpt], response)
+
+                replies = await pipeline(smtp, group, timeout, fresh=not reused, on_reply=on_reply)
+                mail_reply, data_reply = replies[reused], replies[-1]
             else:
                 mail_reply = await smtp.execute_command(mail, timeout=timeout)
-                rcpt_replies, data_reply = [], None
+                data_reply = None
                 if mail_reply.code == aiosmtplib.SMTPStatus.completed:
-                    rcpt_replies = [await smtp.execute_command(r, timeout=timeout) for r in rcpts]
+                    for address, command in zip(recipients, rcpts, strict=True):
+                        rcpt_reply(address, await smtp.execute_command(command, timeout=timeout))
             if mail_reply.code != aiosmtplib.SMTPStatus.completed:
                 raise remote_failure(mail_reply.code, mail_reply.message)
-            accepted: list[str] = []
-            last: Reply | None = None
-            for address, response in zip(recipients, rcpt_replies, strict=True):
-                if response.code in (aiosmtplib.SMTPStatus.completed, 251):
-                    accepted.append(address)
-                    continue
-                last = Reply.parse(response.code, response.message)
-                txn.record(address, last, where)
             if not accepted:
                 if data_reply is None:
                     await smtp.rset(timeout=timeout)
@@ -564,6 +580,10 @@ class Deliverer:
                 return last
             if data_reply is None:
                 data_reply = await smtp.execute_command(b"DATA", timeout=timeout)
+            if data_reply.code // 100 in (2, 3) and data_reply.code != 354:
+                # Not an answer DATA can have: a confused (or out of step)
+                # server; never take it as the message's fate.
+                raise errors.TemporaryFailure(f"unexpected reply to DATA: {data_reply.code}")
             try:
                 if data_reply.code != aiosmtplib.SMTPStatus.start_input:
                     raise aiosmtplib.SMTPDataError(data_reply.code, data_reply.message)

@@ -110,18 +110,17 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or len(self._pending) >= self._BATCH_MAX:
-            self._write_pending()
-            return
-        if self._scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            loop = None
+        if loop is None or record.levelno >= logging.WARNING:
             self._write_pending()
-            return
-        self._scheduled = True
-        loop.call_soon(self._turn_ended)
+        elif len(self._pending) >= self._BATCH_MAX:
+            self._write_pending()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._turn_ended)
 
     def _turn_ended(self) -> None:
         with self.lock:  # type: ignore[union-attr]

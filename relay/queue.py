@@ -286,6 +286,9 @@ class Scheduler:
         try:
             if fresh is not None:
                 envelope, body = fresh
+                if not self._spool.body_path(qid).exists():
+                    # `relay queue delete` ran before its first attempt.
+                    raise FileNotFoundError(qid)
             elif held is None:
                 envelope, body = await self._spool.open_async(qid, IN_MEMORY_MAX)
             else:

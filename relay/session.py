@@ -201,17 +201,24 @@ PIPELINE_GROUP_MAX = 50
 
 
 async def pipeline(
-    smtp: aiosmtplib.SMTP, commands: Sequence[bytes], reply_timeout: float, fresh: bool = True
+    smtp: aiosmtplib.SMTP,
+    commands: Sequence[bytes],
+    reply_timeout: float,
+    fresh: bool = True,
+    on_reply: Callable[[int, aiosmtplib.SMTPResponse], None] | None = None,
 ) -> list[aiosmtplib.SMTPResponse]:
     """RFC 2920 command pipelining: write ``commands`` in groups of up to
     PIPELINE_GROUP_MAX, reading one reply per command, in order, after each
     group. The caller checks that the server offers PIPELINING and that
     only the last command may change the session's state (DATA, section 3.1).
 
-    ``fresh=False`` (a pooled session): if the connection turns out closed
-    before the first reply, :class:`StaleSession` (the server dropped it
-    while it sat idle, and received nothing). Other losses raise as
-    aiosmtplib's own commands do, and close the connection.
+    ``fresh=False`` (a pooled session whose group starts with RSET, the
+    liveness check): if the connection turns out closed before the first
+    reply, or the RSET is not answered 250 (a 421 from a server timing the
+    session out), :class:`StaleSession`: the server took none of the
+    transaction. Other losses raise as aiosmtplib's own commands do, and
+    close the connection. ``on_reply(index, reply)`` sees each reply as it
+    arrives, so what was answered before a loss is not lost with it.
     """
     protocol = smtp.protocol
     if protocol is None or not smtp.is_connected:
@@ -227,13 +234,18 @@ async def pipeline(
         for first in range(0, len(commands), PIPELINE_GROUP_MAX):
             group = commands[first : first + PIPELINE_GROUP_MAX]
             protocol.write(b"".join(command + b"\r\n" for command in group))
-            for _ in group:
+            for n in range(len(group)):
                 # No await between one reply and the check of the buffer for
                 # the next: read_response() marks a reply expected before it
-                # yields.
-                replies.append(
-                    _reply_in_buffer(protocol) or await _next_reply(protocol, reply_timeout)
-                )
+                # yields. (At a group's start the buffer is empty.)
+                buffered = _reply_in_buffer(protocol) if n else None
+                reply = buffered or await _next_reply(protocol, reply_timeout)
+                if not fresh and not replies and reply.code != aiosmtplib.SMTPStatus.completed:
+                    smtp.close()
+                    raise StaleSession()
+                if on_reply is not None:
+                    on_reply(len(replies), reply)
+                replies.append(reply)
     except aiosmtplib.SMTPServerDisconnected as exc:
         smtp.close()
         if not replies and not fresh:

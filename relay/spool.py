@@ -25,11 +25,9 @@ The plain methods block. The event loop uses their ``*_async`` twins,
 which run the file work in the spool's own thread pool and share the
 directory fsync between concurrent callers (group commit, see
 :class:`GroupSync`): each caller still returns only after an fsync of
-``msg/`` that started after its own rename, so every promise above holds
+``msg/`` that started after its own rename or unlink, so every promise above holds
 per message, while a burst of N concurrent writes costs one directory
-fsync instead of N. Only the delete of a delivered message does not wait
-for the directory (:meth:`Spool.delete_async`): losing it to a power cut
-repeats a delivery, never loses one.
+fsync instead of N.
 """
 
 from __future__ import annotations
@@ -389,16 +387,17 @@ class Spool:
         return True
 
     async def delete_async(self, queue_id: str) -> bool:
-        """Remove a delivered (or bounced) message: :meth:`delete` without
-        waiting for a directory fsync.
+        """:meth:`delete` with the directory fsync shared (group commit).
 
-        A delete is undone only by a power loss before the kernel writes the
-        directory back; the message then comes back and is delivered again:
-        at-least-once, the same window as a crash between the next hop's 250
-        and the delete (Postfix deletes queue files the same way). Waiting for
-        the fsync cost a journal commit per batch of deliveries (issue #8).
+        The scheduler deletes a delivered message without writing its state
+        first, so the delete is the only durable record of the delivery
+        until this fsync: without it a power cut could bring the message
+        back with its first envelope, every recipient pending again.
         """
-        return await self._in_thread(self._unlink, queue_id)
+        if not await self._in_thread(self._unlink, queue_id):
+            return False
+        await self._commit(f"cannot delete {queue_id}")
+        return True
 
     async def read_async(self, queue_id: str) -> tuple[Envelope, bytes]:
         """The envelope and body of one message (KeyError / FileNotFoundError if gone)."""

@@ -210,7 +210,7 @@ async def test_replies_that_arrive_in_one_packet_are_all_read():
     ]
 
 
-async def _raw_server(reply_gap_turns: int, seen: list[bytes]):
+async def _raw_server(reply_gap_turns: int, seen: list[bytes], data_reply: bytes = b"354 go ahead"):
     """A pipelining server that answers each command as it reads it, one
     write per reply, ``reply_gap_turns`` event-loop turns apart (a server
     without output buffering, or a network cutting a reply burst into
@@ -235,9 +235,10 @@ async def _raw_server(reply_gap_turns: int, seen: list[bytes]):
                 writer.write(b"250 2.0.0 ok\r\n")
                 await pause()
             elif verb == b"DATA":
-                writer.write(b"354 go ahead\r\n")
-                await reader.readuntil(b"\r\n.\r\n")
-                writer.write(b"250 2.0.0 queued\r\n")
+                writer.write(data_reply + b"\r\n")
+                if data_reply.startswith(b"354"):
+                    await reader.readuntil(b"\r\n.\r\n")
+                    writer.write(b"250 2.0.0 queued\r\n")
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")
                 break
@@ -294,3 +295,28 @@ async def test_a_long_recipient_list_goes_in_groups_that_fit_the_reply_buffer():
         await server.wait_closed()
     assert {attempt.outcome(r) for r in rcpts} == {errors.DELIVERED}, attempt.last(rcpts[0])
     assert sum(line.startswith(b"RCPT TO:") for line in seen) == 600
+
+
+@pytest.mark.parametrize("answer", [b"250 2.0.0 ok", b"334 what?"])
+async def test_a_reply_to_data_other_than_354_or_an_error_defers(answer):
+    # A 2xx/3xx that is not 354 says the server is confused or out of step:
+    # no body was sent, so the recipients must not be taken as delivered.
+    seen: list[bytes] = []
+    server = await _raw_server(0, seen, data_reply=answer)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        d = deliverer(make_config(command_timeout=3.0))
+        try:
+            env = envelope("a@src.test", "b@x.test", qid="Q1")
+            attempt = await asyncio.wait_for(
+                d.deliver(
+                    route(OPPORTUNISTIC), env, ["b@x.test"], BODY, [candidate("mx1.test", port)]
+                ),
+                10,
+            )
+        finally:
+            await d.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert attempt.outcome("b@x.test") == errors.DEFERRED

@@ -122,9 +122,9 @@ async def test_a_sync_that_cannot_run_fails_its_waiters_instead_of_hanging() -> 
         await asyncio.wait_for(group.wait(), 5)
 
 
-async def test_a_delete_does_not_wait_for_a_directory_fsync(tmp_path: Path) -> None:
-    # Puts and updates wait for the directory fsync; the delete of a
-    # delivered message does not (a power loss can only bring it back).
+async def test_a_delete_waits_for_a_directory_fsync(tmp_path: Path) -> None:
+    # The delete of a delivered message is its only durable record (no
+    # state write before it): it must not be undone by a power cut.
     spool = Spool(tmp_path / "spool")
     spool.open()
     try:
@@ -132,7 +132,7 @@ async def test_a_delete_does_not_wait_for_a_directory_fsync(tmp_path: Path) -> N
         await spool.put_async(env, b"x\r\n")
         served = spool.group_sync().served
         assert await asyncio.wait_for(spool.delete_async(env.id), 10)
-        assert spool.group_sync().served == served
+        assert spool.group_sync().served == served + 1
         assert list(spool.msg_dir.iterdir()) == []
         assert not await spool.delete_async(env.id)
     finally:
