@@ -114,9 +114,11 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or record.levelno >= logging.WARNING:
-            self._write_pending()
-        elif len(self._pending) >= self._BATCH_MAX:
+        if (
+            loop is None
+            or record.levelno >= logging.WARNING
+            or len(self._pending) >= self._BATCH_MAX
+        ):
             self._write_pending()
         elif not self._scheduled:
             self._scheduled = True

@@ -2,22 +2,26 @@
 
 Layout under ``[queue] path``::
 
-    msg/<id>.eml    the message bytes, our Received header first; a message
-                    accepted in memory starts with one more line, its
-                    envelope as accepted: ``#relay-envelope {json}``
-    msg/<id>.json   the envelope (relay.envelope.Envelope as JSON) once its
-                    state changed, or from the start for a large (streamed)
-                    message; it wins over the line in the body file
+    msg/<id>.msg    a message accepted in memory, as one file: its envelope
+                    as accepted on the first line (``#relay-envelope
+                    {json}``), then the message bytes, our Received first
+    msg/<id>.state  that message's envelope once its state changed (wins
+                    over the first line)
+    msg/<id>.eml    a large (streamed) message's bytes, and the whole
+    msg/<id>.json   layout of relays before one-file messages: two files
     tmp/            files being written; anything here at start-up is junk
     corrupt/        messages whose envelope cannot be read (both files, for a
                     human): never delivered, never deleted by relay
 
-A message exists once it has an envelope in ``msg/``: a body file that
-carries one, or a ``.json`` whose body was renamed into place before it.
-One file per message at accept time costs one fsync and one rename (issue
-#8: the two-file write was most of the spool threads' work and of the wait
-before each 250). A crash at any point leaves either a complete message or
-nothing that counts (a body without an envelope is removed at start-up).
+A message exists once it has an envelope in ``msg/``: a ``.msg``, or a
+``.json`` whose ``.eml`` was renamed into place before it. One file per
+message at accept time costs one fsync and one rename (issue #8: the
+two-file write was most of the spool threads' work and of the wait before
+each 250). The new names are ones an older relay neither reads nor deletes
+(it would take a ``.eml`` without ``.json`` for debris): after a rollback
+those messages wait, untouched, for the newer relay. A crash at any point
+leaves either a complete message or nothing that counts (a body without an
+envelope is removed at start-up).
 Every write is temp file + fsync + rename + directory fsync, the sequence
 that survives kill -9 and power loss on POSIX file systems.
 
@@ -84,12 +88,21 @@ def _tmp_suffix() -> str:
     return f"{_RNG.getrandbits(32):08x}"
 
 
+_MESSAGE_SUFFIXES = (".msg", ".state", ".eml", ".json")
+#: Bodies first: a crash in between leaves an envelope whose body is in
+#: corrupt/, which the next load quarantines again (never a lone body).
+_QUARANTINE_MOVES = (
+    (".msg", ".msg"),
+    (".eml", ".eml"),
+    (".state", ".state"),
+    (".json", ".json"),
+    (".corrupt", ".json"),
+)
+
+
 def _skip_envelope_line(fh: BinaryIO) -> int:
-    """Position ``fh`` at the start of the message (after an envelope line); the offset."""
-    if fh.read(len(ENVELOPE_LINE)) == ENVELOPE_LINE:
-        fh.readline()
-    else:
-        fh.seek(0)
+    """Position ``fh`` (a ``.msg``) after its envelope line; the offset."""
+    fh.readline()
     return fh.tell()
 
 
@@ -298,8 +311,7 @@ class BodyFile:
         self.close()
 
 
-#: The first line of a body file that carries its own envelope. Other body
-#: files start with our Received header (or, streamed, with the message).
+#: The first line of a ``.msg`` file: the envelope it was accepted with.
 ENVELOPE_LINE = b"#relay-envelope "
 
 #: A spooled body as delivery gets it: in memory, or an open file when large.
@@ -418,8 +430,9 @@ class Spool:
     def open_body(self, queue_id: str, inline_max: int) -> Body:
         """The body as bytes, or as an open :class:`BodyFile` when over
         ``inline_max`` bytes. FileNotFoundError when there is none."""
-        with open(self.body_path(queue_id), "rb") as fh:
-            base = _skip_envelope_line(fh)
+        path = self.body_path(queue_id)
+        with open(path, "rb") as fh:
+            base = _skip_envelope_line(fh) if path.suffix == ".msg" else 0
             size = os.fstat(fh.fileno()).st_size - base
             if size <= inline_max:
                 return fh.read()
@@ -447,8 +460,16 @@ class Spool:
         for legacy in self.msg_dir.glob("*.corrupt"):
             # Set aside by an older relay next to its body: move both.
             self.quarantine(legacy.stem)
+        for state in self.msg_dir.glob("*.state"):
+            if state.with_suffix(".msg").exists():
+                continue
+            if (self.corrupt_dir / f"{state.stem}.msg").exists():
+                self.quarantine(state.stem)  # interrupted between its renames
+                continue
+            # A delete cut short (the body goes first): nothing is left of it.
+            state.unlink(missing_ok=True)
         for body in self.msg_dir.glob("*.eml"):
-            if body.with_suffix(".json").exists() or self._embedded(body.stem) is not None:
+            if body.with_suffix(".json").exists():
                 continue
             if (self.corrupt_dir / f"{body.stem}.json").exists():
                 # A quarantine interrupted between its two renames: finish it.
@@ -506,11 +527,12 @@ class Spool:
         written: list[Path] = []
         try:
             if writer is None:
+                one = self.msg_dir / f"{envelope.id}.msg"
                 line = ENVELOPE_LINE + envelope.dumps_line() + b"\n"
-                tmp_body = self._write(body, data, line + prefix)
-                written.append(tmp_body)
-                os.replace(tmp_body, body)
-                return [body]
+                tmp_one = self._write(one, data, line + prefix)
+                written.append(tmp_one)
+                os.replace(tmp_one, one)
+                return [one]
             tmp_body = writer.finish(self.fsync)
             written.append(tmp_body)
             tmp_meta = self._write(meta, envelope.dumps())
@@ -542,9 +564,8 @@ class Spool:
 
     def _replace_meta(self, envelope: Envelope) -> bool:
         """Rename a new envelope over the old one (no directory fsync): False if gone."""
-        meta = self.msg_dir / f"{envelope.id}.json"
-        body = self.body_path(envelope.id)
-        if not (body.exists() and (meta.exists() or self._embedded(envelope.id) is not None)):
+        body, meta = self._names(envelope.id)
+        if not (body.exists() and (body.suffix == ".msg" or meta.exists())):
             return False
         try:
             tmp = self._write(meta, envelope.dumps())
@@ -560,25 +581,35 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         """The envelope of one message; KeyError when there is none."""
+        data = self._envelope_bytes(queue_id)
+        if data is None:
+            raise KeyError(queue_id)
+        return Envelope.loads(data)
+
+    def _names(self, queue_id: str) -> tuple[Path, Path]:
+        """(body, envelope) paths: ``.msg`` and ``.state`` for a one-file
+        message, else ``.eml`` and ``.json``."""
+        one = self.msg_dir / f"{queue_id}.msg"
+        if one.exists():
+            return one, self.msg_dir / f"{queue_id}.state"
+        return self.msg_dir / f"{queue_id}.eml", self.msg_dir / f"{queue_id}.json"
+
+    def _envelope_bytes(self, queue_id: str) -> bytes | None:
+        """The stored envelope's JSON; None when there is no message."""
+        body, meta = self._names(queue_id)
         try:
-            return Envelope.loads((self.msg_dir / f"{queue_id}.json").read_bytes())
+            return meta.read_bytes()
         except FileNotFoundError:
             pass
-        embedded = self._embedded(queue_id)
-        if embedded is None:
-            raise KeyError(queue_id)
-        return Envelope.loads(embedded)
-
-    def _embedded(self, queue_id: str) -> bytes | None:
-        """The envelope JSON on the first line of the body file, if it has one."""
+        if body.suffix != ".msg":
+            return None
         try:
-            with open(self.body_path(queue_id), "rb") as fh:
+            with open(body, "rb") as fh:
                 line = fh.readline()
         except FileNotFoundError:
             return None
-        if not line.startswith(ENVELOPE_LINE):
-            return None
-        return line[len(ENVELOPE_LINE) :]
+        # Not our line: unreadable, so quarantined (never taken as a body).
+        return line[len(ENVELOPE_LINE) :] if line.startswith(ENVELOPE_LINE) else line
 
     def load_all(
         self, quarantine: bool = True, unreadable: list[str] | None = None
@@ -589,12 +620,9 @@ class Spool:
         ``corrupt/``; without it (the read-only CLI) it is left where it is.
         Either way its id is appended to ``unreadable`` when given.
         """
-        ids = sorted({p.stem for p in self.msg_dir.iterdir() if p.suffix in (".json", ".eml")})
+        ids = sorted({p.stem for p in self.msg_dir.iterdir() if p.suffix in _MESSAGE_SUFFIXES})
         for queue_id in ids:
-            try:
-                data: bytes | None = (self.msg_dir / f"{queue_id}.json").read_bytes()
-            except FileNotFoundError:
-                data = self._embedded(queue_id)
+            data = self._envelope_bytes(queue_id)
             if data is None:
                 # Delivered and deleted since the listing (the daemon runs
                 # while `relay queue list` reads): gone, not corrupt. Or a
@@ -619,7 +647,7 @@ class Spool:
         a body without an envelope (which :meth:`open` would delete).
         """
         self.corrupt_dir.mkdir(parents=True, exist_ok=True)
-        for suffix, target in ((".eml", ".eml"), (".json", ".json"), (".corrupt", ".json")):
+        for suffix, target in _QUARANTINE_MOVES:
             with suppress(FileNotFoundError):
                 os.replace(
                     self.msg_dir / f"{queue_id}{suffix}", self.corrupt_dir / f"{queue_id}{target}"
@@ -632,14 +660,16 @@ class Spool:
         """Ids of the messages set aside in ``corrupt/`` (read-only)."""
         if not self.corrupt_dir.is_dir():
             return []
-        return sorted({p.stem for p in self.corrupt_dir.iterdir() if p.suffix in (".json", ".eml")})
+        return sorted({p.stem for p in self.corrupt_dir.iterdir() if p.suffix in _MESSAGE_SUFFIXES})
 
     def body_path(self, queue_id: str) -> Path:
-        return self.msg_dir / f"{queue_id}.eml"
+        """The file holding the message bytes (after the envelope line in a ``.msg``)."""
+        return self._names(queue_id)[0]
 
     def read_body(self, queue_id: str) -> bytes:
-        data = self.body_path(queue_id).read_bytes()
-        if data.startswith(ENVELOPE_LINE):
+        path = self.body_path(queue_id)
+        data = path.read_bytes()
+        if path.suffix == ".msg":
             return data[data.index(b"\n") + 1 :]
         return data
 
@@ -656,16 +686,14 @@ class Spool:
         return True
 
     def _unlink(self, queue_id: str) -> bool:
-        try:
-            self.body_path(queue_id).unlink()
-            existed = True
-        except FileNotFoundError:
-            existed = False
-        try:
-            (self.msg_dir / f"{queue_id}.json").unlink()
-        except FileNotFoundError:
-            return existed
-        return True
+        existed = False
+        for suffix in (".msg", ".eml", ".state", ".json"):  # bodies first
+            try:
+                (self.msg_dir / f"{queue_id}{suffix}").unlink()
+                existed = True
+            except FileNotFoundError:
+                pass
+        return existed
 
     def writable(self) -> bool:
         """True when a new file can be created in the spool (for /healthz)."""

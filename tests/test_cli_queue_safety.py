@@ -43,7 +43,7 @@ def test_queue_list_reports_corrupt_messages_and_moves_nothing(tmp_path: Path) -
     bad = spool_message(spool, ["carol@example.test"])
     old = spool_message(spool, ["dave@example.test"])
     spool.quarantine(old.id)  # set aside earlier by the daemon
-    (spool.msg_dir / f"{bad.id}.json").write_bytes(b"{truncated")
+    (spool.msg_dir / f"{bad.id}.state").write_bytes(b"{truncated")
     result = relay("queue", "list", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert good.id in result.stdout and bad.id not in result.stdout
@@ -51,7 +51,7 @@ def test_queue_list_reports_corrupt_messages_and_moves_nothing(tmp_path: Path) -
     assert "warning: 2 corrupt message(s) (unreadable envelope)" in result.stdout
     assert str(spool.corrupt_dir) in result.stdout
     # Read-only: the unreadable envelope is where it was, with its body.
-    assert (spool.msg_dir / f"{bad.id}.json").read_bytes() == b"{truncated"
+    assert (spool.msg_dir / f"{bad.id}.state").read_bytes() == b"{truncated"
     assert spool.body_path(bad.id).exists()
     show = relay("queue", "show", bad.id, "--config", str(config))
     assert show.returncode == 1 and "unreadable envelope" in show.stderr

@@ -298,7 +298,7 @@ async def test_message_deleted_from_the_spool_is_dropped(tmp_path) -> None:
 async def test_unreadable_envelope_is_dropped_from_the_index(tmp_path) -> None:
     h = harness(tmp_path)
     env = spool_message(h.spool, ["bob@example.com"])
-    (h.spool.msg_dir / f"{env.id}.json").write_bytes(b"{not json")
+    (h.spool.msg_dir / f"{env.id}.state").write_bytes(b"{not json")
     async with running(h.scheduler):
         h.scheduler.add(env)
         await settle(h.scheduler)

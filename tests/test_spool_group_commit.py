@@ -105,7 +105,7 @@ async def test_concurrent_puts_are_all_durable_with_fewer_directory_fsyncs(tmp_p
         assert group.served == 40
         assert group.syncs < 40
         names = {p.name for p in spool.msg_dir.iterdir()}
-        assert names == {f"{e.id}.eml" for e in envelopes}  # one file each
+        assert names == {f"{e.id}.msg" for e in envelopes}  # one file each
         assert list(spool.tmp_dir.iterdir()) == []
     finally:
         spool.close()

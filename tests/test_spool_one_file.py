@@ -2,8 +2,10 @@
 
 Issue #8: writing the body and the envelope as two fsynced files was most of
 the spool's work per message. A message accepted in memory is now one file,
-``msg/<id>.eml``, starting with ``#relay-envelope {json}``; a ``.json``
-appears when its state changes (and wins); older spools still load.
+``msg/<id>.msg``, starting with ``#relay-envelope {json}``; a ``.state``
+appears when its state changes (and wins); older spools (``.eml`` and
+``.json``) still load, and an older relay neither reads nor deletes the new
+files (a rollback leaves them waiting).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def _spool(tmp_path: Path) -> Spool:
 def test_a_message_is_one_file_with_its_envelope_first(tmp_path) -> None:
     spool = _spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
-    assert [p.name for p in spool.msg_dir.iterdir()] == [f"{env.id}.eml"]
+    assert [p.name for p in spool.msg_dir.iterdir()] == [f"{env.id}.msg"]
     raw = spool.body_path(env.id).read_bytes()
     assert raw.startswith(ENVELOPE_LINE) and raw.endswith(BODY)
     assert raw.count(b"\n", 0, len(raw) - len(BODY)) == 1  # the envelope is one line
@@ -51,7 +53,7 @@ def test_a_state_change_writes_the_json_which_wins(tmp_path) -> None:
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
     assert spool.update(env)
-    assert sorted(p.suffix for p in spool.msg_dir.iterdir()) == [".eml", ".json"]
+    assert sorted(p.suffix for p in spool.msg_dir.iterdir()) == [".msg", ".state"]
     assert spool.load(env.id).recipients[0].state == RcptState.DELIVERED
     assert [e.recipients[0].state for e in spool.load_all()] == [RcptState.DELIVERED]
     assert spool.read_body(env.id) == BODY
@@ -68,7 +70,7 @@ def test_a_restart_keeps_one_file_messages_and_drops_bodies_without_envelopes(tm
     orphan = spool.body_path("ORPHAN")
     orphan.write_bytes(BODY)  # renamed into place, envelope never followed
     Spool(spool.path, fsync=False).open()
-    assert [p.name for p in spool.msg_dir.iterdir()] == [f"{kept.id}.eml"]
+    assert [p.name for p in spool.msg_dir.iterdir()] == [f"{kept.id}.msg"]
     assert [e.id for e in spool.load_all()] == [kept.id]
 
 
@@ -86,6 +88,7 @@ async def test_a_delete_cut_short_leaves_nothing_that_is_delivered_again(tmp_pat
             h.scheduler.add(stored)
         await settle(h.scheduler)
     assert h.deliverer.calls == []
+    Spool(h.spool.path, fsync=False).open()  # the next start removes the rest
     assert list(h.spool.msg_dir.iterdir()) == []
 
 
@@ -98,7 +101,7 @@ def test_an_unreadable_envelope_line_is_quarantined_with_the_body(tmp_path) -> N
     unreadable: list[str] = []
     assert [e.id for e in spool.load_all(unreadable=unreadable)] == [good.id]
     assert unreadable == [bad.id]
-    assert (spool.corrupt_dir / f"{bad.id}.eml").read_bytes().endswith(BODY)
+    assert (spool.corrupt_dir / f"{bad.id}.msg").read_bytes().endswith(BODY)
     Spool(spool.path, fsync=False).open()  # a restart deletes nothing of it
     assert spool.quarantined() == [bad.id]
 
@@ -112,4 +115,27 @@ def test_a_spool_written_by_an_older_relay_still_loads_and_reads(tmp_path) -> No
     assert spool.read_body(old.id) == BODY == spool.read_body(new.id)
     assert spool.open_body(old.id, 1 << 20) == BODY
     assert spool.delete(old.id) and spool.delete(new.id)
+    assert list(spool.msg_dir.iterdir()) == []
+
+
+def test_an_older_relay_neither_reads_nor_deletes_one_file_messages(tmp_path) -> None:
+    # Before one-file messages, relay loaded msg/*.json and removed every
+    # msg/*.eml without a .json as debris at start-up: a rollback must find
+    # neither among the new files (they wait for the newer relay).
+    spool = _spool(tmp_path)
+    env = spool_message(spool, ["bob@example.com", "carol@example.com"])
+    env.recipients[0].state = RcptState.DELIVERED
+    assert spool.update(env)
+    spool_message(spool, ["dave@example.com"])
+    assert not list(spool.msg_dir.glob("*.eml")) and not list(spool.msg_dir.glob("*.json"))
+
+
+def test_a_state_left_by_a_delete_cut_short_is_removed_at_start_up(tmp_path) -> None:
+    spool = _spool(tmp_path)
+    env = spool_message(spool, ["bob@example.com", "carol@example.com"])
+    env.recipients[0].state = RcptState.DELIVERED
+    assert spool.update(env)
+    (spool.msg_dir / f"{env.id}.msg").unlink()  # the first half of a delete
+    assert list(spool.load_all()) == []
+    Spool(spool.path, fsync=False).open()
     assert list(spool.msg_dir.iterdir()) == []

@@ -18,16 +18,16 @@ def test_unreadable_envelope_is_set_aside_with_its_body_and_survives_a_restart(t
     spool = _spool(tmp_path)
     good = spool_message(spool, ["bob@example.com"])
     bad = spool_message(spool, ["carol@example.com"])
-    (spool.msg_dir / f"{bad.id}.json").write_bytes(b"{written by a newer relay")
+    (spool.msg_dir / f"{bad.id}.state").write_bytes(b"{written by a newer relay")
     assert [e.id for e in spool.load_all()] == [good.id]
     assert sorted(p.name for p in spool.corrupt_dir.iterdir()) == [
-        f"{bad.id}.eml",
-        f"{bad.id}.json",
+        f"{bad.id}.msg",
+        f"{bad.id}.state",
     ]
     assert spool.quarantined() == [bad.id]
     Spool(spool.path, fsync=False).open()  # the next start
-    assert b"\nFrom: Alice" in (spool.corrupt_dir / f"{bad.id}.eml").read_bytes()
-    assert sorted(p.name for p in spool.msg_dir.iterdir()) == [f"{good.id}.eml"]
+    assert b"\nFrom: Alice" in (spool.corrupt_dir / f"{bad.id}.msg").read_bytes()
+    assert sorted(p.name for p in spool.msg_dir.iterdir()) == [f"{good.id}.msg"]
 
 
 def test_start_keeps_the_body_of_an_envelope_set_aside_by_an_older_relay(tmp_path) -> None:
@@ -44,11 +44,11 @@ def test_start_keeps_the_body_of_an_envelope_set_aside_by_an_older_relay(tmp_pat
 def test_read_only_listing_moves_nothing(tmp_path) -> None:
     spool = _spool(tmp_path)
     bad = spool_message(spool, ["carol@example.com"])
-    (spool.msg_dir / f"{bad.id}.json").write_bytes(b"garbage")
+    (spool.msg_dir / f"{bad.id}.state").write_bytes(b"garbage")
     unreadable: list[str] = []
     assert list(spool.load_all(quarantine=False, unreadable=unreadable)) == []
     assert unreadable == [bad.id]
-    assert (spool.msg_dir / f"{bad.id}.json").exists()
+    assert (spool.msg_dir / f"{bad.id}.state").exists()
     assert not spool.corrupt_dir.exists()
 
 

@@ -227,7 +227,7 @@ def test_upstream_postfix_sendmail_twenty_messages_delivered_once(chain: Chain) 
     # Let any duplicate surface: both queues drained, then a short grace.
     wait_for(lambda: not chain.up.queued(), 10, what="the upstream queue to drain")
     wait_for(
-        lambda: not any((chain.relay.config_path.parent / "relay-spool").rglob("*.eml")),
+        lambda: not any((chain.relay.config_path.parent / "relay-spool").rglob("*.msg")),
         10,
         what="the relay spool to drain",
     )

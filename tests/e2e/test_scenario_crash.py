@@ -52,17 +52,17 @@ def test_sigkill_with_100_queued_then_all_delivered_once(
 
     ids = submit_many(proc.port, recipient, COUNT)
     spool = tmp_path / "relay-spool"
-    assert len(list(spool.rglob("*.eml"))) == COUNT
+    assert len(list(spool.rglob("*.msg"))) == COUNT
     # At least one attempt failed (connection refused) before the crash.
     proc.wait_for_stderr("event=deferred", timeout=15)
     proc.kill9()
     assert proc.returncode == -9
-    assert len(list(spool.rglob("*.eml"))) == COUNT  # nothing lost with the process
+    assert len(list(spool.rglob("*.msg"))) == COUNT  # nothing lost with the process
 
     down.start()
     proc.start()
     down.wait_messages(COUNT, timeout=40, recipient=recipient)
-    wait_for(lambda: not any(spool.rglob("*.eml")), 15, what="the relay spool to drain")
+    wait_for(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
     time.sleep(0.5)  # give a duplicate the chance to arrive
 
     seen = Counter(str(m["Message-ID"]) for m in down.messages(recipient))
@@ -105,7 +105,7 @@ def test_sigkill_during_delivery_loses_nothing(
     proc.start()
     down.wait_messages(COUNT, timeout=40, recipient=recipient)
     spool = tmp_path / "relay-spool"
-    wait_for(lambda: not any(spool.rglob("*.eml")), 15, what="the relay spool to drain")
+    wait_for(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
     time.sleep(0.5)
 
     seen = Counter(str(m["Message-ID"]) for m in down.messages(recipient))
