@@ -247,39 +247,11 @@ async def _raw_server(reply_gap_turns: int, seen: list[bytes], data_reply: bytes
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
-@pytest.mark.parametrize("gap", [0, 1, 2, 3])
-async def test_replies_written_one_turn_apart_are_none_of_them_lost(gap):
-    # aiosmtplib drops bytes that arrive while a parsed reply waits to be
-    # picked up; relay must pick each reply up before the next can arrive.
+async def _deliver_raw(rcpts: list[str], gap: int = 0, data_reply: bytes = b"354 go ahead"):
+    """One delivery of BODY to ``rcpts`` through :func:`_raw_server`: (attempt, lines seen)."""
     seen: list[bytes] = []
-    server = await _raw_server(gap, seen)
+    server = await _raw_server(gap, seen, data_reply)
     port = server.sockets[0].getsockname()[1]
-    rcpts = [f"r{i}@x.test" for i in range(5)]
-    try:
-        d = deliverer(make_config(command_timeout=3.0))
-        try:
-            env = envelope("a@src.test", *rcpts, qid="Q1")
-            attempt = await asyncio.wait_for(
-                d.deliver(route(OPPORTUNISTIC), env, rcpts, BODY, [candidate("mx1.test", port)]),
-                10,
-            )
-        finally:
-            await d.close()
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert all(attempt.outcome(r) == errors.DELIVERED for r in rcpts), attempt
-
-
-async def test_a_long_recipient_list_goes_in_groups_that_fit_the_reply_buffer():
-    # 600 recipients: their replies (about 55 KB, written as fast as the
-    # server reads) would overflow aiosmtplib's 32 KiB reply buffer if all
-    # were sent at once ("Response too long", a 5xx: every recipient
-    # bounced). relay sends at most PIPELINE_GROUP_MAX commands per group.
-    seen: list[bytes] = []
-    server = await _raw_server(0, seen)
-    port = server.sockets[0].getsockname()[1]
-    rcpts = [f"recipient-with-a-long-name-{i:04d}@x.test" for i in range(600)]
     try:
         d = deliverer(make_config(command_timeout=3.0))
         try:
@@ -293,6 +265,25 @@ async def test_a_long_recipient_list_goes_in_groups_that_fit_the_reply_buffer():
     finally:
         server.close()
         await server.wait_closed()
+    return attempt, seen
+
+
+@pytest.mark.parametrize("gap", [0, 1, 2, 3])
+async def test_replies_written_one_turn_apart_are_none_of_them_lost(gap):
+    # aiosmtplib drops bytes that arrive while a parsed reply waits to be
+    # picked up; relay must pick each reply up before the next can arrive.
+    rcpts = [f"r{i}@x.test" for i in range(5)]
+    attempt, _ = await _deliver_raw(rcpts, gap)
+    assert all(attempt.outcome(r) == errors.DELIVERED for r in rcpts), attempt
+
+
+async def test_a_long_recipient_list_goes_in_groups_that_fit_the_reply_buffer():
+    # 600 recipients: their replies (about 55 KB, written as fast as the
+    # server reads) would overflow aiosmtplib's 32 KiB reply buffer if all
+    # were sent at once ("Response too long", a 5xx: every recipient
+    # bounced). relay sends at most PIPELINE_GROUP_MAX commands per group.
+    rcpts = [f"recipient-with-a-long-name-{i:04d}@x.test" for i in range(600)]
+    attempt, seen = await _deliver_raw(rcpts)
     assert {attempt.outcome(r) for r in rcpts} == {errors.DELIVERED}, attempt.last(rcpts[0])
     assert sum(line.startswith(b"RCPT TO:") for line in seen) == 600
 
@@ -301,22 +292,5 @@ async def test_a_long_recipient_list_goes_in_groups_that_fit_the_reply_buffer():
 async def test_a_reply_to_data_other_than_354_or_an_error_defers(answer):
     # A 2xx/3xx that is not 354 says the server is confused or out of step:
     # no body was sent, so the recipients must not be taken as delivered.
-    seen: list[bytes] = []
-    server = await _raw_server(0, seen, data_reply=answer)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        d = deliverer(make_config(command_timeout=3.0))
-        try:
-            env = envelope("a@src.test", "b@x.test", qid="Q1")
-            attempt = await asyncio.wait_for(
-                d.deliver(
-                    route(OPPORTUNISTIC), env, ["b@x.test"], BODY, [candidate("mx1.test", port)]
-                ),
-                10,
-            )
-        finally:
-            await d.close()
-    finally:
-        server.close()
-        await server.wait_closed()
+    attempt, _ = await _deliver_raw(["b@x.test"], data_reply=answer)
     assert attempt.outcome("b@x.test") == errors.DEFERRED
