@@ -25,7 +25,7 @@ from relay.config import Config, ConfigError, Route
 from relay.dns import DnsResolver, Resolver
 from relay.envelope import Envelope, RcptState
 from relay.routing import Candidate
-from relay.spool import Spool
+from relay.spool import IN_MEMORY_MAX, BodyFile, Spool
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -186,7 +186,13 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     _print_envelope(env)
     print()
     try:
-        body = spool.read_body(env.id)
+        # The header section only: a large body is not read whole.
+        opened = spool.open_body(env.id, IN_MEMORY_MAX)
+        if isinstance(opened, BodyFile):
+            with opened:
+                body = opened.head(IN_MEMORY_MAX)
+        else:
+            body = opened
     except FileNotFoundError:
         # A delete cut short (or running now): the daemon drops the rest.
         print(f"(the message body is gone: {env.id} is being deleted)")

@@ -56,3 +56,30 @@ def test_queue_list_reports_corrupt_messages_and_moves_nothing(tmp_path: Path) -
     show = relay("queue", "show", bad.id, "--config", str(config))
     assert show.returncode == 1 and "unreadable envelope" in show.stderr
     assert "Traceback" not in show.stderr
+
+
+def test_queue_show_prints_the_headers_of_small_and_large_messages(tmp_path: Path) -> None:
+    # One-file messages (envelope line first) and large bodies (read only
+    # up to their header section) show the same way; no envelope line.
+    from relay.spool import IN_MEMORY_MAX
+
+    config = _config(tmp_path)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    big = b"Subject: big one\r\n\r\n" + b"x" * 76 + b"\r\n"
+    big += b"y" * 76 * (IN_MEMORY_MAX // 70) + b"\r\n"
+    small = spool_message(spool, ["bob@example.test"])
+    large = spool_message(spool, ["carol@example.test"], body=big)
+    for env, subject in ((small, "Subject: hello"), (large, "Subject: big one")):
+        shown = relay("queue", "show", env.id, "--config", str(config))
+        assert shown.returncode == 0, shown.stderr
+        assert subject in shown.stdout
+        assert "#relay-envelope" not in shown.stdout
+        assert "yyyy" not in shown.stdout
+    # A body being deleted (its envelope left by a delete cut short).
+    assert spool.update(small)
+    spool.body_path(small.id).unlink()
+    legacy = tmp_path / "spool" / "msg" / f"{small.id}.json"
+    legacy.write_bytes(small.dumps())
+    shown = relay("queue", "show", small.id, "--config", str(config))
+    assert shown.returncode == 0 and "being deleted" in shown.stdout
