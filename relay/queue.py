@@ -286,7 +286,7 @@ class Scheduler:
         try:
             if fresh is not None:
                 envelope, body = fresh
-                if not self._spool.body_path(qid).exists():
+                if not self._spool.has_body(qid):
                     # `relay queue delete` ran before its first attempt.
                     raise FileNotFoundError(qid)
             elif held is None:

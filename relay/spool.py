@@ -662,6 +662,10 @@ class Spool:
             return []
         return sorted({p.stem for p in self.corrupt_dir.iterdir() if p.suffix in _MESSAGE_SUFFIXES})
 
+    def has_body(self, queue_id: str) -> bool:
+        """Whether the message's body is still in ``msg/`` (one stat for a ``.msg``)."""
+        return any((self.msg_dir / f"{queue_id}{suffix}").exists() for suffix in (".msg", ".eml"))
+
     def body_path(self, queue_id: str) -> Path:
         """The file holding the message bytes (after the envelope line in a ``.msg``)."""
         return self._names(queue_id)[0]
