@@ -411,16 +411,10 @@ class Spool:
         await self._commit(f"cannot delete {queue_id}")
         return True
 
-    async def read_async(self, queue_id: str) -> tuple[Envelope, bytes]:
-        """The envelope and body of one message (KeyError / FileNotFoundError if gone)."""
-        return await self._in_thread(self._read, queue_id)
-
-    def _read(self, queue_id: str) -> tuple[Envelope, bytes]:
-        return self.load(queue_id), self.read_body(queue_id)
-
     async def open_async(self, queue_id: str, inline_max: int) -> tuple[Envelope, Body]:
-        """:meth:`read_async`, but a body over ``inline_max`` bytes comes as an
-        open :class:`BodyFile` (the caller closes it) instead of bytes."""
+        """The envelope and body of one message (KeyError / FileNotFoundError
+        if gone); a body over ``inline_max`` bytes comes as an open
+        :class:`BodyFile` (the caller closes it) instead of bytes."""
         return await self._in_thread(self._open, queue_id, inline_max)
 
     def _open(self, queue_id: str, inline_max: int) -> tuple[Envelope, Body]:

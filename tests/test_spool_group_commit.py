@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay.envelope import ClientInfo, Envelope, RcptState, Recipient
-from relay.spool import GroupSync, Spool, new_id
+from relay.spool import IN_MEMORY_MAX, GroupSync, Spool, new_id
 
 
 class SlowSync:
@@ -78,7 +78,7 @@ async def test_async_api_round_trip_with_fsync(tmp_path: Path) -> None:
     try:
         env = envelope()
         await spool.put_async(env, b"Subject: hi\r\n\r\nbody\r\n")
-        stored, body = await spool.read_async(env.id)
+        stored, body = await spool.open_async(env.id, IN_MEMORY_MAX)
         assert (stored.id, body) == (env.id, b"Subject: hi\r\n\r\nbody\r\n")
         assert stored.size == len(body)
         env.recipients[0].state = RcptState.DELIVERED
@@ -88,7 +88,7 @@ async def test_async_api_round_trip_with_fsync(tmp_path: Path) -> None:
         assert not await spool.delete_async(env.id)
         assert list(spool.msg_dir.iterdir()) == []
         with pytest.raises(KeyError):
-            await spool.read_async(env.id)
+            await spool.open_async(env.id, IN_MEMORY_MAX)
     finally:
         spool.close()
 
