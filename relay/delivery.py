@@ -63,6 +63,7 @@ from relay.session import (
     open_session,
     pipeline,
     remote_failure,
+    reply_within,
 )
 from relay.spool import Body, BodyFile
 
@@ -687,7 +688,7 @@ async def _send_body(smtp: aiosmtplib.SMTP, body: Body, cfg: Config) -> aiosmtpl
         except BaseException:
             await _forget(reply)
             raise
-        waiting = _reply_within(reply, cfg.delivery.data_timeout)
+        waiting = reply_within(reply, cfg.delivery.data_timeout)
     try:
         response = await waiting
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
@@ -746,15 +747,6 @@ async def _drained(
             await protocol._drain_helper()
     except TimeoutError as exc:
         raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from exc
-
-
-async def _reply_within(
-    reply: asyncio.Future[aiosmtplib.SMTPResponse], limit: float
-) -> aiosmtplib.SMTPResponse:
-    try:
-        return await asyncio.wait_for(reply, limit)
-    except TimeoutError as exc:
-        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
 
 
 async def _forget(reply: asyncio.Future[aiosmtplib.SMTPResponse]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,12 +266,19 @@ async def _next_reply(protocol: Any, reply_timeout: float) -> aiosmtplib.SMTPRes
     # reads. aiosmtplib's own timeout (wait_for) adds a turn, in which it
     # drops bytes that arrive while it holds a parsed reply -- the next
     # replies of a group that came in more than one segment.
+    return await reply_within(protocol.read_response(timeout=None), reply_timeout)
+
+
+async def reply_within(
+    reply: Awaitable[aiosmtplib.SMTPResponse], limit: float
+) -> aiosmtplib.SMTPResponse:
+    """Await a server reply for at most ``limit`` seconds; a timeout raises
+    aiosmtplib's SMTPReadTimeoutError, as its own commands do."""
     try:
-        async with asyncio.timeout(reply_timeout):
-            reply: aiosmtplib.SMTPResponse = await protocol.read_response(timeout=None)
+        async with asyncio.timeout(limit):
+            return await reply
     except TimeoutError as exc:
         raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
-    return reply
 
 
 async def quit_session(session: Session) -> None:
