@@ -21,17 +21,17 @@ each 250). The new names are ones an older relay neither reads nor deletes
 (it would take a ``.eml`` without ``.json`` for debris): after a rollback
 those messages wait, untouched, for the newer relay. A crash at any point
 leaves either a complete message or nothing that counts (a body without an
-envelope is removed at start-up).
-Every write is temp file + fsync + rename + directory fsync, the sequence
-that survives kill -9 and power loss on POSIX file systems.
+envelope is removed at start-up). Every write is temp file + fsync + rename
++ directory fsync, the sequence that survives kill -9 and power loss on
+POSIX file systems.
 
 The plain methods block. The event loop uses their ``*_async`` twins,
 which run the file work in the spool's own thread pool and share the
 directory fsync between concurrent callers (group commit, see
 :class:`GroupSync`): each caller still returns only after an fsync of
-``msg/`` that started after its own rename or unlink, so every promise above holds
-per message, while a burst of N concurrent writes costs one directory
-fsync instead of N.
+``msg/`` that started after its own rename or unlink, so every promise
+above holds per message, while a burst of N concurrent writes costs one
+directory fsync instead of N.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import asyncio
 import errno
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -98,12 +99,6 @@ _QUARANTINE_MOVES = (
     (".json", ".json"),
     (".corrupt", ".json"),
 )
-
-
-def _skip_envelope_line(fh: BinaryIO) -> int:
-    """Position ``fh`` (a ``.msg``) after its envelope line; the offset."""
-    fh.readline()
-    return fh.tell()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -426,7 +421,9 @@ class Spool:
         ``inline_max`` bytes. FileNotFoundError when there is none."""
         path = self.body_path(queue_id)
         with open(path, "rb") as fh:
-            base = _skip_envelope_line(fh) if path.suffix == ".msg" else 0
+            if path.suffix == ".msg":
+                fh.readline()  # the envelope line
+            base = fh.tell()
             size = os.fstat(fh.fileno()).st_size - base
             if size <= inline_max:
                 return fh.read()
@@ -665,11 +662,10 @@ class Spool:
         return self._names(queue_id)[0]
 
     def read_body(self, queue_id: str) -> bytes:
-        path = self.body_path(queue_id)
-        data = path.read_bytes()
-        if path.suffix == ".msg":
-            return data[data.index(b"\n") + 1 :]
-        return data
+        """The whole body as bytes (after a ``.msg``'s envelope line)."""
+        body = self.open_body(queue_id, sys.maxsize)
+        assert isinstance(body, bytes)  # no file is over sys.maxsize bytes
+        return body
 
     def delete(self, queue_id: str) -> bool:
         """Remove a message; False when there was none.
