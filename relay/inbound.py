@@ -1099,8 +1099,7 @@ class Inbound:
             if spill.failure is not None:
                 # The disk filled (or failed) during the DATA.
                 return self._not_spooled(env, session, spill.failure)
-        body = spill.writer if spill is not None else None
-        write = asyncio.ensure_future(self._spool(env, header, content, body))
+        write = self._spool(env, header, content, spill.writer if spill is not None else None)
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -1177,23 +1176,29 @@ class Inbound:
         except Exception:
             events.error("schedule_failed", exc_info=True, id=env.id)
 
-    async def _spool(
+    def _spool(
         self, env: Envelope, header: bytes, content: bytes, body: BodyWriter | None
-    ) -> None:
+    ) -> asyncio.Future[None]:
+        """Start the durable write: fsynced, renamed, directory fsynced (that
+        fsync shared with concurrent sessions). Shutdown waits for it."""
         self._writes += 1
         self._writes_done.clear()
         try:
-            # Durable before we return: fsynced, renamed, directory fsynced
-            # (the directory fsync shared with concurrent sessions).
-            # header and content written one after the other: no joined copy.
             if body is None:
-                await self.spool.put_async(env, content, prefix=header)
+                # header and content written one after the other: no joined copy.
+                write = self.spool.put_async(env, content, prefix=header)
             else:
-                await self.spool.put_async(env, content, body=body)
-        finally:
-            self._writes -= 1
-            if not self._writes:
-                self._writes_done.set()
+                write = self.spool.put_async(env, content, body=body)
+        except BaseException:
+            self._written(None)
+            raise
+        write.add_done_callback(self._written)
+        return write
+
+    def _written(self, write: asyncio.Future[None] | None) -> None:
+        self._writes -= 1
+        if not self._writes:
+            self._writes_done.set()
 
     def _envelope(
         self, session: Session, envelope: SmtpEnvelope, queue_id: str | None = None

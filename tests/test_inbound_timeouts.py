@@ -13,7 +13,7 @@ from pathlib import Path
 
 from relay import errors
 from relay.envelope import Envelope
-from relay.spool import Spool
+from relay.spool import BodyWriter, Spool
 from tests.support.inbound import RawClient, make_config, running_inbound
 
 
@@ -24,9 +24,11 @@ class SlowSpool(Spool):
         super().__init__(path, fsync=False)
         self.delay = delay
 
-    async def put_async(self, envelope: Envelope, data: bytes, prefix: bytes = b"") -> None:
-        await asyncio.sleep(self.delay)  # the write inbound awaits before its 250
-        await super().put_async(envelope, data, prefix)
+    def _put_shared(
+        self, envelope: Envelope, data: bytes, prefix: bytes, body: BodyWriter | None
+    ) -> None:
+        time.sleep(self.delay)  # in the spool's thread, as a slow fsync would be
+        super()._put_shared(envelope, data, prefix, body)
 
 
 async def _start_data(client: RawClient) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay.envelope import ClientInfo, Envelope, RcptState, Recipient
+from relay.errors import SpoolError
 from relay.spool import IN_MEMORY_MAX, GroupSync, Spool, new_id
 
 
@@ -44,32 +45,63 @@ def envelope() -> Envelope:
     )
 
 
-async def test_concurrent_waiters_share_one_sync() -> None:
+def waiters(group: GroupSync, count: int) -> list[BaseException | None]:
+    """``count`` threads call ``group.wait()`` at once; what each one got."""
+    results: list[BaseException | None] = [None] * count
+    start = threading.Barrier(count)
+
+    def one(index: int) -> None:
+        start.wait()
+        try:
+            group.wait()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            results[index] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive(), "a waiter hung"
+    return results
+
+
+def test_concurrent_waiters_share_few_syncs() -> None:
     sync = SlowSync()
-    group = GroupSync(sync, None)
-    await asyncio.wait_for(asyncio.gather(*(group.wait() for _ in range(20))), 10)
-    assert sync.finished == 1
+    group = GroupSync(sync)
+    assert waiters(group, 20) == [None] * 20
+    # The first arrival runs one; everyone who came while it ran shares the next.
+    assert sync.finished <= 2
     assert group.served == 20
 
 
-async def test_a_waiter_arriving_during_a_sync_waits_for_the_next_one() -> None:
+def test_a_waiter_arriving_during_a_sync_waits_for_the_next_one() -> None:
     sync = SlowSync(seconds=0.1)
-    group = GroupSync(sync, None)
-    first = asyncio.create_task(group.wait())
-    assert await asyncio.to_thread(sync.running.wait, 5)  # the first sync is now running
-    await asyncio.wait_for(group.wait(), 10)
+    group = GroupSync(sync)
+    first = threading.Thread(target=group.wait)
+    first.start()
+    assert sync.running.wait(5)  # the first sync is now running
+    group.wait()
     # Its rename may have come after the first sync began: only a second
     # sync, started after it asked, covers it.
     assert sync.finished == 2
-    await first
+    first.join(5)
 
 
-async def test_a_failed_sync_fails_every_waiter_it_served() -> None:
-    group = GroupSync(SlowSync(fail=True), None)
-    results = await asyncio.wait_for(
-        asyncio.gather(*(group.wait() for _ in range(3)), return_exceptions=True), 10
-    )
+def test_a_failed_sync_fails_every_waiter_it_served() -> None:
+    group = GroupSync(SlowSync(fail=True))
+    results = waiters(group, 3)
     assert all(isinstance(r, OSError) for r in results)
+
+
+def test_a_later_successful_sync_serves_after_a_failed_one() -> None:
+    sync = SlowSync(fail=True)
+    group = GroupSync(sync)
+    with pytest.raises(OSError):
+        group.wait()
+    sync.fail = False
+    group.wait()  # the failure is not sticky: the next sync is what counts
+    assert group.syncs == 2
 
 
 async def test_async_api_round_trip_with_fsync(tmp_path: Path) -> None:
@@ -101,9 +133,8 @@ async def test_concurrent_puts_are_all_durable_with_fewer_directory_fsyncs(tmp_p
         await asyncio.wait_for(
             asyncio.gather(*(spool.put_async(e, b"x\r\n" * 100) for e in envelopes)), 30
         )
-        group = spool.group_sync()
-        assert group.served == 40
-        assert group.syncs < 40
+        assert spool.group.served == 40
+        assert spool.group.syncs < 40
         names = {p.name for p in spool.msg_dir.iterdir()}
         assert names == {f"{e.id}.msg" for e in envelopes}  # one file each
         assert list(spool.tmp_dir.iterdir()) == []
@@ -111,15 +142,30 @@ async def test_concurrent_puts_are_all_durable_with_fewer_directory_fsyncs(tmp_p
         spool.close()
 
 
-async def test_a_sync_that_cannot_run_fails_its_waiters_instead_of_hanging() -> None:
-    # E.g. the spool's thread pool already shut down at exit: the waiters
-    # must get an error (451 to the client), never wait forever.
-    def gone() -> None:
-        raise RuntimeError("cannot schedule new futures after shutdown")
+def test_a_sync_that_cannot_run_fails_its_waiters_instead_of_hanging() -> None:
+    # Any exception from the sync must reach the waiters as an OSError
+    # (451 to the client), and leave the group usable: never a hang.
+    def broken() -> None:
+        raise RuntimeError("cannot sync")
 
-    group = GroupSync(gone, None)
+    group = GroupSync(broken)
+    assert all(isinstance(r, OSError) for r in waiters(group, 3))
     with pytest.raises(OSError):
-        await asyncio.wait_for(group.wait(), 5)
+        group.wait()
+
+
+async def test_a_failed_directory_fsync_undoes_the_put(tmp_path: Path) -> None:
+    # No 250 without a durable message, and no message left that nobody was
+    # promised: the renamed file is removed again and the client gets 451.
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    try:
+        spool.group = GroupSync(SlowSync(seconds=0, fail=True))
+        with pytest.raises(SpoolError):
+            await spool.put_async(envelope(), b"x\r\n")
+        assert list(spool.msg_dir.iterdir()) == []
+    finally:
+        spool.close()
 
 
 async def test_a_delete_waits_for_a_directory_fsync(tmp_path: Path) -> None:
@@ -130,9 +176,9 @@ async def test_a_delete_waits_for_a_directory_fsync(tmp_path: Path) -> None:
     try:
         env = envelope()
         await spool.put_async(env, b"x\r\n")
-        served = spool.group_sync().served
+        served = spool.group.served
         assert await asyncio.wait_for(spool.delete_async(env.id), 10)
-        assert spool.group_sync().served == served + 1
+        assert spool.group.served == served + 1
         assert list(spool.msg_dir.iterdir()) == []
         assert not await spool.delete_async(env.id)
     finally:
