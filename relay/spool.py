@@ -26,12 +26,11 @@ envelope is removed at start-up). Every write is temp file + fsync + rename
 POSIX file systems.
 
 The plain methods block. The event loop uses their ``*_async`` twins,
-which run the file work in the spool's own thread pool and share the
-directory fsync between concurrent callers (group commit, see
-:class:`GroupSync`, done in those threads): each caller still returns only after an fsync of
-``msg/`` that started after its own rename or unlink, so every promise
-above holds per message, while a burst of N concurrent writes costs one
-directory fsync instead of N.
+which run the file work in the spool's own thread pool, where concurrent
+callers share the directory fsync (group commit, :class:`GroupSync`): each
+caller still returns only after an fsync of ``msg/`` that started after its
+own rename or unlink, so every promise above holds per message, while a
+burst of N concurrent writes costs one directory fsync instead of N.
 """
 
 from __future__ import annotations
