@@ -24,11 +24,15 @@ class SlowSpool(Spool):
         super().__init__(path, fsync=False)
         self.delay = delay
 
-    def _put_shared(
-        self, envelope: Envelope, data: bytes, prefix: bytes, body: BodyWriter | None
-    ) -> None:
+    def _place(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        prefix: bytes = b"",
+        writer: BodyWriter | None = None,
+    ) -> list[str]:
         time.sleep(self.delay)  # in the spool's thread, as a slow fsync would be
-        super()._put_shared(envelope, data, prefix, body)
+        return super()._place(envelope, data, prefix, writer)
 
 
 async def _start_data(client: RawClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -183,3 +184,91 @@ async def test_a_delete_waits_for_a_directory_fsync(tmp_path: Path) -> None:
         assert not await spool.delete_async(env.id)
     finally:
         spool.close()
+
+
+def test_a_sync_interrupted_by_any_exception_serves_nobody_as_durable() -> None:
+    # Not only Exception: whatever stops the fsync, no caller it was meant
+    # to cover may be told its write is durable.
+    def interrupted() -> None:
+        raise SystemExit(1)
+
+    results = waiters(GroupSync(interrupted), 3)
+    assert all(isinstance(r, OSError) for r in results)
+
+
+def test_each_caller_gets_its_own_error() -> None:
+    # One exception raised in many threads would collect every thread's
+    # traceback and keep their frames (and message bytes) alive.
+    results = waiters(GroupSync(SlowSync(fail=True)), 4)
+    assert all(isinstance(r, OSError) for r in results)
+    assert len({id(r) for r in results}) == 4
+    assert {r.errno for r in results if isinstance(r, OSError)} == {5}
+
+
+class ListingSync:
+    """A directory fsync that first records which names ``msg/`` holds as it starts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.seen: list[set[str]] = []
+
+    def __call__(self) -> None:
+        self.seen.append({p.name for p in self.directory.iterdir()})
+
+
+async def test_the_covering_sync_starts_after_the_rename_and_the_unlink(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    try:
+        listing = ListingSync(spool.msg_dir)
+        spool.group = GroupSync(listing)
+        env = envelope()
+        await spool.put_async(env, b"x\r\n")
+        assert f"{env.id}.msg" in listing.seen[-1]
+        env.recipients[0].state = RcptState.DELIVERED
+        assert await spool.update_async(env)
+        assert f"{env.id}.state" in listing.seen[-1]
+        assert await spool.delete_async(env.id)
+        assert not {f"{env.id}.msg", f"{env.id}.state"} & listing.seen[-1]
+        syncs = spool.group.syncs
+        assert not await spool.delete_async(env.id)  # nothing there: no fsync needed
+        assert spool.group.syncs == syncs
+    finally:
+        spool.close()
+
+
+async def test_the_undo_of_a_failed_put_is_itself_fsynced(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    synced: list[set[str]] = []
+    try:
+        spool.group = GroupSync(SlowSync(seconds=0, fail=True))
+        spool._sync_msg_dir = lambda: synced.append(  # type: ignore[method-assign]
+            {p.name for p in spool.msg_dir.iterdir()}
+        )
+        with pytest.raises(SpoolError):
+            await spool.put_async(envelope(), b"x\r\n")
+        assert synced == [set()]  # fsynced once the file was gone again
+    finally:
+        spool.close()
+
+
+def test_only_a_missing_file_means_no_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The scheduler takes "no body" for `relay queue delete` and removes the
+    # envelope: a disk error must not look like that.
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    env = envelope()
+    spool.put(env, b"x\r\n")
+    assert spool.has_body(env.id)
+    assert not spool.has_body(new_id())
+    real_stat = os.stat
+
+    def failing_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).endswith(".msg"):
+            raise OSError(5, "Input/output error")
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", failing_stat)
+    with pytest.raises(OSError):
+        spool.has_body(env.id)
