@@ -1166,7 +1166,7 @@ class Inbound:
             cipher=cipher,
         )
 
-    def _landed_unanswered(self, write: asyncio.Future[None], env: Envelope) -> None:
+    def _landed_unanswered(self, write: asyncio.Future[list[str]], env: Envelope) -> None:
         if write.cancelled() or write.exception() is not None:
             return
         events.warning("accepted_unanswered", id=env.id, client=env.client.ip, size=env.size)
@@ -1178,7 +1178,7 @@ class Inbound:
 
     def _spool(
         self, env: Envelope, header: bytes, content: bytes, body: BodyWriter | None
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[list[str]]:
         """Start the durable write: fsynced, renamed, directory fsynced (that
         fsync shared with concurrent sessions). Shutdown waits for it."""
         self._writes += 1
@@ -1195,7 +1195,7 @@ class Inbound:
         write.add_done_callback(self._written)
         return write
 
-    def _written(self, write: asyncio.Future[None] | None) -> None:
+    def _written(self, write: asyncio.Future[list[str]] | None) -> None:
         self._writes -= 1
         if not self._writes:
             self._writes_done.set()

@@ -30,14 +30,14 @@ which run the file work in the spool's own thread pool, where concurrent
 callers share the directory fsync (group commit, :class:`GroupSync`): each
 caller still returns only after an fsync of ``msg/`` that started after its
 own rename or unlink, so every promise above holds per message, while a
-burst of concurrent writes shares directory fsyncs (up to SPOOL_THREADS
-writes each).
+burst of N concurrent writes costs one directory fsync instead of N.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import random
 import sys
@@ -56,11 +56,7 @@ _ID_CHARS = "0123456789BCDFGHJKLMNPQRSTVWXZ"
 
 #: Threads for spool file work. fsyncs issued concurrently share journal
 #: commits on ext4/xfs, so a few more threads than cores pay off (measured:
-#: 8 threads about 2x one thread's fsync rate on the development VM). A
-#: writer also waits for the shared directory fsync in its thread
-#: (GroupSync), so this bounds how many writes one directory fsync covers;
-#: 32 threads measured 15 % slower end to end here (more threads taking
-#: the GIL), so the bound stays.
+#: 8 threads about 2x one thread's fsync rate on the development VM).
 SPOOL_THREADS = 8
 
 #: A body up to this size is held in memory whole: while it is received
@@ -114,6 +110,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _settle(future: asyncio.Future[_T], value: _T | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(value)  # type: ignore[arg-type]
+    else:
+        future.set_exception(error)
+
+
 def _remove_all(paths: list[str]) -> None:
     for path in paths:
         with suppress(FileNotFoundError):
@@ -126,78 +131,110 @@ def _spool_error(exc: OSError, what: str) -> SpoolError:
     return SpoolError(f"{what}: {exc}")
 
 
+#: What a GroupSync caller is told: in the fsync thread, then optionally on a loop.
+_Done = Callable[[OSError | None], tuple[asyncio.AbstractEventLoop, Callable[[], None]] | None]
+
+
 class GroupSync:
-    """Group commit of one blocking ``sync`` (a directory fsync) for many threads.
+    """Group commit of one blocking ``sync`` (a directory fsync) for many writers.
 
-    ``wait()`` blocks until a ``sync()`` call that *started after* ``wait()``
-    was called has completed, and raises OSError if every such call failed.
-    The first caller that finds no sync running runs it itself, in its own
-    thread; callers that arrive while it runs are served together by the
-    next one: under load, one fsync covers every concurrent caller, up to
-    the spool's thread count (each waits in a thread of the pool).
+    ``submit(done)`` after a rename or unlink: ``done(error)`` is called once
+    a ``sync()`` that *started after* the submit has completed, with None, or
+    with an OSError if that sync failed (a new one for each caller). The
+    syncs run in a thread of their own, back to back while callers keep
+    coming: each one covers every caller that arrived while the one before
+    it ran, however many, and no caller holds a spool thread while it waits.
+    ``done`` runs in that thread, so it must be quick; it may return
+    ``(loop, call)``: the calls for one event loop are made there together,
+    with one wake-up of that loop for the whole batch.
 
-    It runs in the spool's threads, right after the rename or unlink it
-    makes durable, so a write costs the event loop one hand-off to a thread
-    and back. (An asyncio version cost three: on a busy loop each hand-off
-    is a turn of the loop, about 9 ms of the 25 ms before a 250; issue #8.
-    A variant that waited in a dedicated fsync thread, holding no pool
-    thread, measured 13 % slower: it woke the event loop once per caller
-    from that one thread. The price: on a disk whose directory fsync is
-    slow, a burst shares fewer fsyncs, at most one per SPOOL_THREADS
-    writers.)
+    The spool's threads submit right after their rename or unlink, so a
+    durable write costs the event loop one hand-off to a thread and back.
+    (The first asyncio version cost four: on a busy loop each hand-off is a
+    turn of the loop, which was 9 ms of the 23 ms before a 250. Waiting in
+    the spool's threads instead capped a batch at the pool's 8 threads, and
+    waking the loop once per writer from this thread cost 13 %; issue #8.)
     """
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self._sync = sync
         self._cond = threading.Condition()
-        self._running = False
-        #: Syncs started and finished, by number; the last one that succeeded.
-        self._started = 0
-        self._finished = 0
-        self._succeeded = 0
-        self._error: OSError | None = None
-        #: How many syncs ran, and how many waiters they served (for benchmarks).
+        self._pending: list[_Done] = []
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        #: How many syncs ran, and how many callers they served (for benchmarks).
         self.syncs = 0
         self.served = 0
 
-    def wait(self) -> None:
+    def submit(self, done: _Done) -> None:
         with self._cond:
-            # Whatever this caller renamed or unlinked came before now: a
-            # sync already running may have started before that.
-            needed = self._started + 1
-            while self._finished < needed:
-                if self._running:
-                    self._cond.wait()
-                else:
-                    self._run()
-            self.served += 1
-            if self._succeeded < needed:
-                assert self._error is not None
-                raise _fresh_error(self._error)
+            self._pending.append(done)
+            if self._thread is None:
+                self._closing = False
+                self._thread = threading.Thread(
+                    target=self._run, name="relay-spool-sync", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def wait(self) -> None:
+        """Block until a sync that started after this call has completed
+        (for blocking callers); raises its OSError if it failed."""
+        finished = threading.Event()
+        outcome: list[OSError | None] = []
+
+        def done(error: OSError | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        self.submit(done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def close(self) -> None:
+        """Serve what is pending, then stop the thread (a later submit starts it again)."""
+        with self._cond:
+            thread, self._closing = self._thread, True
+            self._cond.notify()
+        if thread is not None:
+            thread.join()
 
     def _run(self) -> None:
-        """Run one sync with the lock released (called, and returning, with it held)."""
-        self._running = True
-        self._started += 1
-        number = self._started
-        error: OSError | None = None
-        self._cond.release()
-        try:
-            self._sync()
-        except BaseException as exc:
-            # Any failure fails the callers it serves: nobody may wait
-            # forever, and nobody is told a failed sync succeeded.
-            error = exc if isinstance(exc, OSError) else OSError(str(exc))
-        finally:
-            self._cond.acquire()
-            self._running = False
-            self._finished = number
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    self._thread = None
+                    return
+                # Everyone here renamed or unlinked before this sync starts;
+                # later arrivals wait for the next one.
+                batch, self._pending = self._pending, []
+            error: OSError | None = None
+            try:
+                self._sync()
+            except BaseException as exc:
+                # Any failure fails the callers it serves: nobody may wait
+                # forever, and nobody is told a failed sync succeeded.
+                error = exc if isinstance(exc, OSError) else OSError(str(exc))
             self.syncs += 1
-            if error is None:
-                self._succeeded = number
-            else:
-                self._error = error
-            self._cond.notify_all()
+            self.served += len(batch)
+            # One wake-up per event loop for the whole batch, not one per caller.
+            wakeups: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+            for done in batch:
+                with suppress(Exception):
+                    then = done(None if error is None else _fresh_error(error))
+                    if then is not None:
+                        wakeups.setdefault(then[0], []).append(then[1])
+            for loop, calls in wakeups.items():
+                with suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_call_all, calls)
+
+
+def _call_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
 
 
 def _fresh_error(error: OSError) -> OSError:
@@ -383,13 +420,52 @@ class Spool:
         if self.fsync:
             _fsync_dir(self.msg_dir)
 
-    def _commit(self, what: str) -> None:
-        """Wait (in a spool thread) for a directory fsync covering what this
-        thread renamed or unlinked; SpoolError if there was none."""
-        try:
-            self.group.wait()
-        except OSError as exc:
-            raise _spool_error(exc, what) from exc
+    def _durable(
+        self,
+        change: Callable[[], _T],
+        what: str,
+        undo: Callable[[_T], None] | None = None,
+    ) -> asyncio.Future[_T]:
+        """Run ``change`` (a rename or unlink) in a spool thread; the future is
+        done once a directory fsync that started after it has completed.
+
+        A falsy result (nothing was there to change) needs no fsync. If the
+        fsync fails, ``undo`` gets the result (in the fsync's thread) and the
+        future a SpoolError. A future, not a coroutine: the change is under
+        way once this returns, whatever happens to the caller (inbound
+        shields it), and on a busy loop a task of its own would cost a turn
+        of the loop to start and another to finish.
+        """
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[_T] = loop.create_future()
+
+        def settle(value: _T | None, error: BaseException | None) -> None:
+            with suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_settle, result, value, error)
+
+        def committed(
+            value: _T, error: OSError | None
+        ) -> tuple[asyncio.AbstractEventLoop, Callable[[], None]]:
+            if error is None:
+                return loop, functools.partial(_settle, result, value, None)
+            if undo is not None:
+                with suppress(OSError):
+                    undo(value)
+            return loop, functools.partial(_settle, result, None, _spool_error(error, what))
+
+        def work() -> None:
+            try:
+                value = change()
+            except BaseException as exc:
+                settle(None, exc)
+                return
+            if not value:
+                settle(value, None)
+                return
+            self.group.submit(functools.partial(committed, value))
+
+        self._pool().submit(work)
+        return result
 
     def put_async(
         self,
@@ -397,7 +473,7 @@ class Spool:
         data: bytes,
         prefix: bytes = b"",
         body: BodyWriter | None = None,
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[list[str]]:
         """:meth:`put` for the event loop (await the future): done only once the
         message is durable (fsynced and renamed, then ``msg/`` fsynced), with
         the directory fsync shared by concurrent callers. Same errors as put().
@@ -405,42 +481,26 @@ class Spool:
         written without joining the two in memory -- or, with ``body``, the
         file that writer holds (``data`` and ``prefix`` unused), which is
         fsynced and renamed in place of writing one; it is removed if the
-        message cannot be spooled.
+        message cannot be spooled."""
 
-        A future, not a coroutine: the write is under way once this returns,
-        whatever happens to the caller (inbound shields it), and on a busy
-        loop a task of its own would cost a turn of the loop to start and
-        another to finish.
-        """
-        if body is not None:
-            body.placing = True
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._pool(), self._put_shared, envelope, data, prefix, body)
-
-    def _put_shared(
-        self, envelope: Envelope, data: bytes, prefix: bytes, body: BodyWriter | None
-    ) -> None:
-        placed = self._place(envelope, data, prefix, body)
-        try:
-            self._commit(f"cannot spool {envelope.id}")
-        except SpoolError:
+        def undo(placed: list[str]) -> None:
             # The client gets 451: make the removal durable too, or a crash
             # could bring back a message nobody was promised. Best effort:
             # the client gets the spool error either way.
-            with suppress(OSError):
-                _remove_all(placed)
-                self._sync_msg_dir()
-            raise
+            _remove_all(placed)
+            self._sync_msg_dir()
+
+        place = functools.partial(self._place, envelope, data, prefix, body)
+        write = self._durable(place, f"cannot spool {envelope.id}", undo)
+        if body is not None:
+            # From now on the spool owns (and cleans up) the writer's file.
+            body.placing = True
+        return write
 
     async def update_async(self, envelope: Envelope) -> bool:
         """:meth:`update` with the directory fsync shared (group commit)."""
-        return await self._in_thread(self._update_shared, envelope)
-
-    def _update_shared(self, envelope: Envelope) -> bool:
-        if not self._replace_meta(envelope):
-            return False
-        self._commit(f"cannot update {envelope.id}")
-        return True
+        replace = functools.partial(self._replace_meta, envelope)
+        return await self._durable(replace, f"cannot update {envelope.id}")
 
     async def delete_async(self, queue_id: str) -> bool:
         """:meth:`delete` with the directory fsync shared (group commit).
@@ -450,13 +510,8 @@ class Spool:
         until this fsync: without it a power cut could bring the message
         back with its first envelope, every recipient pending again.
         """
-        return await self._in_thread(self._delete_shared, queue_id)
-
-    def _delete_shared(self, queue_id: str) -> bool:
-        if not self._unlink(queue_id):
-            return False
-        self._commit(f"cannot delete {queue_id}")
-        return True
+        unlink = functools.partial(self._unlink, queue_id)
+        return await self._durable(unlink, f"cannot delete {queue_id}")
 
     async def open_async(self, queue_id: str, inline_max: int) -> tuple[Envelope, Body]:
         """The envelope and body of one message (KeyError / FileNotFoundError
@@ -490,6 +545,7 @@ class Spool:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self.group.close()
 
     # --- blocking API ------------------------------------------------------------
 

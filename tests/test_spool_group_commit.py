@@ -205,6 +205,24 @@ def test_each_caller_gets_its_own_error() -> None:
     assert {r.errno for r in results if isinstance(r, OSError)} == {5}
 
 
+async def test_one_sync_covers_a_burst_larger_than_the_thread_pool(tmp_path: Path) -> None:
+    # Writers wait for the directory fsync without holding a spool thread,
+    # so a burst of 200 shares a few fsyncs even when each takes 10 ms
+    # (waiting in the pool's 8 threads, it took 50).
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    try:
+        spool.group = GroupSync(SlowSync(seconds=0.01))
+        envelopes = [envelope() for _ in range(200)]
+        await asyncio.wait_for(
+            asyncio.gather(*(spool.put_async(e, b"x\r\n" * 10) for e in envelopes)), 30
+        )
+        assert spool.group.served == 200
+        assert spool.group.syncs <= 200 // 20
+    finally:
+        spool.close()
+
+
 class ListingSync:
     """A directory fsync that first records which names ``msg/`` holds as it starts."""
 
