@@ -11,13 +11,6 @@ from relay.spool import IN_MEMORY_MAX, BodyWriter, GroupSync, Spool
 from tests.support.inbound import RawClient, make_config, running_inbound
 
 
-async def _start_data(client: RawClient) -> None:
-    assert (await client.cmd("EHLO client.test"))[0] == 250
-    assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
-    assert (await client.cmd("RCPT TO:<user@example.com>"))[0] == 250
-    assert (await client.cmd("DATA"))[0] == 354
-
-
 class UnusableSpool(Spool):
     """A spool whose thread pool is gone (as at interpreter exit): put_async raises at once."""
 
@@ -34,7 +27,7 @@ async def test_a_write_that_cannot_start_is_not_left_counted(tmp_path: Path) -> 
     spool = UnusableSpool(cfg.queue.path, fsync=False)
     async with running_inbound(cfg, spool=spool) as h:
         async with await RawClient.connect(h.port) as client:
-            await _start_data(client)
+            await client.start_data()
             await client.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
             code, _ = await client.reply(wait=5)
             assert code >= 400
@@ -57,7 +50,7 @@ async def test_a_failed_directory_fsync_answers_451_and_leaves_nothing(
     lines = IN_MEMORY_MAX // 1000 + 10 if large else 1
     async with running_inbound(cfg, spool=spool) as h:
         async with await RawClient.connect(h.port) as client:
-            await _start_data(client)
+            await client.start_data()
             await client.send(b"Subject: hi\r\n\r\n" + (b"x" * 998 + b"\r\n") * lines + b".\r\n")
             code, _ = await client.reply(wait=10)
             assert code == 451

@@ -35,18 +35,12 @@ class SlowSpool(Spool):
         return super()._place(envelope, data, prefix, writer)
 
 
-async def _start_data(client: RawClient) -> None:
-    assert (await client.cmd("EHLO client.test"))[0] == 250
-    assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
-    assert (await client.cmd("RCPT TO:<user@example.com>"))[0] == 250
-    assert (await client.cmd("DATA"))[0] == 354
-
 
 async def test_slow_data_longer_than_the_timeout_is_accepted(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, timeout="1s")
     async with running_inbound(cfg) as h:
         async with await RawClient.connect(h.port) as client:
-            await _start_data(client)
+            await client.start_data()
             await client.send(b"Subject: slow\r\n\r\n")
             # 2.4 s of DATA in all, a line every 0.3 s: each line is activity.
             for i in range(8):
@@ -63,7 +57,7 @@ async def test_stalled_data_still_times_out(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, timeout="500ms")
     async with running_inbound(cfg) as h:
         async with await RawClient.connect(h.port) as client:
-            await _start_data(client)
+            await client.start_data()
             await client.send(b"Subject: stalled\r\n\r\n")
             _, text = await client.reply(wait=5)
         assert text == str(errors.IDLE_TIMEOUT)
@@ -75,7 +69,7 @@ async def test_timer_is_off_during_the_spool_write_and_back_after(tmp_path: Path
     spool = SlowSpool(cfg.queue.path, delay=1.5)
     async with running_inbound(cfg, spool=spool) as h:
         async with await RawClient.connect(h.port) as client:
-            await _start_data(client)
+            await client.start_data()
             await client.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
             # The write takes three timeouts: the client gets its 250, not a
             # 421 for a message that is queued anyway (and then resent).
@@ -100,7 +94,7 @@ async def test_client_gone_during_the_spool_write_still_schedules_the_message(
     spool = SlowSpool(cfg.queue.path, delay=0.5)
     async with running_inbound(cfg, spool=spool) as h:
         async with await RawClient.connect(h.port) as client:
-            await _start_data(client)
+            await client.start_data()
             await client.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
             await asyncio.sleep(0.1)
         for _ in range(50):

@@ -180,6 +180,13 @@ class RawClient:
         await self.send(data + b"\r\n")
         return await self.reply()
 
+    async def start_data(self) -> None:
+        """EHLO, MAIL, RCPT (to example.com, served by make_config) and DATA, each accepted."""
+        assert (await self.cmd("EHLO client.test"))[0] == 250
+        assert (await self.cmd("MAIL FROM:<s@example.org>"))[0] == 250
+        assert (await self.cmd("RCPT TO:<user@example.com>"))[0] == 250
+        assert (await self.cmd("DATA"))[0] == 354
+
     async def close(self) -> None:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
