@@ -35,7 +35,6 @@ class SlowSpool(Spool):
         return super()._place(envelope, data, prefix, writer)
 
 
-
 async def test_slow_data_longer_than_the_timeout_is_accepted(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, timeout="1s")
     async with running_inbound(cfg) as h:
