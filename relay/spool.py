@@ -177,21 +177,6 @@ class GroupSync:
                 self._thread.start()
             self._cond.notify()
 
-    def wait(self) -> None:
-        """Block until a sync that started after this call has completed
-        (for blocking callers); raises its OSError if it failed."""
-        finished = threading.Event()
-        outcome: list[OSError | None] = []
-
-        def done(error: OSError | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.submit(done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
-
     def close(self) -> None:
         """Serve what is pending, then stop the thread (a later submit starts it again)."""
         with self._cond:

@@ -13,6 +13,7 @@ import pytest
 from relay.envelope import ClientInfo, Envelope, RcptState, Recipient
 from relay.errors import SpoolError
 from relay.spool import IN_MEMORY_MAX, GroupSync, Spool, new_id
+from tests.support.queue import open_spool
 
 
 class SlowSync:
@@ -37,6 +38,22 @@ class SlowSync:
             raise OSError(5, "Input/output error")
 
 
+def wait(group: GroupSync) -> None:
+    """Block until a sync that started after this call has completed, as a
+    spool thread's caller does; raise its OSError if it failed."""
+    finished = threading.Event()
+    outcome: list[OSError | None] = []
+
+    def done(error: OSError | None) -> None:
+        outcome.append(error)
+        finished.set()
+
+    group.submit(done)
+    assert finished.wait(10), "no sync served the caller"
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 def envelope() -> Envelope:
     return Envelope(
         id=new_id(),
@@ -47,14 +64,14 @@ def envelope() -> Envelope:
 
 
 def waiters(group: GroupSync, count: int) -> list[BaseException | None]:
-    """``count`` threads call ``group.wait()`` at once; what each one got."""
+    """``count`` threads call ``wait(group)`` at once; what each one got."""
     results: list[BaseException | None] = [None] * count
     start = threading.Barrier(count)
 
     def one(index: int) -> None:
         start.wait()
         try:
-            group.wait()
+            wait(group)
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             results[index] = exc
 
@@ -79,10 +96,10 @@ def test_concurrent_waiters_share_few_syncs() -> None:
 def test_a_waiter_arriving_during_a_sync_waits_for_the_next_one() -> None:
     sync = SlowSync(seconds=0.1)
     group = GroupSync(sync)
-    first = threading.Thread(target=group.wait)
+    first = threading.Thread(target=wait, args=(group,))
     first.start()
     assert sync.running.wait(5)  # the first sync is now running
-    group.wait()
+    wait(group)
     # Its rename may have come after the first sync began: only a second
     # sync, started after it asked, covers it.
     assert sync.finished == 2
@@ -99,9 +116,9 @@ def test_a_later_successful_sync_serves_after_a_failed_one() -> None:
     sync = SlowSync(fail=True)
     group = GroupSync(sync)
     with pytest.raises(OSError):
-        group.wait()
+        wait(group)
     sync.fail = False
-    group.wait()  # the failure is not sticky: the next sync is what counts
+    wait(group)  # the failure is not sticky: the next sync is what counts
     assert group.syncs == 2
 
 
@@ -152,7 +169,7 @@ def test_a_sync_that_cannot_run_fails_its_waiters_instead_of_hanging() -> None:
     group = GroupSync(broken)
     assert all(isinstance(r, OSError) for r in waiters(group, 3))
     with pytest.raises(OSError):
-        group.wait()
+        wait(group)
 
 
 async def test_a_failed_directory_fsync_undoes_the_put(tmp_path: Path) -> None:
@@ -209,8 +226,7 @@ async def test_one_sync_covers_a_burst_larger_than_the_thread_pool(tmp_path: Pat
     # Writers wait for the directory fsync without holding a spool thread,
     # so a burst of 200 shares a few fsyncs even when each takes 10 ms
     # (waiting in the pool's 8 threads, it took 50).
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.open()
+    spool = open_spool(tmp_path)
     try:
         spool.group = GroupSync(SlowSync(seconds=0.01))
         envelopes = [envelope() for _ in range(200)]
@@ -235,8 +251,7 @@ class ListingSync:
 
 
 async def test_the_covering_sync_starts_after_the_rename_and_the_unlink(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.open()
+    spool = open_spool(tmp_path)
     try:
         listing = ListingSync(spool.msg_dir)
         spool.group = GroupSync(listing)
@@ -256,8 +271,7 @@ async def test_the_covering_sync_starts_after_the_rename_and_the_unlink(tmp_path
 
 
 async def test_the_undo_of_a_failed_put_is_itself_fsynced(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.open()
+    spool = open_spool(tmp_path)
     synced: list[set[str]] = []
     try:
         spool.group = GroupSync(SlowSync(seconds=0, fail=True))
@@ -274,8 +288,7 @@ async def test_the_undo_of_a_failed_put_is_itself_fsynced(tmp_path: Path) -> Non
 def test_only_a_missing_file_means_no_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The scheduler takes "no body" for `relay queue delete` and removes the
     # envelope: a disk error must not look like that.
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.open()
+    spool = open_spool(tmp_path)
     env = envelope()
     spool.put(env, b"x\r\n")
     assert spool.has_body(env.id)

@@ -11,23 +11,24 @@ files (a rollback leaves them waiting).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from relay.envelope import RcptState
 from relay.spool import ENVELOPE_LINE, BodyFile, Spool
-from tests.support.queue import BODY, harness, legacy_message, running, settle, spool_message
-
-
-def _spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.open()
-    return spool
+from tests.support.queue import (
+    BODY,
+    harness,
+    legacy_message,
+    open_spool,
+    running,
+    settle,
+    spool_message,
+)
 
 
 def test_a_message_is_one_file_with_its_envelope_first(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     assert [p.name for p in spool.msg_dir.iterdir()] == [f"{env.id}.msg"]
     raw = spool.body_path(env.id).read_bytes()
@@ -39,7 +40,7 @@ def test_a_message_is_one_file_with_its_envelope_first(tmp_path) -> None:
 
 
 def test_a_large_body_read_as_a_file_starts_after_the_envelope(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com"])
     with spool.open_body(env.id, 10) as body:
         assert isinstance(body, BodyFile)
@@ -49,7 +50,7 @@ def test_a_large_body_read_as_a_file_starts_after_the_envelope(tmp_path) -> None
 
 
 def test_a_state_change_writes_the_json_which_wins(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
     assert spool.update(env)
@@ -65,7 +66,7 @@ def test_a_state_change_writes_the_json_which_wins(tmp_path) -> None:
 
 
 def test_a_restart_keeps_one_file_messages_and_drops_bodies_without_envelopes(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     kept = spool_message(spool, ["bob@example.com"])
     orphan = spool.body_path("ORPHAN")
     orphan.write_bytes(BODY)  # renamed into place, envelope never followed
@@ -93,7 +94,7 @@ async def test_a_delete_cut_short_leaves_nothing_that_is_delivered_again(tmp_pat
 
 
 def test_an_unreadable_envelope_line_is_quarantined_with_the_body(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     good = spool_message(spool, ["bob@example.com"])
     bad = spool_message(spool, ["carol@example.com"])
     path = spool.body_path(bad.id)
@@ -107,7 +108,7 @@ def test_an_unreadable_envelope_line_is_quarantined_with_the_body(tmp_path) -> N
 
 
 def test_a_spool_written_by_an_older_relay_still_loads_and_reads(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     old = legacy_message(spool, ["bob@example.com"])
     new = spool_message(spool, ["carol@example.com"])
     Spool(spool.path, fsync=False).open()
@@ -122,7 +123,7 @@ def test_an_older_relay_neither_reads_nor_deletes_one_file_messages(tmp_path) ->
     # Before one-file messages, relay loaded msg/*.json and removed every
     # msg/*.eml without a .json as debris at start-up: a rollback must find
     # neither among the new files (they wait for the newer relay).
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
     assert spool.update(env)
@@ -131,7 +132,7 @@ def test_an_older_relay_neither_reads_nor_deletes_one_file_messages(tmp_path) ->
 
 
 def test_a_state_left_by_a_delete_cut_short_is_removed_at_start_up(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
     assert spool.update(env)

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from relay.spool import Spool
-from tests.support.queue import legacy_message, spool_message
-
-
-def _spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool", fsync=False)
-    spool.open()
-    return spool
+from tests.support.queue import legacy_message, open_spool, spool_message
 
 
 def test_unreadable_envelope_is_set_aside_with_its_body_and_survives_a_restart(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     good = spool_message(spool, ["bob@example.com"])
     bad = spool_message(spool, ["carol@example.com"])
     (spool.msg_dir / f"{bad.id}.state").write_bytes(b"{written by a newer relay")
@@ -31,7 +23,7 @@ def test_unreadable_envelope_is_set_aside_with_its_body_and_survives_a_restart(t
 
 
 def test_start_keeps_the_body_of_an_envelope_set_aside_by_an_older_relay(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     bad = legacy_message(spool, ["carol@example.com"])
     meta = spool.msg_dir / f"{bad.id}.json"
     meta.rename(meta.with_suffix(".corrupt"))  # what relay did before corrupt/
@@ -42,7 +34,7 @@ def test_start_keeps_the_body_of_an_envelope_set_aside_by_an_older_relay(tmp_pat
 
 
 def test_read_only_listing_moves_nothing(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     bad = spool_message(spool, ["carol@example.com"])
     (spool.msg_dir / f"{bad.id}.state").write_bytes(b"garbage")
     unreadable: list[str] = []
@@ -53,7 +45,7 @@ def test_read_only_listing_moves_nothing(tmp_path) -> None:
 
 
 def test_update_of_a_deleted_message_writes_nothing(tmp_path) -> None:
-    spool = _spool(tmp_path)
+    spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com"])
     assert spool.update(env) is True
     assert spool.delete(env.id)

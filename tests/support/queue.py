@@ -219,6 +219,13 @@ class Harness:
         return list(self.spool.load_all())
 
 
+def open_spool(tmp_path: Path) -> Spool:
+    """A fresh, opened spool in ``tmp_path/spool`` (no fsync: tests that measure nothing)."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.open()
+    return spool
+
+
 def harness(
     tmp_path: Path,
     deliverer: Deliverer | None = None,
