@@ -28,11 +28,10 @@ from email import utils
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from relay.advice import Advice, tls_advice
+from relay.certificate import Certificate
 from relay.envelope import Envelope
 from relay.errors import (
-    TLS_FAILURE_OPTION,
-    TLS_FAILURE_TEXT,
-    TLS_FIXES,
     NoRoute,
     NoSuchDomain,
     NullMx,
@@ -57,8 +56,22 @@ class BounceReason(enum.Enum):
 class TlsIssue:
     """One host that failed the route's TLS policy, and which check it failed."""
 
+    #: The name delivered to (the route's host or the MX name).
     host: str
     reason: TlsFailure
+    #: The address tried ("" when unknown).
+    ip: str = ""
+    #: The certificate it presented, when a certificate check failed and it was read.
+    certificate: Certificate | None = None
+    #: OpenSSL's words (logs, and the handshake diagnosis).
+    detail: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.host} [{self.ip}]" if self.ip else self.host
+
+    def advice(self, route: str) -> Advice:
+        return tls_advice(self.reason, self.host, self.certificate, route, self.detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +82,15 @@ class Failure:
     #: The reply for the Diagnostic-Code: the next hop's, or our own for TLS/DNS/expiry.
     reply: Reply
     reason: BounceReason
-    #: "host [ip]" or "host" of the next hop that answered; "" when none did.
+    #: "host [ip]" of the last next hop tried, "host" when it was not reached
+    #: at an address (DNS); "" when none was.
     remote_mta: str = ""
     #: Hosts that failed the TLS policy (for the fix-it text).
     tls: tuple[TlsIssue, ...] = ()
     #: Seconds since the epoch of the last attempt, or None if never attempted.
     last_attempt: float | None = None
-    #: The route the recipient took ("" if unknown), for the human text.
+    #: The route the recipient took ("" if unknown), for the delivery-status
+    #: part and the postmaster copy (never the sender's text).
     route: str = ""
     #: The DSN Status when it differs from the reply's (4.4.7 at max_lifetime).
     status: tuple[int, int, int] | None = None
@@ -204,27 +219,25 @@ def _wrap(text: str, indent: str = "") -> list[str]:
 
 
 def _explain(failure: Failure) -> list[str]:
-    """Plain words for one recipient: what failed, at which host, what to do."""
+    """Plain words for the sender about one recipient: what failed, at which host.
+
+    No route names and no admin advice: those are for the postmaster
+    (the delivery-status part and :func:`build_postmaster_copy`).
+    """
     lines = [f"<{failure.address}>:"]
     where = f" at host {failure.remote_mta}" if failure.remote_mta else ""
-    route = f' (route "{failure.route}")' if failure.route else ""
     if failure.reason is BounceReason.TLS_POLICY:
         lines += _wrap(
-            f"The message was not sent{route} because the route requires a secure "
-            "(TLS) connection and no host passed the check:",
+            "The message was not sent: this mail system sends mail for this "
+            "recipient only over a secure (encrypted and verified) connection, "
+            "and no receiving mail server could provide one:",
             "    ",
         )
         for issue in failure.tls:
-            lines += _wrap(f"- {issue.host}: {TLS_FAILURE_TEXT[issue.reason]}", "      ")
-        lines += _wrap("How to fix it:", "    ")
-        for fix in TLS_FIXES:
-            lines += _wrap(f"- {fix}", "      ")
-        options = sorted({TLS_FAILURE_OPTION[issue.reason] for issue in failure.tls})
-        if options:
-            lines += _wrap(f"(route options involved: {', '.join(options)})", "    ")
+            lines += _wrap(f"- {issue.where}: {issue.advice(failure.route).sender}", "      ")
     elif failure.reason is BounceReason.EXPIRED:
         lines += _wrap(
-            f"The message could not be delivered{route} for too long and the relay "
+            "The message could not be delivered for too long and the mail system "
             f"gave up. The last error{where} was: {failure.reply}",
             "    ",
         )
@@ -232,26 +245,75 @@ def _explain(failure: Failure) -> list[str]:
         lines += _wrap(f"The recipient's domain does not accept mail: {failure.reply}", "    ")
     else:
         lines += _wrap(
-            f"The next mail server{where} refused the recipient{route}. It replied: "
-            f"{failure.reply}",
+            f"The next mail server{where} refused the recipient. It replied: {failure.reply}",
             "    ",
         )
     return lines
 
 
-def _human_text(envelope: Envelope, failed: Sequence[Failure], hostname: str) -> list[str]:
+def _human_text(
+    envelope: Envelope, failed: Sequence[Failure], hostname: str, postmaster_told: bool
+) -> list[str]:
     lines = [
         f"This is the mail system at host {hostname}.",
         "",
         *_wrap(
             f"Your message (queue id {envelope.id}) could not be delivered to the "
-            "following recipients. This is a permanent error; the relay will not "
+            "following recipients. This is a permanent error; the mail system will not "
             "try again. The headers of your message are attached."
         ),
         "",
     ]
     for failure in failed:
         lines += [*_explain(failure), ""]
+    if postmaster_told:
+        lines += [*_wrap("The postmaster of this mail system has been told."), ""]
+    elif any(f.reason in _RELAY_SIDE for f in failed):
+        lines += [
+            *_wrap(
+                "If this keeps happening, please forward this message to the postmaster "
+                f"of {hostname}: the attached report tells them what went wrong."
+            ),
+            "",
+        ]
+    return lines
+
+
+#: Failures the relay's postmaster can fix (a remote 5xx is the recipient side's).
+_RELAY_SIDE = (BounceReason.TLS_POLICY, BounceReason.EXPIRED)
+
+
+def _diagnosis(failure: Failure) -> list[str]:
+    """For the postmaster: the route, each host tried, the check it failed and the fix."""
+    route = f' (route "{failure.route}")' if failure.route else ""
+    lines = [f"<{failure.address}>{route}:"]
+    if failure.reason is BounceReason.TLS_POLICY:
+        lines += _wrap("Every host failed the route's TLS policy:", "    ")
+        for issue in failure.tls:
+            advice = issue.advice(failure.route)
+            lines += _wrap(f"- {issue.where}: {advice.option} failed: {advice.problem}", "      ")
+            for fix in advice.fixes:
+                lines += _wrap(f"fix: {fix}", "        ")
+    else:
+        where = f" at host {failure.remote_mta}" if failure.remote_mta else ""
+        lines += _wrap(f"{failure.reason.value}{where}: {failure.reply}", "    ")
+    return lines
+
+
+def _postmaster_text(envelope: Envelope, failed: Sequence[Failure], hostname: str) -> list[str]:
+    sender = f"<{envelope.mail_from}>"
+    lines = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        *_wrap(
+            f"A message from {sender} (queue id {envelope.id}) could not be delivered "
+            "to the recipients below; its sender has been sent a delivery status "
+            "notification without these details. The diagnosis:"
+        ),
+        "",
+    ]
+    for failure in failed:
+        lines += [*_diagnosis(failure), ""]
     return lines
 
 
@@ -273,17 +335,24 @@ def _status_fields(
         lines += _field("Final-Recipient", clean(_address_field(failure.address, utf8)))
         lines += _field("Action", "failed")
         lines += _field("Status", failure.status_text)
-        # RFC 3464 section 2.3.6: "smtp;" is a reply the remote host sent.
-        # Our own texts (TLS policy, DNS, unreachable) get our own type and
-        # no Remote-MTA, which never said them.
-        if failure.remote:
-            if failure.remote_mta:
-                lines += _field("Remote-MTA", clean(f"dns; {_remote_name(failure.remote_mta)}"))
-            lines += _field("Diagnostic-Code", clean(f"smtp; {failure.reply}"))
-        else:
-            lines += _field("Diagnostic-Code", clean(f"X-Relay; {failure.reply}"))
+        # RFC 3464 section 2.3.5: the host the relay tried to pass the
+        # recipient to, whether it answered or failed a TLS check. A name
+        # without an address was never reached (DNS): no Remote-MTA.
+        if failure.remote_mta.endswith("]"):
+            lines += _field("Remote-MTA", clean(f"dns; {_remote_name(failure.remote_mta)}"))
+        # RFC 3464 section 2.3.6: "smtp;" is a reply the remote host sent;
+        # the relay's own diagnosis (TLS policy, DNS, unreachable) gets its own type.
+        kind = "smtp" if failure.remote else "X-Relay"
+        lines += _field("Diagnostic-Code", clean(f"{kind}; {failure.reply}"))
         if failure.last_attempt is not None:
             lines += _field("Last-Attempt-Date", _date(failure.last_attempt))
+        # RFC 3464 section 7: extension fields "X-" for the postmaster.
+        if failure.route:
+            lines += _field("X-Relay-Route", clean(failure.route))
+        for issue in failure.tls:
+            advice = issue.advice(failure.route)
+            text = f"{issue.where}: {advice.option} failed: {advice.one_line()}"
+            lines += _field("X-Relay-Diagnosis", clean(text))
     return lines
 
 
@@ -297,17 +366,59 @@ def build_dsn(
     hostname: str,
     original: bytes,
     now: datetime,
+    postmaster_told: bool = False,
 ) -> bytes:
     """The RFC 3464 report telling ``envelope.mail_from`` that ``failed`` recipients bounced.
 
     ``original`` is the spooled message (only its headers are returned).
-    ``now`` is the Date of the report. Raises ValueError for a null sender
-    or no failures: those never get a DSN (no bounce loops).
+    ``now`` is the Date of the report. ``postmaster_told``: a postmaster
+    copy goes out too (``[bounces] notify``), and the text says so.
+    Raises ValueError for a null sender or no failures: those never get a
+    DSN (no bounce loops).
     """
     if not envelope.mail_from:
         raise ValueError("never bounce the null reverse-path")
     if not failed:
         raise ValueError("a DSN needs at least one failed recipient")
+    text = _human_text(envelope, failed, hostname, postmaster_told)
+    to = f"<{envelope.mail_from}>"
+    subject = "Undelivered Mail Returned to Sender"
+    return _report(envelope, failed, hostname, original, now, to, subject, text)
+
+
+def build_postmaster_copy(
+    envelope: Envelope,
+    failed: Sequence[Failure],
+    *,
+    hostname: str,
+    original: bytes,
+    now: datetime,
+    notify: Sequence[str],
+) -> bytes:
+    """The copy of a DSN for ``[bounces] notify``: the same report, with the
+    full diagnosis (route, each host, the check it failed, the fix) in its
+    text. Sent with the null sender like any DSN, so it never bounces back.
+    """
+    if not notify:
+        raise ValueError("a postmaster copy needs at least one address")
+    if not failed:
+        raise ValueError("a DSN needs at least one failed recipient")
+    text = _postmaster_text(envelope, failed, hostname)
+    to = ", ".join(f"<{address}>" for address in notify)
+    subject = "Postmaster Copy: Undelivered Mail"
+    return _report(envelope, failed, hostname, original, now, to, subject, text)
+
+
+def _report(
+    envelope: Envelope,
+    failed: Sequence[Failure],
+    hostname: str,
+    original: bytes,
+    now: datetime,
+    to: str,
+    subject: str,
+    text: list[str],
+) -> bytes:
     utf8 = needs_smtputf8(envelope, failed)
     boundary = f"=_relay_{secrets.token_hex(12)}"
     headers = _original_headers(original)
@@ -315,8 +426,8 @@ def build_dsn(
 
     top = [
         *_field("From", f"Mail Delivery System <MAILER-DAEMON@{hostname}>"),
-        *_field("To", f"<{envelope.mail_from}>"),
-        *_field("Subject", "Undelivered Mail Returned to Sender"),
+        *_field("To", to),
+        *_field("Subject", subject),
         *_field("Date", utils.format_datetime(now.astimezone(UTC))),
         *_field("Message-ID", utils.make_msgid("dsn", domain=hostname)),
     ]
@@ -333,7 +444,6 @@ def build_dsn(
         "",
         "This is a MIME-encapsulated delivery status notification.",
     ]
-    text = _human_text(envelope, failed, hostname)
     if not utf8:
         # Without SMTPUTF8 keep the whole DSN 7-bit; a stray non-ASCII reply
         # text is not worth a transfer encoding.

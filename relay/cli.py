@@ -291,6 +291,8 @@ def _probe_json(route: Route, result: Any) -> dict[str, Any]:
             "subject": cert.subject,
             "issuer": cert.issuer,
             "sans": list(cert.sans),
+            "names": list(cert.names),
+            "not_before": cert.not_before,
             "not_after": cert.not_after,
             "days_left": cert.days_left,
         },
@@ -305,10 +307,12 @@ def _probe_json(route: Route, result: Any) -> dict[str, Any]:
         "failures": [
             {
                 "reason": f.value,
-                "option": errors.TLS_FAILURE_OPTION[f],
+                "option": advice.option,
                 "text": errors.TLS_FAILURE_TEXT[f],
+                "problem": advice.problem,
+                "fixes": list(advice.fixes),
             }
-            for f in result.failures
+            for f, advice in zip(result.failures, result.advice(route.name), strict=True)
         ],
         "passed": result.passed,
     }
@@ -332,11 +336,14 @@ def _print_probe(route: Route, result: Any) -> None:
         print(f"  TLS:              {result.tls_version}, {result.cipher}")
     if cert is not None:
         print(f"  subject:          {cert.subject or '-'}")
+        print(f"  names:            {', '.join(cert.names) or '-'}")
         print(f"  SANs:             {', '.join(cert.sans) or '-'}")
-        print(f"  issuer:           {cert.issuer or '-'}")
+        issuer = " (self-signed)" if cert.self_signed else ""
+        print(f"  issuer:           {cert.issuer or '-'}{issuer}")
+        print(f"  not before:       {cert.valid_from()}")
         left = cert.days_left
         when = f"{left} days left" if left >= 0 else f"EXPIRED {-left} days ago"
-        print(f"  not after:        {cert.not_after} ({when})")
+        print(f"  expires:          {cert.valid_until()} ({when})")
     if result.tls_version:
         chain = _yes(result.chain_verified) + (
             "" if result.chain_verified else f" ({result.chain_error})"
@@ -355,10 +362,13 @@ def _print_probe(route: Route, result: Any) -> None:
     if result.passed:
         print("  verdict:          PASS")
         return
-    failed = ", ".join(sorted({errors.TLS_FAILURE_OPTION[f] for f in result.failures}))
+    advice = result.advice(route.name)
+    failed = ", ".join(sorted({a.option for a in advice}))
     print(f"  verdict:          FAIL ({failed})")
-    for fix in errors.TLS_FIXES:
-        print(f"    fix: {fix}")
+    for item in advice:
+        print(f"    {item.option}: {item.problem}")
+        for fix in item.fixes:
+            print(f"      fix: {fix}")
 
 
 def cmd_test_tls(args: argparse.Namespace) -> int:

@@ -229,6 +229,9 @@ class LogConfig:
 class BouncesConfig:
     #: Route for bounces; "" means the rules, else the sender domain's MX.
     route: str = ""
+    #: Addresses that get a copy of every DSN with the full diagnosis (like
+    #: Postfix's notify_classes = bounce); empty: no copy.
+    notify: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +327,30 @@ def is_ip_literal(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_mail_address(text: str) -> bool:
+    """A plain ``local@domain`` address (ASCII, no display name, no brackets)."""
+    local, at, domain = text.rpartition("@")
+    return (
+        bool(at and local)
+        and text.isascii()
+        and not any(c.isspace() or c in '<>"(),;:\\[]' for c in local)
+        and is_hostname(domain)
+    )
+
+
+def _notify(reader: _Reader, addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """``[bounces] notify``: every entry a plain address, each once."""
+    good: list[str] = []
+    for address in addresses:
+        if not is_mail_address(address):
+            reader.problem(
+                "notify", f"{address!r} is not a mail address like postmaster@example.com"
+            )
+        elif address not in good:
+            good.append(address)
+    return tuple(good)
 
 
 def parse_listen(text: str) -> Listen:
@@ -755,8 +782,11 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
         for i, raw in enumerate(top.get("rules", list, []), start=1)
         if (rule := _rule(problems, i, raw, names)) is not None
     ]
-    bounce_reader = _Reader(problems, "bounces", data.get("bounces", {}), ("route",))
-    bounces = BouncesConfig(bounce_reader.get("route", str, ""))
+    bounce_reader = _Reader(problems, "bounces", data.get("bounces", {}), ("route", "notify"))
+    bounces = BouncesConfig(
+        bounce_reader.get("route", str, ""),
+        _notify(bounce_reader, bounce_reader.strings("notify", ())),
+    )
     if bounces.route and bounces.route not in names:
         bounce_reader.problem("route", f"no route is named {bounces.route!r}")
     if problems:

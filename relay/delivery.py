@@ -46,6 +46,7 @@ from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
 from relay import errors, events, routing
+from relay.advice import tls_advice
 from relay.config import Config, Route
 from relay.dns import Resolver
 from relay.envelope import Envelope
@@ -84,6 +85,27 @@ class HostResult:
     reply: Reply | None = None
     #: True when an idle pooled session was reused for this transaction.
     reused: bool = False
+    #: Whether the host offered STARTTLS; None when no session got that far.
+    starttls_offered: bool | None = None
+
+    @property
+    def tls_state(self) -> str:
+        """What happened to TLS, for the attempt log's ``tls=`` field.
+
+        The TLS version when the session was encrypted (``verified`` says
+        whether its certificate was checked); ``failed`` when the host failed
+        the TLS policy (the check is ``failure.reason``); ``not_used`` when
+        STARTTLS was offered but the mail went in plaintext (opportunistic
+        fallback); ``none`` when it was not offered; ``-`` when no SMTP
+        session came up (unreachable, DNS).
+        """
+        if isinstance(self.failure, TlsPolicyFailure):
+            return "failed"
+        if self.tls_version:
+            return self.tls_version
+        if self.starttls_offered is None:
+            return "-"
+        return "not_used" if self.starttls_offered else "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +484,7 @@ class Deliverer:
             failure=failure,
             reply=reply,
             reused=reused,
+            starttls_offered=session.starttls_offered,
         )
 
     async def _session(self, key: HopKey, cfg: Config, qid: str = "") -> tuple[Session, bool]:
@@ -494,7 +517,7 @@ class Deliverer:
             # Opportunistic (RFC 7435): a failed handshake must not stop
             # the mail; reconnect to the same host and stay in plaintext.
             # With the queue id of the attempt that opened it: `grep ID` shows
-            # why its attempt line says tls=none.
+            # why its attempt line says tls=not_used.
             ident = {"id": qid} if qid else {}
             events.warning(
                 "tls_fallback", **ident, host=name, ip=ip, port=port, error=exc.failure.detail
@@ -631,7 +654,7 @@ class Deliverer:
             "host": cand.host,
             "ip": result.ip or "-",
             "port": cand.port,
-            "tls": result.tls_version or "none",
+            "tls": result.tls_state,
             "verified": result.verified,
             "reused": result.reused,
             "result": outcome,
@@ -639,6 +662,13 @@ class Deliverer:
         }
         if failure is not None and failure.detail != (reply.text if reply else ""):
             fields["detail"] = failure.detail
+        if isinstance(failure, TlsPolicyFailure):
+            advice = tls_advice(
+                failure.reason, cand.host.strip("[]"), failure.certificate, route.name,
+                failure.detail,
+            )  # fmt: skip
+            fields["tls_check"] = failure.reason.value
+            fields["diagnosis"] = advice.one_line()
         events.log("attempt", **fields)
         return result
 

@@ -3,7 +3,8 @@
 Reply codes follow RFC 5321 section 4.2; enhanced status codes follow
 RFC 3463. Every status that reaches the wire or a delivery status
 notification is a :class:`Reply` built here. This module is a leaf: it
-imports nothing from relay.
+imports nothing from relay at run time (the certificate type is named
+for annotations only).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.certificate import Certificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +245,8 @@ class TlsFailure(enum.Enum):
     EXPIRED = "expired"
 
 
-# The words a DSN and test-tls use for each failed check, and how to fix it.
+# The words of the reply (the DSN's Diagnostic-Code) for each failed check;
+# relay.advice has the diagnosis and the fixes.
 TLS_FAILURE_TEXT: dict[TlsFailure, str] = {
     TlsFailure.NO_STARTTLS: "the server did not offer STARTTLS",
     TlsFailure.HANDSHAKE: "the TLS handshake failed",
@@ -257,22 +263,22 @@ TLS_FAILURE_OPTION: dict[TlsFailure, str] = {
     TlsFailure.EXPIRED: "require_ca_signed",
 }
 
-TLS_FIXES = (
-    "use the host name that appears in the server's certificate",
-    "install a certificate issued by a trusted CA with the right host name",
-    "if a third-party relay service is used, ask its provider",
-    "or turn off the option in the route (not recommended)",
-)
-
 # RFC 3463: 5.7.4 "security features not supported", 5.7.5 "cryptographic failure".
 _TLS_STATUS = {TlsFailure.NO_STARTTLS: (5, 7, 4)}
 
 
 class TlsPolicyFailure(RelayError):
-    """One host failed the route's TLS policy."""
+    """One host failed the route's TLS policy.
 
-    def __init__(self, reason: TlsFailure, detail: str = "") -> None:
+    ``certificate`` is the certificate the host presented, when a
+    certificate check failed and it could be read (for the diagnosis).
+    """
+
+    def __init__(
+        self, reason: TlsFailure, detail: str = "", certificate: Certificate | None = None
+    ) -> None:
         self.reason = reason
+        self.certificate = certificate
         status = _TLS_STATUS.get(reason, (5, 7, 5))
         option = TLS_FAILURE_OPTION[reason]
         text = f"TLS required by route ({option}): {TLS_FAILURE_TEXT[reason]}"

@@ -8,14 +8,12 @@ needs no aiosmtplib of its own: sessions come from :mod:`relay.session`.
 
 from __future__ import annotations
 
-import ssl
-import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from relay import errors
+from relay import certificate, errors
+from relay.advice import Advice, tls_advice
+from relay.certificate import Certificate
 from relay.config import Config, Route, TlsPolicy
 from relay.dns import ip_literal
 from relay.errors import RelayError, TlsFailure, TlsPolicyFailure
@@ -23,7 +21,6 @@ from relay.routing import Candidate
 from relay.session import (
     HandshakeFailed,
     HopKey,
-    distinguished_name,
     open_session,
     quit_session,
     start_tls,
@@ -33,18 +30,6 @@ from relay.session import (
 #: The IPs to connect to for a candidate, under the route's DNS policy
 #: (the Deliverer's own lookup, so its metrics and log lines apply).
 AddressLookup = Callable[[Route, Candidate], Awaitable[list[str]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Certificate:
-    """The parts of a server certificate test-tls prints."""
-
-    subject: str
-    issuer: str
-    sans: tuple[str, ...]
-    not_after: str
-    #: Whole days until not_after (negative once expired).
-    days_left: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +60,15 @@ class ProbeResult:
     def passed(self) -> bool:
         return not self.error and not self.failures
 
+    def advice(self, route: str) -> list[Advice]:
+        """What failed and how to fix it, for each of :attr:`failures`."""
+        name = self.candidate.host.strip("[]")
+        details = {TlsFailure.HANDSHAKE: self.tls_error}
+        return [
+            tls_advice(failure, name, self.certificate, route, details.get(failure, ""))
+            for failure in self.failures
+        ]
+
     def checks(self) -> list[tuple[str, bool, str]]:
         """(option, would pass, why not) for each TLS option, on or off in the route."""
         text = errors.TLS_FAILURE_TEXT
@@ -92,30 +86,6 @@ class ProbeResult:
             ("require_ca_signed", tls_ok and self.chain_verified, chain_why),
             ("validate_hostname", tls_ok and self.hostname_matched, name_why),
         ]
-
-
-def decode_certificate(der: bytes) -> Certificate:
-    """Decode a DER certificate with the stdlib only (no cryptography needed).
-
-    ``ssl._ssl._test_decode_cert`` is what CPython's own tests use to read a
-    PEM file into the getpeercert() dict; it is there in 3.11.
-    """
-    pem = ssl.DER_cert_to_PEM_cert(der)
-    with tempfile.NamedTemporaryFile("w", suffix=".pem") as handle:
-        handle.write(pem)
-        handle.flush()
-        decoder = ssl._ssl._test_decode_cert  # type: ignore[attr-defined]
-        info: dict[str, Any] = decoder(handle.name)
-    sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
-    not_after = str(info.get("notAfter", ""))
-    days = int((ssl.cert_time_to_seconds(not_after) - time.time()) / 86400) if not_after else 0
-    return Certificate(
-        subject=distinguished_name(info.get("subject")),
-        issuer=distinguished_name(info.get("issuer")),
-        sans=sans,
-        not_after=not_after,
-        days_left=days,
-    )
 
 
 async def probe_hosts(
@@ -161,7 +131,7 @@ async def _probe_one(route: Route, candidate: Candidate, ip: str, cfg: Config) -
             candidate, ip, starttls=True, failures=failures, tls_error=failure.detail
         )
     der = transport_info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
-    cert = decode_certificate(der) if der else None
+    cert = certificate.decode(der) if der else None
     version, cipher = session.tls_version, session.cipher
     await quit_session(session)
     # Second look: the chain alone; third: the name, as delivery checks it.
@@ -200,7 +170,8 @@ async def _check(
     """Handshake under ``policy``; the failure, or None when it passed."""
     key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
     try:
-        session = await open_session(key, cfg, starttls=True)
+        # The certificate was read by the first look: no second read here.
+        session = await open_session(key, cfg, starttls=True, read_certificate=False)
     except HandshakeFailed as exc:
         if isinstance(exc.failure, TlsPolicyFailure):
             return exc.failure

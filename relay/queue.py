@@ -34,7 +34,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from relay import errors, events, routing
-from relay.bounce import BounceReason, Failure, TlsIssue, build_dsn, needs_smtputf8, reason_for
+from relay.bounce import (
+    BounceReason,
+    Failure,
+    TlsIssue,
+    build_dsn,
+    build_postmaster_copy,
+    needs_smtputf8,
+    reason_for,
+)
 from relay.config import Config, Route
 from relay.envelope import Envelope, RcptState, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
@@ -555,9 +563,10 @@ class Scheduler:
             if isinstance(body, BodyFile):
                 # The DSN quotes the header section only: read a bounded head.
                 body = await asyncio.to_thread(body.head, IN_MEMORY_MAX)
+            notify = cfg.bounces.notify
             dsn = build_dsn(
                 envelope, failures, hostname=cfg.server.hostname, original=body,
-                now=datetime.fromtimestamp(now, UTC),
+                now=datetime.fromtimestamp(now, UTC), postmaster_told=bool(notify),
             )  # fmt: skip
             report = Envelope(
                 id=new_id(),
@@ -579,6 +588,8 @@ class Scheduler:
             for reason in sorted({f.reason.value for f in failures}):
                 self._metrics.bounces.labels(reason).inc()
             self.add(report)
+            if notify:
+                await self._notify(envelope, body, failures, now, notify)
         for failure in failures:
             rcpt = _pending(envelope, failure.address)
             if rcpt is not None:
@@ -592,6 +603,42 @@ class Scheduler:
                 remote=failure.remote_mta, dsn=dsn_id or "none (null sender)",
             )  # fmt: skip
         return True
+
+    async def _notify(
+        self,
+        envelope: Envelope,
+        original: bytes,
+        failures: Sequence[Failure],
+        now: float,
+        notify: Sequence[str],
+    ) -> None:
+        """Spool the postmaster copy of a DSN (``[bounces] notify``).
+
+        Only for a DSN that went to a sender: a failed DSN or copy (null
+        sender) never produces another, so copies cannot loop. A copy that
+        cannot be spooled is logged; the sender's DSN is what must not be lost.
+        """
+        cfg = self._config()
+        copy = build_postmaster_copy(
+            envelope, failures, hostname=cfg.server.hostname, original=original,
+            now=datetime.fromtimestamp(now, UTC), notify=notify,
+        )  # fmt: skip
+        report = Envelope(
+            id=new_id(),
+            mail_from="",
+            recipients=[Recipient(address) for address in notify],
+            received_at=now,
+            next_attempt=now,
+            smtputf8=needs_smtputf8(envelope, failures),
+            is_bounce=True,
+        )
+        try:
+            await asyncio.to_thread(self._spool.put, report, copy)
+        except RelayError as exc:
+            events.error("postmaster_copy_failed", id=envelope.id, error=exc.detail)
+            return
+        events.log("postmaster_copy", id=envelope.id, copy=report.id, to=", ".join(notify))
+        self.add(report)
 
     # --- routing -------------------------------------------------------------------
 
@@ -640,7 +687,13 @@ def _failure(attempt: Attempt, address: str, route: Route, now: float) -> Failur
     tls: tuple[TlsIssue, ...] = ()
     if reason is BounceReason.TLS_POLICY:
         tls = tuple(
-            TlsIssue(host.candidate.host, host.failure.reason)
+            TlsIssue(
+                host.candidate.host.strip("[]"),
+                host.failure.reason,
+                ip=host.ip or "",
+                certificate=host.failure.certificate,
+                detail=host.failure.detail,
+            )
             for host in attempt.hosts
             if isinstance(host.failure, TlsPolicyFailure)
         ) or tuple(

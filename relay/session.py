@@ -17,7 +17,8 @@ from typing import Any
 
 import aiosmtplib
 
-from relay import errors, events, tls
+from relay import certificate, errors, events, tls
+from relay.certificate import distinguished_name
 from relay.config import Config, TlsPolicy
 from relay.errors import RelayError, Reply, TlsFailure, TlsPolicyFailure
 
@@ -92,6 +93,8 @@ class Session:
     cipher: str | None = None
     verified: bool = False
     peer_subject: str | None = None
+    #: The server listed STARTTLS in its EHLO reply (whether or not it was used).
+    starttls_offered: bool = False
     idle_since: float = field(default_factory=time.monotonic)
     #: The pool's timer that closes this session once idle too long.
     expiry: asyncio.TimerHandle | None = None
@@ -122,11 +125,14 @@ async def _hello(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
-async def open_session(key: HopKey, cfg: Config, starttls: bool) -> Session:
+async def open_session(
+    key: HopKey, cfg: Config, starttls: bool, read_certificate: bool = True
+) -> Session:
     """Connect and EHLO; STARTTLS per the key's policy when ``starttls``.
 
     Raises a RelayError when the host fails, :class:`HandshakeFailed` when
     only the STARTTLS upgrade did; the connection is closed either way.
+    ``read_certificate``: see :func:`start_tls`.
     """
     ip, port, policy, name = key
     smtp = aiosmtplib.SMTP(
@@ -142,16 +148,31 @@ async def open_session(key: HopKey, cfg: Config, starttls: bool) -> Session:
         with map_smtp_errors(policy.require_tls):
             await smtp.connect(timeout=cfg.delivery.connect_timeout)
             await _hello(smtp)
+        session.starttls_offered = smtp.supports_extension("starttls")
         if starttls:
-            await start_tls(session, policy, cfg)
+            await start_tls(session, policy, cfg, read_certificate)
     except BaseException:
         smtp.close()
         raise
     return session
 
 
-async def start_tls(session: Session, policy: TlsPolicy, cfg: Config) -> None:
-    """STARTTLS under ``policy`` and EHLO again; record the TLS session's facts."""
+#: The checks whose failure is about the certificate (its facts help fix it).
+_CERTIFICATE_CHECKS = frozenset(
+    {TlsFailure.UNTRUSTED_CA, TlsFailure.HOSTNAME_MISMATCH, TlsFailure.EXPIRED}
+)
+
+
+async def start_tls(
+    session: Session, policy: TlsPolicy, cfg: Config, read_certificate: bool = True
+) -> None:
+    """STARTTLS under ``policy`` and EHLO again; record the TLS session's facts.
+
+    ``read_certificate``: when a certificate check fails, connect once more
+    without checks (no mail is sent) to read the certificate for the
+    diagnosis: OpenSSL aborts the failed handshake before Python can see
+    the certificate.
+    """
     smtp = session.smtp
     _, _, _, name = session.key
     if not smtp.supports_extension("starttls"):
@@ -164,6 +185,8 @@ async def start_tls(session: Session, policy: TlsPolicy, cfg: Config) -> None:
             # SNI and verification use the name delivered to, never the IP.
             await smtp.starttls(server_hostname=name, tls_context=context)
     except TlsPolicyFailure as exc:
+        if read_certificate and exc.reason in _CERTIFICATE_CHECKS:
+            exc.certificate = await peek_certificate(session.key, cfg)
         raise HandshakeFailed(exc) from exc
     except errors.RemotePermanent as exc:
         # A 5xx to STARTTLS: the host refuses TLS for good, a policy verdict.
@@ -183,6 +206,24 @@ async def start_tls(session: Session, policy: TlsPolicy, cfg: Config) -> None:
         session.peer_subject = transport_info(
             smtp, "peercert", lambda c: distinguished_name(c.get("subject"))
         )
+
+
+#: Encrypt without checks: how a failed certificate is read.
+_LOOK = TlsPolicy(require_tls=True, require_ca_signed=False, validate_hostname=False)
+
+
+async def peek_certificate(key: HopKey, cfg: Config) -> certificate.Certificate | None:
+    """The certificate the host at ``key`` presents, read without checking it; None if unread."""
+    ip, port, _, name = key
+    try:
+        session = await open_session((ip, port, _LOOK, name), cfg, starttls=True)
+    except (RelayError, HandshakeFailed):
+        return None
+    try:
+        der = transport_info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
+        return certificate.decode(der) if der else None
+    finally:
+        await quit_session(session)
 
 
 def _reply_in_buffer(protocol: Any) -> aiosmtplib.SMTPResponse | None:
@@ -295,7 +336,3 @@ async def quit_session(session: Session) -> None:
 def transport_info(smtp: aiosmtplib.SMTP, key: str, pick: Callable[[Any], Any]) -> Any:
     value = smtp.get_transport_info(key)
     return pick(value) if value else None
-
-
-def distinguished_name(parts: Any) -> str:
-    return ", ".join(f"{k}={v}" for rdn in parts or () for (k, v) in rdn)

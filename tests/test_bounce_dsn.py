@@ -21,14 +21,15 @@ from relay.bounce import (
     Failure,
     TlsIssue,
     build_dsn,
+    build_postmaster_copy,
     needs_smtputf8,
     reason_for,
 )
+from relay.certificate import Certificate
 from relay.envelope import Envelope, Recipient
 from relay.errors import (
     DELIVERY_EXPIRED,
     EXPIRED_STATUS,
-    TLS_FIXES,
     NoSuchDomain,
     NullMx,
     RemotePermanent,
@@ -77,16 +78,40 @@ def _remote_failure() -> Failure:
     )
 
 
+def _certificate(*names: str, issuer: str = "O=Corp, CN=Corp internal CA") -> Certificate:
+    return Certificate(
+        subject=f"CN={names[0]}",
+        issuer=issuer,
+        sans=tuple(f"DNS:{name}" for name in names),
+        not_before="Jan  1 00:00:00 2026 GMT",
+        not_after="Jan  1 00:00:00 2027 GMT",
+        days_left=33,
+    )
+
+
 def _tls_failure() -> Failure:
-    failure = TlsPolicyFailure(TlsFailure.UNTRUSTED_CA)
+    failure = TlsPolicyFailure(TlsFailure.HOSTNAME_MISMATCH)
     return Failure(
         "bob@example.com",
         failure.reply,
         BounceReason.TLS_POLICY,
-        remote_mta="mx1.corp.example.com [192.0.2.26]",
+        remote_mta="backup.corp.example.com [192.0.2.28]",
         tls=(
-            TlsIssue("mx1.corp.example.com", TlsFailure.UNTRUSTED_CA),
-            TlsIssue("mx2.corp.example.com", TlsFailure.NO_STARTTLS),
+            TlsIssue(
+                "mx1.corp.example.com",
+                TlsFailure.UNTRUSTED_CA,
+                ip="192.0.2.26",
+                certificate=_certificate("mx1.corp.example.com"),
+            ),
+            TlsIssue("mx2.corp.example.com", TlsFailure.NO_STARTTLS, ip="192.0.2.27"),
+            TlsIssue(
+                "backup.corp.example.com",
+                TlsFailure.HOSTNAME_MISMATCH,
+                ip="192.0.2.28",
+                certificate=_certificate(
+                    "mail.hosting.example", "smtp.hosting.example", issuer="O=Public CA"
+                ),
+            ),
         ),
         last_attempt=LAST,
         route="Split delivery",
@@ -202,6 +227,8 @@ def test_every_field_of_a_remote_permanent_dsn() -> None:
         "Remote-MTA": "dns; mx.corp.example.com",
         "Diagnostic-Code": "smtp; 550 5.1.1 <carol@example.com>: Recipient address rejected",
         "Last-Attempt-Date": "Sat, 28 Nov 2026 11:59:00 +0000",
+        # RFC 3464 section 7: an extension field for the postmaster.
+        "X-Relay-Route": "On-prem Exchange",
     }
     assert headers.get_content_type() == "text/rfc822-headers"
     original = headers.get_payload()
@@ -209,24 +236,100 @@ def test_every_field_of_a_remote_permanent_dsn() -> None:
     assert "never copied" not in original
 
 
-def test_tls_dsn_names_the_failed_checks_and_the_fixes() -> None:
+def test_tls_dsn_tells_the_sender_each_host_in_plain_words() -> None:
     msg = _parse(_build("tls_policy"))
-    human, status, _ = _parts(msg)
+    human, _, _ = _parts(msg)
     text = " ".join(human.get_payload().split())
-    assert "mx1.corp.example.com: the server certificate is not signed by a trusted CA" in text
-    assert "mx2.corp.example.com: the server did not offer STARTTLS" in text
-    for fix in TLS_FIXES:
-        assert fix in text
-    assert "require_ca_signed, require_tls" in text
+    assert (
+        "mx1.corp.example.com [192.0.2.26]: its security certificate is not issued by a "
+        "trusted authority" in text
+    )
+    assert "mx2.corp.example.com [192.0.2.27]: it does not support encrypted connections" in text
+    assert (
+        "backup.corp.example.com [192.0.2.28]: its security certificate is for a different name"
+        in text
+    )
+    # The sender reads no route names and no admin advice.
+    for internal in ("Split delivery", "require_", "ca_file", "fix", "route"):
+        assert internal not in text, internal
+    assert "forward this message to the postmaster of relay.example.com" in text
+
+
+def test_tls_dsn_report_names_the_host_route_check_and_fix() -> None:
+    msg = _parse(_build("tls_policy"))
+    _, status, _ = _parts(msg)
     (_, block) = _status_blocks(status)
     assert block["Status"] == "5.7.5"
-    # RFC 3464 section 2.3.6: the relay's own diagnosis is not an "smtp;"
-    # reply, and no Remote-MTA is named as if it had said it.
+    # RFC 3464 section 2.3.5: the host the relay tried, TLS failures included;
+    # section 2.3.6: the diagnosis is the relay's own, not an "smtp;" reply.
+    assert block["Remote-MTA"] == "dns; backup.corp.example.com"
     assert block["Diagnostic-Code"] == (
-        "X-Relay; 550 5.7.5 TLS required by route (require_ca_signed): "
-        "the server certificate is not signed by a trusted CA"
+        "X-Relay; 550 5.7.5 TLS required by route (validate_hostname): "
+        "the server certificate does not match the host name"
     )
-    assert "Remote-MTA" not in block
+    assert block["X-Relay-Route"] == "Split delivery"
+    diagnoses = [" ".join(d.split()) for d in block.get_all("X-Relay-Diagnosis")]
+    assert len(diagnoses) == 3
+    untrusted, no_starttls, mismatch = diagnoses
+    assert untrusted.startswith("mx1.corp.example.com [192.0.2.26]: require_ca_signed failed:")
+    assert 'issued by "O=Corp, CN=Corp internal CA"' in untrusted
+    assert "add its certificate to [tls] ca_file" in untrusted
+    assert "mx2.corp.example.com [192.0.2.27]: require_tls failed:" in no_starttls
+    assert "enable STARTTLS on mx2.corp.example.com" in no_starttls
+    assert 'require_tls = false in route "Split delivery"' in no_starttls
+    assert "backup.corp.example.com [192.0.2.28]: validate_hostname failed:" in mismatch
+    assert (
+        "use one of these as the route host: mail.hosting.example, smtp.hosting.example" in mismatch
+    )
+
+
+def test_sender_text_says_the_postmaster_was_told_when_a_copy_goes_out() -> None:
+    envelope, failures = CASES["tls_policy"]
+    dsn = build_dsn(
+        envelope, failures, hostname="relay.example.com", original=ORIGINAL, now=NOW,
+        postmaster_told=True,
+    )  # fmt: skip
+    text = " ".join(_parts(_parse(dsn))[0].get_payload().split())
+    assert "The postmaster of this mail system has been told." in text
+    assert "forward this message" not in text
+
+
+def test_postmaster_copy_carries_the_full_diagnosis() -> None:
+    envelope, failures = CASES["tls_policy"]
+    copy = build_postmaster_copy(
+        envelope, [*failures, _remote_failure()], hostname="relay.example.com",
+        original=ORIGINAL, now=NOW, notify=["postmaster@example.com", "ops@example.com"],
+    )  # fmt: skip
+    assert copy.isascii()
+    msg = _parse(copy)
+    notified = [a.addr_spec for a in msg["To"].addresses]
+    assert notified == ["postmaster@example.com", "ops@example.com"]
+    assert msg["Subject"] == "Postmaster Copy: Undelivered Mail"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    human, status, headers = _parts(msg)
+    text = " ".join(human.get_payload().split())
+    assert "A message from <alice@sender.test> (queue id 0ABC1234)" in text
+    assert '<bob@example.com> (route "Split delivery"):' in text
+    assert "mx1.corp.example.com [192.0.2.26]: require_ca_signed failed:" in text
+    assert "fix: install a certificate issued by a trusted CA on mx1.corp.example.com" in text
+    assert "fix: enable STARTTLS on mx2.corp.example.com" in text
+    assert (
+        "fix: use one of these as the route host: mail.hosting.example, smtp.hosting.example"
+        in text
+    )
+    assert '<carol@example.com> (route "On-prem Exchange"):' in text
+    assert "remote_permanent at host mx.corp.example.com [192.0.2.25]: 550 5.1.1" in text
+    # The same machine-readable report as the sender's DSN.
+    blocks = _status_blocks(status)
+    assert [b["Final-Recipient"] for b in blocks[1:]] == [
+        "rfc822; bob@example.com",
+        "rfc822; carol@example.com",
+    ]
+    assert "Subject: Quarterly report" in headers.get_payload()
+    with pytest.raises(ValueError):
+        build_postmaster_copy(
+            envelope, failures, hostname="h.test", original=b"", now=NOW, notify=[]
+        )
 
 
 def test_expired_dsn_has_status_4_4_7_and_the_last_error() -> None:
@@ -236,8 +339,11 @@ def test_expired_dsn_has_status_4_4_7_and_the_last_error() -> None:
     assert block["Action"] == "failed"
     assert block["Status"] == "4.4.7"
     assert block["Diagnostic-Code"] == "X-Relay; 451 4.4.1 Next hop unreachable"
-    assert "Remote-MTA" not in block
-    assert "gave up" in human.get_payload()
+    # The host the relay kept trying is named, though it never answered.
+    assert block["Remote-MTA"] == "dns; mx.corp.example.com"
+    text = " ".join(human.get_payload().split())
+    assert "gave up" in text
+    assert "On-prem Exchange" not in text
 
 
 def test_expired_with_a_remote_4xx_keeps_it_as_an_smtp_reply() -> None:

@@ -60,7 +60,14 @@ def test_minimal_config_gets_every_default(tmp_path: Path) -> None:
     assert cfg.dns.nameservers == ()
     assert cfg.log.format == "text"
     assert cfg.bounces.route == ""
+    assert cfg.bounces.notify == ()
     assert len(cfg.sha256) == 64
+
+
+def test_bounce_notify_addresses(tmp_path: Path) -> None:
+    text = '[bounces]\nnotify = ["postmaster@example.com", "ops@example.com", "ops@example.com"]'
+    cfg = load(tmp_path, SERVER + SINGLE + RULE + text)
+    assert cfg.bounces.notify == ("postmaster@example.com", "ops@example.com")
 
 
 def test_multiple_host_route(tmp_path: Path) -> None:
@@ -276,6 +283,18 @@ BAD = {
         ["bounces: route: no route is named 'Q'"],
     ),
     "max_recipients zero": (SERVER + "max_recipients = 0\n" + SINGLE, ["max_recipients: must be"]),
+    "notify not a list": (
+        SERVER + SINGLE + '[bounces]\nnotify = "postmaster@example.com"',
+        ["bounces: notify: must be a list"],
+    ),
+    "notify not addresses": (
+        SERVER + SINGLE + '[bounces]\nnotify = ["postmaster", "<pm@example.com>", "pm@bad_host"]',
+        [
+            "bounces: notify: 'postmaster' is not a mail address",
+            "bounces: notify: '<pm@example.com>' is not a mail address",
+            "bounces: notify: 'pm@bad_host' is not a mail address",
+        ],
+    ),
 }
 
 

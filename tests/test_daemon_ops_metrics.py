@@ -305,7 +305,11 @@ async def test_grep_queue_id_shows_a_tls_bounce_and_its_dsn(traffic: Traffic) ->
     events = [line["event"] for line in lines]
     assert events == ["accepted", "attempt", "bounced", "removed"]
     attempt, bounced = lines[1], lines[2]
-    assert attempt["result"] == "tls_failed" and attempt["tls"] == "none"
+    # The strict sink offers no STARTTLS: the attempt line names the failed
+    # check and what to do about it.
+    assert attempt["result"] == "tls_failed" and attempt["tls"] == "failed"
+    assert attempt["tls_check"] == "no_starttls"
+    assert "fix: enable STARTTLS on 127.0.0.1" in str(attempt["diagnosis"])
     assert bounced["reason"] == "tls_policy" and str(bounced["reply"]).startswith("5")
     # The DSN's own story starts at the bounce line that names it.
     dsn_story = story(traffic, str(bounced["dsn"]))
@@ -330,5 +334,6 @@ async def test_grep_queue_id_shows_an_opportunistic_tls_fallback(traffic: Traffi
     assert events == ["accepted", "tls_fallback", "attempt", "delivered", "removed"]
     fallback, attempt = lines[1], lines[2]
     assert fallback["level"] == "warning" and fallback["ip"] == "127.0.0.1"
-    assert attempt["route"] == "Fallback" and attempt["tls"] == "none"
+    # STARTTLS was offered but the handshake failed: plaintext, and said so.
+    assert attempt["route"] == "Fallback" and attempt["tls"] == "not_used"
     assert attempt["verified"] is False and attempt["result"] == "delivered"

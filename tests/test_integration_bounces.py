@@ -9,11 +9,12 @@ parsed with the email package.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
 from relay.envelope import RcptState
-from relay.errors import TLS_FAILURE_OPTION, TLS_FAILURE_TEXT, TlsFailure
+from relay.errors import TLS_FAILURE_OPTION, TlsFailure
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     BODY,
@@ -75,6 +76,31 @@ TLS_CASES = [
 ]
 TLS_IDS = [case[0].value for case in TLS_CASES]
 
+#: What the sender reads about the host, and what the postmaster's diagnosis
+#: says with the facts of the sink's real certificate.
+TLS_WORDS = {
+    TlsFailure.NO_STARTTLS: (
+        "it does not support encrypted connections",
+        r"mx1\.corp\.test does not offer STARTTLS; fix: enable STARTTLS on mx1\.corp\.test",
+    ),
+    TlsFailure.UNTRUSTED_CA: (
+        "its security certificate is not issued by a trusted authority",
+        r'is issued by "[^"]*untrusted test CA[^"]*", a CA this relay does not trust; '
+        r"fix: install a certificate issued by a trusted CA on mx1\.corp\.test; "
+        r"or, if that is your private CA, add its certificate to \[tls\] ca_file",
+    ),
+    TlsFailure.HOSTNAME_MISMATCH: (
+        "its security certificate is for a different name",
+        r"does not name mx1\.corp\.test; it names: other\.test; "
+        r"fix: use one of these as the route host: other\.test",
+    ),
+    TlsFailure.EXPIRED: (
+        "its security certificate has expired",
+        r"expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(valid \d{4}-\d\d-\d\d \d\d:\d\d UTC "
+        r"to \d{4}-\d\d-\d\d \d\d:\d\d UTC\); fix: renew the certificate on mx1\.corp\.test",
+    ),
+}
+
 
 def _tls_sink(pki: Pki, cert: dict | None) -> Sink:
     if cert is None:
@@ -114,9 +140,19 @@ async def test_tls_failure_bounces_at_once(tmp_path, dnsmasq, dsn_sink, failure,
     assert fields["action"] == "failed"
     expected = "5.7.4" if failure is TlsFailure.NO_STARTTLS else "5.7.5"
     assert fields["status"] == expected
-    assert TLS_FAILURE_TEXT[failure] in human
-    assert TLS_FAILURE_OPTION[failure] in human
-    assert "mx1.corp.test" in human
+    # The host is named (RFC 3464 section 2.3.5), though it sent no reply.
+    assert fields["remote-mta"] == "dns; mx1.corp.test"
+    assert fields["diagnostic-code"].startswith("X-Relay; ")
+    sender_words, diagnosis = TLS_WORDS[failure]
+    # The sender reads the host and what happened in plain words ...
+    assert f"mx1.corp.test [127.0.0.1]: {sender_words}" in human
+    for internal in ("Corp", TLS_FAILURE_OPTION[failure], "fix"):
+        assert internal not in human
+    # ... the postmaster the check, the certificate's facts and the fix.
+    assert fields["x-relay-route"] == "Corp"
+    prefix = f"mx1.corp.test [127.0.0.1]: {TLS_FAILURE_OPTION[failure]} failed: "
+    assert fields["x-relay-diagnosis"].startswith(prefix)
+    assert re.search(diagnosis, fields["x-relay-diagnosis"]), fields["x-relay-diagnosis"]
 
 
 @pytest.mark.parametrize(("failure", "cert", "on", "off"), TLS_CASES, ids=TLS_IDS)
@@ -136,6 +172,60 @@ async def test_tls_check_off_delivers(tmp_path, dnsmasq, dsn_sink, failure, cert
     assert message.data == BODY
     assert (message.tls is None) == (cert is None)
     assert dsn_sink.connections == 0
+
+
+async def test_postmaster_copy_has_the_diagnosis(tmp_path, dnsmasq, dsn_sink):
+    """``[bounces] notify``: a copy with the full diagnosis, sent like a DSN."""
+    pki = Pki(tmp_path / "pki")
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with _tls_sink(pki, {"names": ("other.test",)}) as failing:
+        routes = single_route("Corp", "mx1.corp.test", failing.port, **ON)
+        routes += senders_route(dsn_sink)
+        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file,
+                           notify=["postmaster@sender.test"])  # fmt: skip
+        async with Relay(tmp_path, toml) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: len(dsn_sink.messages) == 2)
+            await idle(relay)
+            assert relay.spooled() == []
+            # The copy is not a second bounce of the message.
+            assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
+    by_rcpt = {tuple(m.rcpt_tos): m for m in dsn_sink.messages}
+    dsn, copy = by_rcpt[(SENDER,)], by_rcpt[("postmaster@sender.test",)]
+    assert dsn.mail_from == copy.mail_from == "<>"
+    _, human, _ = dsn_parts(dsn.data)
+    assert "The postmaster of this mail system has been told." in human
+    assert "other.test" not in human
+    message, text, [fields] = dsn_parts(copy.data)
+    assert message["Subject"] == "Postmaster Copy: Undelivered Mail"
+    assert message["To"] == "postmaster@sender.test"
+    assert f"A message from <{SENDER}>" in text
+    assert '<bob@corp.test> (route "Corp"):' in text
+    assert "mx1.corp.test [127.0.0.1]: validate_hostname failed:" in text
+    assert "fix: use one of these as the route host: other.test" in text
+    assert fields["final-recipient"] == "rfc822; bob@corp.test"
+    assert fields["remote-mta"] == "dns; mx1.corp.test"
+
+
+async def test_postmaster_copy_that_fails_is_dropped_not_copied(tmp_path, dnsmasq, dsn_sink):
+    """The copy has the null sender: when it fails nothing more is sent (no loop)."""
+    server = dnsmasq(hosts=HOSTS, mx=MX)
+    async with Sink() as no_tls:
+        routes = single_route("Corp", "mx1.corp.test", no_tls.port, **TLS_ONLY)
+        routes += senders_route(dsn_sink)
+        # The postmaster's own mail takes the failing route.
+        toml = config_text(tmp_path, server, routes, RULES, notify=["postmaster@corp.test"])
+        async with Relay(tmp_path, toml) as relay:
+            relay.put(SENDER, ["bob@corp.test"])
+            await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
+            await until(lambda: dsn_sink.messages)
+            await idle(relay)
+            assert relay.spooled() == []
+            assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
+            assert relay.sample("relay_bounces_total", reason="double_bounce") == 1
+    [dsn] = dsn_sink.messages
+    assert dsn.rcpt_tos == [SENDER]
+    assert no_tls.messages == []
 
 
 # --- remote replies --------------------------------------------------------------
@@ -207,7 +297,8 @@ async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
     # The last error relay saw: the host was unreachable -- the relay's own
     # diagnosis, not a reply from a remote MTA (RFC 3464 section 2.3.6).
     assert fields["diagnostic-code"].startswith("X-Relay; 451 4.4.1 ")
-    assert "remote-mta" not in fields
+    # The host it kept trying is named all the same.
+    assert fields["remote-mta"] == "dns; mx1.corp.test"
 
 
 # --- persistence ---------------------------------------------------------------

@@ -8,7 +8,6 @@ import asyncio
 
 import pytest
 
-from relay.errors import TLS_FAILURE_TEXT, TlsFailure
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
@@ -91,8 +90,13 @@ async def test_every_host_failing_tls_names_each_in_the_dsn(tmp_path, dnsmasq, d
             assert relay.spooled() == []
     _, human, [fields] = dsn_parts(dsn_sink.messages[0].data)
     assert fields["status"] == "5.7.4"
-    assert "mx1.corp.test" in human and "mx2.corp.test" in human
-    assert TLS_FAILURE_TEXT[TlsFailure.NO_STARTTLS] in human
+    # Each host tried, by name and address, and what it failed.
+    for host in ("mx1.corp.test", "mx2.corp.test"):
+        assert f"{host} [127.0.0.1]: it does not support encrypted connections" in human
+    # Remote-MTA: the last host tried (one per recipient, RFC 3464 section 2.3.5).
+    assert fields["remote-mta"] in ("dns; mx1.corp.test", "dns; mx2.corp.test")
+    assert fields["remote-mta"].removeprefix("dns; ") in fields["x-relay-diagnosis"]
+    assert "require_tls failed" in fields["x-relay-diagnosis"]
 
 
 async def test_secondary_carries_mail_when_the_primary_fails_tls(tmp_path, dnsmasq, dsn_sink):
@@ -337,7 +341,9 @@ async def test_failed_handshake(tmp_path, dnsmasq, dsn_sink, require_tls):
         assert sink.messages == []
         _, human, [fields] = dsn_parts(dsn_sink.messages[0].data)
         assert fields["status"] == "5.7.5"
-        assert TLS_FAILURE_TEXT[TlsFailure.HANDSHAKE] in human
+        assert "a secure (encrypted) connection to it could not be set up" in human
+        assert fields["remote-mta"] == "dns; mx1.corp.test"
+        assert "the TLS handshake with mx1.corp.test failed" in fields["x-relay-diagnosis"]
         assert failures == 1
     else:
         [message] = sink.messages

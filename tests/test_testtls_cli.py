@@ -130,9 +130,81 @@ async def test_text_report_names_the_failed_option_and_fixes(tmp_path, pki):
     assert code == 1
     assert "hostname matched: no (against 127.0.0.1)" in out
     assert "verdict:          FAIL (validate_hostname)" in out
-    assert "fix: use the host name that appears in the server's certificate" in out
     assert "chain verified:   yes" in out
     assert "DNS:mx1.test" in out
+    # The names the certificate carries, and the advice built from them.
+    assert "  names:            mx1.test\n" in out
+    assert (
+        "validate_hostname: the certificate of 127.0.0.1 does not name 127.0.0.1; "
+        "it names: mx1.test" in out
+    )
+    assert "fix: use one of these as the route host: mx1.test" in out
+    assert "ca_file" not in out and "STARTTLS on" not in out
+
+
+#: kind -> the lines test-tls must print for it, and words that belong to
+#: other failures' advice and must not appear.
+ADVICE = {
+    "self_signed": (
+        [
+            "require_ca_signed: the certificate of 127.0.0.1 is issued by "
+            '"O=untrusted test CA, OU=',
+            "fix: install a certificate issued by a trusted CA on 127.0.0.1",
+            "fix: or, if that is your private CA, add its certificate to [tls] ca_file",
+        ],
+        ["route host", "STARTTLS on", "renew"],
+    ),
+    "expired": (
+        [
+            "require_ca_signed: the certificate of 127.0.0.1 expired on ",
+            "fix: renew the certificate on 127.0.0.1",
+        ],
+        ["route host", "ca_file", "STARTTLS on"],
+    ),
+    "no_starttls": (
+        [
+            "require_tls: 127.0.0.1 does not offer STARTTLS",
+            "fix: enable STARTTLS on 127.0.0.1",
+            'fix: or set require_tls = false in route "Downstream"',
+        ],
+        ["route host", "ca_file", "renew", "certificate"],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ADVICE))
+async def test_text_advice_fits_the_failure(tmp_path, pki, kind):
+    expected, foreign = ADVICE[kind]
+    async with _sink(pki, CASES[kind][0]) as sink:
+        code, out, _ = await _run(_config(tmp_path, pki, sink.port))
+    assert code == 1
+    for line in expected:
+        assert line in out, line
+    for word in foreign:
+        assert word not in out, word
+
+
+async def test_self_signed_certificate_is_called_so(tmp_path, pki):
+    async with Sink(tls_context=pki.self_signed_context()) as sink:
+        code, out, _ = await _run(_config(tmp_path, pki, sink.port, "validate_hostname = false"))
+    assert code == 1
+    assert "(self-signed)" in out
+    assert "require_ca_signed: the certificate of 127.0.0.1 is self-signed" in out
+    assert "fix: or add that certificate to [tls] ca_file to trust it as its own CA" in out
+
+
+async def test_certificate_dates_are_shown(tmp_path, pki):
+    async with _sink(pki, CASES["expired"][0]) as sink:
+        code, out, _ = await _run(_config(tmp_path, pki, sink.port), "--json")
+    assert code == 1
+    (host,) = json.loads(out)["hosts"]
+    cert = host["certificate"]
+    assert cert["names"] == ["127.0.0.1"]
+    assert cert["not_before"] and cert["not_after"] and cert["days_left"] < 0
+    (failure,) = host["failures"]
+    assert failure["reason"] == "expired"
+    assert failure["problem"].startswith("the certificate of 127.0.0.1 expired on ")
+    assert failure["fixes"][0] == "renew the certificate on 127.0.0.1"
 
 
 async def test_options_off_pass_and_report_what_would_fail(tmp_path, pki):

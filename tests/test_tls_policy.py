@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import ssl
+from collections.abc import Iterator
 
 import pytest
 
@@ -226,3 +229,92 @@ def test_server_context_offers_the_certificate(pki):
     cert, key = pki.issue("relay.test")
     context = tls.server_context(cert, key)
     assert context.verify_mode == ssl.CERT_NONE
+
+
+# --- what the failure and the attempt line say ---------------------------------------
+
+
+@contextlib.contextmanager
+def _attempt_lines() -> Iterator[list[dict[str, object]]]:
+    """The fields of every ``attempt`` log line logged inside the block."""
+    lines: list[dict[str, object]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "attempt":
+                lines.append(dict(record.fields))  # type: ignore[attr-defined]
+
+    handler = Keep()
+    logger = logging.getLogger("relay")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+#: case -> the names the failure's certificate carries
+CERTIFICATE_NAMES = {"self_signed": ("mx1.test",), "wrong_name": ("other.test",),
+                     "expired": ("mx1.test",)}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CERTIFICATE_NAMES))
+async def test_certificate_failure_carries_the_certificate(pki, case):
+    """OpenSSL aborts the handshake before the certificate can be read: the
+    relay reads it on a second connection without checks, sending no mail."""
+    spec, failing, reason, _ = CASES[case]
+    async with Sink(tls_context=_context(pki, spec)) as sink:
+        with _attempt_lines() as lines:
+            attempt = await _deliver(pki, sink, failing)
+    assert not sink.messages and not any(line.startswith("MAIL") for line in sink.lines)
+    (result,) = attempt.results["b@x.test"]
+    assert isinstance(result, TlsPolicyFailure)
+    assert result.certificate is not None
+    assert result.certificate.names == CERTIFICATE_NAMES[case]
+    (line,) = lines
+    # The handshake was tried and the check failed: not "tls=none".
+    assert line["tls"] == "failed" and line["verified"] is False
+    assert line["tls_check"] == reason.value
+    assert line["result"] == "tls_failed"
+    diagnosis = str(line["diagnosis"])
+    if case == "wrong_name":
+        assert "it names: other.test; fix: use one of these as the route host: other.test" in (
+            diagnosis
+        )
+    elif case == "expired":
+        assert "the certificate of mx1.test expired on " in diagnosis
+    else:
+        assert 'is issued by "O=untrusted test CA' in diagnosis
+        assert "add its certificate to [tls] ca_file" in diagnosis
+
+
+@pytest.mark.parametrize(
+    ("spec", "policy", "tls_field", "verified"),
+    [
+        (None, OPPORTUNISTIC, "none", False),
+        (None, ENCRYPT_ONLY, "failed", False),
+        ({"names": ("mx1.test",)}, ENCRYPT_ONLY, "TLSv1.3", False),
+        ({"names": ("mx1.test",)}, STRICT, "TLSv1.3", True),
+    ],
+    ids=["plaintext", "not_offered_required", "encrypted_unverified", "verified"],
+)
+async def test_attempt_line_says_what_happened_to_tls(pki, spec, policy, tls_field, verified):
+    async with Sink(tls_context=_context(pki, spec)) as sink:
+        with _attempt_lines() as lines:
+            await _deliver(pki, sink, policy)
+    (line,) = lines
+    assert (line["tls"], line["verified"]) == (tls_field, verified)
+    assert ("tls_check" in line) == (tls_field == "failed")
+
+
+async def test_attempt_line_says_tls_offered_but_not_used(pki):
+    replies = {"STARTTLS": ["220 2.0.0 go ahead"]}
+    async with Sink(tls_context=pki.server_context("mx1.test"), replies=replies) as sink:
+        with _attempt_lines() as lines:
+            attempt = await _deliver(pki, sink, OPPORTUNISTIC)
+    assert attempt.outcome("b@x.test") == errors.DELIVERED
+    (line,) = lines
+    assert line["tls"] == "not_used" and line["verified"] is False

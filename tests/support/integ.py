@@ -151,10 +151,14 @@ def config_text(
     max_per_host: int = 5,
     bounce_route: str = "",
     relay_networks: Sequence[str] = (),
+    notify: Sequence[str] = (),
 ) -> str:
     """A complete relay.toml for one test: spool in tmp_path, DNS at ``dns``."""
     tls = f'[tls]\nca_file = "{ca_file}"\n' if ca_file else ""
     bounces = f'[bounces]\nroute = "{bounce_route}"\n' if bounce_route else ""
+    if notify:
+        listed = ", ".join(f'"{address}"' for address in notify)
+        bounces = (bounces or "[bounces]\n") + f"notify = [{listed}]\n"
     networks = ", ".join(f'"{n}"' for n in relay_networks)
     return (
         '[server]\nhostname = "relay.test"\ndomains = ["corp.test"]\n'

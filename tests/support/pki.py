@@ -9,7 +9,8 @@ so they exercise our own builder::
     pki = Pki(tmp_path / "pki")
     files = pki.issue("relay.test", stem="relay")        # CertFiles(cert, key)
     ctx = pki.server_context("mx1.test", "127.0.0.1")   # good
-    ctx = pki.server_context("mx1.test", untrusted=True) # unknown CA ("self-signed")
+    ctx = pki.server_context("mx1.test", untrusted=True) # issued by an unknown CA
+    ctx = pki.self_signed_context()                      # a certificate that signed itself
     ctx = pki.server_context("other.test")               # wrong name for mx1.test
     ctx = pki.server_context("mx1.test", expired=True)   # expired yesterday
 """
@@ -73,6 +74,14 @@ class Pki:
         leaf.private_key_pem.write_to_path(str(key))
         key.chmod(0o600)
         return CertFiles(cert, key)
+
+    def self_signed_context(self) -> ssl.SSLContext:
+        """A server context presenting a self-signed certificate (the untrusted CA's own)."""
+        cert, key = self.dir / "self-signed.crt", self.dir / "self-signed.key"
+        self.untrusted_ca.cert_pem.write_to_path(str(cert))
+        self.untrusted_ca.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)
+        return tls.server_context(cert, key)
 
     def server_context(
         self, *names: str, untrusted: bool = False, expired: bool = False
