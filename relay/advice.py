@@ -49,12 +49,15 @@ def tls_advice(
     route: str = "",
     detail: str = "",
     now: float | None = None,
+    via_mx: str = "",
 ) -> Advice:
     """The diagnosis of ``host`` failing ``reason`` of ``route``'s TLS policy.
 
     ``host`` is the name delivered to (the route's host or the MX name);
     ``certificate`` the one it presented, when known; ``detail`` OpenSSL's
-    words, for a handshake that failed for no certificate reason.
+    words, for a handshake that failed for no certificate reason;
+    ``via_mx`` the domain whose MX lookup gave ``host`` (then the name
+    comes from DNS, not from the route).
     """
     option = TLS_FAILURE_OPTION[reason]
     if reason is TlsFailure.NO_STARTTLS:
@@ -101,6 +104,20 @@ def tls_advice(
         )
     if reason is TlsFailure.HOSTNAME_MISMATCH:
         names = _names(certificate)
+        if via_mx:
+            # The name comes from the MX record, not from the route.
+            carries = f"; it names: {names}" if names else ""
+            return Advice(
+                option,
+                f"the certificate of {host} (MX of {via_mx}) does not name {host}{carries}",
+                (
+                    f"install a certificate on {host} that names {host}",
+                    f"or point the MX record of {via_mx} to a name the certificate carries"
+                    + (f" ({names})" if names else ""),
+                    _turn_off("validate_hostname", route, "any certificate name is then accepted"),
+                ),
+                "its security certificate is for a different name",
+            )
         if names:
             return Advice(
                 option,

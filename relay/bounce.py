@@ -65,13 +65,17 @@ class TlsIssue:
     certificate: Certificate | None = None
     #: OpenSSL's words (logs, and the handshake diagnosis).
     detail: str = ""
+    #: The domain whose MX lookup gave ``host`` ("" for a host from the route).
+    via_mx: str = ""
 
     @property
     def where(self) -> str:
         return f"{self.host} [{self.ip}]" if self.ip else self.host
 
     def advice(self, route: str) -> Advice:
-        return tls_advice(self.reason, self.host, self.certificate, route, self.detail)
+        return tls_advice(
+            self.reason, self.host, self.certificate, route, self.detail, via_mx=self.via_mx
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -665,7 +665,7 @@ class Deliverer:
         if isinstance(failure, TlsPolicyFailure):
             advice = tls_advice(
                 failure.reason, cand.host.strip("[]"), failure.certificate, route.name,
-                failure.detail,
+                failure.detail, via_mx=cand.via_mx or "",
             )  # fmt: skip
             fields["tls_check"] = failure.reason.value
             fields["diagnosis"] = advice.one_line()

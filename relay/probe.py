@@ -65,7 +65,14 @@ class ProbeResult:
         name = self.candidate.host.strip("[]")
         details = {TlsFailure.HANDSHAKE: self.tls_error}
         return [
-            tls_advice(failure, name, self.certificate, route, details.get(failure, ""))
+            tls_advice(
+                failure,
+                name,
+                self.certificate,
+                route,
+                details.get(failure, ""),
+                via_mx=self.candidate.via_mx or "",
+            )  # fmt: skip
             for failure in self.failures
         ]
 

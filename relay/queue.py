@@ -693,6 +693,7 @@ def _failure(attempt: Attempt, address: str, route: Route, now: float) -> Failur
                 ip=host.ip or "",
                 certificate=host.failure.certificate,
                 detail=host.failure.detail,
+                via_mx=host.candidate.via_mx or "",
             )
             for host in attempt.hosts
             if isinstance(host.failure, TlsPolicyFailure)

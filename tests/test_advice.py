@@ -77,3 +77,14 @@ def test_self_signed_is_named_as_such() -> None:
     advice = tls_advice(TlsFailure.UNTRUSTED_CA, "mx1.test", cert)
     assert advice.problem == 'the certificate of mx1.test is self-signed ("CN=mx1.test")'
     assert advice.fixes[0] == "install a certificate issued by a trusted CA on mx1.test"
+
+
+def test_name_mismatch_at_an_mx_host_does_not_say_route_host() -> None:
+    cert = _certificate("Jan  1 00:00:00 2026 GMT", "Dec 31 00:00:00 2026 GMT")
+    advice = tls_advice(
+        TlsFailure.HOSTNAME_MISMATCH, "mx.example.test", cert, via_mx="example.test"
+    )
+    assert advice.problem.startswith("the certificate of mx.example.test (MX of example.test)")
+    assert advice.fixes[0] == "install a certificate on mx.example.test that names mx.example.test"
+    assert "MX record of example.test" in advice.fixes[1]
+    assert "route host" not in advice.one_line()
