@@ -216,12 +216,18 @@ async def peek_certificate(key: HopKey, cfg: Config) -> certificate.Certificate 
     """The certificate the host at ``key`` presents, read without checking it; None if unread."""
     ip, port, _, name = key
     try:
-        session = await open_session((ip, port, _LOOK, name), cfg, starttls=True)
+        session = await open_session(
+            (ip, port, _LOOK, name), cfg, starttls=True, read_certificate=False
+        )
     except (RelayError, HandshakeFailed):
         return None
     try:
         der = transport_info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
         return certificate.decode(der) if der else None
+    except (ValueError, OSError):
+        # ssl.SSLError is an OSError: a certificate Python cannot decode
+        # leaves the diagnosis without its facts, never the delivery broken.
+        return None
     finally:
         await quit_session(session)
 
