@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import hashlib
 import ipaddress
-import os
 import re
 import socket
 import tomllib
@@ -21,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The config a command uses when none is named (relay.cli.config_path).
 DEFAULT_CONFIG = Path("config/relay.toml")
+#: How the embedded default config is shown where a file's path would be.
+EMBEDDED = "(embedded default)"
 
 
 # --- the model --------------------------------------------------------------
@@ -247,6 +249,11 @@ class Config:
     bounces: BouncesConfig = BouncesConfig()
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
+
+    @property
+    def shown_source(self) -> str:
+        """The source as people see it: the file's path, or "(embedded default)"."""
+        return EMBEDDED if self.source.name == EMBEDDED else str(self.source)
 
     def route(self, name: str) -> Route | None:
         for route in self.routes:
@@ -797,11 +804,6 @@ def load(path: Path | str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [Problem("", "", f"TOML syntax error: {exc}")]) from None
     return parse(data, path, hashlib.sha256(raw).hexdigest())
-
-
-def default_path(argument: str | None) -> Path:
-    """``--config`` if given, else ``$RELAY_CONFIG``, else ``config/relay.toml``."""
-    return Path(argument or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
 
 
 def describe(config: Config) -> list[str]:
