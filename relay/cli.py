@@ -81,10 +81,21 @@ def _print_problems(error: ConfigError) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exit 0 for a valid config, warnings or not: the relay runs it as written."""
+    from relay.lint import warnings
+
     cfg = _load(args)
-    print(f"{cfg.shown_source}: valid, {len(cfg.routes)} route(s), {len(cfg.rules)} rule(s)")
+    found = warnings(cfg)
+    counts = f"{len(cfg.routes)} route(s), {len(cfg.rules)} rule(s)"
+    if found:
+        counts += f", {len(found)} warning(s)"
+    print(f"{cfg.shown_source}: valid, {counts}")
     for line in configmod.describe(cfg):
         print(f"  {line}")
+    if found:
+        print("warnings:")
+        for warning in found:
+            print(f"  - {warning}")
     return EXIT_OK
 
 

@@ -683,23 +683,33 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
             "is on (the default) but needs require_ca_signed = true; turn require_ca_signed on, "
             "or set validate_hostname = false too",
         )
-    single = "host" in raw or "port" in raw
-    multiple = "primary" in raw or "secondary" in raw
-    if single and multiple:
-        r.problem("host", "a route has either host/port or primary/secondary tables, not both")
+    # The shape (one host, or tables) decides which fields apply; a wrong
+    # shape is a problem of the route itself, and every field present is
+    # still checked so that one run of check-config lists everything.
+    single = [key for key in ("host", "port") if key in raw]
+    tables = [key for key in ("primary", "secondary") if key in raw]
+    shape_ok = True
+    if single and tables:
+        r.problem(
+            "",
+            f"has {' and '.join(single)} beside [[routes.{tables[0]}]] tables: a route has "
+            "either host/port (one host) or primary/secondary tables (multiple hosts), not both",
+        )
+        shape_ok = False
+    elif not single and not tables:
+        r.problem("", "has no host: give host (and port), or [[routes.primary]] tables")
         return None
-    if not single and not multiple:
-        r.problem("host", "missing: give host (and port), or [[routes.primary]] tables")
-        return None
-    if single:
-        host = _host_name(r, "host", raw.get("host"), mx_lookup)
-        port = _port(r, "port", raw.get("port", 25))
-        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True)
-    if "primary" not in raw:
-        r.problem("primary", "missing: secondary hosts need at least one [[routes.primary]]")
-        return None
-    primary = _hosts(r, "primary", raw["primary"], mx_lookup)
+    elif tables and "primary" not in raw:
+        r.problem("", "has [[routes.secondary]] but no [[routes.primary]]: secondaries need one")
+        shape_ok = False
+    host = _host_name(r, "host", raw.get("host"), mx_lookup) if "host" in raw or not tables else ""
+    port = _port(r, "port", raw.get("port", 25))
+    primary = _hosts(r, "primary", raw["primary"], mx_lookup) if "primary" in raw else ()
     secondary = _hosts(r, "secondary", raw["secondary"], mx_lookup) if "secondary" in raw else ()
+    if not shape_ok:
+        return None
+    if not tables:
+        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True)
     return Route(name, primary, secondary, mx_lookup, tls, single=False)
 
 
