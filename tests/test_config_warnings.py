@@ -38,7 +38,7 @@ WARN = {
     "identical pattern": (
         A + B + rule("A", "@example.test") + rule("B", "@EXAMPLE.test"),
         [
-            "rules[2]: can never match: '@EXAMPLE.test' (rules[1] '@example.test' matches it first)",
+            "rules[2]: can never match: '@EXAMPLE.test' (rules[1] '@example.test' matches it",
             "routes[2] 'B': no rule that can match sends mail to it",
         ],
     ),
