@@ -39,8 +39,8 @@ from relay.spool import Spool
 SHUTDOWN_GRACE = 10.0
 
 #: ``relay run`` with no --config, no $RELAY_CONFIG and no config/relay.toml
-#: runs on this (DESIGN.md: one command runs the relay on an embedded
-#: default). Relative paths are relative to the current directory. It is
+#: runs on this (README.md "Quick start": one command runs the relay on an
+#: embedded default). Relative paths are relative to the current directory. It is
 #: config/relay.toml but for its paths; a test keeps the two the same.
 DEFAULT_CONFIG_TOML = """\
 [server]

@@ -287,7 +287,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- test-tls (issue #6 item 5) ---------------------------------------------
+# --- test-tls (docs/tls.md) -------------------------------------------------
 
 
 async def _candidates(route: Route, resolver: Resolver) -> list[Candidate]:

@@ -1,4 +1,4 @@
-"""The issue #8 benchmark driver runs end to end at a tiny scale."""
+"""The benchmark driver (docs/performance.md) runs end to end at a tiny scale."""
 
 from __future__ import annotations
 
