@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+import relay
 from relay import config as configmod
 from relay import events, tls
 from relay import metrics as metricsmod
@@ -38,8 +39,8 @@ from relay.spool import Spool
 SHUTDOWN_GRACE = 10.0
 
 #: ``relay run`` with no --config, no $RELAY_CONFIG and no config/relay.toml
-#: runs on this (DESIGN.md: one command runs the relay on an embedded
-#: default). Relative paths are relative to the current directory. It is
+#: runs on this (README.md "Quick start": one command runs the relay on an
+#: embedded default). Relative paths are relative to the current directory. It is
 #: config/relay.toml but for its paths; a test keeps the two the same.
 DEFAULT_CONFIG_TOML = """\
 [server]
@@ -72,8 +73,7 @@ recipients = ["*"]
 route = "Local sink"
 """
 
-#: Shown as the config source when the embedded default is used.
-EMBEDDED = "(embedded default)"
+EMBEDDED = configmod.EMBEDDED
 
 
 def default_config() -> Config:
@@ -209,10 +209,12 @@ class Daemon:
         run_task = asyncio.create_task(scheduler.run())
         events.log(
             "started",
+            version=relay.version(),
+            config=cfg.shown_source,
             listen=",".join(listen_texts(inbound)),
+            metrics=str(cfg.metrics.listen) if cfg.metrics.listen is not None else "off",
             spool=str(self.spool.path),
             recovered=recovered,
-            config=str(cfg.source),
             pid=os.getpid(),
         )
         try:
@@ -282,7 +284,7 @@ class Daemon:
             return False
         except (OSError, ssl.SSLError) as exc:
             self.metrics.config_reloads.labels(result="error").inc()
-            events.error("reload_failed", config=str(old.source), error=str(exc))
+            events.error("reload_failed", config=old.shown_source, error=str(exc))
             return False
         needs_restart = restart_problems(old, new)
         if needs_restart:
@@ -338,7 +340,7 @@ class Daemon:
         events.log(
             "config_applied",
             reason=reason,
-            config=str(new.source),
+            config=new.shown_source,
             sha256=new.sha256,
             routes=len(new.routes),
             rules=len(new.rules),

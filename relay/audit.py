@@ -66,7 +66,7 @@ class AuditLog:
         self._append(
             {
                 "event": "start",
-                "path": str(config.source),
+                "path": config.shown_source,
                 "sha256": config.sha256,
                 "summary": _summary(config),
                 "changes": diff_snapshots(previous, current),
@@ -80,7 +80,7 @@ class AuditLog:
         self._append(
             {
                 "event": "reload",
-                "path": str(new.source),
+                "path": new.shown_source,
                 "trigger": trigger,
                 "sha256_old": old.sha256,
                 "sha256_new": new.sha256,

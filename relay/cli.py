@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import relay
 from relay import config as configmod
 from relay import errors, routing
 from relay.config import Config, ConfigError, Route
@@ -30,10 +31,46 @@ from relay.spool import IN_MEMORY_MAX, BodyFile, Spool
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_CONFIG = 2
+EMBEDDED = configmod.EMBEDDED
+
+
+def config_path(argument: str | None) -> Path | None:
+    """The config file every command uses; None means the embedded default.
+
+    ``--config``, then ``$RELAY_CONFIG``, then ``config/relay.toml`` in the
+    current folder, then the embedded default (relay.app.DEFAULT_CONFIG_TOML).
+    A named file must exist: only when nothing names one does its absence
+    fall through to the default.
+    """
+    named = argument or os.environ.get("RELAY_CONFIG")
+    if named:
+        return Path(named)
+    default = configmod.DEFAULT_CONFIG
+    return default if default.exists() else None
+
+
+def _resolve(args: argparse.Namespace, say: bool = True) -> Path | None:
+    """``config_path`` for this command, said on stderr (which file it acts on).
+
+    ``run`` does not say it here: its stderr is the log, where every line
+    is an event in the configured format, and its ``started`` line names
+    the config.
+    """
+    path = config_path(args.config)
+    if say:
+        shown = EMBEDDED if path is None else str(path.resolve())
+        print(f"relay: using config {shown}", file=sys.stderr)
+    return path
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return configmod.load(configmod.default_path(args.config))
+    """The config of every command but ``run`` (which hands its path to relay.app)."""
+    path = _resolve(args)
+    if path is None:
+        from relay import app
+
+        return app.default_config()
+    return configmod.load(path)
 
 
 def _print_problems(error: ConfigError) -> None:
@@ -44,36 +81,33 @@ def _print_problems(error: ConfigError) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exit 0 for a valid config, warnings or not: the relay runs it as written."""
+    from relay.lint import warnings
+
     cfg = _load(args)
-    print(f"{cfg.source}: valid, {len(cfg.routes)} route(s), {len(cfg.rules)} rule(s)")
+    found = warnings(cfg)
+    counts = f"{len(cfg.routes)} route(s), {len(cfg.rules)} rule(s)"
+    if found:
+        counts += f", {len(found)} warning(s)"
+    print(f"{cfg.shown_source}: valid, {counts}")
     for line in configmod.describe(cfg):
         print(f"  {line}")
+    if found:
+        print("warnings:")
+        for warning in found:
+            print(f"  - {warning}")
     return EXIT_OK
 
 
-def _daemon_config_path(args: argparse.Namespace) -> Path | None:
-    """The config for ``run`` and ``queue``: None means the embedded default.
-
-    That default applies only when nothing names a config (no --config, no
-    $RELAY_CONFIG) and config/relay.toml does not exist.
-    """
-    path = configmod.default_path(args.config)
-    named = args.config or os.environ.get("RELAY_CONFIG")
-    return path if named or path.exists() else None
-
-
-def _load_daemon(args: argparse.Namespace) -> Config:
-    from relay import app
-
-    path = _daemon_config_path(args)
-    return app.default_config() if path is None else configmod.load(path)
+#: Kept for callers of the earlier names: every command resolves the same way.
+_load_daemon = _load
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Imported here so that check-config and queue commands stay light.
     from relay.app import run
 
-    return run(_daemon_config_path(args))
+    return run(_resolve(args, say=False))
 
 
 def _read_pid(cfg: Config) -> int | None:
@@ -102,9 +136,10 @@ def _read_pid(cfg: Config) -> int | None:
 def _signal_daemon(cfg: Config, sig: signal.Signals, what: str) -> int:
     pid = _read_pid(cfg)
     if pid is None:
+        embedded = cfg.shown_source == EMBEDDED
+        start = "relay run" if embedded else f"relay run --config {cfg.source}"
         print(
-            f"no running relay found (pid file {cfg.pid_file}); start it with "
-            f"`relay run --config {cfg.source}`",
+            f"no running relay found (pid file {cfg.pid_file}); start it with `{start}`",
             file=sys.stderr,
         )
         return EXIT_FAIL
@@ -252,7 +287,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- test-tls (issue #6 item 5) ---------------------------------------------
+# --- test-tls (docs/tls.md) -------------------------------------------------
 
 
 async def _candidates(route: Route, resolver: Resolver) -> list[Candidate]:
@@ -398,11 +433,13 @@ def cmd_test_tls(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="An SMTP relay that routes mail.")
+    parser.add_argument("--version", action="version", version=f"relay {relay.version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         metavar="FILE",
-        help="config file (default: $RELAY_CONFIG, then config/relay.toml)",
+        help="config file (default: $RELAY_CONFIG, then config/relay.toml, "
+        "then the embedded default)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import hashlib
 import ipaddress
-import os
 import re
 import socket
 import tomllib
@@ -21,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The config a command uses when none is named (relay.cli.config_path).
 DEFAULT_CONFIG = Path("config/relay.toml")
+#: How the embedded default config is shown where a file's path would be.
+EMBEDDED = "(embedded default)"
 
 
 # --- the model --------------------------------------------------------------
@@ -250,6 +252,11 @@ class Config:
     bounces: BouncesConfig = BouncesConfig()
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
+
+    @property
+    def shown_source(self) -> str:
+        """The source as people see it: the file's path, or "(embedded default)"."""
+        return EMBEDDED if self.source.name == EMBEDDED else str(self.source)
 
     def route(self, name: str) -> Route | None:
         for route in self.routes:
@@ -703,23 +710,33 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
             "is on (the default) but needs require_ca_signed = true; turn require_ca_signed on, "
             "or set validate_hostname = false too",
         )
-    single = "host" in raw or "port" in raw
-    multiple = "primary" in raw or "secondary" in raw
-    if single and multiple:
-        r.problem("host", "a route has either host/port or primary/secondary tables, not both")
+    # The shape (one host, or tables) decides which fields apply; a wrong
+    # shape is a problem of the route itself, and every field present is
+    # still checked so that one run of check-config lists everything.
+    single = [key for key in ("host", "port") if key in raw]
+    tables = [key for key in ("primary", "secondary") if key in raw]
+    shape_ok = True
+    if single and tables:
+        r.problem(
+            "",
+            f"has {' and '.join(single)} beside [[routes.{tables[0]}]] tables: a route has "
+            "either host/port (one host) or primary/secondary tables (multiple hosts), not both",
+        )
+        shape_ok = False
+    elif not single and not tables:
+        r.problem("", "has no host: give host (and port), or [[routes.primary]] tables")
         return None
-    if not single and not multiple:
-        r.problem("host", "missing: give host (and port), or [[routes.primary]] tables")
-        return None
-    if single:
-        host = _host_name(r, "host", raw.get("host"), mx_lookup)
-        port = _port(r, "port", raw.get("port", 25))
-        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True)
-    if "primary" not in raw:
-        r.problem("primary", "missing: secondary hosts need at least one [[routes.primary]]")
-        return None
-    primary = _hosts(r, "primary", raw["primary"], mx_lookup)
+    elif tables and "primary" not in raw:
+        r.problem("", "has [[routes.secondary]] but no [[routes.primary]]: secondaries need one")
+        shape_ok = False
+    host = _host_name(r, "host", raw.get("host"), mx_lookup) if "host" in raw or not tables else ""
+    port = _port(r, "port", raw.get("port", 25))
+    primary = _hosts(r, "primary", raw["primary"], mx_lookup) if "primary" in raw else ()
     secondary = _hosts(r, "secondary", raw["secondary"], mx_lookup) if "secondary" in raw else ()
+    if not shape_ok:
+        return None
+    if not tables:
+        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True)
     return Route(name, primary, secondary, mx_lookup, tls, single=False)
 
 
@@ -827,11 +844,6 @@ def load(path: Path | str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [Problem("", "", f"TOML syntax error: {exc}")]) from None
     return parse(data, path, hashlib.sha256(raw).hexdigest())
-
-
-def default_path(argument: str | None) -> Path:
-    """``--config`` if given, else ``$RELAY_CONFIG``, else ``config/relay.toml``."""
-    return Path(argument or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
 
 
 def describe(config: Config) -> list[str]:

@@ -5,7 +5,7 @@ nameservers (or the system resolver's nameservers from /etc/resolv.conf
 when none are given), so /etc/hosts is not consulted. This is the only
 module that imports dnspython.
 
-Answers map to relay's failure classes (STYLE.md 3.4):
+Answers map to relay's failure classes (relay/errors.py):
 
 - NXDOMAIN → :class:`~relay.errors.NoSuchDomain`;
 - RFC 7505 null MX (the only MX record has the exchange ``.``) →

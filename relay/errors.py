@@ -87,7 +87,7 @@ class Reply:
         return cls(code, status, text)
 
 
-# --- inbound replies (DESIGN.md "Behaviour / Inbound", STYLE.md 3.4) -------
+# --- inbound replies (docs/inbound.md) --------------------------------------
 
 RELAYING_DENIED = Reply(550, (5, 7, 1), "Relaying denied")
 NO_ROUTE = Reply(550, (5, 1, 1), "No route for this recipient")
@@ -109,7 +109,7 @@ SMTPUTF8_UNSUPPORTED = Reply(
     550, (5, 6, 7), "Next hop does not support SMTPUTF8, required by a non-ASCII address"
 )
 
-# --- queue replies (issue #4, #5) --------------------------------------------
+# --- queue replies (docs/queue.md) ------------------------------------------
 
 #: Recorded for a recipient that no rule routes any more (rules changed by a
 #: reload): deferred, never bounced, so fixing the config lets it go out.
@@ -117,10 +117,10 @@ NO_ROUTE_NOW = Reply(451, (4, 4, 0), "No route for this recipient in the current
 #: A recipient bounced at max_lifetime with no reply ever seen (RFC 3463 X.4.7).
 DELIVERY_EXPIRED = Reply(554, (5, 4, 7), "Delivery time expired")
 #: The DSN Status of a recipient bounced at max_lifetime (RFC 3463 4.4.7,
-#: "delivery time expired"; issue #5 asks for it with Action: failed).
+#: "delivery time expired", sent with Action: failed; docs/queue.md).
 EXPIRED_STATUS = (4, 4, 7)
 
-# Added for issue #3 (inbound); additive only.
+# Inbound replies to MAIL and RCPT (docs/inbound.md).
 SENDER_OK = Reply(250, (2, 1, 0), "Sender ok")
 RECIPIENT_OK = Reply(250, (2, 1, 5), "Recipient ok")
 BAD_HELO = Reply(501, (5, 5, 4), "Invalid EHLO/HELO argument: give a domain or address literal")
@@ -307,7 +307,7 @@ DEFERRED = "deferred"
 def outcome(results: Iterable[Reply | RelayError]) -> str:
     """Decide one recipient's fate from every candidate host's result.
 
-    Rules (DESIGN.md "Outcomes"): any acceptance delivers; a permanent
+    Rules (docs/queue.md): any acceptance delivers; a permanent
     reply bounces; when *every* candidate failed the TLS policy the
     recipient bounces at once; anything else defers. No results at all
     (nothing to try) defers.

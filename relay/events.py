@@ -89,7 +89,7 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes the lines of one event-loop turn at once.
 
     Under load the daemon logs four lines per message; a write() each was
-    about 6% of the event loop's time (issue #8). Lines logged while a loop
+    about 6% of the event loop's time (docs/performance.md). Lines logged while a loop
     runs are joined and written by a callback at the loop's next turn (a
     millisecond or less later, and at most 256 lines apart); warnings and
     errors, and lines logged outside a loop (threads, start-up, shutdown),
@@ -161,7 +161,7 @@ def log(event: str, level: int = logging.INFO, exc_info: bool = False, **fields:
         return
     # makeRecord directly: Logger.log would walk the stack for the caller's
     # file and line (findCaller), which no formatter here prints and which
-    # cost several percent of the daemon's CPU per message (issue #8).
+    # cost several percent of the daemon's CPU per message (docs/performance.md).
     info = sys.exc_info() if exc_info else None
     record = _logger.makeRecord(
         _logger.name, level, "", 0, event, (), info, extra={"fields": fields}

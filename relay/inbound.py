@@ -11,7 +11,7 @@ Implements the receiving side of RFC 5321 with SIZE (RFC 1870), 8BITMIME
 * ``250 queued as`` is sent only after :meth:`relay.spool.Spool.put` has
   made message and envelope durable.
 
-aiosmtpd is imported in this module only (STYLE.md 3.1).
+aiosmtpd is imported in this module only: the rest of relay does not depend on it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import REJECT_REASONS, Metrics
 from relay.spool import IN_MEMORY_MAX, BodyWriter, Spool, new_id
 
-# RFC 5321 section 6.3 suggests 100 hops; DESIGN.md sets 30 Received headers.
+# RFC 5321 section 6.3 suggests 100 hops; relay allows 30 (README.md "What relay accepts").
 MAX_RECEIVED = 30
 #: The one mailbox allowed without a domain (RFC 5321 section 4.5.1).
 POSTMASTER = "postmaster"
@@ -203,7 +203,7 @@ def domain_of(mailbox: str) -> str:
     return mailbox.rpartition("@")[2].lower()
 
 
-# --- recipient policy (DESIGN.md "Inbound") ----------------------------------
+# --- recipient policy (docs/inbound.md) ------------------------------------
 
 
 def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -497,7 +497,7 @@ async def read_data(
     cleans up. Below the threshold nothing changes (the fast path).
 
     aiosmtpd reads DATA one line per await, which cost about 8 ms of CPU
-    per 100 KiB message (issue #8); this reads up to DATA_BLOCK at once and
+    per 100 KiB message (docs/performance.md); this reads up to DATA_BLOCK at once and
     finds the terminator with bytes.find. Limits as aiosmtpd: the size
     counts every line with its CRLF; a line longer than ``line_limit``
     with its CRLF is refused.
@@ -1064,7 +1064,7 @@ class Inbound:
     def rejected(self, reason: str, session: Session | None, command: str, **fields: Any) -> None:
         """Count and log one refusal (``reason`` from metrics.REJECT_REASONS)."""
         if reason not in REJECT_REASONS:
-            # A closed label set (STYLE.md 3.7); every path is exercised by tests.
+            # A closed label set (README.md "Metrics and health"); every path is exercised by tests.
             raise ValueError(f"unknown reject reason {reason!r}")
         self.metrics.messages_rejected.labels(reason=reason).inc()
         ip = _peer_ip(session) if session is not None else ""

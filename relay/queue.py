@@ -4,7 +4,7 @@ Due messages are loaded from the spool, their pending recipients grouped by
 route, one :meth:`Deliverer.deliver` call made per route (concurrently,
 within ``[delivery] max_concurrency``), and each recipient's outcome written
 back to the spool *before anything else happens*, so a recipient the next
-hop accepted is never delivered twice (DESIGN.md "Outcomes"). Deferred mail
+hop accepted is never delivered twice (docs/queue.md). Deferred mail
 is retried with exponential backoff and jitter until ``[queue]
 max_lifetime``; permanent failures and expiry produce one RFC 3464 DSN per
 message per attempt (relay.bounce), spooled before the originals are marked
@@ -71,7 +71,7 @@ _Saved = Literal["saved", "gone", "failed"]
 #: A just-accepted message's body is handed to the scheduler in memory, so
 #: its first attempt reads nothing back from disk (two opens, two reads and
 #: a JSON parse per message: a fifth of the 1 KiB path's spool work,
-#: issue #8). Bounded per message (the spool's IN_MEMORY_MAX: larger
+#: docs/performance.md). Bounded per message (the spool's IN_MEMORY_MAX: larger
 #: bodies are files anyway) and in total: beyond these the first attempt
 #: reads the spool as every later one does.
 FRESH_TOTAL_MAX = 4 * 1024 * 1024

@@ -3,7 +3,7 @@
 Rules: the first rule that matches a recipient names its route
 (:func:`route_for`); bounces follow :func:`bounce_route`.
 
-Candidate order (DESIGN.md "Routing"), built by :func:`plan`:
+Candidate order (docs/routing.md), built by :func:`plan`:
 
 - single host: that host;
 - multiple hosts: the primaries in weighted random order
@@ -148,7 +148,7 @@ def route_for(config: Config, address: str, client_trusted: bool) -> Route | Non
 
 
 def bounce_route(config: Config, sender: str) -> Route:
-    """The route of a bounce (DSN) to ``sender`` (DESIGN.md "[bounces]").
+    """The route of a bounce (DSN) to ``sender`` (README.md "Bounces").
 
     The ``[bounces] route`` when set, else the route of the first rule that
     matches the sender's address, else the sender domain's MX with

@@ -22,7 +22,7 @@ from relay.certificate import distinguished_name
 from relay.config import Config, TlsPolicy
 from relay.errors import RelayError, Reply, TlsFailure, TlsPolicyFailure
 
-# --- exception mapping (STYLE.md 3.4 "Mapping aiosmtplib") ------------------
+# --- exception mapping (guarded by tests/test_delivery_errors.py) ----------
 
 
 def remote_failure(code: int, message: str, detail: str = "") -> RelayError:

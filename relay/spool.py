@@ -15,7 +15,7 @@ Layout under ``[queue] path``::
 
 A message exists once it has an envelope in ``msg/``: a ``.msg``, or a
 ``.json`` whose ``.eml`` was renamed into place before it. One file per
-message at accept time costs one fsync and one rename (issue #8: the
+message at accept time costs one fsync and one rename (docs/performance.md: the
 two-file write was most of the spool threads' work and of the wait before
 each 250). The new names are ones an older relay neither reads nor deletes
 (it would take a ``.eml`` without ``.json`` for debris): after a rollback
@@ -63,7 +63,7 @@ SPOOL_THREADS = 8
 #: (inbound) and while it is delivered (the scheduler reads it with one
 #: read). A larger one lives in a file and is handled in pieces of about
 #: this size, so each concurrent large message costs a few hundred KiB of
-#: memory instead of several times its size (issue #8). Most mail is far
+#: memory instead of several times its size (docs/performance.md). Most mail is far
 #: smaller, and stays on the one-write, one-read path.
 IN_MEMORY_MAX = 256 << 10
 
@@ -72,7 +72,7 @@ _T = TypeVar("_T")
 
 #: Random bits for queue ids and temp names: unique, not secret (a queue id
 #: is printed in every Received header). Seeded from os.urandom; one
-#: getrandom() call per id was 2 % of the event loop's time (issue #8).
+#: getrandom() call per id was 2 % of the event loop's time (docs/performance.md).
 _RNG = random.Random()
 
 
@@ -153,7 +153,7 @@ class GroupSync:
     (The first asyncio version cost four: on a busy loop each hand-off is a
     turn of the loop, which was 9 ms of the 23 ms before a 250. Waiting in
     the spool's threads instead capped a batch at the pool's 8 threads, and
-    waking the loop once per writer from this thread cost 13 %; issue #8.)
+    waking the loop once per writer from this thread cost 13 %; docs/performance.md.)
     """
 
     def __init__(self, sync: Callable[[], None]) -> None:
@@ -568,7 +568,7 @@ class Spool:
 
         Paths in the hot spool operations are plain strings: pathlib's
         parsing was a fifth of the spool threads' Python time, which the
-        event loop waits for (the GIL; issue #8).
+        event loop waits for (the GIL; docs/performance.md).
         """
         tmp = f"{self._tmp}/{name}.{_tmp_suffix()}"
         try:

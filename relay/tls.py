@@ -1,7 +1,7 @@
 """The one TLS-context builder (inbound and outbound) and TLS failure classification.
 
 Outbound contexts follow a route's :class:`~relay.config.TlsPolicy`
-(DESIGN.md "TLS policy"; RFC 3207 STARTTLS):
+(docs/tls.md; RFC 3207 STARTTLS):
 
 - opportunistic (``require_tls = false``) and ``require_tls`` alone:
   encrypt, check nothing (RFC 7435 opportunistic security);

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay import app, errors
+from relay import version as relay_version
 from relay.spool import Spool
 from tests.support.inbound import ROOT, config_text
 from tests.support.procs import RelayProcess, free_port
@@ -215,7 +216,8 @@ def test_embedded_default_config_runs_without_any_file(tmp_path: Path) -> None:
                 pytest.skip("default ports 2525/9325 are taken on this machine")
             raise
         assert (tmp_path / "var/spool/relay.pid").exists()
-        assert "(embedded default)" in proc.log
+        [started] = [x for x in proc.log.splitlines() if "event=started" in x]
+        assert 'config="(embedded default)"' in started
     finally:
         proc.stop()
     assert proc.proc is not None and proc.proc.returncode == 0
@@ -247,3 +249,12 @@ def test_embedded_default_matches_config_relay_toml() -> None:
         assert getattr(embedded, section) == getattr(shipped, section), section
     for field in ("max_lifetime", "min_backoff", "max_backoff"):
         assert getattr(embedded.queue, field) == getattr(shipped.queue, field), field
+
+
+def test_started_line_names_version_config_and_addresses(relay: Relay) -> None:
+    relay.process.start(wait_for="event=started")
+    [line] = [x for x in relay.process.log.splitlines() if "event=started" in x]
+    assert f"version={relay_version()}" in line
+    assert f"config={relay.config.resolve()}" in line
+    assert f"listen=127.0.0.1:{relay.port}" in line
+    assert f"metrics=127.0.0.1:{relay.metrics_port}" in line

@@ -1,8 +1,9 @@
-"""Each invalid example in tests/bad_configs/: `relay check-config` exits 2 and names every problem.
+"""The examples in tests/bad_configs/ and tests/warning_configs/ through `relay check-config`.
 
-A case is a folder with relay.toml and expected.txt (one expected line
-fragment per line; each must appear in the output, and the count of
-problems must equal the number of lines).
+An invalid example exits 2 naming every problem; a valid one with warnings
+exits 0 listing each under ``warnings:``. A case is a folder with
+relay.toml and expected.txt (one expected line fragment per line; each
+must appear in the output, and the count must equal the number of lines).
 """
 
 from __future__ import annotations
@@ -32,3 +33,26 @@ def test_check_config_names_every_problem(case: Path) -> None:
     for fragment in expected:
         assert fragment in result.stderr, f"{fragment!r} missing from:\n{result.stderr}"
     assert f"{len(expected)} problem(s)" in result.stderr, result.stderr
+
+
+WARNING_CASES = sorted((Path(__file__).parent / "warning_configs").iterdir())
+
+
+@pytest.mark.parametrize("case", WARNING_CASES, ids=lambda p: p.name)
+def test_check_config_warns_and_exits_0(case: Path) -> None:
+    """A valid config with warnings: exit 0, each warning listed under ``warnings:``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", "--config", str(case / "relay.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    expected = [line for line in (case / "expected.txt").read_text().splitlines() if line]
+    assert result.returncode == 0, result.stdout + result.stderr
+    head, _, listed = result.stdout.partition("\nwarnings:\n")
+    assert f", {len(expected)} warning(s)" in head.splitlines()[0]
+    lines = listed.splitlines()
+    assert len(lines) == len(expected), listed
+    for fragment, line in zip(expected, lines, strict=True):
+        assert line.startswith(f"  - {fragment}"), line

@@ -147,12 +147,12 @@ BAD = {
     ),
     "single and multiple": (
         SERVER + SINGLE + '[[routes.primary]]\nhost = "b.test"\nload = 100',
-        ["routes[1] 'R': host: a route has either host/port or primary/secondary tables"],
+        ["routes[1] 'R': has host and port beside [[routes.primary]] tables: a route has either"],
     ),
-    "neither": (SERVER + '[[routes]]\nname = "R"', ["routes[1] 'R': host: missing"]),
+    "neither": (SERVER + '[[routes]]\nname = "R"', ["routes[1] 'R': has no host: give host"]),
     "secondary without primary": (
         SERVER + '[[routes]]\nname = "R"\n[[routes.secondary]]\nhost = "b.test"\nload = 100',
-        ["primary: missing"],
+        ["routes[1] 'R': has [[routes.secondary]] but no [[routes.primary]]"],
     ),
     "loads not 100": (
         SERVER

@@ -1,4 +1,4 @@
-"""Guard: every aiosmtplib exception maps to a relay failure class (STYLE.md 3.4)."""
+"""Guard: every aiosmtplib exception maps to a relay failure class (relay/errors.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 With PIPELINING, MAIL, every RCPT and DATA (after an RSET on a reused
 session) go out as one group: two round trips per message instead of five
-(issue #8). Without it, the relay stays in lock-step.
+(docs/performance.md). Without it, the relay stays in lock-step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Connection reuse per next hop (issue #4 item 6), observed at the sink."""
+"""Connection reuse per next hop (docs/tls.md), observed at the sink."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
 from pathlib import Path
 
@@ -14,9 +13,7 @@ import trustme
 from relay import app
 from relay.config import Config
 from tests.support.inbound import RawClient, make_config, running_inbound
-
-SWAKS = shutil.which("swaks") or "/usr/bin/swaks"
-needs_swaks = pytest.mark.skipif(not Path(SWAKS).exists(), reason="swaks not installed")
+from tests.support.peers import require_swaks
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,7 @@ def tls_config(tmp_path: Path, ca: trustme.CA) -> Config:
 
 async def swaks(port: int, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        SWAKS,
+        require_swaks(tls="--tls" in args),
         "--server",
         f"127.0.0.1:{port}",
         "--from",
@@ -66,7 +63,6 @@ async def test_starttls_offered_only_with_certificate(tls_config: Config, tmp_pa
     assert app._server_tls_context(make_config(tmp_path / "plain")) is None
 
 
-@needs_swaks
 async def test_swaks_starttls(tls_config: Config) -> None:
     context = app._server_tls_context(tls_config)
     async with running_inbound(tls_config, tls_context=context) as h:
@@ -79,7 +75,6 @@ async def test_swaks_starttls(tls_config: Config) -> None:
         assert b"with ESMTPS (using TLSv1" in data
 
 
-@needs_swaks
 async def test_swaks_plain_and_relaying_denied(tls_config: Config) -> None:
     async with running_inbound(tls_config) as h:
         code, out = await swaks(h.port, "--to", "user@example.com")

@@ -1,6 +1,6 @@
 """The metrics endpoint over a real socket: /metrics, /healthz, 404, slow clients.
 
-And the guard test: every metric of the contract (DESIGN.md) with its labels.
+And the guard test: every metric of the contract (README.md "Metrics and health") with its labels.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.metrics import Metrics, serve
 
-#: DESIGN.md "Metrics": name (as exposed), type, label names.
+#: README.md "Metrics and health": name (as exposed), type, label names.
 CONTRACT = [
     ("relay_messages_received_total", "counter", ()),
     ("relay_messages_rejected_total", "counter", ("reason",)),

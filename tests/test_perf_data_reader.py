@@ -1,4 +1,4 @@
-"""DATA read in blocks (issue #8): the same bytes, limits and pipelining as line by line."""
+"""DATA read in blocks (docs/performance.md): same bytes, limits and pipelining as by line."""
 
 from __future__ import annotations
 

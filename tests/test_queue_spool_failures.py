@@ -1,6 +1,6 @@
 """The scheduler when the spool misbehaves: failed state writes, deletes mid-attempt.
 
-DESIGN.md: no recipient is delivered twice by a retry once the next hop
+docs/queue.md: no recipient is delivered twice by a retry once the next hop
 accepted it, and a full disk loses nothing.
 """
 

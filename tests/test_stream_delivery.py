@@ -1,4 +1,4 @@
-"""A large spooled body is sent from its file in pieces (issue #8), byte-exact,
+"""A large spooled body is sent from its file in pieces (docs/performance.md), byte-exact,
 over real SMTP to in-process sinks on 127.0.0.1."""
 
 from __future__ import annotations

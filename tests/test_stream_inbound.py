@@ -1,4 +1,4 @@
-"""Large DATA goes to the spool's temp file as it comes (issue #8), with every check kept."""
+"""Large DATA goes to the spool temp file as it comes (docs/performance.md), every check kept."""
 
 from __future__ import annotations
 

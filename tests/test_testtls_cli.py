@@ -1,4 +1,4 @@
-"""`relay test-tls` as a subprocess against in-process sinks (issue #6 item 5)."""
+"""`relay test-tls` as a subprocess against in-process sinks (docs/tls.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""An evenly paced SMTP client for the half-rate latency figure (issue #8).
+"""An evenly paced SMTP client for the half-rate latency figure (docs/performance.md).
 
 ``smtp-source -R N`` sleeps a whole number of seconds between messages, so
 its sessions wake together: at a "half rate" of 150 msg/s it delivers

@@ -45,7 +45,7 @@ from tests.support.procs import (
 )
 
 MAX_COUNT = 100_000
-MAX_SIZE = 32 << 20  # the 30 MiB message check of issue #8
+MAX_SIZE = 32 << 20  # the 30 MiB message check of docs/performance.md
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -311,7 +311,7 @@ def postfix_baseline(
 def relay_benchmark(
     count: int = 2000, size: int = 1024, sessions: int = 10, timeout: float = 300.0
 ) -> BenchResult:
-    """The same workload through ``python -m relay run`` (issue #8's comparison).
+    """The same workload through ``python -m relay run`` (docs/performance.md).
 
     relay gets a scratch config from ``relay_config()``: one opportunistic
     route to the sink, spool in a temporary directory (fsynced as the

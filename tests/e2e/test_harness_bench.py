@@ -1,19 +1,17 @@
-"""The issue #8 benchmark driver runs end to end at a tiny scale."""
+"""The benchmark driver (docs/performance.md) runs end to end at a tiny scale."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.bench.postfix_baseline import SmtpSink, format_table, postfix_baseline
-from tests.support.postfix import require_postfix
-from tests.support.procs import require_binary
+from tests.support.peers import require_postfix
 
 pytestmark = pytest.mark.e2e
 
 
 def test_postfix_baseline_counts_every_message() -> None:
     require_postfix()
-    require_binary("/usr/sbin/smtp-source")
     result = postfix_baseline(count=40, size=512, sessions=4, timeout=60)
     assert result.count == 40
     assert result.end_to_end_seconds >= result.accept_seconds > 0
@@ -24,6 +22,6 @@ def test_postfix_baseline_counts_every_message() -> None:
 
 
 def test_sink_counts_start_at_zero() -> None:
-    require_binary("/usr/sbin/smtp-sink")
+    require_postfix()
     with SmtpSink() as sink:
         assert sink.received() == 0

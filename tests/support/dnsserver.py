@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import socket
 import subprocess
 import tempfile
@@ -52,8 +51,8 @@ import dns.rcode
 import pytest
 
 from relay.config import DnsConfig
+from tests.support.peers import DNSMASQ, require_dnsmasq
 
-DNSMASQ = "/usr/sbin/dnsmasq"
 LOOPBACK = "127.0.0.1"
 
 
@@ -235,12 +234,6 @@ class DnsmasqFactory:
         for sock in self._silent:
             sock.close()
         self._silent.clear()
-
-
-def require_dnsmasq() -> None:
-    """Skip the calling test (or fixture) when dnsmasq is not installed."""
-    if not os.access(DNSMASQ, os.X_OK):
-        pytest.skip(f"dnsmasq is not installed ({DNSMASQ}); apt-get install dnsmasq")
 
 
 @contextlib.contextmanager

@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-import pytest
-
+from tests.support.peers import require_postfix
 from tests.support.pki import CertFiles
 from tests.support.procs import (
     free_port,
@@ -106,13 +105,6 @@ def postfix_missing() -> str | None:
     if os.geteuid() != 0:
         return "Postfix's master must be started as root"
     return None
-
-
-def require_postfix() -> None:
-    """Skip the calling test unless private Postfix instances can run."""
-    reason = postfix_missing()
-    if reason:
-        pytest.skip(reason)
 
 
 def base_settings(name: str, root: Path) -> dict[str, str]:

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
-
 from relay.config import parse_listen
+from tests.support.peers import SWAKS, require_swaks
 
 T = TypeVar("T")
 
-SWAKS = "/usr/bin/swaks"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -91,13 +89,6 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def require_binary(path: str) -> str:
-    """Return ``path`` if it is an executable, else skip the calling test."""
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.skip(f"{path} is not installed")
-    return path
-
-
 def swaks(
     *args: str, timeout: float = 30.0, check: bool = False
 ) -> subprocess.CompletedProcess[str]:
@@ -108,7 +99,7 @@ def swaks(
     non-zero exit (swaks exits 2x for connection errors and 2x/3x/4x for
     rejected commands, see swaks(1) "EXIT CODES").
     """
-    require_binary(SWAKS)
+    require_swaks(tls="--tls" in args)
     argv = [SWAKS, *args]
     if "--timeout" not in args and "-to" not in args:
         argv += ["--timeout", "10"]
