@@ -478,12 +478,15 @@ def _move_files(spool: Spool, action: str, ids: list[str]) -> list[str]:
             done += spool.hold(batch)
         else:
             moved = spool.release(batch)
+            envelopes = []
             for qid in moved:
+                with contextlib.suppress(KeyError, ValueError, TypeError):
+                    envelopes.append(spool.load(qid))  # unreadable: the daemon quarantines it
+            for env in envelopes:
                 # Tried as soon as a relay starts, backoff restarted (as a
                 # running relay does on release).
-                env = spool.load(qid)
                 env.next_attempt, env.backoff_from = 0.0, env.attempts
-                spool.update(env)
+            spool.update_many(envelopes)
             done += moved
         progress(start + len(batch), len(ids))
     return done
