@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +59,9 @@ CLAIM_TIMEOUT = 10.0
 RESULT_TIMEOUT = 600.0
 
 ACTIONS = ("flush", "hold", "release")
+
+#: What relay.spool.new_id makes (ids are checked: they become file names).
+_QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
 class ControlError(Exception):
@@ -102,7 +106,11 @@ def submit(
     request, work = folder / f"{rid}.req", folder / f"{rid}.work"
     done, report = folder / f"{rid}.done", folder / f"{rid}.progress"
     _write_json(request, {"action": action, "ids": None if ids is None else list(ids)})
-    os.kill(pid, SIGNAL)
+    try:
+        os.kill(pid, SIGNAL)
+    except ProcessLookupError:
+        request.unlink(missing_ok=True)
+        raise ControlError(f"the relay (pid {pid}) has just stopped") from None
     start = time.monotonic()
     seen = ""
     while not done.exists():
@@ -178,6 +186,9 @@ class Control:
             action, ids = data["action"], data["ids"]
             if action not in ACTIONS or not (ids is None or isinstance(ids, list)):
                 raise ValueError(f"unknown request {action!r}")
+            if ids is not None and not all(_QUEUE_ID.fullmatch(str(qid)) for qid in ids):
+                # Ids become file names: nothing but a queue id's characters.
+                raise ValueError("a queue id may only hold letters and digits")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             events.error("control_refused", request=request.stem, error=str(exc))
             await asyncio.to_thread(self._answer, request.stem, {"error": str(exc)})
@@ -276,10 +287,10 @@ class _Reporter:
 
     def report(self, done: int, total: int) -> None:
         with suppress(OSError):  # progress is a courtesy; the result is what counts
-            _write_json_text(self._path, f"{done} {total}\n")
+            _write_text(self._path, f"{done} {total}\n")
 
 
-def _write_json_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -72,11 +72,19 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held", action="store_true", help="on hold only")
 
 
-def _duration(text: str) -> float:
+class _Age(float):
+    """Seconds, remembering the text they were given as (for the audit log)."""
+
+    text = ""
+
+
+def _duration(text: str) -> _Age:
     try:
-        return parse_duration(text)
+        age = _Age(parse_duration(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    age.text = text
+    return age
 
 
 _FILTERS = ("route", "domain", "rcpt", "deferred", "older_than", "held")
@@ -88,7 +96,7 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     for name in _FILTERS:
         value = getattr(args, name, None)
         if value not in (None, False):
-            out[name.replace("_", "-")] = value
+            out[name.replace("_", "-")] = value.text if isinstance(value, _Age) else value
     return out
 
 
@@ -172,6 +180,23 @@ def _error_line(rcpt: Recipient) -> str:
     return text
 
 
+def _print_errors(tried: Sequence[Recipient]) -> None:
+    """Each distinct last error once: the reply, then the host and the cause.
+
+    With more than one, each names the recipients it is about.
+    """
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for r in tried:
+        groups.setdefault((str(r.last_reply), r.remote_mta, r.last_cause), []).append(r.address)
+    indent = " " * 42
+    for (reply, host, why), addresses in sorted(groups.items()):
+        whom = f" ({', '.join(addresses)})" if len(groups) > 1 else ""
+        print(f"{indent}last error: {reply}{whom}")
+        if host or why:
+            where = f"at {host}" if host else "cause"
+            print(f"{indent}  {where}{': ' + why if why else ''}")
+
+
 def _rcpt_json(cfg: Config, env: Envelope, rcpt: Recipient) -> dict[str, Any]:
     reply = rcpt.last_reply
     return {
@@ -229,8 +254,7 @@ def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
         print(
             f"{env.id:<26} {_age(now - env.received_at):>5} {nxt:>6}  <{env.mail_from}> -> {rcpts}"
         )
-        for line in sorted({_error_line(r) for r in waiting if r.last_reply}):
-            print(f"{'':<42}last error: {line}")
+        _print_errors([r for r in waiting if r.last_reply])
     held = sum(e.held for e in entries)
     print(f"-- {len(entries)} message(s), {pending} pending recipient(s), {held} held")
     if corrupt:
@@ -423,9 +447,9 @@ def cmd_flush(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     _audit(cfg, "flush", args, done, skipped, "daemon")
     if everything:
         print(f"flush: {len(done)} message(s) due now, backoff restarted (relay pid {pid})")
-    else:
-        _report("flush", done, skipped)
-    return EXIT_OK
+        return EXIT_OK
+    _report("flush", done, skipped)
+    return EXIT_FAIL if args.ids and not done else EXIT_OK
 
 
 def cmd_hold(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:

@@ -84,9 +84,11 @@ async def test_list_says_why_each_message_waits_and_filters(daemon: Daemon) -> N
     listed = await cli(daemon.proc, daemon.path, "queue", "list")
     assert listed.returncode == 0, listed.stderr
     # The reply, the host tried and the cause, which before were in the log only.
-    line = next(x for x in listed.stdout.splitlines() if "last error" in x)
-    assert "451 4.4.1 Next hop unreachable (at 127.0.0.1 [127.0.0.1]): " in line
-    assert "Connect call failed" in line and str(daemon.down_port) in line
+    lines = listed.stdout.splitlines()
+    at = next(i for i, x in enumerate(lines) if "last error" in x)
+    assert lines[at].split("last error: ")[1] == "451 4.4.1 Next hop unreachable"
+    assert lines[at + 1].strip().startswith("at 127.0.0.1 [127.0.0.1]: ")
+    assert "Connect call failed" in lines[at + 1] and str(daemon.down_port) in lines[at + 1]
 
     shown = await cli(daemon.proc, daemon.path, "queue", "list", "--json", "--rcpt", "Q@down.test")
     report = json.loads(shown.stdout)

@@ -6,7 +6,10 @@ With a running daemon: tests/test_daemon_ops_queue.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -78,8 +81,6 @@ async def test_flush_restarts_the_backoff_of_the_messages_it_flushes(tmp_path: P
 async def test_withdraw_waits_for_the_running_attempt_then_nothing_tries_it(
     tmp_path: Path,
 ) -> None:
-    import asyncio
-
     gate = asyncio.Event()
     h = harness(tmp_path, FakeDeliverer(script={"bob@example.com": [TEMP]}, gate=gate))
     env = spool_message(h.spool, ["bob@example.com"])
@@ -227,12 +228,8 @@ def test_delete_one_without_yes_and_a_held_one(tmp_path: Path) -> None:
 
 
 def test_a_request_the_daemon_never_claims_is_taken_back(tmp_path: Path) -> None:
-    import os
-
     spool = Spool(tmp_path / "spool")
     # Our own pid: alive, and SIGUSR2's default would end us, so ignore it.
-    import signal
-
     previous = signal.signal(control.SIGNAL, signal.SIG_IGN)
     try:
         start = time.monotonic()
