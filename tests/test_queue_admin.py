@@ -245,6 +245,29 @@ def test_a_request_the_daemon_never_claims_is_taken_back(tmp_path: Path) -> None
     assert list(control.control_dir(spool.path).glob("*.req")) == []  # never runs later
 
 
+async def test_the_daemon_side_refuses_ids_that_are_not_queue_ids(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    env = spool_message(h.spool, ["bob@example.com"])
+    h.scheduler.add(env)
+    ctl = control.Control(h.spool, h.scheduler)
+    ctl.discard_leftovers()
+    folder = control.control_dir(h.spool.path)
+    (folder / "R1.req").write_text(json.dumps({"action": "hold", "ids": ["../msg/x"]}))
+    (folder / "R2.req").write_text(json.dumps({"action": "hold", "ids": [env.id, "NOSUCH"]}))
+    task = asyncio.create_task(ctl.run())
+    try:
+        ctl.wake()
+        await until(lambda: (folder / "R2.done").exists())
+    finally:
+        task.cancel()
+    refused = json.loads((folder / "R1.done").read_text())
+    assert "letters and digits" in refused["error"]
+    result = json.loads((folder / "R2.done").read_text())
+    assert result == {"done": [env.id], "already": [], "missing": ["NOSUCH"]}
+    assert h.spool.held() == [env.id] and env.id not in h.scheduler
+    assert not [p for p in folder.iterdir() if p.suffix in (".req", ".work")]
+
+
 def test_audit_prints_queue_entries_in_a_line_or_three() -> None:
     entry = {
         "time": "2026-12-02T22:00:00Z",
