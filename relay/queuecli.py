@@ -411,7 +411,7 @@ def _daemon_result(
     try:
         result = control.submit(spool.path, pid, action, ids, _Progress(action))
     except control.ControlError as exc:
-        print(f"queue {action}: {exc}; nothing changed by this command", file=sys.stderr)
+        _failed(action, exc)
         return None
     if "error" in result:
         print(f"queue {action}: the relay failed: {result['error']}", file=sys.stderr)
@@ -429,6 +429,20 @@ def cmd_flush(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
         entries, missing = _select(args, cfg, spool, [])
         ids = [e.id for e in entries if not e.held]
         skipped = {"missing": missing, "held": [e.id for e in entries if e.held]}
+    try:
+        return _flush(args, cfg, spool, everything, ids, skipped)
+    except control.ControlError as exc:
+        return _failed("flush", exc)
+
+
+def _flush(
+    args: argparse.Namespace,
+    cfg: Config,
+    spool: Spool,
+    everything: bool,
+    ids: list[str] | None,
+    skipped: dict[str, list[str]],
+) -> int:
     with _spool_owner(cfg) as pid:
         if pid is None:
             print(
@@ -460,6 +474,11 @@ def cmd_release(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     return _move(args, cfg, spool, "release")
 
 
+def _failed(action: str, exc: control.ControlError) -> int:
+    print(f"queue {action}: {exc}; nothing changed by this command", file=sys.stderr)
+    return EXIT_FAIL
+
+
 def _move(args: argparse.Namespace, cfg: Config, spool: Spool, action: str) -> int:
     if _needs_selection(args, action):
         return EXIT_USAGE
@@ -469,16 +488,19 @@ def _move(args: argparse.Namespace, cfg: Config, spool: Spool, action: str) -> i
     # Named for the list: "held" (hold: already), "not_held" (release: nothing to do).
     already = "held" if holding else "not_held"
     skipped = {"missing": missing, already: [e.id for e in entries if e.held == holding]}
-    with _spool_owner(cfg) as pid:
-        if pid is not None:
-            outcome = _daemon_result(cfg, spool, pid, action, ids)
-            if outcome is None:
-                return EXIT_FAIL
-            done, more = outcome
-            via = "daemon"
-        else:
-            done, more = _move_files(spool, action, ids), {}
-            via = "spool"
+    try:
+        with _spool_owner(cfg) as pid:
+            if pid is not None:
+                outcome = _daemon_result(cfg, spool, pid, action, ids)
+                if outcome is None:
+                    return EXIT_FAIL
+                done, more = outcome
+                via = "daemon"
+            else:
+                done, more = _move_files(spool, action, ids), {}
+                via = "spool"
+    except control.ControlError as exc:
+        return _failed(action, exc)
     for why, which in more.items():
         skipped.setdefault(already if why == "already" else why, []).extend(which)
     if via == "spool":
