@@ -180,7 +180,7 @@ class Daemon:
         self.spool.open()
         scheduler = Scheduler(self.config, self.spool, self.deliverer, self.metrics)
         control = Control(self.spool, scheduler)
-        control.discard_leftovers()
+        control.open()
         self._install_signals(scheduler, control)
         pid_file.write()
         recovered = 0
@@ -226,6 +226,7 @@ class Daemon:
             control_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await control_task
+            control.close()
             await self._shutdown(inbound, scheduler, run_task, metrics_server)
         return 0
 

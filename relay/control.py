@@ -6,7 +6,8 @@ one meanwhile would lose that write, or have it undone. So the command
 line never changes a scheduled message itself while a daemon runs; it
 hands the daemon a request and waits for the answer:
 
-1. ``relay queue`` writes ``<spool>/control/<id>.req`` (JSON: action and
+1. ``relay queue`` checks that the daemon wrote its pid to
+   ``<spool>/control/ready`` (:data:`READY`), writes ``<spool>/control/<id>.req`` (JSON: action and
    queue ids, or none for "all"), fsynced and renamed into place, then
    sends SIGUSR2 to the pid in the locked pid file;
 2. the daemon claims the request (renames it to ``<id>.work``), carries
@@ -72,6 +73,12 @@ def control_dir(spool_path: Path) -> Path:
     return spool_path / "control"
 
 
+#: Holds the pid of the daemon that takes requests. A relay from before
+#: this module has no handler for SIGUSR2, whose default action ends the
+#: process: the command line signals only the pid written here.
+READY = "ready"
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """``data`` at ``path``, whole or not at all (fsynced temp file, rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -101,7 +108,15 @@ def submit(
     request is then withdrawn, so it never runs later) or does not finish.
     """
     folder = control_dir(spool_path)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        ready = (folder / READY).read_text().strip()
+    except OSError:
+        ready = ""
+    if ready != str(pid):
+        raise ControlError(
+            f"the running relay (pid {pid}) does not take queue requests: it is older than "
+            "this command; restart it (`kill -USR1` flushes everything meanwhile)"
+        )
     rid = new_id()
     request, work = folder / f"{rid}.req", folder / f"{rid}.work"
     done, report = folder / f"{rid}.done", folder / f"{rid}.progress"
@@ -157,13 +172,20 @@ class Control:
         self._folder = control_dir(spool.path)
         self._wake = asyncio.Event()
 
-    def discard_leftovers(self) -> None:
-        """At start: requests from before are stale (their command line gave up)."""
+    def open(self) -> None:
+        """At start: discard requests from before (their command line gave up),
+        and say that this process takes requests (:data:`READY`)."""
         self._folder.mkdir(parents=True, exist_ok=True)
         for path in self._folder.iterdir():
             if path.suffix == ".req" or path.suffix == ".work":
                 events.warning("control_discarded", request=path.stem)
             path.unlink(missing_ok=True)
+        _write_text(self._folder / READY, f"{os.getpid()}\n")
+
+    def close(self) -> None:
+        """At stop: no more requests taken here."""
+        with suppress(OSError):
+            (self._folder / READY).unlink()
 
     def wake(self) -> None:
         """The signal handler: look for requests."""

@@ -230,8 +230,18 @@ def test_delete_one_without_yes_and_a_held_one(tmp_path: Path) -> None:
 def test_a_request_the_daemon_never_claims_is_taken_back(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     # Our own pid: alive, and SIGUSR2's default would end us, so ignore it.
+    folder = control.control_dir(spool.path)
+    folder.mkdir(parents=True)
     previous = signal.signal(control.SIGNAL, signal.SIG_IGN)
     try:
+        try:
+            control.submit(spool.path, os.getpid(), "flush", None)
+        except control.ControlError as exc:
+            # No ready file: a relay too old to know SIGUSR2 (it would die of it).
+            assert "older than this command" in str(exc)
+        else:
+            raise AssertionError("no ControlError")
+        (folder / control.READY).write_text(f"{os.getpid()}\n")
         start = time.monotonic()
         try:
             control.submit(spool.path, os.getpid(), "flush", None, claim_timeout=0.2)
@@ -250,7 +260,7 @@ async def test_the_daemon_side_refuses_ids_that_are_not_queue_ids(tmp_path: Path
     env = spool_message(h.spool, ["bob@example.com"])
     h.scheduler.add(env)
     ctl = control.Control(h.spool, h.scheduler)
-    ctl.discard_leftovers()
+    ctl.open()
     folder = control.control_dir(h.spool.path)
     (folder / "R1.req").write_text(json.dumps({"action": "hold", "ids": ["../msg/x"]}))
     (folder / "R2.req").write_text(json.dumps({"action": "hold", "ids": [env.id, "NOSUCH"]}))
