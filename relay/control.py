@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relay import events
+from relay.envelope import Envelope
 from relay.spool import Spool, new_id
 
 if TYPE_CHECKING:
@@ -291,14 +292,20 @@ class Control:
 
     async def _requeue(self, ids: list[str], held: bool) -> None:
         """Schedule messages back in ``msg/``; released (``held``) ones are due at once."""
-        for qid in ids:
-            try:
-                envelope = await asyncio.to_thread(self._spool.load, qid)
-            except (KeyError, ValueError, TypeError):
-                continue  # deleted meanwhile, or unreadable: the next start sees to it
+        for envelope in await asyncio.to_thread(self._load, ids):
             self._scheduler.add(envelope)
         if held and ids:
             self._scheduler.flush(ids)
+
+
+    def _load(self, ids: list[str]) -> list[Envelope]:
+        """The envelopes of ``ids`` (blocking: one thread hop per batch)."""
+        envelopes = []
+        for qid in ids:
+            with suppress(KeyError, ValueError, TypeError):
+                # Deleted meanwhile, or unreadable: the next start sees to it.
+                envelopes.append(self._spool.load(qid))
+        return envelopes
 
 
 class _Reporter:
