@@ -297,7 +297,6 @@ class Control:
         if held and ids:
             self._scheduler.flush(ids)
 
-
     def _load(self, ids: list[str]) -> list[Envelope]:
         """The envelopes of ``ids`` (blocking: one thread hop per batch)."""
         envelopes = []

@@ -445,9 +445,15 @@ def _flush(
 ) -> int:
     with _spool_owner(cfg) as pid:
         if pid is None:
+            # The embedded default has no file to name (relay.app.EMBEDDED).
+            run = (
+                "relay run"
+                if cfg.source.name.startswith("(")
+                else f"relay run --config {cfg.source}"
+            )
             print(
                 f"no running relay found (pid file {cfg.pid_file}); queued mail is tried "
-                f"when it starts: `relay run --config {cfg.source}`",
+                f"when it starts: `{run}`",
                 file=sys.stderr,
             )
             return EXIT_FAIL
