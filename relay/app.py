@@ -5,6 +5,7 @@ default), open the spool (cleaning what a crash left), schedule every
 spooled message, bind the SMTP listeners and the metrics endpoint, write
 the pid file. Signals: SIGHUP reloads the config (an invalid one is
 refused and the old one keeps running), SIGUSR1 flushes the queue,
+SIGUSR2 says a ``relay queue`` request waits (relay.control),
 SIGTERM/SIGINT stop gracefully (stop accepting, 421 to open sessions,
 everything stays in the spool, exit 0 within ``SHUTDOWN_GRACE`` seconds).
 """
@@ -28,6 +29,7 @@ from relay import events, tls
 from relay import metrics as metricsmod
 from relay.audit import AuditLog
 from relay.config import Config, ConfigError
+from relay.control import Control
 from relay.delivery import Deliverer
 from relay.dns import DnsResolver
 from relay.inbound import Inbound, listen_texts
@@ -177,7 +179,9 @@ class Daemon:
     async def _serve(self, cfg: Config, pid_file: PidFile) -> int:
         self.spool.open()
         scheduler = Scheduler(self.config, self.spool, self.deliverer, self.metrics)
-        self._install_signals(scheduler)
+        control = Control(self.spool, scheduler)
+        control.open()
+        self._install_signals(scheduler, control)
         pid_file.write()
         recovered = 0
         unreadable: list[str] = []
@@ -207,6 +211,7 @@ class Daemon:
             return 1
         self._applied(cfg, "start")
         run_task = asyncio.create_task(scheduler.run())
+        control_task = asyncio.create_task(control.run())
         events.log(
             "started",
             version=relay.version(),
@@ -220,6 +225,10 @@ class Daemon:
         try:
             await self._stop.wait()
         finally:
+            control_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control_task
+            control.close()
             await self._shutdown(inbound, scheduler, run_task, metrics_server)
         return 0
 
@@ -232,7 +241,7 @@ class Daemon:
     ) -> None:
         events.log("stopping", grace=SHUTDOWN_GRACE)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         start = time.monotonic()
         await inbound.stop(grace=SHUTDOWN_GRACE / 2)
@@ -253,8 +262,9 @@ class Daemon:
         self.spool.close()
         events.log("stopped")
 
-    def _install_signals(self, scheduler: Scheduler) -> None:
+    def _install_signals(self, scheduler: Scheduler, control: Control) -> None:
         loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR2, control.wake)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGUSR1, scheduler.flush)

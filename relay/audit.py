@@ -18,6 +18,13 @@ Entries (every one has ``time``, ISO 8601 UTC, ``event`` and ``path``):
 - ``reload_refused``: ``trigger`` and ``problems`` (each as text); the old
   configuration keeps running, so no snapshot.
 
+- ``queue_flush``, ``queue_hold``, ``queue_release``, ``queue_delete``:
+  an operator's ``relay queue`` action: ``user``, ``selection`` (the ids
+  or filters as given), ``count`` and ``ids`` (the messages it changed),
+  ``skipped`` (asked for, not changed, and why: ``{"missing": [...]}``)
+  and ``via`` (``daemon``: the running relay did it; ``spool``: no relay
+  ran, the command changed the spool itself).
+
 ``start`` and ``reload`` entries also carry ``snapshot`` (the whole
 effective configuration), which the next start diffs against.
 
@@ -101,6 +108,31 @@ class AuditLog:
                 "path": str(path),
                 "trigger": trigger,
                 "problems": [str(problem) for problem in problems],
+            }
+        )
+
+    def record_queue(
+        self,
+        action: str,
+        config_path: Path,
+        *,
+        selection: Mapping[str, Any],
+        ids: Sequence[str],
+        skipped: Mapping[str, Sequence[str]],
+        via: str,
+        user: str,
+    ) -> None:
+        """Record an operator's change to the queue (flush, hold, release, delete)."""
+        self._append(
+            {
+                "event": f"queue_{action}",
+                "path": str(config_path),
+                "user": user,
+                "selection": dict(selection),
+                "count": len(ids),
+                "ids": list(ids),
+                "skipped": {why: list(which) for why, which in skipped.items() if which},
+                "via": via,
             }
         )
 
@@ -209,6 +241,8 @@ def format_entry(entry: Mapping[str, Any]) -> list[str]:
         head = f"{when} reload sha256 {old}→{new}{by}{state}"
     elif event == "reload_refused":
         head = f"{when} reload refused{by}: {entry.get('path', '')} is invalid, old config kept"
+    elif str(event).startswith("queue_"):
+        return _queue_lines(entry)
     else:
         head = f"{when} {event}"
     lines = [head]
@@ -219,3 +253,31 @@ def format_entry(entry: Mapping[str, Any]) -> list[str]:
     lines.extend(f"  {line}" for line in _change_lines(entry.get("changes", {})))
     lines.extend(f"  problem: {problem}" for problem in entry.get("problems", []))
     return lines
+
+
+#: Queue ids printed per line of a queue action; the rest are counted.
+_IDS_SHOWN = 10
+
+
+def _queue_lines(entry: Mapping[str, Any]) -> list[str]:
+    """A ``relay queue`` action: who did what to how many, which ids, what was skipped."""
+    action = str(entry.get("event", "queue_?")).removeprefix("queue_")
+    via = "by the running relay" if entry.get("via") == "daemon" else "in the spool (no relay ran)"
+    head = f"{entry.get('time', '?')} queue {action} by {entry.get('user', '?')}: "
+    head += f"{entry.get('count', 0)} message(s), {via}"
+    lines = [head]
+    selection = entry.get("selection") or {}
+    if selection:
+        shown = ", ".join(f"{key}={_value(value)}" for key, value in selection.items())
+        lines.append(f"  selection: {shown}")
+    lines.append(f"  ids: {_ids(entry.get('ids', []))}")
+    for why, ids in (entry.get("skipped") or {}).items():
+        lines.append(f"  skipped ({why}): {_ids(ids)}")
+    return lines
+
+
+def _ids(ids: Sequence[str]) -> str:
+    if not ids:
+        return "(none)"
+    more = len(ids) - _IDS_SHOWN
+    return " ".join(ids[:_IDS_SHOWN]) + (f" (+{more} more; --json has all)" if more > 0 else "")

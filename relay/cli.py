@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,8 @@ from relay import config as configmod
 from relay import errors, routing
 from relay.config import Config, ConfigError, Route
 from relay.dns import DnsResolver, Resolver
-from relay.envelope import Envelope, RcptState
 from relay.routing import Candidate
-from relay.spool import IN_MEMORY_MAX, BodyFile, Spool
+from relay.spool import Spool
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -164,108 +162,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return _signal_daemon(cfg, signal.SIGHUP, "reload")
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def _spool(cfg: Config) -> Spool:
     spool = Spool(cfg.queue.path)
     spool.msg_dir.mkdir(parents=True, exist_ok=True)
     return spool
 
 
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    cfg = _load_daemon(args)
-    now = time.time()
-    total = pending = 0
-    spool = _spool(cfg)
-    unreadable: list[str] = []
-    print(f"{'ID':<26} {'AGE':>5} {'NEXT':>6}  SENDER -> PENDING RECIPIENTS / LAST ERROR")
-    # Read-only: an unreadable envelope is reported, never moved (the daemon does that).
-    for env in spool.load_all(quarantine=False, unreadable=unreadable):
-        total += 1
-        waiting = env.pending
-        pending += len(waiting)
-        nxt = "now" if env.next_attempt <= now else _age(env.next_attempt - now)
-        sender = f"<{env.mail_from}>"
-        rcpts = ", ".join(r.address for r in waiting)
-        print(f"{env.id:<26} {_age(now - env.received_at):>5} {nxt:>6}  {sender} -> {rcpts}")
-        errors = {str(r.last_reply) for r in waiting if r.last_reply}
-        for err in sorted(errors):
-            print(f"{'':<42}last error: {err}")
-    print(f"-- {total} message(s), {pending} pending recipient(s)")
-    corrupt = len(set(spool.quarantined()) | set(unreadable))
-    if corrupt:
-        print(
-            f"warning: {corrupt} corrupt message(s) (unreadable envelope) not listed and "
-            f"never delivered: set aside in {spool.corrupt_dir} (see docs/queue.md)"
-        )
-    return EXIT_OK
+def _queue(action: Callable[[argparse.Namespace, Config, Spool], int]) -> Handler:
+    """A ``relay queue`` action (relay.queuecli) on the daemon's config and spool."""
 
+    def run(args: argparse.Namespace) -> int:
+        cfg = _load_daemon(args)
+        return action(args, cfg, _spool(cfg))
 
-def cmd_queue_show(args: argparse.Namespace) -> int:
-    cfg = _load_daemon(args)
-    spool = _spool(cfg)
-    try:
-        env = spool.load(args.id)
-    except KeyError:
-        print(f"no message {args.id} in the queue ({spool.path})", file=sys.stderr)
-        return EXIT_FAIL
-    except (ValueError, TypeError) as exc:
-        print(f"message {args.id}: unreadable envelope ({exc})", file=sys.stderr)
-        return EXIT_FAIL
-    _print_envelope(env)
-    print()
-    try:
-        # The header section only: a large body is not read whole.
-        opened = spool.open_body(env.id, IN_MEMORY_MAX)
-        if isinstance(opened, BodyFile):
-            with opened:
-                body = opened.head(IN_MEMORY_MAX)
-        else:
-            body = opened
-    except FileNotFoundError:
-        # A delete cut short (or running now): the daemon drops the rest.
-        print(f"(the message body is gone: {env.id} is being deleted)")
-        return EXIT_OK
-    headers, _, _ = body.partition(b"\r\n\r\n")
-    print(headers.decode("utf-8", "replace").replace("\r\n", "\n"))
-    return EXIT_OK
-
-
-def _print_envelope(env: Envelope) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(env.received_at))
-    print(f"id:          {env.id}")
-    print(f"from:        <{env.mail_from}>")
-    print(f"received:    {stamp} from {env.client.ip or 'local'} (helo {env.client.helo or '-'})")
-    print(f"size:        {env.size} bytes")
-    print(f"attempts:    {env.attempts}")
-    if env.next_attempt:
-        nxt = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(env.next_attempt))
-        print(f"next try:    {nxt}")
-    for r in env.recipients:
-        line = f"to:          <{r.address}> {r.state.value}"
-        if r.state is not RcptState.DELIVERED and r.last_reply:
-            line += f" ({r.last_reply})"
-        print(line)
-
-
-def cmd_queue_delete(args: argparse.Namespace) -> int:
-    cfg = _load_daemon(args)
-    if _spool(cfg).delete(args.id):
-        print(f"deleted {args.id}")
-        return EXIT_OK
-    print(f"no message {args.id} in the queue", file=sys.stderr)
-    return EXIT_FAIL
-
-
-def cmd_queue_flush(args: argparse.Namespace) -> int:
-    cfg = _load_daemon(args)
-    return _signal_daemon(cfg, signal.SIGUSR1, "flush")
+    return run
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -431,6 +341,9 @@ def cmd_test_tls(args: argparse.Namespace) -> int:
     return EXIT_OK if passed else EXIT_FAIL
 
 
+Handler = Callable[[argparse.Namespace], int]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="An SMTP relay that routes mail.")
     parser.add_argument("--version", action="version", version=f"relay {relay.version()}")
@@ -442,8 +355,6 @@ def _parser() -> argparse.ArgumentParser:
         "then the embedded default)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    Handler = Callable[[argparse.Namespace], int]
 
     def add(name: str, func: Handler, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
@@ -462,21 +373,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     test_tls.add_argument("route", metavar="ROUTE", help="the route's name")
     test_tls.add_argument("--json", action="store_true", help="print JSON for scripts")
-    queue = sub.add_parser("queue", help="inspect and act on the spool")
-    qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
-    for name, func, text in (
-        ("list", cmd_queue_list, "list queued messages"),
-        ("flush", cmd_queue_flush, "make the running daemon retry every message now (SIGUSR1)"),
-    ):
-        qsub.add_parser(name, parents=[common], help=text).set_defaults(func=func)
-    for name, func, text in (
-        ("show", cmd_queue_show, "show one message's envelope and headers"),
-        ("delete", cmd_queue_delete, "delete one message from the queue"),
-    ):
-        p = qsub.add_parser(name, parents=[common], help=text)
-        p.add_argument("id", metavar="ID")
-        p.set_defaults(func=func)
+    _queue_parsers(sub, common)
     return parser
+
+
+def _queue_parsers(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
+    from relay import queuecli as q
+
+    queue = sub.add_parser("queue", help="inspect and act on the spool (see docs/queue.md)")
+    qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+
+    def add(name: str, func: Callable[..., int], text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = qsub.add_parser(
+            name, parents=[common], help=text, description=text
+        )
+        p.set_defaults(func=_queue(func))
+        return p
+
+    listing = add("list", q.cmd_list, "list queued and held messages, with each last error")
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+    q.add_filters(listing)
+    show = add("show", q.cmd_show, "show one message's envelope and headers")
+    show.add_argument("id", metavar="ID")
+    for name, func, text in (
+        ("flush", q.cmd_flush, "the running relay retries now, backoff restarted (all, or IDs)"),
+        ("hold", q.cmd_hold, "keep messages out of delivery until released"),
+        ("release", q.cmd_release, "put held messages back in delivery, tried at once"),
+        ("delete", q.cmd_delete, "delete messages (more than one needs --yes)"),
+    ):
+        p = add(name, func, text)
+        p.add_argument("ids", metavar="ID", nargs="*", help="queue ids")
+        if name != "flush":
+            p.add_argument(
+                "--all", action="store_true", help="every message (with filters: every match)"
+            )
+        if name == "delete":
+            p.add_argument("--yes", action="store_true", help="confirm deleting more than one")
+        q.add_filters(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,10 @@ class Recipient:
     #: True when ``last_reply`` came from that host over the wire (its
     #: 4xx/5xx), False when the relay wrote it (for the DSN's Diagnostic-Code).
     last_remote: bool = False
+    #: Why ``last_reply`` happened when the reply itself does not say, e.g.
+    #: "Connect call failed ('192.0.2.1', 25)" behind "451 4.4.1 Next hop
+    #: unreachable" (for ``relay queue list``); "" when the reply says it all.
+    last_cause: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"address": self.address, "state": self.state.value}
@@ -47,6 +51,10 @@ class Recipient:
             data["remote_mta"] = self.remote_mta
         if self.last_remote:
             data["last_remote"] = True
+        if self.last_cause:
+            # Written only when set: an envelope without it reads the same
+            # in an older relay (which ignores keys it does not know).
+            data["last_cause"] = self.last_cause
         return data
 
     @classmethod
@@ -63,6 +71,7 @@ class Recipient:
             last_reply=reply,
             remote_mta=data.get("remote_mta", ""),
             last_remote=bool(data.get("last_remote", False)),
+            last_cause=str(data.get("last_cause", "")),
         )
 
 
@@ -109,6 +118,9 @@ class Envelope:
     body_8bit: bool = False
     #: True for delivery status notifications this relay generated.
     is_bounce: bool = False
+    #: ``attempts`` when an operator last flushed the message (``relay queue
+    #: flush``): the retry delay grows with the attempts since then only.
+    backoff_from: int = 0
 
     @property
     def pending(self) -> list[Recipient]:
@@ -119,7 +131,7 @@ class Envelope:
         return not self.pending
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "mail_from": self.mail_from,
             "recipients": [r.to_json() for r in self.recipients],
@@ -132,6 +144,9 @@ class Envelope:
             "body_8bit": self.body_8bit,
             "is_bounce": self.is_bounce,
         }
+        if self.backoff_from:
+            data["backoff_from"] = self.backoff_from  # only when set, as last_cause
+        return data
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), ensure_ascii=False, indent=1).encode("utf-8")
@@ -154,6 +169,7 @@ class Envelope:
             smtputf8=bool(data.get("smtputf8", False)),
             body_8bit=bool(data.get("body_8bit", False)),
             is_bounce=bool(data.get("is_bounce", False)),
+            backoff_from=int(data.get("backoff_from", 0)),
         )
 
     @classmethod

@@ -29,7 +29,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -133,6 +133,8 @@ class Scheduler:
         #: first attempt (IN_MEMORY_MAX, FRESH_TOTAL_MAX).
         self._fresh: dict[str, tuple[Envelope, bytes]] = {}
         self._fresh_bytes = 0
+        #: Flushed by an operator: the backoff restarts at their next attempt.
+        self._reset_backoff: set[str] = set()
         self._limiter = LiveLimit(lambda: self._config().delivery.max_concurrency)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -160,14 +162,53 @@ class Scheduler:
         self._schedule(envelope.id, envelope.next_attempt)
         self._wake.set()
 
-    def flush(self) -> None:
-        """Make every queued message due now (SIGUSR1, ``relay queue flush``)."""
+    def flush(self, ids: Collection[str] | None = None) -> list[str]:
+        """Make queued messages due now, every one or ``ids``; the ids flushed.
+
+        SIGUSR1 and ``relay queue flush``. Their backoff restarts too: after
+        a flushed attempt fails, the next waits ``min_backoff`` again (the
+        operator fixed something; the old delay no longer says anything).
+        A message whose attempt is running now is not flushed.
+        """
         now = self._clock()
-        self._due = {qid: min(when, now) for qid, when in self._due.items()}
+        chosen = list(self._due) if ids is None else [qid for qid in ids if qid in self._due]
+        for qid in chosen:
+            self._due[qid] = min(self._due[qid], now)
+        self._reset_backoff.update(chosen)
         self._heap = [(when, qid) for qid, when in self._due.items()]
         heapq.heapify(self._heap)
-        events.log("flush", messages=len(self._due) + len(self._active))
+        running = len(self._active) if ids is None else sum(q in self._active for q in ids)
+        # messages: every one of them in the queue, running ones included.
+        events.log("flush", messages=len(chosen) + running, running=running)
         self._wake.set()
+        return chosen
+
+    async def withdraw(self, qid: str) -> bool:
+        """Take a message out of the schedule (``relay queue hold``); False if not queued.
+
+        A running attempt of it is waited for first, so its outcome is on
+        disk before the message moves, and nothing writes it afterwards.
+        """
+        for _ in range(100):  # an attempt that ends due at once may start again
+            task = self._active.get(qid)
+            if task is None:
+                break
+            await asyncio.wait({task})
+        if qid not in self._due:
+            return False
+        del self._due[qid]
+        self._take_fresh(qid)
+        self._reset_backoff.discard(qid)
+        held = self._unsaved.get(qid)
+        if held is not None and await self._save(held) == "failed":
+            # Its latest state exists only in memory: it must stay here.
+            self._schedule(qid, self._clock() + self._config().queue.min_backoff)
+            return False
+        self._metrics.queue_messages.set(len(self))
+        return True
+
+    def __contains__(self, qid: object) -> bool:
+        return qid in self._due or qid in self._active
 
     def __len__(self) -> int:
         """Messages queued or being tried."""
@@ -318,6 +359,9 @@ class Scheduler:
             return None
         if envelope.done:
             return await self._remove(envelope)
+        if qid in self._reset_backoff:
+            self._reset_backoff.discard(qid)
+            envelope.backoff_from = envelope.attempts
         envelope.attempts += 1
         failures: list[Failure] = []
         deferred: list[tuple[Recipient, str]] = []
@@ -328,6 +372,7 @@ class Scheduler:
             rcpt.last_reply = errors.NO_ROUTE_NOW
             rcpt.remote_mta = ""
             rcpt.last_remote = False
+            rcpt.last_cause = ""
             deferred.append((rcpt, _NO_ROUTE))
         if not await self._attempt_routes(envelope, body, groups, failures, deferred):
             events.log("dropped", id=qid, reason="no longer in the spool")
@@ -441,10 +486,12 @@ class Scheduler:
             if isinstance(attempt, BaseException):
                 outcome, reply, remote = errors.DEFERRED, errors.INTERNAL_ERROR, ""
                 rcpt.last_remote = False
+                rcpt.last_cause = cause([attempt], reply)
             else:
                 outcome, reply = attempt.outcome(address), attempt.last(address)
                 remote = attempt.remote.get(address, "")
                 rcpt.last_remote = from_wire(attempt.results.get(address, ()))
+                rcpt.last_cause = cause(attempt.results.get(address, ()), reply)
             rcpt.last_reply, rcpt.remote_mta = reply, remote
             if outcome == errors.DELIVERED:
                 # Deferred ones are counted once the cycle knows whether they
@@ -488,7 +535,8 @@ class Scheduler:
             self._metrics.recipients.labels(route, errors.DEFERRED).inc()
         if envelope.done:
             return await self._remove(envelope)
-        delay = backoff(envelope.attempts, cfg.queue.min_backoff, cfg.queue.max_backoff, self._rng)
+        tries = envelope.attempts - envelope.backoff_from
+        delay = backoff(tries, cfg.queue.min_backoff, cfg.queue.max_backoff, self._rng)
         # Never sleep past the lifetime: the last try happens at expiry.
         deadline = envelope.received_at + cfg.queue.max_lifetime
         envelope.next_attempt = max(now, min(now + delay, deadline))
@@ -649,13 +697,17 @@ class Scheduler:
         reload that changes the rules applies to mail already queued. A
         DSN's recipient (the original sender) goes by the bounce route.
         """
-        cfg = self._config()
-        if envelope.is_bounce:
-            try:
-                return routing.bounce_route(cfg, address)
-            except ValueError:
-                return None  # no domain to send it to: deferred, dropped at its lifetime
-        return routing.route_for(cfg, address, cfg.server.trusts(envelope.client.ip))
+        return route_of(self._config(), envelope, address)
+
+
+def route_of(cfg: Config, envelope: Envelope, address: str) -> Route | None:
+    """:meth:`Scheduler._route_for` under ``cfg`` (also ``relay queue list --route``)."""
+    if envelope.is_bounce:
+        try:
+            return routing.bounce_route(cfg, address)
+        except ValueError:
+            return None  # no domain to send it to: deferred, dropped at its lifetime
+    return routing.route_for(cfg, address, cfg.server.trusts(envelope.client.ip))
 
 
 # --- helpers ----------------------------------------------------------------------
@@ -666,6 +718,25 @@ def _pending(envelope: Envelope, address: str) -> Recipient | None:
         if rcpt.address == address and rcpt.state is RcptState.PENDING:
             return rcpt
     return None
+
+
+#: Longest cause kept per recipient: a reason, not a transcript.
+_CAUSE_MAX = 300
+
+
+def cause(results: Sequence[Reply | BaseException], reply: Reply) -> str:
+    """What the last failure said beyond ``reply``, for ``relay queue list``; "" if nothing.
+
+    A RelayError's detail is the log's: "Connect call failed (...)", a TLS
+    check's reason, a greeting; a remote 4xx/5xx is its reply and adds nothing.
+    """
+    items = [i for i in results if not isinstance(i, errors.NotTried)] or list(results)
+    if not items or isinstance(items[-1], Reply):
+        return ""
+    last = items[-1]
+    text = last.detail if isinstance(last, RelayError) else f"{type(last).__name__}: {last}"
+    text = " ".join(text.split())[:_CAUSE_MAX]
+    return "" if text in (reply.text, str(reply)) else text
 
 
 def from_wire(results: Sequence[Reply | RelayError]) -> bool:

@@ -12,6 +12,10 @@ Layout under ``[queue] path``::
     tmp/            files being written; anything here at start-up is junk
     corrupt/        messages whose envelope cannot be read (both files, for a
                     human): never delivered, never deleted by relay
+    hold/           messages an operator put on hold (``relay queue hold``),
+                    files as in ``msg/``: never tried until released
+    control/        requests from ``relay queue`` to the running daemon
+                    (relay.control)
 
 A message exists once it has an envelope in ``msg/``: a ``.msg``, or a
 ``.json`` whose ``.eml`` was renamed into place before it. One file per
@@ -43,7 +47,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
@@ -383,6 +387,7 @@ class Spool:
         self.msg_dir = path / "msg"
         self.tmp_dir = path / "tmp"
         self.corrupt_dir = path / "corrupt"
+        self.hold_dir = path / "hold"
         self._msg = str(self.msg_dir)
         self._tmp = str(self.tmp_dir)
         #: Turn off only in tests that measure something else; 250 means durable.
@@ -508,10 +513,10 @@ class Spool:
         envelope = self.load(queue_id)
         return envelope, self.open_body(queue_id, inline_max)
 
-    def open_body(self, queue_id: str, inline_max: int) -> Body:
+    def open_body(self, queue_id: str, inline_max: int, held: bool = False) -> Body:
         """The body as bytes, or as an open :class:`BodyFile` when over
-        ``inline_max`` bytes. FileNotFoundError when there is none."""
-        path = self.body_path(queue_id)
+        ``inline_max`` bytes (``held``: in ``hold/``). FileNotFoundError when there is none."""
+        path = self._names(queue_id, self.hold_dir if held else None)[0]
         with open(path, "rb") as fh:
             if path.suffix == ".msg":
                 fh.readline()  # the envelope line
@@ -540,6 +545,7 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
             leftover.unlink(missing_ok=True)
+        self._finish_holds()
         for legacy in self.msg_dir.glob("*.corrupt"):
             # Set aside by an older relay next to its body: move both.
             self.quarantine(legacy.stem)
@@ -562,6 +568,90 @@ class Spool:
             # Renamed into place but the envelope never followed: the
             # client never got a 250, so nothing was promised.
             body.unlink(missing_ok=True)
+
+    def _finish_holds(self) -> None:
+        """A hold or release cut short: the envelope joins its body in ``hold/``.
+
+        Both move bodies and envelopes in that order and the other
+        (:meth:`hold`, :meth:`release`), so an envelope in ``msg/`` whose
+        body is in ``hold/`` is either; held is the safe way to finish.
+        """
+        if not self.hold_dir.is_dir():
+            return
+        for body_suffix, meta_suffix in ((".msg", ".state"), (".eml", ".json")):
+            for meta in self.msg_dir.glob(f"*{meta_suffix}"):
+                held = self.hold_dir / f"{meta.stem}{body_suffix}"
+                if not meta.with_suffix(body_suffix).exists() and held.exists():
+                    os.replace(meta, self.hold_dir / meta.name)
+        if self.fsync:
+            _fsync_dir(self.hold_dir)
+            _fsync_dir(self.msg_dir)
+
+    # --- held messages (relay queue hold / release) -----------------------------
+
+    def hold(self, ids: Iterable[str]) -> list[str]:
+        """Move messages from ``msg/`` to ``hold/``; the ids moved (those in ``msg/``).
+
+        The caller makes sure nothing else writes them meanwhile: the daemon
+        withdrew them from its schedule, or no daemon runs. Bodies move
+        first, then (after both directories are fsynced) the envelopes, so a
+        crash in between leaves a state :meth:`open` finishes as held.
+        """
+        return self._move(list(ids), self.msg_dir, self.hold_dir, bodies_first=True)
+
+    def release(self, ids: Iterable[str]) -> list[str]:
+        """Move held messages back to ``msg/``; the ids moved. Envelopes first
+        (the reverse of :meth:`hold`): a crash in between leaves it held."""
+        return self._move(list(ids), self.hold_dir, self.msg_dir, bodies_first=False)
+
+    def _move(self, ids: list[str], source: Path, target: Path, bodies_first: bool) -> list[str]:
+        target.mkdir(parents=True, exist_ok=True)
+        present = [
+            qid for qid in ids if any((source / f"{qid}{sfx}").exists() for sfx in (".msg", ".eml"))
+        ]
+        groups = [(".msg", ".eml"), (".state", ".json")]
+        for suffixes in groups if bodies_first else groups[::-1]:
+            for qid in present:
+                for suffix in suffixes:
+                    with suppress(FileNotFoundError):
+                        os.replace(source / f"{qid}{suffix}", target / f"{qid}{suffix}")
+            if self.fsync:
+                _fsync_dir(target)
+                _fsync_dir(source)
+        return present
+
+    def held(self) -> list[str]:
+        """Ids of the messages on hold."""
+        if not self.hold_dir.is_dir():
+            return []
+        return sorted({p.stem for p in self.hold_dir.iterdir() if p.suffix in _MESSAGE_SUFFIXES})
+
+    def is_held(self, queue_id: str) -> bool:
+        return any((self.hold_dir / f"{queue_id}{sfx}").exists() for sfx in (".msg", ".eml"))
+
+    def load_held(self, unreadable: list[str] | None = None) -> Iterator[Envelope]:
+        """Every held envelope, oldest first; unreadable ones are skipped (and
+        appended to ``unreadable``), never moved."""
+        for queue_id in self.held():
+            data = self._envelope_bytes(queue_id, self.hold_dir)
+            if data is None:
+                continue
+            try:
+                yield Envelope.loads(data)
+            except (ValueError, KeyError, TypeError):
+                if unreadable is not None:
+                    unreadable.append(queue_id)
+
+    def delete_held(self, queue_id: str) -> bool:
+        """Remove a held message; False when there was none."""
+        existed = False
+        for suffix in (".msg", ".eml", ".state", ".json"):  # bodies first
+            with suppress(FileNotFoundError):
+                (self.hold_dir / f"{queue_id}{suffix}").unlink()
+                existed = True
+        if existed and self.fsync:
+            _fsync_dir(self.hold_dir)
+        return existed
 
     def _write(self, name: str, data: bytes, prefix: bytes = b"") -> str:
         """``prefix + data`` fsynced in a new file in ``tmp/``; its path.
@@ -651,6 +741,16 @@ class Spool:
             raise _spool_error(exc, f"cannot update {envelope.id}") from exc
         return True
 
+    def update_many(self, envelopes: Iterable[Envelope]) -> list[str]:
+        """:meth:`update` for many, one directory fsync in all; the ids updated."""
+        updated = [e.id for e in envelopes if self._replace_meta(e)]
+        if updated:
+            try:
+                self._sync_msg_dir()
+            except OSError as exc:
+                raise _spool_error(exc, "cannot update the spool") from exc
+        return updated
+
     def _replace_meta(self, envelope: Envelope) -> bool:
         """Rename a new envelope over the old one (no directory fsync): False if gone."""
         body, meta = self._names(envelope.id)
@@ -668,24 +768,25 @@ class Spool:
             raise _spool_error(exc, f"cannot update {envelope.id}") from exc
         return True
 
-    def load(self, queue_id: str) -> Envelope:
-        """The envelope of one message; KeyError when there is none."""
-        data = self._envelope_bytes(queue_id)
+    def load(self, queue_id: str, held: bool = False) -> Envelope:
+        """The envelope of one message (``held``: in ``hold/``); KeyError when there is none."""
+        data = self._envelope_bytes(queue_id, self.hold_dir if held else None)
         if data is None:
             raise KeyError(queue_id)
         return Envelope.loads(data)
 
-    def _names(self, queue_id: str) -> tuple[Path, Path]:
+    def _names(self, queue_id: str, directory: Path | None = None) -> tuple[Path, Path]:
         """(body, envelope) paths: ``.msg`` and ``.state`` for a one-file
-        message, else ``.eml`` and ``.json``."""
-        one = self.msg_dir / f"{queue_id}.msg"
+        message, else ``.eml`` and ``.json``; in ``msg/`` unless ``directory``."""
+        where = directory or self.msg_dir
+        one = where / f"{queue_id}.msg"
         if one.exists():
-            return one, self.msg_dir / f"{queue_id}.state"
-        return self.msg_dir / f"{queue_id}.eml", self.msg_dir / f"{queue_id}.json"
+            return one, where / f"{queue_id}.state"
+        return where / f"{queue_id}.eml", where / f"{queue_id}.json"
 
-    def _envelope_bytes(self, queue_id: str) -> bytes | None:
+    def _envelope_bytes(self, queue_id: str, directory: Path | None = None) -> bytes | None:
         """The stored envelope's JSON; None when there is no message."""
-        body, meta = self._names(queue_id)
+        body, meta = self._names(queue_id, directory)
         try:
             return meta.read_bytes()
         except FileNotFoundError:

@@ -85,7 +85,10 @@ class Daemon:
         return value(samples(text), "relay_config_reloads_total", result=result)
 
     def audit_entries(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in (self.tmp / "audit.log").read_text().splitlines()]
+        """The configuration entries (not the ``relay queue`` actions, e.g. a flush)."""
+        lines = (self.tmp / "audit.log").read_text().splitlines()
+        entries = [json.loads(line) for line in lines]
+        return [e for e in entries if not str(e["event"]).startswith("queue_")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
