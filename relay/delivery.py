@@ -17,7 +17,8 @@ TLS is a TLS-policy failure (no STARTTLS, a 5xx to STARTTLS, a
 certificate error, an OpenSSL alert); a 4xx to STARTTLS or the peer
 going away mid-handshake is temporary. When the address budget runs out
 before every candidate was tried, the open recipients defer (never the
-"every host failed TLS" bounce).
+"every host failed TLS" bounce). A route with ``on_tls_failure = "defer"``
+defers that case too, loudly (``tls_deferred``), until max_lifetime.
 
 At-least-once: the scheduler persists per-recipient state after
 ``deliver`` returns. A duplicate can come from a crash between the next
