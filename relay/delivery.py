@@ -139,7 +139,7 @@ class Attempt:
         if not items:
             return errors.HostUnreachable("no candidate host").reply
         item = items[-1]
-        if self.tls_defers and errors.tls_only(items):
+        if isinstance(item, TlsPolicyFailure) and self.tls_defers and errors.tls_only(items):
             # on_tls_failure = "defer": the recipient waits, so its recorded
             # reply is a 4xx (450 4.7.5), made permanent again at expiry.
             return item.reply.as_temporary()

@@ -23,7 +23,9 @@ import pytest
 from relay import config, tls
 from relay.audit import AuditLog
 from relay.errors import TlsFailure
+from relay.expiry import ExpiryWatch
 from relay.lint import warnings
+from relay.metrics import Metrics
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
@@ -358,3 +360,40 @@ def test_defer_without_require_tls_is_warned_about(tmp_path):
     found = [str(w) for w in warnings(cfg)]
     assert any(w.startswith("routes[1] 'On-prem': on_tls_failure: \"defer\" has no effect")
                for w in found), found  # fmt: skip
+
+
+# --- the watch's bookkeeping (its own clock, real metrics) ---------------------------------
+
+
+def test_watch_takes_the_earliest_host_warns_daily_and_forgets(tmp_path):
+    cfg = load_text(tmp_path, BASE)
+    metrics = Metrics()
+    clock = Clock(1_900_000_000.0)
+    watch = ExpiryWatch(metrics, lambda: cfg, clock)
+    day = 86400.0
+
+    def gauge(route: str, label: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "relay_tls_certificate_expiry_timestamp_seconds", {"route": route, "host": label}
+        )
+
+    with _events("tls_certificate_expiring") as warned:
+        watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 90 * day)
+        watch.record("Split", "corp.test", "mx2.corp.test", clock.now + 10 * day)
+        watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 90 * day)
+        # The earliest behind the label; only the expiring host is warned about, once.
+        assert gauge("Split", "corp.test") == clock.now + 10 * day
+        assert [w["host"] for w in warned] == ["mx2.corp.test"]
+        watch.record("Split", "corp.test", "mx2.corp.test", clock.now + 10 * day)
+        assert len(warned) == 1
+        clock.advance(day)
+        watch.record("Split", "corp.test", "mx2.corp.test", clock.now + 9 * day)
+        assert len(warned) == 2  # a day later, again
+        # mx2 leaves the MX set: a week without a handshake and it no longer counts.
+        clock.advance(8 * day)
+        watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 80 * day)
+        assert gauge("Split", "corp.test") == clock.now + 80 * day
+    # A route a reload removed loses its series at the next handshake.
+    watch.record("Gone", "old.test", "old.test", clock.now + 5 * day)
+    watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 80 * day)
+    assert gauge("Gone", "old.test") is None
