@@ -8,9 +8,11 @@ sender never reads route names or admin advice.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
-from relay.certificate import Certificate
+from relay.certificate import Certificate, day
 from relay.errors import TLS_FAILURE_OPTION, TlsFailure
 
 
@@ -168,4 +170,32 @@ def tls_advice(
             _turn_off("require_ca_signed", route, "the host is then not authenticated"),
         ),
         "its security certificate has expired",
+    )
+
+
+def _span(seconds: float) -> str:
+    """A duration the way the config writes it, in words: "21 days", "12 hours"."""
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{seconds / 86400:g} days"
+    return f"{seconds / 3600:g} hours"
+
+
+def expiry_warning(host: str, not_after: float, window: float, now: float | None = None) -> str:
+    """The warning about a certificate that ends within ``window`` seconds (or has ended).
+
+    Said by the daemon's ``tls_certificate_expiring`` log line and by
+    ``relay test-tls`` (its ``WARN`` line and ``warnings`` in ``--json``).
+    """
+    left = not_after - (time.time() if now is None else now)
+    days = math.floor(left / 86400)
+    if left <= 0:
+        when, fix = f"expired on {day(not_after)}", f"renew it on {host}"
+    else:
+        plural = "s" if days != 1 else ""
+        when = f"expires on {day(not_after)}, in {days} day{plural}"
+        fix = f"renew it on {host} before then"
+    return (
+        f"the certificate of {host} {when} ([tls] expiry_warning is {_span(window)}); "
+        f"{fix}: routes that check certificates (require_ca_signed) cannot deliver "
+        "to an expired one"
     )

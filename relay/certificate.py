@@ -49,6 +49,11 @@ class Certificate:
     def valid_until(self) -> str:
         return _day(self.not_after)
 
+    @property
+    def expires_at(self) -> float | None:
+        """not_after as Unix seconds; None when absent."""
+        return ssl.cert_time_to_seconds(self.not_after) if self.not_after else None
+
     def not_yet_valid(self, now: float | None = None) -> bool:
         if not self.not_before:
             return False
@@ -59,8 +64,12 @@ def _day(openssl_time: str) -> str:
     """``"Nov 27 12:00:00 2026 GMT"`` -> ``"2026-11-27 12:00 UTC"``; "?" when absent."""
     if not openssl_time:
         return "?"
-    moment = datetime.fromtimestamp(ssl.cert_time_to_seconds(openssl_time), UTC)
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
+    return day(ssl.cert_time_to_seconds(openssl_time))
+
+
+def day(seconds: float) -> str:
+    """Unix seconds as ``"2026-11-27 12:00 UTC"``, the way dates of certificates are shown."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 #: RFC 4514 section 3: the short names of the attributes a certificate name usually has.

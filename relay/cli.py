@@ -217,7 +217,7 @@ async def _probe(cfg: Config, route: Route) -> list[Any]:
         await deliverer.close()
 
 
-def _probe_json(route: Route, result: Any) -> dict[str, Any]:
+def _probe_json(route: Route, result: Any, window: float) -> dict[str, Any]:
     cand, cert = result.candidate, result.certificate
     return {
         "route": route.name,
@@ -260,6 +260,7 @@ def _probe_json(route: Route, result: Any) -> dict[str, Any]:
             for f, advice in zip(result.failures, result.advice(route.name), strict=True)
         ],
         "passed": result.passed,
+        "warnings": result.warnings(window),
     }
 
 
@@ -267,7 +268,7 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _print_probe(route: Route, result: Any) -> None:
+def _print_probe(route: Route, result: Any, window: float) -> None:
     cand, cert = result.candidate, result.certificate
     where = f"[{result.ip}]" if result.ip else "(no address)"
     via = f", MX of {cand.via_mx}" if cand.via_mx else ""
@@ -289,6 +290,8 @@ def _print_probe(route: Route, result: Any) -> None:
         left = cert.days_left
         when = f"{left} days left" if left >= 0 else f"EXPIRED {-left} days ago"
         print(f"  expires:          {cert.valid_until()} ({when})")
+        for warning in result.warnings(window):
+            print(f"  WARN:             {warning}")
     if result.tls_version:
         chain = _yes(result.chain_verified) + (
             "" if result.chain_verified else f" ({result.chain_error})"
@@ -331,11 +334,11 @@ def cmd_test_tls(args: argparse.Namespace) -> int:
     passed = bool(results) and all(r.passed for r in results)
     if args.json:
         report = {"route": route.name, "passed": passed}
-        report["hosts"] = [_probe_json(route, r) for r in results]
+        report["hosts"] = [_probe_json(route, r, cfg.tls.expiry_warning) for r in results]
         print(json.dumps(report, indent=2))
     else:
         for result in results:
-            _print_probe(route, result)
+            _print_probe(route, result, cfg.tls.expiry_warning)
         count = sum(1 for r in results if r.passed)
         print(f"-- route {route.name!r}: {count}/{len(results)} host(s) pass its TLS policy")
     return EXIT_OK if passed else EXIT_FAIL

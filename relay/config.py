@@ -64,6 +64,18 @@ class Route:
     #: Not from the config: the recipient's (or a bounce's sender's) own
     #: domain, by MX. Only then are NXDOMAIN and null MX permanent failures.
     implicit: bool = False
+    #: When every host failed the TLS policy: "bounce" at once (as the
+    #: console does) or "defer" (keep it queued until max_lifetime).
+    on_tls_failure: str = "bounce"
+
+    @property
+    def tls_defers(self) -> bool:
+        """A TLS-policy failure at every host keeps the mail queued rather than bouncing it."""
+        return self.on_tls_failure == "defer"
+
+
+#: The values of a route's ``on_tls_failure``, the default first.
+ON_TLS_FAILURE = ("bounce", "defer")
 
 
 #: Route name (and metric label) for mail sent straight to a domain's MX.
@@ -208,6 +220,8 @@ class DnsConfig:
 class TlsConfig:
     #: Extra trust anchors for outbound verification.
     ca_file: Path | None = None
+    #: Seconds before a next hop's certificate expires from which it is warned about.
+    expiry_warning: float = 21 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,7 +527,7 @@ _SERVER_KEYS = (
 )  # fmt: skip
 _ROUTE_KEYS = (
     "name", "host", "port", "mx_lookup", "require_tls", "require_ca_signed",
-    "validate_hostname", "primary", "secondary",
+    "validate_hostname", "on_tls_failure", "primary", "secondary",
 )  # fmt: skip
 _HOST_KEYS = ("host", "port", "load")
 _RULE_KEYS = ("recipients", "route")
@@ -710,6 +724,14 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
             "is on (the default) but needs require_ca_signed = true; turn require_ca_signed on, "
             "or set validate_hostname = false too",
         )
+    on_tls_failure = r.get("on_tls_failure", str, ON_TLS_FAILURE[0])
+    if on_tls_failure not in ON_TLS_FAILURE:
+        r.problem(
+            "on_tls_failure",
+            f'{on_tls_failure!r} is not a choice; use "bounce" (bounce at once, the default) '
+            'or "defer" (keep the mail queued until max_lifetime)',
+        )
+        on_tls_failure = ON_TLS_FAILURE[0]
     # The shape (one host, or tables) decides which fields apply; a wrong
     # shape is a problem of the route itself, and every field present is
     # still checked so that one run of check-config lists everything.
@@ -736,8 +758,13 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
     if not shape_ok:
         return None
     if not tables:
-        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True)
-    return Route(name, primary, secondary, mx_lookup, tls, single=False)
+        return Route(
+            name, (Host(host, port, 100),), (), mx_lookup, tls, single=True,
+            on_tls_failure=on_tls_failure,
+        )  # fmt: skip
+    return Route(
+        name, primary, secondary, mx_lookup, tls, single=False, on_tls_failure=on_tls_failure
+    )
 
 
 def _rule(
@@ -773,8 +800,11 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
     queue = _queue(problems, data.get("queue", {}), base)
     delivery = _delivery(problems, data.get("delivery", {}))
     dns = _dns(problems, data.get("dns", {}))
-    tls_reader = _Reader(problems, "tls", data.get("tls", {}), ("ca_file",))
-    tls = TlsConfig(tls_reader.path("ca_file", base, must_exist=True))
+    tls_reader = _Reader(problems, "tls", data.get("tls", {}), ("ca_file", "expiry_warning"))
+    tls = TlsConfig(
+        tls_reader.path("ca_file", base, must_exist=True),
+        tls_reader.duration("expiry_warning", TlsConfig().expiry_warning),
+    )
     metrics = _metrics(problems, data.get("metrics", {}))
     audit_reader = _Reader(problems, "audit", data.get("audit", {}), ("path",))
     audit = AuditConfig(
@@ -854,6 +884,9 @@ def describe(config: Config) -> list[str]:
             f"{opt}={'on' if getattr(route.tls, opt) else 'off'}"
             for opt in ("require_tls", "require_ca_signed", "validate_hostname")
         ]
+        if route.tls.require_tls or route.tls_defers:
+            # Without require_tls no host can fail the policy: nothing to show.
+            opts.append(f"on_tls_failure={route.on_tls_failure}")
         if route.mx_lookup:
             opts.insert(0, "mx_lookup")
         lines.append(f"route {route.name!r}: {' '.join(opts)}")
@@ -906,7 +939,17 @@ def route_snapshot(route: Route) -> dict[str, Any]:
     fields["require_tls"] = route.tls.require_tls
     fields["require_ca_signed"] = route.tls.require_ca_signed
     fields["validate_hostname"] = route.tls.validate_hostname
+    fields["on_tls_failure"] = route.on_tls_failure
     return fields
+
+
+#: Fields added after audit logs were first written, with the value every
+#: route (or section) had before: an older snapshot without them is read as
+#: having had that value, so an upgrade is not logged as a change.
+_FIELDS_SINCE: dict[str, dict[str, Any]] = {
+    "routes": {"on_tls_failure": "bounce"},
+    "tls": {"expiry_warning": TlsConfig().expiry_warning},
+}
 
 
 def snapshot(config: Config) -> dict[str, Any]:
@@ -955,12 +998,15 @@ def diff_snapshots(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
     # rule is known by its position: "rules[2]" changed means the second rule.
     old_rules = {f"rules[{i}]": r for i, r in enumerate(old.get("rules", []), start=1)}
     new_rules = {f"rules[{i}]": r for i, r in enumerate(new.get("rules", []), start=1)}
+    since = _FIELDS_SINCE["routes"]
+    old_routes = {name: {**since, **fields} for name, fields in old.get("routes", {}).items()}
     result: dict[str, Any] = {
-        "routes": _named_diff(old.get("routes", {}), new.get("routes", {})),
+        "routes": _named_diff(old_routes, new.get("routes", {})),
         "rules": _named_diff(old_rules, new_rules),
     }
     for section in DIFF_SECTIONS:
-        result[section] = _fields_diff(old.get(section, {}), new.get(section, {}))
+        before = {**_FIELDS_SINCE.get(section, {}), **old.get(section, {})}
+        result[section] = _fields_diff(before, new.get(section, {}))
     return result
 
 

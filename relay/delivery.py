@@ -17,7 +17,8 @@ TLS is a TLS-policy failure (no STARTTLS, a 5xx to STARTTLS, a
 certificate error, an OpenSSL alert); a 4xx to STARTTLS or the peer
 going away mid-handshake is temporary. When the address budget runs out
 before every candidate was tried, the open recipients defer (never the
-"every host failed TLS" bounce).
+"every host failed TLS" bounce). A route with ``on_tls_failure = "defer"``
+defers that case too, loudly (``tls_deferred``), until max_lifetime.
 
 At-least-once: the scheduler persists per-recipient state after
 ``deliver`` returns. A duplicate can come from a crash between the next
@@ -39,6 +40,7 @@ import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiosmtplib
@@ -51,6 +53,7 @@ from relay.config import Config, Route
 from relay.dns import Resolver
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
+from relay.expiry import ExpiryWatch
 from relay.metrics import Metrics
 from relay.pool import Pool
 from relay.probe import ProbeResult, probe_hosts
@@ -87,6 +90,8 @@ class HostResult:
     reused: bool = False
     #: Whether the host offered STARTTLS; None when no session got that far.
     starttls_offered: bool | None = None
+    #: The verified certificate's notAfter (Unix seconds); None when not verified.
+    not_after: float | None = None
 
     @property
     def tls_state(self) -> str:
@@ -118,10 +123,12 @@ class Attempt:
     results: Mapping[str, tuple[Reply | RelayError, ...]]
     #: Per recipient address: "host [ip]" of the host that gave the last result.
     remote: Mapping[str, str]
+    #: The route's ``on_tls_failure = "defer"``: TLS failures at every host defer.
+    tls_defers: bool = False
 
     def outcome(self, address: str) -> str:
         """errors.DELIVERED, errors.BOUNCED or errors.DEFERRED."""
-        return errors.outcome(self.results.get(address, ()))
+        return errors.outcome(self.results.get(address, ()), self.tls_defers)
 
     def last(self, address: str) -> Reply:
         """The reply to record for this recipient (for logs, queue list, the DSN)."""
@@ -132,6 +139,10 @@ class Attempt:
         if not items:
             return errors.HostUnreachable("no candidate host").reply
         item = items[-1]
+        if isinstance(item, TlsPolicyFailure) and self.tls_defers and errors.tls_only(items):
+            # on_tls_failure = "defer": the recipient waits, so its recorded
+            # reply is a 4xx (450 4.7.5), made permanent again at expiry.
+            return item.reply.as_temporary()
         return item if isinstance(item, Reply) else item.reply
 
 
@@ -281,6 +292,7 @@ class Deliverer:
         # Reserved for address-order jitter; candidate order comes from routing.
         self._rng = rng or random.Random()
         self._pool = Pool()
+        self._expiry = ExpiryWatch(metrics, config)
 
     async def close(self) -> None:
         """QUIT and close every pooled session."""
@@ -328,7 +340,7 @@ class Deliverer:
             events.error("refused_body", id=envelope.id, route=route.name, error=exc.detail)
             for address in recipients:
                 txn.record(address, exc, "")
-            return self._attempt(route, hosts, txn)
+            return self._attempt(route, envelope, hosts, txn)
         budget = self._config().delivery.max_addresses
         untried = 0
         for index, candidate in enumerate(candidates):
@@ -354,7 +366,7 @@ class Deliverer:
                 hosts.append(self._host_done(route, envelope, result))
         if untried and txn.open:
             self._not_tried(route, envelope, txn, untried)
-        return self._attempt(route, hosts, txn)
+        return self._attempt(route, envelope, hosts, txn)
 
     def _not_tried(self, route: Route, envelope: Envelope, txn: _Transaction, count: int) -> None:
         """The budget ran out before ``count`` candidates: the open recipients defer.
@@ -388,13 +400,39 @@ class Deliverer:
             return plan.failure
         return plan.candidates
 
-    def _attempt(self, route: Route, hosts: list[HostResult], txn: _Transaction) -> Attempt:
-        return Attempt(
-            route=route.name,
-            hosts=tuple(hosts),
-            results={r: tuple(items) for r, items in txn.results.items()},
-            remote=dict(txn.remote),
+    def _attempt(
+        self, route: Route, envelope: Envelope, hosts: list[HostResult], txn: _Transaction
+    ) -> Attempt:
+        results = {r: tuple(items) for r, items in txn.results.items()}
+        if route.tls_defers:
+            self._tls_held(route, envelope, hosts, results)
+        return Attempt(route.name, tuple(hosts), results, dict(txn.remote), route.tls_defers)
+
+    def _tls_held(
+        self,
+        route: Route,
+        envelope: Envelope,
+        hosts: Sequence[HostResult],
+        results: Mapping[str, tuple[Reply | RelayError, ...]],
+    ) -> None:
+        """Every host failed the TLS policy and the route says "defer": say it loudly.
+
+        The recipients stay queued with the normal backoff; they bounce
+        only at max_lifetime, so a certificate fixed before then delivers them.
+        """
+        held = [a for a, items in results.items() if errors.tls_only(items)]
+        if not held:
+            return
+        self._metrics.tls_deferred.labels(route.name).inc(len(held))
+        checks = sorted(
+            {h.failure.reason.value for h in hosts if isinstance(h.failure, TlsPolicyFailure)}
         )
+        deadline = envelope.received_at + self._config().queue.max_lifetime
+        events.warning(
+            "tls_deferred", id=envelope.id, route=route.name, recipients=len(held),
+            tls_checks=",".join(checks), on_tls_failure=route.on_tls_failure,
+            bounce_at=datetime.fromtimestamp(deadline, UTC).isoformat(timespec="seconds"),
+        )  # fmt: skip
 
     async def _addresses(
         self, route: Route, candidate: Candidate, qid: str | None = None
@@ -485,6 +523,7 @@ class Deliverer:
             reply=reply,
             reused=reused,
             starttls_offered=session.starttls_offered,
+            not_after=session.not_after,
         )
 
     async def _session(self, key: HopKey, cfg: Config, qid: str = "") -> tuple[Session, bool]:
@@ -647,6 +686,8 @@ class Deliverer:
         else:
             outcome = "deferred"
         self._metrics.delivery_attempts.labels(route.name, label, outcome).inc()
+        if result.not_after is not None:
+            self._expiry.record(route.name, label, cand.host.strip("[]"), result.not_after)
         reply = result.reply or (failure.reply if failure else None)
         fields: dict[str, Any] = {
             "id": envelope.id,

@@ -65,6 +65,17 @@ class Reply:
         code = 500 + self.code % 100
         return Reply(code, (5, self.status[1], self.status[2]), self.text)
 
+    def as_temporary(self) -> Reply:
+        """The same reply moved to class 4: what a recipient that waits records.
+
+        550 5.7.5 becomes 450 4.7.5 (and :meth:`as_permanent` turns it back
+        at max_lifetime), so a queued recipient never shows a 5xx.
+        """
+        if not self.permanent:
+            return self
+        code = 400 + self.code % 100
+        return Reply(code, (4, self.status[1], self.status[2]), self.text)
+
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:
         """Build a Reply from a remote server's code and text.
@@ -236,13 +247,19 @@ class RemotePermanent(PermanentFailure):
 
 
 class TlsFailure(enum.Enum):
-    """Which check of a route's TLS policy failed; also the metric label."""
+    """Which check of a route's TLS policy failed; also the metric label.
 
-    NO_STARTTLS = "no_starttls"
-    HANDSHAKE = "handshake"
-    UNTRUSTED_CA = "untrusted_ca"
-    HOSTNAME_MISMATCH = "hostname_mismatch"
-    EXPIRED = "expired"
+    The values are TLS-RPT result types (RFC 8460 section 4.3), so the
+    metric, the log's ``tls_check=`` and ``relay test-tls --json`` speak
+    the standard's words. A 5xx to STARTTLS or a handshake OpenSSL refused
+    for no certificate reason is the RFC's catch-all ``validation-failure``.
+    """
+
+    NO_STARTTLS = "starttls-not-supported"
+    HANDSHAKE = "validation-failure"
+    UNTRUSTED_CA = "certificate-not-trusted"
+    HOSTNAME_MISMATCH = "certificate-host-mismatch"
+    EXPIRED = "certificate-expired"
 
 
 # The words of the reply (the DSN's Diagnostic-Code) for each failed check;
@@ -304,13 +321,15 @@ BOUNCED = "bounced"
 DEFERRED = "deferred"
 
 
-def outcome(results: Iterable[Reply | RelayError]) -> str:
+def outcome(results: Iterable[Reply | RelayError], tls_defers: bool = False) -> str:
     """Decide one recipient's fate from every candidate host's result.
 
     Rules (docs/queue.md): any acceptance delivers; a permanent
     reply bounces; when *every* candidate failed the TLS policy the
-    recipient bounces at once; anything else defers. No results at all
-    (nothing to try) defers.
+    recipient bounces at once, unless ``tls_defers`` (the route's
+    ``on_tls_failure = "defer"``: it waits, with backoff, for a fixed
+    certificate until ``max_lifetime``); anything else defers. No results
+    at all (nothing to try) defers.
     """
     items = list(results)
     if not items:
@@ -322,6 +341,12 @@ def outcome(results: Iterable[Reply | RelayError]) -> str:
         reply = item if isinstance(item, Reply) else item.reply
         if isinstance(item, PermanentFailure) or (isinstance(item, Reply) and reply.permanent):
             return BOUNCED
-    if all(isinstance(item, TlsPolicyFailure) for item in items):
+    if not tls_defers and tls_only(items):
         return BOUNCED
     return DEFERRED
+
+
+def tls_only(results: Iterable[Reply | RelayError]) -> bool:
+    """True when every result is a TLS-policy failure (the case ``on_tls_failure`` decides)."""
+    items = list(results)
+    return bool(items) and all(isinstance(item, TlsPolicyFailure) for item in items)

@@ -20,6 +20,15 @@ def warnings(config: Config) -> list[Problem]:
                 Problem(where, "", "no rule that can match sends mail to it (nor [bounces] route)")
             )
         found.extend(_ip_hosts(where, route))
+        if route.tls_defers and not route.tls.require_tls:
+            found.append(
+                Problem(
+                    where,
+                    "on_tls_failure",
+                    '"defer" has no effect: require_tls is off, so no host can fail the '
+                    "TLS policy (mail goes in plaintext when TLS fails)",
+                )
+            )
     return found
 
 

@@ -71,6 +71,20 @@ class Metrics:
             ["route", "host", "reason"],
             registry=r,
         )
+        self.tls_deferred = Counter(
+            "relay_tls_deferred_total",
+            "Recipients kept queued because every host failed the route's TLS policy "
+            '(on_tls_failure = "defer").',
+            ["route"],
+            registry=r,
+        )
+        self.tls_certificate_expiry = Gauge(
+            "relay_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate a route host presented at its last verified "
+            "handshake (the earliest among the MX hosts behind one configured name).",
+            ["route", "host"],
+            registry=r,
+        )
         self.bounces = Counter(
             "relay_bounces_total",
             "Delivery status notifications, by cause.",

@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from relay import certificate, errors
-from relay.advice import Advice, tls_advice
+from relay.advice import Advice, expiry_warning, tls_advice
 from relay.certificate import Certificate
 from relay.config import Config, Route, TlsPolicy
 from relay.dns import ip_literal
 from relay.errors import RelayError, TlsFailure, TlsPolicyFailure
+from relay.expiry import expires_soon
 from relay.routing import Candidate
 from relay.session import (
     HandshakeFailed,
@@ -75,6 +76,14 @@ class ProbeResult:
             )  # fmt: skip
             for failure in self.failures
         ]
+
+    def warnings(self, window: float, now: float | None = None) -> list[str]:
+        """What passes but needs attention: a certificate ending within ``window`` seconds."""
+        cert = self.certificate
+        end = cert.expires_at if cert is not None else None
+        if end is None or not expires_soon(end, window, now):
+            return []
+        return [expiry_warning(self.candidate.host.strip("[]"), end, window, now)]
 
     def checks(self) -> list[tuple[str, bool, str]]:
         """(option, would pass, why not) for each TLS option, on or off in the route."""

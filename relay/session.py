@@ -93,6 +93,8 @@ class Session:
     cipher: str | None = None
     verified: bool = False
     peer_subject: str | None = None
+    #: The verified certificate's notAfter, Unix seconds (None unless ``verified``).
+    not_after: float | None = None
     #: The server listed STARTTLS in its EHLO reply (whether or not it was used).
     starttls_offered: bool = False
     idle_since: float = field(default_factory=time.monotonic)
@@ -206,6 +208,14 @@ async def start_tls(
         session.peer_subject = transport_info(
             smtp, "peercert", lambda c: distinguished_name(c.get("subject"))
         )
+        # getpeercert() decodes a certificate only once it verified: the
+        # expiry early warning (relay.expiry) reads its notAfter here.
+        session.not_after = transport_info(smtp, "peercert", _not_after)
+
+
+def _not_after(peercert: dict[str, Any]) -> float | None:
+    text = peercert.get("notAfter")
+    return ssl.cert_time_to_seconds(text) if text else None
 
 
 #: Encrypt without checks: how a failed certificate is read.

@@ -30,7 +30,10 @@ def test_check_config_valid_prints_summary(tmp_path: Path) -> None:
     result = relay("check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert "valid, 1 route(s), 1 rule(s)" in result.stdout
-    assert "route 'R': require_tls=on require_ca_signed=on validate_hostname=on" in result.stdout
+    assert (
+        "route 'R': require_tls=on require_ca_signed=on validate_hostname=on on_tls_failure=bounce"
+        in result.stdout
+    )
     assert "host mx.example.test port 25" in result.stdout
 
 

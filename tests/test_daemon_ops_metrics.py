@@ -186,7 +186,7 @@ async def test_counters_are_exact_after_known_traffic(traffic: Traffic) -> None:
         (("host", "nxhost.test"), ("result", "dns_failed"), ("route", "Typo")): 1,
     }
     assert matching(m, "relay_tls_failures_total") == {
-        (("host", "127.0.0.1"), ("reason", "no_starttls"), ("route", "Strict")): 1
+        (("host", "127.0.0.1"), ("reason", "starttls-not-supported"), ("route", "Strict")): 1
     }
     assert nonzero(m, "relay_bounces_total") == {(("reason", "tls_policy"),): 1}
     assert len(matching(m, "relay_bounces_total")) == len(metrics.BOUNCE_REASONS)
@@ -308,7 +308,7 @@ async def test_grep_queue_id_shows_a_tls_bounce_and_its_dsn(traffic: Traffic) ->
     # The strict sink offers no STARTTLS: the attempt line names the failed
     # check and what to do about it.
     assert attempt["result"] == "tls_failed" and attempt["tls"] == "failed"
-    assert attempt["tls_check"] == "no_starttls"
+    assert attempt["tls_check"] == "starttls-not-supported"
     assert "fix: enable STARTTLS on 127.0.0.1" in str(attempt["diagnosis"])
     assert bounced["reason"] == "tls_policy" and str(bounced["reply"]).startswith("5")
     # The DSN's own story starts at the bounce line that names it.

@@ -380,7 +380,7 @@ async def test_metrics_after_known_traffic(tmp_path, dnsmasq, dsn_sink):
         assert sample("relay_delivery_attempts_total", route=route, host=host,
                       result=result) == value, (route, host, result)  # fmt: skip
     assert sample("relay_tls_failures_total", route="Strict", host="mx2.corp.test",
-                  reason="no_starttls") == 1  # fmt: skip
+                  reason="starttls-not-supported") == 1  # fmt: skip
     # One DSN for two causes: each cause counted once.
     assert sample("relay_bounces_total", reason="remote_permanent") == 1
     assert sample("relay_bounces_total", reason="tls_policy") == 1

@@ -73,7 +73,7 @@ async def test_tls_failure_and_unreachable_defers(tmp_path, dnsmasq, dsn_sink):
             assert left.pending[0].address == "bob@corp.test"
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 0
             assert relay.sample("relay_tls_failures_total", route="Corp", host="mx1.corp.test",
-                                reason="no_starttls") == 1  # fmt: skip
+                                reason="starttls-not-supported") == 1  # fmt: skip
     assert no_tls.messages == []
     assert dsn_sink.connections == 0
 
@@ -232,7 +232,7 @@ async def test_ip_literal_route_host_needs_an_ip_san(tmp_path, dnsmasq, dsn_sink
             await idle(relay)
             if not delivered:
                 assert relay.sample("relay_tls_failures_total", route="Corp", host="127.0.0.1",
-                                    reason="hostname_mismatch") == 1  # fmt: skip
+                                    reason="certificate-host-mismatch") == 1  # fmt: skip
     assert bool(sink.messages) is delivered
 
 
@@ -336,7 +336,7 @@ async def test_failed_handshake(tmp_path, dnsmasq, dsn_sink, require_tls):
             await idle(relay)
             assert relay.spooled() == []
             failures = relay.sample("relay_tls_failures_total", route="Corp",
-                                    host="mx1.corp.test", reason="handshake")  # fmt: skip
+                                    host="mx1.corp.test", reason="validation-failure")  # fmt: skip
     if require_tls:
         assert sink.messages == []
         _, human, [fields] = dsn_parts(dsn_sink.messages[0].data)

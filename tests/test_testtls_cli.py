@@ -72,12 +72,16 @@ CASES = {
     "good": ({"names": ("127.0.0.1", "mx1.test")}, None, None),
     "self_signed": (
         {"names": ("127.0.0.1",), "untrusted": True},
-        "untrusted_ca",
+        "certificate-not-trusted",
         "require_ca_signed",
     ),
-    "wrong_name": ({"names": ("mx1.test",)}, "hostname_mismatch", "validate_hostname"),
-    "expired": ({"names": ("127.0.0.1",), "expired": True}, "expired", "require_ca_signed"),
-    "no_starttls": (None, "no_starttls", "require_tls"),
+    "wrong_name": ({"names": ("mx1.test",)}, "certificate-host-mismatch", "validate_hostname"),
+    "expired": (
+        {"names": ("127.0.0.1",), "expired": True},
+        "certificate-expired",
+        "require_ca_signed",
+    ),
+    "no_starttls": (None, "starttls-not-supported", "require_tls"),
 }
 
 
@@ -202,7 +206,7 @@ async def test_certificate_dates_are_shown(tmp_path, pki):
     assert cert["names"] == ["127.0.0.1"]
     assert cert["not_before"] and cert["not_after"] and cert["days_left"] < 0
     (failure,) = host["failures"]
-    assert failure["reason"] == "expired"
+    assert failure["reason"] == "certificate-expired"
     assert failure["problem"].startswith("the certificate of 127.0.0.1 expired on ")
     assert failure["fixes"][0] == "renew the certificate on 127.0.0.1"
 

@@ -13,6 +13,7 @@ so they exercise our own builder::
     ctx = pki.self_signed_context()                      # a certificate that signed itself
     ctx = pki.server_context("other.test")               # wrong name for mx1.test
     ctx = pki.server_context("mx1.test", expired=True)   # expired yesterday
+    ctx = pki.server_context("mx1.test", expires_in=datetime.timedelta(days=10))
 """
 
 from __future__ import annotations
@@ -49,9 +50,17 @@ class Pki:
         self.ca.cert_pem.write_to_path(str(self.ca_file))
 
     def issue(
-        self, *names: str, untrusted: bool = False, expired: bool = False, stem: str | None = None
+        self,
+        *names: str,
+        untrusted: bool = False,
+        expired: bool = False,
+        stem: str | None = None,
+        expires_in: datetime.timedelta | None = None,
     ) -> CertFiles:
         """Issue a leaf for DNS names / IP literals ``names``; write ``<stem>.crt/.key``.
+
+        ``expires_in``: the certificate's notAfter is that far from now
+        (valid since yesterday); trustme's own default is years ahead.
 
         The default stem is the first name plus a serial number, so issuing the
         same name twice (good and expired, say) never overwrites a file.
@@ -65,6 +74,11 @@ class Pki:
             kwargs = {
                 "not_before": now - datetime.timedelta(days=30),
                 "not_after": now - datetime.timedelta(days=1),
+            }
+        elif expires_in is not None:
+            kwargs = {
+                "not_before": now - datetime.timedelta(days=1),
+                "not_after": now + expires_in,
             }
         leaf = ca.issue_cert(*names, **kwargs)
         if stem is None:
@@ -84,7 +98,12 @@ class Pki:
         return tls.server_context(cert, key)
 
     def server_context(
-        self, *names: str, untrusted: bool = False, expired: bool = False
+        self,
+        *names: str,
+        untrusted: bool = False,
+        expired: bool = False,
+        expires_in: datetime.timedelta | None = None,
     ) -> ssl.SSLContext:
         """A server-side context presenting a certificate for ``names``."""
-        return tls.server_context(*self.issue(*names, untrusted=untrusted, expired=expired))
+        files = self.issue(*names, untrusted=untrusted, expired=expired, expires_in=expires_in)
+        return tls.server_context(*files)
