@@ -143,13 +143,14 @@ def test_hung_route_is_two_primaries_at_fifty_fifty() -> None:
     assert "secondary" not in table and WEDGED_ADDRESS != SINK_ADDRESS
 
 
-def test_hung_postfix_settings_pick_either_host_with_relays_timeout() -> None:
+def test_hung_postfix_settings_give_both_hosts_with_relays_timeout() -> None:
     from tests.bench.compare import HUNG_TIMEOUT_S, hung_postfix_settings
 
     settings = hung_postfix_settings(2600, 2601)
-    assert settings["sender_dependent_relayhost_maps"] == (
-        "randmap:{[127.0.0.2]:2600, [127.0.0.1]:2601}"
-    )
+    table = settings["sender_dependent_relayhost_maps"]
+    assert table.startswith("pipemap:{randmap:{wedged_first, sink_first}, inline:")
+    assert "wedged_first = [127.0.0.2]:2600, [127.0.0.1]:2601" in table
+    assert "sink_first = [127.0.0.1]:2601, [127.0.0.2]:2600" in table
     # Postfix's connect timeout covers TCP only; the greeting has its own.
     assert settings["smtp_connect_timeout"] == f"{HUNG_TIMEOUT_S}s"
     assert settings["smtp_helo_timeout"] == f"{HUNG_TIMEOUT_S}s"
@@ -175,8 +176,8 @@ def test_hung_relay_config_has_the_route_and_the_timeout(tmp_path: Path) -> None
     ]
 
 
-def test_postfix_reads_the_randmap_and_picks_both_hosts(tmp_path: Path) -> None:
-    # This Postfix's own lookup of the table: each query a random one of the two.
+def test_postfix_reads_the_table_and_draws_both_orders(tmp_path: Path) -> None:
+    # This Postfix's own lookup of the table: each query one of the two orders.
     import shutil
     import subprocess
 
@@ -198,4 +199,7 @@ def test_postfix_reads_the_randmap_and_picks_both_hosts(tmp_path: Path) -> None:
     )
     picks = {line.split("\t")[1] for line in done.stdout.splitlines()}
     # 64 fair coin flips all alike: 2 ** -63.
-    assert picks == {"[127.0.0.2]:2600", "[127.0.0.1]:2601"}
+    assert picks == {
+        "[127.0.0.2]:2600, [127.0.0.1]:2601",
+        "[127.0.0.1]:2601, [127.0.0.2]:2600",
+    }

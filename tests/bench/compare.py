@@ -492,19 +492,26 @@ def hung_route(wedged_port: int, sink_port: int) -> dict[str, object]:
 def hung_postfix_settings(
     wedged_port: int, sink_port: int, timeout_s: int = HUNG_TIMEOUT_S
 ) -> dict[str, str]:
-    """Postfix the same way: each message's relayhost is a random one of the two.
+    """Postfix the same way: both hosts for every message, in a random order.
 
-    Postfix 3.5+ takes several relayhost destinations, but tries them in
-    order (fail-over, not a balance); a ``randmap:`` table (Postfix 3.0+)
-    picks one at random per lookup, and ``sender_dependent_relayhost_maps``
-    overrides ``relayhost`` for every message. Two MX records would need
-    Postfix's resolver, which reads /etc/resolv.conf and cannot be pointed at
-    a test DNS server on another port. A deferred message is resolved again
-    when it is retried, so it gets a new pick, as relay's next attempt does.
+    That is what relay does with the route (a weighted random order of the
+    primaries, the next one tried in the same attempt) and what Postfix does
+    with two MX records of equal preference. MX records would need Postfix's
+    resolver, which reads /etc/resolv.conf and cannot be pointed at a test
+    DNS server on another port, so the list is the relayhost instead
+    (several destinations: Postfix 3.5+, tried in order in one delivery) and
+    the order is drawn per message: ``randmap:`` (Postfix 3.0+) picks one of
+    two names per lookup, ``pipemap:`` turns the name into its list, and
+    ``sender_dependent_relayhost_maps`` overrides ``relayhost`` for every
+    message. (A plain ``randmap`` of the two hosts would give each message
+    one host and no fall-back: not what either MTA does with two MX.)
     """
-    hosts = f"[{WEDGED_ADDRESS}]:{wedged_port}, [{SINK_ADDRESS}]:{sink_port}"
+    wedged, sink = f"[{WEDGED_ADDRESS}]:{wedged_port}", f"[{SINK_ADDRESS}]:{sink_port}"
+    orders = f"inline:{{{{wedged_first = {wedged}, {sink}}}, {{sink_first = {sink}, {wedged}}}}}"
     return {
-        "sender_dependent_relayhost_maps": f"randmap:{{{hosts}}}",
+        "sender_dependent_relayhost_maps": (
+            f"pipemap:{{randmap:{{wedged_first, sink_first}}, {orders}}}"
+        ),
         "smtp_connect_timeout": f"{timeout_s}s",
         "smtp_helo_timeout": f"{timeout_s}s",
     }
