@@ -23,7 +23,7 @@ to the sink, 100 deliveries at once; relay's defaults are 5 and 20):
   wedged (it accepts TCP and never greets, :mod:`tests.bench.wedged`), the
   other the sink; an 8 s connect/greeting timeout on both MTAs. Messages per
   second end to end and the connections each MTA made to the wedged host;
-  each MTA gets ``--hung-deadline`` seconds (90), then what arrived counts.
+  each MTA gets ``--hung-deadline`` seconds (60), then what arrived counts.
 
 ``--quick`` divides the counts by 10 (2 000 × 1 KiB, 200 × 100 KiB, queue
 10 000; hung: 50). Latency is accept → delivered as each MTA records it: for relay the
@@ -251,7 +251,7 @@ DELIVERY_CONCURRENCY = 100
 
 #: The relays under test: name -> directories put first on PYTHONPATH (none:
 #: this checkout). ``--baseline-relay DIR`` adds "relay-base" (the relay
-#: package in DIR, e.g. an export of main).
+#: package in DIR, e.g. an export of main; ``--baseline-name`` renames it).
 RELAYS: dict[str, tuple[Path, ...]] = {"relay": ()}
 
 
@@ -473,7 +473,7 @@ def variant_large(scratch: Path, counts: dict[str, int]) -> list[Row]:
 HUNG_TIMEOUT_S = 8
 #: Wall-clock limit for one MTA's run: what is not at the sink by then is
 #: reported as not delivered, and the MTA is stopped.
-HUNG_DEADLINE_S = 90.0
+HUNG_DEADLINE_S = 60.0
 #: The wedged primary; the healthy one is the sink on 127.0.0.1. Distinct
 #: loopback addresses, so each MTA sees two hosts, not two ports of one.
 WEDGED_ADDRESS = "127.0.0.2"
@@ -677,6 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="also run the relay package in DIR (e.g. from `git archive main relay`) as relay-base",
     )
+    parser.add_argument(
+        "--baseline-name",
+        default="relay-base",
+        help="the name of --baseline-relay's rows (e.g. relay-after for a branch to merge)",
+    )
     args = parser.parse_args(argv)
     missing = postfix_missing()
     if missing:
@@ -698,7 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (args.baseline_relay / "relay" / "__main__.py").exists():
             parser.error(f"{args.baseline_relay} holds no relay package")
         RELAYS.clear()
-        RELAYS.update({"relay-base": (args.baseline_relay.resolve(),), "relay": ()})
+        if args.baseline_name in ("relay", "postfix"):
+            parser.error(f"--baseline-name {args.baseline_name} is taken")
+        RELAYS.update({args.baseline_name: (args.baseline_relay.resolve(),), "relay": ()})
     info = machine()
     print(f"machine: {info}", flush=True)
     rows: list[Row] = []
