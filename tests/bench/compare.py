@@ -532,10 +532,18 @@ def hung_run(
     argv += ["-M", "source.test", "-f", "bench@source.test", "-t", "bench@example.org"]
     sampler.start()
     started = time.monotonic()
-    with contextlib.suppress(subprocess.TimeoutExpired):
+    source_exit = 0
+    try:
         subprocess.run(
             [*argv, f"127.0.0.1:{mta.port}"], stdin=subprocess.DEVNULL, check=True, timeout=deadline
         )
+    except subprocess.TimeoutExpired:
+        source_exit = -1
+    except subprocess.CalledProcessError as exc:
+        # A session lost at the MTA: keep the run (and the rows before it); the
+        # row says so, and ``delivered`` counts what did arrive.
+        print(f"{mta.name}: smtp-source exited with {exc.returncode}", file=sys.stderr)
+        source_exit = exc.returncode
     accepted = time.monotonic()
     with contextlib.suppress(TimeoutError):
         sink.wait(before + count, max(0.1, deadline - (accepted - started)))
@@ -554,6 +562,8 @@ def hung_run(
         "end_to_end_seconds": result.end_to_end_seconds,
         "wedged_connections": wedged.accepted - connections,
     }
+    if source_exit:
+        extra["smtp_source_exit"] = source_exit
     return Row(variant, mta.name, result, p50, p99, extra)
 
 
