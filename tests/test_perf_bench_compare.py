@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.bench.compare import Row, format_table, postfix_latencies, relay_latencies
 from tests.bench.postfix_baseline import BenchResult
+from tests.support.procs import wait_for
 
 RELAY_LOG = """\
 ts=2026-11-28T13:00:00.100Z level=info event=started listen=127.0.0.1:2525 loop=asyncio
@@ -94,3 +97,109 @@ def test_pacer_sends_every_message_over_real_smtp() -> None:
         controller.stop()
     assert sent.sent == 20 == handler.messages
     assert sent.rate > 0
+
+
+# -- the hung variant's pieces ---------------------------------------------------
+
+
+def test_wedged_host_counts_connections_and_never_greets() -> None:
+    import socket
+
+    from tests.bench.wedged import WedgedHost
+
+    with WedgedHost("127.0.0.2") as wedged:
+        address = (wedged.host, wedged.port)
+        clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        try:
+            wait_for(lambda: wedged.accepted == 3, 5, what="3 accepted connections")
+            # What a client sends is read and ignored; no greeting ever comes.
+            clients[0].sendall(b"EHLO client.test\r\n")
+            clients[0].settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                clients[0].recv(1)
+            assert wedged.open_connections == 3
+        finally:
+            for client in clients:
+                client.close()
+        wait_for(lambda: wedged.open_connections == 0, 5, what="closed connections forgotten")
+        assert wedged.accepted == 3
+
+
+def test_wedged_host_listens_on_loopback_only() -> None:
+    from tests.bench.wedged import WedgedHost
+
+    with pytest.raises(ValueError, match="loopback"):
+        WedgedHost("192.0.2.1")
+
+
+def test_hung_route_is_two_primaries_at_fifty_fifty() -> None:
+    from tests.bench.compare import SINK_ADDRESS, WEDGED_ADDRESS, hung_route
+
+    table = hung_route(2600, 2601)
+    assert table["primary"] == [
+        {"host": WEDGED_ADDRESS, "port": 2600, "load": 50},
+        {"host": SINK_ADDRESS, "port": 2601, "load": 50},
+    ]
+    assert "secondary" not in table and WEDGED_ADDRESS != SINK_ADDRESS
+
+
+def test_hung_postfix_settings_give_both_hosts_with_relays_timeout() -> None:
+    from tests.bench.compare import HUNG_TIMEOUT_S, hung_postfix_settings
+
+    settings = hung_postfix_settings(2600, 2601)
+    table = settings["sender_dependent_relayhost_maps"]
+    assert table.startswith("pipemap:{randmap:{wedged_first, sink_first}, inline:")
+    assert "wedged_first = [127.0.0.2]:2600, [127.0.0.1]:2601" in table
+    assert "sink_first = [127.0.0.1]:2601, [127.0.0.2]:2600" in table
+    # Postfix's connect timeout covers TCP only; the greeting has its own.
+    assert settings["smtp_connect_timeout"] == f"{HUNG_TIMEOUT_S}s"
+    assert settings["smtp_helo_timeout"] == f"{HUNG_TIMEOUT_S}s"
+
+
+def test_hung_relay_config_has_the_route_and_the_timeout(tmp_path: Path) -> None:
+    # The relay under test reads this config: its route and timeout are the
+    # ones the Postfix settings mirror.
+    import tomllib
+
+    from tests.bench.compare import HUNG_TIMEOUT_S, hung_route
+    from tests.support.procs import relay_config
+
+    path = relay_config(
+        tmp_path, [hung_route(2600, 2601)], delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"}
+    )
+    config = tomllib.loads(path.read_text())
+    assert config["delivery"]["connect_timeout"] == "8s"
+    (only,) = config["routes"]
+    assert [(h["host"], h["load"]) for h in only["primary"]] == [
+        ("127.0.0.2", 50),
+        ("127.0.0.1", 50),
+    ]
+
+
+def test_postfix_reads_the_table_and_draws_both_orders(tmp_path: Path) -> None:
+    # This Postfix's own lookup of the table: each query one of the two orders.
+    import shutil
+    import subprocess
+
+    from tests.bench.compare import hung_postfix_settings
+
+    postmap = shutil.which("postmap") or "/usr/sbin/postmap"
+    if not Path(postmap).exists():
+        pytest.skip("postmap (the postfix package) is not installed")
+    (tmp_path / "main.cf").write_text("")
+    table = hung_postfix_settings(2600, 2601)["sender_dependent_relayhost_maps"]
+    keys = "".join(f"sender{i}@source.test\n" for i in range(64))
+    done = subprocess.run(
+        [postmap, "-c", str(tmp_path), "-q", "-", table],
+        input=keys,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    picks = {line.split("\t")[1] for line in done.stdout.splitlines()}
+    # 64 fair coin flips all alike: 2 ** -63.
+    assert picks == {
+        "[127.0.0.2]:2600, [127.0.0.1]:2601",
+        "[127.0.0.1]:2601, [127.0.0.2]:2600",
+    }

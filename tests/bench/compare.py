@@ -1,6 +1,6 @@
 """Issue #8: relay against Postfix, side by side, in one invocation.
 
-    python -m tests.bench compare [--quick] [--json bench.json] [--only plain,tls,queue,large]
+    python -m tests.bench compare [--quick] [--json bench.json] [--only plain,tls,queue,large,hung]
 
 Every variant runs the same workload through both MTAs on loopback,
 ``smtp-source`` → MTA → sink, 20 concurrent sessions (``-d``: connections
@@ -19,9 +19,14 @@ to the sink, 100 deliveries at once; relay's defaults are 5 and 20):
   pushed an hour out), RSS growth per queued message; then the sink comes
   up, the queue is flushed (SIGUSR1 / ``postqueue -f``) and the drain timed.
 * ``large``: relay only: peak RSS relaying one 30 MiB message, and 4 at once.
+* ``hung``: 200 × 1 KiB over a route of two primaries at 50/50, one of them
+  wedged (it accepts TCP and never greets, :mod:`tests.bench.wedged`), the
+  other the sink; an 8 s connect/greeting timeout on both MTAs. Messages per
+  second end to end and the connections each MTA made to the wedged host;
+  each MTA gets ``--hung-deadline`` seconds (60), then what arrived counts.
 
 ``--quick`` divides the counts by 10 (2 000 × 1 KiB, 200 × 100 KiB, queue
-10 000). Latency is accept → delivered as each MTA records it: for relay the
+10 000; hung: 50). Latency is accept → delivered as each MTA records it: for relay the
 ``event=accepted`` and ``event=delivered`` log lines of each queue id
 (millisecond timestamps); for Postfix the ``delay=`` of each ``status=sent``
 line (from the queue file's creation at MAIL FROM, 10 ms resolution). Both
@@ -43,8 +48,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,7 @@ from tests.bench.postfix_baseline import (
     run_mta_benchmark,
 )
 from tests.bench.pysink import PySink
+from tests.bench.wedged import WedgedHost
 from tests.support.pki import Pki
 from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
 from tests.support.procs import (
@@ -245,7 +251,7 @@ DELIVERY_CONCURRENCY = 100
 
 #: The relays under test: name -> directories put first on PYTHONPATH (none:
 #: this checkout). ``--baseline-relay DIR`` adds "relay-base" (the relay
-#: package in DIR, e.g. an export of main).
+#: package in DIR, e.g. an export of main; ``--baseline-name`` renames it).
 RELAYS: dict[str, tuple[Path, ...]] = {"relay": ()}
 
 
@@ -255,20 +261,22 @@ def relay_mta(
     sink_port: int,
     policy: str = "opportunistic",
     name: str = "relay",
+    routes: Sequence[Mapping[str, object]] | None = None,
     **sections: dict[str, object],
 ) -> Iterator[RelayMta]:
-    """``python -m relay run`` from the tree RELAYS[name], one route to the sink."""
+    """``python -m relay run`` from the tree RELAYS[name]; ``routes`` (default:
+    one route to the sink) take every recipient, the first of them."""
     metrics_port = free_port()
+    delivery = {"max_per_host": DESTINATION_CONCURRENCY, "max_concurrency": DELIVERY_CONCURRENCY}
     sections = {
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-        "delivery": {
-            "max_per_host": DESTINATION_CONCURRENCY,
-            "max_concurrency": DELIVERY_CONCURRENCY,
-        },
         **sections,
+        "delivery": {**delivery, **sections.get("delivery", {})},
     }
     scratch = scratch / name
-    config = relay_config(scratch, [route("Sink", "127.0.0.1", sink_port, tls=policy)], **sections)
+    if routes is None:
+        routes = [route("Sink", "127.0.0.1", sink_port, tls=policy)]
+    config = relay_config(scratch, routes, **sections)
     paths = [str(p) for p in RELAYS[name]]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
     with RelayProcess(config, env=env if paths else None) as proc:
@@ -458,11 +466,137 @@ def variant_large(scratch: Path, counts: dict[str, int]) -> list[Row]:
     return rows
 
 
+#: The ``hung`` variant: one of two 50/50 primaries accepts TCP and never
+#: greets. relay's ``connect_timeout`` covers the TCP connect and the
+#: greeting; Postfix splits them into ``smtp_connect_timeout`` (TCP only) and
+#: ``smtp_helo_timeout`` (the greeting), so both get this value.
+HUNG_TIMEOUT_S = 8
+#: Wall-clock limit for one MTA's run: what is not at the sink by then is
+#: reported as not delivered, and the MTA is stopped.
+HUNG_DEADLINE_S = 60.0
+#: The wedged primary; the healthy one is the sink on 127.0.0.1. Distinct
+#: loopback addresses, so each MTA sees two hosts, not two ports of one.
+WEDGED_ADDRESS = "127.0.0.2"
+SINK_ADDRESS = "127.0.0.1"
+
+
+def hung_route(wedged_port: int, sink_port: int) -> dict[str, object]:
+    """relay's route: two primaries at 50/50, the wedged one listed first."""
+    primaries = [
+        {"host": WEDGED_ADDRESS, "port": wedged_port, "load": 50},
+        {"host": SINK_ADDRESS, "port": sink_port, "load": 50},
+    ]
+    return route("Hung", primary=primaries)
+
+
+def hung_postfix_settings(
+    wedged_port: int, sink_port: int, timeout_s: int = HUNG_TIMEOUT_S
+) -> dict[str, str]:
+    """Postfix the same way: both hosts for every message, in a random order.
+
+    That is what relay does with the route (a weighted random order of the
+    primaries, the next one tried in the same attempt) and what Postfix does
+    with two MX records of equal preference. MX records would need Postfix's
+    resolver, which reads /etc/resolv.conf and cannot be pointed at a test
+    DNS server on another port, so the list is the relayhost instead
+    (several destinations: Postfix 3.5+, tried in order in one delivery) and
+    the order is drawn per message: ``randmap:`` (Postfix 3.0+) picks one of
+    two names per lookup, ``pipemap:`` turns the name into its list, and
+    ``sender_dependent_relayhost_maps`` overrides ``relayhost`` for every
+    message. (A plain ``randmap`` of the two hosts would give each message
+    one host and no fall-back: not what either MTA does with two MX.)
+    """
+    wedged, sink = f"[{WEDGED_ADDRESS}]:{wedged_port}", f"[{SINK_ADDRESS}]:{sink_port}"
+    orders = f"inline:{{{{wedged_first = {wedged}, {sink}}}, {{sink_first = {sink}, {wedged}}}}}"
+    return {
+        "sender_dependent_relayhost_maps": (
+            f"pipemap:{{randmap:{{wedged_first, sink_first}}, {orders}}}"
+        ),
+        "smtp_connect_timeout": f"{timeout_s}s",
+        "smtp_helo_timeout": f"{timeout_s}s",
+    }
+
+
+def hung_run(
+    variant: str, mta: Mta, sink: SmtpSink, wedged: WedgedHost, count: int, deadline: float
+) -> Row:
+    """``count`` 1 KiB messages; until the sink has them all or ``deadline`` s passed.
+
+    ``smtp-source -N`` gives each message its own recipient, so Postfix's
+    resolver client cache cannot reuse one random pick for every message.
+    No warm-up message: it would meet the wedged host half of the time.
+    """
+    offset, before, connections = mta.log_offset(), sink.received(), wedged.accepted
+    sampler = TreeSampler(mta.pids)
+    argv = [SMTP_SOURCE, "-d", "-N", "-s", str(SESSIONS), "-m", str(count), "-l", str(KIB)]
+    argv += ["-M", "source.test", "-f", "bench@source.test", "-t", "bench@example.org"]
+    sampler.start()
+    started = time.monotonic()
+    source_exit = 0
+    try:
+        subprocess.run(
+            [*argv, f"127.0.0.1:{mta.port}"], stdin=subprocess.DEVNULL, check=True, timeout=deadline
+        )
+    except subprocess.TimeoutExpired:
+        source_exit = -1
+    except subprocess.CalledProcessError as exc:
+        # A session lost at the MTA: keep the run (and the rows before it); the
+        # row says so, and ``delivered`` counts what did arrive.
+        print(f"{mta.name}: smtp-source exited with {exc.returncode}", file=sys.stderr)
+        source_exit = exc.returncode
+    accepted = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        sink.wait(before + count, max(0.1, deadline - (accepted - started)))
+    done = time.monotonic()
+    cpu = sampler.stop()
+    delivered = sink.received() - before
+    result = BenchResult.measured(
+        mta.name, count, KIB, SESSIONS, accepted - started, done - started, sampler, cpu
+    )
+    # Cut short by the deadline: the rate of what did arrive.
+    result = replace(result, end_to_end_rate=round(delivered / (done - started), 1))
+    time.sleep(0.3)  # the delivered lines follow the sink's 250 by a hair
+    p50, p99 = _quantiles(mta.latencies(offset))
+    extra = {
+        "delivered": delivered,
+        "end_to_end_seconds": result.end_to_end_seconds,
+        "wedged_connections": wedged.accepted - connections,
+    }
+    if source_exit:
+        extra["smtp_source_exit"] = source_exit
+    return Row(variant, mta.name, result, p50, p99, extra)
+
+
+def variant_hung(scratch: Path, counts: dict[str, int]) -> list[Row]:
+    """One primary wedged, one healthy: the rate and the connections to the wedged one."""
+    count, deadline = counts["hung"], float(counts["hung_deadline"])
+    rows: list[Row] = []
+    with SmtpSink() as sink, WedgedHost(WEDGED_ADDRESS) as wedged:
+        settings = hung_postfix_settings(wedged.port, sink.port)
+        with postfix_mta(sink.port, tls_level="none", settings=settings) as pf:
+            rows.append(hung_run("hung 1k", pf, sink, wedged, count, deadline))
+    for name in RELAYS:
+        with (
+            SmtpSink() as sink,
+            WedgedHost(WEDGED_ADDRESS) as wedged,
+            relay_mta(
+                scratch / "hung",
+                sink.port,
+                name=name,
+                routes=[hung_route(wedged.port, sink.port)],
+                delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"},
+            ) as relay,
+        ):
+            rows.append(hung_run("hung 1k", relay, sink, wedged, count, deadline))
+    return rows
+
+
 VARIANTS: dict[str, Callable[[Path, dict[str, int]], list[Row]]] = {
     "plain": variant_plain,
     "tls": variant_tls,
     "queue": variant_queue,
     "large": variant_large,
+    "hung": variant_hung,
 }
 
 
@@ -539,12 +673,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count-1k", type=int, help="1 KiB messages (default 20000)")
     parser.add_argument("--count-100k", type=int, help="100 KiB messages (default 2000)")
     parser.add_argument("--count-queue", type=int, help="queue-run messages (default 100000)")
+    parser.add_argument("--count-hung", type=int, help="hung-variant messages (default 200)")
+    parser.add_argument(
+        "--hung-deadline",
+        type=float,
+        default=HUNG_DEADLINE_S,
+        help=f"seconds each MTA gets in the hung variant (default {HUNG_DEADLINE_S:g})",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench-compare.json"))
     parser.add_argument(
         "--baseline-relay",
         type=Path,
         metavar="DIR",
         help="also run the relay package in DIR (e.g. from `git archive main relay`) as relay-base",
+    )
+    parser.add_argument(
+        "--baseline-name",
+        default="relay-base",
+        help="the name of --baseline-relay's rows (e.g. relay-after for a branch to merge)",
     )
     args = parser.parse_args(argv)
     missing = postfix_missing()
@@ -556,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "1k": args.count_1k or 20_000 // scale,
         "100k": args.count_100k or 2_000 // scale,
         "queue": args.count_queue or 100_000 // scale,
+        "hung": args.count_hung or 200 // (4 if args.quick else 1),
+        "hung_deadline": int(args.hung_deadline),
     }
     wanted = [v.strip() for v in args.only.split(",") if v.strip()]
     unknown = set(wanted) - set(VARIANTS)
@@ -565,7 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (args.baseline_relay / "relay" / "__main__.py").exists():
             parser.error(f"{args.baseline_relay} holds no relay package")
         RELAYS.clear()
-        RELAYS.update({"relay-base": (args.baseline_relay.resolve(),), "relay": ()})
+        if args.baseline_name in ("relay", "postfix"):
+            parser.error(f"--baseline-name {args.baseline_name} is taken")
+        RELAYS.update({args.baseline_name: (args.baseline_relay.resolve(),), "relay": ()})
     info = machine()
     print(f"machine: {info}", flush=True)
     rows: list[Row] = []
