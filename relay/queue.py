@@ -247,15 +247,20 @@ class Scheduler:
             self._wake.clear()
             self._dispatch()
             when = self._next_due()
-            delay = _MAX_SLEEP if when is None else max(0.0, when - self._clock())
+            # Nothing due, or every slot taken: _finished() wakes us when an
+            # attempt ends (a due message must not make this loop spin).
+            idle = when is None or self._full()
+            delay = _MAX_SLEEP if idle or when is None else max(0.0, when - self._clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(delay, _MAX_SLEEP))
 
+    def _full(self) -> bool:
+        return len(self._active) >= self._config().delivery.max_concurrency
+
     def _dispatch(self) -> None:
         # Cycles are bounded too: each holds a message body in memory.
-        limit = self._config().delivery.max_concurrency
         now = self._clock()
-        while not self._stopping and len(self._active) < limit:
+        while not self._stopping and not self._full():
             qid = self._pop_due(now)
             if qid is None:
                 return

@@ -363,6 +363,41 @@ async def test_concurrency_bound_is_respected(tmp_path) -> None:
     assert h.deliverer.peak == 3
 
 
+class CountingClock(Clock):
+    """A hand-moved clock that counts how often the scheduler reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return super().__call__()
+
+
+async def test_a_full_scheduler_waits_for_a_free_slot_instead_of_spinning(tmp_path) -> None:
+    # With every slot taken and another message due, the loop must sleep until an
+    # attempt finishes. It once re-checked at once, forever: one core at 100 %
+    # while the attempts it waited for starved (the hung benchmark saw it).
+    gate = asyncio.Event()
+    clock = CountingClock()
+    cfg = make_config(tmp_path / "spool", max_concurrency=1)
+    h = harness(tmp_path, FakeDeliverer(gate=gate), cfg, clock=clock)
+    envs = [spool_message(h.spool, [f"u{i}@example.com"]) for i in range(3)]
+    async with running(h.scheduler):
+        for env in envs:
+            h.scheduler.add(env)
+        await until(lambda: h.deliverer.peak == 1)
+        reads = clock.reads
+        await asyncio.sleep(0.3)
+        # A handful of reads at most (the 1 s safety wake-up); a spinning loop
+        # makes thousands in 0.3 s.
+        assert clock.reads - reads < 20
+        gate.set()
+        await settle(h.scheduler)
+    assert len(h.deliverer.calls) == 3
+
+
 async def test_routes_of_one_message_run_concurrently_within_the_bound(tmp_path) -> None:
     cfg = make_config(tmp_path / "spool", max_concurrency=2, relay_networks=["192.0.2.0/24"])
     h = harness(tmp_path, FakeDeliverer(delay=0.02), cfg)
