@@ -21,9 +21,10 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from relay import __version__, events, tls
 from relay import config as configmod
-from relay import events, tls
 from relay import metrics as metricsmod
 from relay.audit import AuditLog
 from relay.config import Config, ConfigError
@@ -151,6 +152,9 @@ class Daemon:
         self._reloading = asyncio.Lock()
         #: Set once the SMTP listeners are up (a reload may change them).
         self._inbound: Inbound | None = None
+        #: Set once the daemon runs: ``relay status`` reports its queue size.
+        self._scheduler: Scheduler | None = None
+        self._started = time.time()
 
     def config(self) -> Config:
         """The current config: every component reads it through this callable."""
@@ -177,6 +181,7 @@ class Daemon:
     async def _serve(self, cfg: Config, pid_file: PidFile) -> int:
         self.spool.open()
         scheduler = Scheduler(self.config, self.spool, self.deliverer, self.metrics)
+        self._scheduler = scheduler
         self._install_signals(scheduler)
         pid_file.write()
         recovered = 0
@@ -199,7 +204,11 @@ class Daemon:
             if cfg.metrics.listen is not None:
                 listen = cfg.metrics.listen
                 metrics_server = await metricsmod.serve(
-                    self.metrics, listen.host, listen.port, healthy=self.spool.writable
+                    self.metrics,
+                    listen.host,
+                    listen.port,
+                    healthy=self.spool.writable,
+                    status=self.status,
                 )
         except OSError as exc:
             events.error("start_failed", error=str(exc))
@@ -220,6 +229,22 @@ class Daemon:
         finally:
             await self._shutdown(inbound, scheduler, run_task, metrics_server)
         return 0
+
+    def status(self) -> dict[str, Any]:
+        """What ``relay status`` shows (``GET /status`` on the metrics listener)."""
+        cfg = self._config
+        now = time.time()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self._started,
+            "uptime": now - self._started,
+            "now": now,
+            "config": str(cfg.source),
+            "config_sha256": cfg.sha256,
+            "queue": len(self._scheduler) if self._scheduler is not None else 0,
+            "routes": self.deliverer.health.snapshot(cfg),
+        }
 
     async def _shutdown(
         self,
@@ -296,6 +321,8 @@ class Daemon:
         tls.client_context.cache_clear()
         if new.dns != old.dns:
             self.deliverer.use_resolver(DnsResolver(new.dns))
+        # Hosts still in the config keep their hold-down; removed ones are forgotten.
+        self.deliverer.health.reconfigure(new)
         self.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +45,12 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
-from relay import errors, events, routing
+from relay import errors, events, health, routing
 from relay.config import Config, Route
 from relay.dns import Resolver
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
+from relay.health import Health
 from relay.metrics import Metrics
 from relay.pool import Pool
 from relay.probe import ProbeResult, probe_hosts
@@ -259,6 +260,8 @@ class Deliverer:
         # Reserved for address-order jitter; candidate order comes from routing.
         self._rng = rng or random.Random()
         self._pool = Pool()
+        #: Which next hops are held down; shared by every attempt (relay.health).
+        self.health = Health(config, metrics)
 
     async def close(self) -> None:
         """QUIT and close every pooled session."""
@@ -292,12 +295,30 @@ class Deliverer:
         ``body`` is the spooled body, in memory or (large) an open file,
         which is then sent in pieces (:data:`SEND_CHUNK`).
         """
+        token = object()
         if candidates is None:
             planned = await self._plan(route, envelope)
             if isinstance(planned, RelayError):
+                # Also when every host is held down: deferred without connecting.
                 results = {address: (planned,) for address in recipients}
                 return Attempt(route.name, (), results, {})
-            candidates = planned
+            candidates, token = planned.candidates, planned.token
+        try:
+            return await self._walk(route, envelope, recipients, body, candidates, token)
+        finally:
+            # Probes this attempt claimed but never ran go to the next attempt.
+            self.health.release(token)
+
+    async def _walk(
+        self,
+        route: Route,
+        envelope: Envelope,
+        recipients: Sequence[str],
+        body: Body,
+        candidates: Sequence[Candidate],
+        token: object,
+    ) -> Attempt:
+        """:meth:`deliver` over one ordered list of candidates and their addresses."""
         txn = _Transaction(recipients)
         hosts: list[HostResult] = []
         try:
@@ -316,7 +337,7 @@ class Deliverer:
                 untried = len(candidates) - index
                 break
             try:
-                ips = await self._addresses(route, candidate, envelope.id)
+                ips = await self._candidate_addresses(route, candidate, envelope.id)
             except RelayError as exc:
                 hosts.append(self._host_done(route, envelope, HostResult(candidate, failure=exc)))
                 txn.fail(txn.next_host(), exc, candidate.host)
@@ -328,7 +349,10 @@ class Deliverer:
                 if not txn.open:
                     break
                 budget -= 1
-                result = await self._try_host(route, envelope, candidate, ip, txn, body)
+                result = await self._try_host(route, envelope, candidate, ip, txn, body, token)
+                if result is None:
+                    budget += 1  # held down meanwhile: skipped, not tried
+                    continue
                 hosts.append(self._host_done(route, envelope, result))
         if untried and txn.open:
             self._not_tried(route, envelope, txn, untried)
@@ -349,9 +373,10 @@ class Deliverer:
             # Not a host's result: the remote and reply of the last host stay.
             txn.results[address].append(failure)
 
-    async def _plan(self, route: Route, envelope: Envelope) -> Sequence[Candidate] | RelayError:
-        """The route's candidates, or the DNS failure that left none."""
-        plan = await routing.plan(route, self._resolver, self._rng)
+    async def _plan(self, route: Route, envelope: Envelope) -> routing.Plan | RelayError:
+        """The route's candidates with their addresses, or the failure that left none
+        (a DNS failure, or every host held down)."""
+        plan = await routing.plan(route, self._resolver, self._rng, self.health)
         for failure in plan.dns_failures:
             if isinstance(failure.error, errors.RouteMisconfigured):
                 self._route_dns_error(
@@ -363,8 +388,9 @@ class Deliverer:
                     host=failure.configured, error=failure.error.detail,
                 )  # fmt: skip
         if not plan.candidates and plan.failure is not None:
+            self.health.release(plan.token)
             return plan.failure
-        return plan.candidates
+        return plan
 
     def _attempt(self, route: Route, hosts: list[HostResult], txn: _Transaction) -> Attempt:
         return Attempt(
@@ -373,6 +399,19 @@ class Deliverer:
             results={r: tuple(items) for r, items in txn.results.items()},
             remote=dict(txn.remote),
         )
+
+    async def _candidate_addresses(
+        self, route: Route, candidate: Candidate, qid: str | None = None
+    ) -> list[str]:
+        """The planned addresses of ``candidate`` (looked up now if it came unplanned)."""
+        if candidate.error is not None:
+            if isinstance(candidate.error, errors.RouteMisconfigured):
+                label = _host_label(route, candidate)
+                self._route_dns_error(route, label, candidate.host, candidate.error, qid)
+            raise candidate.error
+        if candidate.addresses:
+            return list(candidate.addresses)
+        return await self._addresses(route, candidate, qid)
 
     async def _addresses(
         self, route: Route, candidate: Candidate, qid: str | None = None
@@ -402,8 +441,14 @@ class Deliverer:
         ip: str,
         txn: _Transaction,
         body: Body,
-    ) -> HostResult:
-        """One transaction at one address; records into ``txn``; never raises RelayError."""
+        token: object,
+    ) -> HostResult | None:
+        """One transaction at one address; records into ``txn``; never raises RelayError.
+
+        None when the address went down while this attempt waited for one
+        of its connection slots: skipped without connecting, so a message
+        waits at most one connect timeout behind a host that is down.
+        """
         cfg = self._config()
         policy = route.tls
         key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
@@ -412,9 +457,14 @@ class Deliverer:
         reused = False
         carried = txn.next_host()
         async with self._pool.slot(key, lambda: self._config().delivery.max_per_host):
+            if not self.health.claim((ip, candidate.port), token):
+                txn.fail(carried, errors.HostUnreachable(f"{where}: held down"), where)
+                return None
             try:
                 while True:
-                    session, reused = await self._session(key, cfg, envelope.id)
+                    session, reused = await self._health_checked(
+                        route, candidate, ip, self._session(key, cfg, envelope.id)
+                    )
                     try:
                         reply = await self._transaction(
                             session, envelope, txn, body, where, cfg, reused
@@ -440,6 +490,28 @@ class Deliverer:
                 raise
             self._pool.give(session, cfg.delivery.idle_timeout, cfg.delivery.max_per_host)
             return self._result(candidate, ip, session, reply=reply, reused=reused)
+
+    async def _health_checked(
+        self,
+        route: Route,
+        candidate: Candidate,
+        ip: str,
+        opening: Awaitable[tuple[Session, bool]],
+    ) -> tuple[Session, bool]:
+        """Await a session for ``ip``; tell health whether the host is alive."""
+        key = (ip, candidate.port)
+        label = _host_label(route, candidate)
+        try:
+            opened = await opening
+        except RelayError as exc:
+            if health.marks_down(exc):
+                self.health.failed(key, candidate.host, route.name, label, exc)
+            else:
+                # It greeted: a TLS verdict or a 4xx to STARTTLS is not about its life.
+                self.health.succeeded(key, candidate.host, route.name, label)
+            raise
+        self.health.succeeded(key, candidate.host, route.name, label)
+        return opened
 
     @staticmethod
     def _result(
