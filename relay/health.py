@@ -41,6 +41,8 @@ from relay.metrics import Metrics
 
 #: (IP address, port): one next hop as health sees it.
 HostKey = tuple[str, int]
+#: (route name, configured host, port): a host as the configuration names it.
+_Group = tuple[str, str, int]
 
 UP = "up"
 DOWN = "down"
@@ -101,9 +103,9 @@ class Health:
         self._wall = wall
         self.started = wall()
         self._hosts: dict[HostKey, HostState] = {}
-        #: (route, configured host) -> the addresses it was last seen at:
-        #: what ``relay_host_up`` and ``relay status`` report per configured host.
-        self._groups: dict[tuple[str, str], set[HostKey]] = {}
+        #: (route, configured host, port) -> the addresses it was last seen
+        #: at: what ``relay_host_up`` and ``relay status`` report per configured host.
+        self._groups: dict[_Group, set[HostKey]] = {}
         self.reconfigure(config())
 
     # --- what an attempt may use ------------------------------------------------
@@ -192,27 +194,29 @@ class Health:
         self._metrics.host_state_changes.labels(route, label, state).inc()
         for group, keys in self._groups.items():
             if key in keys:
-                self._export(group)
+                self._export(group[0], group[1])
 
     # --- configured hosts (metrics, status, reload) -----------------------------
 
-    def seen(self, route: str, label: str, keys: Iterable[HostKey]) -> None:
-        """A plan found configured host ``label`` of ``route`` at ``keys``."""
-        group = (route, label)
+    def seen(self, route: str, host: str, port: int, keys: Iterable[HostKey]) -> None:
+        """A plan found configured ``host``:``port`` of ``route`` at ``keys``."""
+        group = (route, host, port)
         if group not in self._groups:
             return  # not a configured host (the implicit route, or a removed one)
         fresh = set(keys)
         if fresh != self._groups[group]:
             self._groups[group] = fresh
-            self._export(group)
+            self._export(route, host)
 
     def _in_group(self, key: HostKey) -> bool:
         return any(key in keys for keys in self._groups.values())
 
-    def _export(self, group: tuple[str, str]) -> None:
-        keys = self._groups[group]
+    def _export(self, route: str, host: str) -> None:
+        """``relay_host_up{route, host}``: 0 once every address seen for it is down
+        (the same name on two ports shares the label)."""
+        keys = [k for g, ks in self._groups.items() if g[:2] == (route, host) for k in ks]
         down = bool(keys) and all(self.is_down(k) for k in keys)
-        self._metrics.host_up.labels(*group).set(0 if down else 1)
+        self._metrics.host_up.labels(route, host).set(0 if down else 1)
 
     def reconfigure(self, config: Config) -> None:
         """A config took effect: keep the state of the hosts it still names.
@@ -222,7 +226,7 @@ class Health:
         them too; a host still in the config keeps its hold-down.
         """
         wanted = {
-            (route.name, host.name)
+            (route.name, host.name, host.port)
             for route in config.routes
             for host in (*route.primary, *route.secondary)
         }
@@ -230,10 +234,14 @@ class Health:
         orphans: set[HostKey] = set()
         for group in removed:
             orphans |= self._groups.pop(group)
-            self._metrics.host_up.remove(*group)
+        labels = {group[:2] for group in wanted}
+        for route, host, _ in removed:
+            if (route, host) not in labels:
+                self._metrics.host_up.remove(route, host)
         for group in wanted:
             self._groups.setdefault(group, set())
-            self._export(group)
+        for route, host in labels:
+            self._export(route, host)
         for key in orphans - {k for keys in self._groups.values() for k in keys}:
             self._hosts.pop(key, None)
 
@@ -273,7 +281,7 @@ class Health:
             tables = [("primary", route.primary), ("secondary", route.secondary)]
             for table, members in tables:
                 for host in members:
-                    keys = sorted(self._groups.get((route.name, host.name), ()))
+                    keys = sorted(self._groups.get((route.name, host.name, host.port), ()))
                     addresses = [self.describe(k) for k in keys]
                     down = bool(keys) and all(a["state"] == DOWN for a in addresses)
                     entry: dict[str, Any] = {

@@ -320,7 +320,7 @@ async def plan(
                     if not isinstance(answer := resolved[(host.name, name)], RelayError)
                     for address in answer
                 ]
-                health.seen(route.name, host.name, keys)
+                health.seen(route.name, host.name, host.port, keys)
     return Plan(_unique(out), tuple(failures), tuple(held), token)
 
 
