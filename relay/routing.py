@@ -15,8 +15,11 @@ Candidate order (DESIGN.md "Routing"), built by :func:`plan`:
   MX lookups of all the route's domains run concurrently. A host (and
   port) that appears twice is kept only where it appears first.
 
-Only MX lookups happen here; a candidate's addresses are looked up when it
-is tried, with :func:`addresses_for`.
+Planned for delivery (with a :class:`~relay.health.Health`), every
+candidate's addresses are looked up here too, concurrently, and the hosts
+held down are left out before the weighted pick (:func:`plan`), so delivery
+walks one list of candidates with their addresses. Without health (``relay
+test-tls``) only MX lookups happen; addresses come from :func:`addresses_for`.
 
 DNS failures. A name from the configuration that does not resolve (NXDOMAIN,
 null MX, no address record) is a configuration problem: it becomes
@@ -54,10 +57,14 @@ from relay.errors import (
     NoSuchDomain,
     PermanentFailure,
     RelayError,
+    Reply,
     RouteMisconfigured,
     TemporaryFailure,
 )
 from relay.health import Health
+
+#: The reply of mail deferred because every host of its route is held down.
+HELD_DOWN = Reply(451, (4, 4, 1), "Next hop unreachable: every host held down after failing")
 
 PRIMARY = "primary"
 SECONDARY = "secondary"
@@ -133,7 +140,8 @@ class Plan:
                 return failure.error
         if self.held_down:
             hosts = ", ".join(self.held_down)
-            return HostUnreachable(f"every host is held down after failing: {hosts}")
+            # The reply is what `relay queue list` and a later DSN show.
+            return HostUnreachable(f"every host is held down after failing: {hosts}", HELD_DOWN)
         return self.dns_failures[0].error
 
 

@@ -69,13 +69,14 @@ def _stamp(epoch: float | None) -> str:
 
 
 def _span(seconds: float) -> str:
+    """``95`` -> ``1m35s``: the two largest units."""
     seconds = max(0, int(seconds))
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
             parts.append(f"{seconds // size}{unit}")
             seconds %= size
-    return "".join(parts[:2]) or f"{seconds}s"
+    return "".join(parts[:2])
 
 
 def lines(report: dict[str, Any]) -> list[str]:
