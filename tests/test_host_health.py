@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from relay import errors, routing
-from relay.config import Config, DeliveryConfig, Host, Route
+from relay.config import Config, Host, Route
 from relay.delivery import Attempt, Deliverer
 from relay.errors import HostUnreachable
 from relay.health import Health
@@ -365,11 +365,3 @@ async def test_state_survives_a_reload_for_kept_hosts_only():
         assert not health.is_down(("127.0.0.1", two))
         assert r.metric("relay_host_up", route="r1", host="mx1.test") == 0
         assert r.metric("relay_host_up", route="r1", host="mx2.test") is None
-
-
-# --- configuration -----------------------------------------------------------------
-
-
-def test_hold_down_defaults():
-    assert DeliveryConfig().hold_down == 30.0
-    assert DeliveryConfig().max_hold_down == 600.0
