@@ -463,7 +463,7 @@ class Deliverer:
             try:
                 while True:
                     session, reused = await self._health_checked(
-                        route, candidate, ip, self._session(key, cfg, envelope.id)
+                        route, candidate, ip, token, self._session(key, cfg, envelope.id)
                     )
                     try:
                         reply = await self._transaction(
@@ -496,6 +496,7 @@ class Deliverer:
         route: Route,
         candidate: Candidate,
         ip: str,
+        token: object,
         opening: Awaitable[tuple[Session, bool]],
     ) -> tuple[Session, bool]:
         """Await a session for ``ip``; tell health whether the host is alive."""
@@ -505,7 +506,7 @@ class Deliverer:
             opened = await opening
         except RelayError as exc:
             if health.marks_down(exc):
-                self.health.failed(key, candidate.host, route.name, label, exc)
+                self.health.failed(key, candidate.host, route.name, label, exc, token)
             else:
                 # It greeted: a TLS verdict or a 4xx to STARTTLS is not about its life.
                 self.health.succeeded(key, candidate.host, route.name, label)

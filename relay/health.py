@@ -160,12 +160,22 @@ class Health:
         )  # fmt: skip
         self._changed(key, route, label, UP)
 
-    def failed(self, key: HostKey, name: str, route: str, label: str, error: RelayError) -> None:
-        """The host failed in a way :func:`marks_down` accepts: hold it down."""
+    def failed(
+        self,
+        key: HostKey,
+        name: str,
+        route: str,
+        label: str,
+        error: RelayError,
+        token: object = None,
+    ) -> None:
+        """The attempt ``token`` found the host failing as :func:`marks_down`
+        says: hold it down (longer, when that attempt was its probe)."""
         settings = self._config().delivery
         now = self._clock()
         state = self._hosts.get(key)
         if state is None:
+            self._prune(now, settings.max_hold_down)
             state = self._hosts[key] = HostState(key[0], key[1], name)
         state.name, state.last_error = name, error.detail or str(error.reply)
         if state.up:
@@ -174,15 +184,29 @@ class Health:
             self._log_down("host_down", state, route)
             self._changed(key, route, label, DOWN)
             return
-        if now < state.until and state.probe is None:
-            # Another attempt that was already connecting when the host
-            # went down: the same outage, not a new failure.
+        probing = state.probe is token or (state.probe is None and now >= state.until)
+        if not probing:
+            # An attempt that was already connecting when the host went
+            # down: the same outage, not a failed probe.
             return
         # The probe failed: hold it down twice as long (RFC 5321 section
         # 4.5.4.1 asks for retries to back off; so do we, per host).
         state.hold = min(max(state.hold, settings.hold_down) * 2, settings.max_hold_down)
         state.until, state.probe = now + state.hold, None
         self._log_down("host_probe_failed", state, route)
+
+    def _prune(self, now: float, keep: float) -> None:
+        """Forget hosts outside the configuration (MX hosts of the implicit
+        route) that nothing tried for ``keep`` seconds after their hold-down:
+        the state does not grow with every host that ever failed."""
+        stale = [
+            key
+            for key, state in self._hosts.items()
+            if not state.up and state.probe is None and now > state.until + keep
+            and not self._in_group(key)
+        ]  # fmt: skip
+        for key in stale:
+            del self._hosts[key]
 
     def _log_down(self, event: str, state: HostState, route: str) -> None:
         events.warning(

@@ -365,3 +365,39 @@ async def test_state_survives_a_reload_for_kept_hosts_only():
         assert not health.is_down(("127.0.0.1", two))
         assert r.metric("relay_host_up", route="r1", host="mx1.test") == 0
         assert r.metric("relay_host_up", route="r1", host="mx2.test") is None
+
+
+# --- the hold-down arithmetic (an injected clock, no sockets) ----------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_hold_down_doubles_per_failed_probe_up_to_the_cap_and_resets():
+    clock = Clock()
+    config = settings(hold_down=30.0, max_hold_down=100.0)
+    health = Health(lambda: config, Metrics(), clock=clock)
+    key = ("127.0.0.1", 2525)
+    fail = HostUnreachable("refused")
+    health.failed(key, "mx", "r1", "mx", fail, token="first")
+    assert health.describe(key)["hold_down"] == 30
+    # A straggler that was connecting before the host went down: same outage.
+    health.failed(key, "mx", "r1", "mx", fail, token="straggler")
+    assert health.describe(key)["hold_down"] == 30
+    for expected in (60, 100, 100):
+        assert not health.claim(key, "early")
+        clock.now += health.describe(key)["hold_down"]
+        assert health.claim(key, "probe") and not health.claim(key, "other")
+        health.failed(key, "mx", "r1", "mx", fail, token="probe")
+        assert health.describe(key)["hold_down"] == expected
+    clock.now += 100
+    assert health.claim(key, "probe")
+    health.succeeded(key, "mx", "r1", "mx")
+    assert not health.is_down(key) and health.claim(key, "anyone")
+    health.failed(key, "mx", "r1", "mx", fail, token="later")
+    assert health.describe(key)["hold_down"] == 30
