@@ -19,6 +19,13 @@ going away mid-handshake is temporary. When the address budget runs out
 before every candidate was tried, the open recipients defer (never the
 "every host failed TLS" bounce).
 
+Host health (:mod:`relay.health`): the plan (routing.plan) leaves out the
+addresses held down and carries each candidate's addresses, so an attempt
+walks one list. Opening a session tells health whether the host is alive
+(:func:`relay.health.marks_down`); an address that goes down while an
+attempt waits for its connection slot is skipped without connecting. With
+every host held down, every recipient is deferred at once.
+
 At-least-once: the scheduler persists per-recipient state after
 ``deliver`` returns. A duplicate can come from a crash between the next
 hop's 250 to DATA and that state write, or from a reply lost after the
