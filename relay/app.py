@@ -280,8 +280,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, scheduler.flush)
+        loop.add_signal_handler(signal.SIGUSR1, self._flush, scheduler)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
+
+    def _flush(self, scheduler: Scheduler) -> None:
+        """SIGUSR1: every message due now, and every held-down host due its probe."""
+        hosts = self.deliverer.health.end_hold_downs()
+        if hosts:
+            events.log("hold_downs_ended", hosts=hosts)
+        scheduler.flush()
 
     def _spawn_reload(self) -> None:
         task = asyncio.create_task(self.reload())

@@ -136,6 +136,16 @@ class Health:
             if state.probe is token:
                 state.probe = None
 
+    def end_hold_downs(self) -> int:
+        """Every held-down host is due for its probe now (``relay queue flush``,
+        as Postfix's flush retries dead destinations); the number of hosts.
+        Still one probe per host: the others keep skipping it until it ends."""
+        now = self._clock()
+        due = [s for s in self._hosts.values() if not s.up and s.until > now]
+        for state in due:
+            state.until = now
+        return len(due)
+
     def is_down(self, key: HostKey) -> bool:
         state = self._hosts.get(key)
         return state is not None and not state.up

@@ -20,8 +20,10 @@ from tests.support.opsd import (
     send,
     value,
     wait_log,
+    wait_until,
 )
 from tests.support.procs import RelayProcess, free_port
+from tests.support.sink import Sink
 
 SENDER = "s@sender.test"
 
@@ -89,6 +91,15 @@ async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Pat
         (fresh,) = host_entry(report, "Other")
         assert fresh["port"] == replaced and fresh["state"] == "up"
         assert not any(r["route"] == "(mx)" for r in report["routes"])
+
+        # The host comes back; `relay queue flush` ends its 10-minute
+        # hold-down (as Postfix's flush retries dead destinations).
+        async with Sink(port=sick) as back:
+            assert (await cli(proc, path, "queue", "flush")).returncode == 0
+            await wait_log(proc, "event=host_up")
+            await wait_until(lambda: len(back.messages) == 1, "the held mail delivered")
+        report = json.loads((await cli(proc, path, "status", "--json")).stdout)
+        assert [h["state"] for h in host_entry(report, "Sick")] == ["up"]
     finally:
         proc.stop()
 
