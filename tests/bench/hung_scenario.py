@@ -5,9 +5,10 @@ is a healthy in-process sink. The relay's own scheduler and deliverer
 (in this process, on a spool in a temporary directory, loopback only) send
 COUNT messages queued at once, with ``connect_timeout`` TIMEOUT seconds.
 
-Run: python tests/bench/hung_scenario.py [COUNT] [TIMEOUT]
-Prints the seconds until every message was delivered and the number of
-connections the wedged host took. Bounded: gives up after LIMIT seconds.
+Run: python tests/bench/hung_scenario.py [COUNT] [TIMEOUT] [wedged|421|refusing]
+Prints the seconds until every message (and 95% of them) was delivered and
+the number of connections the sick host took. Bounded: gives up after
+LIMIT seconds.
 """
 
 from __future__ import annotations
@@ -29,38 +30,13 @@ from relay.envelope import Envelope, Recipient  # noqa: E402
 from relay.metrics import Metrics  # noqa: E402
 from relay.queue import Scheduler  # noqa: E402
 from relay.spool import Spool, new_id  # noqa: E402
+from tests.support.hosts import SickHost, closed_port  # noqa: E402
 from tests.support.sink import Sink  # noqa: E402
 
 #: Seconds before the run gives up (the old relay took over two minutes).
 LIMIT = 300.0
 
 BODY = b"From: a@sender.test\r\nTo: b@example.com\r\nSubject: hung\r\n\r\nHello.\r\n"
-
-
-class Wedged:
-    """Accepts connections, never greets, counts them."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> Wedged:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.append(writer)
-
-    async def stop(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 def config_text(spool: Path, wedged: int, healthy: int, timeout: float) -> str:
@@ -96,13 +72,14 @@ route = "Hung"
 """
 
 
-async def run(count: int, connect_timeout: float) -> dict[str, float]:
+async def run(count: int, connect_timeout: float, mode: str) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as tmp:
-        wedged = await Wedged().start()
+        sick = None if mode == "refusing" else await SickHost(mode).__aenter__()
+        sick_port = sick.port if sick is not None else closed_port()
         sink = Sink()
         await sink.start()
         spool_dir = Path(tmp) / "spool"
-        text = config_text(spool_dir, wedged.port, sink.port, connect_timeout)
+        text = config_text(spool_dir, sick_port, sink.port, connect_timeout)
         cfg = configmod.parse(tomllib.loads(text), Path(tmp) / "relay.toml", "bench")
         spool = Spool(spool_dir, fsync=False)
         spool.open()
@@ -121,10 +98,13 @@ async def run(count: int, connect_timeout: float) -> dict[str, float]:
             spool.put(envelope, BODY)
             scheduler.add(envelope)
         start = time.monotonic()
+        most = None
         runner = asyncio.create_task(scheduler.run())
         try:
             while len(sink.messages) < count and time.monotonic() - start < LIMIT:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+                if most is None and len(sink.messages) >= count * 0.95:
+                    most = time.monotonic() - start
             elapsed = time.monotonic() - start
         finally:
             await scheduler.stop(1.0)
@@ -132,20 +112,24 @@ async def run(count: int, connect_timeout: float) -> dict[str, float]:
             await asyncio.gather(runner, return_exceptions=True)
             await deliverer.close()
             await sink.stop()
-            await wedged.stop()
+            if sick is not None:
+                await sick.__aexit__(None, None, None)
             spool.close()
         return {
+            "sick_host": mode,
             "messages": count,
             "delivered": len(sink.messages),
             "seconds": round(elapsed, 2),
-            "wedged_connections": wedged.connections,
+            "seconds_to_95_percent": round(most if most is not None else elapsed, 2),
+            "sick_host_connections": sick.connections if sick is not None else "n/a (refused)",
         }
 
 
 def main(argv: list[str]) -> int:
     count = int(argv[0]) if argv else 200
     timeout = float(argv[1]) if len(argv) > 1 else 8.0
-    result = asyncio.run(run(count, timeout))
+    mode = argv[2] if len(argv) > 2 else "wedged"
+    result = asyncio.run(run(count, timeout, mode))
     for key, value in result.items():
         print(f"{key}: {value}")
     return 0 if result["delivered"] == count else 1
