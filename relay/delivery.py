@@ -337,7 +337,10 @@ class Deliverer:
             return self._attempt(route, hosts, txn)
         budget = self._config().delivery.max_addresses
         untried = 0
-        for index, candidate in enumerate(candidates):
+        candidates = list(candidates)
+        for index in range(len(candidates)):
+            await self._around_jam(route, candidates, index)
+            candidate = candidates[index]
             if not txn.open:
                 break
             if budget <= 0:
@@ -364,6 +367,37 @@ class Deliverer:
         if untried and txn.open:
             self._not_tried(route, envelope, txn, untried)
         return self._attempt(route, hosts, txn)
+
+    async def _around_jam(self, route: Route, candidates: list[Candidate], index: int) -> None:
+        """Concurrency isolation: when every connection slot of the candidate at
+        ``index`` is held by a connection still waiting for its greeting (a
+        wedged host accepts TCP and never speaks, for a whole connect timeout),
+        try the next candidate of the same table that is not jammed first, and
+        this one right after it; when all of them are jammed, wait until one
+        is not (a healthy host greets in a moment). So a wedged host keeps
+        only the attempts already on it, instead of every attempt queueing
+        behind its slots while holding a delivery slot healthy hosts need.
+        A candidate with no alternative in its table is waited for as ever,
+        and MX hosts of one domain keep their preference order.
+        """
+        first = candidates[index]
+        same = [index] + [
+            j for j in range(index + 1, len(candidates)) if _interchangeable(first, candidates[j])
+        ]
+        if len(same) < 2:
+            return
+        while (
+            free := next((j for j in same if not self._jammed(route, candidates[j])), None)
+        ) is None:
+            # Bounded: a connect timeout ends every jam.
+            await self._pool.changed()
+        if free != index:
+            candidates.insert(index, candidates.pop(free))
+
+    def _jammed(self, route: Route, candidate: Candidate) -> bool:
+        return bool(candidate.addresses) and all(
+            self._pool.jammed(_hop(route, candidate, ip)) for ip in candidate.addresses
+        )
 
     def _not_tried(self, route: Route, envelope: Envelope, txn: _Transaction, count: int) -> None:
         """The budget ran out before ``count`` candidates: the open recipients defer.
@@ -457,8 +491,7 @@ class Deliverer:
         waits at most one connect timeout behind a host that is down.
         """
         cfg = self._config()
-        policy = route.tls
-        key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
+        key = _hop(route, candidate, ip)
         where = f"{candidate.host} [{ip}]"
         session: Session | None = None
         reused = False
@@ -469,9 +502,10 @@ class Deliverer:
                 return None
             try:
                 while True:
-                    session, reused = await self._health_checked(
-                        route, candidate, ip, token, self._session(key, cfg, envelope.id)
-                    )
+                    with self._pool.connecting(key):
+                        session, reused = await self._health_checked(
+                            route, candidate, ip, token, self._session(key, cfg, envelope.id)
+                        )
                     try:
                         reply = await self._transaction(
                             session, envelope, txn, body, where, cfg, reused
@@ -727,6 +761,18 @@ class Deliverer:
     async def probe(self, route: Route, candidates: Sequence[Candidate]) -> list[ProbeResult]:
         """Connect to every address of every candidate as delivery would; send no mail."""
         return await probe_hosts(route, candidates, self._addresses, self._config)
+
+
+def _interchangeable(one: Candidate, other: Candidate) -> bool:
+    """Either may go first: hosts of one table, other than two MX hosts of
+    the same domain (RFC 5321 section 5.1 orders those by preference)."""
+    same_domain = one.via_mx is not None and one.configured == other.configured
+    return one.table == other.table and not same_domain
+
+
+def _hop(route: Route, candidate: Candidate, ip: str) -> HopKey:
+    """The pool's key for ``candidate`` at ``ip``: SNI and verification use its name."""
+    return (ip, candidate.port, route.tls, candidate.host.strip("[]"))
 
 
 # RFC 5321 section 4.5.2: a line starting with "." gets one more.

@@ -24,6 +24,7 @@ from relay.delivery import Attempt, Deliverer
 from relay.errors import HostUnreachable
 from relay.health import Health
 from relay.metrics import Metrics
+from relay.routing import Candidate
 from tests.support.delivery import OPPORTUNISTIC, addresses, envelope, make_config
 from tests.support.hosts import SickHost, closed_port
 from tests.support.sink import Sink, StaticResolver
@@ -211,6 +212,41 @@ async def test_waiting_behind_a_host_that_goes_down_does_not_connect_again():
         assert one.outcome("b@x.test") == two.outcome("b@x.test") == errors.DELIVERED
         assert wedged.connections == 1
         assert len(good.messages) == 2
+
+
+async def test_a_wedged_host_keeps_only_the_attempts_already_on_it():
+    # Two connection slots at the wedged host: the first two attempts take
+    # them and wait for a greeting that never comes; the next four go to the
+    # other primary at once, while the wedged host is not even known down.
+    async with (
+        Sink() as good,
+        SickHost("wedged") as wedged,
+        relay(settings(max_per_host=2, connect_timeout=5.0)) as r,
+    ):
+        route = single(("mx1.test", wedged.port))
+        cands = [
+            Candidate("mx1.test", wedged.port, configured="mx1.test", addresses=("127.0.0.1",)),
+            Candidate("mx2.test", good.port, configured="mx2.test", addresses=("127.0.0.1",)),
+        ]
+        r.use(route)
+        tasks = []
+        for n in range(6):
+            env = envelope(qid=f"Q{n}")
+            tasks.append(
+                asyncio.create_task(r.deliverer.deliver(route, env, addresses(env), BODY, cands))
+            )
+            await asyncio.sleep(0)  # each one starts before the next
+        done: set[asyncio.Task[Attempt]] = set()
+        pending = set(tasks)
+        while len(done) < 4:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done |= finished
+        assert not r.deliverer.health.is_down(("127.0.0.1", wedged.port))
+        assert wedged.connections == 2
+        assert all(t.result().outcome("b@x.test") == errors.DELIVERED for t in done)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 # --- probing back ----------------------------------------------------------------

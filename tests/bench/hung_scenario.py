@@ -6,7 +6,7 @@ is a healthy in-process sink. The relay's own scheduler and deliverer
 COUNT messages queued at once, with ``connect_timeout`` TIMEOUT seconds.
 
 Run: python tests/bench/hung_scenario.py [COUNT] [TIMEOUT] [wedged|421|refusing]
-Prints the seconds until every message (and 95% of them) was delivered and
+Prints the seconds until every message (and 90% of them) was delivered and
 the number of connections the sick host took. Bounded: gives up after
 LIMIT seconds.
 """
@@ -103,7 +103,7 @@ async def run(count: int, connect_timeout: float, mode: str) -> dict[str, float 
         try:
             while len(sink.messages) < count and time.monotonic() - start < LIMIT:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-                if most is None and len(sink.messages) >= count * 0.95:
+                if most is None and len(sink.messages) >= count * 0.9:
                     most = time.monotonic() - start
             elapsed = time.monotonic() - start
         finally:
@@ -120,7 +120,7 @@ async def run(count: int, connect_timeout: float, mode: str) -> dict[str, float 
             "messages": count,
             "delivered": len(sink.messages),
             "seconds": round(elapsed, 2),
-            "seconds_to_95_percent": round(most if most is not None else elapsed, 2),
+            "seconds_to_90_percent": round(most if most is not None else elapsed, 2),
             "sick_host_connections": sick.connections if sick is not None else "n/a (refused)",
         }
 
