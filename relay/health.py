@@ -194,7 +194,8 @@ class Health:
             self._log_down("host_down", state, route)
             self._changed(key, route, label, DOWN)
             return
-        probing = state.probe is token or (state.probe is None and now >= state.until)
+        mine = token is not None and state.probe is token
+        probing = mine or (state.probe is None and now >= state.until)
         if not probing:
             # An attempt that was already connecting when the host went
             # down: the same outage, not a failed probe.
