@@ -71,7 +71,8 @@ class Pool:
                 self._connecting[key] = left
             else:
                 del self._connecting[key]
-            self._notify()
+            if self._watchers:
+                self._notify()
 
     async def changed(self) -> None:
         """Wait until a slot is released or a session finished opening somewhere."""
