@@ -22,6 +22,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import relay
 from relay import config as configmod
@@ -153,6 +154,9 @@ class Daemon:
         self._reloading = asyncio.Lock()
         #: Set once the SMTP listeners are up (a reload may change them).
         self._inbound: Inbound | None = None
+        #: Set once the daemon runs: ``relay status`` reports its queue size.
+        self._scheduler: Scheduler | None = None
+        self._started = time.time()
 
     def config(self) -> Config:
         """The current config: every component reads it through this callable."""
@@ -179,7 +183,8 @@ class Daemon:
     async def _serve(self, cfg: Config, pid_file: PidFile) -> int:
         self.spool.open()
         scheduler = Scheduler(self.config, self.spool, self.deliverer, self.metrics)
-        control = Control(self.spool, scheduler)
+        self._scheduler = scheduler
+        control = Control(self.spool, scheduler, on_flush=self._end_hold_downs)
         control.open()
         self._install_signals(scheduler, control)
         pid_file.write()
@@ -203,7 +208,11 @@ class Daemon:
             if cfg.metrics.listen is not None:
                 listen = cfg.metrics.listen
                 metrics_server = await metricsmod.serve(
-                    self.metrics, listen.host, listen.port, healthy=self.spool.writable
+                    self.metrics,
+                    listen.host,
+                    listen.port,
+                    healthy=self.spool.writable,
+                    status=self.status,
                 )
         except OSError as exc:
             events.error("start_failed", error=str(exc))
@@ -231,6 +240,22 @@ class Daemon:
             control.close()
             await self._shutdown(inbound, scheduler, run_task, metrics_server)
         return 0
+
+    def status(self) -> dict[str, Any]:
+        """What ``relay status`` shows (``GET /status`` on the metrics listener)."""
+        cfg = self._config
+        now = time.time()
+        return {
+            "version": relay.version(),
+            "pid": os.getpid(),
+            "started": self._started,
+            "uptime": now - self._started,
+            "now": now,
+            "config": str(cfg.source),
+            "config_sha256": cfg.sha256,
+            "queue": len(self._scheduler) if self._scheduler is not None else 0,
+            "routes": self.deliverer.health.snapshot(cfg),
+        }
 
     async def _shutdown(
         self,
@@ -267,8 +292,20 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR2, control.wake)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, scheduler.flush)
+        loop.add_signal_handler(signal.SIGUSR1, self._flush, scheduler)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
+
+    def _flush(self, scheduler: Scheduler) -> None:
+        """SIGUSR1: every message due now, and every held-down host due its probe."""
+        self._end_hold_downs()
+        scheduler.flush()
+
+    def _end_hold_downs(self) -> None:
+        # A flush means "try now", as Postfix's postqueue -f also retries dead
+        # destinations: a held-down host would otherwise defer what was flushed.
+        hosts = self.deliverer.health.end_hold_downs()
+        if hosts:
+            events.log("hold_downs_ended", hosts=hosts)
 
     def _spawn_reload(self) -> None:
         task = asyncio.create_task(self.reload())
@@ -308,6 +345,8 @@ class Daemon:
         tls.client_context.cache_clear()
         if new.dns != old.dns:
             self.deliverer.use_resolver(DnsResolver(new.dns))
+        # Hosts still in the config keep their hold-down; removed ones are forgotten.
+        self.deliverer.health.reconfigure(new)
         self.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)

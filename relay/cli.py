@@ -197,6 +197,29 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask the running daemon (its metrics listener) for its state and host health."""
+    from relay import status
+
+    cfg = _load_daemon(args)
+    if cfg.metrics.listen is None:
+        print(
+            f"{cfg.source}: [metrics] listen is off; `relay status` reads the daemon there",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    try:
+        report = status.fetch(cfg.metrics.listen)
+    except status.NoDaemon as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print("\n".join(status.lines(report)))
+    return EXIT_OK
+
+
 # --- test-tls (docs/tls.md) -------------------------------------------------
 
 
@@ -367,6 +390,8 @@ def _parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "run the daemon in the foreground")
     add("check-config", cmd_check_config, "validate the config; exit 2 listing every problem")
     add("reload", cmd_reload, "make the running daemon reload its config (same as SIGHUP)")
+    status = add("status", cmd_status, "show the running daemon's state: queue, hosts up or down")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
     audit = add("audit", cmd_audit, "print the audit log of configuration changes, newest last")
     audit.add_argument("--json", action="store_true", help="print the raw JSON lines")
     test_tls = add(

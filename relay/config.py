@@ -207,6 +207,11 @@ class DeliveryConfig:
     #: Seconds to wait for the reply after the message's final dot
     #: (RFC 5321 section 4.5.3.2.6 asks for 10 minutes).
     data_timeout: float = 600.0
+    #: Seconds a next hop that failed (no connection, no greeting, a 4xx/5xx
+    #: greeting, lost before MAIL) is skipped; doubles per repeated failure.
+    hold_down: float = 30.0
+    #: Ceiling of the doubling hold-down, in seconds.
+    max_hold_down: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,7 +604,7 @@ def _delivery(problems: list[Problem], raw: Any) -> DeliveryConfig:
     known = tuple(f.name for f in dataclasses.fields(DeliveryConfig))
     r = _Reader(problems, "delivery", raw, known)
     d = DeliveryConfig()
-    return DeliveryConfig(
+    cfg = DeliveryConfig(
         max_concurrency=r.positive("max_concurrency", d.max_concurrency),
         max_per_host=r.positive("max_per_host", d.max_per_host),
         connect_timeout=r.duration("connect_timeout", d.connect_timeout),
@@ -607,7 +612,12 @@ def _delivery(problems: list[Problem], raw: Any) -> DeliveryConfig:
         idle_timeout=r.duration("idle_timeout", d.idle_timeout),
         max_addresses=r.positive("max_addresses", d.max_addresses),
         data_timeout=r.duration("data_timeout", d.data_timeout),
+        hold_down=r.duration("hold_down", d.hold_down),
+        max_hold_down=r.duration("max_hold_down", d.max_hold_down),
     )
+    if cfg.hold_down > cfg.max_hold_down:
+        r.problem("hold_down", "must not be longer than max_hold_down")
+    return cfg
 
 
 def _dns(problems: list[Problem], raw: Any) -> DnsConfig:

@@ -167,9 +167,13 @@ def _alive(pid: int) -> bool:
 class Control:
     """Carries out requests in ``<spool>/control`` on SIGUSR2, one at a time."""
 
-    def __init__(self, spool: Spool, scheduler: Scheduler) -> None:
+    def __init__(
+        self, spool: Spool, scheduler: Scheduler, on_flush: Callable[[], None] = lambda: None
+    ) -> None:
         self._spool = spool
         self._scheduler = scheduler
+        #: Called before every flush (the daemon ends host hold-downs there).
+        self._on_flush = on_flush
         self._folder = control_dir(spool.path)
         self._wake = asyncio.Event()
 
@@ -239,6 +243,7 @@ class Control:
         return await self._release(ids, reporter)
 
     def _flush(self, ids: list[str] | None) -> dict[str, Any]:
+        self._on_flush()
         flushed = self._scheduler.flush(ids)
         if ids is None:
             return {"done": flushed}

@@ -20,6 +20,13 @@ before every candidate was tried, the open recipients defer (never the
 "every host failed TLS" bounce). A route with ``on_tls_failure = "defer"``
 defers that case too, loudly (``tls_deferred``), until max_lifetime.
 
+Host health (:mod:`relay.health`): the plan (routing.plan) leaves out the
+addresses held down and carries each candidate's addresses, so an attempt
+walks one list. Opening a session tells health whether the host is alive
+(:func:`relay.health.marks_down`); an address that goes down while an
+attempt waits for its connection slot is skipped without connecting. With
+every host held down, every recipient is deferred at once.
+
 At-least-once: the scheduler persists per-recipient state after
 ``deliver`` returns. A duplicate can come from a crash between the next
 hop's 250 to DATA and that state write, or from a reply lost after the
@@ -38,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,13 +54,14 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
-from relay import errors, events, routing
+from relay import errors, events, health, routing
 from relay.advice import tls_advice
 from relay.config import Config, Route
 from relay.dns import Resolver
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.expiry import ExpiryWatch
+from relay.health import Health
 from relay.metrics import Metrics
 from relay.pool import Pool
 from relay.probe import ProbeResult, probe_hosts
@@ -293,6 +301,8 @@ class Deliverer:
         self._rng = rng or random.Random()
         self._pool = Pool()
         self._expiry = ExpiryWatch(metrics, config)
+        #: Which next hops are held down; shared by every attempt (relay.health).
+        self.health = Health(config, metrics)
 
     async def close(self) -> None:
         """QUIT and close every pooled session."""
@@ -326,12 +336,30 @@ class Deliverer:
         ``body`` is the spooled body, in memory or (large) an open file,
         which is then sent in pieces (:data:`SEND_CHUNK`).
         """
+        token = object()
         if candidates is None:
             planned = await self._plan(route, envelope)
             if isinstance(planned, RelayError):
+                # Also when every host is held down: deferred without connecting.
                 results = {address: (planned,) for address in recipients}
                 return Attempt(route.name, (), results, {})
-            candidates = planned
+            candidates, token = planned.candidates, planned.token
+        try:
+            return await self._walk(route, envelope, recipients, body, candidates, token)
+        finally:
+            # Probes this attempt claimed but never ran go to the next attempt.
+            self.health.release(token)
+
+    async def _walk(
+        self,
+        route: Route,
+        envelope: Envelope,
+        recipients: Sequence[str],
+        body: Body,
+        candidates: Sequence[Candidate],
+        token: object,
+    ) -> Attempt:
+        """:meth:`deliver` over one ordered list of candidates and their addresses."""
         txn = _Transaction(recipients)
         hosts: list[HostResult] = []
         try:
@@ -343,14 +371,17 @@ class Deliverer:
             return self._attempt(route, envelope, hosts, txn)
         budget = self._config().delivery.max_addresses
         untried = 0
-        for index, candidate in enumerate(candidates):
+        candidates = list(candidates)
+        for index in range(len(candidates)):
+            await self._around_jam(route, candidates, index)
+            candidate = candidates[index]
             if not txn.open:
                 break
             if budget <= 0:
                 untried = len(candidates) - index
                 break
             try:
-                ips = await self._addresses(route, candidate, envelope.id)
+                ips = await self._candidate_addresses(route, candidate, envelope.id)
             except RelayError as exc:
                 hosts.append(self._host_done(route, envelope, HostResult(candidate, failure=exc)))
                 txn.fail(txn.next_host(), exc, candidate.host)
@@ -362,11 +393,45 @@ class Deliverer:
                 if not txn.open:
                     break
                 budget -= 1
-                result = await self._try_host(route, envelope, candidate, ip, txn, body)
+                result = await self._try_host(route, envelope, candidate, ip, txn, body, token)
+                if result is None:
+                    budget += 1  # held down meanwhile: skipped, not tried
+                    continue
                 hosts.append(self._host_done(route, envelope, result))
         if untried and txn.open:
             self._not_tried(route, envelope, txn, untried)
         return self._attempt(route, envelope, hosts, txn)
+
+    async def _around_jam(self, route: Route, candidates: list[Candidate], index: int) -> None:
+        """Concurrency isolation: when every connection slot of the candidate at
+        ``index`` is held by a connection still waiting for its greeting (a
+        wedged host accepts TCP and never speaks, for a whole connect timeout),
+        try the next candidate of the same table that is not jammed first, and
+        this one right after it; when all of them are jammed, wait until one
+        is not (a healthy host greets in a moment). So a wedged host keeps
+        only the attempts already on it, instead of every attempt queueing
+        behind its slots while holding a delivery slot healthy hosts need.
+        A candidate with no alternative in its table is waited for as ever,
+        and MX hosts of one domain keep their preference order.
+        """
+        first = candidates[index]
+        same = [index] + [
+            j for j in range(index + 1, len(candidates)) if _interchangeable(first, candidates[j])
+        ]
+        if len(same) < 2:
+            return
+        while (
+            free := next((j for j in same if not self._jammed(route, candidates[j])), None)
+        ) is None:
+            # Bounded: a connect timeout ends every jam.
+            await self._pool.changed()
+        if free != index:
+            candidates.insert(index, candidates.pop(free))
+
+    def _jammed(self, route: Route, candidate: Candidate) -> bool:
+        return bool(candidate.addresses) and all(
+            self._pool.jammed(_hop(route, candidate, ip)) for ip in candidate.addresses
+        )
 
     def _not_tried(self, route: Route, envelope: Envelope, txn: _Transaction, count: int) -> None:
         """The budget ran out before ``count`` candidates: the open recipients defer.
@@ -383,9 +448,10 @@ class Deliverer:
             # Not a host's result: the remote and reply of the last host stay.
             txn.results[address].append(failure)
 
-    async def _plan(self, route: Route, envelope: Envelope) -> Sequence[Candidate] | RelayError:
-        """The route's candidates, or the DNS failure that left none."""
-        plan = await routing.plan(route, self._resolver, self._rng)
+    async def _plan(self, route: Route, envelope: Envelope) -> routing.Plan | RelayError:
+        """The route's candidates with their addresses, or the failure that left none
+        (a DNS failure, or every host held down)."""
+        plan = await routing.plan(route, self._resolver, self._rng, self.health)
         for failure in plan.dns_failures:
             if isinstance(failure.error, errors.RouteMisconfigured):
                 self._route_dns_error(
@@ -397,8 +463,9 @@ class Deliverer:
                     host=failure.configured, error=failure.error.detail,
                 )  # fmt: skip
         if not plan.candidates and plan.failure is not None:
+            self.health.release(plan.token)
             return plan.failure
-        return plan.candidates
+        return plan
 
     def _attempt(
         self, route: Route, envelope: Envelope, hosts: list[HostResult], txn: _Transaction
@@ -434,6 +501,19 @@ class Deliverer:
             bounce_at=datetime.fromtimestamp(deadline, UTC).isoformat(timespec="seconds"),
         )  # fmt: skip
 
+    async def _candidate_addresses(
+        self, route: Route, candidate: Candidate, qid: str | None = None
+    ) -> list[str]:
+        """The planned addresses of ``candidate`` (looked up now if it came unplanned)."""
+        if candidate.error is not None:
+            if isinstance(candidate.error, errors.RouteMisconfigured):
+                label = _host_label(route, candidate)
+                self._route_dns_error(route, label, candidate.host, candidate.error, qid)
+            raise candidate.error
+        if candidate.addresses:
+            return list(candidate.addresses)
+        return await self._addresses(route, candidate, qid)
+
     async def _addresses(
         self, route: Route, candidate: Candidate, qid: str | None = None
     ) -> list[str]:
@@ -462,19 +542,30 @@ class Deliverer:
         ip: str,
         txn: _Transaction,
         body: Body,
-    ) -> HostResult:
-        """One transaction at one address; records into ``txn``; never raises RelayError."""
+        token: object,
+    ) -> HostResult | None:
+        """One transaction at one address; records into ``txn``; never raises RelayError.
+
+        None when the address went down while this attempt waited for one
+        of its connection slots: skipped without connecting, so a message
+        waits at most one connect timeout behind a host that is down.
+        """
         cfg = self._config()
-        policy = route.tls
-        key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
+        key = _hop(route, candidate, ip)
         where = f"{candidate.host} [{ip}]"
         session: Session | None = None
         reused = False
         carried = txn.next_host()
         async with self._pool.slot(key, lambda: self._config().delivery.max_per_host):
+            if not self.health.claim((ip, candidate.port), token):
+                txn.fail(carried, errors.HostUnreachable(f"{where}: held down"), where)
+                return None
             try:
                 while True:
-                    session, reused = await self._session(key, cfg, envelope.id)
+                    with self._pool.connecting(key):
+                        session, reused = await self._health_checked(
+                            route, candidate, ip, token, self._session(key, cfg, envelope.id)
+                        )
                     try:
                         reply = await self._transaction(
                             session, envelope, txn, body, where, cfg, reused
@@ -500,6 +591,29 @@ class Deliverer:
                 raise
             self._pool.give(session, cfg.delivery.idle_timeout, cfg.delivery.max_per_host)
             return self._result(candidate, ip, session, reply=reply, reused=reused)
+
+    async def _health_checked(
+        self,
+        route: Route,
+        candidate: Candidate,
+        ip: str,
+        token: object,
+        opening: Awaitable[tuple[Session, bool]],
+    ) -> tuple[Session, bool]:
+        """Await a session for ``ip``; tell health whether the host is alive."""
+        key = (ip, candidate.port)
+        label = _host_label(route, candidate)
+        try:
+            opened = await opening
+        except RelayError as exc:
+            if health.marks_down(exc):
+                self.health.failed(key, candidate.host, route.name, label, exc, token)
+            else:
+                # It greeted: a TLS verdict or a 4xx to STARTTLS is not about its life.
+                self.health.succeeded(key, candidate.host, route.name, label)
+            raise
+        self.health.succeeded(key, candidate.host, route.name, label)
+        return opened
 
     @staticmethod
     def _result(
@@ -718,6 +832,18 @@ class Deliverer:
     async def probe(self, route: Route, candidates: Sequence[Candidate]) -> list[ProbeResult]:
         """Connect to every address of every candidate as delivery would; send no mail."""
         return await probe_hosts(route, candidates, self._addresses, self._config)
+
+
+def _interchangeable(one: Candidate, other: Candidate) -> bool:
+    """Either may go first: hosts of one table, other than two MX hosts of
+    the same domain (RFC 5321 section 5.1 orders those by preference)."""
+    same_domain = one.via_mx is not None and one.configured == other.configured
+    return one.table == other.table and not same_domain
+
+
+def _hop(route: Route, candidate: Candidate, ip: str) -> HopKey:
+    """The pool's key for ``candidate`` at ``ip``: SNI and verification use its name."""
+    return (ip, candidate.port, route.tls, candidate.host.strip("[]"))
 
 
 # RFC 5321 section 4.5.2: a line starting with "." gets one more.

@@ -26,6 +26,11 @@ class LiveLimit:
         self._users = 0
 
     @property
+    def full(self) -> bool:
+        """A new holder would wait."""
+        return self.used >= self._limit()
+
+    @property
     def idle(self) -> bool:
         """Nobody holds or waits: the owner may drop this limit."""
         return self._users == 0

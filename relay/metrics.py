@@ -11,7 +11,9 @@ registry, so counters start from zero and can be checked exactly.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,6 +36,7 @@ REJECT_REASONS = (
 ATTEMPT_RESULTS = ("delivered", "deferred", "bounced", "tls_failed", "unreachable", "dns_failed")
 BOUNCE_REASONS = ("remote_permanent", "tls_policy", "expired", "double_bounce", "dns_permanent")
 RELOAD_RESULTS = ("success", "error")
+HOST_STATES = ("down", "up")
 
 
 class Metrics:
@@ -126,6 +129,18 @@ class Metrics:
             ["route", "host"],
             registry=r,
         )
+        self.host_up = Gauge(
+            "relay_host_up",
+            "1 while a configured route host is up, 0 while every address of it is held down.",
+            ["route", "host"],
+            registry=r,
+        )
+        self.host_state_changes = Counter(
+            "relay_host_state_changes_total",
+            "Next hops going down or coming back up (MX hosts count under their route host).",
+            ["route", "host", "state"],
+            registry=r,
+        )
 
         # Every value of a closed label set is exported from the start, at 0:
         # a series that first appears at 1 hides its first increase from
@@ -158,8 +173,16 @@ async def _read_request_path(reader: asyncio.StreamReader) -> tuple[str, str]:
     return parts[0], parts[1].split("?")[0]
 
 
+#: What ``GET /status`` answers: the daemon's state as JSON-ready data.
+StatusReport = Callable[[], dict[str, Any]]
+
+
 def _respond(
-    metrics: Metrics, healthy: Callable[[], bool], method: str, path: str
+    metrics: Metrics,
+    healthy: Callable[[], bool],
+    method: str,
+    path: str,
+    status: StatusReport | None = None,
 ) -> tuple[str, str, bytes]:
     if method not in ("GET", "HEAD"):
         return "405 Method Not Allowed", "text/plain", b"use GET\n"
@@ -173,6 +196,10 @@ def _respond(
         if ok:
             return "200 OK", "text/plain", b"ok\n"
         return "503 Service Unavailable", "text/plain", b"spool not writable\n"
+    if path == "/status" and status is not None:
+        # `relay status` reads this (relay.status): version, queue, host health.
+        body = json.dumps(status(), indent=2, sort_keys=True).encode() + b"\n"
+        return "200 OK", "application/json", body
     return "404 Not Found", "text/plain", b"not found\n"
 
 
@@ -183,8 +210,10 @@ async def serve(
     healthy: Callable[[], bool],
     *,
     read_timeout: float = 10.0,
+    status: StatusReport | None = None,
 ) -> asyncio.Server:
-    """Serve ``/metrics`` and ``/healthz`` over a minimal HTTP/1.0 responder.
+    """Serve ``/metrics``, ``/healthz`` and (given ``status``) ``/status``
+    over a minimal HTTP/1.0 responder.
 
     asyncio streams rather than prometheus_client's threaded server, so the
     endpoint lives on the daemon's loop and stops with it. Returns the
@@ -199,9 +228,9 @@ async def serve(
         try:
             async with asyncio.timeout(read_timeout):
                 method, path = await _read_request_path(reader)
-            status, ctype, body = _respond(metrics, healthy, method, path)
+            code, ctype, body = _respond(metrics, healthy, method, path, status)
             head = (
-                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode("latin-1") + (b"" if method == "HEAD" else body))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from relay.limits import LiveLimit
 from relay.session import HopKey, Session, quit_session
@@ -28,6 +28,11 @@ class Pool:
         self._idle: dict[HopKey, list[Session]] = {}
         #: Per next hop, ``[delivery] max_per_host`` read live (a reload applies).
         self._slots: dict[HopKey, LiveLimit] = {}
+        #: Per next hop, the slot holders still opening their session
+        #: (connect, greeting, EHLO, STARTTLS).
+        self._connecting: dict[HopKey, int] = {}
+        #: Attempts waiting for any slot or connection state to change.
+        self._watchers: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -51,6 +56,48 @@ class Pool:
         finally:
             gate.release()
             self._forget(key)
+            if self._watchers:
+                self._notify()
+
+    @contextlib.contextmanager
+    def connecting(self, key: HopKey) -> Iterator[None]:
+        """Count one slot holder of ``key`` as opening its session (:meth:`jammed`)."""
+        self._connecting[key] = self._connecting.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._connecting[key] - 1
+            if left:
+                self._connecting[key] = left
+            else:
+                del self._connecting[key]
+            if self._watchers:
+                self._notify()
+
+    async def changed(self) -> None:
+        """Wait until a slot is released or a session finished opening somewhere."""
+        watcher = asyncio.get_running_loop().create_future()
+        self._watchers.append(watcher)
+        try:
+            await watcher
+        finally:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def _notify(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    def jammed(self, key: HopKey) -> bool:
+        """Every slot of ``key`` is taken by a connection not yet greeted.
+
+        A wedged host (accepts TCP, never speaks) stays so for a whole
+        connect timeout; a healthy one for a moment at most.
+        """
+        gate = self._slots.get(key)
+        return gate is not None and gate.full and self._connecting.get(key, 0) >= gate.used
 
     def _forget(self, key: HopKey) -> None:
         """Drop ``key``'s entries when nothing uses them."""

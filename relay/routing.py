@@ -15,8 +15,11 @@ Candidate order (docs/routing.md), built by :func:`plan`:
   MX lookups of all the route's domains run concurrently. A host (and
   port) that appears twice is kept only where it appears first.
 
-Only MX lookups happen here; a candidate's addresses are looked up when it
-is tried, with :func:`addresses_for`.
+Planned for delivery (with a :class:`~relay.health.Health`), every
+candidate's addresses are looked up here too, concurrently, and the hosts
+held down are left out before the weighted pick (:func:`plan`), so delivery
+walks one list of candidates with their addresses. Without health (``relay
+test-tls``) only MX lookups happen; addresses come from :func:`addresses_for`.
 
 DNS failures. A name from the configuration that does not resolve (NXDOMAIN,
 null MX, no address record) is a configuration problem: it becomes
@@ -43,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from relay import config as cfg
 from relay.config import Config, Host, Route
@@ -54,9 +57,14 @@ from relay.errors import (
     NoSuchDomain,
     PermanentFailure,
     RelayError,
+    Reply,
     RouteMisconfigured,
     TemporaryFailure,
 )
+from relay.health import Health
+
+#: The reply of mail deferred because every host of its route is held down.
+HELD_DOWN = Reply(451, (4, 4, 1), "Next hop unreachable: every host held down after failing")
 
 PRIMARY = "primary"
 SECONDARY = "secondary"
@@ -82,6 +90,13 @@ class Candidate:
     #: From an implicit route (config.direct_route): permanent DNS answers
     #: (NXDOMAIN, no address) are final instead of a configuration problem.
     implicit: bool = False
+    #: The addresses to try, in order, none of them held down (planned with
+    #: health; empty otherwise, or when the lookup failed: see ``error``).
+    addresses: tuple[str, ...] = ()
+    #: Why the host's addresses could not be looked up (RouteMisconfigured,
+    #: DnsTemporary, HostUnreachable for a dangling MX, or for an implicit
+    #: route NoSuchDomain / NoRoute).
+    error: RelayError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,19 +120,28 @@ class Plan:
     candidates: tuple[Candidate, ...]
     #: One entry per route domain whose MX lookup failed, in route order.
     dns_failures: tuple[DnsFailure, ...] = ()
+    #: Route hosts skipped because every address of them is held down.
+    held_down: tuple[str, ...] = ()
+    #: The attempt's token for the probes it claimed (``Health.release``).
+    token: object = field(default=None, compare=False)
 
     @property
     def failure(self) -> RelayError | None:
         """The error for every recipient when there is no candidate, else None.
 
         Temporary wins over permanent: if any domain might still answer
-        later, the mail is deferred rather than bounced.
+        later, or a host is only held down, the mail is deferred rather
+        than bounced.
         """
-        if self.candidates or not self.dns_failures:
+        if self.candidates or not (self.dns_failures or self.held_down):
             return None
         for failure in self.dns_failures:
             if isinstance(failure.error, TemporaryFailure):
                 return failure.error
+        if self.held_down:
+            hosts = ", ".join(self.held_down)
+            # The reply is what `relay queue list` and a later DSN show.
+            return HostUnreachable(f"every host is held down after failing: {hosts}", HELD_DOWN)
         return self.dns_failures[0].error
 
 
@@ -217,35 +241,140 @@ def shuffle_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[s
     return hosts
 
 
-async def plan(route: Route, resolver: Resolver, rng: random.Random) -> Plan:
+async def plan(
+    route: Route, resolver: Resolver, rng: random.Random, health: Health | None = None
+) -> Plan:
     """The candidates of one attempt over ``route`` and any DNS failures met.
 
     Never raises for DNS (see the module docstring). Draws from ``rng``
     in a fixed order (weighted orders first, then MX shuffles in route
     order) so a seeded rng gives a reproducible plan.
+
+    With ``health`` (delivery's call), every candidate also carries its
+    addresses, looked up concurrently here, less those held down
+    (:mod:`relay.health`); a candidate left without one is skipped, and so
+    is a route host left without a candidate, so the weighted pick is made
+    over the live hosts only (their loads renormalised). An address whose
+    hold-down is over is claimed for this attempt as the host's one probe
+    (``Plan.token``; release it with ``health.release(plan.token)``).
     """
-    ordered = [(PRIMARY, host) for host in weighted_order(route.primary, rng)]
-    ordered += [(SECONDARY, host) for host in weighted_order(route.secondary, rng)]
-    if not route.mx_lookup:
-        direct = [
-            Candidate(host.name, host.port, None, table, host.name, route.name, route.implicit)
-            for table, host in ordered
+    entries = [(PRIMARY, host) for host in route.primary]
+    entries += [(SECONDARY, host) for host in route.secondary]
+    if route.mx_lookup:
+        # Resolve concurrently, but draw the MX shuffles in route order afterwards.
+        answers = await asyncio.gather(*(_mx_records(h, resolver) for _, h in entries))
+        names = [
+            _mx_names(route, host, answer)
+            for (_, host), answer in zip(entries, answers, strict=True)
         ]
-        return Plan(_unique(direct))
-    # Resolve concurrently, but draw the MX shuffles in route order afterwards.
-    answers = await asyncio.gather(*(_mx_records(h, resolver) for _, h in ordered))
-    found: list[Candidate] = []
-    failures: list[DnsFailure] = []
-    for (table, host), answer in zip(ordered, answers, strict=True):
-        names = _expand(route, host, answer, rng)
-        if isinstance(names, RelayError):
-            failures.append(DnsFailure(host.name, table, names))
+    else:
+        names = [[(0, host.name)] for _, host in entries]
+    failures = [
+        DnsFailure(host.name, table, found)
+        for (table, host), found in zip(entries, names, strict=True)
+        if isinstance(found, RelayError)
+    ]
+    resolved: dict[tuple[str, str], tuple[str, ...] | RelayError] = {}
+    if health is not None:
+        lookups = {
+            (host.name, name): _candidate(route, table, host, name)
+            for (table, host), found in zip(entries, names, strict=True)
+            if not isinstance(found, RelayError)
+            for _, name in found
+        }
+        for name_key, cand in lookups.items():
+            # IP literals need no lookup (and no task): the common case.
+            literal = ip_literal(cand.host)
+            if literal is not None:
+                resolved[name_key] = (literal,)
+        pending = {k: c for k, c in lookups.items() if k not in resolved}
+        if pending:
+            looked_up = await asyncio.gather(*(_lookup(c, resolver) for c in pending.values()))
+            resolved.update(zip(pending, looked_up, strict=True))
+    # From here on nothing awaits: health is read and claimed in one step.
+    token = object() if health is not None else None
+    live: dict[str, list[Host]] = {PRIMARY: [], SECONDARY: []}
+    for (table, host), found in zip(entries, names, strict=True):
+        if isinstance(found, RelayError):
             continue
-        found += [
-            Candidate(name, host.port, host.name, table, host.name, route.name, route.implicit)
-            for name in names
+        if health is None or _alive(host, found, resolved, health):
+            live[table].append(host)
+    found_by_host = {id(host): found for (_, host), found in zip(entries, names, strict=True)}
+    out: list[Candidate] = []
+    held: list[str] = []
+    for table in (PRIMARY, SECONDARY):
+        for host in weighted_order(live[table], rng):
+            records = found_by_host[id(host)]
+            assert not isinstance(records, RelayError)
+            ordered = shuffle_mx(records, rng) if route.mx_lookup else [host.name]
+            for name in ordered:
+                candidate: Candidate | None = _candidate(route, table, host, name)
+                if health is not None and candidate is not None:
+                    answer = resolved[(host.name, name)]
+                    candidate = _with_addresses(candidate, answer, health, token)
+                if candidate is not None:
+                    out.append(candidate)
+    if health is not None:
+        held = [
+            host.name
+            for (table, host), found in zip(entries, names, strict=True)
+            if not isinstance(found, RelayError) and host not in live[table]
         ]
-    return Plan(_unique(found), tuple(failures))
+        for (_, host), found in zip(entries, names, strict=True):
+            if not route.implicit and not isinstance(found, RelayError):
+                keys = [
+                    (address, host.port)
+                    for _, name in found
+                    if not isinstance(answer := resolved[(host.name, name)], RelayError)
+                    for address in answer
+                ]
+                health.seen(route.name, host.name, host.port, keys)
+    return Plan(_unique(out), tuple(failures), tuple(held), token)
+
+
+def _candidate(route: Route, table: str, host: Host, name: str) -> Candidate:
+    via = host.name if route.mx_lookup else None
+    return Candidate(name, host.port, via, table, host.name, route.name, route.implicit)
+
+
+async def _lookup(candidate: Candidate, resolver: Resolver) -> tuple[str, ...] | RelayError:
+    try:
+        return tuple(await addresses_for(candidate, resolver))
+    except RelayError as exc:
+        return exc
+
+
+def _alive(
+    host: Host,
+    found: list[tuple[int, str]],
+    resolved: dict[tuple[str, str], tuple[str, ...] | RelayError],
+    health: Health,
+) -> bool:
+    """A route host is live when one of its names failed to resolve (tried,
+    to report it) or has an address that is up or due a probe."""
+    for _, name in found:
+        answer = resolved[(host.name, name)]
+        if isinstance(answer, RelayError):
+            return True
+        if any(health.available((address, host.port)) for address in answer):
+            return True
+    return False
+
+
+def _with_addresses(
+    candidate: Candidate,
+    answer: tuple[str, ...] | RelayError,
+    health: Health,
+    token: object,
+) -> Candidate | None:
+    """``candidate`` with the addresses this attempt may use; None when it has none."""
+    if isinstance(answer, RelayError):
+        return replace(candidate, error=answer)
+    usable = tuple(a for a in answer if health.claim((a, candidate.port), token))
+    if not usable:
+        return None
+    c = candidate  # dataclasses.replace() costs several times this, per message
+    return Candidate(c.host, c.port, c.via_mx, c.table, c.configured, c.route, c.implicit, usable)
 
 
 async def _mx_records(host: Host, resolver: Resolver) -> list[tuple[int, str]] | RelayError:
@@ -257,15 +386,15 @@ async def _mx_records(host: Host, resolver: Resolver) -> list[tuple[int, str]] |
         return exc
 
 
-def _expand(
-    route: Route, host: Host, answer: list[tuple[int, str]] | RelayError, rng: random.Random
-) -> list[str] | RelayError:
+def _mx_names(
+    route: Route, host: Host, answer: list[tuple[int, str]] | RelayError
+) -> list[tuple[int, str]] | RelayError:
     if isinstance(answer, RelayError):
         return _config_error(route, host.name, answer)
     if not answer:
         # No MX: the domain itself is the mail host (implicit MX, RFC 5321 5.1).
-        return [ip_literal(host.name) or host.name]
-    return shuffle_mx(answer, rng)
+        return [(0, ip_literal(host.name) or host.name)]
+    return answer
 
 
 def _unique(candidates: Sequence[Candidate]) -> tuple[Candidate, ...]:

@@ -54,6 +54,7 @@ def test_minimal_config_gets_every_default(tmp_path: Path) -> None:
     assert cfg.server.max_recipients == 100
     assert cfg.queue.max_lifetime == 5 * 86400
     assert cfg.queue.min_backoff == 60 and cfg.queue.max_backoff == 3600
+    assert cfg.delivery.hold_down == 30 and cfg.delivery.max_hold_down == 600
     assert cfg.queue.path == (tmp_path / "var/spool").resolve()
     assert cfg.audit.path == (tmp_path / "var/audit.log").resolve()
     assert cfg.metrics.listen == Listen("127.0.0.1", 9325)
@@ -262,6 +263,14 @@ BAD = {
     "backoff order": (
         SERVER + SINGLE + '[queue]\nmin_backoff = "2h"\nmax_backoff = "1h"',
         ["queue: min_backoff: must not be longer than max_backoff"],
+    ),
+    "hold-down order": (
+        SERVER + SINGLE + '[delivery]\nhold_down = "1h"\nmax_hold_down = "10m"',
+        ["delivery: hold_down: must not be longer than max_hold_down"],
+    ),
+    "zero hold-down": (
+        SERVER + SINGLE + '[delivery]\nhold_down = "0s"',
+        ["delivery: hold_down: must be longer than zero"],
     ),
     "missing cert file": (
         SERVER + 'tls_cert = "nope.crt"\ntls_key = "nope.key"\n' + SINGLE,

@@ -81,8 +81,11 @@ async def test_mx_failover_to_the_next_preference(tmp_path, dnsmasq, two_mx):
         await until(lambda: len(second.messages) == 5)
         await idle(relay)
         assert relay.spooled() == []
-        assert relay.sample("relay_delivery_attempts_total", route="Corp", host="corp.test",
-                            result="unreachable") == 5  # fmt: skip
+        # mx1 is tried by the attempts under way when it failed, then held
+        # down (relay.health): later messages go straight to mx2.
+        unreachable = relay.sample("relay_delivery_attempts_total", route="Corp",
+                                   host="corp.test", result="unreachable")  # fmt: skip
+        assert unreachable is not None and 1 <= unreachable <= 5
         assert relay.sample("relay_delivery_attempts_total", route="Corp", host="corp.test",
                             result="delivered") == 5  # fmt: skip
 

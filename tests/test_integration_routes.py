@@ -133,8 +133,11 @@ async def test_secondaries_only_when_every_primary_is_down(tmp_path, dnsmasq):
             await idle(relay)
             assert relay.spooled() == []
             for name in ("mx1.corp.test", "mx2.corp.test"):
-                assert relay.sample("relay_delivery_attempts_total", route="Corp", host=name,
-                                    result="unreachable") == 20  # fmt: skip
+                # Tried by the attempts under way when it failed, then held
+                # down (relay.health): never more than once per message.
+                unreachable = relay.sample("relay_delivery_attempts_total", route="Corp",
+                                           host=name, result="unreachable")  # fmt: skip
+                assert unreachable is not None and 1 <= unreachable <= 20
     # Both secondaries take a share of the failover traffic.
     assert backup1.messages and backup2.messages
 

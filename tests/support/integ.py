@@ -167,6 +167,8 @@ def config_text(
         f'min_backoff = "{min_backoff}"\nmax_backoff = "{max_backoff}"\n'
         f"[delivery]\nmax_concurrency = {max_concurrency}\nmax_per_host = {max_per_host}\n"
         'connect_timeout = "3s"\ncommand_timeout = "5s"\nidle_timeout = "5s"\n'
+        # Hold-downs as short as the retries: a host that comes back is tried again.
+        f'hold_down = "{min_backoff}"\nmax_hold_down = "{max_backoff}"\n'
         f'[dns]\nnameservers = ["{dns.ip}:{dns.port}"]\ntimeout = "2s"\n'
         f'[metrics]\nlisten = ""\n[audit]\npath = "{tmp_path / "audit.log"}"\n'
         f"{tls}{bounces}{routes}{rules}"

@@ -448,7 +448,7 @@ def relay_config(
 
     Defaults suit a scenario: listen and metrics on free loopback ports,
     spool and audit log inside ``directory``, retries after 1-2 s, short
-    delivery timeouts, 127.0.0.0/8 may relay. ``rules`` are (patterns,
+    delivery timeouts and hold-downs, 127.0.0.0/8 may relay. ``rules`` are (patterns,
     route name) pairs, default: every recipient to the first route. Any
     ``sections`` (``server={...}``, ``queue={...}``, ``tls={"ca_file": ...}``,
     ``dns={"nameservers": [...]}``...) are merged over the defaults.
@@ -466,7 +466,14 @@ def relay_config(
             "min_backoff": "1s",
             "max_backoff": "2s",
         },
-        "delivery": {"connect_timeout": "5s", "command_timeout": "30s"},
+        # Hold-downs as short as the retries: a downstream that comes back
+        # is tried again at once (relay.health).
+        "delivery": {
+            "connect_timeout": "5s",
+            "command_timeout": "30s",
+            "hold_down": "1s",
+            "max_hold_down": "2s",
+        },
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "audit": {"path": str(directory / f"{name}-audit.log")},
     }

@@ -189,6 +189,7 @@ class Sink:
         hostname: str = "sink.test",
         smtputf8: bool = True,
         pipelining: bool = False,
+        port: int = 0,
     ) -> None:
         #: STARTTLS is offered exactly when a context is given.
         self.tls_context = tls_context
@@ -203,7 +204,8 @@ class Sink:
         self.lines: list[str] = []
         self.sessions_tls: list[str | None] = []
         self.connections = 0
-        self.port = 0
+        #: The port to listen on (0: any free one), then the one listened on.
+        self.port = port
         self._server: asyncio.base_events.Server | None = None
         self._open: set[_SinkSMTP] = set()
 
@@ -221,7 +223,7 @@ class Sink:
 
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, "127.0.0.1", 0)
+        self._server = await loop.create_server(self._factory, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

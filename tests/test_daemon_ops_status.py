@@ -1,0 +1,113 @@
+"""``relay status`` against a running daemon: a next hop held down, a reload, no daemon.
+
+One ``relay run`` subprocess; its route "Sick" points at a closed port, so
+the first message marks that host down. Nothing is mocked: the CLI reads
+``GET /status`` on the daemon's metrics listener.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support.hosts import closed_port
+from tests.support.opsd import (
+    cli,
+    http_get,
+    route_toml,
+    rule_toml,
+    samples,
+    send,
+    value,
+    wait_log,
+    wait_until,
+)
+from tests.support.procs import RelayProcess, free_port
+from tests.support.sink import Sink
+
+SENDER = "s@sender.test"
+
+
+def write_config(path: Path, tmp: Path, smtp: int, metrics: int, routes: str, rules: str) -> None:
+    path.write_text(
+        f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
+        'domains = ["example.com", "other.com"]\n\n'
+        f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\n\n'
+        '[delivery]\nconnect_timeout = "2s"\nhold_down = "10m"\n\n'
+        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
+        f'[audit]\npath = "{tmp / "audit.log"}"\n\n' + routes + rules
+    )
+
+
+def host_entry(report: dict[str, object], route: str) -> list[dict[str, object]]:
+    for entry in report["routes"]:  # type: ignore[attr-defined]
+        if entry["route"] == route:
+            return list(entry["hosts"])
+    raise AssertionError(f"no route {route!r} in {report}")
+
+
+async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Path) -> None:
+    smtp, metrics, sick, other = free_port(), free_port(), closed_port(), closed_port()
+    path = tmp_path / "relay.toml"
+    routes = route_toml("Sick", sick) + route_toml("Other", other)
+    rules = rule_toml("Sick", "@example.com") + rule_toml("Other", "@other.com")
+    write_config(path, tmp_path, smtp, metrics, routes, rules)
+    proc = RelayProcess(path, cwd=tmp_path).start(wait_for="event=started")
+    try:
+        await send(smtp, SENDER, ["a@example.com"])
+        await send(smtp, SENDER, ["b@other.com"])
+        await wait_log(proc, "event=host_down", count=2)
+
+        done = await cli(proc, path, "status", "--json")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["version"] and report["config_sha256"] and report["queue"] == 2
+        assert report["uptime"] >= 0
+        (host,) = host_entry(report, "Sick")
+        assert host["host"] == "127.0.0.1" and host["port"] == sick
+        assert host["state"] == "down" and host["last_error"]
+        assert host["next_probe"] > report["now"]
+
+        text = await cli(proc, path, "status")
+        assert text.returncode == 0, text.stderr
+        assert f"DOWN 127.0.0.1:{sick} (primary)" in text.stdout
+        assert "last error:" in text.stdout and "next probe: in " in text.stdout
+
+        _, exposition = await http_get(metrics, "/metrics")
+        parsed = samples(exposition)
+        assert value(parsed, "relay_host_up", route="Sick", host="127.0.0.1") == 0
+        changes = "relay_host_state_changes_total"
+        assert value(parsed, changes, route="Sick", host="127.0.0.1", state="down") == 1
+
+        # Reload: route Sick keeps its host (still down), route Other's host
+        # is replaced (its hold-down is forgotten with it).
+        replaced = closed_port()
+        routes = route_toml("Sick", sick) + route_toml("Other", replaced)
+        write_config(path, tmp_path, smtp, metrics, routes, rules)
+        assert (await cli(proc, path, "reload")).returncode == 0
+        await wait_log(proc, "event=config_applied", count=2)
+        report = json.loads((await cli(proc, path, "status", "--json")).stdout)
+        assert [h["state"] for h in host_entry(report, "Sick")] == ["down"]
+        (fresh,) = host_entry(report, "Other")
+        assert fresh["port"] == replaced and fresh["state"] == "up"
+        assert not any(r["route"] == "(mx)" for r in report["routes"])
+
+        # The host comes back; `relay queue flush` ends its 10-minute
+        # hold-down (as Postfix's flush retries dead destinations).
+        async with Sink(port=sick) as back:
+            assert (await cli(proc, path, "queue", "flush")).returncode == 0
+            await wait_log(proc, "event=host_up")
+            await wait_until(lambda: len(back.messages) == 1, "the held mail delivered")
+        report = json.loads((await cli(proc, path, "status", "--json")).stdout)
+        assert [h["state"] for h in host_entry(report, "Sick")] == ["up"]
+    finally:
+        proc.stop()
+
+
+async def test_status_exits_1_without_a_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    routes = route_toml("Sick", closed_port())
+    write_config(path, tmp_path, free_port(), free_port(), routes, rule_toml("Sick", "*"))
+    done = await cli(RelayProcess(path, cwd=tmp_path), path, "status")
+    assert done.returncode == 1
+    assert "no running relay answered" in done.stderr
