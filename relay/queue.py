@@ -497,6 +497,10 @@ class Scheduler:
                 remote = attempt.remote.get(address, "")
                 rcpt.last_remote = from_wire(attempt.results.get(address, ()))
                 rcpt.last_cause = cause(attempt.results.get(address, ()), reply)
+            if not remote and reply == routing.HELD_DOWN:
+                # Deferred without connecting because the hosts failed before:
+                # the host last tried is still the one a DSN should name.
+                remote = rcpt.remote_mta
             rcpt.last_reply, rcpt.remote_mta = reply, remote
             if outcome == errors.DELIVERED:
                 # Deferred ones are counted once the cycle knows whether they
