@@ -223,6 +223,15 @@ def may_relay(config: Config, ip: str) -> bool:
     return addr is not None and any(addr in net for net in config.server.relay_networks)
 
 
+#: Characters a next hop may read as a route inside a local part.
+ROUTING_CHARACTERS = frozenset("%!@")
+
+
+def has_routing_characters(mailbox: str) -> bool:
+    """True when the local part holds ``%``, ``!`` or (quoted) ``@``."""
+    return not ROUTING_CHARACTERS.isdisjoint(mailbox.rpartition("@")[0])
+
+
 def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
     """Accept or refuse one recipient (a mailbox from :func:`parse_path`).
 
@@ -238,6 +247,11 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
     The domain is the part after the *last* "@", the one RFC 5321 routes
     by; ``%``, ``!`` and quoted ``@`` in the local part are never
     interpreted here (section 2.3.11: only the destination host does).
+    But the next hop may interpret them (``user%other.test@ours`` is
+    sendmail's "percent hack"), turning our route into an open relay, so
+    for a served domain they are refused (550 5.7.1) to clients outside
+    ``relay_networks`` unless ``allow_routing_characters`` (Postfix's
+    ``allow_untrusted_routing = no``).
     It is compared as A-labels, so ``user@bücher.example`` (RFC 6531
     section 3.3) is the served domain ``xn--bcher-kva.example``.
     """
@@ -245,6 +259,12 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
     if domain.startswith("["):
         return errors.RELAYING_DENIED
     if domain_key(domain) in config.server.domains:
+        if (
+            has_routing_characters(mailbox)
+            and not config.server.allow_routing_characters
+            and not may_relay(config, client_ip)
+        ):
+            return errors.ROUTING_CHARACTERS
         return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
     if may_relay(config, client_ip):
         return errors.RECIPIENT_OK
@@ -778,6 +798,16 @@ class _Connection(SMTP):
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         return "250 OK" if status is MISSING else status
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 section 4.2: no second STARTTLS inside TLS. aiosmtpd
+            # would answer 220 and fail with a traceback; Postfix says 554.
+            self.inbound.rejected("bad_syntax", self.session, "STARTTLS")
+            await self.push(str(errors.TLS_ALREADY_ACTIVE))
+            return
+        await super().smtp_STARTTLS(arg)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete
         # syntax, CFWS) with the strict RFC 5321 path grammar. None makes
@@ -823,6 +853,13 @@ def _peer_ip(session: Session) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer or "")
+
+
+_RCPT_REASONS = {
+    errors.RELAYING_DENIED: "relaying_denied",
+    errors.NO_ROUTE: "no_route",
+    errors.ROUTING_CHARACTERS: "routing_characters",
+}
 
 
 class _Handler:
@@ -899,9 +936,7 @@ class _Handler:
             reply, reason = errors.TOO_MANY_RECIPIENTS, "too_many_recipients"
         else:
             reply = recipient_reply(config, _peer_ip(session), address)
-            reason = {errors.RELAYING_DENIED: "relaying_denied", errors.NO_ROUTE: "no_route"}.get(
-                reply, ""
-            )
+            reason = _RCPT_REASONS.get(reply, "")
         if reason:
             self.inbound.rejected(reason, session, "RCPT", rcpt=address, reply=reply)
             return str(reply)

@@ -102,10 +102,12 @@ def test_parse_path_invalid(arg: str) -> None:
         # A served domain no rule routes: refused for trusted clients too
         # (its MX is this relay; the direct route would loop).
         ("127.0.0.1", "other@example.net", errors.NO_ROUTE),
-        # The open-relay tricks: routed by the real domain or refused.
-        ("192.0.2.9", "user%other.test@example.com", errors.RECIPIENT_OK),
-        ("192.0.2.9", "other.test!user@example.com", errors.RECIPIENT_OK),
-        ("192.0.2.9", '"user@other.test"@example.com', errors.RECIPIENT_OK),
+        # The open-relay tricks: refused unless the client may relay (the
+        # next hop might route by them), or judged by the real domain.
+        ("192.0.2.9", "user%other.test@example.com", errors.ROUTING_CHARACTERS),
+        ("192.0.2.9", "other.test!user@example.com", errors.ROUTING_CHARACTERS),
+        ("192.0.2.9", '"user@other.test"@example.com', errors.ROUTING_CHARACTERS),
+        ("127.0.0.1", "user%other.test@example.com", errors.RECIPIENT_OK),
         ("192.0.2.9", "user%example.com@other.test", errors.RELAYING_DENIED),
         ("192.0.2.9", '"user@example.com"@other.test', errors.RELAYING_DENIED),
         ("192.0.2.9", "user@[192.0.2.1]", errors.RELAYING_DENIED),
