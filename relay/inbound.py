@@ -460,8 +460,13 @@ class _CrlfCommandReader(asyncio.StreamReader):
 
     #: Called after each DATA line is read (the session's idle timer).
     on_data_line: Callable[[], None] | None = None
+    #: Set when the session said 421: commands already buffered (pipelined)
+    #: must not run, so every later read ends the session's task.
+    closed = False
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        if self.closed:
+            raise asyncio.CancelledError
         line = await super().readuntil(separator)
         # A bare CR just before the CRLF ("DATA\r\r\n") would vanish in
         # aiosmtpd's rstrip and the command would run: refuse it like a bare
@@ -471,6 +476,11 @@ class _CrlfCommandReader(asyncio.StreamReader):
         if separator == b"\r\n" and self.on_data_line is not None:
             self.on_data_line()
         return line
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.closed:
+            raise asyncio.CancelledError
+        return await super().read(n)
 
     def unread(self, data: bytes) -> None:
         """Put back what a block read took past the end of DATA (pipelined commands)."""
@@ -696,12 +706,16 @@ class _Connection(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self.inbound = inbound
+        #: The [server] settings this connection started with (limits, timeouts).
+        self.server = config.server
         #: loop.time() of the last timer reset for a DATA line.
         self._data_timer_reset = 0.0
         #: True from the end of DATA until its reply is sent (the spool write).
         self._timer_suspended = False
         #: The content of the DATA under way when it went to a temp file.
         self.data_spill: _Spill | None = None
+        #: Error replies (5xx) since the session began or last queued a message.
+        self.errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -828,7 +842,22 @@ class _Connection(SMTP):
             # aiosmtpd's exception reply carries the exception text; it must
             # never reach a client even if handle_exception itself failed.
             status = str(errors.INTERNAL_ERROR)
+        error = text[:1] == "5"
+        server = self.server
+        if error:
+            self.errors += 1
+            if self.errors > server.soft_error_limit:
+                # Postfix's smtpd_error_sleep_time: a harvester (RCPT after
+                # RCPT for unknown users) gets slower with each try.
+                await asyncio.sleep(server.error_delay)
+        elif text.startswith("250 2.0.0 Ok: queued"):
+            # A message was queued: the client is doing real work (Postfix
+            # counts errors "without delivering mail").
+            self.errors = 0
         await super().push(status)
+        if error and self.errors >= server.hard_error_limit:
+            self.inbound.rejected("too_many_errors", self.session, "-", errors=self.errors)
+            self.goodbye(errors.TOO_MANY_ERRORS)
         if self._timer_suspended:
             self._timer_suspended = False
             if self.transport is not None:
@@ -846,6 +875,8 @@ class _Connection(SMTP):
         with contextlib.suppress(ConnectionError, RuntimeError, AttributeError):
             self._writer.write(f"{reply}\r\n".encode())
         transport.close()
+        if isinstance(self._reader, _CrlfCommandReader):
+            self._reader.closed = True
 
 
 def _peer_ip(session: Session) -> str:
