@@ -34,10 +34,11 @@ from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import errors, events
+from relay.admission import Connections, RefusalLog, client_key, raise_fd_limit
 from relay.config import Config, Listen, domain_key
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
-from relay.metrics import REJECT_REASONS, Metrics
+from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
 from relay.spool import IN_MEMORY_MAX, BodyWriter, Spool, new_id
 
 # RFC 5321 section 6.3 suggests 100 hops; DESIGN.md sets 30 Received headers.
@@ -685,6 +686,26 @@ class _Spill:
             self.writer.discard()
 
 
+#: File descriptors kept for the spool, deliveries and metrics beyond
+#: ``max_connections`` when raising the open-files limit.
+FD_RESERVE = 1024
+
+
+class _Gate(asyncio.Protocol):
+    """The protocol every accepted connection starts with: it asks
+    :meth:`Inbound.admit` and hands the transport to the session, or
+    leaves the refused connection closed."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self.inbound = inbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        conn = self.inbound.admit(transport)
+        if conn is not None:
+            transport.set_protocol(conn)
+            conn.connection_made(transport)
+
+
 class _Connection(SMTP):
     """One inbound session: aiosmtpd's SMTP with strict addresses and mapped replies."""
 
@@ -716,6 +737,8 @@ class _Connection(SMTP):
         self.data_spill: _Spill | None = None
         #: Error replies (5xx) since the session began or last queued a message.
         self.errors = 0
+        #: What the per-client connection limit counts this session under.
+        self.client_key = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -1031,13 +1054,46 @@ class Inbound:
         self._writes_done.set()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        #: Open sessions per client, for [server] max_connections(_per_ip).
+        self.counts = Connections()
+        self._refusal_log = RefusalLog(time.monotonic)
+        metrics.inbound_connections.set_function(lambda: self.counts.total)
+
+    def admit(self, transport: asyncio.BaseTransport) -> _Connection | None:
+        """A session for a new connection, or None when a limit refuses it.
+
+        Refused: ``421 4.7.0`` and the connection is closed at once,
+        before any session exists (no greeting, no parser, no timer).
+        """
+        config = self.config()
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        key = client_key(ip)
+        reason = self.counts.refusal(config.server, key, may_relay(config, ip))
+        if reason is not None:
+            assert reason in CONNECTION_REFUSALS
+            reply = errors.TOO_MANY_CONNECTIONS
+            if reason == "max_connections_per_ip":
+                reply = errors.TOO_MANY_FROM_YOU
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
+            transport.close()
+            self.metrics.connections_refused.labels(reason).inc()
+            self._refusal_log.refused(key, ip, reason, self.counts.total)
+            return None
+        conn = _Connection(self, config, self.tls_context())
+        conn.client_key = key
+        self.counts.add(key)
+        return conn
 
     def opened(self, conn: _Connection) -> None:
         self.connections.add(conn)
         self._all_closed.clear()
 
     def closed(self, conn: _Connection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.counts.remove(conn.client_key)
         if not self.connections:
             self._all_closed.set()
 
@@ -1045,6 +1101,10 @@ class Inbound:
         """Bind every listen address; raises OSError if one cannot be bound."""
         # Every refusal is our own log event; aiosmtpd's per-command chatter is not.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
+        # One descriptor per connection, plus the spool's and the deliveries'.
+        before, now = raise_fd_limit(self.config().server.max_connections + FD_RESERVE)
+        if now != before:
+            events.log("fd_limit_raised", soft_before=before, soft=now)
         try:
             for listen in self.config().server.listen:
                 await self._bind(listen)
@@ -1095,8 +1155,8 @@ class Inbound:
             raise
         return added, removed
 
-    def _connection(self) -> _Connection:
-        return _Connection(self, self.config(), self.tls_context())
+    def _connection(self) -> asyncio.Protocol:
+        return _Gate(self)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

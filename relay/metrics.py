@@ -114,6 +114,15 @@ class Metrics:
             ["route", "host"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "relay_connections_refused_total",
+            "Inbound connections closed with 421 before a session, by limit.",
+            ["reason"],
+            registry=r,
+        )
+        self.inbound_connections = Gauge(
+            "relay_inbound_connections", "Inbound SMTP sessions open now.", registry=r
+        )
 
         # Every value of a closed label set is exported from the start, at 0:
         # a series that first appears at 1 hides its first increase from
@@ -121,6 +130,8 @@ class Metrics:
         # first bounce would never fire.
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
+        for reason in CONNECTION_REFUSALS:
+            self.connections_refused.labels(reason)
         for reason in BOUNCE_REASONS:
             self.bounces.labels(reason)
         for result in RELOAD_RESULTS:

@@ -1,0 +1,137 @@
+"""Connection limits: max_connections in total, max_connections_per_ip per client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relay import errors
+from relay.admission import client_key
+from tests.support.inbound import Harness, RawClient, make_config, running_inbound
+
+MSG = b"Subject: hi\r\n\r\nHallo.\r\n"
+
+
+async def connect(port: int, source: str = "127.0.0.1") -> tuple[RawClient, tuple[int, str]]:
+    """A connection from ``source`` and its first line (the greeting or a refusal)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), 5
+    )
+    client = RawClient(reader, writer)
+    return client, await client.reply()
+
+
+async def open_sessions(port: int, source: str, count: int) -> list[RawClient]:
+    clients = []
+    for _ in range(count):
+        client, (code, _) = await connect(port, source)
+        assert code == 220
+        clients.append(client)
+    return clients
+
+
+async def refused(port: int, source: str, reply: errors.Reply) -> None:
+    client, first = await connect(port, source)
+    async with client:
+        assert first == (421, str(reply))
+        # Closed at once, no session: nothing more comes.
+        assert await client.reader.read() == b""
+
+
+async def settle(h: Harness, total: int) -> None:
+    """Wait (bounded) until the server has seen connections close."""
+    for _ in range(200):
+        if h.inbound.counts.total == total:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{h.inbound.counts.total} sessions open, expected {total}")
+
+
+@contextlib.asynccontextmanager
+async def closing(clients: list[RawClient]) -> AsyncIterator[list[RawClient]]:
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def refusals(h: Harness, reason: str) -> float:
+    value = h.metrics.registry.get_sample_value(
+        "relay_connections_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_max_connections_is_enforced_at_its_value(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, extra_server="max_connections = 4")
+    async with running_inbound(cfg) as h:
+        # From several addresses: the limit is over all clients.
+        first = await open_sessions(h.port, "127.0.0.2", 2)
+        second = await open_sessions(h.port, "127.0.0.3", 2)
+        async with closing(first + second):
+            await refused(h.port, "127.0.0.4", errors.TOO_MANY_CONNECTIONS)
+            assert refusals(h, "max_connections") == 1
+            gauge = h.metrics.registry.get_sample_value("relay_inbound_connections")
+            assert gauge == 4
+            await first[0].close()
+            await settle(h, 3)
+            # One closed: one more gets a session, and sends mail.
+            client, (code, _) = await connect(h.port, "127.0.0.4")
+            async with client:
+                assert code == 220
+                await client.start_data()
+                await client.send(MSG + b".\r\n")
+                assert (await client.reply())[0] == 250
+
+
+async def test_max_connections_per_ip_is_enforced_per_address(tmp_path: Path) -> None:
+    extra = 'max_connections_per_ip = 3\nrelay_networks = ["127.0.0.9/32"]'
+    cfg = make_config(tmp_path, extra_server=extra)
+    async with (
+        running_inbound(cfg) as h,
+        closing(await open_sessions(h.port, "127.0.0.2", 3)) as clients,
+    ):
+        await refused(h.port, "127.0.0.2", errors.TOO_MANY_FROM_YOU)
+        # Other addresses have their own count.
+        async with closing(await open_sessions(h.port, "127.0.0.3", 3)):
+            await refused(h.port, "127.0.0.3", errors.TOO_MANY_FROM_YOU)
+            # relay_networks are exempt from the per-client limit.
+            async with closing(await open_sessions(h.port, "127.0.0.9", 5)):
+                assert refusals(h, "max_connections_per_ip") == 2
+        await clients[0].close()
+        await settle(h, 2)
+        async with closing(await open_sessions(h.port, "127.0.0.2", 1)):
+            await refused(h.port, "127.0.0.2", errors.TOO_MANY_FROM_YOU)
+
+
+async def test_a_refused_client_is_logged_once_per_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    cfg = make_config(tmp_path, extra_server="max_connections_per_ip = 1")
+    async with running_inbound(cfg) as h:
+        async with closing(await open_sessions(h.port, "127.0.0.2", 1)):
+            for _ in range(5):
+                await refused(h.port, "127.0.0.2", errors.TOO_MANY_FROM_YOU)
+            async with closing(await open_sessions(h.port, "127.0.0.3", 1)):
+                await refused(h.port, "127.0.0.3", errors.TOO_MANY_FROM_YOU)
+        assert refusals(h, "max_connections_per_ip") == 6
+    lines = [r.fields for r in caplog.records if r.msg == "connection_refused"]  # type: ignore[attr-defined]
+    assert [(line["client"], line["reason"]) for line in lines] == [
+        ("127.0.0.2", "max_connections_per_ip"),
+        ("127.0.0.3", "max_connections_per_ip"),
+    ]
+
+
+def test_ipv6_clients_are_counted_per_64() -> None:
+    assert (
+        client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    )
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1") == "192.0.2.1"
