@@ -821,7 +821,16 @@ class _Connection(SMTP):
     async def _receive(self, reader: _CrlfCommandReader, spill: _Spill) -> Any:
         """Read the content and run the DATA hook: the reply, None at end of stream."""
         assert self.envelope is not None
-        raw, refusal = await read_data(reader, self.data_size_limit, self.line_length_limit, spill)
+        # The idle timer restarts with every block, so it alone would let a
+        # client trickle a byte a second for hours, holding the session and
+        # its buffer: the whole DATA phase has a deadline too.
+        deadline = self.loop.call_later(self.server.data_timeout, self._data_too_slow)
+        try:
+            raw, refusal = await read_data(
+                reader, self.data_size_limit, self.line_length_limit, spill
+            )
+        finally:
+            deadline.cancel()
         if raw is None:
             if refusal is None:
                 return None
@@ -885,6 +894,10 @@ class _Connection(SMTP):
             self._timer_suspended = False
             if self.transport is not None:
                 self._reset_timeout()
+
+    def _data_too_slow(self) -> None:
+        self.inbound.rejected("data_timeout", self.session, "DATA")
+        self.goodbye(errors.DATA_TIMEOUT)
 
     def _timeout_cb(self) -> None:
         # RFC 5321 section 4.5.3.2: say why before closing an idle session.
