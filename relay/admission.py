@@ -70,6 +70,21 @@ class Connections:
         return self._per_key.get(key, 0)
 
 
+class MemoryBudget:
+    """Message bytes held in memory by all sessions together (``[server]
+    max_memory``). Each session adds what it holds while it reads DATA;
+    once the total is over the limit every session sends its message to
+    the spool's temp file as it comes instead of keeping up to 256 KiB."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.held > self.limit
+
+
 @dataclass(slots=True)
 class _Logged:
     at: float

@@ -34,7 +34,13 @@ from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import errors, events
-from relay.admission import Connections, RefusalLog, client_key, raise_fd_limit
+from relay.admission import (
+    Connections,
+    MemoryBudget,
+    RefusalLog,
+    client_key,
+    raise_fd_limit,
+)
 from relay.config import Config, Listen, domain_key
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
@@ -499,8 +505,12 @@ _TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 class Spill(Protocol):
     """Where :func:`read_data` puts the content of a large message as it comes."""
 
-    #: Unflushed raw content above this many bytes goes to :meth:`write`.
-    threshold: int
+    @property
+    def threshold(self) -> int:
+        """Unflushed raw content above this many bytes goes to :meth:`write`."""
+
+    def holding(self, size: int) -> None:
+        """:func:`read_data` holds ``size`` bytes of content in memory now."""
 
     async def write(self, raw: bytes) -> None:
         """Take ``raw``: still dot-stuffed, whole lines (starting at a line
@@ -549,6 +559,8 @@ async def read_data(
             # Data is flowing: restart the idle timer (per block, not per line).
             reader.on_data_line()
         buf += block
+        if spill is not None:
+            spill.holding(len(buf))
         end = buf.find(_DATA_END, start)
         if end >= 0:
             break
@@ -558,6 +570,7 @@ async def read_data(
             flushed, refusal = await _spill_lines(buf, spill, line_limit)
             shift += flushed
             spilled = spilled or flushed > 0
+            spill.holding(len(buf))
         if refusal is not None:
             if spilled and spill is not None:
                 spill.abandon()
@@ -647,8 +660,15 @@ class _Spill:
     first); later pieces are then only checked.
     """
 
-    def __init__(self, start: Callable[[], tuple[Envelope, bytes]], spool: Spool) -> None:
-        self.threshold = SPILL_THRESHOLD
+    def __init__(
+        self,
+        start: Callable[[], tuple[Envelope, bytes]],
+        spool: Spool,
+        budget: MemoryBudget | None = None,
+    ) -> None:
+        self._budget = budget or MemoryBudget(1 << 62)
+        #: The bytes this session counts in the budget now.
+        self._held = 0
         self._start = start
         self._spool = spool
         self.check = MessageCheck()
@@ -656,6 +676,20 @@ class _Spill:
         self.envelope: Envelope | None = None
         self.writer: BodyWriter | None = None
         self.failure: SpoolError | None = None
+
+    @property
+    def threshold(self) -> int:
+        # Over the memory budget every session spills at once (whole lines:
+        # what stays is a partial line and the block just read).
+        return 0 if self._budget.exhausted else SPILL_THRESHOLD
+
+    def holding(self, size: int) -> None:
+        self._budget.held += size - self._held
+        self._held = size
+
+    def release(self) -> None:
+        """The DATA is over: its content no longer counts."""
+        self.holding(0)
 
     @property
     def started(self) -> bool:
@@ -801,7 +835,11 @@ class _Connection(SMTP):
         assert isinstance(reader, _CrlfCommandReader)
         envelope, session = self.envelope, self.session
         assert session is not None
-        spill = _Spill(lambda: self.inbound.begin(self, session, envelope), self.inbound.spool)
+        spill = _Spill(
+            lambda: self.inbound.begin(self, session, envelope),
+            self.inbound.spool,
+            self.inbound.memory,
+        )
         try:
             status = await self._receive(reader, spill)
         except asyncio.CancelledError:
@@ -812,6 +850,7 @@ class _Connection(SMTP):
             # Refused, dropped or spooled: no temp file outlives the DATA
             # (once put_async took it, this is a no-op).
             spill.discard()
+            spill.release()
             self.data_spill = None
         if status is None:  # end of stream
             self._writer.close()
@@ -1071,6 +1110,9 @@ class Inbound:
         self.counts = Connections()
         self._refusal_log = RefusalLog(time.monotonic)
         metrics.inbound_connections.set_function(lambda: self.counts.total)
+        #: Message bytes all sessions hold in memory, for [server] max_memory.
+        self.memory = MemoryBudget(self.config().server.max_memory)
+        metrics.inbound_memory.set_function(lambda: self.memory.held)
 
     def admit(self, transport: asyncio.BaseTransport) -> _Connection | None:
         """A session for a new connection, or None when a limit refuses it.
@@ -1094,6 +1136,7 @@ class Inbound:
             self.metrics.connections_refused.labels(reason).inc()
             self._refusal_log.refused(key, ip, reason, self.counts.total)
             return None
+        self.memory.limit = config.server.max_memory
         conn = _Connection(self, config, self.tls_context())
         conn.client_key = key
         self.counts.add(key)

@@ -123,6 +123,11 @@ class Metrics:
         self.inbound_connections = Gauge(
             "relay_inbound_connections", "Inbound SMTP sessions open now.", registry=r
         )
+        self.inbound_memory = Gauge(
+            "relay_inbound_memory_bytes",
+            "Message bytes inbound sessions hold in memory now ([server] max_memory).",
+            registry=r,
+        )
 
         # Every value of a closed label set is exported from the start, at 0:
         # a series that first appears at 1 hides its first increase from
