@@ -42,6 +42,7 @@ from relay.admission import (
     raise_fd_limit,
 )
 from relay.config import Config, Listen, domain_key
+from relay.dns import ReverseResolver, confirmed_name
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
@@ -396,12 +397,15 @@ def protocol_keyword(esmtp: bool, tls: bool, smtputf8: bool) -> str:
     return base + ("S" if tls else "")
 
 
-def _tcp_info(ip: str) -> str:
+def _tcp_info(ip: str, name: str | None) -> str:
+    """RFC 5321 section 4.4 TCP-info as Postfix writes it: ``name [ip]``,
+    the name forward-confirmed (:func:`relay.dns.confirmed_name`) or ``unknown``."""
     addr = client_address(ip)
     if addr is None:
-        return "[unknown]"
+        return f"{name or 'unknown'} [unknown]"
     # RFC 5321 section 4.1.3: IPv6 literals carry the "IPv6:" tag.
-    return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+    literal = f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+    return f"{name or 'unknown'} {literal}"
 
 
 def received_header(
@@ -414,6 +418,7 @@ def received_header(
     recipients: Sequence[str],
     when: float,
     cipher: tuple[str, str, int] | None = None,
+    client_name: str | None = None,
 ) -> bytes:
     """Our trace header (RFC 5321 section 4.4), folded, ending in CRLF.
 
@@ -423,7 +428,7 @@ def received_header(
     so one recipient never learns about the others.
     """
     stamp = email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
-    lines = [f"Received: from {helo} ({_tcp_info(client_ip)})"]
+    lines = [f"Received: from {helo} ({_tcp_info(client_ip, client_name)})"]
     by = f"by {hostname} (relay) with {protocol}"
     if cipher:
         by += f" (using {cipher[1]} with cipher {cipher[0]} ({cipher[2]} bits))"
@@ -773,14 +778,37 @@ class _Connection(SMTP):
         self.errors = 0
         #: What the per-client connection limit counts this session under.
         self.client_key = ""
+        self._name_lookup: asyncio.Task[str | None] | None = None
+        #: The client's forward-confirmed reverse DNS name, once known.
+        self.client_name: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.inbound.opened(self)
+        if self._name_lookup is None:  # not again after STARTTLS
+            resolver = self.inbound.resolver()
+            assert self.session is not None
+            addr = client_address(_peer_ip(self.session))
+            ip = str(addr or "")
+            if addr is not None and addr.is_loopback and not self.inbound.look_up_loopback:
+                self.client_name = "localhost"
+            elif isinstance(resolver, ReverseResolver) and ip:
+                # Looked up while the client talks; DATA waits for what is left of it.
+                self._name_lookup = self.loop.create_task(
+                    confirmed_name(resolver, ip, self.server.reverse_dns_timeout)
+                )
 
     def connection_lost(self, error: Exception | None) -> None:
         self.inbound.closed(self)
+        if self._name_lookup is not None:
+            self._name_lookup.cancel()
         super().connection_lost(error)
+
+    async def _wait_client_name(self) -> None:
+        """The confirmed name (or None) for the Received header: at most
+        ``reverse_dns_timeout`` after the connection was made, in all."""
+        if self._name_lookup is not None and self.client_name is None:
+            self.client_name = await self._name_lookup
 
     def _cb_client_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -830,6 +858,7 @@ class _Connection(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        await self._wait_client_name()
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         reader = self._reader
         assert isinstance(reader, _CrlfCommandReader)
@@ -1089,8 +1118,17 @@ class Inbound:
         *,
         tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        resolver: Callable[[], object] = lambda: None,
+        look_up_loopback: bool = False,
     ) -> None:
         self.config = config
+        #: For the client's name in the Received header: a ReverseResolver
+        #: (or anything else: no look-up).
+        self.resolver = resolver
+        #: Loopback clients are this machine, named ``localhost`` without a
+        #: query (as /etc/hosts would; RFC 6761 section 6.3), unless this is
+        #: set (the tests, whose DNS server serves 127.0.0.x).
+        self.look_up_loopback = look_up_loopback
         self.spool = spool
         self.metrics = metrics
         self.on_accept = on_accept
@@ -1337,7 +1375,9 @@ class Inbound:
     @staticmethod
     def _received(server: SMTP, session: Session, env: Envelope) -> bytes:
         cipher = session.ssl.get("cipher") if session.ssl else None
+        name = server.client_name if isinstance(server, _Connection) else None
         return received_header(
+            client_name=name,
             helo=env.client.helo,
             client_ip=env.client.ip,
             hostname=server.hostname,

@@ -105,7 +105,7 @@ async def test_single_recipient_received_has_for_clause(cfg: Config) -> None:
         [env] = h.spooled()
         assert env.mail_from == ""  # the null reverse-path
         head = h.spool.read_body(env.id).split(b"\r\nFrom: ")[0]
-        assert b"from client.test ([127.0.0.1])" in head
+        assert b"from client.test (localhost [127.0.0.1])" in head
         assert b"with ESMTP\r\n" in head
         assert b"\tfor <user@example.com>; " in head
 

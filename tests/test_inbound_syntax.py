@@ -207,7 +207,7 @@ def test_received_header_single_recipient() -> None:
         cipher=("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256),
     )
     assert header == (
-        b"Received: from client.test ([192.0.2.7])\r\n"
+        b"Received: from client.test (unknown [192.0.2.7])\r\n"
         b"\tby relay.test (relay) with ESMTPS"
         b" (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256 bits))\r\n"
         b"\tid QID1\r\n"
@@ -226,5 +226,5 @@ def test_received_header_many_recipients_and_ipv6() -> None:
         when=0.0,
     )
     assert b"for" not in header
-    assert b"([IPv6:::1])" in header
+    assert b"(unknown [IPv6:::1])" in header
     assert b"id QID2; Thu, 01 Jan 1970" in header
