@@ -230,21 +230,21 @@ class ReverseResolver(Protocol):
 MAX_PTR_NAMES = 5
 
 
-async def confirmed_name(resolver: ReverseResolver, ip: str, timeout: float) -> str | None:
+async def confirmed_name(resolver: ReverseResolver, ip: str, within: float) -> str | None:
     """The client's forward-confirmed reverse DNS name, or None.
 
     A PTR name of ``ip`` counts only when that name's A/AAAA records lead
     back to ``ip`` (anyone can publish any PTR for their own addresses),
     and only when it is a plain host name, since it is written into the
     Received header. Every failure -- no PTR, a lie, a DNS error, or
-    ``timeout`` seconds passing -- is None, never an exception.
+    ``within`` seconds passing -- is None, never an exception.
     """
     try:
         want = ipaddress.ip_address(ip)
     except ValueError:
         return None
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             for name in (await resolver.names(ip))[:MAX_PTR_NAMES]:
                 if not is_hostname(name):
                     continue

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from relay.dns import DnsResolver, confirmed_name
 from relay.inbound import received_header
-from tests.support.dnsserver import DnsServer, dns_server  # noqa: F401 - fixture
+from tests.support.dnsserver import DnsmasqFactory, DnsServer, dnsmasq_servers
 from tests.support.inbound import make_config, running_inbound
 
 MSG = b"Subject: hi\r\n\r\nHallo.\r\n"
-Factory = Callable[..., DnsServer]
 
 
-def records(dns_server: Factory) -> DnsServer:
-    return dns_server(
+@pytest.fixture
+def dns() -> Iterator[DnsmasqFactory]:
+    with dnsmasq_servers() as factory:
+        yield factory
+
+
+def records(dns: DnsmasqFactory) -> DnsServer:
+    return dns(
         # host-record: A and the PTR back; confirmed.
         hosts={"client.test": ["127.0.0.2"], "elsewhere.test": ["127.0.0.9"]},
         ptr={
@@ -27,8 +34,8 @@ def records(dns_server: Factory) -> DnsServer:
     )
 
 
-async def test_confirmed_name_follows_ptr_then_a_back(dns_server: Factory) -> None:
-    resolver = DnsResolver(records(dns_server).config(timeout=2.0))
+async def test_confirmed_name_follows_ptr_then_a_back(dns: DnsmasqFactory) -> None:
+    resolver = DnsResolver(records(dns).config(timeout=2.0))
     assert await confirmed_name(resolver, "127.0.0.2", 2.0) == "client.test"
     assert await confirmed_name(resolver, "127.0.0.3", 2.0) is None
     assert await confirmed_name(resolver, "127.0.0.4", 2.0) is None
@@ -56,9 +63,9 @@ async def send_from(port: int, source: str) -> None:
 
 
 async def test_received_names_the_client_as_postfix_does(
-    tmp_path: Path, dns_server: Factory
+    tmp_path: Path, dns: DnsmasqFactory
 ) -> None:
-    resolver = DnsResolver(records(dns_server).config(timeout=2.0))
+    resolver = DnsResolver(records(dns).config(timeout=2.0))
     async with running_inbound(make_config(tmp_path), resolver=resolver) as h:
         for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
             await send_from(h.port, source)
@@ -92,12 +99,12 @@ def test_received_header_unknown_and_ipv6() -> None:
 
 
 async def test_a_silent_dns_server_costs_at_most_reverse_dns_timeout(
-    tmp_path: Path, dns_server: Factory
+    tmp_path: Path, dns: DnsmasqFactory
 ) -> None:
     # PTR queries for 127.0.0.6 go to a server that never answers; the
     # resolver itself would wait 30 s, the session at most 300 ms (the
     # test's replies wait 10 s).
-    server = dns_server(timeout=["6.0.0.127.in-addr.arpa"])
+    server = dns(timeout=["6.0.0.127.in-addr.arpa"])
     resolver = DnsResolver(server.config(timeout=30.0))
     cfg = make_config(tmp_path, extra_server='reverse_dns_timeout = "300ms"')
     async with running_inbound(cfg, resolver=resolver) as h:
