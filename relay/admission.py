@@ -48,10 +48,12 @@ class Connections:
     def refusal(self, server: ServerConfig, key: str, trusted: bool) -> str | None:
         """Why a new connection from client ``key`` must be refused (a metric
         reason), or None; ``trusted``: the client is in relay_networks."""
-        if self.total >= server.max_connections:
-            return "max_connections"
+        # Per client first: a client over its own limit may not take an
+        # idle session's place either.
         if not trusted and self._per_key.get(key, 0) >= server.max_connections_per_ip:
             return "max_connections_per_ip"
+        if self.total >= server.max_connections:
+            return "max_connections"
         return None
 
     def add(self, key: str) -> None:

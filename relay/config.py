@@ -158,6 +158,9 @@ class ServerConfig:
     data_timeout: float = 600.0
     #: Inbound connections open at once, over all listeners.
     max_connections: int = 1000
+    #: With max_connections open, a session idle longer than this between
+    #: commands is closed to let a new client in (Postfix's stress mode).
+    busy_timeout: float = 10.0
     #: Inbound connections at once from one IPv4 address or IPv6 /64
     #: (relay_networks are exempt).
     max_connections_per_ip: int = 20
@@ -526,7 +529,7 @@ _SERVER_KEYS = (
     "hostname", "listen", "domains", "relay_networks", "max_message_size", "max_recipients",
     "tls_cert", "tls_key", "timeout", "data_timeout", "max_connections",
     "max_connections_per_ip", "soft_error_limit", "hard_error_limit", "error_delay",
-    "max_memory", "allow_routing_characters", "reverse_dns_timeout",
+    "max_memory", "allow_routing_characters", "reverse_dns_timeout", "busy_timeout",
 )  # fmt: skip
 _ROUTE_KEYS = (
     "name", "host", "port", "mx_lookup", "require_tls", "require_ca_signed",
@@ -587,6 +590,7 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
         timeout=r.duration("timeout", defaults.timeout),
         data_timeout=r.duration("data_timeout", defaults.data_timeout),
         max_connections=r.positive("max_connections", defaults.max_connections),
+        busy_timeout=r.duration("busy_timeout", defaults.busy_timeout),
         max_connections_per_ip=r.positive(
             "max_connections_per_ip", defaults.max_connections_per_ip
         ),

@@ -140,6 +140,7 @@ TOO_MANY_ERRORS = Reply(421, (4, 7, 0), "Too many errors")
 TOO_MANY_CONNECTIONS = Reply(421, (4, 7, 0), "Too many connections, try again later")
 TOO_MANY_FROM_YOU = Reply(421, (4, 7, 0), "Too many connections from your address")
 DATA_TIMEOUT = Reply(421, (4, 4, 2), "Timeout: the message took too long to send")
+BUSY_TIMEOUT = Reply(421, (4, 4, 2), "Timeout: idle while every connection is taken")
 
 
 def queued(queue_id: str) -> Reply:

@@ -472,6 +472,8 @@ class _CrlfCommandReader(asyncio.StreamReader):
 
     #: Called after each DATA line is read (the session's idle timer).
     on_data_line: Callable[[], None] | None = None
+    #: Called after each command line is read (the session is busy).
+    on_command: Callable[[], None] | None = None
     #: Set when the session said 421: commands already buffered (pipelined)
     #: must not run, so every later read ends the session's task.
     closed = False
@@ -483,6 +485,8 @@ class _CrlfCommandReader(asyncio.StreamReader):
         # A bare CR just before the CRLF ("DATA\r\r\n") would vanish in
         # aiosmtpd's rstrip and the command would run: refuse it like a bare
         # LF. A CR inside an argument is left to the argument checks (501).
+        if separator == b"\n" and self.on_command is not None:
+            self.on_command()
         if separator == b"\n" and (not line.endswith(b"\r\n") or line.endswith(b"\r\r\n")):
             return b"\n"
         if separator == b"\r\n" and self.on_data_line is not None:
@@ -778,6 +782,11 @@ class _Connection(SMTP):
         self.errors = 0
         #: What the per-client connection limit counts this session under.
         self.client_key = ""
+        #: Counted in Inbound.counts (until closed, or evicted for a new client).
+        self.counted = True
+        #: loop.time() since when the session waits for the client's next
+        #: command; None while a command or a DATA phase is under way.
+        self.waiting_since: float | None = None
         self._name_lookup: asyncio.Task[str | None] | None = None
         #: The client's forward-confirmed reverse DNS name, once known.
         self.client_name: str | None = None
@@ -817,7 +826,11 @@ class _Connection(SMTP):
         reader.__class__ = _CrlfCommandReader
         assert isinstance(reader, _CrlfCommandReader)
         reader.on_data_line = self._data_line
+        reader.on_command = self._command_read
         super()._cb_client_connected(reader, writer)
+
+    def _command_read(self) -> None:
+        self.waiting_since = None
 
     def _data_line(self) -> None:
         # aiosmtpd resets the idle timer per command only, so [server]
@@ -955,6 +968,8 @@ class _Connection(SMTP):
             # counts errors "without delivering mail").
             self.errors = 0
         await super().push(status)
+        # After any reply but 354 (DATA goes on) the client's turn is a command.
+        self.waiting_since = None if text[:1] == "3" else self.loop.time()
         if error and self.errors >= server.hard_error_limit:
             self.inbound.rejected("too_many_errors", self.session, "-", errors=self.errors)
             self.goodbye(errors.TOO_MANY_ERRORS)
@@ -1163,6 +1178,8 @@ class Inbound:
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         key = client_key(ip)
         reason = self.counts.refusal(config.server, key, may_relay(config, ip))
+        if reason == "max_connections" and self._evict_idlest(config.server.busy_timeout):
+            reason = None
         if reason is not None:
             assert reason in CONNECTION_REFUSALS
             reply = errors.TOO_MANY_CONNECTIONS
@@ -1180,6 +1197,29 @@ class Inbound:
         self.counts.add(key)
         return conn
 
+    def _evict_idlest(self, busy_timeout: float) -> bool:
+        """Every session is taken: close the one that has waited longest for
+        its client's next command, if that is over ``busy_timeout`` (as
+        Postfix's stress mode cuts its timeout when all its servers are
+        busy), so idle connections cannot lock out a client with mail."""
+        now = asyncio.get_running_loop().time()
+        waiting = [
+            (conn.waiting_since, conn)
+            for conn in self.connections
+            if conn.counted and conn.waiting_since is not None
+        ]
+        if not waiting:
+            return False
+        since, idlest = min(waiting, key=lambda pair: pair[0])
+        if now - since < busy_timeout:
+            return False
+        # Not counted from now on: its place goes to the new client at once.
+        idlest.counted = False
+        self.counts.remove(idlest.client_key)
+        self.rejected("busy_timeout", idlest.session, "-", idle=round(now - since, 1))
+        idlest.goodbye(errors.BUSY_TIMEOUT)
+        return True
+
     def opened(self, conn: _Connection) -> None:
         self.connections.add(conn)
         self._all_closed.clear()
@@ -1187,7 +1227,9 @@ class Inbound:
     def closed(self, conn: _Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            self.counts.remove(conn.client_key)
+            if conn.counted:
+                conn.counted = False
+                self.counts.remove(conn.client_key)
         if not self.connections:
             self._all_closed.set()
 

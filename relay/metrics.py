@@ -29,7 +29,7 @@ OUTCOMES = ("delivered", "deferred", "bounced")
 REJECT_REASONS = (
     "relaying_denied", "no_route", "too_many_recipients", "too_big", "bad_address",
     "bad_syntax", "loop", "bare_line_ending", "bad_header", "spool_error", "disk_full",
-    "bad_content", "routing_characters", "too_many_errors", "data_timeout",
+    "bad_content", "routing_characters", "too_many_errors", "data_timeout", "busy_timeout",
 )  # fmt: skip
 #: Why a connection was closed before its session started.
 CONNECTION_REFUSALS = ("max_connections", "max_connections_per_ip")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -135,3 +136,58 @@ def test_ipv6_clients_are_counted_per_64() -> None:
     )
     assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
     assert client_key("::ffff:192.0.2.1") == client_key("192.0.2.1") == "192.0.2.1"
+
+
+async def test_when_full_the_longest_idle_session_makes_room(tmp_path: Path) -> None:
+    extra = 'max_connections = 3\nbusy_timeout = "200ms"'
+    cfg = make_config(tmp_path, extra_server=extra)
+    async with running_inbound(cfg) as h:
+        # The oldest session is in DATA: busy, however long it is quiet.
+        in_data = await RawClient.connect(h.port)
+        await in_data.start_data()
+        async with closing([in_data, *await open_sessions(h.port, "127.0.0.2", 2)]) as clients:
+            await asyncio.sleep(0.3)  # (at least) past busy_timeout
+            assert (await clients[2].cmd("NOOP"))[0] == 250  # just active again
+            newcomer, (code, _) = await connect(h.port, "127.0.0.3")
+            async with newcomer:
+                assert code == 220
+                await newcomer.start_data()
+                await newcomer.send(MSG + b".\r\n")
+                assert (await newcomer.reply())[0] == 250
+            # The session idle longest between commands was closed for it.
+            assert await clients[1].reply() == (421, str(errors.BUSY_TIMEOUT))
+            assert await clients[1].reader.read() == b""
+            assert h.rejected("busy_timeout") == 1
+            # The others carry on.
+            await in_data.send(MSG + b".\r\n")
+            assert (await in_data.reply())[0] == 250
+            assert (await clients[2].cmd("NOOP"))[0] == 250
+            assert refusals(h, "max_connections") == 0
+
+
+async def test_a_thousand_idle_connections_do_not_stop_mail(tmp_path: Path) -> None:
+    # The defaults (max_connections 1000, 20 per address), from 50
+    # addresses; only busy_timeout is short, for the test's sake.
+    cfg = make_config(tmp_path, extra_server='busy_timeout = "1s"')
+    async with running_inbound(cfg) as h:
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2100:
+            pytest.skip("2000 descriptors needed (client and server side of 1000 connections)")
+        idle: list[RawClient] = []
+        async with closing(idle):
+            for n in range(50):
+                batch = await asyncio.gather(
+                    *(connect(h.port, f"127.0.1.{n + 1}") for _ in range(20))
+                )
+                idle += [client for client, _ in batch]
+                assert [first[0] for _, first in batch] == [220] * 20
+            assert len(idle) == 1000
+            assert h.inbound.counts.total == 1000
+            await asyncio.sleep(1.1)
+            client, (code, _) = await connect(h.port, "127.0.2.1")
+            async with client:
+                assert code == 220
+                await client.start_data()
+                await client.send(MSG + b".\r\n")
+                assert (await client.reply())[0] == 250
+            assert len(h.spooled()) == 1
+            assert h.rejected("busy_timeout") == 1
