@@ -743,7 +743,13 @@ class _Gate(asyncio.Protocol):
         self.inbound = inbound
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        conn = self.inbound.admit(transport)
+        try:
+            conn = self.inbound.admit(transport)
+        except Exception:
+            # Never a half-open connection nobody serves.
+            events.error("inbound_error", exc_info=True, error="admission failed")
+            transport.abort()  # type: ignore[attr-defined]
+            return
         if conn is not None:
             transport.set_protocol(conn)
             conn.connection_made(transport)
