@@ -794,6 +794,7 @@ class _Connection(SMTP):
         #: command; None while a command or a DATA phase is under way.
         self.waiting_since: float | None = None
         self._name_lookup: asyncio.Task[str | None] | None = None
+        self._name_known = False
         #: The client's forward-confirmed reverse DNS name, once known.
         self.client_name: str | None = None
 
@@ -822,8 +823,13 @@ class _Connection(SMTP):
     async def _wait_client_name(self) -> None:
         """The confirmed name (or None) for the Received header: at most
         ``reverse_dns_timeout`` after the connection was made, in all."""
-        if self._name_lookup is not None and self.client_name is None:
-            self.client_name = await self._name_lookup
+        if self._name_lookup is not None and not self._name_known:
+            try:
+                self.client_name = await self._name_lookup
+            except Exception:
+                # Only a name for a trace header: never a reason to refuse mail.
+                events.error("client_name_failed", exc_info=True)
+            self._name_known = True
 
     def _cb_client_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -934,7 +940,7 @@ class _Connection(SMTP):
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
-            # RFC 3207 section 4.2: no second STARTTLS inside TLS. aiosmtpd
+            # RFC 3207 section 4: no second STARTTLS inside TLS. aiosmtpd
             # would answer 220 and fail with a traceback; Postfix says 554.
             self.inbound.rejected("bad_syntax", self.session, "STARTTLS")
             await self.push(str(errors.TLS_ALREADY_ACTIVE))
