@@ -666,16 +666,17 @@ class _Spill:
     then each piece is unstuffed, checked (:class:`MessageCheck`) and
     appended to a :class:`relay.spool.BodyWriter`. A spool error is kept
     for the reply after the final dot (the client must send the rest
-    first); later pieces are then only checked.
+    first); later pieces are then only checked. ``budget`` is shared by
+    every session: while it is exhausted, everything spills at once.
     """
 
     def __init__(
         self,
         start: Callable[[], tuple[Envelope, bytes]],
         spool: Spool,
-        budget: MemoryBudget | None = None,
+        budget: MemoryBudget,
     ) -> None:
-        self._budget = budget or MemoryBudget(1 << 62)
+        self._budget = budget
         #: The bytes this session counts in the budget now.
         self._held = 0
         self._start = start
@@ -1130,10 +1131,12 @@ class Inbound:
     """Listens on every ``[server] listen`` address and spools what it accepts.
 
     ``config`` is called at every command, so a reload applies to open
-    sessions at once (except per-connection settings: size limit, timeout,
-    hostname and TLS, which new connections pick up). ``on_accept`` is
-    called with each envelope after its spool write, and the stored body's
-    parts (the scheduler's ``add``); inbound never delivers.
+    sessions at once (except per-connection settings: size limit,
+    timeouts, error limits, hostname and TLS, which new connections pick
+    up). ``on_accept`` is called with each envelope after its spool write,
+    and the stored body's parts (the scheduler's ``add``); inbound never
+    delivers. Every new connection first passes :meth:`admit` (the
+    connection limits); ``resolver`` names clients in the Received header.
     """
 
     def __init__(
