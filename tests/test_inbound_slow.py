@@ -43,3 +43,20 @@ async def test_trickling_data_is_cut_off_at_data_timeout(tmp_path: Path, head: b
         assert h.spooled() == []
         await asyncio.sleep(0)
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+async def test_a_trickled_command_line_is_cut_off_at_timeout(tmp_path: Path) -> None:
+    # Bytes keep coming, but no complete command: the per-command timeout.
+    cfg = make_config(tmp_path, timeout="500ms")
+    async with running_inbound(cfg) as h, await RawClient.connect(h.port) as client:
+        assert (await client.cmd("EHLO client.test"))[0] == 250
+        for _ in range(100):
+            try:
+                reply = await client.reply(wait=0.1)
+            except TimeoutError:
+                await client.send(b"N")
+                continue
+            assert reply == (421, str(errors.IDLE_TIMEOUT))
+            break
+        else:
+            pytest.fail("the trickled command was never cut off")
