@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay import errors
-from relay.admission import client_key
+from relay.admission import LOG_INTERVAL, RefusalLog, client_key
 from tests.support.inbound import Harness, RawClient, make_config, running_inbound
 
 MSG = b"Subject: hi\r\n\r\nHallo.\r\n"
@@ -191,3 +191,15 @@ async def test_a_thousand_idle_connections_do_not_stop_mail(tmp_path: Path) -> N
                 assert (await client.reply())[0] == 250
             assert len(h.spooled()) == 1
             assert h.rejected("busy_timeout") == 1
+
+
+def test_the_refusal_log_speaks_again_after_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    now = [1000.0]
+    log = RefusalLog(clock=lambda: now[0])
+    for _ in range(3):
+        log.refused("192.0.2.1", "192.0.2.1", "max_connections_per_ip", 20)
+    now[0] += LOG_INTERVAL
+    log.refused("192.0.2.1", "192.0.2.1", "max_connections_per_ip", 20)
+    lines = [r.fields for r in caplog.records if r.msg == "connection_refused"]  # type: ignore[attr-defined]
+    assert [line["refused_since_last"] for line in lines] == [0, 2]
