@@ -23,6 +23,7 @@ import email.utils
 import ipaddress
 import logging
 import re
+import resource
 import ssl
 import string
 import time
@@ -1253,9 +1254,13 @@ class Inbound:
         # Every refusal is our own log event; aiosmtpd's per-command chatter is not.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
         # One descriptor per connection, plus the spool's and the deliveries'.
-        before, now = raise_fd_limit(self.config().server.max_connections + FD_RESERVE)
+        wanted = self.config().server.max_connections + FD_RESERVE
+        before, now = raise_fd_limit(wanted)
         if now != before:
             events.log("fd_limit_raised", soft_before=before, soft=now)
+        if now != resource.RLIM_INFINITY and now < wanted:
+            # Past it accept() fails (EMFILE) before any 421 can be sent.
+            events.warning("fd_limit_low", soft=now, wanted=wanted)
         try:
             for listen in self.config().server.listen:
                 await self._bind(listen)
