@@ -203,3 +203,21 @@ def test_the_refusal_log_speaks_again_after_a_minute(caplog: pytest.LogCaptureFi
     log.refused("192.0.2.1", "192.0.2.1", "max_connections_per_ip", 20)
     lines = [r.fields for r in caplog.records if r.msg == "connection_refused"]  # type: ignore[attr-defined]
     assert [line["refused_since_last"] for line in lines] == [0, 2]
+
+
+async def test_start_raises_the_soft_open_files_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2100:
+        pytest.skip(f"hard open-files limit {hard} is below max_connections + 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        async with running_inbound(make_config(tmp_path)):
+            raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert raised == hard if hard != resource.RLIM_INFINITY else raised >= 2024
+    [line] = [r.fields for r in caplog.records if r.msg == "fd_limit_raised"]  # type: ignore[attr-defined]
+    assert line["soft_before"] == 512
