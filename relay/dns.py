@@ -246,7 +246,9 @@ async def confirmed_name(resolver: ReverseResolver, ip: str, within: float) -> s
     try:
         async with asyncio.timeout(within):
             for name in (await resolver.names(ip))[:MAX_PTR_NAMES]:
-                if not is_hostname(name):
+                # A PTR "name" like 192.0.2.1 would confirm itself (and
+                # pretend to be an address): Postfix also calls it unknown.
+                if not is_hostname(name) or ip_literal(name) is not None:
                     continue
                 try:
                     found = await resolver.addresses(name)

@@ -29,6 +29,7 @@ def records(dns: DnsmasqFactory) -> DnsServer:
         ptr={
             "127.0.0.3": "liar.test",  # no address record at all
             "127.0.0.4": "elsewhere.test",  # its A is another address
+            "127.0.0.7": "127.0.0.7",  # a PTR that pretends to be an address
         },
         timeout=["slow.test"],
     )
@@ -40,6 +41,7 @@ async def test_confirmed_name_follows_ptr_then_a_back(dns: DnsmasqFactory) -> No
     assert await confirmed_name(resolver, "127.0.0.3", 2.0) is None
     assert await confirmed_name(resolver, "127.0.0.4", 2.0) is None
     assert await confirmed_name(resolver, "127.0.0.5", 2.0) is None  # no PTR
+    assert await confirmed_name(resolver, "127.0.0.7", 2.0) is None
 
 
 async def send_from(port: int, source: str) -> None:
