@@ -55,6 +55,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "relay_connections_refused_total",
+            "Inbound connections closed with 421 before a session, by limit.",
+            ["reason"],
+            registry=r,
+        )
+        self.inbound_connections = Gauge(
+            "relay_inbound_connections", "Inbound SMTP sessions open now.", registry=r
+        )
+        self.inbound_memory = Gauge(
+            "relay_inbound_memory_bytes",
+            "Message bytes inbound sessions hold in memory now ([server] max_memory).",
+            registry=r,
+        )
         self.recipients = Counter(
             "relay_recipients_total",
             "Recipient outcomes per route.",
@@ -114,21 +128,6 @@ class Metrics:
             ["route", "host"],
             registry=r,
         )
-        self.connections_refused = Counter(
-            "relay_connections_refused_total",
-            "Inbound connections closed with 421 before a session, by limit.",
-            ["reason"],
-            registry=r,
-        )
-        self.inbound_connections = Gauge(
-            "relay_inbound_connections", "Inbound SMTP sessions open now.", registry=r
-        )
-        self.inbound_memory = Gauge(
-            "relay_inbound_memory_bytes",
-            "Message bytes inbound sessions hold in memory now ([server] max_memory).",
-            registry=r,
-        )
-
         # Every value of a closed label set is exported from the start, at 0:
         # a series that first appears at 1 hides its first increase from
         # rate()/increase(), so an alert on the first failed reload or the
