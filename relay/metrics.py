@@ -128,6 +128,7 @@ class Metrics:
             ["route", "host"],
             registry=r,
         )
+
         # Every value of a closed label set is exported from the start, at 0:
         # a series that first appears at 1 hides its first increase from
         # rate()/increase(), so an alert on the first failed reload or the
