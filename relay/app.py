@@ -199,7 +199,12 @@ class Daemon:
                 kept=str(self.spool.corrupt_dir),
             )  # fmt: skip
         inbound = Inbound(
-            self.config, self.spool, self.metrics, scheduler.add, tls_context=self.tls_context
+            self.config,
+            self.spool,
+            self.metrics,
+            scheduler.add,
+            tls_context=self.tls_context,
+            resolver=lambda: self.deliverer.resolver,
         )
         metrics_server = None
         try:

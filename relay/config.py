@@ -168,6 +168,31 @@ class ServerConfig:
     tls_key: Path | None = None
     #: Idle time after which an inbound session is closed, seconds.
     timeout: float = 300.0
+    #: Seconds one DATA phase may take in all, however the bytes trickle in.
+    data_timeout: float = 600.0
+    #: Inbound connections open at once, over all listeners.
+    max_connections: int = 1000
+    #: With max_connections open, a session idle longer than this between
+    #: commands is closed to let a new client in (Postfix's stress mode).
+    busy_timeout: float = 10.0
+    #: Inbound connections at once from one IPv4 address or IPv6 /64
+    #: (relay_networks are exempt).
+    max_connections_per_ip: int = 20
+    #: Errors in one session after which each further error reply waits
+    #: ``error_delay`` (Postfix's smtpd_soft_error_limit).
+    soft_error_limit: int = 10
+    #: Errors in one session after which it is closed with 421 (Postfix's
+    #: smtpd_hard_error_limit).
+    hard_error_limit: int = 20
+    error_delay: float = 1.0
+    #: Bytes of message data all sessions together hold in memory; beyond
+    #: it DATA goes to the spool's temp file at once.
+    max_memory: int = 64 * 1024 * 1024
+    #: Accept "%", "!" and quoted "@" in the local part of a served domain's
+    #: recipient from clients outside relay_networks.
+    allow_routing_characters: bool = False
+    #: Seconds for the client's reverse DNS (PTR and back) per connection.
+    reverse_dns_timeout: float = 2.0
 
     def trusts(self, ip: str) -> bool:
         """The client at ``ip`` is in ``relay_networks`` (may relay to any domain)."""
@@ -528,7 +553,9 @@ _TOP_KEYS = (
 )  # fmt: skip
 _SERVER_KEYS = (
     "hostname", "listen", "domains", "relay_networks", "max_message_size", "max_recipients",
-    "tls_cert", "tls_key", "timeout",
+    "tls_cert", "tls_key", "timeout", "data_timeout", "max_connections",
+    "max_connections_per_ip", "soft_error_limit", "hard_error_limit", "error_delay",
+    "max_memory", "allow_routing_characters", "reverse_dns_timeout", "busy_timeout",
 )  # fmt: skip
 _ROUTE_KEYS = (
     "name", "host", "port", "mx_lookup", "require_tls", "require_ca_signed",
@@ -573,6 +600,10 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
     key = r.path("tls_key", base, must_exist=True)
     if (cert is None) != (key is None):
         r.problem("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+    soft = r.positive("soft_error_limit", defaults.soft_error_limit)
+    hard = r.positive("hard_error_limit", defaults.hard_error_limit)
+    if soft > hard:
+        r.problem("soft_error_limit", f"must not exceed hard_error_limit ({soft} > {hard})")
     return ServerConfig(
         hostname=hostname,
         listen=tuple(listen) or defaults.listen,
@@ -583,6 +614,20 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
         tls_cert=cert,
         tls_key=key,
         timeout=r.duration("timeout", defaults.timeout),
+        data_timeout=r.duration("data_timeout", defaults.data_timeout),
+        max_connections=r.positive("max_connections", defaults.max_connections),
+        busy_timeout=r.duration("busy_timeout", defaults.busy_timeout),
+        max_connections_per_ip=r.positive(
+            "max_connections_per_ip", defaults.max_connections_per_ip
+        ),
+        soft_error_limit=soft,
+        hard_error_limit=hard,
+        error_delay=r.duration("error_delay", defaults.error_delay),
+        max_memory=r.positive("max_memory", defaults.max_memory),
+        allow_routing_characters=r.get(
+            "allow_routing_characters", bool, defaults.allow_routing_characters
+        ),
+        reverse_dns_timeout=r.duration("reverse_dns_timeout", defaults.reverse_dns_timeout),
     )
 
 

@@ -315,6 +315,11 @@ class Deliverer:
 
     # --- deliver ----------------------------------------------------------
 
+    @property
+    def resolver(self) -> Resolver:
+        """The resolver of the current ``[dns]`` (inbound names its clients with it)."""
+        return self._resolver
+
     def use_resolver(self, resolver: Resolver) -> None:
         """Resolve through ``resolver`` from the next attempt on (a reload changed [dns])."""
         self._resolver = resolver

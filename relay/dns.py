@@ -22,17 +22,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.PTR
 import dns.resolver
+import dns.reversename
 
-from relay.config import DnsConfig
-from relay.errors import DnsTemporary, NoRoute, NoSuchDomain, NullMx
+from relay.config import DnsConfig, is_hostname
+from relay.errors import DnsTemporary, NoRoute, NoSuchDomain, NullMx, RelayError
 
 #: Seconds for one try at one nameserver; the whole lookup is bounded by
 #: DnsConfig.timeout (dnspython retries within that lifetime).
@@ -158,6 +160,25 @@ class DnsResolver:
             raise failures[0]
         raise NoRoute(f"{name}: no AAAA and no A record")
 
+    async def names(self, ip: str) -> list[str]:
+        """The PTR names of an IP address (lower case, no trailing dot); [] when none.
+
+        Raises NoSuchDomain (no reverse entry), DnsTemporary.
+        """
+        try:
+            qname = dns.reversename.from_address(ip)
+        except (dns.exception.DNSException, ValueError):
+            return []
+        try:
+            answer = await self._resolver.resolve(qname, "PTR", search=False)
+        except dns.resolver.NXDOMAIN:
+            raise NoSuchDomain(f"{ip}: no reverse DNS entry") from None
+        except dns.resolver.NoAnswer:
+            return []
+        except dns.exception.DNSException as exc:
+            raise DnsTemporary(f"{ip} PTR: {exc}") from None
+        return [_host(r.target) for r in answer if isinstance(r, dns.rdtypes.ANY.PTR.PTR)]
+
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """One lookup; None when the name exists without records of the type."""
         try:
@@ -194,3 +215,54 @@ def _interleave(families: Iterable[list[str]]) -> list[str]:
             if i < len(family) and family[i] not in out:
                 out.append(family[i])
     return out
+
+
+@runtime_checkable
+class ReverseResolver(Protocol):
+    """A :class:`Resolver` that also reads PTR records (:class:`DnsResolver`)."""
+
+    async def names(self, ip: str) -> list[str]: ...
+
+    async def addresses(self, name: str) -> list[str]: ...
+
+
+#: PTR names tried per client (Postfix tries them all; a handful is plenty).
+MAX_PTR_NAMES = 5
+
+
+async def confirmed_name(resolver: ReverseResolver, ip: str, within: float) -> str | None:
+    """The client's forward-confirmed reverse DNS name, or None.
+
+    A PTR name of ``ip`` counts only when that name's A/AAAA records lead
+    back to ``ip`` (anyone can publish any PTR for their own addresses),
+    and only when it is a plain host name, since it is written into the
+    Received header. Every failure -- no PTR, a lie, a DNS error, or
+    ``within`` seconds passing -- is None, never an exception.
+    """
+    try:
+        want = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    try:
+        async with asyncio.timeout(within):
+            for name in (await resolver.names(ip))[:MAX_PTR_NAMES]:
+                # A PTR "name" like 192.0.2.1 would confirm itself (and
+                # pretend to be an address): Postfix also calls it unknown.
+                if not is_hostname(name) or ip_literal(name) is not None:
+                    continue
+                try:
+                    found = await resolver.addresses(name)
+                except RelayError:
+                    continue
+                if any(_same_address(want, text) for text in found):
+                    return name
+    except (TimeoutError, RelayError):
+        return None
+    return None
+
+
+def _same_address(want: ipaddress.IPv4Address | ipaddress.IPv6Address, text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text) == want
+    except ValueError:
+        return False

@@ -142,6 +142,16 @@ IDLE_TIMEOUT = Reply(421, (4, 4, 2), "Timeout, closing connection")
 BAD_COMMAND_LINE = Reply(
     500, (5, 5, 2), "Syntax error: empty command, or a line not ending in CRLF"
 )
+# Inbound limits and strictness (Postfix's texts where it has one).
+TLS_ALREADY_ACTIVE = Reply(554, (5, 5, 1), "Error: TLS already active")
+ROUTING_CHARACTERS = Reply(
+    550, (5, 7, 1), "Relaying denied: routing characters (%, !, @) in the local part"
+)
+TOO_MANY_ERRORS = Reply(421, (4, 7, 0), "Too many errors")
+TOO_MANY_CONNECTIONS = Reply(421, (4, 7, 0), "Too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply(421, (4, 7, 0), "Too many connections from your address")
+DATA_TIMEOUT = Reply(421, (4, 4, 2), "Timeout: the message took too long to send")
+BUSY_TIMEOUT = Reply(421, (4, 4, 2), "Timeout: idle while every connection is taken")
 
 
 def queued(queue_id: str) -> Reply:

@@ -23,6 +23,7 @@ import email.utils
 import ipaddress
 import logging
 import re
+import resource
 import ssl
 import string
 import time
@@ -34,10 +35,18 @@ from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from relay import errors, events
+from relay.admission import (
+    Connections,
+    MemoryBudget,
+    RefusalLog,
+    client_key,
+    raise_fd_limit,
+)
 from relay.config import Config, Listen, domain_key
+from relay.dns import ReverseResolver, confirmed_name
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
-from relay.metrics import REJECT_REASONS, Metrics
+from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
 from relay.spool import IN_MEMORY_MAX, BodyWriter, Spool, new_id
 
 # RFC 5321 section 6.3 suggests 100 hops; relay allows 30 (README.md "What relay accepts").
@@ -223,6 +232,15 @@ def may_relay(config: Config, ip: str) -> bool:
     return addr is not None and any(addr in net for net in config.server.relay_networks)
 
 
+#: Characters a next hop may read as a route inside a local part.
+ROUTING_CHARACTERS = frozenset("%!@")
+
+
+def has_routing_characters(mailbox: str) -> bool:
+    """True when the local part holds ``%``, ``!`` or (quoted) ``@``."""
+    return not ROUTING_CHARACTERS.isdisjoint(mailbox.rpartition("@")[0])
+
+
 def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
     """Accept or refuse one recipient (a mailbox from :func:`parse_path`).
 
@@ -238,6 +256,11 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
     The domain is the part after the *last* "@", the one RFC 5321 routes
     by; ``%``, ``!`` and quoted ``@`` in the local part are never
     interpreted here (section 2.3.11: only the destination host does).
+    But the next hop may interpret them (``user%other.test@ours`` is
+    sendmail's "percent hack"), turning our route into an open relay, so
+    for a served domain they are refused (550 5.7.1) to clients outside
+    ``relay_networks`` unless ``allow_routing_characters`` (Postfix's
+    ``allow_untrusted_routing = no``).
     It is compared as A-labels, so ``user@bücher.example`` (RFC 6531
     section 3.3) is the served domain ``xn--bcher-kva.example``.
     """
@@ -245,6 +268,12 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
     if domain.startswith("["):
         return errors.RELAYING_DENIED
     if domain_key(domain) in config.server.domains:
+        if (
+            has_routing_characters(mailbox)
+            and not config.server.allow_routing_characters
+            and not may_relay(config, client_ip)
+        ):
+            return errors.ROUTING_CHARACTERS
         return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
     if may_relay(config, client_ip):
         return errors.RECIPIENT_OK
@@ -369,12 +398,15 @@ def protocol_keyword(esmtp: bool, tls: bool, smtputf8: bool) -> str:
     return base + ("S" if tls else "")
 
 
-def _tcp_info(ip: str) -> str:
+def _tcp_info(ip: str, name: str | None) -> str:
+    """RFC 5321 section 4.4 TCP-info as Postfix writes it: ``name [ip]``,
+    the name forward-confirmed (:func:`relay.dns.confirmed_name`) or ``unknown``."""
     addr = client_address(ip)
     if addr is None:
-        return "[unknown]"
+        return f"{name or 'unknown'} [unknown]"
     # RFC 5321 section 4.1.3: IPv6 literals carry the "IPv6:" tag.
-    return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+    literal = f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+    return f"{name or 'unknown'} {literal}"
 
 
 def received_header(
@@ -387,6 +419,7 @@ def received_header(
     recipients: Sequence[str],
     when: float,
     cipher: tuple[str, str, int] | None = None,
+    client_name: str | None = None,
 ) -> bytes:
     """Our trace header (RFC 5321 section 4.4), folded, ending in CRLF.
 
@@ -396,7 +429,7 @@ def received_header(
     so one recipient never learns about the others.
     """
     stamp = email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
-    lines = [f"Received: from {helo} ({_tcp_info(client_ip)})"]
+    lines = [f"Received: from {helo} ({_tcp_info(client_ip, client_name)})"]
     by = f"by {hostname} (relay) with {protocol}"
     if cipher:
         by += f" (using {cipher[1]} with cipher {cipher[0]} ({cipher[2]} bits))"
@@ -440,17 +473,31 @@ class _CrlfCommandReader(asyncio.StreamReader):
 
     #: Called after each DATA line is read (the session's idle timer).
     on_data_line: Callable[[], None] | None = None
+    #: Called after each command line is read (the session is busy).
+    on_command: Callable[[], None] | None = None
+    #: Set when the session said 421: commands already buffered (pipelined)
+    #: must not run, so every later read ends the session's task.
+    closed = False
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
+        if self.closed:
+            raise asyncio.CancelledError
         line = await super().readuntil(separator)
         # A bare CR just before the CRLF ("DATA\r\r\n") would vanish in
         # aiosmtpd's rstrip and the command would run: refuse it like a bare
         # LF. A CR inside an argument is left to the argument checks (501).
+        if separator == b"\n" and self.on_command is not None:
+            self.on_command()
         if separator == b"\n" and (not line.endswith(b"\r\n") or line.endswith(b"\r\r\n")):
             return b"\n"
         if separator == b"\r\n" and self.on_data_line is not None:
             self.on_data_line()
         return line
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.closed:
+            raise asyncio.CancelledError
+        return await super().read(n)
 
     def unread(self, data: bytes) -> None:
         """Put back what a block read took past the end of DATA (pipelined commands)."""
@@ -468,8 +515,12 @@ _TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 class Spill(Protocol):
     """Where :func:`read_data` puts the content of a large message as it comes."""
 
-    #: Unflushed raw content above this many bytes goes to :meth:`write`.
-    threshold: int
+    @property
+    def threshold(self) -> int:
+        """Unflushed raw content above this many bytes goes to :meth:`write`."""
+
+    def holding(self, size: int) -> None:
+        """:func:`read_data` holds ``size`` bytes of content in memory now."""
 
     async def write(self, raw: bytes) -> None:
         """Take ``raw``: still dot-stuffed, whole lines (starting at a line
@@ -518,6 +569,8 @@ async def read_data(
             # Data is flowing: restart the idle timer (per block, not per line).
             reader.on_data_line()
         buf += block
+        if spill is not None:
+            spill.holding(len(buf))
         end = buf.find(_DATA_END, start)
         if end >= 0:
             break
@@ -527,6 +580,7 @@ async def read_data(
             flushed, refusal = await _spill_lines(buf, spill, line_limit)
             shift += flushed
             spilled = spilled or flushed > 0
+            spill.holding(len(buf))
         if refusal is not None:
             if spilled and spill is not None:
                 spill.abandon()
@@ -613,11 +667,19 @@ class _Spill:
     then each piece is unstuffed, checked (:class:`MessageCheck`) and
     appended to a :class:`relay.spool.BodyWriter`. A spool error is kept
     for the reply after the final dot (the client must send the rest
-    first); later pieces are then only checked.
+    first); later pieces are then only checked. ``budget`` is shared by
+    every session: while it is exhausted, everything spills at once.
     """
 
-    def __init__(self, start: Callable[[], tuple[Envelope, bytes]], spool: Spool) -> None:
-        self.threshold = SPILL_THRESHOLD
+    def __init__(
+        self,
+        start: Callable[[], tuple[Envelope, bytes]],
+        spool: Spool,
+        budget: MemoryBudget,
+    ) -> None:
+        self._budget = budget
+        #: The bytes this session counts in the budget now.
+        self._held = 0
         self._start = start
         self._spool = spool
         self.check = MessageCheck()
@@ -625,6 +687,20 @@ class _Spill:
         self.envelope: Envelope | None = None
         self.writer: BodyWriter | None = None
         self.failure: SpoolError | None = None
+
+    @property
+    def threshold(self) -> int:
+        # Over the memory budget every session spills at once (whole lines:
+        # what stays is a partial line and the block just read).
+        return 0 if self._budget.exhausted else SPILL_THRESHOLD
+
+    def holding(self, size: int) -> None:
+        self._budget.held += size - self._held
+        self._held = size
+
+    def release(self) -> None:
+        """The DATA is over: its content no longer counts."""
+        self.holding(0)
 
     @property
     def started(self) -> bool:
@@ -655,6 +731,32 @@ class _Spill:
             self.writer.discard()
 
 
+#: File descriptors kept for the spool, deliveries and metrics beyond
+#: ``max_connections`` when raising the open-files limit.
+FD_RESERVE = 1024
+
+
+class _Gate(asyncio.Protocol):
+    """The protocol every accepted connection starts with: it asks
+    :meth:`Inbound.admit` and hands the transport to the session, or
+    leaves the refused connection closed."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self.inbound = inbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            conn = self.inbound.admit(transport)
+        except Exception:
+            # Never a half-open connection nobody serves.
+            events.error("inbound_error", exc_info=True, error="admission failed")
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if conn is not None:
+            transport.set_protocol(conn)
+            conn.connection_made(transport)
+
+
 class _Connection(SMTP):
     """One inbound session: aiosmtpd's SMTP with strict addresses and mapped replies."""
 
@@ -676,20 +778,60 @@ class _Connection(SMTP):
             loop=asyncio.get_running_loop(),
         )
         self.inbound = inbound
+        #: The [server] settings this connection started with (limits, timeouts).
+        self.server = config.server
         #: loop.time() of the last timer reset for a DATA line.
         self._data_timer_reset = 0.0
         #: True from the end of DATA until its reply is sent (the spool write).
         self._timer_suspended = False
         #: The content of the DATA under way when it went to a temp file.
         self.data_spill: _Spill | None = None
+        #: Error replies (5xx) since the session began or last queued a message.
+        self.errors = 0
+        #: What the per-client connection limit counts this session under.
+        self.client_key = ""
+        #: Counted in Inbound.counts (until closed, or evicted for a new client).
+        self.counted = True
+        #: loop.time() since when the session waits for the client's next
+        #: command; None while a command or a DATA phase is under way.
+        self.waiting_since: float | None = None
+        self._name_lookup: asyncio.Task[str | None] | None = None
+        self._name_known = False
+        #: The client's forward-confirmed reverse DNS name, once known.
+        self.client_name: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.inbound.opened(self)
+        if self._name_lookup is None:  # not again after STARTTLS
+            resolver = self.inbound.resolver()
+            assert self.session is not None
+            addr = client_address(_peer_ip(self.session))
+            ip = str(addr or "")
+            if addr is not None and addr.is_loopback and not self.inbound.look_up_loopback:
+                self.client_name = "localhost"
+            elif isinstance(resolver, ReverseResolver) and ip:
+                # Looked up while the client talks; DATA waits for what is left of it.
+                self._name_lookup = self.loop.create_task(
+                    confirmed_name(resolver, ip, self.server.reverse_dns_timeout)
+                )
 
     def connection_lost(self, error: Exception | None) -> None:
         self.inbound.closed(self)
+        if self._name_lookup is not None:
+            self._name_lookup.cancel()
         super().connection_lost(error)
+
+    async def _wait_client_name(self) -> None:
+        """The confirmed name (or None) for the Received header: at most
+        ``reverse_dns_timeout`` after the connection was made, in all."""
+        if self._name_lookup is not None and not self._name_known:
+            try:
+                self.client_name = await self._name_lookup
+            except Exception:
+                # Only a name for a trace header: never a reason to refuse mail.
+                events.error("client_name_failed", exc_info=True)
+            self._name_known = True
 
     def _cb_client_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -698,7 +840,11 @@ class _Connection(SMTP):
         reader.__class__ = _CrlfCommandReader
         assert isinstance(reader, _CrlfCommandReader)
         reader.on_data_line = self._data_line
+        reader.on_command = self._command_read
         super()._cb_client_connected(reader, writer)
+
+    def _command_read(self) -> None:
+        self.waiting_since = None
 
     def _data_line(self) -> None:
         # aiosmtpd resets the idle timer per command only, so [server]
@@ -739,12 +885,17 @@ class _Connection(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        await self._wait_client_name()
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         reader = self._reader
         assert isinstance(reader, _CrlfCommandReader)
         envelope, session = self.envelope, self.session
         assert session is not None
-        spill = _Spill(lambda: self.inbound.begin(self, session, envelope), self.inbound.spool)
+        spill = _Spill(
+            lambda: self.inbound.begin(self, session, envelope),
+            self.inbound.spool,
+            self.inbound.memory,
+        )
         try:
             status = await self._receive(reader, spill)
         except asyncio.CancelledError:
@@ -755,6 +906,7 @@ class _Connection(SMTP):
             # Refused, dropped or spooled: no temp file outlives the DATA
             # (once put_async took it, this is a no-op).
             spill.discard()
+            spill.release()
             self.data_spill = None
         if status is None:  # end of stream
             self._writer.close()
@@ -764,7 +916,16 @@ class _Connection(SMTP):
     async def _receive(self, reader: _CrlfCommandReader, spill: _Spill) -> Any:
         """Read the content and run the DATA hook: the reply, None at end of stream."""
         assert self.envelope is not None
-        raw, refusal = await read_data(reader, self.data_size_limit, self.line_length_limit, spill)
+        # The idle timer restarts with every block, so it alone would let a
+        # client trickle a byte a second for hours, holding the session and
+        # its buffer: the whole DATA phase has a deadline too.
+        deadline = self.loop.call_later(self.server.data_timeout, self._data_too_slow)
+        try:
+            raw, refusal = await read_data(
+                reader, self.data_size_limit, self.line_length_limit, spill
+            )
+        finally:
+            deadline.cancel()
         if raw is None:
             if refusal is None:
                 return None
@@ -777,6 +938,16 @@ class _Connection(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         return "250 OK" if status is MISSING else status
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 section 4: no second STARTTLS inside TLS. aiosmtpd
+            # would answer 220 and fail with a traceback; Postfix says 554.
+            self.inbound.rejected("bad_syntax", self.session, "STARTTLS")
+            await self.push(str(errors.TLS_ALREADY_ACTIVE))
+            return
+        await super().smtp_STARTTLS(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete
@@ -798,11 +969,32 @@ class _Connection(SMTP):
             # aiosmtpd's exception reply carries the exception text; it must
             # never reach a client even if handle_exception itself failed.
             status = str(errors.INTERNAL_ERROR)
+        error = text[:1] == "5"
+        server = self.server
+        if error:
+            self.errors += 1
+            if self.errors > server.soft_error_limit:
+                # Postfix's smtpd_error_sleep_time: a harvester (RCPT after
+                # RCPT for unknown users) gets slower with each try.
+                await asyncio.sleep(server.error_delay)
+        elif text.startswith("250 2.0.0 Ok: queued"):
+            # A message was queued: the client is doing real work (Postfix
+            # counts errors "without delivering mail").
+            self.errors = 0
         await super().push(status)
+        # After any reply but 354 (DATA goes on) the client's turn is a command.
+        self.waiting_since = None if text[:1] == "3" else self.loop.time()
+        if error and self.errors >= server.hard_error_limit:
+            self.inbound.rejected("too_many_errors", self.session, "-", errors=self.errors)
+            self.goodbye(errors.TOO_MANY_ERRORS)
         if self._timer_suspended:
             self._timer_suspended = False
             if self.transport is not None:
                 self._reset_timeout()
+
+    def _data_too_slow(self) -> None:
+        self.inbound.rejected("data_timeout", self.session, "DATA")
+        self.goodbye(errors.DATA_TIMEOUT)
 
     def _timeout_cb(self) -> None:
         # RFC 5321 section 4.5.3.2: say why before closing an idle session.
@@ -816,6 +1008,8 @@ class _Connection(SMTP):
         with contextlib.suppress(ConnectionError, RuntimeError, AttributeError):
             self._writer.write(f"{reply}\r\n".encode())
         transport.close()
+        if isinstance(self._reader, _CrlfCommandReader):
+            self._reader.closed = True
 
 
 def _peer_ip(session: Session) -> str:
@@ -823,6 +1017,13 @@ def _peer_ip(session: Session) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer or "")
+
+
+_RCPT_REASONS = {
+    errors.RELAYING_DENIED: "relaying_denied",
+    errors.NO_ROUTE: "no_route",
+    errors.ROUTING_CHARACTERS: "routing_characters",
+}
 
 
 class _Handler:
@@ -899,9 +1100,7 @@ class _Handler:
             reply, reason = errors.TOO_MANY_RECIPIENTS, "too_many_recipients"
         else:
             reply = recipient_reply(config, _peer_ip(session), address)
-            reason = {errors.RELAYING_DENIED: "relaying_denied", errors.NO_ROUTE: "no_route"}.get(
-                reply, ""
-            )
+            reason = _RCPT_REASONS.get(reply, "")
         if reason:
             self.inbound.rejected(reason, session, "RCPT", rcpt=address, reply=reply)
             return str(reply)
@@ -933,10 +1132,12 @@ class Inbound:
     """Listens on every ``[server] listen`` address and spools what it accepts.
 
     ``config`` is called at every command, so a reload applies to open
-    sessions at once (except per-connection settings: size limit, timeout,
-    hostname and TLS, which new connections pick up). ``on_accept`` is
-    called with each envelope after its spool write, and the stored body's
-    parts (the scheduler's ``add``); inbound never delivers.
+    sessions at once (except per-connection settings: size limit,
+    timeouts, error limits, hostname and TLS, which new connections pick
+    up). ``on_accept`` is called with each envelope after its spool write,
+    and the stored body's parts (the scheduler's ``add``); inbound never
+    delivers. Every new connection first passes :meth:`admit` (the
+    connection limits); ``resolver`` names clients in the Received header.
     """
 
     def __init__(
@@ -948,8 +1149,17 @@ class Inbound:
         *,
         tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        resolver: Callable[[], object] = lambda: None,
+        look_up_loopback: bool = False,
     ) -> None:
         self.config = config
+        #: For the client's name in the Received header: a ReverseResolver
+        #: (or anything else: no look-up).
+        self.resolver = resolver
+        #: Loopback clients are this machine, named ``localhost`` without a
+        #: query (as /etc/hosts would; RFC 6761 section 6.3), unless this is
+        #: set (the tests, whose DNS server serves 127.0.0.x).
+        self.look_up_loopback = look_up_loopback
         self.spool = spool
         self.metrics = metrics
         self.on_accept = on_accept
@@ -965,13 +1175,77 @@ class Inbound:
         self._writes_done.set()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        #: Open sessions per client, for [server] max_connections(_per_ip).
+        self.counts = Connections()
+        self._refusal_log = RefusalLog(time.monotonic)
+        metrics.inbound_connections.set_function(lambda: self.counts.total)
+        #: Message bytes all sessions hold in memory, for [server] max_memory.
+        self.memory = MemoryBudget(self.config().server.max_memory)
+        metrics.inbound_memory.set_function(lambda: self.memory.held)
+
+    def admit(self, transport: asyncio.BaseTransport) -> _Connection | None:
+        """A session for a new connection, or None when a limit refuses it.
+
+        Refused: ``421 4.7.0`` and the connection is closed at once,
+        before any session exists (no greeting, no parser, no timer).
+        """
+        config = self.config()
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        key = client_key(ip)
+        reason = self.counts.refusal(config.server, key, may_relay(config, ip))
+        if reason == "max_connections" and self._evict_idlest(config.server.busy_timeout):
+            reason = None
+        if reason is not None:
+            assert reason in CONNECTION_REFUSALS
+            reply = errors.TOO_MANY_CONNECTIONS
+            if reason == "max_connections_per_ip":
+                reply = errors.TOO_MANY_FROM_YOU
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
+            transport.close()
+            self.metrics.connections_refused.labels(reason).inc()
+            self._refusal_log.refused(key, ip, reason, self.counts.total)
+            return None
+        self.memory.limit = config.server.max_memory
+        conn = _Connection(self, config, self.tls_context())
+        conn.client_key = key
+        self.counts.add(key)
+        return conn
+
+    def _evict_idlest(self, busy_timeout: float) -> bool:
+        """Every session is taken: close the one that has waited longest for
+        its client's next command, if that is over ``busy_timeout`` (as
+        Postfix's stress mode cuts its timeout when all its servers are
+        busy), so idle connections cannot lock out a client with mail."""
+        now = asyncio.get_running_loop().time()
+        waiting = [
+            (conn.waiting_since, conn)
+            for conn in self.connections
+            if conn.counted and conn.waiting_since is not None
+        ]
+        if not waiting:
+            return False
+        since, idlest = min(waiting, key=lambda pair: pair[0])
+        if now - since < busy_timeout:
+            return False
+        # Not counted from now on: its place goes to the new client at once.
+        idlest.counted = False
+        self.counts.remove(idlest.client_key)
+        self.rejected("busy_timeout", idlest.session, "-", idle=round(now - since, 1))
+        idlest.goodbye(errors.BUSY_TIMEOUT)
+        return True
 
     def opened(self, conn: _Connection) -> None:
         self.connections.add(conn)
         self._all_closed.clear()
 
     def closed(self, conn: _Connection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            if conn.counted:
+                conn.counted = False
+                self.counts.remove(conn.client_key)
         if not self.connections:
             self._all_closed.set()
 
@@ -979,6 +1253,14 @@ class Inbound:
         """Bind every listen address; raises OSError if one cannot be bound."""
         # Every refusal is our own log event; aiosmtpd's per-command chatter is not.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
+        # One descriptor per connection, plus the spool's and the deliveries'.
+        wanted = self.config().server.max_connections + FD_RESERVE
+        before, now = raise_fd_limit(wanted)
+        if now != before:
+            events.log("fd_limit_raised", soft_before=before, soft=now)
+        if now != resource.RLIM_INFINITY and now < wanted:
+            # Past it accept() fails (EMFILE) before any 421 can be sent.
+            events.warning("fd_limit_low", soft=now, wanted=wanted)
         try:
             for listen in self.config().server.listen:
                 await self._bind(listen)
@@ -1029,8 +1311,8 @@ class Inbound:
             raise
         return added, removed
 
-    def _connection(self) -> _Connection:
-        return _Connection(self, self.config(), self.tls_context())
+    def _connection(self) -> asyncio.Protocol:
+        return _Gate(self)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -1155,7 +1437,9 @@ class Inbound:
     @staticmethod
     def _received(server: SMTP, session: Session, env: Envelope) -> bytes:
         cipher = session.ssl.get("cipher") if session.ssl else None
+        name = server.client_name if isinstance(server, _Connection) else None
         return received_header(
+            client_name=name,
             helo=env.client.helo,
             client_ip=env.client.ip,
             hostname=server.hostname,

@@ -31,8 +31,10 @@ OUTCOMES = ("delivered", "deferred", "bounced")
 REJECT_REASONS = (
     "relaying_denied", "no_route", "too_many_recipients", "too_big", "bad_address",
     "bad_syntax", "loop", "bare_line_ending", "bad_header", "spool_error", "disk_full",
-    "bad_content",
+    "bad_content", "routing_characters", "too_many_errors", "data_timeout", "busy_timeout",
 )  # fmt: skip
+#: Why a connection was closed before its session started.
+CONNECTION_REFUSALS = ("max_connections", "max_connections_per_ip")
 ATTEMPT_RESULTS = ("delivered", "deferred", "bounced", "tls_failed", "unreachable", "dns_failed")
 BOUNCE_REASONS = ("remote_permanent", "tls_policy", "expired", "double_bounce", "dns_permanent")
 RELOAD_RESULTS = ("success", "error")
@@ -54,6 +56,20 @@ class Metrics:
             "relay_messages_rejected_total",
             "Commands or messages refused at SMTP time.",
             ["reason"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "relay_connections_refused_total",
+            "Inbound connections closed with 421 before a session, by limit.",
+            ["reason"],
+            registry=r,
+        )
+        self.inbound_connections = Gauge(
+            "relay_inbound_connections", "Inbound SMTP sessions open now.", registry=r
+        )
+        self.inbound_memory = Gauge(
+            "relay_inbound_memory_bytes",
+            "Message bytes inbound sessions hold in memory now ([server] max_memory).",
             registry=r,
         )
         self.recipients = Counter(
@@ -148,6 +164,8 @@ class Metrics:
         # first bounce would never fire.
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
+        for reason in CONNECTION_REFUSALS:
+            self.connections_refused.labels(reason)
         for reason in BOUNCE_REASONS:
             self.bounces.labels(reason)
         for result in RELOAD_RESULTS:

@@ -165,7 +165,7 @@ def test_queue_flush_and_reload_commands_signal_the_daemon(relay: Relay) -> None
     [env] = Spool(relay.spool_dir).load_all()
     shown = relay.cli("queue", "show", env.id)
     assert shown.returncode == 0, shown.stderr
-    assert "Received: from client.test ([127.0.0.1])" in shown.stdout
+    assert "Received: from client.test (localhost [127.0.0.1])" in shown.stdout
     assert "<user@example.com> pending" in shown.stdout
     assert relay.cli("queue", "delete", env.id).returncode == 0
     assert list(Spool(relay.spool_dir).load_all()) == []

@@ -102,10 +102,12 @@ def test_parse_path_invalid(arg: str) -> None:
         # A served domain no rule routes: refused for trusted clients too
         # (its MX is this relay; the direct route would loop).
         ("127.0.0.1", "other@example.net", errors.NO_ROUTE),
-        # The open-relay tricks: routed by the real domain or refused.
-        ("192.0.2.9", "user%other.test@example.com", errors.RECIPIENT_OK),
-        ("192.0.2.9", "other.test!user@example.com", errors.RECIPIENT_OK),
-        ("192.0.2.9", '"user@other.test"@example.com', errors.RECIPIENT_OK),
+        # The open-relay tricks: refused unless the client may relay (the
+        # next hop might route by them), or judged by the real domain.
+        ("192.0.2.9", "user%other.test@example.com", errors.ROUTING_CHARACTERS),
+        ("192.0.2.9", "other.test!user@example.com", errors.ROUTING_CHARACTERS),
+        ("192.0.2.9", '"user@other.test"@example.com', errors.ROUTING_CHARACTERS),
+        ("127.0.0.1", "user%other.test@example.com", errors.RECIPIENT_OK),
         ("192.0.2.9", "user%example.com@other.test", errors.RELAYING_DENIED),
         ("192.0.2.9", '"user@example.com"@other.test', errors.RELAYING_DENIED),
         ("192.0.2.9", "user@[192.0.2.1]", errors.RELAYING_DENIED),
@@ -205,7 +207,7 @@ def test_received_header_single_recipient() -> None:
         cipher=("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256),
     )
     assert header == (
-        b"Received: from client.test ([192.0.2.7])\r\n"
+        b"Received: from client.test (unknown [192.0.2.7])\r\n"
         b"\tby relay.test (relay) with ESMTPS"
         b" (using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256 bits))\r\n"
         b"\tid QID1\r\n"
@@ -224,5 +226,5 @@ def test_received_header_many_recipients_and_ipv6() -> None:
         when=0.0,
     )
     assert b"for" not in header
-    assert b"([IPv6:::1])" in header
+    assert b"(unknown [IPv6:::1])" in header
     assert b"id QID2; Thu, 01 Jan 1970" in header

@@ -158,7 +158,7 @@ def test_message_arrives_intact_with_exactly_one_relay_received(chain: Chain) ->
     assert postfix_received.startswith(b"Received: from relay.test (localhost [127.0.0.1])")
     assert b"by downstream.test (Postfix) with ESMTPS" in postfix_received
     assert re.fullmatch(
-        rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\n"
+        rb"Received: from client\.test \(localhost \[127\.0\.0\.1\]\)\n"
         rb"\tby relay\.test \(relay\) with ESMTP\n"
         rb"\tid " + re.escape(queue_id.group(1)) + rb"\n"
         rb"\tfor <bob-intact@example\.org>; [^\n]+",

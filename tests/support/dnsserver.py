@@ -16,6 +16,9 @@ What dnsmasq answers (verified against dnsmasq 2.90):
 
 - ``hosts``: A and AAAA records (``--host-record``); a name given only IPv4
   addresses answers AAAA with NOERROR and no data, and the other way round.
+- ``hosts`` also gives each address its PTR record (the name).
+- ``ptr``: PTR records alone, address → name (``--ptr-record``), e.g. a
+  PTR whose name has no address record or another address.
 - ``mx``: MX records (``--mx-host``); an exchange of ``"."`` gives RFC 7505's
   null MX ``MX 0 .``. A domain with MX but no host entry answers A/AAAA
   with NOERROR and no data.
@@ -48,6 +51,7 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+import dns.reversename
 import pytest
 
 from relay.config import DnsConfig
@@ -130,6 +134,7 @@ def dnsmasq_arguments(
     hosts: Mapping[str, Sequence[str]],
     mx: Mapping[str, Sequence[tuple[int, str]]],
     forward: Mapping[str, int],
+    ptr: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The dnsmasq command line serving these records on 127.0.0.1:port."""
     args = [
@@ -154,6 +159,10 @@ def dnsmasq_arguments(
             if not _is_ip(address):
                 raise ValueError(f"{name}: {address!r} is not an IP address")
             args.append(f"--host-record={name},{address}")
+    for address, name in (ptr or {}).items():
+        # A PTR alone, with no address record behind it (a lying PTR).
+        reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
+        args.append(f"--ptr-record={reverse},{name}")
     for domain, records in mx.items():
         for preference, exchange in records:
             args.append(f"--mx-host={domain},{exchange},{preference}")
@@ -191,6 +200,7 @@ class DnsmasqFactory:
         mx: Mapping[str, Sequence[tuple[int, str]]] | None = None,
         servfail: Sequence[str] = (),
         timeout: Sequence[str] = (),
+        ptr: Mapping[str, str] | None = None,
     ) -> DnsServer:
         forward: dict[str, int] = {}
         if servfail:
@@ -205,7 +215,7 @@ class DnsmasqFactory:
         for _ in range(5):
             port = _free_port()
             log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-            args = dnsmasq_arguments(port, hosts or {}, mx or {}, forward)
+            args = dnsmasq_arguments(port, hosts or {}, mx or {}, forward, ptr)
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             self._procs.append((proc, log))
             if _wait_ready(proc, port, time.monotonic() + 10):

@@ -117,6 +117,7 @@ async def running_inbound(
     config: Config | Callable[[], Config],
     spool: Spool | None = None,
     tls_context: object = None,
+    resolver: object = None,
 ) -> AsyncIterator[Harness]:
     """An Inbound on the test's loop, with a spool; stopped (and checked closed) after."""
     current = config if callable(config) else (lambda: config)
@@ -136,6 +137,9 @@ async def running_inbound(
         metrics,
         on_accept,
         tls_context=lambda: tls_context,  # type: ignore[arg-type,return-value]
+        # A resolver given: name even the loopback clients (the test DNS serves 127.0.0.x).
+        resolver=lambda: resolver,
+        look_up_loopback=resolver is not None,
     )
     await inbound.start()
     try:

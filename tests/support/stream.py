@@ -66,6 +66,9 @@ class CollectingSpill:
         self.check = MessageCheck()
         self.abandoned = False
 
+    def holding(self, size: int) -> None:
+        pass
+
     async def write(self, raw: bytes) -> None:
         self.pieces.append(raw)
         self.check.feed(unstuff(raw))
