@@ -234,6 +234,10 @@ class BouncesConfig:
     #: Addresses that get a copy of every DSN with the full diagnosis (like
     #: Postfix's notify_classes = bounce); empty: no copy.
     notify: tuple[str, ...] = ()
+    #: Seconds a message waits before its sender is told once that it is
+    #: delayed (an RFC 3464 "Action: delayed" DSN); 0 sends no warning, like
+    #: Postfix's delay_warning_time, whose default is off too.
+    delay_warning: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +362,16 @@ def _notify(reader: _Reader, addresses: tuple[str, ...]) -> tuple[str, ...]:
         elif address not in good:
             good.append(address)
     return tuple(good)
+
+
+def _delay_warning(reader: _Reader) -> float:
+    """``[bounces] delay_warning``: a duration, or "0" (any zero) for no warnings."""
+    value = reader.get("delay_warning", str, None)
+    if value is None:
+        return BouncesConfig().delay_warning
+    if value.strip() and value.strip().rstrip("mshd").strip() in ("0", "0.0"):
+        return 0.0
+    return reader.duration("delay_warning", BouncesConfig().delay_warning)
 
 
 def parse_listen(text: str) -> Listen:
@@ -799,13 +813,22 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
         for i, raw in enumerate(top.get("rules", list, []), start=1)
         if (rule := _rule(problems, i, raw, names)) is not None
     ]
-    bounce_reader = _Reader(problems, "bounces", data.get("bounces", {}), ("route", "notify"))
+    bounce_reader = _Reader(
+        problems, "bounces", data.get("bounces", {}), ("route", "notify", "delay_warning")
+    )
     bounces = BouncesConfig(
         bounce_reader.get("route", str, ""),
         _notify(bounce_reader, bounce_reader.strings("notify", ())),
+        _delay_warning(bounce_reader),
     )
     if bounces.route and bounces.route not in names:
         bounce_reader.problem("route", f"no route is named {bounces.route!r}")
+    if bounces.delay_warning and bounces.delay_warning >= queue.max_lifetime:
+        bounce_reader.problem(
+            "delay_warning",
+            "must be shorter than [queue] max_lifetime (the message bounces first); "
+            'use "0" to send no delay warnings',
+        )
     if problems:
         raise ConfigError(source, problems)
     return Config(
