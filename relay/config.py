@@ -112,24 +112,37 @@ def address_key(address: str) -> str:
     return f"{local.lower()}@{domain_key(domain)}"
 
 
+def _pattern_matches(patterns: Sequence[str], address: str) -> bool:
+    """``address`` matches one of ``patterns``: a full address, "@domain" or "*"."""
+    # Domains compare as A-labels (RFC 5890), so a U-label address
+    # matches an "@xn--..." pattern and the other way round.
+    address = address_key(address)
+    domain = address.rpartition("@")[2]
+    for pattern in patterns:
+        pattern = address_key(pattern) if "@" in pattern else pattern
+        if pattern == "*" or pattern == address:
+            return True
+        if pattern.startswith("@") and pattern[1:] == domain:
+            return True
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
-    #: Patterns: a full address, "@domain", or "*".
+    #: Recipient patterns: a full address, "@domain", or "*"; empty: any recipient
+    #: (a rule by sender only).
     recipients: tuple[str, ...]
     route: str
+    #: Envelope sender patterns, the same syntax; empty: any sender. Only "*"
+    #: matches the null sender (<>).
+    senders: tuple[str, ...] = ()
 
-    def matches(self, address: str) -> bool:
-        # Domains compare as A-labels (RFC 5890), so a U-label recipient
-        # matches an "@xn--..." pattern and the other way round.
-        address = address_key(address)
-        domain = address.rpartition("@")[2]
-        for pattern in self.recipients:
-            pattern = address_key(pattern) if "@" in pattern else pattern
-            if pattern == "*" or pattern == address:
-                return True
-            if pattern.startswith("@") and pattern[1:] == domain:
-                return True
-        return False
+    def matches(self, address: str, sender: str) -> bool:
+        """The rule takes recipient ``address`` of mail from ``sender``: both
+        lists, where given, must match."""
+        if self.recipients and not _pattern_matches(self.recipients, address):
+            return False
+        return not self.senders or _pattern_matches(self.senders, sender)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,10 +281,11 @@ class Config:
                 return route
         return None
 
-    def route_for(self, address: str) -> Route | None:
-        """The route of the first rule that matches ``address`` (first match wins)."""
+    def route_for(self, address: str, sender: str) -> Route | None:
+        """The route of the first rule that matches recipient ``address`` of
+        mail from ``sender`` ("" for the null sender; first match wins)."""
         for rule in self.rules:
-            if rule.matches(address):
+            if rule.matches(address, sender):
                 return self.route(rule.route)
         return None
 
@@ -530,7 +544,7 @@ _ROUTE_KEYS = (
     "validate_hostname", "primary", "secondary",
 )  # fmt: skip
 _HOST_KEYS = ("host", "port", "load")
-_RULE_KEYS = ("recipients", "route")
+_RULE_KEYS = ("recipients", "senders", "route")
 
 
 # --- sections ---------------------------------------------------------------
@@ -754,20 +768,31 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
     return Route(name, primary, secondary, mx_lookup, tls, single=False)
 
 
+def _patterns(r: _Reader, name: str) -> tuple[str, ...]:
+    patterns = r.strings(name, ())
+    if name in r.table and not patterns:
+        r.problem(name, 'must list at least one pattern: an address, "@domain" or "*"')
+    for pattern in patterns:
+        local, at, domain = pattern.rpartition("@")
+        ok = pattern == "*" or (at and is_hostname(domain_key(domain)) and "@" not in local)
+        if not ok:
+            r.problem(name, f'{pattern!r} is not an address, "@domain" or "*"')
+    return patterns
+
+
 def _rule(
     problems: list[Problem], index: int, raw: Any, route_names: Mapping[str, int]
 ) -> Rule | None:
     r = _Reader(problems, f"rules[{index}]", raw, _RULE_KEYS)
     if not isinstance(raw, Mapping):
         return None
-    patterns = r.strings("recipients", ())
-    if not patterns:
-        r.problem("recipients", 'must list at least one pattern: an address, "@domain" or "*"')
-    for pattern in patterns:
-        local, at, domain = pattern.rpartition("@")
-        ok = pattern == "*" or (at and is_hostname(domain_key(domain)) and "@" not in local)
-        if not ok:
-            r.problem("recipients", f'{pattern!r} is not an address, "@domain" or "*"')
+    patterns = _patterns(r, "recipients")
+    senders = _patterns(r, "senders")
+    if "recipients" not in r.table and "senders" not in r.table:
+        r.problem(
+            "recipients",
+            'is required (or senders): list at least one pattern, an address, "@domain" or "*"',
+        )
     route = r.get("route", str, "")
     if not route:
         r.problem("route", "is required: the name of a route")
@@ -775,7 +800,7 @@ def _rule(
         hint = suggest(route, list(route_names))
         tip = f"; did you mean {hint!r}?" if hint else ""
         r.problem("route", f"no route is named {route!r}{tip}")
-    return Rule(patterns, route)
+    return Rule(patterns, route, senders)
 
 
 def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
@@ -887,8 +912,17 @@ def describe(config: Config) -> list[str]:
                 share = "" if route.single else f" load {host.load}%"
                 lines.append(f"  {label} {host.name} port {host.port}{share}")
     for i, rule in enumerate(config.rules, start=1):
-        lines.append(f"rule {i}: {', '.join(rule.recipients)} -> {rule.route!r}")
+        lines.append(f"rule {i}: {rule_text(rule)} -> {rule.route!r}")
     return lines
+
+
+def rule_text(rule: Rule) -> str:
+    """``@a.test, bob@b.test`` or ``senders @dept.test; recipients *`` (check-config)."""
+    recipients = ", ".join(rule.recipients)
+    if not rule.senders:
+        return recipients
+    senders = f"senders {', '.join(rule.senders)}"
+    return f"{senders}; recipients {recipients}" if recipients else f"{senders}; any recipient"
 
 
 # --- diff (for the audit log) -----------------------------------------------
@@ -932,14 +966,24 @@ def route_snapshot(route: Route) -> dict[str, Any]:
     return fields
 
 
+def _rule_snapshot(rule: Rule) -> dict[str, Any]:
+    fields: dict[str, Any] = {"recipients": list(rule.recipients), "route": rule.route}
+    if rule.senders:
+        # Only when given: a rule without senders reads as it did before
+        # senders existed, so older audit logs diff cleanly against it.
+        fields["senders"] = list(rule.senders)
+    return fields
+
+
 def snapshot(config: Config) -> dict[str, Any]:
     """The whole effective configuration as JSON-ready data (what the audit log keeps).
 
-    ``{"routes": {name: fields}, "rules": [{"recipients", "route"}], "server": {...}, ...}``.
+    ``{"routes": {name: fields}, "rules": [{"recipients", "route"}], "server": {...}, ...}``
+    (a rule's ``"senders"`` only when it has some).
     """
     snap: dict[str, Any] = {
         "routes": {route.name: route_snapshot(route) for route in config.routes},
-        "rules": [{"recipients": list(r.recipients), "route": r.route} for r in config.rules],
+        "rules": [_rule_snapshot(r) for r in config.rules],
     }
     for section in DIFF_SECTIONS:
         value = getattr(config, section)

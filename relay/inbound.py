@@ -223,8 +223,9 @@ def may_relay(config: Config, ip: str) -> bool:
     return addr is not None and any(addr in net for net in config.server.relay_networks)
 
 
-def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
-    """Accept or refuse one recipient (a mailbox from :func:`parse_path`).
+def recipient_reply(config: Config, client_ip: str, mailbox: str, sender: str = "") -> Reply:
+    """Accept or refuse one recipient (a mailbox from :func:`parse_path`) of
+    mail from ``sender`` (rules may match the sender too).
 
     * an address literal (``user@[192.0.2.1]``): refused for everyone,
       550 5.7.1 -- it names no domain the rules could route;
@@ -245,7 +246,7 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
     if domain.startswith("["):
         return errors.RELAYING_DENIED
     if domain_key(domain) in config.server.domains:
-        return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
+        return errors.RECIPIENT_OK if config.route_for(mailbox, sender) else errors.NO_ROUTE
     if may_relay(config, client_ip):
         return errors.RECIPIENT_OK
     return errors.RELAYING_DENIED
@@ -898,7 +899,7 @@ class _Handler:
         elif len(envelope.rcpt_tos) >= config.server.max_recipients:
             reply, reason = errors.TOO_MANY_RECIPIENTS, "too_many_recipients"
         else:
-            reply = recipient_reply(config, _peer_ip(session), address)
+            reply = recipient_reply(config, _peer_ip(session), address, envelope.mail_from or "")
             reason = {errors.RELAYING_DENIED: "relaying_denied", errors.NO_ROUTE: "no_route"}.get(
                 reply, ""
             )

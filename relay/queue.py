@@ -790,7 +790,8 @@ def route_of(cfg: Config, envelope: Envelope, address: str) -> Route | None:
             return routing.bounce_route(cfg, address)
         except ValueError:
             return None  # no domain to send it to: deferred, dropped at its lifetime
-    return routing.route_for(cfg, address, cfg.server.trusts(envelope.client.ip))
+    trusted = cfg.server.trusts(envelope.client.ip)
+    return routing.route_for(cfg, address, trusted, envelope.mail_from)
 
 
 # --- helpers ----------------------------------------------------------------------

@@ -150,7 +150,8 @@ def test_delay_warning_config(tmp_path: Path) -> None:
         assert load(tmp_path, text).bounces.delay_warning == 0
     text = SERVER + SINGLE + rule + '[bounces]\ndelay_warning = "4h"\n'
     assert load(tmp_path, text).bounces.delay_warning == 4 * 3600
-    text = SERVER + SINGLE + rule + '[queue]\nmax_lifetime = "1h"\n[bounces]\ndelay_warning = "4h"\n'
+    text = SERVER + SINGLE + rule + '[queue]\nmax_lifetime = "1h"\n'
+    text += '[bounces]\ndelay_warning = "4h"\n'
     (problem,) = problems(tmp_path, text)
     assert problem.startswith("bounces: delay_warning: must be shorter than [queue] max_lifetime")
     text = SERVER + SINGLE + rule + '[bounces]\ndelay_warning = "soon"\n'
