@@ -357,6 +357,12 @@ class Daemon:
         )
         for line in configmod.describe(new):
             events.log("config", line=line)
+        for route in new.routes:
+            if route.auth is not None and route.auth.over_plaintext:
+                events.warning(
+                    "auth_over_plaintext", route=route.name,
+                    risk="the password may cross the network unencrypted",
+                )  # fmt: skip
         if old is None:
             self._audit(new, lambda log: log.record_start(new))
         else:

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,30 @@ class TlsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteAuth:
+    """SMTP AUTH (RFC 4954) credentials of a route, for its next hops.
+
+    The password is read from ``password_file`` at load (and at every
+    reload), never written in the main config; ``repr`` leaves it out so
+    no log line or traceback can show it.
+    """
+
+    username: str
+    password_file: Path
+    password: str = field(repr=False)
+    #: Send the credentials on a connection without TLS (warned at load).
+    over_plaintext: bool = False
+    #: A short one-way tag of the password (PBKDF2), for the audit log's
+    #: "credentials changed" without the password or a quick verifier of it.
+    fingerprint: str = ""
+    #: The route's name (for log lines and DSN text).
+    route: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.username} (password from {self.password_file})"
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     #: Tried first, in weighted random order. A single-host route has one.
@@ -64,6 +89,8 @@ class Route:
     #: Not from the config: the recipient's (or a bounce's sender's) own
     #: domain, by MX. Only then are NXDOMAIN and null MX permanent failures.
     implicit: bool = False
+    #: SMTP AUTH to the next hops, after STARTTLS; None: no AUTH.
+    auth: RouteAuth | None = None
 
 
 #: Route name (and metric label) for mail sent straight to a domain's MX.
@@ -541,8 +568,9 @@ _SERVER_KEYS = (
 )  # fmt: skip
 _ROUTE_KEYS = (
     "name", "host", "port", "mx_lookup", "require_tls", "require_ca_signed",
-    "validate_hostname", "primary", "secondary",
+    "validate_hostname", "primary", "secondary", "auth", "auth_over_plaintext",
 )  # fmt: skip
+_AUTH_KEYS = ("username", "password_file")
 _HOST_KEYS = ("host", "port", "load")
 _RULE_KEYS = ("recipients", "senders", "route")
 
@@ -707,7 +735,7 @@ def _port(r: _Reader, field_name: str, value: Any) -> int:
     return int(value)
 
 
-def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
+def _route(problems: list[Problem], index: int, raw: Any, base: Path) -> Route | None:
     name = raw.get("name") if isinstance(raw, Mapping) else None
     where = f"routes[{index}]" + (f" {name!r}" if isinstance(name, str) and name else "")
     r = _Reader(problems, where, raw, _ROUTE_KEYS)
@@ -761,11 +789,84 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
     port = _port(r, "port", raw.get("port", 25))
     primary = _hosts(r, "primary", raw["primary"], mx_lookup) if "primary" in raw else ()
     secondary = _hosts(r, "secondary", raw["secondary"], mx_lookup) if "secondary" in raw else ()
+    plaintext = r.get("auth_over_plaintext", bool, False)
+    auth = _auth(r, base, plaintext, name) if "auth" in raw else None
+    if "auth_over_plaintext" in raw and "auth" not in raw:
+        r.problem("auth_over_plaintext", "applies to a route with auth = { ... } only")
     if not shape_ok:
         return None
     if not tables:
-        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True)
-    return Route(name, primary, secondary, mx_lookup, tls, single=False)
+        return Route(name, (Host(host, port, 100),), (), mx_lookup, tls, single=True, auth=auth)
+    return Route(name, primary, secondary, mx_lookup, tls, single=False, auth=auth)
+
+
+#: Group or others may read (or write, or run) the file: ssh refuses such a key.
+_OPEN_MODE = 0o077
+
+
+def password_file_problem(path: Path) -> str | None:
+    """What is wrong with ``path`` as a password file, or None.
+
+    Like ssh with a private key, a file others can read is refused: the
+    message names the file and the fix.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read {str(path)!r}: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return f"{str(path)!r} is not a file"
+    if mode & _OPEN_MODE:
+        return (
+            f"{str(path)!r} is readable by others (mode {stat.S_IMODE(mode):04o}): "
+            f"a password file must be private; run: chmod 600 {path}"
+        )
+    return None
+
+
+def _auth(r: _Reader, base: Path, over_plaintext: bool, route: str) -> RouteAuth | None:
+    """``auth = { username = "...", password_file = "/path" }`` of a route."""
+    raw = r.table.get("auth")
+    if not isinstance(raw, Mapping):
+        r.problem("auth", 'must be a table: auth = { username = "...", password_file = "/path" }')
+        return None
+    ar = _Reader(r.problems, r.where, raw, _AUTH_KEYS, prefix="auth.")
+    username = ar.get("username", str, "")
+    if not username or any(c in username for c in "\0\r\n"):
+        ar.problem("username", "is required: the account name the next hop knows")
+    path = ar.path("password_file", base, must_exist=False)
+    if path is None:
+        ar.problem(
+            "password_file",
+            "is required: a file holding only the password (the password never goes "
+            "in this config)",
+        )
+        return None
+    problem = password_file_problem(path)
+    if problem is not None:
+        ar.problem("password_file", problem)
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        ar.problem("password_file", f"cannot read {str(path)!r}: {exc}")
+        return None
+    # The first line is the password (a final line break is not part of it).
+    lines = text.splitlines()
+    password = lines[0] if lines else ""
+    if not password or "\0" in password:
+        ar.problem("password_file", f"{str(path)!r} holds no password on its first line")
+        return None
+    tag = _fingerprint(username, password)
+    return RouteAuth(username, path, password, over_plaintext, tag, route)
+
+
+def _fingerprint(username: str, password: str) -> str:
+    # Slow and short on purpose: enough to see that the password changed,
+    # too little (and too slow) to test guesses against the audit log.
+    salt = b"relay-audit\0" + username.encode("utf-8")
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, 100_000)
+    return digest.hex()[:8]
 
 
 def _patterns(r: _Reader, name: str) -> tuple[str, ...]:
@@ -822,7 +923,9 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
     log = _log(problems, data.get("log", {}))
 
     raw_routes = top.get("routes", list, [])
-    routes = [r for i, raw in enumerate(raw_routes, start=1) if (r := _route(problems, i, raw))]
+    routes = [
+        r for i, raw in enumerate(raw_routes, start=1) if (r := _route(problems, i, raw, base))
+    ]
     names: dict[str, int] = {}
     for i, raw in enumerate(raw_routes, start=1):
         name = raw.get("name") if isinstance(raw, Mapping) else None
@@ -911,6 +1014,9 @@ def describe(config: Config) -> list[str]:
                 label = "host" if route.single else table
                 share = "" if route.single else f" load {host.load}%"
                 lines.append(f"  {label} {host.name} port {host.port}{share}")
+        if route.auth is not None:
+            plain = ", also without TLS (auth_over_plaintext)" if route.auth.over_plaintext else ""
+            lines.append(f"  auth {route.auth}{plain}")
     for i, rule in enumerate(config.rules, start=1):
         lines.append(f"rule {i}: {rule_text(rule)} -> {rule.route!r}")
     return lines
@@ -963,6 +1069,13 @@ def route_snapshot(route: Route) -> dict[str, Any]:
     fields["require_tls"] = route.tls.require_tls
     fields["require_ca_signed"] = route.tls.require_ca_signed
     fields["validate_hostname"] = route.tls.validate_hostname
+    if route.auth is not None:
+        # Only when set, so a route without auth reads as before auth existed.
+        # The password never: its fingerprint says whether it changed.
+        fields["auth"] = str(route.auth)
+        fields["credentials"] = route.auth.fingerprint
+        if route.auth.over_plaintext:
+            fields["auth_over_plaintext"] = True
     return fields
 
 
@@ -1022,8 +1135,13 @@ def diff_snapshots(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
     # rule is known by its position: "rules[2]" changed means the second rule.
     old_rules = {f"rules[{i}]": r for i, r in enumerate(old.get("rules", []), start=1)}
     new_rules = {f"rules[{i}]": r for i, r in enumerate(new.get("rules", []), start=1)}
+    routes = _named_diff(old.get("routes", {}), new.get("routes", {}))
+    for fields in routes["changed"].values():
+        if "credentials" in fields:
+            # Not even the fingerprints: the audit says "credentials changed".
+            fields["credentials"] = [v if v is None else "(hidden)" for v in fields["credentials"]]
     result: dict[str, Any] = {
-        "routes": _named_diff(old.get("routes", {}), new.get("routes", {})),
+        "routes": routes,
         "rules": _named_diff(old_rules, new_rules),
     }
     for section in DIFF_SECTIONS:

@@ -428,7 +428,7 @@ class Deliverer:
         """One transaction at one address; records into ``txn``; never raises RelayError."""
         cfg = self._config()
         policy = route.tls
-        key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
+        key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"), route.auth)
         where = f"{candidate.host} [{ip}]"
         session: Session | None = None
         reused = False
@@ -506,7 +506,7 @@ class Deliverer:
 
     async def _connect(self, key: HopKey, cfg: Config, qid: str = "") -> Session:
         """Connect, EHLO and STARTTLS per the policy; raise a RelayError if the host fails."""
-        ip, port, policy, name = key
+        ip, port, policy, name, _ = key
         try:
             return await open_session(key, cfg, starttls=True)
         except TlsPolicyFailure:
@@ -636,6 +636,8 @@ class Deliverer:
             self._metrics.tls_failures.labels(route.name, label, failure.reason.value).inc()
         elif isinstance(failure, errors.HostUnreachable):
             outcome = "unreachable"
+        elif isinstance(failure, errors.AuthFailed):
+            outcome = "auth_failed"
         elif isinstance(failure, errors.DnsTemporary | errors.RouteMisconfigured) or (
             result.ip is None and failure is not None
         ):

@@ -20,6 +20,16 @@ def warnings(config: Config) -> list[Problem]:
                 Problem(where, "", "no rule that can match sends mail to it (nor [bounces] route)")
             )
         found.extend(_ip_hosts(where, route))
+        if route.auth is not None and route.auth.over_plaintext:
+            found.append(
+                Problem(
+                    where,
+                    "auth_over_plaintext",
+                    "the password may be sent without TLS, readable on the network; "
+                    "set require_tls = true and remove auth_over_plaintext if the host "
+                    "offers STARTTLS",
+                )
+            )
     return found
 
 
