@@ -832,8 +832,10 @@ def _auth(r: _Reader, base: Path, over_plaintext: bool, route: str) -> RouteAuth
         return None
     ar = _Reader(r.problems, r.where, raw, _AUTH_KEYS, prefix="auth.")
     username = ar.get("username", str, "")
-    if not username or any(c in username for c in "\0\r\n"):
+    if not username:
         ar.problem("username", "is required: the account name the next hop knows")
+    elif any(c in username for c in "\0\r\n"):
+        ar.problem("username", "must not contain NUL or line breaks")
     path = ar.path("password_file", base, must_exist=False)
     if path is None:
         ar.problem(

@@ -157,3 +157,45 @@ def test_delay_warning_config(tmp_path: Path) -> None:
     text = SERVER + SINGLE + rule + '[bounces]\ndelay_warning = "soon"\n'
     (problem,) = problems(tmp_path, text)
     assert problem.startswith("bounces: delay_warning: 'soon' is not a duration")
+
+
+# --- end to end: real SMTP sinks ------------------------------------------------
+
+
+async def test_delay_warning_reaches_the_senders_mx_and_the_message_stays_queued(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from tests.support.integ import Relay, config_text, dsn_parts, single_route
+    from tests.support.integ import until as integ_until
+    from tests.support.sink import Sink
+
+    async with Sink(replies={"RCPT": "451 4.2.1 mailbox busy"}) as busy, Sink() as senders:
+        routes = single_route("Corp", "127.0.0.1", busy.port)
+        routes += single_route("Senders", "127.0.0.1", senders.port)
+        rules = (
+            '[[rules]]\nrecipients = ["@sender.test"]\nroute = "Senders"\n'
+            '[[rules]]\nrecipients = ["@corp.test"]\nroute = "Corp"\n'
+        )
+        dns = SimpleNamespace(ip="127.0.0.1", port=53)  # IP-literal hosts: never asked
+        toml = config_text(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
+        toml += '[bounces]\ndelay_warning = "300ms"\n'
+        async with Relay(tmp_path, toml) as relay:
+            env = relay.put("alice@sender.test", ["bob@corp.test"])
+            await integ_until(lambda: senders.messages)
+            # Several more failed attempts: still one warning.
+            attempts = busy.lines.count("RCPT TO:<bob@corp.test>")
+            await integ_until(lambda: busy.lines.count("RCPT TO:<bob@corp.test>") >= attempts + 3)
+            (stored,) = [e for e in relay.spooled() if e.id == env.id]
+            assert stored.delay_warned and stored.pending
+            assert relay.sample("relay_delay_warnings_total") == 1
+    (warning,) = senders.messages
+    assert warning.mail_from == "<>" and warning.rcpt_tos == ["alice@sender.test"]
+    message, text, (block,) = dsn_parts(warning.data)
+    assert message["Subject"] == "Delayed Mail (still being retried)"
+    assert block["action"] == "delayed" and block["status"] == "4.2.1"
+    assert block["diagnostic-code"] == "smtp; 451 4.2.1 mailbox busy"
+    assert block["remote-mta"] == "dns; 127.0.0.1"
+    assert "will-retry-until" in block
+    assert "WARNING ONLY" in text and "451 4.2.1 mailbox busy" in text
