@@ -358,7 +358,8 @@ class Daemon:
         for line in configmod.describe(new):
             events.log("config", line=line)
         for route in new.routes:
-            if route.auth is not None and route.auth.over_plaintext:
+            # Only where it can happen: require_tls encrypts before any AUTH.
+            if route.auth is not None and route.auth.over_plaintext and not route.tls.require_tls:
                 events.warning(
                     "auth_over_plaintext", route=route.name,
                     risk="the password may cross the network unencrypted",

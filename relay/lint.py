@@ -21,15 +21,7 @@ def warnings(config: Config) -> list[Problem]:
             )
         found.extend(_ip_hosts(where, route))
         if route.auth is not None and route.auth.over_plaintext:
-            found.append(
-                Problem(
-                    where,
-                    "auth_over_plaintext",
-                    "the password may be sent without TLS, readable on the network; "
-                    "set require_tls = true and remove auth_over_plaintext if the host "
-                    "offers STARTTLS",
-                )
-            )
+            found.append(Problem(where, "auth_over_plaintext", _plaintext_auth(route)))
     return found
 
 
@@ -79,6 +71,16 @@ def _rules(config: Config) -> tuple[list[Problem], set[str]]:
         if not rule.senders or "*" in rule.senders:
             seen.extend((index, _key(raw)) for raw in recipients)
     return found, live_routes
+
+
+def _plaintext_auth(route: Route) -> str:
+    if route.tls.require_tls:
+        # Every connection is encrypted before AUTH: the option changes nothing.
+        return "has no effect: require_tls = true sends the password only over TLS; remove it"
+    return (
+        "the password may be sent without TLS, readable on the network; if the host "
+        "offers STARTTLS, set require_tls = true and remove auth_over_plaintext"
+    )
 
 
 def _ip_hosts(where: str, route: Route) -> list[Problem]:

@@ -224,9 +224,14 @@ def test_auth_config_problems(tmp_path: Path) -> None:
 
 def test_auth_over_plaintext_is_warned(tmp_path: Path) -> None:
     secret = password_file(tmp_path)
-    cfg = load(tmp_path, auth_route(2525, secret, extra="auth_over_plaintext = true\n"))
+    route = single_route("Smarthost", "127.0.0.1", 2525)
+    route += f'auth = {{ username = "relay", password_file = "{secret}" }}\n'
+    cfg = load(tmp_path, route + "auth_over_plaintext = true\n")
     warned = [str(w) for w in lint.warnings(cfg)]
     assert any("auth_over_plaintext: the password may be sent without TLS" in w for w in warned)
+    cfg = load(tmp_path, auth_route(2525, secret, extra="auth_over_plaintext = true\n"))
+    warned = [str(w) for w in lint.warnings(cfg)]
+    assert any("auth_over_plaintext: has no effect: require_tls = true" in w for w in warned)
 
 
 def test_the_audit_says_credentials_changed_and_never_the_password(tmp_path: Path) -> None:
