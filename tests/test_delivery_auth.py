@@ -16,7 +16,7 @@ import pytest
 
 from relay import audit, config, lint
 from relay.session import auth_mechanism
-from tests.support.authsink import AuthSink
+from tests.support.authsink import AuthSink, CramMd5Sink
 from tests.support.integ import Relay, config_text, idle, single_route, until
 from tests.support.pki import Pki
 from tests.support.sink import Sink
@@ -107,6 +107,21 @@ async def test_good_password_is_delivered_over_tls(tmp_path: Path) -> None:
     (message,) = sink.messages
     assert message.rcpt_tos == ["bob@partner.test"] and message.tls is not None
     assert relay.spooled() == []
+
+
+async def test_cram_md5_is_preferred_when_offered(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    secret = password_file(tmp_path)
+    tls = pki.server_context("smarthost.test")
+    async with CramMd5Sink(username="relay", password=PASSWORD, tls_context=tls) as sink:
+        routes = auth_route(sink.port, secret) + senders_route(2526)
+        toml = config_text(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
+        async with Relay(tmp_path, toml) as relay:
+            relay.put("alice@sender.test", ["bob@partner.test"])
+            await until(lambda: sink.messages)
+            await idle(relay)
+    assert sink.auths == [("CRAM-MD5", b"relay", True)]
+    assert not any(PASSWORD in line for line in sink.lines)
 
 
 async def test_bad_password_is_a_host_failure_named_in_the_log_and_the_dsn(
