@@ -401,6 +401,13 @@ class Daemon:
         )
         for line in configmod.describe(new):
             events.log("config", line=line)
+        for route in new.routes:
+            # Only where it can happen: require_tls encrypts before any AUTH.
+            if route.auth is not None and route.auth.over_plaintext and not route.tls.require_tls:
+                events.warning(
+                    "auth_over_plaintext", route=route.name,
+                    risk="the password may cross the network unencrypted",
+                )  # fmt: skip
         if old is None:
             self._audit(new, lambda log: log.record_start(new))
         else:

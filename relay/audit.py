@@ -212,7 +212,9 @@ def _change_lines(changes: Mapping[str, Any]) -> list[str]:
             lines.append(f"{label(name)}: removed")
         for name, fields in table.get("changed", {}).items():
             lines.extend(
-                f"{label(name)}: changed {field}: {_value(old)} → {_value(new)}"
+                _credentials_line(label(name), old, new)
+                if field == "credentials"
+                else f"{label(name)}: changed {field}: {_value(old)} → {_value(new)}"
                 for field, (old, new) in fields.items()
             )
     for section, fields in changes.items():
@@ -223,6 +225,15 @@ def _change_lines(changes: Mapping[str, Any]) -> list[str]:
             for field, (old, new) in fields.items()
         )
     return lines
+
+
+def _credentials_line(label: str, old: Any, new: Any) -> str:
+    """A route's AUTH password changed: said without any trace of it."""
+    if old is None:
+        return f"{label}: credentials set"
+    if new is None:
+        return f"{label}: credentials removed"
+    return f"{label}: credentials changed"
 
 
 def _route_label(name: str) -> str:

@@ -360,6 +360,124 @@ def _status_fields(
     return lines
 
 
+# --- delay warnings -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """One recipient still being retried, listed in a delay warning."""
+
+    address: str
+    #: The last error (a temporary failure, or our own diagnosis).
+    reply: Reply
+    #: "host [ip]" of the last next hop tried, as in :class:`Failure`.
+    remote_mta: str = ""
+    #: True when ``reply`` came over the wire from ``remote_mta``.
+    remote: bool = False
+    #: Seconds since the epoch of the last attempt.
+    last_attempt: float | None = None
+    route: str = ""
+
+    @property
+    def status_text(self) -> str:
+        # RFC 3464 section 2.3.4: a "delayed" action goes with a 4.x.y status;
+        # a permanent-looking last reply (one host's TLS verdict while others
+        # were only unreachable) is still a temporary state of this recipient.
+        _, subject, detail = self.reply.status
+        return f"4.{subject}.{detail}"
+
+
+def _delay_text(
+    envelope: Envelope, delayed: Sequence[Delay], hostname: str, give_up: float
+) -> list[str]:
+    waited = _age(envelope.received_at, give_up)
+    lines = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        "####################################################################",
+        "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+        "####################################################################",
+        "",
+        *_wrap(
+            f"Your message (queue id {envelope.id}) could not be delivered to the "
+            f"following recipients yet. The mail system will keep trying until "
+            f"{_date(give_up)} ({waited} after it arrived) and tell you if it then "
+            "still fails. The headers of your message are attached."
+        ),
+        "",
+    ]
+    for item in delayed:
+        where = f" at host {item.remote_mta}" if item.remote_mta else ""
+        lines += [f"<{item.address}>:", *_wrap(f"The last error{where} was: {item.reply}", "    ")]
+        lines.append("")
+    return lines
+
+
+def _age(start: float, end: float) -> str:
+    hours = max(0.0, end - start) / 3600
+    return f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} hours"
+
+
+def _delay_fields(
+    envelope: Envelope, delayed: Sequence[Delay], hostname: str, give_up: float, utf8: bool
+) -> list[str]:
+    clean = (lambda s: s) if utf8 else _ascii
+    lines = [
+        *_field("Reporting-MTA", f"dns; {hostname}"),
+        *_field("X-Relay-Queue-ID", envelope.id),
+        *_field("Arrival-Date", _date(envelope.received_at)),
+    ]
+    for item in delayed:
+        lines.append("")
+        lines += _field("Final-Recipient", clean(_address_field(item.address, utf8)))
+        lines += _field("Action", "delayed")
+        lines += _field("Status", item.status_text)
+        if item.remote_mta.endswith("]"):
+            lines += _field("Remote-MTA", clean(f"dns; {_remote_name(item.remote_mta)}"))
+        kind = "smtp" if item.remote else "X-Relay"
+        lines += _field("Diagnostic-Code", clean(f"{kind}; {item.reply}"))
+        if item.last_attempt is not None:
+            lines += _field("Last-Attempt-Date", _date(item.last_attempt))
+        # RFC 3464 section 2.3.9: when the relay gives up ([queue] max_lifetime).
+        lines += _field("Will-Retry-Until", _date(give_up))
+        if item.route:
+            lines += _field("X-Relay-Route", clean(item.route))
+    return lines
+
+
+def build_delay_warning(
+    envelope: Envelope,
+    delayed: Sequence[Delay],
+    *,
+    hostname: str,
+    original: bytes,
+    now: datetime,
+    give_up: float,
+) -> bytes:
+    """The RFC 3464 report telling ``envelope.mail_from`` that ``delayed``
+    recipients are still being retried (``Action: delayed``, a 4.x.y
+    ``Status``, the last error and ``Will-Retry-Until`` = ``give_up``).
+
+    Raises ValueError for a null sender or no recipients (never to ``<>``).
+    """
+    if not envelope.mail_from:
+        raise ValueError("never send a DSN to the null reverse-path")
+    if not delayed:
+        raise ValueError("a delay warning needs at least one delayed recipient")
+    utf8 = delay_needs_smtputf8(envelope, delayed)
+    text = _delay_text(envelope, delayed, hostname, give_up)
+    fields = _delay_fields(envelope, delayed, hostname, give_up, utf8)
+    to = f"<{envelope.mail_from}>"
+    subject = "Delayed Mail (still being retried)"
+    return _assemble(original, hostname, now, to, subject, text, fields, utf8)
+
+
+def delay_needs_smtputf8(envelope: Envelope, delayed: Sequence[Delay]) -> bool:
+    """True when the delay warning carries a non-ASCII address (sent with SMTPUTF8)."""
+    addresses = [envelope.mail_from, *(d.address for d in delayed)]
+    return envelope.smtputf8 or not all(a.isascii() for a in addresses)
+
+
 # --- assembly -------------------------------------------------------------------
 
 
@@ -424,6 +542,21 @@ def _report(
     text: list[str],
 ) -> bytes:
     utf8 = needs_smtputf8(envelope, failed)
+    fields = _status_fields(envelope, failed, hostname, utf8)
+    return _assemble(original, hostname, now, to, subject, text, fields, utf8)
+
+
+def _assemble(
+    original: bytes,
+    hostname: str,
+    now: datetime,
+    to: str,
+    subject: str,
+    text: list[str],
+    fields: list[str],
+    utf8: bool,
+) -> bytes:
+    """The multipart/report around ``text`` and the delivery-status ``fields``."""
     boundary = f"=_relay_{secrets.token_hex(12)}"
     headers = _original_headers(original)
     original_id = _original_message_id(headers)
@@ -467,7 +600,7 @@ def _report(
         f"Content-Type: {status_type}",
         "Content-Description: Delivery report",
         "",
-        *_status_fields(envelope, failed, hostname, utf8),
+        *fields,
         "",
     ]
     # RFC 6533 section 3.3: message/global-headers for headers that may be UTF-8.

@@ -282,6 +282,13 @@ def _probe_json(route: Route, result: Any, window: float) -> dict[str, Any]:
             }
             for f, advice in zip(result.failures, result.advice(route.name), strict=True)
         ],
+        "auth": None
+        if not result.auth_checked
+        else {
+            "passed": not result.auth_error,
+            "mechanism": result.auth_mechanism or None,
+            "error": result.auth_error or None,
+        },
         "passed": result.passed,
         "warnings": result.warnings(window),
     }
@@ -330,11 +337,17 @@ def _print_probe(route: Route, result: Any, window: float) -> None:
         if not enabled:
             state = f"off ({'would pass' if ok else 'would fail: ' + why})"
         print(f"  {option + ' = ' + str(enabled).lower() + ':':<28}{state}")
+    if result.auth_checked:
+        auth = route.auth.username if route.auth else ""
+        ok = f"pass ({result.auth_mechanism} as {auth})"
+        print(f"  {'auth:':<28}{f'FAIL: {result.auth_error}' if result.auth_error else ok}")
     if result.passed:
         print("  verdict:          PASS")
         return
     advice = result.advice(route.name)
-    failed = ", ".join(sorted({a.option for a in advice}))
+    failed = ", ".join(
+        sorted({a.option for a in advice} | ({"auth"} if result.auth_error else set()))
+    )
     print(f"  verdict:          FAIL ({failed})")
     for item in advice:
         print(f"    {item.option}: {item.problem}")

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,30 @@ class TlsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteAuth:
+    """SMTP AUTH (RFC 4954) credentials of a route, for its next hops.
+
+    The password is read from ``password_file`` at load (and at every
+    reload), never written in the main config; ``repr`` leaves it out so
+    no log line or traceback can show it.
+    """
+
+    username: str
+    password_file: Path
+    password: str = field(repr=False)
+    #: Send the credentials on a connection without TLS (warned at load).
+    over_plaintext: bool = False
+    #: A short one-way tag of the password (PBKDF2), for the audit log's
+    #: "credentials changed" without the password or a quick verifier of it.
+    fingerprint: str = ""
+    #: The route's name (for log lines and DSN text).
+    route: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.username} (password from {self.password_file})"
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     #: Tried first, in weighted random order. A single-host route has one.
@@ -64,6 +89,8 @@ class Route:
     #: Not from the config: the recipient's (or a bounce's sender's) own
     #: domain, by MX. Only then are NXDOMAIN and null MX permanent failures.
     implicit: bool = False
+    #: SMTP AUTH to the next hops, after STARTTLS; None: no AUTH.
+    auth: RouteAuth | None = None
     #: When every host failed the TLS policy: "bounce" at once (as the
     #: console does) or "defer" (keep it queued until max_lifetime).
     on_tls_failure: str = "bounce"
@@ -124,24 +151,37 @@ def address_key(address: str) -> str:
     return f"{local.lower()}@{domain_key(domain)}"
 
 
+def _pattern_matches(patterns: Sequence[str], address: str) -> bool:
+    """``address`` matches one of ``patterns``: a full address, "@domain" or "*"."""
+    # Domains compare as A-labels (RFC 5890), so a U-label address
+    # matches an "@xn--..." pattern and the other way round.
+    address = address_key(address)
+    domain = address.rpartition("@")[2]
+    for pattern in patterns:
+        pattern = address_key(pattern) if "@" in pattern else pattern
+        if pattern == "*" or pattern == address:
+            return True
+        if pattern.startswith("@") and pattern[1:] == domain:
+            return True
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
-    #: Patterns: a full address, "@domain", or "*".
+    #: Recipient patterns: a full address, "@domain", or "*"; empty: any recipient
+    #: (a rule by sender only).
     recipients: tuple[str, ...]
     route: str
+    #: Envelope sender patterns, the same syntax; empty: any sender. Only "*"
+    #: matches the null sender (<>).
+    senders: tuple[str, ...] = ()
 
-    def matches(self, address: str) -> bool:
-        # Domains compare as A-labels (RFC 5890), so a U-label recipient
-        # matches an "@xn--..." pattern and the other way round.
-        address = address_key(address)
-        domain = address.rpartition("@")[2]
-        for pattern in self.recipients:
-            pattern = address_key(pattern) if "@" in pattern else pattern
-            if pattern == "*" or pattern == address:
-                return True
-            if pattern.startswith("@") and pattern[1:] == domain:
-                return True
-        return False
+    def matches(self, address: str, sender: str) -> bool:
+        """The rule takes recipient ``address`` of mail from ``sender``: both
+        lists, where given, must match."""
+        if self.recipients and not _pattern_matches(self.recipients, address):
+            return False
+        return not self.senders or _pattern_matches(self.senders, sender)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +318,10 @@ class BouncesConfig:
     #: Addresses that get a copy of every DSN with the full diagnosis (like
     #: Postfix's notify_classes = bounce); empty: no copy.
     notify: tuple[str, ...] = ()
+    #: Seconds a message waits before its sender is told once that it is
+    #: delayed (an RFC 3464 "Action: delayed" DSN); 0 sends no warning, like
+    #: Postfix's delay_warning_time, whose default is off too.
+    delay_warning: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,10 +352,11 @@ class Config:
                 return route
         return None
 
-    def route_for(self, address: str) -> Route | None:
-        """The route of the first rule that matches ``address`` (first match wins)."""
+    def route_for(self, address: str, sender: str) -> Route | None:
+        """The route of the first rule that matches recipient ``address`` of
+        mail from ``sender`` ("" for the null sender; first match wins)."""
         for rule in self.rules:
-            if rule.matches(address):
+            if rule.matches(address, sender):
                 return self.route(rule.route)
         return None
 
@@ -402,6 +447,16 @@ def _notify(reader: _Reader, addresses: tuple[str, ...]) -> tuple[str, ...]:
         elif address not in good:
             good.append(address)
     return tuple(good)
+
+
+def _delay_warning(reader: _Reader) -> float:
+    """``[bounces] delay_warning``: a duration, or "0" (any zero) for no warnings."""
+    value = reader.get("delay_warning", str, None)
+    if value is None:
+        return BouncesConfig().delay_warning
+    if value.strip() and value.strip().rstrip("mshd").strip() in ("0", "0.0"):
+        return 0.0
+    return reader.duration("delay_warning", BouncesConfig().delay_warning)
 
 
 def parse_listen(text: str) -> Listen:
@@ -559,10 +614,12 @@ _SERVER_KEYS = (
 )  # fmt: skip
 _ROUTE_KEYS = (
     "name", "host", "port", "mx_lookup", "require_tls", "require_ca_signed",
-    "validate_hostname", "on_tls_failure", "primary", "secondary",
+    "validate_hostname", "on_tls_failure", "primary", "secondary", "auth",
+    "auth_over_plaintext",
 )  # fmt: skip
+_AUTH_KEYS = ("username", "password_file")
 _HOST_KEYS = ("host", "port", "load")
-_RULE_KEYS = ("recipients", "route")
+_RULE_KEYS = ("recipients", "senders", "route")
 
 
 # --- sections ---------------------------------------------------------------
@@ -748,7 +805,7 @@ def _port(r: _Reader, field_name: str, value: Any) -> int:
     return int(value)
 
 
-def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
+def _route(problems: list[Problem], index: int, raw: Any, base: Path) -> Route | None:
     name = raw.get("name") if isinstance(raw, Mapping) else None
     where = f"routes[{index}]" + (f" {name!r}" if isinstance(name, str) and name else "")
     r = _Reader(problems, where, raw, _ROUTE_KEYS)
@@ -810,16 +867,104 @@ def _route(problems: list[Problem], index: int, raw: Any) -> Route | None:
     port = _port(r, "port", raw.get("port", 25))
     primary = _hosts(r, "primary", raw["primary"], mx_lookup) if "primary" in raw else ()
     secondary = _hosts(r, "secondary", raw["secondary"], mx_lookup) if "secondary" in raw else ()
+    plaintext = r.get("auth_over_plaintext", bool, False)
+    auth = _auth(r, base, plaintext, name) if "auth" in raw else None
+    if "auth_over_plaintext" in raw and "auth" not in raw:
+        r.problem("auth_over_plaintext", "applies to a route with auth = { ... } only")
     if not shape_ok:
         return None
     if not tables:
         return Route(
             name, (Host(host, port, 100),), (), mx_lookup, tls, single=True,
-            on_tls_failure=on_tls_failure,
+            on_tls_failure=on_tls_failure, auth=auth,
         )  # fmt: skip
     return Route(
-        name, primary, secondary, mx_lookup, tls, single=False, on_tls_failure=on_tls_failure
-    )
+        name, primary, secondary, mx_lookup, tls, single=False,
+        on_tls_failure=on_tls_failure, auth=auth,
+    )  # fmt: skip
+
+
+#: Group or others may read (or write, or run) the file: ssh refuses such a key.
+_OPEN_MODE = 0o077
+
+
+def password_file_problem(path: Path) -> str | None:
+    """What is wrong with ``path`` as a password file, or None.
+
+    Like ssh with a private key, a file others can read is refused: the
+    message names the file and the fix.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read {str(path)!r}: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return f"{str(path)!r} is not a file"
+    if mode & _OPEN_MODE:
+        return (
+            f"{str(path)!r} is readable by others (mode {stat.S_IMODE(mode):04o}): "
+            f"a password file must be private; run: chmod 600 {path}"
+        )
+    return None
+
+
+def _auth(r: _Reader, base: Path, over_plaintext: bool, route: str) -> RouteAuth | None:
+    """``auth = { username = "...", password_file = "/path" }`` of a route."""
+    raw = r.table.get("auth")
+    if not isinstance(raw, Mapping):
+        r.problem("auth", 'must be a table: auth = { username = "...", password_file = "/path" }')
+        return None
+    ar = _Reader(r.problems, r.where, raw, _AUTH_KEYS, prefix="auth.")
+    username = ar.get("username", str, "")
+    if not username:
+        ar.problem("username", "is required: the account name the next hop knows")
+    elif any(c in username for c in "\0\r\n"):
+        ar.problem("username", "must not contain NUL or line breaks")
+    path = ar.path("password_file", base, must_exist=False)
+    if path is None:
+        ar.problem(
+            "password_file",
+            "is required: a file holding only the password (the password never goes "
+            "in this config)",
+        )
+        return None
+    problem = password_file_problem(path)
+    if problem is not None:
+        ar.problem("password_file", problem)
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        ar.problem("password_file", f"cannot read {str(path)!r}: {exc}")
+        return None
+    # The first line is the password (a final line break is not part of it).
+    lines = text.splitlines()
+    password = lines[0] if lines else ""
+    if not password or "\0" in password:
+        ar.problem("password_file", f"{str(path)!r} holds no password on its first line")
+        return None
+    tag = _fingerprint(username, password)
+    return RouteAuth(username, path, password, over_plaintext, tag, route)
+
+
+def _fingerprint(username: str, password: str) -> str:
+    # Slow and short on purpose: enough to see that the password changed,
+    # too little (and too slow) to test guesses against the audit log.
+    salt = b"relay-audit\0" + username.encode("utf-8")
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, 100_000)
+    return digest.hex()[:8]
+
+
+def _patterns(r: _Reader, name: str) -> tuple[str, ...]:
+    patterns = r.strings(name, ())
+    if name in r.table and not patterns:
+        r.problem(name, 'must list at least one pattern: an address, "@domain" or "*"')
+    for pattern in patterns:
+        local, at, domain = pattern.rpartition("@")
+        ok = pattern == "*" or (at and is_hostname(domain_key(domain)) and "@" not in local)
+        if not ok:
+            r.problem(name, f'{pattern!r} is not an address, "@domain" or "*"')
+    return patterns
 
 
 def _rule(
@@ -828,14 +973,13 @@ def _rule(
     r = _Reader(problems, f"rules[{index}]", raw, _RULE_KEYS)
     if not isinstance(raw, Mapping):
         return None
-    patterns = r.strings("recipients", ())
-    if not patterns:
-        r.problem("recipients", 'must list at least one pattern: an address, "@domain" or "*"')
-    for pattern in patterns:
-        local, at, domain = pattern.rpartition("@")
-        ok = pattern == "*" or (at and is_hostname(domain_key(domain)) and "@" not in local)
-        if not ok:
-            r.problem("recipients", f'{pattern!r} is not an address, "@domain" or "*"')
+    patterns = _patterns(r, "recipients")
+    senders = _patterns(r, "senders")
+    if "recipients" not in r.table and "senders" not in r.table:
+        r.problem(
+            "recipients",
+            'is required (or senders): list at least one pattern, an address, "@domain" or "*"',
+        )
     route = r.get("route", str, "")
     if not route:
         r.problem("route", "is required: the name of a route")
@@ -843,7 +987,7 @@ def _rule(
         hint = suggest(route, list(route_names))
         tip = f"; did you mean {hint!r}?" if hint else ""
         r.problem("route", f"no route is named {route!r}{tip}")
-    return Rule(patterns, route)
+    return Rule(patterns, route, senders)
 
 
 def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
@@ -868,7 +1012,9 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
     log = _log(problems, data.get("log", {}))
 
     raw_routes = top.get("routes", list, [])
-    routes = [r for i, raw in enumerate(raw_routes, start=1) if (r := _route(problems, i, raw))]
+    routes = [
+        r for i, raw in enumerate(raw_routes, start=1) if (r := _route(problems, i, raw, base))
+    ]
     names: dict[str, int] = {}
     for i, raw in enumerate(raw_routes, start=1):
         name = raw.get("name") if isinstance(raw, Mapping) else None
@@ -884,13 +1030,22 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
         for i, raw in enumerate(top.get("rules", list, []), start=1)
         if (rule := _rule(problems, i, raw, names)) is not None
     ]
-    bounce_reader = _Reader(problems, "bounces", data.get("bounces", {}), ("route", "notify"))
+    bounce_reader = _Reader(
+        problems, "bounces", data.get("bounces", {}), ("route", "notify", "delay_warning")
+    )
     bounces = BouncesConfig(
         bounce_reader.get("route", str, ""),
         _notify(bounce_reader, bounce_reader.strings("notify", ())),
+        _delay_warning(bounce_reader),
     )
     if bounces.route and bounces.route not in names:
         bounce_reader.problem("route", f"no route is named {bounces.route!r}")
+    if bounces.delay_warning and bounces.delay_warning >= queue.max_lifetime:
+        bounce_reader.problem(
+            "delay_warning",
+            "must be shorter than [queue] max_lifetime (the message bounces first); "
+            'use "0" to send no delay warnings',
+        )
     if problems:
         raise ConfigError(source, problems)
     return Config(
@@ -951,9 +1106,21 @@ def describe(config: Config) -> list[str]:
                 label = "host" if route.single else table
                 share = "" if route.single else f" load {host.load}%"
                 lines.append(f"  {label} {host.name} port {host.port}{share}")
+        if route.auth is not None:
+            plain = ", also without TLS (auth_over_plaintext)" if route.auth.over_plaintext else ""
+            lines.append(f"  auth {route.auth}{plain}")
     for i, rule in enumerate(config.rules, start=1):
-        lines.append(f"rule {i}: {', '.join(rule.recipients)} -> {rule.route!r}")
+        lines.append(f"rule {i}: {rule_text(rule)} -> {rule.route!r}")
     return lines
+
+
+def rule_text(rule: Rule) -> str:
+    """``@a.test, bob@b.test`` or ``senders @dept.test; recipients *`` (check-config)."""
+    recipients = ", ".join(rule.recipients)
+    if not rule.senders:
+        return recipients
+    senders = f"senders {', '.join(rule.senders)}"
+    return f"{senders}; recipients {recipients}" if recipients else f"{senders}; any recipient"
 
 
 # --- diff (for the audit log) -----------------------------------------------
@@ -995,6 +1162,22 @@ def route_snapshot(route: Route) -> dict[str, Any]:
     fields["require_ca_signed"] = route.tls.require_ca_signed
     fields["validate_hostname"] = route.tls.validate_hostname
     fields["on_tls_failure"] = route.on_tls_failure
+    if route.auth is not None:
+        # Only when set, so a route without auth reads as before auth existed.
+        # The password never: its fingerprint says whether it changed.
+        fields["auth"] = str(route.auth)
+        fields["credentials"] = route.auth.fingerprint
+        if route.auth.over_plaintext:
+            fields["auth_over_plaintext"] = True
+    return fields
+
+
+def _rule_snapshot(rule: Rule) -> dict[str, Any]:
+    fields: dict[str, Any] = {"recipients": list(rule.recipients), "route": rule.route}
+    if rule.senders:
+        # Only when given: a rule without senders reads as it did before
+        # senders existed, so older audit logs diff cleanly against it.
+        fields["senders"] = list(rule.senders)
     return fields
 
 
@@ -1010,11 +1193,12 @@ _FIELDS_SINCE: dict[str, dict[str, Any]] = {
 def snapshot(config: Config) -> dict[str, Any]:
     """The whole effective configuration as JSON-ready data (what the audit log keeps).
 
-    ``{"routes": {name: fields}, "rules": [{"recipients", "route"}], "server": {...}, ...}``.
+    ``{"routes": {name: fields}, "rules": [{"recipients", "route"}], "server": {...}, ...}``
+    (a rule's ``"senders"`` only when it has some).
     """
     snap: dict[str, Any] = {
         "routes": {route.name: route_snapshot(route) for route in config.routes},
-        "rules": [{"recipients": list(r.recipients), "route": r.route} for r in config.rules],
+        "rules": [_rule_snapshot(r) for r in config.rules],
     }
     for section in DIFF_SECTIONS:
         value = getattr(config, section)
@@ -1055,8 +1239,13 @@ def diff_snapshots(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
     new_rules = {f"rules[{i}]": r for i, r in enumerate(new.get("rules", []), start=1)}
     since = _FIELDS_SINCE["routes"]
     old_routes = {name: {**since, **fields} for name, fields in old.get("routes", {}).items()}
+    routes = _named_diff(old_routes, new.get("routes", {}))
+    for fields in routes["changed"].values():
+        if "credentials" in fields:
+            # Not even the fingerprints: the audit says "credentials changed".
+            fields["credentials"] = [v if v is None else "(hidden)" for v in fields["credentials"]]
     result: dict[str, Any] = {
-        "routes": _named_diff(old_routes, new.get("routes", {})),
+        "routes": routes,
         "rules": _named_diff(old_rules, new_rules),
     }
     for section in DIFF_SECTIONS:

@@ -664,7 +664,7 @@ class Deliverer:
 
     async def _connect(self, key: HopKey, cfg: Config, qid: str = "") -> Session:
         """Connect, EHLO and STARTTLS per the policy; raise a RelayError if the host fails."""
-        ip, port, policy, name = key
+        ip, port, policy, name, _ = key
         try:
             return await open_session(key, cfg, starttls=True)
         except TlsPolicyFailure:
@@ -794,6 +794,8 @@ class Deliverer:
             self._metrics.tls_failures.labels(route.name, label, failure.reason.value).inc()
         elif isinstance(failure, errors.HostUnreachable):
             outcome = "unreachable"
+        elif isinstance(failure, errors.AuthFailed):
+            outcome = "auth_failed"
         elif isinstance(failure, errors.DnsTemporary | errors.RouteMisconfigured) or (
             result.ip is None and failure is not None
         ):
@@ -848,7 +850,7 @@ def _interchangeable(one: Candidate, other: Candidate) -> bool:
 
 def _hop(route: Route, candidate: Candidate, ip: str) -> HopKey:
     """The pool's key for ``candidate`` at ``ip``: SNI and verification use its name."""
-    return (ip, candidate.port, route.tls, candidate.host.strip("[]"))
+    return (ip, candidate.port, route.tls, candidate.host.strip("[]"), route.auth)
 
 
 # RFC 5321 section 4.5.2: a line starting with "." gets one more.

@@ -121,6 +121,9 @@ class Envelope:
     #: ``attempts`` when an operator last flushed the message (``relay queue
     #: flush``): the retry delay grows with the attempts since then only.
     backoff_from: int = 0
+    #: The sender was sent its one delay warning (``[bounces] delay_warning``);
+    #: kept so a restart does not send it again.
+    delay_warned: bool = False
 
     @property
     def pending(self) -> list[Recipient]:
@@ -146,6 +149,8 @@ class Envelope:
         }
         if self.backoff_from:
             data["backoff_from"] = self.backoff_from  # only when set, as last_cause
+        if self.delay_warned:
+            data["delay_warned"] = True
         return data
 
     def dumps(self) -> bytes:
@@ -170,6 +175,7 @@ class Envelope:
             body_8bit=bool(data.get("body_8bit", False)),
             is_bounce=bool(data.get("is_bounce", False)),
             backoff_from=int(data.get("backoff_from", 0)),
+            delay_warned=bool(data.get("delay_warned", False)),
         )
 
     @classmethod

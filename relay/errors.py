@@ -228,6 +228,20 @@ class NotTried(TemporaryFailure):
     default_reply = Reply(451, (4, 4, 1), "Not every next hop could be tried in this attempt")
 
 
+class AuthFailed(TemporaryFailure):
+    """SMTP AUTH (RFC 4954) to a route's next hop failed: a 535 to the
+    credentials, no usable mechanism offered, or no TLS to send them over.
+
+    A failure of the host (the next candidate is tried, the mail deferred),
+    not of the recipients: a wrong password is the relay's configuration to
+    fix, so mail waits for it rather than bouncing (Postfix's
+    smtp_sasl_auth_soft_bounce). The reply text names the route for the
+    DSN; the password is never part of it.
+    """
+
+    default_reply = Reply(451, (4, 7, 0), "Authentication to the next hop failed")
+
+
 class RemoteTemporary(TemporaryFailure):
     """The next hop answered 4xx; its reply is kept verbatim."""
 

@@ -241,8 +241,9 @@ def has_routing_characters(mailbox: str) -> bool:
     return not ROUTING_CHARACTERS.isdisjoint(mailbox.rpartition("@")[0])
 
 
-def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
-    """Accept or refuse one recipient (a mailbox from :func:`parse_path`).
+def recipient_reply(config: Config, client_ip: str, mailbox: str, sender: str = "") -> Reply:
+    """Accept or refuse one recipient (a mailbox from :func:`parse_path`) of
+    mail from ``sender`` (rules may match the sender too).
 
     * an address literal (``user@[192.0.2.1]``): refused for everyone,
       550 5.7.1 -- it names no domain the rules could route;
@@ -274,7 +275,7 @@ def recipient_reply(config: Config, client_ip: str, mailbox: str) -> Reply:
             and not may_relay(config, client_ip)
         ):
             return errors.ROUTING_CHARACTERS
-        return errors.RECIPIENT_OK if config.route_for(mailbox) else errors.NO_ROUTE
+        return errors.RECIPIENT_OK if config.route_for(mailbox, sender) else errors.NO_ROUTE
     if may_relay(config, client_ip):
         return errors.RECIPIENT_OK
     return errors.RELAYING_DENIED
@@ -1099,7 +1100,7 @@ class _Handler:
         elif len(envelope.rcpt_tos) >= config.server.max_recipients:
             reply, reason = errors.TOO_MANY_RECIPIENTS, "too_many_recipients"
         else:
-            reply = recipient_reply(config, _peer_ip(session), address)
+            reply = recipient_reply(config, _peer_ip(session), address, envelope.mail_from or "")
             reason = _RCPT_REASONS.get(reply, "")
         if reason:
             self.inbound.rejected(reason, session, "RCPT", rcpt=address, reply=reply)

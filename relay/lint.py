@@ -29,6 +29,8 @@ def warnings(config: Config) -> list[Problem]:
                     "TLS policy (mail goes in plaintext when TLS fails)",
                 )
             )
+        if route.auth is not None and route.auth.over_plaintext:
+            found.append(Problem(where, "auth_over_plaintext", _plaintext_auth(route)))
     return found
 
 
@@ -50,26 +52,44 @@ def _key(pattern: str) -> str:
 
 def _rules(config: Config) -> tuple[list[Problem], set[str]]:
     """Patterns an earlier rule always takes first (first match wins), and the routes
-    of the rules that can still match."""
+    of the rules that can still match.
+
+    Only a rule that takes any sender (no ``senders``, or ``"*"`` among
+    them) shadows later rules: one restricted to some senders leaves the
+    same recipients from every other sender to the rules after it.
+    """
     found: list[Problem] = []
     live_routes: set[str] = set()
-    seen: list[tuple[int, str]] = []  # (rule number, pattern) of every earlier rule
+    seen: list[tuple[int, str]] = []  # (rule number, pattern) of every earlier any-sender rule
     for index, rule in enumerate(config.rules, start=1):
         where = f"rules[{index}]"
+        # A rule by sender only takes every recipient of those senders.
+        recipients = rule.recipients or ("*",)
         dead: list[str] = []
-        for raw in rule.recipients:
+        for raw in recipients:
             pattern = _key(raw)
             taker = next((f for f in seen if _covers(f[1], pattern)), None)
             if taker is not None:
                 dead.append(f"{raw!r} (rules[{taker[0]}] {taker[1]!r} matches it first)")
-        if len(dead) == len(rule.recipients):
+        if len(dead) == len(recipients):
             found.append(Problem(where, "", "can never match: " + "; ".join(dead)))
         else:
             live_routes.add(rule.route)
             for text in dead:
                 found.append(Problem(where, "recipients", f"never matches {text}"))
-        seen.extend((index, _key(raw)) for raw in rule.recipients)
+        if not rule.senders or "*" in rule.senders:
+            seen.extend((index, _key(raw)) for raw in recipients)
     return found, live_routes
+
+
+def _plaintext_auth(route: Route) -> str:
+    if route.tls.require_tls:
+        # Every connection is encrypted before AUTH: the option changes nothing.
+        return "has no effect: require_tls = true sends the password only over TLS; remove it"
+    return (
+        "the password may be sent without TLS, readable on the network; if the host "
+        "offers STARTTLS, set require_tls = true and remove auth_over_plaintext"
+    )
 
 
 def _ip_hosts(where: str, route: Route) -> list[Problem]:

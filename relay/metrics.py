@@ -110,6 +110,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.delay_warnings = Counter(
+            "relay_delay_warnings_total",
+            "Delay warnings (RFC 3464 Action: delayed) spooled to senders.",
+            registry=r,
+        )
         self.queue_messages = Gauge("relay_queue_messages", "Messages in the spool.", registry=r)
         self.delivery_seconds = Histogram(
             "relay_delivery_seconds",

@@ -1,6 +1,7 @@
 """The TLS probe behind ``relay test-tls``: STARTTLS, chain and name checks (RFC 3207, RFC 6125).
 
-It connects to a route's hosts as delivery would and sends no mail.
+It connects to a route's hosts as delivery would and sends no mail. For a
+route with AUTH credentials it also logs in once as delivery would (RFC 4954).
 
 Part of the outbound SMTP package (delivery, session, pool, probe); it
 needs no aiosmtplib of its own: sessions come from :mod:`relay.session`.
@@ -8,6 +9,7 @@ needs no aiosmtplib of its own: sessions come from :mod:`relay.session`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,10 +58,16 @@ class ProbeResult:
     failures: tuple[TlsFailure, ...] = ()
     #: Failure to reach or speak SMTP to the host, if any.
     error: str = ""
+    #: The route has AUTH credentials and they were tried as delivery would.
+    auth_checked: bool = False
+    #: The SASL mechanism that was accepted ("" if none was).
+    auth_mechanism: str = ""
+    #: Why AUTH failed (never the password), "" when it passed or was not checked.
+    auth_error: str = ""
 
     @property
     def passed(self) -> bool:
-        return not self.error and not self.failures
+        return not self.error and not self.failures and not self.auth_error
 
     def advice(self, route: str) -> list[Advice]:
         """What failed and how to fix it, for each of :attr:`failures`."""
@@ -124,13 +132,43 @@ async def probe_hosts(
 
 
 async def _probe_one(route: Route, candidate: Candidate, ip: str, cfg: Config) -> ProbeResult:
+    """The TLS looks at one address, then AUTH when the route has credentials."""
+    result = await _probe_tls(route, candidate, ip, cfg)
+    if route.auth is None or result.error:
+        return result
+    mechanism, error = await _check_auth(route, candidate, ip, cfg)
+    return dataclasses.replace(
+        result, auth_checked=True, auth_mechanism=mechanism, auth_error=error
+    )
+
+
+async def _check_auth(route: Route, candidate: Candidate, ip: str, cfg: Config) -> tuple[str, str]:
+    """Connect as delivery does (the route's TLS policy, then AUTH) and QUIT:
+    (the mechanism accepted, "") or ("", why it failed)."""
+    key: HopKey = (ip, candidate.port, route.tls, candidate.host.strip("[]"), route.auth)
+    try:
+        try:
+            session = await open_session(key, cfg, starttls=True, read_certificate=False)
+        except HandshakeFailed as exc:
+            if route.tls.require_tls:
+                return "", f"no TLS session: {exc.failure.detail}"
+            # Opportunistic, as delivery: the same host in plaintext.
+            session = await open_session(key, cfg, starttls=False)
+    except RelayError as exc:
+        return "", exc.detail
+    mechanism = session.auth_mechanism
+    await quit_session(session)
+    return mechanism.upper(), ""
+
+
+async def _probe_tls(route: Route, candidate: Candidate, ip: str, cfg: Config) -> ProbeResult:
     """Three looks at one address: the certificate, the chain, the name."""
     name = candidate.host.strip("[]")
     # First look: encrypt without checks, to read the certificate even
     # when it would fail verification.
     look = TlsPolicy(require_tls=True, require_ca_signed=False, validate_hostname=False)
     try:
-        session = await open_session((ip, candidate.port, look, name), cfg, starttls=False)
+        session = await open_session((ip, candidate.port, look, name, None), cfg, starttls=False)
     except RelayError as exc:
         return ProbeResult(candidate, ip, error=exc.detail)
     if not session.smtp.supports_extension("starttls"):
@@ -184,7 +222,7 @@ async def _check(
     candidate: Candidate, ip: str, policy: TlsPolicy, cfg: Config
 ) -> TlsPolicyFailure | None:
     """Handshake under ``policy``; the failure, or None when it passed."""
-    key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"))
+    key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"), None)
     try:
         # The certificate was read by the first look: no second read here.
         session = await open_session(key, cfg, starttls=True, read_certificate=False)

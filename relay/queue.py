@@ -36,10 +36,13 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from relay import errors, events, routing
 from relay.bounce import (
     BounceReason,
+    Delay,
     Failure,
     TlsIssue,
+    build_delay_warning,
     build_dsn,
     build_postmaster_copy,
+    delay_needs_smtputf8,
     needs_smtputf8,
     reason_for,
 )
@@ -544,10 +547,19 @@ class Scheduler:
             self._metrics.recipients.labels(route, errors.DEFERRED).inc()
         if envelope.done:
             return await self._remove(envelope)
+        if deferred and self._warning_due(envelope, now):
+            # Marked before the state write below: a crash in between can at
+            # worst repeat the warning, never lose the recipients' state.
+            envelope.delay_warned = await self._warn(envelope, body, deferred, now)
         tries = envelope.attempts - envelope.backoff_from
         delay = backoff(tries, cfg.queue.min_backoff, cfg.queue.max_backoff, self._rng)
         # Never sleep past the lifetime: the last try happens at expiry.
         deadline = envelope.received_at + cfg.queue.max_lifetime
+        warning = self._warning_time(envelope)
+        if warning is not None and warning > now:
+            # Nor past the delay warning: it goes out with the attempt then
+            # (as Postfix's delay_warning_time), not up to max_backoff late.
+            deadline = min(deadline, warning)
         envelope.next_attempt = max(now, min(now + delay, deadline))
         saved = await self._save(envelope)
         if saved == "gone":
@@ -661,6 +673,77 @@ class Scheduler:
             )  # fmt: skip
         return True
 
+    def _warning_time(self, envelope: Envelope) -> float | None:
+        """When ``envelope``'s sender is due its delay warning; None if never."""
+        after = self._config().bounces.delay_warning
+        if not after or envelope.delay_warned or not envelope.mail_from or envelope.is_bounce:
+            # Off, sent already, or a DSN (null sender): never to <>.
+            return None
+        return envelope.received_at + after
+
+    def _warning_due(self, envelope: Envelope, now: float) -> bool:
+        when = self._warning_time(envelope)
+        return when is not None and now >= when
+
+    async def _warn(
+        self,
+        envelope: Envelope,
+        body: Body,
+        deferred: Sequence[tuple[Recipient, str]],
+        now: float,
+    ) -> bool:
+        """Spool the one delay warning (RFC 3464, ``Action: delayed``) for the
+        ``deferred`` recipients; True once it is spooled.
+
+        It goes through the queue as a DSN does (null sender, bounce route).
+        A warning that cannot be spooled is logged and tried again at the
+        next attempt; it never holds up the message itself.
+        """
+        cfg = self._config()
+        delayed = [
+            Delay(
+                address=rcpt.address,
+                reply=rcpt.last_reply or errors.INTERNAL_ERROR,
+                remote_mta=rcpt.remote_mta,
+                remote=rcpt.last_remote,
+                last_attempt=now,
+                route="" if route == _NO_ROUTE else route,
+            )
+            for rcpt, route in deferred
+            if rcpt.state is RcptState.PENDING
+        ]
+        if not delayed:
+            return False
+        if isinstance(body, BodyFile):
+            body = await asyncio.to_thread(body.head, IN_MEMORY_MAX)
+        give_up = envelope.received_at + cfg.queue.max_lifetime
+        warning = build_delay_warning(
+            envelope, delayed, hostname=cfg.server.hostname, original=body,
+            now=datetime.fromtimestamp(now, UTC), give_up=give_up,
+        )  # fmt: skip
+        report = Envelope(
+            id=new_id(),
+            mail_from="",
+            recipients=[Recipient(envelope.mail_from)],
+            received_at=now,
+            next_attempt=now,
+            smtputf8=delay_needs_smtputf8(envelope, delayed),
+            is_bounce=True,
+        )
+        try:
+            await asyncio.to_thread(self._spool.put, report, warning)
+        except RelayError as exc:
+            events.error("delay_warning_failed", id=envelope.id, error=exc.detail)
+            return False
+        self._metrics.delay_warnings.inc()
+        give_up_at = datetime.fromtimestamp(give_up, UTC).isoformat(timespec="seconds")
+        events.log(
+            "delay_warning", id=envelope.id, to=f"<{envelope.mail_from}>", dsn=report.id,
+            recipients=len(delayed), age=round(now - envelope.received_at), gives_up=give_up_at,
+        )  # fmt: skip
+        self.add(report)
+        return True
+
     async def _notify(
         self,
         envelope: Envelope,
@@ -716,7 +799,8 @@ def route_of(cfg: Config, envelope: Envelope, address: str) -> Route | None:
             return routing.bounce_route(cfg, address)
         except ValueError:
             return None  # no domain to send it to: deferred, dropped at its lifetime
-    return routing.route_for(cfg, address, cfg.server.trusts(envelope.client.ip))
+    trusted = cfg.server.trusts(envelope.client.ip)
+    return routing.route_for(cfg, address, trusted, envelope.mail_from)
 
 
 # --- helpers ----------------------------------------------------------------------

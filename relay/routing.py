@@ -1,7 +1,8 @@
 """Which route a recipient takes, and the ordered candidate hosts of a route.
 
-Rules: the first rule that matches a recipient names its route
-(:func:`route_for`); bounces follow :func:`bounce_route`.
+Rules: the first rule that matches a recipient (and, where the rule lists
+senders, the envelope sender) names its route (:func:`route_for`);
+bounces follow :func:`bounce_route`.
 
 Candidate order (docs/routing.md), built by :func:`plan`:
 
@@ -153,8 +154,9 @@ def _domain(address: str) -> str:
     return cfg.domain_key(address.rpartition("@")[2])
 
 
-def route_for(config: Config, address: str, client_trusted: bool) -> Route | None:
-    """The route of the first rule matching ``address`` (first match wins).
+def route_for(config: Config, address: str, client_trusted: bool, sender: str) -> Route | None:
+    """The route of the first rule matching recipient ``address`` of mail from
+    ``sender`` ("" for the null sender; first match wins).
 
     When no rule matches and the client is in relay_networks
     (``client_trusted``), the implicit route to the address's domain MX
@@ -162,7 +164,7 @@ def route_for(config: Config, address: str, client_trusted: bool) -> Route | Non
     Never the direct route for a domain in ``[server] domains``: its MX is
     usually this relay, and the mail would loop back to itself.
     """
-    route = config.route_for(address)
+    route = config.route_for(address, sender)
     if route is not None:
         return route
     domain = _domain(address) if "@" in address else ""
@@ -175,8 +177,8 @@ def bounce_route(config: Config, sender: str) -> Route:
     """The route of a bounce (DSN) to ``sender`` (README.md "Bounces").
 
     The ``[bounces] route`` when set, else the route of the first rule that
-    matches the sender's address, else the sender domain's MX with
-    opportunistic TLS (``config.direct_route``, an implicit route).
+    matches the sender's address as a recipient of mail from ``<>``, else
+    the sender domain's MX with opportunistic TLS (``config.direct_route``, an implicit route).
     Raises ValueError for a sender without a domain (``<>`` is never
     bounced; the caller checks that first).
     """
@@ -184,7 +186,9 @@ def bounce_route(config: Config, sender: str) -> Route:
         route = config.route(config.bounces.route)
         if route is not None:
             return route
-    route = config.route_for(sender)
+    # A DSN's own envelope sender is <>: only rules whose senders allow
+    # any sender ("*" or none given) route it.
+    route = config.route_for(sender, "")
     if route is not None:
         return route
     domain = _domain(sender) if "@" in sender else ""

@@ -19,7 +19,7 @@ import aiosmtplib
 
 from relay import certificate, errors, events, tls
 from relay.certificate import distinguished_name
-from relay.config import Config, TlsPolicy
+from relay.config import Config, RouteAuth, TlsPolicy
 from relay.errors import RelayError, Reply, TlsFailure, TlsPolicyFailure
 
 # --- exception mapping (guarded by tests/test_delivery_errors.py) ----------
@@ -79,8 +79,10 @@ def map_smtp_errors(require_tls: bool = True) -> Iterator[None]:
         raise errors.TemporaryFailure(repr(exc), errors.INTERNAL_ERROR) from exc
 
 
-#: (ip, port, tls policy, server_hostname): one next hop as a connection sees it.
-HopKey = tuple[str, int, TlsPolicy, str]
+#: (ip, port, tls policy, server_hostname, AUTH credentials): one next hop as a
+#: connection sees it. The credentials are part of it so that a pooled session
+#: is reused only by a route that authenticates (or not) the same way.
+HopKey = tuple[str, int, TlsPolicy, str, RouteAuth | None]
 
 
 @dataclass(slots=True)
@@ -97,6 +99,8 @@ class Session:
     not_after: float | None = None
     #: The server listed STARTTLS in its EHLO reply (whether or not it was used).
     starttls_offered: bool = False
+    #: The SASL mechanism the session authenticated with ("" without AUTH).
+    auth_mechanism: str = ""
     idle_since: float = field(default_factory=time.monotonic)
     #: The pool's timer that closes this session once idle too long.
     expiry: asyncio.TimerHandle | None = None
@@ -132,11 +136,13 @@ async def open_session(
 ) -> Session:
     """Connect and EHLO; STARTTLS per the key's policy when ``starttls``.
 
-    Raises a RelayError when the host fails, :class:`HandshakeFailed` when
-    only the STARTTLS upgrade did; the connection is closed either way.
-    ``read_certificate``: see :func:`start_tls`.
+    With credentials in the key, then AUTH (:func:`authenticate`).
+    Raises a RelayError when the host fails (:class:`~relay.errors.AuthFailed`
+    when AUTH did), :class:`HandshakeFailed` when only the STARTTLS upgrade
+    did; the connection is closed either way. ``read_certificate``: see
+    :func:`start_tls`.
     """
-    ip, port, policy, name = key
+    ip, port, policy, name, auth = key
     smtp = aiosmtplib.SMTP(
         hostname=ip,
         port=port,
@@ -153,6 +159,8 @@ async def open_session(
         session.starttls_offered = smtp.supports_extension("starttls")
         if starttls:
             await start_tls(session, policy, cfg, read_certificate)
+        if auth is not None:
+            await authenticate(session, auth, cfg)
     except BaseException:
         smtp.close()
         raise
@@ -176,7 +184,7 @@ async def start_tls(
     the certificate.
     """
     smtp = session.smtp
-    _, _, _, name = session.key
+    name = session.key[3]
     if not smtp.supports_extension("starttls"):
         if policy.require_tls:
             raise TlsPolicyFailure(TlsFailure.NO_STARTTLS)
@@ -218,16 +226,70 @@ def _not_after(peercert: dict[str, Any]) -> float | None:
     return ssl.cert_time_to_seconds(text) if text else None
 
 
+#: SASL mechanisms relay speaks, most preferred first: CRAM-MD5 never sends
+#: the password itself; PLAIN and LOGIN do (base64), so only over TLS.
+AUTH_MECHANISMS = ("cram-md5", "plain", "login")
+
+
+def auth_failed(auth: RouteAuth, host: str, why: str) -> errors.AuthFailed:
+    """The failure of AUTH at ``host`` for ``auth``'s route: the reply (for the
+    DSN) names the route; the detail (for the log) also the account and the fix."""
+    text = f'Authentication to the next hop failed for route "{auth.route}": {why}'
+    detail = (
+        f'route "{auth.route}": AUTH as {auth.username!r} at {host} failed: {why}; '
+        f"check auth.username and the password in {auth.password_file}"
+    )
+    return errors.AuthFailed(detail, Reply(451, (4, 7, 0), " ".join(text.split())))
+
+
+def auth_mechanism(offered: Sequence[str]) -> str | None:
+    """The mechanism to use of those the server ``offered`` (its EHLO AUTH line)."""
+    names = {m.lower() for m in offered}
+    return next((m for m in AUTH_MECHANISMS if m in names), None)
+
+
+async def authenticate(session: Session, auth: RouteAuth, cfg: Config) -> None:
+    """SMTP AUTH (RFC 4954) with ``auth``'s credentials, once, with one mechanism.
+
+    Only on an encrypted session unless the route sets auth_over_plaintext.
+    One mechanism is tried, not each in turn: a wrong password then counts
+    once against the account, not three times. Raises AuthFailed.
+    """
+    smtp = session.smtp
+    host = session.key[3]
+    if session.tls_version is None and not auth.over_plaintext:
+        why = "no TLS session, and the password is sent only over TLS"
+        raise auth_failed(auth, host, f"{why} (the host did not offer STARTTLS or it failed)")
+    if not smtp.supports_extension("auth"):
+        raise auth_failed(auth, host, "the host does not offer AUTH")
+    mechanism = auth_mechanism(smtp.server_auth_methods)
+    if mechanism is None:
+        offered = " ".join(smtp.server_auth_methods) or "none"
+        raise auth_failed(auth, host, f"no mechanism in common (host offers {offered})")
+    method = {
+        "cram-md5": smtp.auth_crammd5,
+        "plain": smtp.auth_plain,
+        "login": smtp.auth_login,
+    }[mechanism]
+    with map_smtp_errors(require_tls=False):
+        try:
+            await method(auth.username, auth.password, timeout=cfg.delivery.command_timeout)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            reply = " ".join(f"{exc.code} {exc.message}".split())
+            raise auth_failed(auth, host, f"{mechanism.upper()} refused: {reply}") from exc
+    session.auth_mechanism = mechanism
+
+
 #: Encrypt without checks: how a failed certificate is read.
 _LOOK = TlsPolicy(require_tls=True, require_ca_signed=False, validate_hostname=False)
 
 
 async def peek_certificate(key: HopKey, cfg: Config) -> certificate.Certificate | None:
     """The certificate the host at ``key`` presents, read without checking it; None if unread."""
-    ip, port, _, name = key
+    ip, port, _, name, _ = key
     try:
         session = await open_session(
-            (ip, port, _LOOK, name), cfg, starttls=True, read_certificate=False
+            (ip, port, _LOOK, name, None), cfg, starttls=True, read_certificate=False
         )
     except (RelayError, HandshakeFailed):
         return None

@@ -402,9 +402,9 @@ def test_rule_matching_first_match_wins(tmp_path: Path) -> None:
         route = "S"
         """,
     )
-    assert cfg.route_for("Boss@Example.test").name == "S"  # type: ignore[union-attr]
-    assert cfg.route_for("other@example.test").name == "R"  # type: ignore[union-attr]
-    assert cfg.route_for("x@elsewhere.test").name == "S"  # type: ignore[union-attr]
+    assert cfg.route_for("Boss@Example.test", "").name == "S"  # type: ignore[union-attr]
+    assert cfg.route_for("other@example.test", "").name == "R"  # type: ignore[union-attr]
+    assert cfg.route_for("x@elsewhere.test", "").name == "S"  # type: ignore[union-attr]
 
 
 def test_direct_route_is_opportunistic_mx() -> None:

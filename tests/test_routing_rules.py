@@ -11,6 +11,9 @@ from relay import config
 from relay.config import DIRECT_ROUTE, Config, Host
 from relay.routing import bounce_route, route_for
 
+#: The envelope sender of the mail being routed (no rule here matches senders).
+S = "alice@sender.test"
+
 TOML = """
 [server]
 hostname = "relay.example.test"
@@ -68,16 +71,18 @@ def without_catch_all(tmp_path: Path) -> Config:
 )
 def test_first_matching_rule(tmp_path: Path, address: str, route: str) -> None:
     for trusted in (False, True):
-        found = route_for(load(tmp_path), address, client_trusted=trusted)
+        found = route_for(load(tmp_path), address, client_trusted=trusted, sender=S)
         assert found is not None and found.name == route
 
 
 def test_no_rule_untrusted_client_has_no_route(tmp_path: Path) -> None:
-    assert route_for(without_catch_all(tmp_path), "bob@other.test", client_trusted=False) is None
+    cfg = without_catch_all(tmp_path)
+    assert route_for(cfg, "bob@other.test", client_trusted=False, sender=S) is None
 
 
 def test_no_rule_trusted_client_goes_direct(tmp_path: Path) -> None:
-    route = route_for(without_catch_all(tmp_path), "bob@Elsewhere.Test.", client_trusted=True)
+    cfg = without_catch_all(tmp_path)
+    route = route_for(cfg, "bob@Elsewhere.Test.", client_trusted=True, sender=S)
     assert route is not None
     assert route.name == DIRECT_ROUTE and route.implicit and route.mx_lookup
     assert route.primary == (Host("elsewhere.test", 25, 100),)
@@ -86,7 +91,7 @@ def test_no_rule_trusted_client_goes_direct(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("address", ["postmaster", "user@"])
 def test_no_domain_never_goes_direct(tmp_path: Path, address: str) -> None:
-    assert route_for(without_catch_all(tmp_path), address, client_trusted=True) is None
+    assert route_for(without_catch_all(tmp_path), address, client_trusted=True, sender=S) is None
 
 
 def test_bounce_route_setting_wins(tmp_path: Path) -> None:

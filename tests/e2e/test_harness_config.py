@@ -21,7 +21,7 @@ def test_single_host_route_with_each_tls_level(tmp_path: Path, tls: str) -> None
     policy = loaded.tls
     levels = [policy.require_tls, policy.require_ca_signed, policy.validate_hostname]
     assert sum(levels) == ["opportunistic", "required", "ca", "full"].index(tls)
-    assert cfg.route_for("anyone@example.org") == loaded
+    assert cfg.route_for("anyone@example.org", "") == loaded
     assert cfg.queue.path == tmp_path / "relay-spool"
     assert cfg.queue.min_backoff == 1.0
 
@@ -44,7 +44,7 @@ def test_multiple_hosts_rules_and_section_overrides(tmp_path: Path) -> None:
     cfg = config.load(path)
     assert [h.load for h in cfg.routes[1].primary] == [70, 30]
     assert cfg.routes[1].secondary[0].port == 2529
-    assert cfg.route_for("x@example.net").name == "Split"
+    assert cfg.route_for("x@example.net", "").name == "Split"
     assert cfg.server.listen[0].port == 2600
     assert cfg.server.max_recipients == 5
     assert cfg.tls.ca_file == ca
