@@ -22,6 +22,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import relay
 from relay import config as configmod
@@ -209,6 +210,14 @@ class Daemon:
             events.error("start_failed", error=str(exc))
             await inbound.stop(0)
             return 1
+        console_runner = None
+        if cfg.admin.listen is not None:
+            try:
+                console_runner = await self._start_console(scheduler, control)
+            except (OSError, ssl.SSLError) as exc:
+                events.error("start_failed", error=f"admin console: {exc}")
+                await inbound.stop(0)
+                return 1
         self._applied(cfg, "start")
         run_task = asyncio.create_task(scheduler.run())
         control_task = asyncio.create_task(control.run())
@@ -225,12 +234,24 @@ class Daemon:
         try:
             await self._stop.wait()
         finally:
+            if console_runner is not None:
+                await console_runner.cleanup()
             control_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await control_task
             control.close()
             await self._shutdown(inbound, scheduler, run_task, metrics_server)
         return 0
+
+    async def _start_console(self, scheduler: Scheduler, control: Control) -> Any:
+        """The admin web console (relay.console) on this loop, when ``[admin] listen`` is set."""
+        from relay import console
+
+        services = console.Services(
+            config=self.config, reload=self.reload, spool=self.spool, scheduler=scheduler,
+            control=control, metrics=self.metrics, started=time.time(),
+        )  # fmt: skip
+        return await console.serve(services)
 
     async def _shutdown(
         self,
@@ -395,6 +416,18 @@ def restart_problems(old: Config, new: Config) -> list[configmod.Problem]:
                 "metrics",
                 "listen",
                 f"changing it needs a restart; the running relay keeps {keeps}",
+            )
+        )
+    if new.admin.listen != old.admin.listen or (new.admin.tls_cert, new.admin.tls_key) != (
+        old.admin.tls_cert,
+        old.admin.tls_key,
+    ):
+        problems.append(
+            configmod.Problem(
+                "admin",
+                "listen",
+                "changing listen, tls_cert or tls_key needs a restart; "
+                "the running console keeps its address and certificate",
             )
         )
     return problems
