@@ -52,7 +52,11 @@ def _secure(request: web.Request) -> bool:
 
 
 async def login_page(request: web.Request) -> web.Response:
-    token = secrets.token_urlsafe(24)
+    # The token already given is kept: a second GET (a browser's favicon
+    # request redirected here) must not invalidate the form on screen.
+    token = request.cookies.get(auth.LOGIN_COOKIE, "")
+    if not (20 <= len(token) <= 64 and token.replace("-", "").replace("_", "").isalnum()):
+        token = secrets.token_urlsafe(24)
     response = render(request, "login.html", login_token=token, error=None)
     auth.set_cookie(response, auth.LOGIN_COOKIE, token, _secure(request))
     return response

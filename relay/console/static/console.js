@@ -76,6 +76,7 @@ function routeForm() {
       input.classList.toggle("invalid", problem !== "");
       if (problem) { portText = problem; ok = false; }
     });
+    if (ok) say("");
     if (single.checked) fieldError("port", portText);
     else if (portText) fieldError("primary", (form.querySelector('[data-field="primary"]').textContent + " " + portText).trim());
     return ok;
