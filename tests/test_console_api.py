@@ -8,8 +8,10 @@ audit entry, queue actions, and last the rate limit and the allow-list
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,14 @@ async def test_queue_hold_release_and_delete_need_confirmation(console: Console)
         console.base + "/api/queue/delete", json={"ids": [qid], "confirm": True}, headers=headers
     ) as response:
         assert (await response.json())["done"] == [qid]
+    # Ids become file names: anything but a queue id is refused.
+    for bad in ("..%2F..%2Frelay.toml", "x.y"):
+        async with console.client.get(f"{console.base}/api/queue/{bad}") as response:
+            assert response.status == 404
+    async with console.client.post(
+        console.base + "/api/queue/hold", json={"ids": ["../x"]}, headers=headers
+    ) as response:
+        assert response.status == 400
     last = json.loads((console.tmp / "audit.log").read_text().splitlines()[-1])
     assert last["event"] == "queue_delete" and last["user"] == USER
     assert last["client"] == "127.0.0.1"
@@ -222,6 +232,29 @@ async def test_status_and_pages_render(console: Console) -> None:
         async with console.client.get(console.base + path) as response:
             assert response.status == 200, path
             assert '<script src="/static/console.js"' in await response.text()
+
+
+async def test_read_only_when_the_config_file_is_not_writable(console: Console) -> None:
+    """An immutable file (chattr +i) stands in for a ConfigMap: even root cannot write it."""
+    made = await asyncio.to_thread(
+        subprocess.run, ["chattr", "+i", str(console.path)], capture_output=True, check=False
+    )
+    if made.returncode != 0:
+        pytest.skip(f"this file system cannot make a file immutable: {made.stderr!r}")
+    try:
+        async with console.client.get(console.base + "/api/session") as response:
+            assert "not writable" in (await response.json())["read_only"]
+        async with console.client.get(console.base + "/routes/new") as response:
+            html = await response.text()
+        assert 'id="read-only"' in html and "<fieldset disabled>" in html
+        async with console.client.put(
+            console.base + "/api/rules", json={"rules": []}, headers={"X-CSRF-Token": console.csrf}
+        ) as response:
+            assert response.status == 409
+    finally:
+        await asyncio.to_thread(subprocess.run, ["chattr", "-i", str(console.path)], check=True)
+    async with console.client.get(console.base + "/api/session") as response:
+        assert (await response.json())["read_only"] is None
 
 
 async def test_login_attempts_are_rate_limited_per_address(console: Console) -> None:

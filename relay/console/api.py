@@ -186,6 +186,8 @@ def message_view(services: Services, qid: str) -> dict[str, Any] | None:
     from relay.spool import IN_MEMORY_MAX, BodyFile
 
     spool, cfg = services.spool, services.config()
+    if not _QUEUE_ID.fullmatch(qid):
+        return None  # ids become file names: nothing else reaches the spool
     held = spool.is_held(qid)
     try:
         env = spool.load(qid, held=held)
@@ -446,8 +448,9 @@ def setup(app: web.Application) -> None:
     r.add_post("/api/routes", create_route)
     r.add_post("/api/routes/validate", validate_route)
     r.add_post("/api/routes/test-tls", test_tls)
-    r.add_put("/api/routes/{name}", update_route)
-    r.add_delete("/api/routes/{name}", delete_route)
+    # A route name may hold any character, "/" included.
+    r.add_put("/api/routes/{name:.+}", update_route)
+    r.add_delete("/api/routes/{name:.+}", delete_route)
     r.add_get("/api/rules", get_rules)
     r.add_put("/api/rules", put_rules)
     r.add_get("/api/queue", get_queue)

@@ -177,7 +177,7 @@ def setup(app: web.Application) -> None:
     r.add_post("/logout", logout)
     r.add_get("/routes", routes_page)
     r.add_get("/routes/new", route_form)
-    r.add_get("/routes/edit/{name}", route_form)
+    r.add_get("/routes/edit/{name:.+}", route_form)
     r.add_get("/rules", rules_page)
     r.add_get("/queue", queue_page)
     r.add_get("/queue/{qid}", message_page)
