@@ -248,8 +248,8 @@ class Daemon:
         from relay import console
 
         services = console.Services(
-            config=self.config, reload=self.reload, spool=self.spool, scheduler=scheduler,
-            control=control, metrics=self.metrics, started=time.time(),
+            config=self.config, reload=lambda: self.reload("console"), spool=self.spool,
+            scheduler=scheduler, control=control, metrics=self.metrics, started=time.time(),
         )  # fmt: skip
         return await console.serve(services)
 
@@ -296,22 +296,24 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def reload(self) -> bool:
+    async def reload(self, trigger: str = "SIGHUP") -> bool:
         """SIGHUP: load the config again; swap it in only if it is valid.
 
         Reloads run one at a time: each one compares with (and audits
         against) the config the previous one left, never a stale one.
+        ``trigger`` is what the audit log says asked for it ("console" for
+        a save in the admin console).
         """
         async with self._reloading:
-            return await self._reload()
+            return await self._reload(trigger)
 
-    async def _reload(self) -> bool:
+    async def _reload(self, trigger: str = "SIGHUP") -> bool:
         old = self._config
         try:
             new = await asyncio.to_thread(self._load)
             server_tls = _server_tls_context(new)
         except ConfigError as exc:
-            self._refuse(old, exc.path, list(exc.problems))
+            self._refuse(old, exc.path, list(exc.problems), trigger)
             return False
         except (OSError, ssl.SSLError) as exc:
             self.metrics.config_reloads.labels(result="error").inc()
@@ -319,9 +321,9 @@ class Daemon:
             return False
         needs_restart = restart_problems(old, new)
         if needs_restart:
-            self._refuse(old, new.source, needs_restart)
+            self._refuse(old, new.source, needs_restart, trigger)
             return False
-        if not await self._relisten(old, new):
+        if not await self._relisten(old, new, trigger):
             return False
         # One reference swap: inbound and the scheduler read it per command.
         self._config, self._tls = new, server_tls
@@ -332,10 +334,10 @@ class Daemon:
         self.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)
-        self._applied(new, "reload", old)
+        self._applied(new, "reload", old, trigger)
         return True
 
-    async def _relisten(self, old: Config, new: Config) -> bool:
+    async def _relisten(self, old: Config, new: Config, trigger: str = "SIGHUP") -> bool:
         """Bind the listeners a reload added, close the ones it removed.
 
         Only when ``[server] listen`` changed; open sessions are never
@@ -348,7 +350,7 @@ class Daemon:
             added, removed = await self._inbound.relisten(new.server.listen)
         except OSError as exc:
             problem = configmod.Problem("server", "listen", f"cannot listen: {exc}")
-            self._refuse(old, new.source, [problem])
+            self._refuse(old, new.source, [problem], trigger)
             return False
         events.log(
             "listen_changed",
@@ -358,15 +360,23 @@ class Daemon:
         )
         return True
 
-    def _refuse(self, old: Config, source: Path, problems: list[configmod.Problem]) -> None:
+    def _refuse(
+        self,
+        old: Config,
+        source: Path,
+        problems: list[configmod.Problem],
+        trigger: str = "SIGHUP",
+    ) -> None:
         """A loaded config cannot be applied: count, log and audit it; ``old`` keeps running."""
         self.metrics.config_reloads.labels(result="error").inc()
         events.error("reload_failed", config=str(source), problems=len(problems))
         for problem in problems:
             events.error("reload_problem", problem=str(problem))
-        self._audit(old, lambda log: log.record_refused(source, problems))
+        self._audit(old, lambda log: log.record_refused(source, problems, trigger))
 
-    def _applied(self, new: Config, reason: str, old: Config | None = None) -> None:
+    def _applied(
+        self, new: Config, reason: str, old: Config | None = None, trigger: str = "SIGHUP"
+    ) -> None:
         """A config took effect (start or reload): log it, and audit it."""
         events.log(
             "config_applied",
@@ -381,7 +391,7 @@ class Daemon:
         if old is None:
             self._audit(new, lambda log: log.record_start(new))
         else:
-            self._audit(new, lambda log: log.record_reload(old, new))
+            self._audit(new, lambda log: log.record_reload(old, new, trigger))
 
     def _audit(self, cfg: Config, write: Callable[[AuditLog], None]) -> None:
         """Append to the audit log; a failed write is logged, never fatal to a reload."""

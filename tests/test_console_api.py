@@ -176,6 +176,8 @@ async def test_the_audit_entry_names_the_user_and_address(console: Console) -> N
     saves = [e for e in entries if e["event"] == "console_route_save"]
     assert saves and saves[-1]["user"] == USER and saves[-1]["client"] == "127.0.0.1"
     assert saves[-1]["changes"]["routes"]["added"] == ["Split"]
+    reloads = [e for e in entries if e["event"] == "reload"]
+    assert reloads and all(e["trigger"] == "console" for e in reloads)
     async with console.client.get(console.base + "/api/audit") as response:
         newest = (await response.json())["entries"][0]
     assert newest["entry"]["event"] == "console_rules_save"
