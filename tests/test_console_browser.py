@@ -131,7 +131,8 @@ def _walk(base: str, shots: Path, profile: Path, ports: dict[str, int], config: 
             shot(page)
             if page == "audit":
                 audit = driver.find_element(By.ID, "audit").text
-                assert "console rules_save by ops from 127.0.0.1" in audit and "by console" in audit, audit
+                assert "console rules_save by ops from 127.0.0.1" in audit, audit
+                assert "by console" in audit, audit
     except Exception:
         shot("failure")
         (shots / "failure.html").write_text(f"{driver.current_url}\n{driver.page_source}")
