@@ -223,6 +223,14 @@ class Daemon:
             events.error("start_failed", error=str(exc))
             await inbound.stop(0)
             return 1
+        console_runner = None
+        if cfg.admin.listen is not None:
+            try:
+                console_runner = await self._start_console(scheduler, control)
+            except (OSError, ssl.SSLError) as exc:
+                events.error("start_failed", error=f"admin console: {exc}")
+                await inbound.stop(0)
+                return 1
         self._applied(cfg, "start")
         run_task = asyncio.create_task(scheduler.run())
         control_task = asyncio.create_task(control.run())
@@ -239,6 +247,8 @@ class Daemon:
         try:
             await self._stop.wait()
         finally:
+            if console_runner is not None:
+                await console_runner.cleanup()
             control_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await control_task
@@ -261,6 +271,17 @@ class Daemon:
             "queue": len(self._scheduler) if self._scheduler is not None else 0,
             "routes": self.deliverer.health.snapshot(cfg),
         }
+
+    async def _start_console(self, scheduler: Scheduler, control: Control) -> Any:
+        """The admin web console (relay.console) on this loop, when ``[admin] listen`` is set."""
+        from relay import console
+
+        services = console.Services(
+            config=self.config, reload=lambda: self.reload("console"), spool=self.spool,
+            scheduler=scheduler, control=control, metrics=self.metrics, started=self._started,
+            health=lambda: self.deliverer.health.snapshot(self._config),
+        )  # fmt: skip
+        return await console.serve(services)
 
     async def _shutdown(
         self,
@@ -317,22 +338,24 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def reload(self) -> bool:
+    async def reload(self, trigger: str = "SIGHUP") -> bool:
         """SIGHUP: load the config again; swap it in only if it is valid.
 
         Reloads run one at a time: each one compares with (and audits
         against) the config the previous one left, never a stale one.
+        ``trigger`` is what the audit log says asked for it ("console" for
+        a save in the admin console).
         """
         async with self._reloading:
-            return await self._reload()
+            return await self._reload(trigger)
 
-    async def _reload(self) -> bool:
+    async def _reload(self, trigger: str = "SIGHUP") -> bool:
         old = self._config
         try:
             new = await asyncio.to_thread(self._load)
             server_tls = _server_tls_context(new)
         except ConfigError as exc:
-            self._refuse(old, exc.path, list(exc.problems))
+            self._refuse(old, exc.path, list(exc.problems), trigger)
             return False
         except (OSError, ssl.SSLError) as exc:
             self.metrics.config_reloads.labels(result="error").inc()
@@ -340,9 +363,9 @@ class Daemon:
             return False
         needs_restart = restart_problems(old, new)
         if needs_restart:
-            self._refuse(old, new.source, needs_restart)
+            self._refuse(old, new.source, needs_restart, trigger)
             return False
-        if not await self._relisten(old, new):
+        if not await self._relisten(old, new, trigger):
             return False
         # One reference swap: inbound and the scheduler read it per command.
         self._config, self._tls = new, server_tls
@@ -355,10 +378,10 @@ class Daemon:
         self.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)
-        self._applied(new, "reload", old)
+        self._applied(new, "reload", old, trigger)
         return True
 
-    async def _relisten(self, old: Config, new: Config) -> bool:
+    async def _relisten(self, old: Config, new: Config, trigger: str = "SIGHUP") -> bool:
         """Bind the listeners a reload added, close the ones it removed.
 
         Only when ``[server] listen`` changed; open sessions are never
@@ -371,7 +394,7 @@ class Daemon:
             added, removed = await self._inbound.relisten(new.server.listen)
         except OSError as exc:
             problem = configmod.Problem("server", "listen", f"cannot listen: {exc}")
-            self._refuse(old, new.source, [problem])
+            self._refuse(old, new.source, [problem], trigger)
             return False
         events.log(
             "listen_changed",
@@ -381,15 +404,23 @@ class Daemon:
         )
         return True
 
-    def _refuse(self, old: Config, source: Path, problems: list[configmod.Problem]) -> None:
+    def _refuse(
+        self,
+        old: Config,
+        source: Path,
+        problems: list[configmod.Problem],
+        trigger: str = "SIGHUP",
+    ) -> None:
         """A loaded config cannot be applied: count, log and audit it; ``old`` keeps running."""
         self.metrics.config_reloads.labels(result="error").inc()
         events.error("reload_failed", config=str(source), problems=len(problems))
         for problem in problems:
             events.error("reload_problem", problem=str(problem))
-        self._audit(old, lambda log: log.record_refused(source, problems))
+        self._audit(old, lambda log: log.record_refused(source, problems, trigger))
 
-    def _applied(self, new: Config, reason: str, old: Config | None = None) -> None:
+    def _applied(
+        self, new: Config, reason: str, old: Config | None = None, trigger: str = "SIGHUP"
+    ) -> None:
         """A config took effect (start or reload): log it, and audit it."""
         events.log(
             "config_applied",
@@ -411,7 +442,7 @@ class Daemon:
         if old is None:
             self._audit(new, lambda log: log.record_start(new))
         else:
-            self._audit(new, lambda log: log.record_reload(old, new))
+            self._audit(new, lambda log: log.record_reload(old, new, trigger))
 
     def _audit(self, cfg: Config, write: Callable[[AuditLog], None]) -> None:
         """Append to the audit log; a failed write is logged, never fatal to a reload."""
@@ -446,6 +477,18 @@ def restart_problems(old: Config, new: Config) -> list[configmod.Problem]:
                 "metrics",
                 "listen",
                 f"changing it needs a restart; the running relay keeps {keeps}",
+            )
+        )
+    if new.admin.listen != old.admin.listen or (new.admin.tls_cert, new.admin.tls_key) != (
+        old.admin.tls_cert,
+        old.admin.tls_key,
+    ):
+        problems.append(
+            configmod.Problem(
+                "admin",
+                "listen",
+                "changing listen, tls_cert or tls_key needs a restart; "
+                "the running console keeps its address and certificate",
             )
         )
     return problems

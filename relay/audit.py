@@ -18,6 +18,11 @@ Entries (every one has ``time``, ISO 8601 UTC, ``event`` and ``path``):
 - ``reload_refused``: ``trigger`` and ``problems`` (each as text); the old
   configuration keeps running, so no snapshot.
 
+- ``console_route_save``, ``console_route_delete``, ``console_rules_save``:
+  a change saved from the admin console (relay.console): ``user``,
+  ``client`` (its address), ``applied`` (the reload took it) and
+  ``changes`` (routes and rules as in :func:`relay.config.diff`).
+
 - ``queue_flush``, ``queue_hold``, ``queue_release``, ``queue_delete``:
   an operator's ``relay queue`` action: ``user``, ``selection`` (the ids
   or filters as given), ``count`` and ``ids`` (the messages it changed),
@@ -121,10 +126,16 @@ class AuditLog:
         skipped: Mapping[str, Sequence[str]],
         via: str,
         user: str,
+        client: str | None = None,
     ) -> None:
-        """Record an operator's change to the queue (flush, hold, release, delete)."""
+        """Record an operator's change to the queue (flush, hold, release, delete).
+
+        ``client`` is the address the admin console was used from, if it was.
+        """
+        extra = {"client": client} if client is not None else {}
         self._append(
             {
+                **extra,
                 "event": f"queue_{action}",
                 "path": str(config_path),
                 "user": user,
@@ -133,6 +144,28 @@ class AuditLog:
                 "ids": list(ids),
                 "skipped": {why: list(which) for why, which in skipped.items() if which},
                 "via": via,
+            }
+        )
+
+    def record_console(
+        self,
+        action: str,
+        config_path: Path,
+        *,
+        user: str,
+        client: str,
+        changes: Mapping[str, Any],
+        applied: bool,
+    ) -> None:
+        """Record a change saved from the admin console: who, from where, what (route-level)."""
+        self._append(
+            {
+                "event": f"console_{action}",
+                "path": str(config_path),
+                "user": user,
+                "client": client,
+                "applied": applied,
+                "changes": dict(changes),
             }
         )
 
@@ -254,6 +287,12 @@ def format_entry(entry: Mapping[str, Any]) -> list[str]:
         head = f"{when} reload refused{by}: {entry.get('path', '')} is invalid, old config kept"
     elif str(event).startswith("queue_"):
         return _queue_lines(entry)
+    elif str(event).startswith("console_"):
+        state = "" if entry.get("applied") else " (saved, NOT applied: see the log)"
+        head = (
+            f"{when} console {str(event).removeprefix('console_')} by {entry.get('user', '?')} "
+            f"from {entry.get('client', '?')}{state}"
+        )
     else:
         head = f"{when} {event}"
     lines = [head]
@@ -274,7 +313,8 @@ def _queue_lines(entry: Mapping[str, Any]) -> list[str]:
     """A ``relay queue`` action: who did what to how many, which ids, what was skipped."""
     action = str(entry.get("event", "queue_?")).removeprefix("queue_")
     via = "by the running relay" if entry.get("via") == "daemon" else "in the spool (no relay ran)"
-    head = f"{entry.get('time', '?')} queue {action} by {entry.get('user', '?')}: "
+    frm = f" from {entry['client']}" if entry.get("client") else ""
+    head = f"{entry.get('time', '?')} queue {action} by {entry.get('user', '?')}{frm}: "
     head += f"{entry.get('count', 0)} message(s), {via}"
     lines = [head]
     selection = entry.get("selection") or {}

@@ -383,6 +383,29 @@ def cmd_test_tls(args: argparse.Namespace) -> int:
 Handler = Callable[[argparse.Namespace], int]
 
 
+def cmd_admin_passwd(args: argparse.Namespace) -> int:
+    """Print a password hash for ``[[admin.users]] password_hash`` (docs/console.md).
+
+    Asks twice on a terminal; reads one line from stdin otherwise (scripts).
+    """
+    import getpass
+
+    from relay.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("the two passwords differ; nothing printed", file=sys.stderr)
+            return EXIT_FAIL
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        print("use at least 8 characters; nothing printed", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="An SMTP relay that routes mail.")
     parser.add_argument("--version", action="version", version=f"relay {relay.version()}")
@@ -414,6 +437,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     test_tls.add_argument("route", metavar="ROUTE", help="the route's name")
     test_tls.add_argument("--json", action="store_true", help="print JSON for scripts")
+    admin = sub.add_parser(
+        "admin-passwd", help="print a password hash for [[admin.users]] (the web console)"
+    )
+    admin.set_defaults(func=cmd_admin_passwd)
     _queue_parsers(sub, common)
     return parser
 

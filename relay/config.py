@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.passwords import check_hash
+
 #: The config a command uses when none is named (relay.cli.config_path).
 DEFAULT_CONFIG = Path("config/relay.toml")
 #: How the embedded default config is shown where a file's path would be.
@@ -325,6 +327,43 @@ class BouncesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminUser:
+    """One person who may log in to the admin console (docs/console.md)."""
+
+    name: str
+    #: From ``relay admin-passwd`` (relay.passwords); never the password itself.
+    password_hash: str
+
+
+#: Who may reach the console when ``[admin] allow`` is not set: this machine.
+ADMIN_ALLOW_DEFAULT = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    #: host:port of the web console; None (the default) serves none.
+    listen: Listen | None = None
+    #: Client networks the console answers; every other address gets 403.
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in ADMIN_ALLOW_DEFAULT
+    )
+    users: tuple[AdminUser, ...] = ()
+    #: Serve HTTPS (and mark the session cookie Secure) when both are set.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def allows(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.allow)
+
+    def user(self, name: str) -> AdminUser | None:
+        return next((u for u in self.users if u.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     #: The file this was loaded from, and the sha256 of its bytes.
     source: Path
@@ -338,6 +377,7 @@ class Config:
     audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
     bounces: BouncesConfig = BouncesConfig()
+    admin: AdminConfig = AdminConfig()
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
 
@@ -604,7 +644,7 @@ _TYPE_NAMES = {
 
 _TOP_KEYS = (
     "server", "queue", "delivery", "dns", "tls", "metrics", "audit", "log", "bounces",
-    "routes", "rules",
+    "admin", "routes", "rules",
 )  # fmt: skip
 _SERVER_KEYS = (
     "hostname", "listen", "domains", "relay_networks", "max_message_size", "max_recipients",
@@ -756,6 +796,49 @@ def _log(problems: list[Problem], raw: Any) -> LogConfig:
     if level not in ("debug", "info", "warning", "error"):
         r.problem("level", f"{level!r} is not a level; use debug, info, warning or error")
     return LogConfig(fmt, level)
+
+
+_ADMIN_KEYS = ("listen", "allow", "users", "tls_cert", "tls_key")
+
+
+def _admin(problems: list[Problem], raw: Any, base: Path) -> AdminConfig:
+    """``[admin]``: the web console (docs/console.md); off unless ``listen`` is set."""
+    r = _Reader(problems, "admin", raw, _ADMIN_KEYS)
+    d = AdminConfig()
+    listen = None
+    text = r.get("listen", str, "")
+    if text:
+        try:
+            listen = parse_listen(text)
+        except ValueError as exc:
+            r.problem("listen", str(exc))
+    allow = []
+    for net in r.strings("allow", ADMIN_ALLOW_DEFAULT):
+        try:
+            allow.append(ipaddress.ip_network(net, strict=False))
+        except ValueError:
+            r.problem("allow", f"{net!r} is not a network; use CIDR like 127.0.0.0/8")
+    users: list[AdminUser] = []
+    raw_users = r.get("users", list, [])
+    for i, item in enumerate(raw_users, start=1):
+        ur = _Reader(problems, "admin", item, ("name", "password_hash"), prefix=f"users[{i}].")
+        name = ur.get("name", str, "")
+        if not name.strip():
+            ur.problem("name", "is required and must not be empty")
+        elif any(u.name == name for u in users):
+            ur.problem("name", f"duplicate: {name!r} is listed before")
+        stored = ur.get("password_hash", str, "")
+        why = check_hash(stored) if stored else "is required: run `relay admin-passwd`"
+        if why:
+            ur.problem("password_hash", why)
+        users.append(AdminUser(name, stored))
+    if listen is not None and not raw_users:
+        r.problem("users", "the console needs at least one [[admin.users]] to log in")
+    cert = r.path("tls_cert", base, must_exist=True)
+    key = r.path("tls_key", base, must_exist=True)
+    if (cert is None) != (key is None):
+        r.problem("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+    return AdminConfig(listen, tuple(allow) or d.allow, tuple(users), cert, key)
 
 
 def _hosts(r: _Reader, table: str, raw: Any, mx_lookup: bool) -> tuple[Host, ...]:
@@ -1038,6 +1121,7 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
         _notify(bounce_reader, bounce_reader.strings("notify", ())),
         _delay_warning(bounce_reader),
     )
+    admin = _admin(problems, data.get("admin", {}), base)
     if bounces.route and bounces.route not in names:
         bounce_reader.problem("route", f"no route is named {bounces.route!r}")
     if bounces.delay_warning and bounces.delay_warning >= queue.max_lifetime:
@@ -1060,6 +1144,7 @@ def parse(data: Mapping[str, Any], source: Path, sha256: str = "") -> Config:
         audit=audit,
         log=log,
         bounces=bounces,
+        admin=admin,
         routes=tuple(routes),
         rules=tuple(rules),
     )

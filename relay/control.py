@@ -233,6 +233,17 @@ class Control:
         _write_json(self._folder / f"{rid}.done", result)
         (self._folder / f"{rid}.work").unlink(missing_ok=True)
 
+    async def perform(self, action: str, ids: list[str] | None) -> dict[str, Any]:
+        """Carry out ``action`` in the daemon's own process (the admin console).
+
+        The same work as a request from ``relay queue``, with no files or
+        signal: the result has the same keys (``done``, and why others
+        were skipped).
+        """
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        return await self._act(action, ids, _Reporter(None))
+
     async def _act(self, action: str, ids: list[str] | None, reporter: _Reporter) -> dict[str, Any]:
         if action == "flush":
             return self._flush(ids)
@@ -315,10 +326,13 @@ class Control:
 class _Reporter:
     """Writes ``done total`` for the command line to show, at most every few hundred."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
+        #: None: nobody watches (an in-process action).
         self._path = path
 
     def report(self, done: int, total: int) -> None:
+        if self._path is None:
+            return
         with suppress(OSError):  # progress is a courtesy; the result is what counts
             _write_text(self._path, f"{done} {total}\n")
 
