@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.addresses import domain_key, ip_literal, is_ip_literal
 from relay.passwords import check_hash
 
 #: The config a command uses when none is named (relay.cli.config_path).
@@ -126,25 +127,6 @@ def direct_route(domain: str) -> Route:
     )
 
 
-def domain_key(domain: str) -> str:
-    """``domain`` in the one form domains are compared in: lower-case A-labels.
-
-    RFC 6531 section 3.3 lets an SMTPUTF8 client write a domain in U-labels
-    (``bücher.example``); RFC 5890 section 2.3.2.1 makes it the same domain
-    as its A-label form (``xn--bcher-kva.example``), so every comparison of
-    domains (config, rules, inbound, routing) goes through here. A trailing
-    dot is dropped. Text the stdlib ``idna`` codec cannot convert comes
-    back lower-cased, as written (validation then refuses it where needed).
-    """
-    text = domain.strip().rstrip(".").lower()
-    if text.isascii():
-        return text
-    try:
-        return text.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return text
-
-
 def address_key(address: str) -> str:
     """``address`` for comparison: the local part lower-cased, the domain by :func:`domain_key`."""
     local, at, domain = address.rpartition("@")
@@ -235,14 +217,6 @@ class ServerConfig:
     allow_routing_characters: bool = False
     #: Seconds for the client's reverse DNS (PTR and back) per connection.
     reverse_dns_timeout: float = 2.0
-
-    def trusts(self, ip: str) -> bool:
-        """The client at ``ip`` is in ``relay_networks`` (may relay to any domain)."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.relay_networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,14 +429,6 @@ def is_hostname(name: str) -> bool:
         return False
     labels = name.rstrip(".").split(".")
     return all(_LABEL.match(label) for label in labels)
-
-
-def is_ip_literal(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def is_mail_address(text: str) -> bool:
@@ -873,8 +839,9 @@ def _host_name(r: _Reader, field_name: str, value: Any, mx_lookup: bool) -> str:
         elif not is_hostname(value):
             r.problem(field_name, f"{value!r} is not a valid domain")
         return value.lower().rstrip(".")
-    if is_ip_literal(value):
-        return value.strip("[]")
+    literal = ip_literal(value)
+    if literal is not None:
+        return literal
     if not is_hostname(value):
         r.problem(field_name, f"{value!r} is not a valid host name or IP address")
     return value.lower().rstrip(".")

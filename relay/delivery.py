@@ -57,6 +57,7 @@ from aiosmtplib.protocol import SMTPProtocol
 from relay import errors, events, health, routing
 from relay.advice import tls_advice
 from relay.config import Config, Route
+from relay.content import has_bare_line_ending
 from relay.dns import Resolver
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
@@ -166,9 +167,7 @@ def check_body(body: bytes) -> None:
     bodies are CRLF-only and pass through byte for byte; should one ever
     not be, we refuse rather than let aiosmtplib silently rewrite it.
     """
-    # Counting in C beats a regex with look-arounds several times over.
-    pairs = body.count(b"\r\n")
-    if body.count(b"\r") != pairs or body.count(b"\n") != pairs:
+    if has_bare_line_ending(body):
         raise errors.PermanentFailure(
             "spooled body contains a bare CR or LF", errors.BARE_LINE_ENDING
         )
@@ -192,19 +191,19 @@ def _piece(body: BodyFile, offset: int, chunk: int) -> bytes:
 def scan_body_file(body: BodyFile, chunk: int = SEND_CHUNK) -> bool:
     """True when the file holds a bare CR or LF (blocking: run it in a thread).
 
-    :func:`check_body` per piece; pieces never split a CRLF, so the counts add up.
+    :func:`check_body` per piece; pieces never split a CRLF, so one has a
+    bare CR or LF exactly when the file has.
     """
     if body.bare_line_ending is None:
-        pairs = crs = lfs = offset = 0
-        while offset < body.size:
+        bare = False
+        offset = 0
+        while offset < body.size and not bare:
             data = _piece(body, offset, chunk)
             if not data:
                 break  # the file shrank: cannot happen in the spool
             offset += len(data)
-            pairs += data.count(b"\r\n")
-            crs += data.count(b"\r")
-            lfs += data.count(b"\n")
-        body.bare_line_ending = crs != pairs or lfs != pairs
+            bare = has_bare_line_ending(data)
+        body.bare_line_ending = bare
     return body.bare_line_ending
 
 

@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from relay import certificate, errors
+from relay.addresses import ip_literal
 from relay.advice import Advice, expiry_warning, tls_advice
 from relay.certificate import Certificate
 from relay.config import Config, Route, TlsPolicy
-from relay.dns import ip_literal
 from relay.errors import RelayError, TlsFailure, TlsPolicyFailure
 from relay.expiry import expires_soon
 from relay.routing import Candidate

@@ -51,6 +51,7 @@ from relay.envelope import Envelope, RcptState, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.limits import LiveLimit
 from relay.metrics import Metrics
+from relay.relaying import may_relay
 from relay.spool import IN_MEMORY_MAX, Body, BodyFile, Spool, new_id
 
 if TYPE_CHECKING:
@@ -799,7 +800,7 @@ def route_of(cfg: Config, envelope: Envelope, address: str) -> Route | None:
             return routing.bounce_route(cfg, address)
         except ValueError:
             return None  # no domain to send it to: deferred, dropped at its lifetime
-    trusted = cfg.server.trusts(envelope.client.ip)
+    trusted = may_relay(cfg.server, envelope.client.ip)
     return routing.route_for(cfg, address, trusted, envelope.mail_from)
 
 

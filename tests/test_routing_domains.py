@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from relay import config
-from relay.config import DIRECT_ROUTE, Config, ConfigError, Host, Rule, domain_key
+from relay.addresses import domain_key
+from relay.config import DIRECT_ROUTE, Config, ConfigError, Host, Rule
 from relay.routing import route_for
 
 #: The envelope sender of the mail being routed (no rule here matches senders).
