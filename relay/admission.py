@@ -123,6 +123,23 @@ class RefusalLog:
                 del self._seen[old]
 
 
+#: File descriptors kept for the spool, deliveries and metrics beyond
+#: ``max_connections`` when raising the open-files limit.
+FD_RESERVE = 1024
+
+
+def reserve_descriptors(max_connections: int) -> None:
+    """Raise the open-files limit for ``max_connections`` (one descriptor
+    each) plus the spool's and the deliveries' own; log what was done."""
+    wanted = max_connections + FD_RESERVE
+    before, now = raise_fd_limit(wanted)
+    if now != before:
+        events.log("fd_limit_raised", soft_before=before, soft=now)
+    if now != resource.RLIM_INFINITY and now < wanted:
+        # Past it accept() fails (EMFILE) before any 421 can be sent.
+        events.warning("fd_limit_low", soft=now, wanted=wanted)
+
+
 def raise_fd_limit(wanted: int) -> tuple[int, int]:
     """Raise the soft open-files limit to the hard limit when it is below
     ``wanted``: each connection is a file descriptor, and the usual soft

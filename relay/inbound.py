@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import resource
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +32,7 @@ from relay.admission import (
     MemoryBudget,
     RefusalLog,
     client_key,
-    raise_fd_limit,
+    reserve_descriptors,
 )
 from relay.config import Config, Listen
 from relay.content import unstuff
@@ -42,6 +41,7 @@ from relay.dns import ReverseResolver, confirmed_name
 from relay.envelope import Envelope
 from relay.errors import Reply
 from relay.intake import Intake, SpoolSpill, Transaction
+from relay.listeners import Listeners, address_texts
 from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
 from relay.relaying import may_relay, recipient_reply
 from relay.spool import Spool
@@ -133,11 +133,6 @@ class _CrlfCommandReader(asyncio.StreamReader):
     def unread(self, data: bytes) -> None:
         """Put back what a block read took past the end of DATA (pipelined commands)."""
         self._buffer[0:0] = data  # type: ignore[attr-defined]
-
-
-#: File descriptors kept for the spool, deliveries and metrics beyond
-#: ``max_connections`` when raising the open-files limit.
-FD_RESERVE = 1024
 
 
 class _Gate(asyncio.Protocol):
@@ -257,7 +252,7 @@ class _Connection(SMTP):
         # block instead; reset per line received, at most every tenth of
         # the timeout (no timer churn on a fast 35 MB upload).
         now = self.loop.time()
-        if now - self._data_timer_reset >= self._timeout_duration / 10:
+        if now - self._data_timer_reset >= self.server.timeout / 10:
             self._data_timer_reset = now
             self._reset_timeout()
 
@@ -597,9 +592,7 @@ class Inbound:
         self.tls_context = tls_context
         self.handler = _Handler(self)
         self.connections: set[_Connection] = set()
-        self.servers: list[asyncio.Server] = []
-        #: The same servers by the listen address they were bound for.
-        self._listening: dict[Listen, asyncio.Server] = {}
+        self.listeners = Listeners(self._connection)
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         #: Open sessions per client, for [server] max_connections(_per_ip).
@@ -680,84 +673,35 @@ class Inbound:
         """Bind every listen address; raises OSError if one cannot be bound."""
         # Every refusal is our own log event; aiosmtpd's per-command chatter is not.
         logging.getLogger("mail.log").setLevel(logging.ERROR)
-        # One descriptor per connection, plus the spool's and the deliveries'.
-        wanted = self.config().server.max_connections + FD_RESERVE
-        before, now = raise_fd_limit(wanted)
-        if now != before:
-            events.log("fd_limit_raised", soft_before=before, soft=now)
-        if now != resource.RLIM_INFINITY and now < wanted:
-            # Past it accept() fails (EMFILE) before any 421 can be sent.
-            events.warning("fd_limit_low", soft=now, wanted=wanted)
+        reserve_descriptors(self.config().server.max_connections)
         try:
             for listen in self.config().server.listen:
-                await self._bind(listen)
+                await self.listeners.bind(listen)
         except OSError:
             await self.stop(0)
             raise
 
-    async def _bind(self, listen: Listen) -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._connection, listen.host, listen.port)
-        self.servers.append(server)
-        self._listening[listen] = server
-
-    def _unbind(self, listen: Listen) -> None:
-        # asyncio.Server.close() stops accepting but leaves the connections
-        # it accepted open: their sessions carry on to the end.
-        server = self._listening.pop(listen)
-        self.servers.remove(server)
-        server.close()
-
     async def relisten(self, listens: Sequence[Listen]) -> tuple[list[Listen], list[Listen]]:
-        """Make the listeners match ``listens`` (a reload changed ``[server] listen``).
-
-        Addresses in both stay bound, untouched. Removed ones stop
-        accepting (first, so that e.g. ``0.0.0.0:2525`` can become
-        ``127.0.0.1:2525``), sessions they accepted carry on; then new ones
-        are bound. If one cannot be bound, the listeners are put back as
-        they were and the OSError is raised. Returns (added, removed).
-        """
-        wanted = list(dict.fromkeys(listens))
-        removed = [listen for listen in self._listening if listen not in wanted]
-        added = [listen for listen in wanted if listen not in self._listening]
-        for listen in removed:
-            self._unbind(listen)
-        bound: list[Listen] = []
-        try:
-            for listen in added:
-                await self._bind(listen)
-                bound.append(listen)
-        except OSError:
-            for listen in bound:
-                self._unbind(listen)
-            for listen in removed:
-                try:
-                    await self._bind(listen)
-                except OSError as exc:
-                    events.error("listen_lost", listen=str(listen), error=str(exc))
-            raise
-        return added, removed
+        """:meth:`relay.listeners.Listeners.relisten`: a reload changed ``[server] listen``."""
+        return await self.listeners.relisten(listens)
 
     def _connection(self) -> asyncio.Protocol:
         return _Gate(self)
 
     @property
+    def servers(self) -> list[asyncio.Server]:
+        return self.listeners.servers
+
+    @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs, e.g. to find a port chosen by the OS."""
-        return [
-            (str(sock.getsockname()[0]), int(sock.getsockname()[1]))
-            for server in self.servers
-            for sock in server.sockets
-        ]
+        return self.listeners.addresses
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; let spool writes in progress finish (within ``grace``
         seconds) so their 250 goes out; then answer 421 to every open
         session and close it. Everything spooled stays spooled."""
-        for server in self.servers:
-            server.close()
-        self.servers.clear()
-        self._listening.clear()
+        self.listeners.close()
         try:
             await asyncio.wait_for(self.intake.writes_done.wait(), grace)
         except TimeoutError:
@@ -783,5 +727,4 @@ class Inbound:
 
 def listen_texts(inbound: Inbound) -> Iterable[str]:
     """The bound addresses as host:port text, for the start-up log."""
-    for host, port in inbound.addresses:
-        yield f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return address_texts(inbound.addresses)
