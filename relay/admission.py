@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay import events
+from relay.addresses import client_address
 from relay.config import ServerConfig
 
 #: Seconds between two log lines about the same refused client.
@@ -27,13 +28,10 @@ LOG_MEMORY = 4096
 
 def client_key(ip: str) -> str:
     """What the per-client limit counts: the IPv4 address, or the IPv6 /64."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
+    addr = client_address(ip)
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
 
