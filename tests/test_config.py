@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
-from relay.config import ConfigError, Host, Listen, TlsPolicy
+from relay import config, configload, configvalues
+from relay.config import Host, Listen, TlsPolicy
+from relay.configload import ConfigError
 
 SERVER = """
 [server]
@@ -33,7 +34,7 @@ route = "R"
 def load(tmp_path: Path, text: str) -> config.Config:
     path = tmp_path / "relay.toml"
     path.write_text(textwrap.dedent(text))
-    return config.load(path)
+    return configload.load(path)
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:
@@ -103,13 +104,13 @@ def test_multiple_host_route(tmp_path: Path) -> None:
     [("30s", 30), ("15m", 900), ("4h", 14400), ("5d", 432000), ("500ms", 0.5), ("1.5h", 5400)],
 )
 def test_durations(text: str, seconds: float) -> None:
-    assert config.parse_duration(text) == seconds
+    assert configvalues.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "5", "5x", "m5", "-1s", "5 days"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
-        config.parse_duration(text)
+        configvalues.parse_duration(text)
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
@@ -131,7 +132,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
             + SINGLE
         )
     )
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert cfg.queue.path == sub / "spool"
     assert cfg.audit.path == Path("/var/tmp/audit.log")
     assert cfg.tls.ca_file == sub / "ca.pem"
@@ -380,7 +381,7 @@ def test_toml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        config.load(tmp_path / "nope.toml")
+        configload.load(tmp_path / "nope.toml")
     assert "cannot read config file" in str(info.value)
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from relay import config
+from relay import configload
 from relay.metrics import Metrics, serve
 from tests.support.deploy import DEPLOY, DOCKERFILE, ROOT, dockerfile_instructions
 
@@ -43,7 +43,7 @@ def test_runs_as_a_numeric_non_root_user() -> None:
 
 
 def test_spool_volume_ports_config_and_entrypoint() -> None:
-    cfg = config.load(DEPLOY / "docker" / "relay.toml")
+    cfg = configload.load(DEPLOY / "docker" / "relay.toml")
     (volume,) = instructions("VOLUME")
     (volume_path,) = json.loads(volume)
     assert cfg.queue.path.is_relative_to(volume_path)

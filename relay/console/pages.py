@@ -17,7 +17,8 @@ import jinja2
 from aiohttp import web
 
 import relay
-from relay.config import ALLOWED_PORTS, ON_TLS_FAILURE, check_port
+from relay.config import ON_TLS_FAILURE
+from relay.configvalues import ALLOWED_PORTS, check_port
 from relay.console import SERVICES, api, auth, configfile
 
 HERE = Path(__file__).parent
