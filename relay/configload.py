@@ -84,30 +84,7 @@ class ConfigError(Exception):
         super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n{lines}")
 
 
-# --- values the reader checks beyond their syntax -------------------------
-
-
-def _notify(reader: _Reader, addresses: tuple[str, ...]) -> tuple[str, ...]:
-    """``[bounces] notify``: every entry a plain address, each once."""
-    good: list[str] = []
-    for address in addresses:
-        if not is_mail_address(address):
-            reader.problem(
-                "notify", f"{address!r} is not a mail address like postmaster@example.com"
-            )
-        elif address not in good:
-            good.append(address)
-    return tuple(good)
-
-
-def _delay_warning(reader: _Reader) -> float:
-    """``[bounces] delay_warning``: a duration, or "0" (any zero) for no warnings."""
-    value = reader.get("delay_warning", str, None)
-    if value is None:
-        return BouncesConfig().delay_warning
-    if value.strip() and value.strip().rstrip("mshd").strip() in ("0", "0.0"):
-        return 0.0
-    return reader.duration("delay_warning", BouncesConfig().delay_warning)
+# --- reading a table ------------------------------------------------------
 
 
 class _Reader:
@@ -201,15 +178,17 @@ class _Reader:
             if f.name in values:
                 continue
             value = getattr(defaults, f.name)
-            if f.type == "int":
+            # A string under relay.config's postponed annotations (PEP 563).
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "int":
                 values[f.name] = self.positive(f.name, value)
-            elif f.type == "float":
+            elif kind == "float":
                 values[f.name] = self.duration(f.name, value)
-            elif f.type == "bool":
+            elif kind == "bool":
                 values[f.name] = self.get(f.name, bool, value)
             else:
                 name = f"{type(defaults).__name__}.{f.name}"
-                raise TypeError(f"{name}: a {f.type} needs its own reader")
+                raise TypeError(f"{name}: a {kind} needs its own reader")
         return values
 
 
@@ -568,6 +547,29 @@ def _fingerprint(username: str, password: str) -> str:
     salt = b"relay-audit\0" + username.encode("utf-8")
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, 100_000)
     return digest.hex()[:8]
+
+
+def _notify(reader: _Reader, addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """``[bounces] notify``: every entry a plain address, each once."""
+    good: list[str] = []
+    for address in addresses:
+        if not is_mail_address(address):
+            reader.problem(
+                "notify", f"{address!r} is not a mail address like postmaster@example.com"
+            )
+        elif address not in good:
+            good.append(address)
+    return tuple(good)
+
+
+def _delay_warning(reader: _Reader) -> float:
+    """``[bounces] delay_warning``: a duration, or "0" (any zero) for no warnings."""
+    value = reader.get("delay_warning", str, None)
+    if value is None:
+        return BouncesConfig().delay_warning
+    if value.strip() and value.strip().rstrip("mshd").strip() in ("0", "0.0"):
+        return 0.0
+    return reader.duration("delay_warning", BouncesConfig().delay_warning)
 
 
 def _patterns(r: _Reader, name: str) -> tuple[str, ...]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from relay import config, configload, configvalues
+from relay import config, configdiff, configload, configvalues
 from relay.config import Host, Listen, TlsPolicy
 from relay.configload import ConfigError
 
@@ -413,3 +414,33 @@ def test_direct_route_is_opportunistic_mx() -> None:
     assert route.mx_lookup and route.implicit
     assert route.tls == TlsPolicy(False, False, False)
     assert route.primary == (Host("sender.test", 25, 100),)
+
+
+@pytest.mark.parametrize("section", [*configdiff.DIFF_SECTIONS, "admin"])
+def test_every_field_of_a_section_is_a_key_the_file_accepts(tmp_path: Path, section: str) -> None:
+    # The known keys come from the dataclass fields: each one is read (a
+    # value of the wrong type is a problem of that key), none is unknown.
+    cls = type(getattr(config.Config(Path("x"), "", config.ServerConfig()), section))
+    # (Without the rest of [server] here, its domains are missing too.)
+    head = "" if section == "server" else SERVER
+    for key in config.toml_keys(cls):
+        text = head + f"[{section}]\n{key} = {{ x = 1 }}\n" + SINGLE + RULE
+        found = problems(tmp_path, text)
+        assert [p for p in found if p.startswith(f"{section}: {key}: ")], (key, found)
+        assert not [p for p in found if "unknown key" in p], (key, found)
+
+
+def test_every_route_key_is_known(tmp_path: Path) -> None:
+    for key in config.toml_keys(config.Route):
+        if key not in ("name", "host", "port"):
+            found = problems(tmp_path, SERVER + SINGLE + f"{key} = [0]\n" + RULE)
+            assert [p for p in found if f"'R': {key}" in p], (key, found)
+            assert not [p for p in found if "unknown key" in p], (key, found)
+
+
+def test_embedded_default_is_config_relay_toml_as_packaged() -> None:
+    root = Path(__file__).resolve().parent.parent
+    assert configload.embedded_text() == (root / "config/relay.toml").read_text()
+    # ... and a wheel carries it (pip install . without -e).
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "default.toml" in project["tool"]["setuptools"]["package-data"]["relay"]
