@@ -36,6 +36,16 @@ def test_copied_sources_exist() -> None:
     assert missing == []
 
 
+def test_the_build_copies_what_the_package_links_to() -> None:
+    # relay/default.toml is a link to config/relay.toml: `pip install .`
+    # in the image needs the file it points to.
+    copied = {source for args in instructions("COPY") for source in args.split()[:-1]}
+    links = [path for path in (ROOT / "relay").rglob("*") if path.is_symlink()]
+    assert links
+    for link in links:
+        assert str(link.resolve().relative_to(ROOT)) in copied, link
+
+
 def test_runs_as_a_numeric_non_root_user() -> None:
     (user,) = instructions("USER")
     uid = user.split(":")[0]
