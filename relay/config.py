@@ -2,7 +2,7 @@
 
 Each default and each TOML key lives here, on the field it sets, and
 nowhere else: relay.configload reads a file into these classes (asking
-:func:`toml_keys` which keys a table may hold and :func:`default` what an
+:func:`toml_keys` which keys a table may hold and :func:`field_default` what an
 absent one means), relay.configdiff describes and compares them.
 """
 
@@ -39,7 +39,7 @@ def toml_keys(cls: type) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def default(cls: type, name: str) -> Any:
+def field_default(cls: type, name: str) -> Any:
     """The default of field ``name`` of dataclass ``cls``."""
     [f] = [f for f in dataclasses.fields(cls) if f.name == name]
     if f.default_factory is not dataclasses.MISSING:

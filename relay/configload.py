@@ -42,8 +42,8 @@ from relay.config import (
     ServerConfig,
     TlsConfig,
     TlsPolicy,
-    default,
     domain_key,
+    field_default,
     toml_keys,
 )
 from relay.configvalues import (
@@ -207,7 +207,7 @@ _TYPE_NAMES = {
 def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
     r = _Reader(problems, "server", raw, toml_keys(ServerConfig))
     defaults = ServerConfig(hostname="")
-    hostname = r.get("hostname", str, "") or default(ServerConfig, "hostname")
+    hostname = r.get("hostname", str, "") or field_default(ServerConfig, "hostname")
     if not is_hostname(hostname):
         r.problem("hostname", f"{hostname!r} is not a valid host name")
     listen: list[Listen] = []
@@ -388,7 +388,7 @@ def _host_name(r: _Reader, field_name: str, value: Any, mx_lookup: bool) -> str:
 
 
 #: The port of a host that names none (and of one whose port is wrong).
-_PORT: int = default(Host, "port")
+_PORT: int = field_default(Host, "port")
 
 
 def _port(r: _Reader, field_name: str, value: Any) -> int:
@@ -408,7 +408,7 @@ def _route(problems: list[Problem], index: int, raw: Any, base: Path) -> Route |
     if not isinstance(name, str) or not name.strip():
         r.problem("name", "is required and must not be empty")
         name = ""
-    mx_lookup = r.get("mx_lookup", bool, default(Route, "mx_lookup"))
+    mx_lookup = r.get("mx_lookup", bool, field_default(Route, "mx_lookup"))
     d = TlsPolicy()
     tls = TlsPolicy(
         require_tls=r.get("require_tls", bool, d.require_tls),
@@ -430,14 +430,14 @@ def _route(problems: list[Problem], index: int, raw: Any, base: Path) -> Route |
             "is on (the default) but needs require_ca_signed = true; turn require_ca_signed on, "
             "or set validate_hostname = false too",
         )
-    on_tls_failure = r.get("on_tls_failure", str, default(Route, "on_tls_failure"))
+    on_tls_failure = r.get("on_tls_failure", str, field_default(Route, "on_tls_failure"))
     if on_tls_failure not in ON_TLS_FAILURE:
         r.problem(
             "on_tls_failure",
             f'{on_tls_failure!r} is not a choice; use "bounce" (bounce at once, the default) '
             'or "defer" (keep the mail queued until max_lifetime)',
         )
-        on_tls_failure = default(Route, "on_tls_failure")
+        on_tls_failure = field_default(Route, "on_tls_failure")
     # The shape (one host, or tables) decides which fields apply; a wrong
     # shape is a problem of the route itself, and every field present is
     # still checked so that one run of check-config lists everything.
@@ -461,7 +461,7 @@ def _route(problems: list[Problem], index: int, raw: Any, base: Path) -> Route |
     port = _port(r, "port", raw.get("port", _PORT))
     primary = _hosts(r, "primary", raw["primary"], mx_lookup) if "primary" in raw else ()
     secondary = _hosts(r, "secondary", raw["secondary"], mx_lookup) if "secondary" in raw else ()
-    plaintext = r.get("auth_over_plaintext", bool, default(RouteAuth, "over_plaintext"))
+    plaintext = r.get("auth_over_plaintext", bool, field_default(RouteAuth, "over_plaintext"))
     auth = _auth(r, base, plaintext, name) if "auth" in raw else None
     if "auth_over_plaintext" in raw and "auth" not in raw:
         r.problem("auth_over_plaintext", "applies to a route with auth = { ... } only")
@@ -653,7 +653,7 @@ def parse(
     ]
     bounce_reader = _Reader(problems, "bounces", data.get("bounces", {}), toml_keys(BouncesConfig))
     bounces = BouncesConfig(
-        bounce_reader.get("route", str, default(BouncesConfig, "route")),
+        bounce_reader.get("route", str, field_default(BouncesConfig, "route")),
         _notify(bounce_reader, bounce_reader.strings("notify", ())),
         _delay_warning(bounce_reader),
     )
