@@ -25,7 +25,7 @@ from relay.config import Config
 from relay.configload import ConfigError, Problem
 
 #: The route keys the console writes; any other key of a route is left alone.
-ROUTE_OPTIONS = ("mx_lookup", "require_tls", "require_ca_signed", "validate_hostname")
+ROUTE_OPTIONS = ("mx_lookup", *configmod.toml_keys(configmod.TlsPolicy))
 
 
 def read_only_reason(cfg: Config) -> str | None:
