@@ -23,7 +23,7 @@ from pathlib import Path
 # Run from a checkout: import this tree's relay and tests, not an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from relay import configload
+from relay import configload  # noqa: E402
 from relay.delivery import Deliverer  # noqa: E402
 from relay.dns import DnsResolver  # noqa: E402
 from relay.envelope import Envelope, Recipient  # noqa: E402
