@@ -34,7 +34,8 @@ import dns.resolver
 import dns.reversename
 
 from relay.addresses import ip_literal
-from relay.config import DnsConfig, is_hostname
+from relay.config import DnsConfig
+from relay.configvalues import is_hostname
 from relay.errors import DnsTemporary, NoRoute, NoSuchDomain, NullMx, RelayError
 
 #: Seconds for one try at one nameserver; the whole lookup is bounded by
