@@ -125,9 +125,10 @@ async def test_hop_limit_is_never_exceeded_while_waiters_are_woken():
     # would get a fresh gate and the limit would count twice.
     from relay.config import TlsPolicy
     from relay.pool import Pool as _Pool
+    from relay.session import Hop
 
     pool = _Pool()
-    key = ("127.0.0.1", 25, TlsPolicy(), "mx.test")
+    key = Hop("127.0.0.1", 25, TlsPolicy(), "mx.test")
     active = peak = 0
 
     async def user(i: int) -> None:
