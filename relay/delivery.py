@@ -52,8 +52,9 @@ from relay.config import Config, Route
 from relay.dns import Resolver
 from relay.envelope import Envelope
 from relay.errors import RelayError
-from relay.handoff import Handoff, hop
+from relay.handoff import Handoff
 from relay.health import Health
+from relay.hop import Hop
 from relay.metrics import Metrics
 from relay.pool import Pool
 from relay.probe import ProbeResult, probe_hosts
@@ -67,11 +68,11 @@ from relay.spool import Body, BodyFile
 def check_body(body: bytes) -> None:
     """Refuse to send a body with a bare CR or LF (no SMTP smuggling downstream).
 
-    aiosmtplib's data() rewrites every lone CR or LF to CRLF, dot-stuffs
-    lines starting with "." (RFC 5321 section 4.5.2), appends CRLF if the
-    body lacks it, then ".\r\n". Inbound refuses bare CR/LF, so spooled
-    bodies are CRLF-only and pass through byte for byte; should one ever
-    not be, we refuse rather than let aiosmtplib silently rewrite it.
+    The wire (:func:`relay.session.send_mail`) only dot-stuffs lines
+    starting with "." (RFC 5321 section 4.5.2) and ends the body with CRLF
+    and ".\r\n". Inbound refuses bare CR/LF, so spooled bodies are
+    CRLF-only and pass through byte for byte; should one ever not be, we
+    refuse rather than pass a bare line ending on to the next hop.
     """
     # Counting in C beats a regex with look-arounds several times over.
     pairs = body.count(b"\r\n")
@@ -273,7 +274,7 @@ class Deliverer:
 
     def _jammed(self, route: Route, candidate: Candidate) -> bool:
         return bool(candidate.addresses) and all(
-            self._pool.jammed(hop(route, candidate, ip)) for ip in candidate.addresses
+            self._pool.jammed(Hop.of(route, candidate, ip)) for ip in candidate.addresses
         )
 
     async def _plan(self, route: Route, envelope: Envelope) -> routing.Plan | RelayError:

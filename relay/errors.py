@@ -270,6 +270,13 @@ class RemotePermanent(PermanentFailure):
     """The next hop answered 5xx; its reply is kept verbatim."""
 
 
+def remote_failure(code: int, message: str) -> RemoteTemporary | RemotePermanent:
+    """The next hop's reply as a failure of its class, kept verbatim."""
+    reply = Reply.parse(code, message)
+    klass = RemotePermanent if reply.permanent else RemoteTemporary
+    return klass(str(reply), reply)
+
+
 class TlsFailure(enum.Enum):
     """Which check of a route's TLS policy failed; also the metric label.
 

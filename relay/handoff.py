@@ -18,15 +18,11 @@ from relay.config import Config, Route
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply
 from relay.health import Health
+from relay.hop import Hop
 from relay.pool import Pool
 from relay.routing import Candidate
-from relay.session import Hop, Session, StaleSession, open_hop, reset, send_mail
+from relay.session import Session, StaleSession, open_hop, reset, send_mail
 from relay.spool import Body
-
-
-def hop(route: Route, candidate: Candidate, ip: str) -> Hop:
-    """The next hop for ``candidate`` at ``ip``: SNI and verification use its name."""
-    return Hop(ip, candidate.port, route.tls, candidate.host.strip("[]"), route.auth)
 
 
 class Handoff:
@@ -54,7 +50,7 @@ class Handoff:
         waits at most one connect timeout behind a host that is down.
         """
         cfg = self._config()
-        key = hop(route, candidate, ip)
+        key = Hop.of(route, candidate, ip)
         where = f"{candidate.host} [{ip}]"
         session: Session | None = None
         reused = False

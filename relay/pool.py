@@ -11,8 +11,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from relay.hop import Hop
 from relay.limits import LiveLimit
-from relay.session import Hop, Session, quit_session
+from relay.session import Session, quit_session
 
 
 class Pool:

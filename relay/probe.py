@@ -20,11 +20,11 @@ from relay.config import Config, Route, TlsPolicy
 from relay.dns import ip_literal
 from relay.errors import RelayError, TlsCheck, TlsFailure, TlsPolicyFailure
 from relay.expiry import expires_soon
+from relay.hop import Hop
 from relay.routing import Candidate
 from relay.session import (
     LOOK,
     HandshakeFailed,
-    Hop,
     open_hop,
     open_session,
     quit_session,
@@ -107,9 +107,9 @@ class ProbeResult:
         chain_why = "" if self.chain_verified else (self.chain_error or "no TLS session")
         name_why = "" if self.hostname_matched else (self.hostname_error or "no TLS session")
         return [
-            ("require_tls", tls_ok, tls_why),
-            ("require_ca_signed", tls_ok and self.chain_verified, chain_why),
-            ("validate_hostname", tls_ok and self.hostname_matched, name_why),
+            (TlsCheck.TLS, tls_ok, tls_why),
+            (TlsCheck.CA_SIGNED, tls_ok and self.chain_verified, chain_why),
+            (TlsCheck.HOSTNAME, tls_ok and self.hostname_matched, name_why),
         ]
 
 
@@ -146,7 +146,7 @@ async def _probe_one(route: Route, candidate: Candidate, ip: str, cfg: Config) -
 async def _check_auth(route: Route, candidate: Candidate, ip: str, cfg: Config) -> tuple[str, str]:
     """Connect as delivery does (the route's TLS policy, then AUTH) and QUIT:
     (the mechanism accepted, "") or ("", why it failed)."""
-    hop = Hop(ip, candidate.port, route.tls, candidate.host.strip("[]"), route.auth)
+    hop = Hop.of(route, candidate, ip)
     try:
         session = await open_hop(hop, cfg, read_certificate=False)
     except RelayError as exc:

@@ -9,13 +9,12 @@ What the rest of relay asks of a next hop, and nothing more:
   PIPELINING, else lock-step, with the body streamed from memory or its file;
 - :func:`reset` (RSET on a pooled session) and :func:`quit_session`.
 
-aiosmtplib keeps the connection, EHLO, STARTTLS and AUTH; the transaction
-writes its commands and body to aiosmtplib's protocol and reads replies
-from it directly, which reaches into the members :data:`PRIVATE_MEMBERS`
-lists (pyproject.toml pins the versions they were checked with;
-tests/test_private_members.py fails naming one that disappears).
-aiosmtplib's exceptions are mapped to relay's failure classes here, in
-:func:`map_smtp_errors` and :func:`map_handshake_errors`, and nowhere else.
+aiosmtplib keeps the connection, EHLO, STARTTLS and AUTH. The transaction
+writes to aiosmtplib's protocol and reads its replies directly, past the
+SMTP object's command lock (a session serves one task at a time: the pool
+hands it out once), reaching into the members :data:`PRIVATE_MEMBERS` lists
+(pyproject.toml pins the versions they were checked with). aiosmtplib's
+exceptions become relay's failures here and nowhere else.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from relay.certificate import distinguished_name
 from relay.config import Config, RouteAuth, TlsPolicy
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsCheck, TlsFailure, TlsPolicyFailure
+from relay.hop import Hop
 from relay.spool import Body, BodyFile
 
 #: aiosmtplib internals this module uses, checked by tests/test_private_members.py.
@@ -49,13 +49,6 @@ PRIVATE_MEMBERS = (
 )
 
 # --- exception mapping (guarded by tests/test_delivery_errors.py) ----------
-
-
-def remote_failure(code: int, message: str, detail: str = "") -> RelayError:
-    """The next hop's reply as a failure, kept verbatim."""
-    reply = Reply.parse(code, message)
-    klass = errors.RemotePermanent if reply.permanent else errors.RemoteTemporary
-    return klass(detail or str(reply), reply)
 
 
 class StaleSession(Exception):
@@ -87,9 +80,9 @@ def map_smtp_errors() -> Iterator[None]:
         first = exc.recipients[0] if exc.recipients else None
         if first is None:
             raise errors.TemporaryFailure("recipients refused") from exc
-        raise remote_failure(first.code, first.message) from exc
+        raise errors.remote_failure(first.code, first.message) from exc
     except aiosmtplib.SMTPResponseException as exc:
-        raise remote_failure(exc.code, exc.message) from exc
+        raise errors.remote_failure(exc.code, exc.message) from exc
     except ssl.SSLError as exc:
         raise errors.ConnectionLost(f"TLS: {tls.describe_failure(exc)}") from exc
     except (ConnectionError, TimeoutError) as exc:
@@ -117,20 +110,6 @@ def map_handshake_errors() -> Iterator[None]:
             if tls.interrupted(exc):
                 raise
             raise TlsPolicyFailure(tls.classify(exc), tls.describe_failure(exc)) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class Hop:
-    """One next hop as a connection sees it; also the pool's key."""
-
-    ip: str
-    port: int
-    policy: TlsPolicy
-    #: The name delivered to: SNI and certificate verification use it, never the IP.
-    name: str
-    #: The route's AUTH credentials: part of the hop, so that a pooled session
-    #: is reused only by a route that authenticates (or not) the same way.
-    auth: RouteAuth | None = None
 
 
 @dataclass(slots=True)
@@ -164,9 +143,7 @@ class Session:
 
     def peer_certificate(self) -> bytes | None:
         """The certificate of the TLS session in DER, whether or not it verified."""
-        der: bytes | None = _transport_info(
-            self.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True)
-        )
+        der: bytes | None = _transport_info(self.smtp, "ssl_object", lambda o: o.getpeercert(True))
         return der
 
     def close(self) -> None:
@@ -193,12 +170,10 @@ async def open_hop(
 ) -> Session:
     """A session ready for mail: :func:`open_session` with STARTTLS under the hop's policy.
 
-    When the policy does not require TLS (RFC 7435 opportunistic security)
-    a failed handshake must not stop the mail: the same host again, in
-    plaintext, logged as ``tls_fallback`` with the queue id ``qid`` (so
-    ``grep ID`` shows why its attempt line says ``tls=not_used``); none
-    for ``relay test-tls``. When it requires TLS, the handshake's failure
-    is raised (its ``__cause__`` a :class:`HandshakeFailed`).
+    Opportunistic (RFC 7435): a failed handshake must not stop the mail;
+    the same host again, in plaintext, logged as ``tls_fallback`` with the
+    queue id ``qid`` (no log without one). When the policy requires TLS,
+    the handshake's failure is raised (``__cause__``: :class:`HandshakeFailed`).
     """
     try:
         return await open_session(hop, cfg, starttls=True, read_certificate=read_certificate)
@@ -445,16 +420,13 @@ async def send_mail(
 ) -> Sent:
     """MAIL, RCPT per recipient, DATA and the body: one transaction (RFC 5321 section 3.3).
 
-    With a server that offers PIPELINING (RFC 2920) the commands go out
-    as one group (after an RSET on a ``reused`` session): two round
-    trips per message instead of five. ``on_refused(address, reply)``
-    hears each refused recipient as its reply arrives, so a refusal stays
-    a refusal if the connection is lost later in the transaction.
-
-    Raises a RelayError when the host failed the transaction (a refused
-    MAIL, a 4xx to DATA, :class:`errors.ReplyLost` after the final dot),
-    :class:`StaleSession` if a reused session turns out closed before its
-    first reply.
+    With PIPELINING (RFC 2920) the commands go out as one group (after an
+    RSET on a ``reused`` session): two round trips instead of five.
+    ``on_refused(address, reply)`` hears each refusal as it arrives, so it
+    stands if the connection is lost later. Raises a RelayError when the
+    host failed the transaction (a refused MAIL, a 4xx to DATA,
+    :class:`errors.ReplyLost` after the dot), :class:`StaleSession` if a
+    reused session turns out closed before its first reply.
     """
     smtp = session.smtp
     # TLS is settled by now: a TLS error mid-transaction is a lost
@@ -505,7 +477,7 @@ async def send_mail(
                 for address, command in zip(recipients, rcpts, strict=True):
                     rcpt_reply(address, await smtp.execute_command(command, timeout=timeout))
         if mail_reply.code != aiosmtplib.SMTPStatus.completed:
-            raise remote_failure(mail_reply.code, mail_reply.message)
+            raise errors.remote_failure(mail_reply.code, mail_reply.message)
         if not accepted:
             if data_reply is None:
                 await smtp.rset(timeout=timeout)
@@ -530,7 +502,7 @@ async def send_mail(
             if reply.temporary:
                 # A 4xx to DATA: this host failed the transaction; the
                 # recipients stay open for the next candidate.
-                raise remote_failure(exc.code, exc.message) from exc
+                raise errors.remote_failure(exc.code, exc.message) from exc
             return Sent(tuple(accepted), reply)
     return Sent(tuple(accepted), Reply.parse(response.code, response.message))
 
@@ -680,14 +652,12 @@ async def _send_body(smtp: aiosmtplib.SMTP, body: Body, cfg: Config) -> aiosmtpl
     """After the 354: the body and the final dot; the 250 reply to the dot.
 
     aiosmtplib's data() waits for 354 and for the reply to the dot with one
-    timeout and cannot tell us which wait failed, and copies the body
-    three times. Here the 354 waited ``command_timeout``; the reply to the
-    dot waits ``data_timeout`` (RFC 5321 section 4.5.3.2.6: 10 minutes).
-    Once the dot is written a dropped connection or a timeout raises
-    :class:`errors.ReplyLost`: the next hop may have taken the message.
-    ``body`` is CRLF-only (relay.delivery checks it before the attempt),
-    so dot-stuffing is all the encoding it needs. A body in a file goes in
-    pieces (:func:`_send_file`).
+    timeout and copies the body three times. Here the 354 waited
+    ``command_timeout``; the reply to the dot waits ``data_timeout`` (RFC
+    5321 section 4.5.3.2.6: 10 minutes); once the dot is written a lost
+    connection or timeout raises :class:`errors.ReplyLost` (the next hop may
+    have the message). ``body`` is CRLF-only (relay.delivery checks it), so
+    dot-stuffing is all its encoding; a body in a file goes in pieces.
     """
     protocol = smtp.protocol
     if protocol is None:
