@@ -50,20 +50,20 @@ class Handoff:
         waits at most one connect timeout behind a host that is down.
         """
         cfg = self._config()
-        key = Hop.of(route, candidate, ip)
+        next_hop = Hop.of(route, candidate, ip)
         where = f"{candidate.host} [{ip}]"
         session: Session | None = None
         reused = False
         carried = results.next_host()
-        async with self._pool.slot(key, lambda: self._config().delivery.max_per_host):
+        async with self._pool.slot(next_hop, lambda: self._config().delivery.max_per_host):
             if not self._health.claim((ip, candidate.port), token):
                 results.fail(carried, errors.HostUnreachable(f"{where}: held down"), where)
                 return None
             try:
                 while True:
-                    with self._pool.connecting(key):
+                    with self._pool.connecting(next_hop):
                         session, reused = await self._health_checked(
-                            route, candidate, ip, token, self._session(key, cfg, envelope.id)
+                            route, candidate, ip, token, self._session(next_hop, cfg, envelope.id)
                         )
                     try:
                         reply = await self._transaction(
@@ -136,9 +136,9 @@ class Handoff:
         self._health.succeeded(key, candidate.host, route.name, label)
         return opened
 
-    async def _session(self, key: Hop, cfg: Config, qid: str) -> tuple[Session, bool]:
+    async def _session(self, hop: Hop, cfg: Config, qid: str) -> tuple[Session, bool]:
         """A pooled session that answers RSET, or a fresh one; (session, reused)."""
-        while (session := self._pool.take(key, cfg.delivery.idle_timeout)) is not None:
+        while (session := self._pool.take(hop, cfg.delivery.idle_timeout)) is not None:
             if session.pipelining:
                 # The RSET goes out with the transaction's command group.
                 return session, True
@@ -148,7 +148,7 @@ class Handoff:
             except RelayError:
                 # A dead pooled session is not the host's fault: replace it.
                 session.close()
-        return await open_hop(key, cfg, qid), False
+        return await open_hop(hop, cfg, qid), False
 
 
 def _result(
