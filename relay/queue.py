@@ -55,7 +55,7 @@ from relay.relaying import may_relay
 from relay.spool import IN_MEMORY_MAX, Body, BodyFile, Spool, new_id
 
 if TYPE_CHECKING:
-    from relay.delivery import Attempt
+    from relay.attempt import Attempt
 
 #: Jitter either side of the backoff delay, so messages deferred together
 #: (one next hop down) do not all come back in the same second.

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.attempt import Attempt, HostResult
 from relay.config import (
     BouncesConfig,
     Config,
@@ -20,7 +21,6 @@ from relay.config import (
     Rule,
     ServerConfig,
 )
-from relay.delivery import Attempt, HostResult
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics
