@@ -27,7 +27,7 @@ async def test_overlapping_reloads_apply_one_change_once(tmp_path: Path) -> None
     try:
         assert await asyncio.gather(daemon.reload(), daemon.reload()) == [True, True]
     finally:
-        await daemon.deliverer.close()
+        await daemon.parts.deliverer.close()
     first, second = (json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines())
     assert first["changes"]["server"] == {"hostname": ["relay.test", "relay2.test"]}
     assert second["unchanged"] is True and second["changes"]["server"] == {}
