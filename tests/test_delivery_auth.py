@@ -17,7 +17,7 @@ import pytest
 from relay import audit, config, lint
 from relay.session import auth_mechanism
 from tests.support.authsink import AuthSink, CramMd5Sink
-from tests.support.integ import Relay, config_text, idle, single_route, until
+from tests.support.integ import InProcessRelay, config_text, idle, single_route, until
 from tests.support.pki import Pki
 from tests.support.sink import Sink
 
@@ -79,7 +79,7 @@ RULES = (
 )
 
 
-def no_password_in(relay: Relay, *texts: str) -> None:
+def no_password_in(relay: InProcessRelay, *texts: str) -> None:
     assert PASSWORD not in relay.metrics.exposition().decode()
     for path in (relay.config.queue.path).rglob("*"):
         if path.is_file():
@@ -98,7 +98,7 @@ async def test_good_password_is_delivered_over_tls(tmp_path: Path) -> None:
         routes = auth_route(sink.port, secret) + senders_route(2526)  # no DSN expected
         toml = config_text(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
         with events() as log:
-            async with Relay(tmp_path, toml) as relay:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put("alice@sender.test", ["bob@partner.test"])
                 await until(lambda: sink.messages)
                 await idle(relay)
@@ -116,7 +116,7 @@ async def test_cram_md5_is_preferred_when_offered(tmp_path: Path) -> None:
     async with CramMd5Sink(username="relay", password=PASSWORD, tls_context=tls) as sink:
         routes = auth_route(sink.port, secret) + senders_route(2526)
         toml = config_text(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put("alice@sender.test", ["bob@partner.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -139,7 +139,7 @@ async def test_bad_password_is_a_host_failure_named_in_the_log_and_the_dsn(
             tmp_path, DNS, routes, RULES, ca_file=pki.ca_file, max_lifetime="1s",  # type: ignore[arg-type]
         )  # fmt: skip
         with events() as log:
-            async with Relay(tmp_path, toml) as relay:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put("alice@sender.test", ["bob@partner.test"])
                 await until(lambda: senders.messages)
                 await idle(relay)
@@ -168,7 +168,7 @@ async def test_the_password_is_never_sent_without_tls(tmp_path: Path) -> None:
         route += f'auth = {{ username = "relay", password_file = "{secret}" }}\n'
         toml = config_text(tmp_path, DNS, route + senders_route(2526), RULES)  # type: ignore[arg-type]
         with events() as log:
-            async with Relay(tmp_path, toml) as relay:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put("alice@sender.test", ["bob@partner.test"])
                 await until(lambda: relay.sample(
                     "relay_delivery_attempts_total",

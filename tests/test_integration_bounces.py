@@ -19,7 +19,7 @@ from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     BODY,
     SENDER,
-    Relay,
+    InProcessRelay,
     closed_port,
     config_text,
     dsn_parts,
@@ -118,7 +118,7 @@ async def test_tls_failure_bounces_at_once(tmp_path, dnsmasq, dsn_sink, failure,
         routes = single_route("Corp", "mx1.corp.test", failing.port, **on)
         routes += senders_route(dsn_sink)
         toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -163,7 +163,7 @@ async def test_tls_check_off_delivers(tmp_path, dnsmasq, dsn_sink, failure, cert
         routes = single_route("Corp", "mx1.corp.test", sink.port, **off)
         routes += senders_route(dsn_sink)
         toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -183,7 +183,7 @@ async def test_postmaster_copy_has_the_diagnosis(tmp_path, dnsmasq, dsn_sink):
         routes += senders_route(dsn_sink)
         toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file,
                            notify=["postmaster@sender.test"])  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: len(dsn_sink.messages) == 2)
             await idle(relay)
@@ -215,7 +215,7 @@ async def test_postmaster_copy_that_fails_is_dropped_not_copied(tmp_path, dnsmas
         routes += senders_route(dsn_sink)
         # The postmaster's own mail takes the failing route.
         toml = config_text(tmp_path, server, routes, RULES, notify=["postmaster@corp.test"])
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
             await until(lambda: dsn_sink.messages)
@@ -236,7 +236,7 @@ async def test_451_then_accept_is_delivered_once(tmp_path, dnsmasq, dsn_sink, co
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={command: ["451 4.3.0 try again"]}) as sink:
         routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -252,7 +252,7 @@ async def test_550_for_one_recipient_bounces_only_that_one(tmp_path, dnsmasq, ds
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT bad@corp.test": "550 5.1.1 no such user"}) as sink:
         routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
             relay.put(SENDER, ["good@corp.test", "bad@corp.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -276,7 +276,7 @@ async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
         tmp_path, server, routes, RULES,
         max_lifetime="1h", min_backoff="10m", max_backoff="1h",
     )  # fmt: skip
-    async with Relay(tmp_path, toml, clock=clock) as relay:
+    async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
         relay.put(SENDER, ["bob@corp.test"])
         await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                          outcome="deferred"))  # fmt: skip
@@ -309,7 +309,7 @@ async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_
     async with Sink(replies={"RCPT later@corp.test": "451 4.2.0 mailbox busy"}) as sink:
         routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
         toml = config_text(tmp_path, server, routes, RULES, min_backoff="10m", max_backoff="1h")
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["good@corp.test", "later@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -317,7 +317,7 @@ async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_
         assert [r.address for r in left.pending] == ["later@corp.test"]
         sink.script.replies.clear()
         # A restart: a new Scheduler and Deliverer over the same spool.
-        async with Relay(tmp_path, toml) as again:
+        async with InProcessRelay(tmp_path, toml) as again:
             assert again.requeue() == 1
             again.scheduler.flush()
             await until(lambda: len(sink.messages) == 2)
@@ -334,7 +334,7 @@ async def test_null_sender_failure_sends_no_dsn(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
         routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
             relay.put("", ["bad@corp.test"])
             await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
             await idle(relay)
@@ -356,7 +356,7 @@ async def test_metrics_after_known_traffic(tmp_path, dnsmasq, dsn_sink):
         routes += single_route("Strict", "mx2.corp.test", plain.port, **ON)
         routes += senders_route(dsn_sink)
         rules = rule("Strict", "@strict.test") + RULES
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, rules)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, rules)) as relay:
             relay.put(SENDER, ["good@corp.test", "bad@corp.test", "x@strict.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -412,7 +412,7 @@ async def test_each_route_persisted_as_it_ends_then_abandoned_one_retried(
             routes += single_route("Corp", "mx1.corp.test", fast.port) + senders_route(dsn_sink)
             rules = rule("Slow", "@slow.test") + RULES
             toml = config_text(tmp_path, server, routes, rules)
-            relay = Relay(tmp_path, toml)
+            relay = InProcessRelay(tmp_path, toml)
             task = asyncio.create_task(relay.scheduler.run())
             relay.put(SENDER, ["a@slow.test", "b@corp.test"])
             await until(lambda: fast.messages and accepted)
@@ -425,7 +425,7 @@ async def test_each_route_persisted_as_it_ends_then_abandoned_one_retried(
                 writer.close()
             # The slow host recovers: it is now the fast sink.
             toml = toml.replace(f"port = {slow_port}", f"port = {fast.port}")
-            async with Relay(tmp_path, toml) as again:
+            async with InProcessRelay(tmp_path, toml) as again:
                 assert again.requeue() == 1
                 await until(lambda: len(fast.messages) == 2)
                 await idle(again)

@@ -14,8 +14,8 @@ import pytest
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
+    InProcessRelay,
     LoopbackSink,
-    Relay,
     config_text,
     dsn_parts,
     idle,
@@ -52,7 +52,7 @@ async def test_bounce_goes_to_the_sender_domains_mx(tmp_path, dnsmasq, port25):
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as corp:
         route = single_route("Corp", "mx1.corp.test", corp.port)
         toml = config_text(tmp_path, server, route, rule("Corp", "@corp.test"))
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: port25.messages)
             await idle(relay)
@@ -76,8 +76,8 @@ async def test_trusted_client_relays_to_the_recipient_domains_mx(tmp_path, dnsma
         tmp_path, server, single_route("Corp", "mx1.corp.test", 2525),
         rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
     )  # fmt: skip
-    async with Relay(tmp_path, toml) as relay:
-        # Relay.put spools with client 192.0.2.10, inside relay_networks.
+    async with InProcessRelay(tmp_path, toml) as relay:
+        # InProcessRelay.put spools with client 192.0.2.10, inside relay_networks.
         relay.put(SENDER, ["carol@elsewhere.test"])
         await until(lambda: port25.messages)
         await idle(relay)
@@ -94,7 +94,7 @@ async def test_recipient_domain_nxdomain_bounces(tmp_path, dnsmasq, port25):
         tmp_path, server, single_route("Corp", "mx1.corp.test", 2525),
         rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
     )  # fmt: skip
-    async with Relay(tmp_path, toml) as relay:
+    async with InProcessRelay(tmp_path, toml) as relay:
         relay.put(SENDER, ["carol@nowhere.test"])
         await until(lambda: port25.messages)
         await idle(relay)

@@ -14,7 +14,7 @@ import pytest
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
-    Relay,
+    InProcessRelay,
     config_text,
     idle,
     rule,
@@ -59,7 +59,7 @@ async def test_mx_hosts_in_preference_order(tmp_path, dnsmasq, two_mx):
         mx={"corp.test": [(20, "mx2.corp.test"), (10, "mx1.corp.test")]},
     )
     route = single_route("Corp", "corp.test", first.port, mx_lookup=True)
-    async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+    async with InProcessRelay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
         for i in range(10):
             relay.put(SENDER, [f"user{i}@corp.test"])
         await until(lambda: len(first.messages) == 10)
@@ -75,7 +75,7 @@ async def test_mx_failover_to_the_next_preference(tmp_path, dnsmasq, two_mx):
         mx={"corp.test": [(10, "mx1.corp.test"), (20, "mx2.corp.test")]},
     )
     route = single_route("Corp", "corp.test", second.port, mx_lookup=True)
-    async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+    async with InProcessRelay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
         for i in range(5):
             relay.put(SENDER, [f"user{i}@corp.test"])
         await until(lambda: len(second.messages) == 5)
@@ -94,7 +94,7 @@ async def test_implicit_mx_uses_the_domains_own_address(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"plain.test": ["127.0.0.1"]})
     async with Sink() as sink:
         route = single_route("Corp", "plain.test", sink.port, mx_lookup=True)
-        async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -107,7 +107,7 @@ async def test_null_mx_sender_domain_drops_the_bounce(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]}, mx={"nullmx.test": [(0, ".")]})
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
         route = single_route("Corp", "mx1.corp.test", sink.port)
-        async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
             relay.put("alice@nullmx.test", ["nobody@corp.test"])
             await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
             await idle(relay)
@@ -130,7 +130,7 @@ async def test_misconfigured_route_host_defers_and_counts(tmp_path, dnsmasq, hos
     route = single_route("Corp", host, 2525, mx_lookup=mx_lookup)
     # Long backoff: exactly one attempt to count.
     toml = config_text(tmp_path, server, route, CORP, min_backoff="10m", max_backoff="1h")
-    async with Relay(tmp_path, toml) as relay:
+    async with InProcessRelay(tmp_path, toml) as relay:
         envelope = relay.put(SENDER, ["bob@corp.test"])
         await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                          outcome="deferred"))  # fmt: skip
@@ -151,7 +151,7 @@ async def test_servfail_defers(tmp_path, dnsmasq, mx_lookup):
     host = "broken.test" if mx_lookup else "mx.broken.test"
     route = single_route("Corp", host, 2525, mx_lookup=mx_lookup)
     toml = config_text(tmp_path, server, route, CORP, min_backoff="10m", max_backoff="1h")
-    async with Relay(tmp_path, toml) as relay:
+    async with InProcessRelay(tmp_path, toml) as relay:
         relay.put(SENDER, ["bob@corp.test"])
         await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                          outcome="deferred"))  # fmt: skip
@@ -171,7 +171,7 @@ async def test_ipv6_address_is_tried_first(tmp_path, dnsmasq):
     try:
         server = dnsmasq(hosts={"dual.corp.test": ["127.0.0.1", "::1"]})
         route = single_route("Corp", "dual.corp.test", v6.port)
-        async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: v6.messages)
             await idle(relay)

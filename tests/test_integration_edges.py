@@ -11,7 +11,7 @@ import pytest
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
-    Relay,
+    InProcessRelay,
     closed_port,
     config_text,
     dsn_parts,
@@ -64,7 +64,7 @@ async def test_tls_failure_and_unreachable_defers(tmp_path, dnsmasq, dsn_sink):
         )
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES,
                            min_backoff="10m", max_backoff="1h")  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                              outcome="deferred"))  # fmt: skip
@@ -83,7 +83,7 @@ async def test_every_host_failing_tls_names_each_in_the_dsn(tmp_path, dnsmasq, d
     async with Sink() as first, Sink() as second:
         route = tls_route([("mx1.corp.test", first.port, 50), ("mx2.corp.test", second.port, 50)])
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -108,7 +108,7 @@ async def test_secondary_carries_mail_when_the_primary_fails_tls(tmp_path, dnsma
         route = tls_route([("mx1.corp.test", no_tls.port, 100)],
                           [("backup.corp.test", backup.port, 100)])  # fmt: skip
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: backup.messages)
             await idle(relay)
@@ -125,7 +125,7 @@ async def test_recipient_deferred_at_the_primary_tries_the_secondary(tmp_path, d
         route = multi_route("Corp", [("mx1.corp.test", primary.port, 100)],
                             [("backup.corp.test", backup.port, 100)])  # fmt: skip
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["good@corp.test", "later@corp.test"])
             await until(lambda: primary.messages and backup.messages)
             await idle(relay)
@@ -140,7 +140,7 @@ async def test_name_with_ipv6_and_ipv4_reaches_the_ipv4_listener(tmp_path, dnsma
     async with Sink() as sink:
         route = single_route("Corp", "dual.corp.test", sink.port)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -152,7 +152,7 @@ async def test_stale_pooled_session_is_replaced(tmp_path, dnsmasq, dsn_sink):
     async with Sink() as sink:
         route = single_route("Corp", "mx1.corp.test", sink.port)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["one@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -173,7 +173,7 @@ async def test_undeliverable_dsn_is_retried_then_dropped(tmp_path, dnsmasq):
         routes += single_route("Senders", "sender.test", closed_port(), mx_lookup=True)
         toml = config_text(tmp_path, server, routes, RULES, max_lifetime="1h",
                            min_backoff="10m", max_backoff="1h")  # fmt: skip
-        async with Relay(tmp_path, toml, clock=clock) as relay:
+        async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
             relay.put(SENDER, ["bad@corp.test"])
             await until(lambda: relay.sample("relay_recipients_total", route="Senders",
                                              outcome="deferred"))  # fmt: skip
@@ -205,7 +205,7 @@ async def test_mx_route_verifies_the_mx_host_name(tmp_path, dnsmasq, dsn_sink, n
         route = single_route("Corp", "corp.test", sink.port, mx_lookup=True, **STRICT)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages or dsn_sink.messages)
             await idle(relay)
@@ -226,7 +226,7 @@ async def test_ip_literal_route_host_needs_an_ip_san(tmp_path, dnsmasq, dsn_sink
         route = single_route("Corp", "127.0.0.1", sink.port, **STRICT)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages or dsn_sink.messages)
             await idle(relay)
@@ -246,7 +246,7 @@ async def test_421_greeting_moves_on_to_the_next_mx(tmp_path, dnsmasq):
         )
         route = single_route("Corp", "corp.test", first.port, mx_lookup=True)
         corp = rule("Corp", "@corp.test")
-        async with Relay(tmp_path, config_text(tmp_path, server, route, corp)) as relay:
+        async with InProcessRelay(tmp_path, config_text(tmp_path, server, route, corp)) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: second.messages)
             await idle(relay)
@@ -262,7 +262,7 @@ async def test_5xx_to_data_bounces_every_recipient_in_one_dsn(tmp_path, dnsmasq,
     async with Sink(replies={"DATA": ["554 5.6.0 content rejected"]}) as sink:
         route = single_route("Corp", "mx1.corp.test", sink.port)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["a@corp.test", "b@corp.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -278,7 +278,7 @@ async def test_utf8_sender_gets_its_dsn_over_smtputf8(tmp_path, dnsmasq, dsn_sin
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
         route = single_route("Corp", "mx1.corp.test", sink.port)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(sender, ["bob@corp.test"], smtputf8=True)
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -303,7 +303,7 @@ async def test_stop_abandons_an_attempt_to_a_silent_host(tmp_path, dnsmasq, dsn_
     try:
         route = single_route("Corp", "mx1.corp.test", port)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        relay = Relay(tmp_path, toml)
+        relay = InProcessRelay(tmp_path, toml)
         task = asyncio.create_task(relay.scheduler.run())
         envelope = relay.put(SENDER, ["bob@corp.test"])
         await until(lambda: accepted)
@@ -330,7 +330,7 @@ async def test_failed_handshake(tmp_path, dnsmasq, dsn_sink, require_tls):
         options = STRICT_TLS if require_tls else {}
         route = single_route("Corp", "mx1.corp.test", sink.port, **options)
         toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages or dsn_sink.messages)
             await idle(relay)

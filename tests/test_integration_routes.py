@@ -16,7 +16,7 @@ from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     BODY,
     SENDER,
-    Relay,
+    InProcessRelay,
     closed_port,
     config_text,
     idle,
@@ -42,7 +42,7 @@ async def test_single_host_plain_delivers_the_spooled_bytes(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
         toml = config_text(tmp_path, server, single_route("Corp", "mx1.corp.test", sink.port), CORP)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             envelope = relay.put(SENDER, ["bob@corp.test", "carol@corp.test"])
             spooled = relay.spool.read_body(envelope.id)
             await until(lambda: sink.messages)
@@ -64,7 +64,7 @@ async def test_strict_tls_to_a_name_resolved_by_dns(tmp_path, dnsmasq):
             require_tls=True, require_ca_signed=True, validate_hostname=True,
         )  # fmt: skip
         toml = config_text(tmp_path, server, route, CORP, ca_file=pki.ca_file)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -83,7 +83,7 @@ async def _shares(tmp_path, dnsmasq, loads, messages, seed):
     try:
         hosts = [(n, s.port, load) for n, s, load in zip(names, sinks, loads, strict=True)]
         toml = config_text(tmp_path, server, multi_route("Corp", hosts), CORP, max_per_host=4)
-        async with Relay(tmp_path, toml, seed=seed) as relay:
+        async with InProcessRelay(tmp_path, toml, seed=seed) as relay:
             for i in range(messages):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: sum(len(s.messages) for s in sinks) == messages, 20)
@@ -126,7 +126,7 @@ async def test_secondaries_only_when_every_primary_is_down(tmp_path, dnsmasq):
             [("backup1.corp.test", backup1.port, 50), ("backup2.corp.test", backup2.port, 50)],
         )
         toml = config_text(tmp_path, server, route, CORP)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(backup1.messages) + len(backup2.messages) == 20)
@@ -152,7 +152,7 @@ async def test_secondaries_untouched_while_a_primary_works(tmp_path, dnsmasq):
             [("backup.corp.test", backup.port, 100)],
         )
         toml = config_text(tmp_path, server, route, CORP)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(primary.messages) == 20)
@@ -166,7 +166,7 @@ async def test_connection_reuse_at_the_sink(tmp_path, dnsmasq):
     async with Sink() as sink:
         route = single_route("Corp", "mx1.corp.test", sink.port)
         toml = config_text(tmp_path, server, route, CORP, max_per_host=3)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(50):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(sink.messages) == 50)
@@ -185,7 +185,7 @@ async def test_strict_tls_sessions_are_reused(tmp_path, dnsmasq):
             require_tls=True, require_ca_signed=True, validate_hostname=True,
         )  # fmt: skip
         toml = config_text(tmp_path, server, route, CORP, ca_file=pki.ca_file, max_per_host=2)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(sink.messages) == 20)
@@ -203,7 +203,7 @@ async def test_idle_session_is_closed_after_idle_timeout(tmp_path, dnsmasq):
         toml = config_text(tmp_path, server, route, CORP).replace(
             'idle_timeout = "5s"', 'idle_timeout = "200ms"'
         )
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             assert relay.config.delivery.idle_timeout == 0.2
             relay.put(SENDER, ["one@corp.test"])
             await until(lambda: sink.messages)
@@ -221,7 +221,7 @@ async def test_session_reused_after_a_refused_transaction(tmp_path, dnsmasq):
     async with Sink(replies=refuse) as sink:
         route = single_route("Corp", "mx1.corp.test", sink.port)
         toml = config_text(tmp_path, server, route, CORP, max_per_host=1)
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             for address in ("bad@corp.test", "first@corp.test", "ok@corp.test"):
                 # One at a time, so each finds the previous one's pooled session.
                 relay.put("", [address])
@@ -238,7 +238,7 @@ async def test_new_config_applies_at_the_next_attempt(tmp_path, dnsmasq):
     async with Sink() as sink:
         old = single_route("Corp", "old.corp.test", closed_port())
         toml = config_text(tmp_path, server, old, CORP, min_backoff="10m", max_backoff="1h")
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                              outcome="deferred"))  # fmt: skip

@@ -167,7 +167,7 @@ async def test_delay_warning_reaches_the_senders_mx_and_the_message_stays_queued
 ) -> None:
     from types import SimpleNamespace
 
-    from tests.support.integ import Relay, config_text, dsn_parts, single_route
+    from tests.support.integ import InProcessRelay, config_text, dsn_parts, single_route
     from tests.support.integ import until as integ_until
     from tests.support.sink import Sink
 
@@ -181,7 +181,7 @@ async def test_delay_warning_reaches_the_senders_mx_and_the_message_stays_queued
         dns = SimpleNamespace(ip="127.0.0.1", port=53)  # IP-literal hosts: never asked
         toml = config_text(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
         toml += '[bounces]\ndelay_warning = "300ms"\n'
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             env = relay.put("alice@sender.test", ["bob@corp.test"])
             await integ_until(lambda: senders.messages)
             # Several more failed attempts: still one warning.

@@ -14,7 +14,7 @@ from relay import config, errors, lint
 from relay.config import Listen, MetricsConfig
 from relay.routing import bounce_route, route_for
 from tests.support.inbound import RawClient, running_inbound
-from tests.support.integ import Relay, config_text, idle, single_route, until
+from tests.support.integ import InProcessRelay, config_text, idle, single_route, until
 from tests.support.sink import Sink
 
 SERVER = """
@@ -210,7 +210,7 @@ async def test_one_senders_mail_goes_through_its_own_sink(tmp_path: Path) -> Non
         )
         dns = SimpleNamespace(ip="127.0.0.1", port=53)  # IP-literal hosts: never asked
         toml = config_text(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put("alice@sender.test", ["bob@corp.test"])
             relay.put("invoices@billing.corp.test", ["bob@corp.test"])
             await until(lambda: corp.messages and billing.messages)

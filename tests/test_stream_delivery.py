@@ -29,7 +29,15 @@ from tests.support.delivery import (
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.inbound import RawClient, running_inbound
 from tests.support.inbound import make_config as inbound_config
-from tests.support.integ import Relay, config_text, dsn_parts, idle, rule, single_route, until
+from tests.support.integ import (
+    InProcessRelay,
+    config_text,
+    dsn_parts,
+    idle,
+    rule,
+    single_route,
+    until,
+)
 from tests.support.sink import Sink
 from tests.support.stream import HEAD, DigestSink, big_body, stuff
 
@@ -171,7 +179,7 @@ async def test_the_scheduler_sends_a_large_body_and_closes_its_file(tmp_path) ->
         async with Sink() as sink:
             routes = single_route("Corp", "mx1.corp.test", sink.port)
             toml = config_text(tmp_path, server, routes, rule("Corp", "@corp.test"))
-            async with Relay(tmp_path, toml) as relay:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put("alice@sender.test", ["bob@corp.test"], body)
                 await until(lambda: sink.messages)
                 await idle(relay)
@@ -192,7 +200,9 @@ async def test_a_dsn_for_a_large_message_quotes_its_headers(tmp_path) -> None:
                 "Senders", "sender.test", dsn_sink.port, mx_lookup=True
             )
             rules = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
-            async with Relay(tmp_path, config_text(tmp_path, server, routes, rules)) as relay:
+            async with InProcessRelay(
+                tmp_path, config_text(tmp_path, server, routes, rules)
+            ) as relay:
                 relay.put("alice@sender.test", ["bob@corp.test"], body)
                 await until(lambda: dsn_sink.messages)
                 await idle(relay)
@@ -221,7 +231,7 @@ async def test_relaying_a_large_message_takes_far_less_memory_than_its_size(tmp_
         server = start(hosts={"mx1.corp.test": ["127.0.0.1"]})
         route_text = single_route("Corp", "mx1.corp.test", port)
         toml = config_text(tmp_path, server, route_text, rule("Corp", "@example.com"))
-        relay = Relay(tmp_path, toml)
+        relay = InProcessRelay(tmp_path, toml)
         tracemalloc.start()
         try:
             async with (

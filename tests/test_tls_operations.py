@@ -29,8 +29,8 @@ from relay.metrics import Metrics
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
+    InProcessRelay,
     LoopbackSink,
-    Relay,
     config_text,
     dsn_parts,
     idle,
@@ -115,7 +115,7 @@ async def test_defer_keeps_the_message_until_a_fixed_certificate_delivers_it(
     toml = config_text(tmp_path, server, _routes(port, dsn_sink, DEFER), RULES,
                        ca_file=pki.ca_file)  # fmt: skip
     with _events("tls_deferred") as held:
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             # Several attempts, each deferred (min_backoff 100ms): not bounced.
             await until(lambda: relay.sample("relay_tls_deferred_total", route="Corp") >= 2)
@@ -154,7 +154,7 @@ async def test_defer_bounces_at_max_lifetime_with_the_tls_failure(tmp_path, dnsm
             tmp_path, server, _routes(failing.port, dsn_sink, DEFER), RULES,
             ca_file=pki.ca_file, max_lifetime="1h", min_backoff="10m", max_backoff="1h",
         )  # fmt: skip
-        async with Relay(tmp_path, toml, clock=clock) as relay:
+        async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_tls_deferred_total", route="Corp"))
             await idle(relay)
@@ -181,7 +181,7 @@ async def test_bounce_stays_the_default(tmp_path, dnsmasq, dsn_sink):
     async with Sink(tls_context=pki.server_context("mx1.corp.test", expired=True)) as failing:
         toml = config_text(tmp_path, server, _routes(failing.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -202,7 +202,7 @@ async def test_expiry_gauge_and_one_warning_a_day_per_host(tmp_path, dnsmasq, ds
         routes = _routes(sink.port, dsn_sink, mx_lookup=True)
         toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
         with _events("tls_certificate_expiring") as warned:
-            async with Relay(tmp_path, toml) as relay:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 for n in (1, 2):
                     relay.put(SENDER, ["bob@corp.test"])
                     await until(lambda n=n: len(sink.messages) == n)
@@ -230,7 +230,7 @@ async def test_a_certificate_far_from_expiry_is_recorded_not_warned(tmp_path, dn
         toml = config_text(tmp_path, server, _routes(sink.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
         with _events("tls_certificate_expiring") as warned:
-            async with Relay(tmp_path, toml) as relay:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put(SENDER, ["bob@corp.test"])
                 await until(lambda: sink.messages)
                 await idle(relay)

@@ -1,16 +1,15 @@
-"""The whole delivery path in-process, wired as the daemon wires it.
+"""The whole delivery path in-process, wired by the daemon's own ``relay.app.build``.
 
-``Relay`` builds ``Scheduler(lambda: cfg, Spool, Deliverer(lambda: cfg,
-DnsResolver(cfg.dns), metrics, rng), metrics, clock, rng)`` from TOML text
-loaded with :func:`relay.config.load`, so the real SMTP client, the real
-resolver (against dnsmasq, tests/support/dnsserver.py) and the real
-scheduler all run::
+``InProcessRelay`` loads TOML text with :func:`relay.config.load` and builds
+the daemon's parts from it, so the real SMTP client, the real resolver
+(against dnsmasq, tests/support/dnsserver.py) and the real scheduler all
+run (the SMTP listeners and the control folder are built but not started)::
 
     async with Sink() as sink:
         server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
         route = single_route("Corp", "mx1.corp.test", sink.port)
         toml = config_text(tmp_path, server, route, rule("Corp", "@corp.test"))
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put("alice@sender.test", ["bob@corp.test"])
             await until(lambda: sink.messages)
 
@@ -23,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -31,14 +29,11 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from relay import app
 from relay import config as config_module
 from relay.config import Config
-from relay.delivery import Deliverer
-from relay.dns import DnsResolver
 from relay.envelope import ClientInfo, Envelope, Recipient
-from relay.metrics import Metrics
-from relay.queue import Scheduler
-from relay.spool import Spool, new_id
+from relay.spool import new_id
 from tests.support.dnsserver import DnsServer
 from tests.support.sink import Sink
 
@@ -182,8 +177,8 @@ def _b(value: bool) -> str:
 # --- the relay ---------------------------------------------------------------
 
 
-class Relay:
-    """Spool + Scheduler + Deliverer + DnsResolver + Metrics, from a config file."""
+class InProcessRelay:
+    """The daemon's parts (``relay.app.build``) from a config file, the scheduler running."""
 
     def __init__(
         self,
@@ -197,18 +192,13 @@ class Relay:
         path = tmp_path / name
         path.write_text(toml)
         self.config: Config = config_module.load(path)
-        self.spool = Spool(self.config.queue.path, fsync=False)
-        self.spool.open()
-        self.metrics = Metrics()
         self.clock = clock
-        self.rng = random.Random(seed) if seed is not None else random.Random()
-        self.deliverer = Deliverer(
-            lambda: self.config, DnsResolver(self.config.dns), self.metrics, self.rng
-        )
-        self.scheduler = Scheduler(
-            lambda: self.config, self.spool, self.deliverer, self.metrics,
-            clock=clock, rng=random.Random(seed),
-        )  # fmt: skip
+        parts = app.build(lambda: self.config, fsync=False, clock=clock, seed=seed)
+        self.metrics = parts.metrics
+        self.spool = parts.spool
+        self.deliverer = parts.deliverer
+        self.scheduler = parts.scheduler
+        self.spool.open()
         self._task: asyncio.Task[None] | None = None
 
     def put(
@@ -248,7 +238,7 @@ class Relay:
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
-    async def __aenter__(self) -> Relay:
+    async def __aenter__(self) -> InProcessRelay:
         self._task = asyncio.create_task(self.scheduler.run())
         return self
 
@@ -266,7 +256,7 @@ async def until(condition: Callable[[], object], within: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def idle(relay: Relay, within: float = 10.0) -> None:
+async def idle(relay: InProcessRelay, within: float = 10.0) -> None:
     """Until nothing runs and nothing is due in the scheduler."""
     await until(lambda: not relay.scheduler.busy, within)
 
