@@ -1,4 +1,4 @@
-"""Issue #6 at the daemon level: /healthz follows whether the spool is really writable.
+"""Operations at the daemon level: /healthz follows whether the spool is really writable.
 
 The spool lives on a small tmpfs the test mounts (tests run as root;
 skipped where mounting is not allowed) and remounts read-only while

@@ -1,4 +1,4 @@
-"""Issue #6 at the daemon level: /metrics after known traffic, and the JSON log story.
+"""Operations at the daemon level: /metrics after known traffic, and the JSON log story.
 
 One ``relay run`` subprocess for the module (JSON logs); the sinks run
 in-process on the module's event loop. Known traffic: 3 messages

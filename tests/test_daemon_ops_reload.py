@@ -1,4 +1,4 @@
-"""Issue #6 at the daemon level: SIGHUP / ``relay reload``, the audit log, text logs.
+"""Operations at the daemon level: SIGHUP / ``relay reload``, the audit log, text logs.
 
 One ``relay run`` subprocess for the module (text logs); sinks in-process.
 The tests run in file order on that one daemon: first a refused reload,

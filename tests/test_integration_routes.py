@@ -1,8 +1,7 @@
 """The whole delivery path over real SMTP and real DNS: hosts, weights, failover, reuse.
 
-Scheduler + Deliverer + DnsResolver wired as the daemon wires them
-(tests/support/integ.py), aiosmtpd sinks on loopback, names resolved by
-dnsmasq. Issues #4 item 9 and #5 item 6.
+The daemon's own parts (relay.app.build, via tests/support/integ.py),
+aiosmtpd sinks on loopback, names resolved by dnsmasq.
 """
 
 from __future__ import annotations

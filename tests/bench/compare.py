@@ -1,4 +1,4 @@
-"""Issue #8: relay against Postfix, side by side, in one invocation.
+"""relay against Postfix, side by side, in one invocation.
 
     python -m tests.bench compare [--quick] [--json bench.json] [--only plain,tls,queue,large,hung]
 

@@ -1,4 +1,4 @@
-"""Issue #8 baseline: how fast does a stock Postfix relay the same workload?
+"""The baseline: how fast does a stock Postfix relay the same workload?
 
     smtp-source --(SMTP)--> MTA under test --(SMTP)--> smtp-sink
 
@@ -314,8 +314,8 @@ def relay_benchmark(
     """The same workload through ``python -m relay run`` (docs/performance.md).
 
     relay gets a scratch config from ``relay_config()``: one opportunistic
-    route to the sink, spool in a temporary directory (fsynced as the
-    contract requires). Raises ``RuntimeError`` if the relay cannot start.
+    route to the sink, spool in a temporary directory (fsynced, as a
+    250 promises). Raises ``RuntimeError`` if the relay cannot start.
     """
     check_bounds(count, size, sessions)
     with SmtpSink() as sink, tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:

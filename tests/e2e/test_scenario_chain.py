@@ -6,7 +6,7 @@ its own STARTTLS certificate, an upstream Postfix using the relay as its
 relayhost) serves every test here; each test writes to its own recipient
 so the shared maildir tells them apart by ``Delivered-To``.
 
-Issue #7, item 1: message intact; swaks with and without STARTTLS;
+What the chain shows: message intact; swaks with and without STARTTLS;
 Postfix submitting with sendmail; nothing listens off loopback.
 """
 
