@@ -17,9 +17,10 @@ import pytest
 import pytest_asyncio
 
 from relay.spool import Spool
-from tests.support.opsd import cli, route_toml, rule_toml, send, wait_log, wait_until
+from tests.support.opsd import cli, route_toml, rule_toml, send, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -162,7 +163,7 @@ async def test_held_message_is_never_tried_survives_restart_and_goes_at_release(
     released = await cli(daemon.proc, daemon.path, "queue", "release", m)
     assert released.returncode == 0, released.stderr
     # Tried at once, although its retry was an hour away.
-    await wait_until(lambda: len(daemon.busy.messages) == 1, "the released message delivered")
+    await until(lambda: len(daemon.busy.messages) == 1, what="the released message delivered")
     assert daemon.busy.messages[0].rcpt_tos == ["m@busy.test"]
     events = [(e["event"], e["ids"], e["via"]) for e in daemon.audit()]
     assert ("queue_hold", [m], "daemon") in events

@@ -30,10 +30,10 @@ from tests.support.opsd import (
     send_on,
     value,
     wait_log,
-    wait_until,
 )
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -144,7 +144,7 @@ async def test_invalid_reload_is_refused_logged_counted_audited(daemon: Daemon) 
     # Still serving on the old config: mail to an old route is delivered.
     delivered = len(daemon.sink.messages)
     await send(daemon.smtp, SENDER, ["b@example.com"])
-    await wait_until(lambda: len(daemon.sink.messages) > delivered, "delivery after refusal")
+    await until(lambda: len(daemon.sink.messages) > delivered, what="delivery after refusal")
     daemon.path.write_text(good)
 
 
@@ -179,7 +179,7 @@ async def test_reload_adds_route_and_rule_open_session_survives(daemon: Daemon) 
         assert (await client.cmd("QUIT"))[0] == 221
     finally:
         await client.close()
-    await wait_until(lambda: len(daemon.new_sink.messages) == 1, "delivery on route New")
+    await until(lambda: len(daemon.new_sink.messages) == 1, what="delivery on route New")
     assert daemon.new_sink.messages[0].rcpt_tos == ["x@new.test"]
     await wait_log(daemon.proc, f"event=delivered id={qid}")
     attempt = next(line for line in daemon.proc.log.splitlines() if f"attempt id={qid}" in line)
@@ -233,7 +233,7 @@ async def test_reload_removing_a_listener_keeps_its_open_sessions(daemon: Daemon
         await client.close()
     await wait_log(daemon.proc, f"event=delivered id={qid}")
     await send(daemon.smtp2, SENDER, ["w@new.test"])
-    await wait_until(lambda: len(daemon.new_sink.messages) == 4, "delivery via the new listener")
+    await until(lambda: len(daemon.new_sink.messages) == 4, what="delivery via the new listener")
 
 
 async def test_reload_to_an_address_in_use_is_refused_listeners_unchanged(daemon: Daemon) -> None:
@@ -262,18 +262,18 @@ async def test_reload_changes_tls_policy_for_the_next_attempt(daemon: Daemon) ->
     daemon.write(new=True)
     done = await cli(daemon.proc, daemon.path, "reload")
     assert done.returncode == 0, done.stderr
-    await wait_until(
+    await until(
         lambda: (
             daemon.audit_entries()[-1].get("changes", {}).get("routes", {}).get("changed")
             == {"Guarded": {"require_tls": [False, True]}}
         ),
-        "the reload audited",
+        what="the reload audited",
     )
     # The same host, plaintext only: now it fails the route's TLS policy.
     after = await send(daemon.smtp2, SENDER, ["g2@guarded.test"])
     await wait_log(daemon.proc, f"event=bounced id={after}")
     attempt = next(line for line in daemon.proc.log.splitlines() if f"attempt id={after}" in line)
     assert "route=Guarded" in attempt and "result=tls_failed" in attempt, attempt
-    await wait_until(
-        lambda: any(m.rcpt_tos == [SENDER] for m in daemon.sink.messages), "the DSN on Sink"
+    await until(
+        lambda: any(m.rcpt_tos == [SENDER] for m in daemon.sink.messages), what="the DSN on Sink"
     )

@@ -11,19 +11,10 @@ import json
 from pathlib import Path
 
 from tests.support.hosts import closed_port
-from tests.support.opsd import (
-    cli,
-    http_get,
-    route_toml,
-    rule_toml,
-    samples,
-    send,
-    value,
-    wait_log,
-    wait_until,
-)
+from tests.support.opsd import cli, http_get, route_toml, rule_toml, samples, send, value, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 SENDER = "s@sender.test"
 
@@ -97,7 +88,7 @@ async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Pat
         async with Sink(port=sick) as back:
             assert (await cli(proc, path, "queue", "flush")).returncode == 0
             await wait_log(proc, "event=host_up")
-            await wait_until(lambda: len(back.messages) == 1, "the held mail delivered")
+            await until(lambda: len(back.messages) == 1, what="the held mail delivered")
         report = json.loads((await cli(proc, path, "status", "--json")).stdout)
         assert [h["state"] for h in host_entry(report, "Sick")] == ["up"]
     finally:

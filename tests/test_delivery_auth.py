@@ -17,9 +17,10 @@ import pytest
 from relay import audit, config, lint
 from relay.session import auth_mechanism
 from tests.support.authsink import AuthSink, CramMd5Sink
-from tests.support.integ import InProcessRelay, config_text, idle, single_route, until
+from tests.support.integ import InProcessRelay, config_text, idle, single_route
 from tests.support.pki import Pki
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 PASSWORD = "s3cret-Pa55word"
 DNS = SimpleNamespace(ip="127.0.0.1", port=53)  # every host is an IP literal: never asked

@@ -26,11 +26,11 @@ from tests.support.integ import (
     idle,
     rule,
     single_route,
-    until,
 )
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
 HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}

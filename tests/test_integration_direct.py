@@ -21,9 +21,9 @@ from tests.support.integ import (
     idle,
     rule,
     single_route,
-    until,
 )
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from tests.support.integ import (
     rule,
     single_route,
     sinks_on_one_port,
-    until,
 )
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 CORP = rule("Corp", "@corp.test")
 

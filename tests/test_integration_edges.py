@@ -20,11 +20,11 @@ from tests.support.integ import (
     rule,
     single_route,
     sinks_on_one_port,
-    until,
 )
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
 NAMES = ("mx1.corp.test", "mx2.corp.test", "backup.corp.test", "mx.sender.test")

@@ -22,10 +22,10 @@ from tests.support.integ import (
     multi_route,
     rule,
     single_route,
-    until,
 )
 from tests.support.pki import Pki
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 CORP = rule("Corp", "@corp.test")
 

@@ -14,8 +14,9 @@ from relay import config, errors, lint
 from relay.config import Listen, MetricsConfig
 from relay.routing import bounce_route, route_for
 from tests.support.inbound import RawClient, running_inbound
-from tests.support.integ import InProcessRelay, config_text, idle, single_route, until
+from tests.support.integ import InProcessRelay, config_text, idle, single_route
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 SERVER = """
 [server]

@@ -29,17 +29,10 @@ from tests.support.delivery import (
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.inbound import RawClient, running_inbound
 from tests.support.inbound import make_config as inbound_config
-from tests.support.integ import (
-    InProcessRelay,
-    config_text,
-    dsn_parts,
-    idle,
-    rule,
-    single_route,
-    until,
-)
+from tests.support.integ import InProcessRelay, config_text, dsn_parts, idle, rule, single_route
 from tests.support.sink import Sink
 from tests.support.stream import HEAD, DigestSink, big_body, stuff
+from tests.support.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 

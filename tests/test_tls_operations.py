@@ -36,12 +36,12 @@ from tests.support.integ import (
     idle,
     rule,
     single_route,
-    until,
 )
 from tests.support.ops import BASE, load_text
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -66,14 +66,8 @@ from tests.bench.pysink import PySink
 from tests.bench.wedged import WedgedHost
 from tests.support.pki import Pki
 from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
-from tests.support.procs import (
-    RelayProcess,
-    free_port,
-    iter_tree,
-    relay_config,
-    route,
-    wait_for,
-)
+from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, route
+from tests.support.wait import blocking_until
 
 SESSIONS = 20
 KIB = 1024
@@ -392,7 +386,7 @@ def queue_run(variant: str, mta: Mta, sink_port: int, count: int) -> Row:
     argv += ["-M", "source.test", "-f", "bench@source.test", "-t", "bench@example.org"]
     subprocess.run([*argv, f"127.0.0.1:{mta.port}"], stdin=subprocess.DEVNULL, check=True)
     accepted = time.monotonic()
-    wait_for(lambda: mta.settled(count), 900, interval=0.5, what=f"{count} deferred")
+    blocking_until(lambda: mta.settled(count), 900, interval=0.5, what=f"{count} deferred")
     settled = time.monotonic()
     rss1, pss1 = _rss_kib(mta.pids())
     with SmtpSink(port=sink_port) as sink:

@@ -34,15 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.support.postfix import SMTP_SINK, SMTP_SOURCE, PostfixFactory, postfix_missing
-from tests.support.procs import (
-    RelayProcess,
-    free_port,
-    iter_tree,
-    relay_config,
-    route,
-    wait_for,
-    wait_port,
-)
+from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, route, wait_port
+from tests.support.wait import blocking_until
 
 MAX_COUNT = 100_000
 MAX_SIZE = 32 << 20  # the 30 MiB message check of docs/performance.md
@@ -81,7 +74,7 @@ class SmtpSink:
         return int(counts[-1]) if counts else 0
 
     def wait(self, count: int, timeout: float) -> None:
-        wait_for(
+        blocking_until(
             lambda: self.received() >= count,
             timeout,
             interval=0.02,

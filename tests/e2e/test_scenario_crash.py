@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.postfix import PostfixFactory
-from tests.support.procs import RelayProcess, relay_config, route, wait_for
+from tests.support.procs import RelayProcess, relay_config, route
+from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +63,7 @@ def test_sigkill_with_100_queued_then_all_delivered_once(
     down.start()
     proc.start()
     down.wait_messages(COUNT, timeout=40, recipient=recipient)
-    wait_for(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
+    blocking_until(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
     time.sleep(0.5)  # give a duplicate the chance to arrive
 
     seen = Counter(str(m["Message-ID"]) for m in down.messages(recipient))
@@ -96,7 +97,7 @@ def test_sigkill_during_delivery_loses_nothing(
     def delivered() -> bool:
         return any("event=delivered" in line for line in proc.stderr_lines())
 
-    wait_for(delivered, 20, interval=0.005, what="the first delivery")
+    blocking_until(delivered, 20, interval=0.005, what="the first delivery")
     proc.kill9()
     # "event=delivered" is logged on the 250, just before the spool write:
     # killing right after it hits the crash window on purpose.
@@ -105,7 +106,7 @@ def test_sigkill_during_delivery_loses_nothing(
     proc.start()
     down.wait_messages(COUNT, timeout=40, recipient=recipient)
     spool = tmp_path / "relay-spool"
-    wait_for(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
+    blocking_until(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
     time.sleep(0.5)
 
     seen = Counter(str(m["Message-ID"]) for m in down.messages(recipient))

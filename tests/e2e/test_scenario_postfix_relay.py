@@ -14,7 +14,8 @@ import pytest
 
 from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
-from tests.support.procs import RelayProcess, relay_config, route, swaks, wait_for
+from tests.support.procs import RelayProcess, relay_config, route, swaks
+from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,7 @@ def test_downstream_down_then_up_delivers_queued_mail(
     down.stop()
     sent = swaks("--server", f"127.0.0.1:{proc.port}", "--to", "bob@example.org")
     assert sent.returncode == 0, sent.stdout  # accepted into the spool while downstream is down
-    wait_for(
+    blocking_until(
         lambda: any("deferred" in line or "attempt" in line for line in proc.stderr_lines()),
         15,
         what="a failed delivery attempt in the relay log",

@@ -36,6 +36,7 @@ from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.spool import new_id
 from tests.support.dnsserver import DnsServer
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 SENDER = "alice@sender.test"
 
@@ -249,16 +250,9 @@ class InProcessRelay:
         await self.deliverer.close()
 
 
-async def until(condition: Callable[[], object], within: float = 10.0) -> None:
-    """Poll ``condition`` until true; TimeoutError after ``within`` seconds."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - a predicate on sink state, no event
-            await asyncio.sleep(0.01)
-
-
 async def idle(relay: InProcessRelay, within: float = 10.0) -> None:
     """Until nothing runs and nothing is due in the scheduler."""
-    await until(lambda: not relay.scheduler.busy, within)
+    await until(lambda: not relay.scheduler.busy, within, what="the relay idle")
 
 
 # --- DSNs ---------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Subprocess helpers for end-to-end tests: the relay daemon, swaks, ports, polling.
+"""Subprocess helpers for end-to-end tests: the relay daemon, swaks, ports.
 
 Everything here is bounded in time: every wait takes a timeout and raises
-``TimeoutError`` naming what it was waiting for, so a broken scenario fails
+``TimeoutError`` naming what it was waiting for (tests/support/wait.py), so a broken scenario fails
 with a message instead of hanging until pytest-timeout fires.
 """
 
@@ -16,15 +16,13 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from relay.config import parse_listen
 from tests.support.peers import SWAKS, require_swaks
-
-T = TypeVar("T")
+from tests.support.wait import blocking_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,28 +36,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def wait_for(
-    predicate: Callable[[], T | None],
-    timeout: float,
-    *,
-    interval: float = 0.05,
-    what: str = "condition",
-) -> T:
-    """Poll ``predicate`` until it returns a truthy value and return that value.
-
-    Raises ``TimeoutError(what)`` after ``timeout`` seconds. The predicate is
-    always called at least once, and once more at the deadline.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def port_open(host: str, port: int) -> bool:
     """True when a TCP connection to host:port succeeds right now."""
     try:
@@ -71,12 +47,14 @@ def port_open(host: str, port: int) -> bool:
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until host:port accepts TCP connections."""
-    wait_for(lambda: port_open(host, port), timeout, what=f"{host}:{port} to accept connections")
+    blocking_until(
+        lambda: port_open(host, port), timeout, what=f"{host}:{port} to accept connections"
+    )
 
 
 def wait_port_closed(host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until host:port refuses TCP connections."""
-    wait_for(lambda: not port_open(host, port), timeout, what=f"{host}:{port} to close")
+    blocking_until(lambda: not port_open(host, port), timeout, what=f"{host}:{port} to close")
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,10 +97,6 @@ def _first_listener(config_path: Path) -> tuple[str, int]:
     listen = raw.get("server", {}).get("listen", ["127.0.0.1:2525"])
     first = parse_listen(str(listen[0]))
     return first.host, first.port
-
-
-# start()'s ``wait_for`` parameter shadows the function of that name.
-_wait_until = wait_for
 
 
 @dataclass
@@ -244,7 +218,7 @@ class RelayProcess:
             return port_open(self.host, self.port)
 
         try:
-            _wait_until(
+            blocking_until(
                 ready, timeout or self.startup_timeout, what=f"relay on {self.host}:{self.port}"
             )
         except TimeoutError:
@@ -322,7 +296,7 @@ class RelayProcess:
         def find() -> str | None:
             return next((line for line in self.stderr_lines() if needle in line), None)
 
-        return wait_for(find, timeout, what=f"relay stderr line containing {needle!r}")
+        return blocking_until(find, timeout, what=f"relay stderr line containing {needle!r}")
 
     def cleanup(self) -> None:
         """Stop the daemon and delete the captured logs."""
