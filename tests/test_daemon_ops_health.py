@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from relay import errors
+from tests.support import configs
 from tests.support.fs import tmpfs
 from tests.support.inbound import RawClient
-from tests.support.opsd import http_get, route_toml, rule_toml, samples, send, value
+from tests.support.opsd import http_get, samples, send, value
 from tests.support.procs import RelayProcess, free_port
 
 
@@ -45,8 +46,8 @@ async def test_healthz_503_while_spool_is_read_only_then_200_again(
         f'[queue]\npath = "{spool_fs / "spool"}"\nmin_backoff = "1h"\n\n'
         f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
         f'[audit]\npath = "{tmp_path / "audit.log"}"\n\n'
-        + route_toml("Sink", free_port())
-        + rule_toml("Sink", "@example.com")
+        + configs.route("Sink", port=free_port())
+        + configs.rule("Sink", "@example.com")
     )
     proc = RelayProcess(path, cwd=tmp_path).start(wait_for="event=started")
     try:

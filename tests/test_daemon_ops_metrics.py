@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from relay import metrics
+from tests.support import configs
 from tests.support.dnsserver import DnsServer, dnsmasq_servers
 from tests.support.inbound import RawClient
 from tests.support.opsd import (
@@ -28,8 +29,6 @@ from tests.support.opsd import (
     json_lines,
     matching,
     nonzero,
-    route_toml,
-    rule_toml,
     samples,
     send,
     value,
@@ -91,17 +90,17 @@ def config(
         f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
         '[log]\nformat = "json"\n\n'
         '[bounces]\nroute = "Bounces"\n\n'
-        + route_toml("Sink", sink, host=SINK_HOST)
-        + route_toml("Refused", refused)
-        + route_toml("Strict", strict, require_tls=True)
-        + route_toml("Bounces", bounce)
-        + route_toml("Typo", free_port(), host="nxhost.test")
-        + route_toml("Fallback", fallback)
-        + rule_toml("Sink", "@example.com")
-        + rule_toml("Refused", "@refused.test")
-        + rule_toml("Strict", "@strict.test")
-        + rule_toml("Typo", "@typo.test")
-        + rule_toml("Fallback", "@fallback.test")
+        + configs.route("Sink", port=sink, host=SINK_HOST)
+        + configs.route("Refused", port=refused)
+        + configs.route("Strict", port=strict, require_tls=True)
+        + configs.route("Bounces", port=bounce)
+        + configs.route("Typo", port=free_port(), host="nxhost.test")
+        + configs.route("Fallback", port=fallback)
+        + configs.rule("Sink", "@example.com")
+        + configs.rule("Refused", "@refused.test")
+        + configs.rule("Strict", "@strict.test")
+        + configs.rule("Typo", "@typo.test")
+        + configs.rule("Fallback", "@fallback.test")
     )
 
 

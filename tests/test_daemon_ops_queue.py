@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from relay.spool import Spool
-from tests.support.opsd import cli, route_toml, rule_toml, send, wait_log
+from tests.support import configs
+from tests.support.opsd import cli, send, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
 from tests.support.wait import until
@@ -64,10 +65,10 @@ async def daemon(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Daem
             f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\nmax_backoff = "10h"\n\n'
             f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
             f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
-            + route_toml("Down", down)
-            + route_toml("Busy", busy.port)
-            + rule_toml("Down", "@down.test")
-            + rule_toml("Busy", "@busy.test")
+            + configs.route("Down", port=down)
+            + configs.route("Busy", port=busy.port)
+            + configs.rule("Down", "@down.test")
+            + configs.rule("Busy", "@busy.test")
         )
         proc = RelayProcess(path, cwd=tmp)
         proc.start(wait_for="event=started")

@@ -19,18 +19,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.support import configs
 from tests.support.inbound import RawClient
-from tests.support.opsd import (
-    cli,
-    http_get,
-    route_toml,
-    rule_toml,
-    samples,
-    send,
-    send_on,
-    value,
-    wait_log,
-)
+from tests.support.opsd import cli, http_get, samples, send, send_on, value, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
 from tests.support.wait import until
@@ -70,13 +61,21 @@ class Daemon:
             f'[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n\n'
             f'[audit]\npath = "{self.tmp / "audit.log"}"\n\n'
             '[bounces]\nroute = "Sink"\n\n'
-            + route_toml("Sink", self.sink.port)
-            + route_toml("Guarded", self.sink.port, require_tls=self.guarded_tls)
-            + route_toml("Spare", spare_port or self.spare_port)
-            + (route_toml("New", self.new_sink.port) if new else route_toml("Old", self.old_port))
-            + rule_toml("Sink", "@example.com")
-            + rule_toml("Guarded", "@guarded.test")
-            + (rule_toml("New", "@new.test", "@old.test") if new else rule_toml("Old", "@old.test"))
+            + configs.route("Sink", port=self.sink.port)
+            + configs.route("Guarded", port=self.sink.port, require_tls=self.guarded_tls)
+            + configs.route("Spare", port=spare_port or self.spare_port)
+            + (
+                configs.route("New", port=self.new_sink.port)
+                if new
+                else configs.route("Old", port=self.old_port)
+            )
+            + configs.rule("Sink", "@example.com")
+            + configs.rule("Guarded", "@guarded.test")
+            + (
+                configs.rule("New", "@new.test", "@old.test")
+                if new
+                else configs.rule("Old", "@old.test")
+            )
         )
         self.path.write_text(text)
 

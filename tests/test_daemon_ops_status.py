@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.support import configs
 from tests.support.hosts import closed_port
-from tests.support.opsd import cli, http_get, route_toml, rule_toml, samples, send, value, wait_log
+from tests.support.opsd import cli, http_get, samples, send, value, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
 from tests.support.wait import until
@@ -40,8 +41,8 @@ def host_entry(report: dict[str, object], route: str) -> list[dict[str, object]]
 async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Path) -> None:
     smtp, metrics, sick, other = free_port(), free_port(), closed_port(), closed_port()
     path = tmp_path / "relay.toml"
-    routes = route_toml("Sick", sick) + route_toml("Other", other)
-    rules = rule_toml("Sick", "@example.com") + rule_toml("Other", "@other.com")
+    routes = configs.route("Sick", port=sick) + configs.route("Other", port=other)
+    rules = configs.rule("Sick", "@example.com") + configs.rule("Other", "@other.com")
     write_config(path, tmp_path, smtp, metrics, routes, rules)
     proc = RelayProcess(path, cwd=tmp_path).start(wait_for="event=started")
     try:
@@ -73,7 +74,7 @@ async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Pat
         # Reload: route Sick keeps its host (still down), route Other's host
         # is replaced (its hold-down is forgotten with it).
         replaced = closed_port()
-        routes = route_toml("Sick", sick) + route_toml("Other", replaced)
+        routes = configs.route("Sick", port=sick) + configs.route("Other", port=replaced)
         write_config(path, tmp_path, smtp, metrics, routes, rules)
         assert (await cli(proc, path, "reload")).returncode == 0
         await wait_log(proc, "event=config_applied", count=2)
@@ -97,8 +98,8 @@ async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Pat
 
 async def test_status_exits_1_without_a_daemon(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
-    routes = route_toml("Sick", closed_port())
-    write_config(path, tmp_path, free_port(), free_port(), routes, rule_toml("Sick", "*"))
+    routes = configs.route("Sick", port=closed_port())
+    write_config(path, tmp_path, free_port(), free_port(), routes, configs.rule("Sick", "*"))
     done = await cli(RelayProcess(path, cwd=tmp_path), path, "status")
     assert done.returncode == 1
     assert "no running relay answered" in done.stderr

@@ -16,8 +16,9 @@ import pytest
 
 from relay import audit, config, lint
 from relay.session import auth_mechanism
+from tests.support import configs
 from tests.support.authsink import AuthSink, CramMd5Sink
-from tests.support.integ import InProcessRelay, config_text, idle, single_route
+from tests.support.integ import InProcessRelay, idle, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
 from tests.support.wait import until
@@ -65,13 +66,13 @@ def password_file(tmp_path: Path, password: str = PASSWORD, mode: int = 0o600) -
 
 def auth_route(port: int, secret: Path, *, username: str = "relay", extra: str = "") -> str:
     return (
-        single_route("Smarthost", "127.0.0.1", port, require_tls=True, require_ca_signed=True)
+        configs.route("Smarthost", "127.0.0.1", port, require_tls=True, require_ca_signed=True)
         + f'auth = {{ username = "{username}", password_file = "{secret}" }}\n{extra}'
     )
 
 
 def senders_route(port: int) -> str:
-    return single_route("Senders", "127.0.0.1", port)
+    return configs.route("Senders", "127.0.0.1", port)
 
 
 RULES = (
@@ -97,7 +98,7 @@ async def test_good_password_is_delivered_over_tls(tmp_path: Path) -> None:
     tls = pki.server_context("smarthost.test")
     async with AuthSink(username="relay", password=PASSWORD, tls_context=tls) as sink:
         routes = auth_route(sink.port, secret) + senders_route(2526)  # no DSN expected
-        toml = config_text(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
+        toml = integration_toml(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
         with events() as log:
             async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put("alice@sender.test", ["bob@partner.test"])
@@ -116,7 +117,7 @@ async def test_cram_md5_is_preferred_when_offered(tmp_path: Path) -> None:
     tls = pki.server_context("smarthost.test")
     async with CramMd5Sink(username="relay", password=PASSWORD, tls_context=tls) as sink:
         routes = auth_route(sink.port, secret) + senders_route(2526)
-        toml = config_text(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
+        toml = integration_toml(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put("alice@sender.test", ["bob@partner.test"])
             await until(lambda: sink.messages)
@@ -136,7 +137,7 @@ async def test_bad_password_is_a_host_failure_named_in_the_log_and_the_dsn(
         Sink() as senders,
     ):
         routes = auth_route(sink.port, secret) + senders_route(senders.port)
-        toml = config_text(
+        toml = integration_toml(
             tmp_path, DNS, routes, RULES, ca_file=pki.ca_file, max_lifetime="1s",  # type: ignore[arg-type]
         )  # fmt: skip
         with events() as log:
@@ -165,9 +166,9 @@ async def test_bad_password_is_a_host_failure_named_in_the_log_and_the_dsn(
 async def test_the_password_is_never_sent_without_tls(tmp_path: Path) -> None:
     secret = password_file(tmp_path)
     async with Sink() as sink:  # no STARTTLS offered
-        route = single_route("Smarthost", "127.0.0.1", sink.port)
+        route = configs.route("Smarthost", "127.0.0.1", sink.port)
         route += f'auth = {{ username = "relay", password_file = "{secret}" }}\n'
-        toml = config_text(tmp_path, DNS, route + senders_route(2526), RULES)  # type: ignore[arg-type]
+        toml = integration_toml(tmp_path, DNS, route + senders_route(2526), RULES)  # type: ignore[arg-type]
         with events() as log:
             async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put("alice@sender.test", ["bob@partner.test"])
@@ -226,10 +227,10 @@ def test_auth_config_problems(tmp_path: Path) -> None:
         f"routes[1] 'Smarthost': auth.password_file: cannot read '{missing}': "
         "No such file or directory"
     ]
-    route = single_route("Smarthost", "127.0.0.1", 2525) + 'auth = { password_file = "x" }\n'
+    route = configs.route("Smarthost", "127.0.0.1", 2525) + 'auth = { password_file = "x" }\n'
     found = problems(tmp_path, route)
     assert "routes[1] 'Smarthost': auth.username: is required" in found[0]
-    route = single_route("Smarthost", "127.0.0.1", 2525) + "auth_over_plaintext = true\n"
+    route = configs.route("Smarthost", "127.0.0.1", 2525) + "auth_over_plaintext = true\n"
     assert problems(tmp_path, route) == [
         "routes[1] 'Smarthost': auth_over_plaintext: applies to a route with auth = { ... } only"
     ]
@@ -240,7 +241,7 @@ def test_auth_config_problems(tmp_path: Path) -> None:
 
 def test_auth_over_plaintext_is_warned(tmp_path: Path) -> None:
     secret = password_file(tmp_path)
-    route = single_route("Smarthost", "127.0.0.1", 2525)
+    route = configs.route("Smarthost", "127.0.0.1", 2525)
     route += f'auth = {{ username = "relay", password_file = "{secret}" }}\n'
     cfg = load(tmp_path, route + "auth_over_plaintext = true\n")
     warned = [str(w) for w in lint.warnings(cfg)]

@@ -15,24 +15,23 @@ import pytest
 
 from relay.envelope import RcptState
 from relay.errors import TLS_FAILURE_OPTION, TlsFailure
+from tests.support import configs
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     BODY,
     SENDER,
     InProcessRelay,
     closed_port,
-    config_text,
     dsn_parts,
     idle,
-    rule,
-    single_route,
+    integration_toml,
 )
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
 from tests.support.wait import until
 
-RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
+RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
 HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
 MX = {"sender.test": [(10, "mx.sender.test")]}
 
@@ -52,7 +51,7 @@ async def dsn_sink():
 
 def senders_route(dsn_sink: Sink) -> str:
     # The sender domain's MX hosts, by MX lookup, on the sink's port.
-    return single_route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
+    return configs.route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
 
 
 def _mails(sink: Sink) -> int:
@@ -115,9 +114,9 @@ async def test_tls_failure_bounces_at_once(tmp_path, dnsmasq, dsn_sink, failure,
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with _tls_sink(pki, cert) as failing:
-        routes = single_route("Corp", "mx1.corp.test", failing.port, **on)
+        routes = configs.route("Corp", "mx1.corp.test", failing.port, **on)
         routes += senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: dsn_sink.messages)
@@ -160,9 +159,9 @@ async def test_tls_check_off_delivers(tmp_path, dnsmasq, dsn_sink, failure, cert
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with _tls_sink(pki, cert) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port, **off)
+        routes = configs.route("Corp", "mx1.corp.test", sink.port, **off)
         routes += senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
@@ -179,9 +178,9 @@ async def test_postmaster_copy_has_the_diagnosis(tmp_path, dnsmasq, dsn_sink):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with _tls_sink(pki, {"names": ("other.test",)}) as failing:
-        routes = single_route("Corp", "mx1.corp.test", failing.port, **ON)
+        routes = configs.route("Corp", "mx1.corp.test", failing.port, **ON)
         routes += senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file,
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file,
                            notify=["postmaster@sender.test"])  # fmt: skip
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
@@ -211,10 +210,10 @@ async def test_postmaster_copy_that_fails_is_dropped_not_copied(tmp_path, dnsmas
     """The copy has the null sender: when it fails nothing more is sent (no loop)."""
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink() as no_tls:
-        routes = single_route("Corp", "mx1.corp.test", no_tls.port, **TLS_ONLY)
+        routes = configs.route("Corp", "mx1.corp.test", no_tls.port, **TLS_ONLY)
         routes += senders_route(dsn_sink)
         # The postmaster's own mail takes the failing route.
-        toml = config_text(tmp_path, server, routes, RULES, notify=["postmaster@corp.test"])
+        toml = integration_toml(tmp_path, server, routes, RULES, notify=["postmaster@corp.test"])
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
@@ -235,8 +234,10 @@ async def test_postmaster_copy_that_fails_is_dropped_not_copied(tmp_path, dnsmas
 async def test_451_then_accept_is_delivered_once(tmp_path, dnsmasq, dsn_sink, command):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={command: ["451 4.3.0 try again"]}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, RULES)
+        ) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
             await idle(relay)
@@ -251,8 +252,10 @@ async def test_451_then_accept_is_delivered_once(tmp_path, dnsmasq, dsn_sink, co
 async def test_550_for_one_recipient_bounces_only_that_one(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT bad@corp.test": "550 5.1.1 no such user"}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, RULES)
+        ) as relay:
             relay.put(SENDER, ["good@corp.test", "bad@corp.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -271,8 +274,8 @@ async def test_550_for_one_recipient_bounces_only_that_one(tmp_path, dnsmasq, ds
 async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     clock = Clock(1_900_000_000.0)
-    routes = single_route("Corp", "mx1.corp.test", closed_port()) + senders_route(dsn_sink)
-    toml = config_text(
+    routes = configs.route("Corp", "mx1.corp.test", closed_port()) + senders_route(dsn_sink)
+    toml = integration_toml(
         tmp_path, server, routes, RULES,
         max_lifetime="1h", min_backoff="10m", max_backoff="1h",
     )  # fmt: skip
@@ -307,8 +310,10 @@ async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
 async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT later@corp.test": "451 4.2.0 mailbox busy"}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, min_backoff="10m", max_backoff="1h")
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        toml = integration_toml(
+            tmp_path, server, routes, RULES, min_backoff="10m", max_backoff="1h"
+        )
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["good@corp.test", "later@corp.test"])
             await until(lambda: sink.messages)
@@ -333,8 +338,10 @@ async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_
 async def test_null_sender_failure_sends_no_dsn(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, RULES)
+        ) as relay:
             relay.put("", ["bad@corp.test"])
             await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
             await idle(relay)
@@ -352,11 +359,13 @@ async def test_metrics_after_known_traffic(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=hosts, mx=MX)
     refuse = {"RCPT bad@corp.test": "550 5.1.1 no such user"}
     async with Sink(replies=refuse) as corp, Sink() as plain:
-        routes = single_route("Corp", "mx1.corp.test", corp.port)
-        routes += single_route("Strict", "mx2.corp.test", plain.port, **ON)
+        routes = configs.route("Corp", "mx1.corp.test", corp.port)
+        routes += configs.route("Strict", "mx2.corp.test", plain.port, **ON)
         routes += senders_route(dsn_sink)
-        rules = rule("Strict", "@strict.test") + RULES
-        async with InProcessRelay(tmp_path, config_text(tmp_path, server, routes, rules)) as relay:
+        rules = configs.rule("Strict", "@strict.test") + RULES
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, rules)
+        ) as relay:
             relay.put(SENDER, ["good@corp.test", "bad@corp.test", "x@strict.test"])
             await until(lambda: dsn_sink.messages)
             await idle(relay)
@@ -408,10 +417,10 @@ async def test_each_route_persisted_as_it_ends_then_abandoned_one_retried(
     slow_port = listener.sockets[0].getsockname()[1]
     try:
         async with Sink() as fast:
-            routes = single_route("Slow", "slow.corp.test", slow_port)
-            routes += single_route("Corp", "mx1.corp.test", fast.port) + senders_route(dsn_sink)
-            rules = rule("Slow", "@slow.test") + RULES
-            toml = config_text(tmp_path, server, routes, rules)
+            routes = configs.route("Slow", "slow.corp.test", slow_port)
+            routes += configs.route("Corp", "mx1.corp.test", fast.port) + senders_route(dsn_sink)
+            rules = configs.rule("Slow", "@slow.test") + RULES
+            toml = integration_toml(tmp_path, server, routes, rules)
             relay = InProcessRelay(tmp_path, toml)
             task = asyncio.create_task(relay.scheduler.run())
             relay.put(SENDER, ["a@slow.test", "b@corp.test"])

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support import configs
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
     InProcessRelay,
     LoopbackSink,
-    config_text,
     dsn_parts,
     idle,
-    rule,
-    single_route,
+    integration_toml,
 )
 from tests.support.sink import Sink
 from tests.support.wait import until
@@ -50,8 +49,8 @@ async def test_bounce_goes_to_the_sender_domains_mx(tmp_path, dnsmasq, port25):
         mx={"sender.test": [(10, "mx.sender.test")]},
     )
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as corp:
-        route = single_route("Corp", "mx1.corp.test", corp.port)
-        toml = config_text(tmp_path, server, route, rule("Corp", "@corp.test"))
+        route = configs.route("Corp", "mx1.corp.test", corp.port)
+        toml = integration_toml(tmp_path, server, route, configs.rule("Corp", "@corp.test"))
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: port25.messages)
@@ -72,9 +71,9 @@ async def test_trusted_client_relays_to_the_recipient_domains_mx(tmp_path, dnsma
         hosts={"mx.elsewhere.test": ["127.25.0.1"]},
         mx={"elsewhere.test": [(10, "mx.elsewhere.test")]},
     )
-    toml = config_text(
-        tmp_path, server, single_route("Corp", "mx1.corp.test", 2525),
-        rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
+    toml = integration_toml(
+        tmp_path, server, configs.route("Corp", "mx1.corp.test", 2525),
+        configs.rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
     )  # fmt: skip
     async with InProcessRelay(tmp_path, toml) as relay:
         # InProcessRelay.put spools with client 192.0.2.10, inside relay_networks.
@@ -90,9 +89,9 @@ async def test_recipient_domain_nxdomain_bounces(tmp_path, dnsmasq, port25):
     server = dnsmasq(
         hosts={"mx.sender.test": ["127.25.0.1"]}, mx={"sender.test": [(10, "mx.sender.test")]}
     )
-    toml = config_text(
-        tmp_path, server, single_route("Corp", "mx1.corp.test", 2525),
-        rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
+    toml = integration_toml(
+        tmp_path, server, configs.route("Corp", "mx1.corp.test", 2525),
+        configs.rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
     )  # fmt: skip
     async with InProcessRelay(tmp_path, toml) as relay:
         relay.put(SENDER, ["carol@nowhere.test"])

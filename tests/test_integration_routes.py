@@ -11,23 +11,14 @@ from collections import Counter
 import pytest
 
 from relay import config as config_module
+from tests.support import configs
 from tests.support.dnsserver import dnsmasq_servers
-from tests.support.integ import (
-    BODY,
-    SENDER,
-    InProcessRelay,
-    closed_port,
-    config_text,
-    idle,
-    multi_route,
-    rule,
-    single_route,
-)
+from tests.support.integ import BODY, SENDER, InProcessRelay, closed_port, idle, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
 from tests.support.wait import until
 
-CORP = rule("Corp", "@corp.test")
+CORP = configs.rule("Corp", "@corp.test")
 
 
 @pytest.fixture
@@ -40,7 +31,9 @@ def dnsmasq():
 async def test_single_host_plain_delivers_the_spooled_bytes(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        toml = config_text(tmp_path, server, single_route("Corp", "mx1.corp.test", sink.port), CORP)
+        toml = integration_toml(
+            tmp_path, server, configs.route("Corp", "mx1.corp.test", sink.port), CORP
+        )
         async with InProcessRelay(tmp_path, toml) as relay:
             envelope = relay.put(SENDER, ["bob@corp.test", "carol@corp.test"])
             spooled = relay.spool.read_body(envelope.id)
@@ -58,11 +51,11 @@ async def test_strict_tls_to_a_name_resolved_by_dns(tmp_path, dnsmasq):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink(tls_context=pki.server_context("mx1.corp.test")) as sink:
-        route = single_route(
+        route = configs.route(
             "Corp", "mx1.corp.test", sink.port,
             require_tls=True, require_ca_signed=True, validate_hostname=True,
         )  # fmt: skip
-        toml = config_text(tmp_path, server, route, CORP, ca_file=pki.ca_file)
+        toml = integration_toml(tmp_path, server, route, CORP, ca_file=pki.ca_file)
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: sink.messages)
@@ -81,7 +74,9 @@ async def _shares(tmp_path, dnsmasq, loads, messages, seed):
     sinks = [await Sink().start() for _ in loads]
     try:
         hosts = [(n, s.port, load) for n, s, load in zip(names, sinks, loads, strict=True)]
-        toml = config_text(tmp_path, server, multi_route("Corp", hosts), CORP, max_per_host=4)
+        toml = integration_toml(
+            tmp_path, server, configs.route("Corp", primary=hosts), CORP, max_per_host=4
+        )
         async with InProcessRelay(tmp_path, toml, seed=seed) as relay:
             for i in range(messages):
                 relay.put(SENDER, [f"user{i}@corp.test"])
@@ -119,12 +114,15 @@ async def test_secondaries_only_when_every_primary_is_down(tmp_path, dnsmasq):
     server = dnsmasq(hosts={name: ["127.0.0.1"] for name in names})
     async with Sink() as backup1, Sink() as backup2:
         down1, down2 = closed_port(), closed_port()
-        route = multi_route(
+        route = configs.route(
             "Corp",
-            [("mx1.corp.test", down1, 50), ("mx2.corp.test", down2, 50)],
-            [("backup1.corp.test", backup1.port, 50), ("backup2.corp.test", backup2.port, 50)],
+            primary=[("mx1.corp.test", down1, 50), ("mx2.corp.test", down2, 50)],
+            secondary=[
+                ("backup1.corp.test", backup1.port, 50),
+                ("backup2.corp.test", backup2.port, 50),
+            ],
         )
-        toml = config_text(tmp_path, server, route, CORP)
+        toml = integration_toml(tmp_path, server, route, CORP)
         async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
@@ -145,12 +143,12 @@ async def test_secondaries_untouched_while_a_primary_works(tmp_path, dnsmasq):
     names = ["mx1.corp.test", "mx2.corp.test", "backup.corp.test"]
     server = dnsmasq(hosts={name: ["127.0.0.1"] for name in names})
     async with Sink() as primary, Sink() as backup:
-        route = multi_route(
+        route = configs.route(
             "Corp",
-            [("mx1.corp.test", primary.port, 50), ("mx2.corp.test", closed_port(), 50)],
-            [("backup.corp.test", backup.port, 100)],
+            primary=[("mx1.corp.test", primary.port, 50), ("mx2.corp.test", closed_port(), 50)],
+            secondary=[("backup.corp.test", backup.port, 100)],
         )
-        toml = config_text(tmp_path, server, route, CORP)
+        toml = integration_toml(tmp_path, server, route, CORP)
         async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
@@ -163,8 +161,8 @@ async def test_secondaries_untouched_while_a_primary_works(tmp_path, dnsmasq):
 async def test_connection_reuse_at_the_sink(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, CORP, max_per_host=3)
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route, CORP, max_per_host=3)
         async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(50):
                 relay.put(SENDER, [f"user{i}@corp.test"])
@@ -179,11 +177,11 @@ async def test_strict_tls_sessions_are_reused(tmp_path, dnsmasq):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink(tls_context=pki.server_context("mx1.corp.test")) as sink:
-        route = single_route(
+        route = configs.route(
             "Corp", "mx1.corp.test", sink.port,
             require_tls=True, require_ca_signed=True, validate_hostname=True,
         )  # fmt: skip
-        toml = config_text(tmp_path, server, route, CORP, ca_file=pki.ca_file, max_per_host=2)
+        toml = integration_toml(tmp_path, server, route, CORP, ca_file=pki.ca_file, max_per_host=2)
         async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
@@ -198,8 +196,8 @@ async def test_strict_tls_sessions_are_reused(tmp_path, dnsmasq):
 async def test_idle_session_is_closed_after_idle_timeout(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, CORP).replace(
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route, CORP).replace(
             'idle_timeout = "5s"', 'idle_timeout = "200ms"'
         )
         async with InProcessRelay(tmp_path, toml) as relay:
@@ -218,8 +216,8 @@ async def test_session_reused_after_a_refused_transaction(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     refuse = {"RCPT bad@corp.test": "550 5.1.1 no such user", "DATA": ["554 5.6.0 rejected"]}
     async with Sink(replies=refuse) as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, CORP, max_per_host=1)
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route, CORP, max_per_host=1)
         async with InProcessRelay(tmp_path, toml) as relay:
             for address in ("bad@corp.test", "first@corp.test", "ok@corp.test"):
                 # One at a time, so each finds the previous one's pooled session.
@@ -235,16 +233,16 @@ async def test_new_config_applies_at_the_next_attempt(tmp_path, dnsmasq):
     """A reload (the config callable answering a new Config) redirects queued mail."""
     server = dnsmasq(hosts={"old.corp.test": ["127.0.0.1"], "new.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        old = single_route("Corp", "old.corp.test", closed_port())
-        toml = config_text(tmp_path, server, old, CORP, min_backoff="10m", max_backoff="1h")
+        old = configs.route("Corp", "old.corp.test", closed_port())
+        toml = integration_toml(tmp_path, server, old, CORP, min_backoff="10m", max_backoff="1h")
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                              outcome="deferred"))  # fmt: skip
             await idle(relay)
-            new = single_route("Corp", "new.corp.test", sink.port)
+            new = configs.route("Corp", "new.corp.test", sink.port)
             path = tmp_path / "reloaded.toml"
-            path.write_text(config_text(tmp_path, server, new, CORP))
+            path.write_text(integration_toml(tmp_path, server, new, CORP))
             relay.config = config_module.load(path)
             relay.scheduler.flush()
             await until(lambda: sink.messages)

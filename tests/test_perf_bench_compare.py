@@ -133,9 +133,11 @@ def test_wedged_host_listens_on_loopback_only() -> None:
 
 
 def test_hung_route_is_two_primaries_at_fifty_fifty() -> None:
+    import tomllib
+
     from tests.bench.compare import SINK_ADDRESS, WEDGED_ADDRESS, hung_route
 
-    table = hung_route(2600, 2601)
+    (table,) = tomllib.loads(hung_route(2600, 2601))["routes"]
     assert table["primary"] == [
         {"host": WEDGED_ADDRESS, "port": 2600, "load": 50},
         {"host": SINK_ADDRESS, "port": 2601, "load": 50},
@@ -165,7 +167,7 @@ def test_hung_relay_config_has_the_route_and_the_timeout(tmp_path: Path) -> None
     from tests.support.procs import relay_config
 
     path = relay_config(
-        tmp_path, [hung_route(2600, 2601)], delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"}
+        tmp_path, hung_route(2600, 2601), delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"}
     )
     config = tomllib.loads(path.read_text())
     assert config["delivery"]["connect_timeout"] == "8s"

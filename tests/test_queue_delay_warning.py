@@ -167,18 +167,16 @@ async def test_delay_warning_reaches_the_senders_mx_and_the_message_stays_queued
 ) -> None:
     from types import SimpleNamespace
 
-    from tests.support.integ import InProcessRelay, config_text, dsn_parts, single_route
+    from tests.support import configs
+    from tests.support.integ import InProcessRelay, dsn_parts, integration_toml
     from tests.support.sink import Sink
 
     async with Sink(replies={"RCPT": "451 4.2.1 mailbox busy"}) as busy, Sink() as senders:
-        routes = single_route("Corp", "127.0.0.1", busy.port)
-        routes += single_route("Senders", "127.0.0.1", senders.port)
-        rules = (
-            '[[rules]]\nrecipients = ["@sender.test"]\nroute = "Senders"\n'
-            '[[rules]]\nrecipients = ["@corp.test"]\nroute = "Corp"\n'
-        )
+        routes = configs.route("Corp", "127.0.0.1", busy.port)
+        routes += configs.route("Senders", "127.0.0.1", senders.port)
+        rules = configs.rule("Senders", "@sender.test") + configs.rule("Corp", "@corp.test")
         dns = SimpleNamespace(ip="127.0.0.1", port=53)  # IP-literal hosts: never asked
-        toml = config_text(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
+        toml = integration_toml(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
         toml += '[bounces]\ndelay_warning = "300ms"\n'
         async with InProcessRelay(tmp_path, toml) as relay:
             env = relay.put("alice@sender.test", ["bob@corp.test"])

@@ -26,16 +26,15 @@ from relay.errors import TlsFailure
 from relay.expiry import ExpiryWatch
 from relay.lint import warnings
 from relay.metrics import Metrics
+from tests.support import configs
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
     InProcessRelay,
     LoopbackSink,
-    config_text,
     dsn_parts,
     idle,
-    rule,
-    single_route,
+    integration_toml,
 )
 from tests.support.ops import BASE, load_text
 from tests.support.pki import Pki
@@ -46,7 +45,7 @@ from tests.support.wait import until
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
+RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
 HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
 MX = {"sender.test": [(10, "mx.sender.test")], "corp.test": [(10, "mx1.corp.test")]}
 CHECKED = {"require_tls": True, "require_ca_signed": True, "validate_hostname": True}
@@ -69,8 +68,8 @@ async def dsn_sink():
 
 def _routes(port: int, dsn_sink: Sink, extra: str = "", mx_lookup: bool = False) -> str:
     host = "corp.test" if mx_lookup else "mx1.corp.test"
-    corp = single_route("Corp", host, port, mx_lookup=mx_lookup, **CHECKED) + extra
-    return corp + single_route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
+    corp = configs.route("Corp", host, port, mx_lookup=mx_lookup, **CHECKED) + extra
+    return corp + configs.route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
 
 
 def _not_after(chain: Path) -> float:
@@ -112,7 +111,7 @@ async def test_defer_keeps_the_message_until_a_fixed_certificate_delivers_it(
     expired = LoopbackSink(tls_context=pki.server_context("mx1.corp.test", expired=True))
     await expired.start()
     port = expired.port
-    toml = config_text(tmp_path, server, _routes(port, dsn_sink, DEFER), RULES,
+    toml = integration_toml(tmp_path, server, _routes(port, dsn_sink, DEFER), RULES,
                        ca_file=pki.ca_file)  # fmt: skip
     with _events("tls_deferred") as held:
         async with InProcessRelay(tmp_path, toml) as relay:
@@ -150,7 +149,7 @@ async def test_defer_bounces_at_max_lifetime_with_the_tls_failure(tmp_path, dnsm
     server = dnsmasq(hosts=HOSTS, mx=MX)
     clock = Clock(datetime.datetime.now(datetime.UTC).timestamp())
     async with Sink(tls_context=pki.server_context("mx1.corp.test", expired=True)) as failing:
-        toml = config_text(
+        toml = integration_toml(
             tmp_path, server, _routes(failing.port, dsn_sink, DEFER), RULES,
             ca_file=pki.ca_file, max_lifetime="1h", min_backoff="10m", max_backoff="1h",
         )  # fmt: skip
@@ -179,7 +178,7 @@ async def test_bounce_stays_the_default(tmp_path, dnsmasq, dsn_sink):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(tls_context=pki.server_context("mx1.corp.test", expired=True)) as failing:
-        toml = config_text(tmp_path, server, _routes(failing.port, dsn_sink), RULES,
+        toml = integration_toml(tmp_path, server, _routes(failing.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
@@ -200,7 +199,7 @@ async def test_expiry_gauge_and_one_warning_a_day_per_host(tmp_path, dnsmasq, ds
     chain, key = pki.issue("mx1.corp.test", expires_in=TEN_DAYS)
     async with Sink(tls_context=tls.server_context(chain, key)) as sink:
         routes = _routes(sink.port, dsn_sink, mx_lookup=True)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
         with _events("tls_certificate_expiring") as warned:
             async with InProcessRelay(tmp_path, toml) as relay:
                 for n in (1, 2):
@@ -227,7 +226,7 @@ async def test_a_certificate_far_from_expiry_is_recorded_not_warned(tmp_path, dn
     server = dnsmasq(hosts=HOSTS, mx=MX)
     chain, key = pki.issue("mx1.corp.test")
     async with Sink(tls_context=tls.server_context(chain, key)) as sink:
-        toml = config_text(tmp_path, server, _routes(sink.port, dsn_sink), RULES,
+        toml = integration_toml(tmp_path, server, _routes(sink.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
         with _events("tls_certificate_expiring") as warned:
             async with InProcessRelay(tmp_path, toml) as relay:

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -64,9 +64,11 @@ from tests.bench.postfix_baseline import (
 )
 from tests.bench.pysink import PySink
 from tests.bench.wedged import WedgedHost
+from tests.support import configs
+from tests.support.configs import TLS_LEVELS
 from tests.support.pki import Pki
 from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
-from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, route
+from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config
 from tests.support.wait import blocking_until
 
 SESSIONS = 20
@@ -255,7 +257,7 @@ def relay_mta(
     sink_port: int,
     policy: str = "opportunistic",
     name: str = "relay",
-    routes: Sequence[Mapping[str, object]] | None = None,
+    routes: str | None = None,
     **sections: dict[str, object],
 ) -> Iterator[RelayMta]:
     """``python -m relay run`` from the tree RELAYS[name]; ``routes`` (default:
@@ -269,7 +271,7 @@ def relay_mta(
     }
     scratch = scratch / name
     if routes is None:
-        routes = [route("Sink", "127.0.0.1", sink_port, tls=policy)]
+        routes = configs.route("Sink", "127.0.0.1", sink_port, **TLS_LEVELS[policy])
     config = relay_config(scratch, routes, **sections)
     paths = [str(p) for p in RELAYS[name]]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
@@ -474,13 +476,10 @@ WEDGED_ADDRESS = "127.0.0.2"
 SINK_ADDRESS = "127.0.0.1"
 
 
-def hung_route(wedged_port: int, sink_port: int) -> dict[str, object]:
+def hung_route(wedged_port: int, sink_port: int) -> str:
     """relay's route: two primaries at 50/50, the wedged one listed first."""
-    primaries = [
-        {"host": WEDGED_ADDRESS, "port": wedged_port, "load": 50},
-        {"host": SINK_ADDRESS, "port": sink_port, "load": 50},
-    ]
-    return route("Hung", primary=primaries)
+    primaries = [(WEDGED_ADDRESS, wedged_port, 50), (SINK_ADDRESS, sink_port, 50)]
+    return configs.route("Hung", primary=primaries)
 
 
 def hung_postfix_settings(
@@ -577,7 +576,7 @@ def variant_hung(scratch: Path, counts: dict[str, int]) -> list[Row]:
                 scratch / "hung",
                 sink.port,
                 name=name,
-                routes=[hung_route(wedged.port, sink.port)],
+                routes=hung_route(wedged.port, sink.port),
                 delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"},
             ) as relay,
         ):

@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tests.support import configs
 from tests.support.postfix import SMTP_SINK, SMTP_SOURCE, PostfixFactory, postfix_missing
-from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, route, wait_port
+from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, wait_port
 from tests.support.wait import blocking_until
 
 MAX_COUNT = 100_000
@@ -312,7 +313,7 @@ def relay_benchmark(
     """
     check_bounds(count, size, sessions)
     with SmtpSink() as sink, tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
-        config = relay_config(Path(scratch), [route("Sink", "127.0.0.1", sink.port)])
+        config = relay_config(Path(scratch), configs.route("Sink", "127.0.0.1", sink.port))
         with RelayProcess(config) as proc:
             run_mta_benchmark(proc.port, sink, 1, size, 1, mta_pids=list, mta="warmup", timeout=30)
             return run_mta_benchmark(

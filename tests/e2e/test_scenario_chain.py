@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import configs
 from tests.support.pki import Pki
 from tests.support.postfix import DownstreamServer, PostfixFactory, UpstreamClient
-from tests.support.procs import RelayProcess, relay_config, route, swaks
+from tests.support.procs import RelayProcess, relay_config, swaks
 from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +53,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         inbound = ca.issue("relay.test", "127.0.0.1", stem="relay")
         config = relay_config(
             tmp,
-            [route("Downstream", "127.0.0.1", down.port, tls="full")],
+            configs.route("Downstream", "127.0.0.1", down.port, **configs.TLS_LEVELS["full"]),
             server={"tls_cert": str(inbound.cert), "tls_key": str(inbound.key)},
             tls={"ca_file": str(ca.ca_file)},
         )

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import configs
 from tests.support.postfix import PostfixFactory
-from tests.support.procs import RelayProcess, relay_config, route
+from tests.support.procs import RelayProcess, relay_config
 from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +47,7 @@ def test_sigkill_with_100_queued_then_all_delivered_once(
     tmp_path: Path, postfix: PostfixFactory, relay: StartRelay
 ) -> None:
     down = postfix.downstream()
-    config = relay_config(tmp_path, [route("Downstream", "127.0.0.1", down.port)])
+    config = relay_config(tmp_path, configs.route("Downstream", "127.0.0.1", down.port))
     proc = relay(config)
     down.stop()
     recipient = "bob-crash@example.org"
@@ -86,7 +87,7 @@ def test_sigkill_during_delivery_loses_nothing(
     transaction in flight: ``max_per_host`` (5) on this one-host route.
     """
     down = postfix.downstream()
-    config = relay_config(tmp_path, [route("Downstream", "127.0.0.1", down.port)])
+    config = relay_config(tmp_path, configs.route("Downstream", "127.0.0.1", down.port))
     proc = relay(config)
     recipient = "bob-midway@example.org"
     # Queue all 100 first, so that they retry together once the downstream is up.

@@ -7,7 +7,7 @@ from pathlib import Path
 import aiohttp
 
 from relay.passwords import hash_password
-from tests.support.opsd import route_toml, rule_toml
+from tests.support import configs
 
 USER = "ops"
 PASSWORD = "correct horse battery"
@@ -30,8 +30,8 @@ def console_config(
         f'[admin]\nlisten = "127.0.0.1:{admin}"\n{allow_line}'
         f'[[admin.users]]\nname = "{USER}"\npassword_hash = "{_HASH}"\n\n'
         "# Where example.com goes (kept by the console).\n"
-        + route_toml("Sink", sink_port)
-        + rule_toml("Sink", "@example.com")
+        + configs.route("Sink", port=sink_port)
+        + configs.rule("Sink", "@example.com")
     )
 
 

@@ -7,8 +7,8 @@ run (the SMTP listeners and the control folder are built but not started)::
 
     async with Sink() as sink:
         server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, rule("Corp", "@corp.test"))
+        routes = route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, routes, rule("Corp", "@corp.test"))
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put("alice@sender.test", ["bob@corp.test"])
             await until(lambda: sink.messages)
@@ -34,6 +34,7 @@ from relay import config as config_module
 from relay.config import Config
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.spool import new_id
+from tests.support.configs import relay_toml
 from tests.support.dnsserver import DnsServer
 from tests.support.sink import Sink
 from tests.support.wait import until
@@ -92,48 +93,7 @@ def closed_port() -> int:
 # --- config text ------------------------------------------------------------
 
 
-def single_route(
-    name: str,
-    host: str,
-    port: int,
-    *,
-    mx_lookup: bool = False,
-    require_tls: bool = False,
-    require_ca_signed: bool = False,
-    validate_hostname: bool = False,
-) -> str:
-    return (
-        f'[[routes]]\nname = "{name}"\nhost = "{host}"\nport = {port}\n'
-        f"mx_lookup = {_b(mx_lookup)}\nrequire_tls = {_b(require_tls)}\n"
-        f"require_ca_signed = {_b(require_ca_signed)}\n"
-        f"validate_hostname = {_b(validate_hostname)}\n"
-    )
-
-
-def multi_route(
-    name: str,
-    primary: Sequence[tuple[str, int, int]],
-    secondary: Sequence[tuple[str, int, int]] = (),
-    *,
-    mx_lookup: bool = False,
-) -> str:
-    """A route of (host, port, load) tables with opportunistic TLS."""
-    text = (
-        f'[[routes]]\nname = "{name}"\nmx_lookup = {_b(mx_lookup)}\n'
-        "require_tls = false\nrequire_ca_signed = false\nvalidate_hostname = false\n"
-    )
-    for table, hosts in (("primary", primary), ("secondary", secondary)):
-        for host, port, load in hosts:
-            text += f'[[routes.{table}]]\nhost = "{host}"\nport = {port}\nload = {load}\n'
-    return text
-
-
-def rule(route: str, *patterns: str) -> str:
-    quoted = ", ".join(f'"{p}"' for p in patterns)
-    return f'[[rules]]\nrecipients = [{quoted}]\nroute = "{route}"\n'
-
-
-def config_text(
+def integration_toml(
     tmp_path: Path,
     dns: DnsServer,
     routes: str,
@@ -149,30 +109,42 @@ def config_text(
     relay_networks: Sequence[str] = (),
     notify: Sequence[str] = (),
 ) -> str:
-    """A complete relay.toml for one test: spool in tmp_path, DNS at ``dns``."""
-    tls = f'[tls]\nca_file = "{ca_file}"\n' if ca_file else ""
-    bounces = f'[bounces]\nroute = "{bounce_route}"\n' if bounce_route else ""
+    """A complete relay.toml for one test: spool in tmp_path, DNS at ``dns``;
+    ``routes`` and ``rules`` from tests/support/configs.py."""
+    sections: dict[str, dict[str, object]] = {
+        "server": {
+            "hostname": "relay.test",
+            "domains": ["corp.test"],
+            "relay_networks": list(relay_networks),
+        },
+        "queue": {
+            "path": tmp_path / "spool",
+            "max_lifetime": max_lifetime,
+            "min_backoff": min_backoff,
+            "max_backoff": max_backoff,
+        },
+        "delivery": {
+            "max_concurrency": max_concurrency,
+            "max_per_host": max_per_host,
+            "connect_timeout": "3s",
+            "command_timeout": "5s",
+            "idle_timeout": "5s",
+            # Hold-downs as short as the retries: a host that comes back is tried again.
+            "hold_down": min_backoff,
+            "max_hold_down": max_backoff,
+        },
+        "dns": {"nameservers": [f"{dns.ip}:{dns.port}"], "timeout": "2s"},
+        "metrics": {"listen": ""},
+        "audit": {"path": tmp_path / "audit.log"},
+    }
+    if ca_file:
+        sections["tls"] = {"ca_file": ca_file}
+    bounces: dict[str, object] = {"route": bounce_route} if bounce_route else {}
     if notify:
-        listed = ", ".join(f'"{address}"' for address in notify)
-        bounces = (bounces or "[bounces]\n") + f"notify = [{listed}]\n"
-    networks = ", ".join(f'"{n}"' for n in relay_networks)
-    return (
-        '[server]\nhostname = "relay.test"\ndomains = ["corp.test"]\n'
-        f"relay_networks = [{networks}]\n"
-        f'[queue]\npath = "{tmp_path / "spool"}"\nmax_lifetime = "{max_lifetime}"\n'
-        f'min_backoff = "{min_backoff}"\nmax_backoff = "{max_backoff}"\n'
-        f"[delivery]\nmax_concurrency = {max_concurrency}\nmax_per_host = {max_per_host}\n"
-        'connect_timeout = "3s"\ncommand_timeout = "5s"\nidle_timeout = "5s"\n'
-        # Hold-downs as short as the retries: a host that comes back is tried again.
-        f'hold_down = "{min_backoff}"\nmax_hold_down = "{max_backoff}"\n'
-        f'[dns]\nnameservers = ["{dns.ip}:{dns.port}"]\ntimeout = "2s"\n'
-        f'[metrics]\nlisten = ""\n[audit]\npath = "{tmp_path / "audit.log"}"\n'
-        f"{tls}{bounces}{routes}{rules}"
-    )
-
-
-def _b(value: bool) -> str:
-    return "true" if value else "false"
+        bounces["notify"] = list(notify)
+    if bounces:
+        sections["bounces"] = bounces
+    return relay_toml(sections, routes, rules)
 
 
 # --- the relay ---------------------------------------------------------------

@@ -108,16 +108,3 @@ async def cli(proc: RelayProcess, config: Path, *args: str) -> subprocess.Comple
 def json_lines(log: str) -> list[dict[str, object]]:
     """Every stderr line as JSON (raises if one is not)."""
     return [json.loads(line) for line in log.splitlines() if line.strip()]
-
-
-def route_toml(name: str, port: int, *, require_tls: bool = False, host: str = "127.0.0.1") -> str:
-    tls = "true" if require_tls else "false"
-    return (
-        f'[[routes]]\nname = "{name}"\nhost = "{host}"\nport = {port}\n'
-        f"require_tls = {tls}\nrequire_ca_signed = false\nvalidate_hostname = false\n\n"
-    )
-
-
-def rule_toml(route: str, *patterns: str) -> str:
-    quoted = ", ".join(f'"{p}"' for p in patterns)
-    return f'[[rules]]\nrecipients = [{quoted}]\nroute = "{route}"\n\n'

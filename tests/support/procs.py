@@ -8,7 +8,6 @@ with a message instead of hanging until pytest-timeout fires.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.config import parse_listen
+from tests.support import configs
 from tests.support.peers import SWAKS, require_swaks
 from tests.support.wait import blocking_until
 
@@ -344,74 +344,11 @@ def kill_tree(root_pid: int) -> None:
 
 # --- relay configs for scenarios --------------------------------------------------
 
-TomlValue = str | int | float | bool | Path | list[str] | tuple[str, ...]
-
-
-def _toml(value: TomlValue) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    # TOML basic strings accept JSON's escapes.
-    return json.dumps(str(value))
-
-
-def _table(header: str, items: Mapping[str, object]) -> list[str]:
-    lines = [header]
-    nested: list[str] = []
-    for key, value in items.items():
-        if isinstance(value, list) and value and isinstance(value[0], Mapping):
-            # An array of tables inside a table: [[routes.primary]] etc.
-            for sub in value:
-                nested += ["", *_table(f"[[{header.strip('[]')}.{key}]]", sub)]
-        else:
-            lines.append(f"{key} = {_toml(value)}")  # type: ignore[arg-type]
-    return lines + nested
-
-
-def route(
-    name: str,
-    host: str = "127.0.0.1",
-    port: int = 25,
-    *,
-    tls: str = "opportunistic",
-    mx_lookup: bool = False,
-    primary: Sequence[Mapping[str, object]] = (),
-    secondary: Sequence[Mapping[str, object]] = (),
-) -> dict[str, object]:
-    """One ``[[routes]]`` table. ``tls``: "opportunistic" (no checks), "required"
-    (STARTTLS only), "ca" (plus a CA-signed chain) or "full" (plus hostname match).
-    With ``primary`` (and ``secondary``) lists of ``{"host", "port", "load"}`` it is
-    a multiple-host route and ``host``/``port`` are ignored.
-    """
-    levels = {
-        "opportunistic": (False, False, False),
-        "required": (True, False, False),
-        "ca": (True, True, False),
-        "full": (True, True, True),
-    }
-    require_tls, require_ca, check_name = levels[tls]
-    table: dict[str, object] = {"name": name}
-    if primary:
-        table["primary"] = [dict(h) for h in primary]
-        if secondary:
-            table["secondary"] = [dict(h) for h in secondary]
-    else:
-        table |= {"host": host, "port": port}
-    return table | {
-        "mx_lookup": mx_lookup,
-        "require_tls": require_tls,
-        "require_ca_signed": require_ca,
-        "validate_hostname": check_name,
-    }
-
 
 def relay_config(
     directory: Path,
-    routes: Sequence[Mapping[str, object]],
-    rules: Sequence[tuple[Sequence[str], str]] | None = None,
+    routes: str,
+    rules: str = "",
     *,
     domains: Sequence[str] = ("example.org",),
     port: int | None = None,
@@ -420,12 +357,13 @@ def relay_config(
 ) -> Path:
     """Write ``directory/<name>.toml`` for a relay under test and return its path.
 
-    Defaults suit a scenario: listen and metrics on free loopback ports,
-    spool and audit log inside ``directory``, retries after 1-2 s, short
-    delivery timeouts and hold-downs, 127.0.0.0/8 may relay. ``rules`` are (patterns,
-    route name) pairs, default: every recipient to the first route. Any
-    ``sections`` (``server={...}``, ``queue={...}``, ``tls={"ca_file": ...}``,
-    ``dns={"nameservers": [...]}``...) are merged over the defaults.
+    ``routes`` and ``rules`` come from tests/support/configs.py; default rule:
+    every recipient to the first route. Defaults suit a scenario: listen and
+    metrics on free loopback ports, spool and audit log inside ``directory``,
+    retries after 1-2 s, short delivery timeouts and hold-downs, 127.0.0.0/8
+    may relay. Any ``sections`` (``server={...}``, ``queue={...}``,
+    ``tls={"ca_file": ...}``, ``dns={"nameservers": [...]}``...) are merged
+    over the defaults.
     """
     directory.mkdir(parents=True, exist_ok=True)
     defaults: dict[str, dict[str, object]] = {
@@ -451,17 +389,7 @@ def relay_config(
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "audit": {"path": str(directory / f"{name}-audit.log")},
     }
-    for key, values in sections.items():
-        defaults[key] = {**defaults.get(key, {}), **values}
-    if rules is None:
-        rules = [(["*"], str(routes[0]["name"]))]
-    lines: list[str] = []
-    for key, values in defaults.items():
-        lines += [*_table(f"[{key}]", values), ""]
-    for table in routes:
-        lines += [*_table("[[routes]]", table), ""]
-    for patterns, route_name in rules:
-        lines += [*_table("[[rules]]", {"recipients": list(patterns), "route": route_name}), ""]
+    rules = rules or configs.rule(configs.first_route_name(routes), "*")
     path = directory / f"{name}.toml"
-    path.write_text("\n".join(lines))
+    path.write_text(configs.relay_toml(configs.merged(defaults, sections), routes, rules))
     return path
