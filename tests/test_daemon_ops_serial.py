@@ -13,13 +13,13 @@ from pathlib import Path
 
 from relay import config as configmod
 from relay.app import Daemon
-from tests.support.inbound import config_text
+from tests.support.inbound import inbound_toml
 from tests.support.procs import free_port
 
 
 async def test_overlapping_reloads_apply_one_change_once(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
-    text = config_text(tmp_path / "spool", listen=f'["127.0.0.1:{free_port()}"]')
+    text = inbound_toml(tmp_path / "spool", listen=[f"127.0.0.1:{free_port()}"])
     text += f'\n[audit]\npath = "{tmp_path / "audit.log"}"\n'
     path.write_text(text)
     daemon = Daemon(lambda: configmod.load(path))

@@ -56,7 +56,7 @@ def single(host: tuple[str, int], name: str = "r1") -> Route:
     return Route(name=name, primary=(Host(*host),), tls=OPPORTUNISTIC)
 
 
-class Relay:
+class DelivererHarness:
     """A Deliverer over StaticResolver names, with a config that can be swapped."""
 
     def __init__(self, config: Config) -> None:
@@ -81,8 +81,8 @@ class Relay:
 
 
 @asynccontextmanager
-async def relay(config: Config) -> AsyncIterator[Relay]:
-    r = Relay(config)
+async def relay(config: Config) -> AsyncIterator[DelivererHarness]:
+    r = DelivererHarness(config)
     try:
         yield r
     finally:

@@ -8,19 +8,23 @@ with a message instead of hanging until pytest-timeout fires.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from relay.config import parse_listen
 from tests.support import configs
+from tests.support.inbound import inbound_toml
 from tests.support.peers import SWAKS, require_swaks
 from tests.support.wait import blocking_until
 
@@ -309,6 +313,71 @@ class RelayProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class DaemonUnderTest:
+    """``relay run`` on free loopback ports: its config file in ``tmp_path``
+    (tests/support/inbound.py's ``inbound_toml``: example.com to route Corp),
+    and the RelayProcess that runs it (not started)."""
+
+    def __init__(self, tmp_path: Path, listen: Sequence[str] | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.spool_dir = tmp_path / "spool"
+        self.config = tmp_path / "relay.toml"
+        self.audit = tmp_path / "audit.log"
+        self.listen = list(listen or [f"127.0.0.1:{self.port}"])
+        self.write()
+        self.process = RelayProcess(self.config, cwd=tmp_path)
+
+    def write(
+        self, *, spool: Path | None = None, metrics: int | None = None, lifetime: str = "5d"
+    ) -> None:
+        """(Re)write the config: by default this spool and metrics port, 5 days' lifetime."""
+        text = inbound_toml(
+            spool or self.spool_dir,
+            metrics=f"127.0.0.1:{metrics or self.metrics_port}",
+            listen=self.listen,
+            queue={"max_lifetime": lifetime},
+            extra=configs.table("[audit]", {"path": self.audit}),
+        )
+        self.config.write_text(text)
+
+    def smtp(self) -> smtplib.SMTP:
+        """A client that said EHLO."""
+        client = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+        client.ehlo("client.test")
+        return client
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text: str = resp.read().decode()
+        return text
+
+    def metric(self, line_start: str) -> str:
+        """The exposition's lines that start with ``line_start``."""
+        lines = self.metrics().splitlines()
+        return "\n".join(line for line in lines if line.startswith(line_start))
+
+    def reloads(self, result: str) -> str:
+        """``relay_config_reloads_total{result=...}``'s value, as exposed."""
+        needle = f'relay_config_reloads_total{{result="{result}"}} '
+        lines = self.metrics().splitlines()
+        return next(line for line in lines if line.startswith(needle))[len(needle) :]
+
+    def audit_entries(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.process.cli(*args, config=self.config)
+
+    def __enter__(self) -> DaemonUnderTest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.stop()
 
 
 def iter_tree(root_pid: int, *, zombies: bool = False) -> Iterator[int]:
