@@ -81,16 +81,9 @@ def config(
     fallback: int,
 ) -> str:
     refused = free_port()  # nothing listens there: connection refused
-    return (
-        f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com", "refused.test", "strict.test", "typo.test", "fallback.test"]\n\n'
-        f'[dns]\nnameservers = ["{dns.ip}:{dns.port}"]\ntimeout = "2s"\n\n'
-        f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\nmax_backoff = "2h"\n\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-        f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
-        '[log]\nformat = "json"\n\n'
-        '[bounces]\nroute = "Bounces"\n\n'
-        + configs.route("Sink", port=sink, host=SINK_HOST)
+    domains = ["example.com", "refused.test", "strict.test", "typo.test", "fallback.test"]
+    routes = (
+        configs.route("Sink", port=sink, host=SINK_HOST)
         + configs.route("Refused", port=refused)
         + configs.route("Strict", port=strict, require_tls=True)
         + configs.route("Bounces", port=bounce)
@@ -102,6 +95,12 @@ def config(
         + configs.rule("Typo", "@typo.test")
         + configs.rule("Fallback", "@fallback.test")
     )
+    return configs.daemon_toml(
+        tmp, smtp, metrics, domains, routes, "",
+        dns={"nameservers": [f"{dns.ip}:{dns.port}"], "timeout": "2s"},
+        queue={"min_backoff": "1h", "max_backoff": "2h"},
+        log={"format": "json"}, bounces={"route": "Bounces"},
+    )  # fmt: skip
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -59,17 +59,13 @@ async def daemon(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Daem
     async with Sink(replies={"RCPT": ["451 4.3.0 busy now"]}) as busy:
         path = tmp / "relay.toml"
         smtp, metrics, down = free_port(), free_port(), free_port()
-        path.write_text(
-            f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-            'domains = ["down.test", "busy.test"]\n\n'
-            f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\nmax_backoff = "10h"\n\n'
-            f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-            f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
-            + configs.route("Down", port=down)
-            + configs.route("Busy", port=busy.port)
-            + configs.rule("Down", "@down.test")
-            + configs.rule("Busy", "@busy.test")
-        )
+        routes = configs.route("Down", port=down) + configs.route("Busy", port=busy.port)
+        rules = configs.rule("Down", "@down.test") + configs.rule("Busy", "@busy.test")
+        text = configs.daemon_toml(
+            tmp, smtp, metrics, ["down.test", "busy.test"], routes, rules,
+            queue={"min_backoff": "1h", "max_backoff": "10h"},
+        )  # fmt: skip
+        path.write_text(text)
         proc = RelayProcess(path, cwd=tmp)
         proc.start(wait_for="event=started")
         try:

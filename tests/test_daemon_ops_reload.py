@@ -52,16 +52,9 @@ class Daemon:
 
     def write(self, *, new: bool = False, spare_port: int | None = None) -> None:
         """Config A (``new=False``) or B: B adds route New, routes old.test to it, removes Old."""
-        domains = '"example.com", "old.test", "guarded.test"' + (', "new.test"' if new else "")
-        listen = ", ".join(f'"127.0.0.1:{port}"' for port in self.ports or [self.smtp])
-        text = (
-            f'[server]\nhostname = "relay.test"\nlisten = [{listen}]\n'
-            f"domains = [{domains}]\n\n"
-            f'[queue]\npath = "{self.tmp / "spool"}"\nmin_backoff = "1h"\n\n'
-            f'[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n\n'
-            f'[audit]\npath = "{self.tmp / "audit.log"}"\n\n'
-            '[bounces]\nroute = "Sink"\n\n'
-            + configs.route("Sink", port=self.sink.port)
+        domains = ["example.com", "old.test", "guarded.test"] + (["new.test"] if new else [])
+        routes = (
+            configs.route("Sink", port=self.sink.port)
             + configs.route("Guarded", port=self.sink.port, require_tls=self.guarded_tls)
             + configs.route("Spare", port=spare_port or self.spare_port)
             + (
@@ -69,7 +62,9 @@ class Daemon:
                 if new
                 else configs.route("Old", port=self.old_port)
             )
-            + configs.rule("Sink", "@example.com")
+        )
+        rules = (
+            configs.rule("Sink", "@example.com")
             + configs.rule("Guarded", "@guarded.test")
             + (
                 configs.rule("New", "@new.test", "@old.test")
@@ -77,6 +72,10 @@ class Daemon:
                 else configs.rule("Old", "@old.test")
             )
         )
+        text = configs.daemon_toml(
+            self.tmp, self.ports or self.smtp, self.metrics, domains, routes, rules,
+            queue={"min_backoff": "1h"}, bounces={"route": "Sink"},
+        )  # fmt: skip
         self.path.write_text(text)
 
     async def reloads(self, result: str) -> float | None:

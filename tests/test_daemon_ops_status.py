@@ -21,14 +21,11 @@ SENDER = "s@sender.test"
 
 
 def write_config(path: Path, tmp: Path, smtp: int, metrics: int, routes: str, rules: str) -> None:
-    path.write_text(
-        f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com", "other.com"]\n\n'
-        f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\n\n'
-        '[delivery]\nconnect_timeout = "2s"\nhold_down = "10m"\n\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-        f'[audit]\npath = "{tmp / "audit.log"}"\n\n' + routes + rules
-    )
+    text = configs.daemon_toml(
+        tmp, smtp, metrics, ["example.com", "other.com"], routes, rules,
+        queue={"min_backoff": "1h"}, delivery={"connect_timeout": "2s", "hold_down": "10m"},
+    )  # fmt: skip
+    path.write_text(text)
 
 
 def host_entry(report: dict[str, object], route: str) -> list[dict[str, object]]:

@@ -124,3 +124,29 @@ def first_route_name(routes: str) -> str:
     """The name of the first ``[[routes]]`` table in ``routes`` text."""
     marker = "[[routes]]\nname = "
     return str(json.loads(routes.split(marker, 1)[1].split("\n", 1)[0]))
+
+
+def daemon_toml(
+    folder: Path,
+    smtp: int | Sequence[int],
+    metrics: int | None,
+    domains: Sequence[str],
+    routes: str,
+    rules: str,
+    **sections: Mapping[str, object],
+) -> str:
+    """A ``relay run`` config: SMTP on 127.0.0.1 port(s) ``smtp``, metrics on
+    ``metrics`` (None: off), spool and audit log in ``folder``; ``sections``
+    are merged over those."""
+    ports = [smtp] if isinstance(smtp, int) else list(smtp)
+    defaults: dict[str, dict[str, object]] = {
+        "server": {
+            "hostname": "relay.test",
+            "listen": [f"127.0.0.1:{port}" for port in ports],
+            "domains": list(domains),
+        },
+        "queue": {"path": folder / "spool"},
+        "metrics": {"listen": f"127.0.0.1:{metrics}" if metrics else ""},
+        "audit": {"path": folder / "audit.log"},
+    }
+    return relay_toml(merged(defaults, sections), routes, rules)
