@@ -16,7 +16,6 @@ import pytest
 from relay.envelope import RcptState
 from relay.errors import TLS_FAILURE_OPTION, TlsFailure
 from tests.support import configs
-from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     BODY,
     SENDER,
@@ -34,19 +33,6 @@ from tests.support.wait import until
 RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
 HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
 MX = {"sender.test": [(10, "mx.sender.test")]}
-
-
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
-
-
-@pytest.fixture
-async def dsn_sink():
-    """The sender domain's MX: where DSNs to alice@sender.test arrive."""
-    async with Sink() as sink:
-        yield sink
 
 
 def senders_route(dsn_sink: Sink) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 
 from tests.support import configs
-from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
     InProcessRelay,
@@ -23,12 +22,6 @@ from tests.support.integ import (
 )
 from tests.support.sink import Sink
 from tests.support.wait import until
-
-
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
 
 
 @pytest.fixture

@@ -12,19 +12,11 @@ import socket
 import pytest
 
 from tests.support import configs
-from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import SENDER, InProcessRelay, idle, integration_toml, sinks_on_one_port
 from tests.support.sink import Sink
 from tests.support.wait import until
 
 CORP = configs.rule("Corp", "@corp.test")
-
-
-@pytest.fixture
-def dnsmasq():
-    """dnsmasq factory: ``dnsmasq(hosts=..., mx=...)`` (tests/support/dnsserver.py)."""
-    with dnsmasq_servers() as start:
-        yield start
 
 
 def _nothing_listens(ip: str, port: int) -> bool:

@@ -9,7 +9,6 @@ import asyncio
 import pytest
 
 from tests.support import configs
-from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
     InProcessRelay,
@@ -29,18 +28,6 @@ NAMES = ("mx1.corp.test", "mx2.corp.test", "backup.corp.test", "mx.sender.test")
 HOSTS = {name: ["127.0.0.1"] for name in NAMES}
 MX = {"sender.test": [(10, "mx.sender.test")]}
 STRICT_TLS = {"require_tls": True, "require_ca_signed": False, "validate_hostname": False}
-
-
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
-
-
-@pytest.fixture
-async def dsn_sink():
-    async with Sink() as sink:
-        yield sink
 
 
 def tls_route(primary: list[tuple[str, int, int]], secondary=()) -> str:

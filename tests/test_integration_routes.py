@@ -12,20 +12,12 @@ import pytest
 
 from relay import config as config_module
 from tests.support import configs
-from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import BODY, SENDER, InProcessRelay, closed_port, idle, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
 from tests.support.wait import until
 
 CORP = configs.rule("Corp", "@corp.test")
-
-
-@pytest.fixture
-def dnsmasq():
-    """dnsmasq factory: ``dnsmasq(hosts=..., mx=...)`` (tests/support/dnsserver.py)."""
-    with dnsmasq_servers() as start:
-        yield start
 
 
 async def test_single_host_plain_delivers_the_spooled_bytes(tmp_path, dnsmasq):

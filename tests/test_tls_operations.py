@@ -27,7 +27,6 @@ from relay.expiry import ExpiryWatch
 from relay.lint import warnings
 from relay.metrics import Metrics
 from tests.support import configs
-from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     SENDER,
     InProcessRelay,
@@ -51,19 +50,6 @@ MX = {"sender.test": [(10, "mx.sender.test")], "corp.test": [(10, "mx1.corp.test
 CHECKED = {"require_tls": True, "require_ca_signed": True, "validate_hostname": True}
 DEFER = 'on_tls_failure = "defer"\n'
 TEN_DAYS = datetime.timedelta(days=10)
-
-
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
-
-
-@pytest.fixture
-async def dsn_sink():
-    """The sender domain's MX: where a DSN to alice@sender.test would arrive."""
-    async with Sink() as sink:
-        yield sink
 
 
 def _routes(port: int, dsn_sink: Sink, extra: str = "", mx_lookup: bool = False) -> str:

@@ -24,10 +24,12 @@ import email
 import email.policy
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from relay import app
 from relay import config as config_module
@@ -35,7 +37,7 @@ from relay.config import Config
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.spool import new_id
 from tests.support.configs import relay_toml
-from tests.support.dnsserver import DnsServer
+from tests.support.dnsserver import DnsmasqFactory, DnsServer, dnsmasq_servers
 from tests.support.sink import Sink
 from tests.support.wait import until
 
@@ -225,6 +227,23 @@ class InProcessRelay:
 async def idle(relay: InProcessRelay, within: float = 10.0) -> None:
     """Until nothing runs and nothing is due in the scheduler."""
     await until(lambda: not relay.scheduler.busy, within, what="the relay idle")
+
+
+# --- fixtures (tests/conftest.py loads this module as a plugin) ---------------
+
+
+@pytest.fixture
+def dnsmasq() -> Iterator[DnsmasqFactory]:
+    """dnsmasq factory: ``dnsmasq(hosts=..., mx=...)`` (tests/support/dnsserver.py)."""
+    with dnsmasq_servers() as start:
+        yield start
+
+
+@pytest.fixture
+async def dsn_sink() -> AsyncIterator[Sink]:
+    """The sender domain's MX: where DSNs to alice@sender.test arrive."""
+    async with Sink() as sink:
+        yield sink
 
 
 # --- DSNs ---------------------------------------------------------------------
