@@ -18,7 +18,7 @@ from relay import audit, config, lint
 from relay.session import auth_mechanism
 from tests.support import configs
 from tests.support.authsink import AuthSink, CramMd5Sink
-from tests.support.integ import InProcessRelay, idle, integration_toml
+from tests.support.integ import InProcessRelay, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
 from tests.support.wait import until
@@ -101,9 +101,9 @@ async def test_good_password_is_delivered_over_tls(tmp_path: Path) -> None:
         toml = integration_toml(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
         with events() as log:
             async with InProcessRelay(tmp_path, toml) as relay:
-                relay.put("alice@sender.test", ["bob@partner.test"])
-                await until(lambda: sink.messages)
-                await idle(relay)
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@partner.test"], when=lambda: sink.messages
+                )
                 no_password_in(relay, log.text())
     assert sink.auths == [("PLAIN", b"relay", True)]
     (message,) = sink.messages
@@ -119,9 +119,9 @@ async def test_cram_md5_is_preferred_when_offered(tmp_path: Path) -> None:
         routes = auth_route(sink.port, secret) + senders_route(2526)
         toml = integration_toml(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put("alice@sender.test", ["bob@partner.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                "alice@sender.test", ["bob@partner.test"], when=lambda: sink.messages
+            )
     assert sink.auths == [("CRAM-MD5", b"relay", True)]
     assert not any(PASSWORD in line for line in sink.lines)
 
@@ -142,9 +142,9 @@ async def test_bad_password_is_a_host_failure_named_in_the_log_and_the_dsn(
         )  # fmt: skip
         with events() as log:
             async with InProcessRelay(tmp_path, toml) as relay:
-                relay.put("alice@sender.test", ["bob@partner.test"])
-                await until(lambda: senders.messages)
-                await idle(relay)
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@partner.test"], when=lambda: senders.messages
+                )
                 assert relay.sample(
                     "relay_delivery_attempts_total",
                     route="Smarthost", host="127.0.0.1", result="auth_failed",

@@ -104,9 +104,7 @@ async def test_tls_failure_bounces_at_once(tmp_path, dnsmasq, dsn_sink, failure,
         routes += senders_route(dsn_sink)
         toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: dsn_sink.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
             assert relay.sample("relay_tls_failures_total", route="Corp", host="mx1.corp.test",
@@ -149,9 +147,7 @@ async def test_tls_check_off_delivers(tmp_path, dnsmasq, dsn_sink, failure, cert
         routes += senders_route(dsn_sink)
         toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
     [message] = sink.messages
     assert message.data == BODY
@@ -169,9 +165,9 @@ async def test_postmaster_copy_has_the_diagnosis(tmp_path, dnsmasq, dsn_sink):
         toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file,
                            notify=["postmaster@sender.test"])  # fmt: skip
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: len(dsn_sink.messages) == 2)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: len(dsn_sink.messages) == 2
+            )
             assert relay.spooled() == []
             # The copy is not a second bounce of the message.
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
@@ -224,9 +220,7 @@ async def test_451_then_accept_is_delivered_once(tmp_path, dnsmasq, dsn_sink, co
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, routes, RULES)
         ) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_recipients_total", route="Corp", outcome="deferred") == 1
             assert relay.sample("relay_recipients_total", route="Corp", outcome="delivered") == 1
@@ -242,9 +236,9 @@ async def test_550_for_one_recipient_bounces_only_that_one(tmp_path, dnsmasq, ds
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, routes, RULES)
         ) as relay:
-            relay.put(SENDER, ["good@corp.test", "bad@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["good@corp.test", "bad@corp.test"], when=lambda: dsn_sink.messages
+            )
             assert relay.spooled() == []
     [delivered] = sink.messages
     assert delivered.rcpt_tos == ["good@corp.test"]
@@ -301,9 +295,9 @@ async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_
             tmp_path, server, routes, RULES, min_backoff="10m", max_backoff="1h"
         )
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["good@corp.test", "later@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["good@corp.test", "later@corp.test"], when=lambda: sink.messages
+            )
         [left] = relay.spooled()
         assert [r.address for r in left.pending] == ["later@corp.test"]
         sink.script.replies.clear()
@@ -328,9 +322,11 @@ async def test_null_sender_failure_sends_no_dsn(tmp_path, dnsmasq, dsn_sink):
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, routes, RULES)
         ) as relay:
-            relay.put("", ["bad@corp.test"])
-            await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
-            await idle(relay)
+            await relay.send_and_settle(
+                "",
+                ["bad@corp.test"],
+                when=lambda: relay.sample("relay_bounces_total", reason="double_bounce"),
+            )
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="remote_permanent") == 0
     assert any(line.startswith("MAIL FROM:<>") for line in sink.lines)
@@ -352,9 +348,11 @@ async def test_metrics_after_known_traffic(tmp_path, dnsmasq, dsn_sink):
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, routes, rules)
         ) as relay:
-            relay.put(SENDER, ["good@corp.test", "bad@corp.test", "x@strict.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER,
+                ["good@corp.test", "bad@corp.test", "x@strict.test"],
+                when=lambda: dsn_sink.messages,
+            )
             assert relay.spooled() == []
             sample = relay.sample
     expected = {

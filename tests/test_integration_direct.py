@@ -17,11 +17,9 @@ from tests.support.integ import (
     InProcessRelay,
     LoopbackSink,
     dsn_parts,
-    idle,
     integration_toml,
 )
 from tests.support.sink import Sink
-from tests.support.wait import until
 
 
 @pytest.fixture
@@ -45,9 +43,7 @@ async def test_bounce_goes_to_the_sender_domains_mx(tmp_path, dnsmasq, port25):
         route = configs.route("Corp", "mx1.corp.test", corp.port)
         toml = integration_toml(tmp_path, server, route, configs.rule("Corp", "@corp.test"))
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: port25.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: port25.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_recipients_total", route="(direct)",
                                 outcome="delivered") == 1  # fmt: skip
@@ -70,9 +66,7 @@ async def test_trusted_client_relays_to_the_recipient_domains_mx(tmp_path, dnsma
     )  # fmt: skip
     async with InProcessRelay(tmp_path, toml) as relay:
         # InProcessRelay.put spools with client 192.0.2.10, inside relay_networks.
-        relay.put(SENDER, ["carol@elsewhere.test"])
-        await until(lambda: port25.messages)
-        await idle(relay)
+        await relay.send_and_settle(SENDER, ["carol@elsewhere.test"], when=lambda: port25.messages)
         assert relay.spooled() == []
     assert port25.messages[0].rcpt_tos == ["carol@elsewhere.test"]
 
@@ -87,9 +81,7 @@ async def test_recipient_domain_nxdomain_bounces(tmp_path, dnsmasq, port25):
         configs.rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
     )  # fmt: skip
     async with InProcessRelay(tmp_path, toml) as relay:
-        relay.put(SENDER, ["carol@nowhere.test"])
-        await until(lambda: port25.messages)
-        await idle(relay)
+        await relay.send_and_settle(SENDER, ["carol@nowhere.test"], when=lambda: port25.messages)
         assert relay.spooled() == []
         assert relay.sample("relay_bounces_total", reason="dns_permanent") == 1
     _, _, [fields] = dsn_parts(port25.messages[0].data)

@@ -82,9 +82,7 @@ async def test_implicit_mx_uses_the_domains_own_address(tmp_path, dnsmasq):
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, route, CORP)
         ) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
     assert sink.messages[0].rcpt_tos == ["bob@corp.test"]
 
@@ -97,9 +95,11 @@ async def test_null_mx_sender_domain_drops_the_bounce(tmp_path, dnsmasq):
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, route, CORP)
         ) as relay:
-            relay.put("alice@nullmx.test", ["nobody@corp.test"])
-            await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
-            await idle(relay)
+            await relay.send_and_settle(
+                "alice@nullmx.test",
+                ["nobody@corp.test"],
+                when=lambda: relay.sample("relay_bounces_total", reason="double_bounce"),
+            )
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="remote_permanent") == 1
             assert relay.sample("relay_recipients_total", route="(direct)",
@@ -163,9 +163,7 @@ async def test_ipv6_address_is_tried_first(tmp_path, dnsmasq):
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, route, CORP)
         ) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: v6.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: v6.messages)
         assert v4.connections == 0
     finally:
         await v6.stop()

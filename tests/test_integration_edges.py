@@ -68,9 +68,7 @@ async def test_every_host_failing_tls_names_each_in_the_dsn(tmp_path, dnsmasq, d
         route = tls_route([("mx1.corp.test", first.port, 50), ("mx2.corp.test", second.port, 50)])
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: dsn_sink.messages)
             assert relay.spooled() == []
     _, human, [fields] = dsn_parts(dsn_sink.messages[0].data)
     assert fields["status"] == "5.7.4"
@@ -93,9 +91,7 @@ async def test_secondary_carries_mail_when_the_primary_fails_tls(tmp_path, dnsma
                           [("backup.corp.test", backup.port, 100)])  # fmt: skip
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: backup.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: backup.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 0
     assert backup.messages[0].tls is not None
@@ -110,9 +106,11 @@ async def test_recipient_deferred_at_the_primary_tries_the_secondary(tmp_path, d
                               secondary=[("backup.corp.test", backup.port, 100)])  # fmt: skip
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["good@corp.test", "later@corp.test"])
-            await until(lambda: primary.messages and backup.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER,
+                ["good@corp.test", "later@corp.test"],
+                when=lambda: primary.messages and backup.messages,
+            )
             assert relay.spooled() == []
     assert [m.rcpt_tos for m in primary.messages] == [["good@corp.test"]]
     assert [m.rcpt_tos for m in backup.messages] == [["later@corp.test"]]
@@ -125,9 +123,7 @@ async def test_name_with_ipv6_and_ipv4_reaches_the_ipv4_listener(tmp_path, dnsma
         route = configs.route("Corp", "dual.corp.test", sink.port)
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
 
 
@@ -137,13 +133,11 @@ async def test_stale_pooled_session_is_replaced(tmp_path, dnsmasq, dsn_sink):
         route = configs.route("Corp", "mx1.corp.test", sink.port)
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["one@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["one@corp.test"], when=lambda: sink.messages)
             sink.kill_connections()
-            relay.put(SENDER, ["two@corp.test"])
-            await until(lambda: len(sink.messages) == 2)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["two@corp.test"], when=lambda: len(sink.messages) == 2
+            )
             assert relay.sample("relay_recipients_total", route="Corp", outcome="deferred") == 0
     assert sink.connections == 2
 
@@ -190,9 +184,9 @@ async def test_mx_route_verifies_the_mx_host_name(tmp_path, dnsmasq, dsn_sink, n
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages or dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: sink.messages or dsn_sink.messages
+            )
             assert relay.spooled() == []
     assert bool(sink.messages) is delivered
     assert bool(dsn_sink.messages) is not delivered
@@ -211,9 +205,9 @@ async def test_ip_literal_route_host_needs_an_ip_san(tmp_path, dnsmasq, dsn_sink
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages or dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: sink.messages or dsn_sink.messages
+            )
             if not delivered:
                 assert relay.sample("relay_tls_failures_total", route="Corp", host="127.0.0.1",
                                     reason="certificate-host-mismatch") == 1  # fmt: skip
@@ -233,9 +227,7 @@ async def test_421_greeting_moves_on_to_the_next_mx(tmp_path, dnsmasq):
         async with InProcessRelay(
             tmp_path, integration_toml(tmp_path, server, route, corp)
         ) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: second.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: second.messages)
             assert relay.spooled() == []
         assert first.connections == 1 and first.messages == []
     finally:
@@ -249,9 +241,9 @@ async def test_5xx_to_data_bounces_every_recipient_in_one_dsn(tmp_path, dnsmasq,
         route = configs.route("Corp", "mx1.corp.test", sink.port)
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["a@corp.test", "b@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["a@corp.test", "b@corp.test"], when=lambda: dsn_sink.messages
+            )
             assert relay.spooled() == []
     _, _, recipients = dsn_parts(dsn_sink.messages[0].data)
     assert [r["status"] for r in recipients] == ["5.6.0", "5.6.0"]
@@ -265,9 +257,9 @@ async def test_utf8_sender_gets_its_dsn_over_smtputf8(tmp_path, dnsmasq, dsn_sin
         route = configs.route("Corp", "mx1.corp.test", sink.port)
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(sender, ["bob@corp.test"], smtputf8=True)
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                sender, ["bob@corp.test"], smtputf8=True, when=lambda: dsn_sink.messages
+            )
             assert relay.spooled() == []
     [dsn] = dsn_sink.messages
     assert dsn.rcpt_tos == [sender]
@@ -317,9 +309,9 @@ async def test_failed_handshake(tmp_path, dnsmasq, dsn_sink, require_tls):
         route = configs.route("Corp", "mx1.corp.test", sink.port, **options)
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages or dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: sink.messages or dsn_sink.messages
+            )
             assert relay.spooled() == []
             failures = relay.sample("relay_tls_failures_total", route="Corp",
                                     host="mx1.corp.test", reason="validation-failure")  # fmt: skip

@@ -49,9 +49,7 @@ async def test_strict_tls_to_a_name_resolved_by_dns(tmp_path, dnsmasq):
         )  # fmt: skip
         toml = integration_toml(tmp_path, server, route, CORP, ca_file=pki.ca_file)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_tls_failures_total", route="Corp", host="mx1.corp.test",
                                 reason="certificate-host-mismatch") == 0  # fmt: skip
@@ -197,9 +195,9 @@ async def test_idle_session_is_closed_after_idle_timeout(tmp_path, dnsmasq):
             relay.put(SENDER, ["one@corp.test"])
             await until(lambda: sink.messages)
             await until(lambda: "QUIT" in sink.lines, 3)
-            relay.put(SENDER, ["two@corp.test"])
-            await until(lambda: len(sink.messages) == 2)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["two@corp.test"], when=lambda: len(sink.messages) == 2
+            )
     assert sink.connections == 2
     assert [m.connection for m in sink.messages] == [1, 2]
 
@@ -213,9 +211,7 @@ async def test_session_reused_after_a_refused_transaction(tmp_path, dnsmasq):
         async with InProcessRelay(tmp_path, toml) as relay:
             for address in ("bad@corp.test", "first@corp.test", "ok@corp.test"):
                 # One at a time, so each finds the previous one's pooled session.
-                relay.put("", [address])
-                await until(lambda: len(relay.scheduler) == 0)
-                await idle(relay)
+                await relay.send_and_settle("", [address], when=lambda: len(relay.scheduler) == 0)
             assert relay.sample("relay_bounces_total", reason="double_bounce") == 2
     assert [m.rcpt_tos for m in sink.messages] == [["ok@corp.test"]]
     assert sink.connections == 1

@@ -15,9 +15,8 @@ from relay.config import Listen, MetricsConfig
 from relay.routing import bounce_route, route_for
 from tests.support import configs
 from tests.support.inbound import RawClient, running_inbound
-from tests.support.integ import InProcessRelay, idle, integration_toml
+from tests.support.integ import InProcessRelay, integration_toml
 from tests.support.sink import Sink
-from tests.support.wait import until
 
 SERVER = """
 [server]
@@ -214,8 +213,10 @@ async def test_one_senders_mail_goes_through_its_own_sink(tmp_path: Path) -> Non
         toml = integration_toml(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put("alice@sender.test", ["bob@corp.test"])
-            relay.put("invoices@billing.corp.test", ["bob@corp.test"])
-            await until(lambda: corp.messages and billing.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                "invoices@billing.corp.test",
+                ["bob@corp.test"],
+                when=lambda: corp.messages and billing.messages,
+            )
     assert [m.mail_from for m in corp.messages] == ["alice@sender.test"]
     assert [m.mail_from for m in billing.messages] == ["invoices@billing.corp.test"]

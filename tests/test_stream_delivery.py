@@ -30,7 +30,7 @@ from tests.support.delivery import (
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.inbound import RawClient, running_inbound
 from tests.support.inbound import make_config as inbound_config
-from tests.support.integ import InProcessRelay, dsn_parts, idle, integration_toml
+from tests.support.integ import InProcessRelay, dsn_parts, integration_toml
 from tests.support.sink import Sink
 from tests.support.stream import HEAD, DigestSink, big_body, stuff
 from tests.support.wait import until
@@ -174,9 +174,9 @@ async def test_the_scheduler_sends_a_large_body_and_closes_its_file(tmp_path) ->
             routes = configs.route("Corp", "mx1.corp.test", sink.port)
             toml = integration_toml(tmp_path, server, routes, configs.rule("Corp", "@corp.test"))
             async with InProcessRelay(tmp_path, toml) as relay:
-                relay.put("alice@sender.test", ["bob@corp.test"], body)
-                await until(lambda: sink.messages)
-                await idle(relay)
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@corp.test"], body, when=lambda: sink.messages
+                )
                 assert relay.spooled() == []
         assert sink.messages[0].data == body
     gc.collect()
@@ -197,9 +197,9 @@ async def test_a_dsn_for_a_large_message_quotes_its_headers(tmp_path) -> None:
             async with InProcessRelay(
                 tmp_path, integration_toml(tmp_path, server, routes, rules)
             ) as relay:
-                relay.put("alice@sender.test", ["bob@corp.test"], body)
-                await until(lambda: dsn_sink.messages)
-                await idle(relay)
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@corp.test"], body, when=lambda: dsn_sink.messages
+                )
     message, _, recipients = dsn_parts(dsn_sink.messages[0].data)
     assert recipients[0]["status"] == "5.1.1"
     assert b"Subject: big" in dsn_sink.messages[0].data

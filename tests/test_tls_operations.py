@@ -140,9 +140,11 @@ async def test_defer_bounces_at_max_lifetime_with_the_tls_failure(tmp_path, dnsm
             ca_file=pki.ca_file, max_lifetime="1h", min_backoff="10m", max_backoff="1h",
         )  # fmt: skip
         async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: relay.sample("relay_tls_deferred_total", route="Corp"))
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER,
+                ["bob@corp.test"],
+                when=lambda: relay.sample("relay_tls_deferred_total", route="Corp"),
+            )
             assert dsn_sink.connections == 0
             clock.advance(3600)
             relay.scheduler.flush()
@@ -167,9 +169,7 @@ async def test_bounce_stays_the_default(tmp_path, dnsmasq, dsn_sink):
         toml = integration_toml(tmp_path, server, _routes(failing.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: dsn_sink.messages)
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
             assert relay.sample("relay_tls_deferred_total", route="Corp") == 0
 
@@ -189,9 +189,9 @@ async def test_expiry_gauge_and_one_warning_a_day_per_host(tmp_path, dnsmasq, ds
         with _events("tls_certificate_expiring") as warned:
             async with InProcessRelay(tmp_path, toml) as relay:
                 for n in (1, 2):
-                    relay.put(SENDER, ["bob@corp.test"])
-                    await until(lambda n=n: len(sink.messages) == n)
-                    await idle(relay)
+                    await relay.send_and_settle(
+                        SENDER, ["bob@corp.test"], when=lambda n=n: len(sink.messages) == n
+                    )
                 expiry = relay.sample(
                     "relay_tls_certificate_expiry_timestamp_seconds",
                     route="Corp", host="corp.test",
@@ -216,9 +216,7 @@ async def test_a_certificate_far_from_expiry_is_recorded_not_warned(tmp_path, dn
                            ca_file=pki.ca_file)  # fmt: skip
         with _events("tls_certificate_expiring") as warned:
             async with InProcessRelay(tmp_path, toml) as relay:
-                relay.put(SENDER, ["bob@corp.test"])
-                await until(lambda: sink.messages)
-                await idle(relay)
+                await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
                 expiry = relay.sample(
                     "relay_tls_certificate_expiry_timestamp_seconds",
                     route="Corp", host="mx1.corp.test",

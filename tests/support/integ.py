@@ -200,6 +200,22 @@ class InProcessRelay:
         self.scheduler.add(envelope)
         return envelope
 
+    async def send_and_settle(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes = BODY,
+        *,
+        when: Callable[[], object],
+        smtputf8: bool = False,
+    ) -> Envelope:
+        """``put`` a message, wait until ``when`` holds (a sink has it, a DSN came
+        back ...), then until nothing runs and nothing is due."""
+        envelope = self.put(sender, recipients, body, smtputf8=smtputf8)
+        await until(when, what="the message's outcome")
+        await idle(self)
+        return envelope
+
     def requeue(self) -> int:
         """Schedule every spooled message (what the daemon does at start)."""
         envelopes = list(self.spool.load_all())
