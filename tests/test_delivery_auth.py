@@ -16,7 +16,7 @@ import pytest
 
 from relay import audit, config, lint
 from relay.session import auth_mechanism
-from tests.support import configs
+from tests.support import configs, logs
 from tests.support.authsink import AuthSink, CramMd5Sink
 from tests.support.integ import InProcessRelay, integration_toml
 from tests.support.pki import Pki
@@ -27,34 +27,26 @@ PASSWORD = "s3cret-Pa55word"
 DNS = SimpleNamespace(ip="127.0.0.1", port=53)  # every host is an IP literal: never asked
 
 
-class Events(logging.Handler):
+class Events:
     """Every relay event as text (the event and its fields), for leak checks."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", {})
-        pairs = " ".join(f"{key}={value}" for key, value in fields.items())
-        self.lines.append(f"{record.getMessage()} {pairs}")
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
 
     def text(self) -> str:
         return "\n".join(self.lines)
 
 
+def _as_text(record: logging.LogRecord) -> str:
+    fields = getattr(record, "fields", {})
+    pairs = " ".join(f"{key}={value}" for key, value in fields.items())
+    return f"{record.getMessage()} {pairs}"
+
+
 @contextlib.contextmanager
 def events() -> Iterator[Events]:
-    handler = Events()
-    logger = logging.getLogger("relay")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+    with logs.captured(_as_text, logging.DEBUG) as lines:
+        yield Events(lines)
 
 
 def password_file(tmp_path: Path, password: str = PASSWORD, mode: int = 0o600) -> Path:

@@ -9,13 +9,10 @@ names through dnsmasq, the whole scheduler and deliverer (tests/support/integ.py
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
-import logging
 import ssl
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from relay.errors import TlsFailure
 from relay.expiry import ExpiryWatch
 from relay.lint import warnings
 from relay.metrics import Metrics
-from tests.support import configs
+from tests.support import configs, logs
 from tests.support.integ import (
     SENDER,
     InProcessRelay,
@@ -64,28 +61,6 @@ def _not_after(chain: Path) -> float:
     return ssl.cert_time_to_seconds(decoded["notAfter"])
 
 
-@contextlib.contextmanager
-def _events(name: str) -> Iterator[list[dict[str, object]]]:
-    """The fields of every ``name`` log line logged inside the block."""
-    lines: list[dict[str, object]] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage() == name:
-                lines.append({"level": record.levelname, **record.fields})  # type: ignore[attr-defined]
-
-    handler = Keep()
-    logger = logging.getLogger("relay")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-
-
 # --- on_tls_failure = "defer" ---------------------------------------------------------
 
 
@@ -99,7 +74,7 @@ async def test_defer_keeps_the_message_until_a_fixed_certificate_delivers_it(
     port = expired.port
     toml = integration_toml(tmp_path, server, _routes(port, dsn_sink, DEFER), RULES,
                        ca_file=pki.ca_file)  # fmt: skip
-    with _events("tls_deferred") as held:
+    with logs.captured(logs.fields_of("tls_deferred")) as held:
         async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             # Several attempts, each deferred (min_backoff 100ms): not bounced.
@@ -186,7 +161,7 @@ async def test_expiry_gauge_and_one_warning_a_day_per_host(tmp_path, dnsmasq, ds
     async with Sink(tls_context=tls.server_context(chain, key)) as sink:
         routes = _routes(sink.port, dsn_sink, mx_lookup=True)
         toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
-        with _events("tls_certificate_expiring") as warned:
+        with logs.captured(logs.fields_of("tls_certificate_expiring")) as warned:
             async with InProcessRelay(tmp_path, toml) as relay:
                 for n in (1, 2):
                     await relay.send_and_settle(
@@ -214,7 +189,7 @@ async def test_a_certificate_far_from_expiry_is_recorded_not_warned(tmp_path, dn
     async with Sink(tls_context=tls.server_context(chain, key)) as sink:
         toml = integration_toml(tmp_path, server, _routes(sink.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        with _events("tls_certificate_expiring") as warned:
+        with logs.captured(logs.fields_of("tls_certificate_expiring")) as warned:
             async with InProcessRelay(tmp_path, toml) as relay:
                 await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
                 expiry = relay.sample(
@@ -360,7 +335,7 @@ def test_watch_takes_the_earliest_host_warns_daily_and_forgets(tmp_path):
             "relay_tls_certificate_expiry_timestamp_seconds", {"route": route, "host": label}
         )
 
-    with _events("tls_certificate_expiring") as warned:
+    with logs.captured(logs.fields_of("tls_certificate_expiring")) as warned:
         watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 90 * day)
         watch.record("Split", "corp.test", "mx2.corp.test", clock.now + 10 * day)
         watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 90 * day)
