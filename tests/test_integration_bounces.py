@@ -260,10 +260,11 @@ async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
         max_lifetime="1h", min_backoff="10m", max_backoff="1h",
     )  # fmt: skip
     async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
-        relay.put(SENDER, ["bob@corp.test"])
-        await until(lambda: relay.sample("relay_recipients_total", route="Corp",
-                                         outcome="deferred"))  # fmt: skip
-        await idle(relay)
+        await relay.send_and_settle(
+            SENDER,
+            ["bob@corp.test"],
+            when=lambda: relay.sample("relay_recipients_total", route="Corp", outcome="deferred"),
+        )
         assert dsn_sink.connections == 0
         clock.advance(3600)
         relay.scheduler.flush()

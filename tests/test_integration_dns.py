@@ -141,10 +141,11 @@ async def test_servfail_defers(tmp_path, dnsmasq, mx_lookup):
     route = configs.route("Corp", host, 2525, mx_lookup=mx_lookup)
     toml = integration_toml(tmp_path, server, route, CORP, min_backoff="10m", max_backoff="1h")
     async with InProcessRelay(tmp_path, toml) as relay:
-        relay.put(SENDER, ["bob@corp.test"])
-        await until(lambda: relay.sample("relay_recipients_total", route="Corp",
-                                         outcome="deferred"))  # fmt: skip
-        await idle(relay)
+        await relay.send_and_settle(
+            SENDER,
+            ["bob@corp.test"],
+            when=lambda: relay.sample("relay_recipients_total", route="Corp", outcome="deferred"),
+        )
         [left] = relay.spooled()
         assert left.pending[0].last_reply.status == (4, 4, 3)
         # A DNS outage is not a configuration problem.

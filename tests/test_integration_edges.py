@@ -49,10 +49,13 @@ async def test_tls_failure_and_unreachable_defers(tmp_path, dnsmasq, dsn_sink):
         toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES,
                            min_backoff="10m", max_backoff="1h")  # fmt: skip
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: relay.sample("relay_recipients_total", route="Corp",
-                                             outcome="deferred"))  # fmt: skip
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER,
+                ["bob@corp.test"],
+                when=lambda: relay.sample(
+                    "relay_recipients_total", route="Corp", outcome="deferred"
+                ),
+            )
             [left] = relay.spooled()
             assert left.pending[0].address == "bob@corp.test"
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 0
@@ -152,10 +155,13 @@ async def test_undeliverable_dsn_is_retried_then_dropped(tmp_path, dnsmasq):
         toml = integration_toml(tmp_path, server, routes, RULES, max_lifetime="1h",
                            min_backoff="10m", max_backoff="1h")  # fmt: skip
         async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
-            relay.put(SENDER, ["bad@corp.test"])
-            await until(lambda: relay.sample("relay_recipients_total", route="Senders",
-                                             outcome="deferred"))  # fmt: skip
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER,
+                ["bad@corp.test"],
+                when=lambda: relay.sample(
+                    "relay_recipients_total", route="Senders", outcome="deferred"
+                ),
+            )
             [dsn] = relay.spooled()
             assert dsn.is_bounce and dsn.mail_from == ""
             clock.advance(3600)
