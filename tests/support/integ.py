@@ -7,11 +7,11 @@ run (the SMTP listeners and the control folder are built but not started)::
 
     async with Sink() as sink:
         server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
-        routes = route("Corp", "mx1.corp.test", sink.port)
-        toml = integration_toml(tmp_path, server, routes, rule("Corp", "@corp.test"))
+        routes = configs.route("Corp", "mx1.corp.test", sink.port)
+        rules = configs.rule("Corp", "@corp.test")
+        toml = integration_toml(tmp_path, server, routes, rules)
         async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put("alice@sender.test", ["bob@corp.test"])
-            await until(lambda: sink.messages)
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
 
 Sinks on other loopback addresses (127.0.0.2 ...) let two MX hosts share
 the route's one port, as they would on the internet.
