@@ -307,7 +307,7 @@ async def peek_certificate(key: HopKey, cfg: Config) -> certificate.Certificate 
 def _reply_in_buffer(protocol: Any) -> aiosmtplib.SMTPResponse | None:
     # aiosmtplib 5.1 parses one reply per data_received() and keeps the rest
     # of the bytes in its buffer; the replies to a pipelined group often
-    # arrive together. No test guards this private method yet.
+    # arrive together. A version-pin test guards this private method.
     reply: aiosmtplib.SMTPResponse | None = protocol._read_response_from_buffer()
     return reply
 
