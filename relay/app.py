@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import random
 import signal
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,75 @@ class PidFile:
         self._fd = None
 
 
+@dataclass(frozen=True)
+class Parts:
+    """One relay's components, wired to each other and to one config; nothing started.
+
+    Every component reads the config through ``config`` at each use, so a
+    reload is one reference swap behind that callable. The resolver and the
+    host health live in ``deliverer`` (``deliverer.resolver``, ``deliverer.health``).
+    """
+
+    config: Callable[[], Config]
+    metrics: Metrics
+    spool: Spool
+    deliverer: Deliverer
+    scheduler: Scheduler
+    inbound: Inbound
+    control: Control
+
+    def end_hold_downs(self) -> None:
+        """Every held-down next hop is due its probe now (a queue flush)."""
+        end_hold_downs(self.deliverer)
+
+    def flush(self) -> None:
+        """SIGUSR1: every message due now, and every held-down host due its probe."""
+        self.end_hold_downs()
+        self.scheduler.flush()
+
+
+def build(
+    config: Callable[[], Config],
+    *,
+    tls_context: Callable[[], ssl.SSLContext | None] = lambda: None,
+    fsync: bool = True,
+    clock: Callable[[], float] = time.time,
+    seed: int | None = None,
+) -> Parts:
+    """Wire a relay: the one place that says which component talks to which.
+
+    The daemon and the tests' in-process relay (tests/support/integ.py) both
+    build here, so what is tested is what ships. ``fsync``, ``clock`` and
+    ``seed`` (the delivery and retry jitter) are for tests; the daemon keeps
+    the defaults.
+    """
+    metrics = Metrics()
+    spool = Spool(config().queue.path, fsync=fsync)
+    deliverer = Deliverer(config, DnsResolver(config().dns), metrics, random.Random(seed))
+    scheduler = Scheduler(config, spool, deliverer, metrics, clock=clock, rng=random.Random(seed))
+    inbound = Inbound(
+        config,
+        spool,
+        metrics,
+        scheduler.add,
+        tls_context=tls_context,
+        clock=clock,
+        # A reload may replace the resolver: Received names use the current one.
+        resolver=lambda: deliverer.resolver,
+    )
+    control = Control(spool, scheduler, on_flush=lambda: end_hold_downs(deliverer))
+    return Parts(config, metrics, spool, deliverer, scheduler, inbound, control)
+
+
+def end_hold_downs(deliverer: Deliverer) -> None:
+    """End every hold-down (a queue flush), and log which hosts it freed."""
+    # A flush means "try now", as Postfix's postqueue -f also retries dead
+    # destinations: a held-down host would otherwise defer what was flushed.
+    hosts = deliverer.health.end_hold_downs()
+    if hosts:
+        events.log("hold_downs_ended", hosts=hosts)
+
+
 class Daemon:
     """One running relay. ``load`` reads the config (again, on SIGHUP)."""
 
@@ -114,16 +185,12 @@ class Daemon:
         self._load = load
         self._config = load()
         self._tls = _server_tls_context(self._config)
-        self.metrics = Metrics()
-        self.spool = Spool(self._config.queue.path)
-        self.deliverer = Deliverer(self.config, DnsResolver(self._config.dns), self.metrics)
+        self.parts = build(self.config, tls_context=self.tls_context)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[bool]] = set()
         self._reloading = asyncio.Lock()
         #: Set once the SMTP listeners are up (a reload may change them).
         self._inbound: Inbound | None = None
-        #: Set once the daemon runs: ``relay status`` reports its queue size.
-        self._scheduler: Scheduler | None = None
         self._started = time.time()
 
     def config(self) -> Config:
@@ -149,31 +216,22 @@ class Daemon:
             pid_file.remove()
 
     async def _serve(self, cfg: Config, pid_file: PidFile) -> int:
-        self.spool.open()
-        scheduler = Scheduler(self.config, self.spool, self.deliverer, self.metrics)
-        self._scheduler = scheduler
-        control = Control(self.spool, scheduler, on_flush=self._end_hold_downs)
+        self.parts.spool.open()
+        scheduler, control = self.parts.scheduler, self.parts.control
         control.open()
-        self._install_signals(scheduler, control)
+        self._install_signals(control)
         pid_file.write()
         recovered = 0
         unreadable: list[str] = []
-        for envelope in self.spool.load_all(unreadable=unreadable):
+        for envelope in self.parts.spool.load_all(unreadable=unreadable):
             scheduler.add(envelope)
             recovered += 1
         for qid in unreadable:
             events.error(
                 "dropped", id=qid, reason="unreadable envelope",
-                kept=str(self.spool.corrupt_dir),
+                kept=str(self.parts.spool.corrupt_dir),
             )  # fmt: skip
-        inbound = Inbound(
-            self.config,
-            self.spool,
-            self.metrics,
-            scheduler.add,
-            tls_context=self.tls_context,
-            resolver=lambda: self.deliverer.resolver,
-        )
+        inbound = self.parts.inbound
         metrics_server = None
         try:
             await inbound.start()
@@ -181,10 +239,10 @@ class Daemon:
             if cfg.metrics.listen is not None:
                 listen = cfg.metrics.listen
                 metrics_server = await metricsmod.serve(
-                    self.metrics,
+                    self.parts.metrics,
                     listen.host,
                     listen.port,
-                    healthy=self.spool.writable,
+                    healthy=self.parts.spool.writable,
                     status=self.status,
                 )
         except OSError as exc:
@@ -208,7 +266,7 @@ class Daemon:
             config=cfg.shown_source,
             listen=",".join(listen_texts(inbound)),
             metrics=str(cfg.metrics.listen) if cfg.metrics.listen is not None else "off",
-            spool=str(self.spool.path),
+            spool=str(self.parts.spool.path),
             recovered=recovered,
             pid=os.getpid(),
         )
@@ -236,8 +294,8 @@ class Daemon:
             "now": now,
             "config": str(cfg.source),
             "config_sha256": cfg.sha256,
-            "queue": len(self._scheduler) if self._scheduler is not None else 0,
-            "routes": self.deliverer.health.snapshot(cfg),
+            "queue": len(self.parts.scheduler),
+            "routes": self.parts.deliverer.health.snapshot(cfg),
         }
 
     async def _start_console(self, scheduler: Scheduler, control: Control) -> Any:
@@ -245,9 +303,9 @@ class Daemon:
         from relay import console
 
         services = console.Services(
-            config=self.config, reload=lambda: self.reload("console"), spool=self.spool,
-            scheduler=scheduler, control=control, metrics=self.metrics, started=self._started,
-            health=lambda: self.deliverer.health.snapshot(self._config),
+            config=self.config, reload=lambda: self.reload("console"), spool=self.parts.spool,
+            scheduler=scheduler, control=control, metrics=self.parts.metrics, started=self._started,
+            health=lambda: self.parts.deliverer.health.snapshot(self._config),
         )  # fmt: skip
         return await console.serve(services)
 
@@ -272,34 +330,22 @@ class Daemon:
         run_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await run_task
-        await self.deliverer.close()
+        await self.parts.deliverer.close()
         if metrics_server is not None:
             metrics_server.close()
             await metrics_server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
-        self.spool.close()
+        self.parts.spool.close()
         events.log("stopped")
 
-    def _install_signals(self, scheduler: Scheduler, control: Control) -> None:
+    def _install_signals(self, control: Control) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR2, control.wake)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, self._flush, scheduler)
+        loop.add_signal_handler(signal.SIGUSR1, self.parts.flush)
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
-
-    def _flush(self, scheduler: Scheduler) -> None:
-        """SIGUSR1: every message due now, and every held-down host due its probe."""
-        self._end_hold_downs()
-        scheduler.flush()
-
-    def _end_hold_downs(self) -> None:
-        # A flush means "try now", as Postfix's postqueue -f also retries dead
-        # destinations: a held-down host would otherwise defer what was flushed.
-        hosts = self.deliverer.health.end_hold_downs()
-        if hosts:
-            events.log("hold_downs_ended", hosts=hosts)
 
     def _spawn_reload(self) -> None:
         task = asyncio.create_task(self.reload())
@@ -326,7 +372,7 @@ class Daemon:
             self._refuse(old, exc.path, list(exc.problems), trigger)
             return False
         except (OSError, ssl.SSLError) as exc:
-            self.metrics.config_reloads.labels(result="error").inc()
+            self.parts.metrics.config_reloads.labels(result="error").inc()
             events.error("reload_failed", config=old.shown_source, error=str(exc))
             return False
         needs_restart = restart_problems(old, new)
@@ -340,10 +386,10 @@ class Daemon:
         # A CA file may have changed on disk under the same path.
         tls.client_context.cache_clear()
         if new.dns != old.dns:
-            self.deliverer.use_resolver(DnsResolver(new.dns))
+            self.parts.deliverer.use_resolver(DnsResolver(new.dns))
         # Hosts still in the config keep their hold-down; removed ones are forgotten.
-        self.deliverer.health.reconfigure(new)
-        self.metrics.config_reloads.labels(result="success").inc()
+        self.parts.deliverer.health.reconfigure(new)
+        self.parts.metrics.config_reloads.labels(result="success").inc()
         if new.log != old.log:
             events.setup(new.log.format, new.log.level)
         self._applied(new, "reload", old, trigger)
@@ -380,7 +426,7 @@ class Daemon:
         trigger: str = "SIGHUP",
     ) -> None:
         """A loaded config cannot be applied: count, log and audit it; ``old`` keeps running."""
-        self.metrics.config_reloads.labels(result="error").inc()
+        self.parts.metrics.config_reloads.labels(result="error").inc()
         events.error("reload_failed", config=str(source), problems=len(problems))
         for problem in problems:
             events.error("reload_problem", problem=str(problem))

@@ -5,6 +5,29 @@ RFC 3463. Every status that reaches the wire or a delivery status
 notification is a :class:`Reply` built here. This module is a leaf: it
 imports nothing from relay at run time (the certificate type is named
 for annotations only).
+
+The failure classes, each carrying the Reply a client or a DSN sees::
+
+    RelayError                      451 4.3.0 unless a subclass says otherwise
+    ├── TemporaryFailure            4xx: deferred, retried until queue.max_lifetime
+    │   ├── DnsTemporary            SERVFAIL, timeout, no nameserver answered
+    │   ├── RouteMisconfigured      a configured name does not resolve (never bounced)
+    │   ├── HostUnreachable         refused, timed out, or a 4xx/5xx greeting
+    │   ├── ConnectionLost          dropped or silent mid-transaction
+    │   │   └── ReplyLost           ... after the final dot: maybe delivered
+    │   ├── NotTried                the attempt's address budget ran out
+    │   ├── AuthFailed              SMTP AUTH to the next hop failed
+    │   └── RemoteTemporary         the next hop's own 4xx, verbatim
+    ├── PermanentFailure            5xx: bounced now
+    │   ├── NoSuchDomain            NXDOMAIN
+    │   ├── NullMx                  RFC 7505 ``MX 0 .``
+    │   ├── NoRoute                 no MX and no address record
+    │   └── RemotePermanent         the next hop's own 5xx, verbatim
+    ├── TlsPolicyFailure            one host failed the route's TLS policy (a TlsFailure)
+    └── SpoolError                  the spool could not store or update a message
+        └── SpoolFull               no space left on the spool's file system
+
+:class:`TlsFailure` is an enum of the failed check, not an exception.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the contract, defined once, and the HTTP endpoint.
+"""Every Prometheus metric (README.md "Metrics and health"), defined once, and the HTTP endpoint.
 
 Label values come only from configuration (route names, configured host
 names) and small closed sets (result, reason, outcome): never from
@@ -42,7 +42,7 @@ HOST_STATES = ("down", "up")
 
 
 class Metrics:
-    """The contract's metrics on one registry."""
+    """Every metric README.md documents, on one registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

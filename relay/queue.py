@@ -604,7 +604,7 @@ class Scheduler:
             "expired", id=envelope.id, to=f"<{rcpt.address}>", route=route,
             age=round(now - envelope.received_at), reply=str(last or ""),
         )  # fmt: skip
-        # Issue #5: Status 4.4.7 with Action: failed, Diagnostic-Code the last error.
+        # docs/queue.md: Status 4.4.7 with Action: failed, Diagnostic-Code the last error.
         return Failure(
             address=rcpt.address,
             reply=last or errors.DELIVERY_EXPIRED,

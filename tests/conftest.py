@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-# Fixtures of the delivery tests (pki, closing), shared by several modules.
-pytest_plugins = ["tests.support.delivery"]
+# Fixtures shared by several modules: the delivery tests' (pki, closing) and
+# the in-process relay's (dnsmasq, dsn_sink).
+pytest_plugins = ["tests.support.delivery", "tests.support.integ"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,59 +17,19 @@ import pytest
 from relay import app, errors
 from relay import version as relay_version
 from relay.spool import Spool
-from tests.support.inbound import ROOT, config_text
-from tests.support.procs import RelayProcess, free_port
+from tests.support.inbound import ROOT
+from tests.support.procs import DaemonUnderTest, RelayProcess, free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 
 
-class Relay:
-    """A config file on free ports plus the process that runs it."""
-
-    def __init__(self, tmp_path: Path, listen: str | None = None) -> None:
-        self.tmp_path = tmp_path
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.spool_dir = tmp_path / "spool"
-        self.config = tmp_path / "relay.toml"
-        self.listen = listen or f'["127.0.0.1:{self.port}"]'
-        self.write()
-        self.process = RelayProcess(self.config, cwd=tmp_path)
-
-    def write(self, **kwargs: object) -> None:
-        text = config_text(
-            self.spool_dir,
-            metrics=f"127.0.0.1:{self.metrics_port}",
-            listen=self.listen,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        self.config.write_text(text)
-
-    def smtp(self) -> smtplib.SMTP:
-        client = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
-        client.ehlo("client.test")
-        return client
-
-    def metric(self, line_start: str) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text: str = resp.read().decode()
-        return "\n".join(line for line in text.splitlines() if line.startswith(line_start))
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.process.cli(*args, config=self.config)
-
-
 @pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    r = Relay(tmp_path)
-    try:
-        yield r
-    finally:
-        r.process.stop()
+def relay(tmp_path: Path) -> Iterator[DaemonUnderTest]:
+    with DaemonUnderTest(tmp_path) as daemon:
+        yield daemon
 
 
-def send(relay: Relay, rcpt: str = "user@example.com") -> None:
+def send(relay: DaemonUnderTest, rcpt: str = "user@example.com") -> None:
     client = relay.smtp()
     try:
         assert client.sendmail("sender@example.org", [rcpt], MSG) == {}
@@ -77,7 +37,7 @@ def send(relay: Relay, rcpt: str = "user@example.com") -> None:
         client.quit()
 
 
-def test_kill_9_after_250_then_next_start_recovers(relay: Relay) -> None:
+def test_kill_9_after_250_then_next_start_recovers(relay: DaemonUnderTest) -> None:
     relay.process.start(wait_for="event=started")
     client = relay.smtp()
     client.mail("sender@example.org")
@@ -102,7 +62,7 @@ def test_kill_9_after_250_then_next_start_recovers(relay: Relay) -> None:
     assert queue_id in listed.stdout, listed.stderr
 
 
-def test_sigterm_421_to_open_sessions_exit_0_spool_kept(relay: Relay) -> None:
+def test_sigterm_421_to_open_sessions_exit_0_spool_kept(relay: DaemonUnderTest) -> None:
     relay.process.start(wait_for="event=started")
     send(relay)
     pid_file = relay.spool_dir / "relay.pid"
@@ -125,7 +85,7 @@ def test_sigterm_421_to_open_sessions_exit_0_spool_kept(relay: Relay) -> None:
     assert len(list(Spool(relay.spool_dir).load_all())) == 1
 
 
-def test_sighup_refuses_invalid_config_then_applies_valid_one(relay: Relay) -> None:
+def test_sighup_refuses_invalid_config_then_applies_valid_one(relay: DaemonUnderTest) -> None:
     relay.process.start(wait_for="event=started")
     client = relay.smtp()
     client.mail("sender@example.org")
@@ -153,7 +113,7 @@ def test_sighup_refuses_invalid_config_then_applies_valid_one(relay: Relay) -> N
     client.quit()
 
 
-def test_queue_flush_and_reload_commands_signal_the_daemon(relay: Relay) -> None:
+def test_queue_flush_and_reload_commands_signal_the_daemon(relay: DaemonUnderTest) -> None:
     relay.process.start(wait_for="event=started")
     send(relay)
     done = relay.cli("queue", "flush")
@@ -171,10 +131,10 @@ def test_queue_flush_and_reload_commands_signal_the_daemon(relay: Relay) -> None
     assert list(Spool(relay.spool_dir).load_all()) == []
 
 
-def test_second_daemon_on_same_spool_refuses(relay: Relay, tmp_path: Path) -> None:
+def test_second_daemon_on_same_spool_refuses(relay: DaemonUnderTest, tmp_path: Path) -> None:
     relay.process.start(wait_for="event=started")
     (tmp_path / "other").mkdir()
-    other = Relay(tmp_path / "other")
+    other = DaemonUnderTest(tmp_path / "other")
     other.spool_dir = relay.spool_dir
     other.write()
     other.process.start(wait_for="event=already_running")
@@ -187,7 +147,7 @@ def test_listens_on_ipv4_and_ipv6(tmp_path: Path) -> None:
     except OSError:
         pytest.skip("no IPv6 loopback")
     port4 = free_port()
-    r = Relay(tmp_path, listen=f'["127.0.0.1:{port4}", "[::1]:{port6}"]')
+    r = DaemonUnderTest(tmp_path, listen=[f"127.0.0.1:{port4}", f"[::1]:{port6}"])
     try:
         r.process.start(wait_for="event=started")
         for host, port in (("127.0.0.1", port4), ("::1", port6)):
@@ -251,7 +211,7 @@ def test_embedded_default_matches_config_relay_toml() -> None:
         assert getattr(embedded.queue, field) == getattr(shipped.queue, field), field
 
 
-def test_started_line_names_version_config_and_addresses(relay: Relay) -> None:
+def test_started_line_names_version_config_and_addresses(relay: DaemonUnderTest) -> None:
     relay.process.start(wait_for="event=started")
     [line] = [x for x in relay.process.log.splitlines() if "event=started" in x]
     assert f"version={relay_version()}" in line

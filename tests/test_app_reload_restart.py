@@ -8,12 +8,9 @@ as an error, audited as reload_refused -- and the old config runs on, so
 
 from __future__ import annotations
 
-import json
 import signal
 import smtplib
-import subprocess
 import tomllib
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,62 +18,27 @@ import pytest
 
 from relay import app, configload
 from relay.config import Config
-from tests.support.inbound import config_text
-from tests.support.procs import RelayProcess, free_port
+from tests.support.inbound import inbound_toml
+from tests.support.procs import DaemonUnderTest, free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 
 
-class Relay:
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.config = tmp_path / "relay.toml"
-        self.audit = tmp_path / "audit.log"
-        self.write()
-        self.process = RelayProcess(self.config, cwd=tmp_path)
-
-    def write(self, spool: str = "spool", metrics: int | None = None, lifetime: str = "5d") -> None:
-        text = config_text(
-            self.tmp_path / spool,
-            metrics=f"127.0.0.1:{metrics or self.metrics_port}",
-            listen=f'["127.0.0.1:{self.port}"]',
-            extra=f'\n[audit]\npath = "{self.audit}"\n',
-        )
-        text = text.replace("\n[metrics]", f'max_lifetime = "{lifetime}"\n\n[metrics]', 1)
-        self.config.write_text(text)
-
-    def reloads(self, result: str) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text: str = resp.read().decode()
-        needle = f'relay_config_reloads_total{{result="{result}"}} '
-        return next(line for line in text.splitlines() if line.startswith(needle))[len(needle) :]
-
-    def audit_entries(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.audit.read_text().splitlines()]
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.process.cli(*args, config=self.config)
-
-
 @pytest.fixture
-def relay(tmp_path: Path) -> Iterator[Relay]:
-    r = Relay(tmp_path)
-    try:
-        yield r
-    finally:
-        r.process.stop()
+def relay(tmp_path: Path) -> Iterator[DaemonUnderTest]:
+    with DaemonUnderTest(tmp_path) as daemon:
+        yield daemon
 
 
-def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(relay: Relay) -> None:
+def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(
+    relay: DaemonUnderTest,
+) -> None:
     relay.process.start(wait_for="event=started")
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         client.ehlo("client.test")
         assert client.sendmail("s@example.org", ["user@example.com"], MSG) == {}
     new_metrics = free_port()
-    relay.write(spool="elsewhere", metrics=new_metrics)
+    relay.write(spool=relay.tmp_path / "elsewhere", metrics=new_metrics)
     relay.process.signal(signal.SIGHUP)
     relay.process.wait_log("event=reload_failed")
     log = relay.process.log
@@ -102,7 +64,7 @@ def test_reload_moving_spool_and_metrics_is_refused_and_old_config_runs_on(relay
     relay.process.wait_log("reason=reload")
 
 
-def test_queue_durations_apply_on_reload(relay: Relay) -> None:
+def test_queue_durations_apply_on_reload(relay: DaemonUnderTest) -> None:
     relay.process.start(wait_for="event=started")
     relay.write(lifetime="2d")
     relay.process.signal(signal.SIGHUP)
@@ -114,7 +76,7 @@ def test_queue_durations_apply_on_reload(relay: Relay) -> None:
 
 
 def _config(tmp_path: Path, **kwargs: object) -> Config:
-    text = config_text(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
+    text = inbound_toml(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
     return configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
 
 
@@ -123,7 +85,7 @@ def test_restart_problems_names_only_path_and_metrics_listen(tmp_path: Path) -> 
     same = _config(tmp_path, metrics="127.0.0.1:9325", timeout="1m")
     assert app.restart_problems(old, same) == []
     moved = configload.parse(
-        tomllib.loads(config_text(tmp_path / "other", metrics="")), tmp_path / "relay.toml"
+        tomllib.loads(inbound_toml(tmp_path / "other", metrics="")), tmp_path / "relay.toml"
     )
     problems = app.restart_problems(old, moved)
     assert [(p.where, p.field) for p in problems] == [("queue", "path"), ("metrics", "listen")]

@@ -21,9 +21,10 @@ import pytest
 import pytest_asyncio
 
 from tests.support.console import PASSWORD, USER, console_config, login
-from tests.support.opsd import send, wait_log, wait_until
+from tests.support.opsd import send, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -163,7 +164,7 @@ async def test_a_saved_route_changes_where_the_next_message_goes(console: Consol
     assert "This comment must survive a save." in text
     assert "# Where example.com goes (kept by the console)." in text
     await send(console.smtp, "s@sender.test", ["x@new.test"])
-    await wait_until(lambda: len(console.a.messages) + len(console.b.messages) == 1, "delivery")
+    await until(lambda: len(console.a.messages) + len(console.b.messages) == 1, what="delivery")
     assert console.sink.messages == []
     async with console.client.get(console.base + "/api/routes") as response:
         routes = {r["name"]: r for r in (await response.json())["routes"]}

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.console import PASSWORD, USER, console_config
-from tests.support.opsd import send, wait_until
+from tests.support.opsd import send
 from tests.support.peers import require_binary
 from tests.support.pki import Pki
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -164,7 +165,7 @@ async def test_add_a_route_in_the_browser_then_mail_goes_there(tmp_path: Path) -
             base = f"http://127.0.0.1:{admin}"
             await asyncio.to_thread(_walk, base, shots, tmp_path / "profile", ports, path)
             await send(smtp, "s@sender.test", ["x@new.test"])
-            await wait_until(lambda: len(a.messages) + len(b.messages) == 1, "delivery to Split")
+            await until(lambda: len(a.messages) + len(b.messages) == 1, what="delivery to Split")
         finally:
             proc.stop()
         assert sink.messages == []

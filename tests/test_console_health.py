@@ -7,9 +7,10 @@ import asyncio
 import aiohttp
 import pytest
 
+from tests.support import configs
 from tests.support.console import console_config, login
 from tests.support.hosts import closed_port
-from tests.support.opsd import route_toml, rule_toml, send
+from tests.support.opsd import send
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
 
@@ -28,7 +29,7 @@ async def test_a_host_that_refuses_connections_shows_down_on_routes_and_status(t
     path = tmp_path / "relay.toml"
     text = console_config(tmp_path, smtp, free_port(), admin, sink.port)
     dead = closed_port()
-    path.write_text(text + route_toml("Dead", dead) + rule_toml("Dead", "@new.test"))
+    path.write_text(text + configs.route("Dead", port=dead) + configs.rule("Dead", "@new.test"))
     proc = RelayProcess(path)
     proc.start(wait_for="event=started")
     base = f"http://127.0.0.1:{admin}"

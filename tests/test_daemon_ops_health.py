@@ -1,4 +1,4 @@
-"""Issue #6 at the daemon level: /healthz follows whether the spool is really writable.
+"""Operations at the daemon level: /healthz follows whether the spool is really writable.
 
 The spool lives on a small tmpfs the test mounts (tests run as root;
 skipped where mounting is not allowed) and remounts read-only while
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from relay import errors
+from tests.support import configs
 from tests.support.fs import tmpfs
 from tests.support.inbound import RawClient
-from tests.support.opsd import http_get, route_toml, rule_toml, samples, send, value
+from tests.support.opsd import http_get, samples, send, value
 from tests.support.procs import RelayProcess, free_port
 
 
@@ -39,15 +40,12 @@ async def test_healthz_503_while_spool_is_read_only_then_200_again(
 ) -> None:
     smtp, metrics = free_port(), free_port()
     path = tmp_path / "relay.toml"
-    path.write_text(
-        f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com"]\n\n'
-        f'[queue]\npath = "{spool_fs / "spool"}"\nmin_backoff = "1h"\n\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-        f'[audit]\npath = "{tmp_path / "audit.log"}"\n\n'
-        + route_toml("Sink", free_port())
-        + rule_toml("Sink", "@example.com")
-    )
+    text = configs.daemon_toml(
+        tmp_path, smtp, metrics, ["example.com"],
+        configs.route("Sink", port=free_port()), configs.rule("Sink", "@example.com"),
+        queue={"path": spool_fs / "spool", "min_backoff": "1h"},
+    )  # fmt: skip
+    path.write_text(text)
     proc = RelayProcess(path, cwd=tmp_path).start(wait_for="event=started")
     try:
         assert await http_get(metrics, "/healthz") == (200, "ok\n")

@@ -1,4 +1,4 @@
-"""Issue #6 at the daemon level: /metrics after known traffic, and the JSON log story.
+"""Operations at the daemon level: /metrics after known traffic, and the JSON log story.
 
 One ``relay run`` subprocess for the module (JSON logs); the sinks run
 in-process on the module's event loop. Known traffic: 3 messages
@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from relay import metrics
+from tests.support import configs
 from tests.support.dnsserver import DnsServer, dnsmasq_servers
 from tests.support.inbound import RawClient
 from tests.support.opsd import (
@@ -28,8 +29,6 @@ from tests.support.opsd import (
     json_lines,
     matching,
     nonzero,
-    route_toml,
-    rule_toml,
     samples,
     send,
     value,
@@ -82,27 +81,26 @@ def config(
     fallback: int,
 ) -> str:
     refused = free_port()  # nothing listens there: connection refused
-    return (
-        f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com", "refused.test", "strict.test", "typo.test", "fallback.test"]\n\n'
-        f'[dns]\nnameservers = ["{dns.ip}:{dns.port}"]\ntimeout = "2s"\n\n'
-        f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\nmax_backoff = "2h"\n\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-        f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
-        '[log]\nformat = "json"\n\n'
-        '[bounces]\nroute = "Bounces"\n\n'
-        + route_toml("Sink", sink, host=SINK_HOST)
-        + route_toml("Refused", refused)
-        + route_toml("Strict", strict, require_tls=True)
-        + route_toml("Bounces", bounce)
-        + route_toml("Typo", free_port(), host="nxhost.test")
-        + route_toml("Fallback", fallback)
-        + rule_toml("Sink", "@example.com")
-        + rule_toml("Refused", "@refused.test")
-        + rule_toml("Strict", "@strict.test")
-        + rule_toml("Typo", "@typo.test")
-        + rule_toml("Fallback", "@fallback.test")
+    domains = ["example.com", "refused.test", "strict.test", "typo.test", "fallback.test"]
+    routes = (
+        configs.route("Sink", port=sink, host=SINK_HOST)
+        + configs.route("Refused", port=refused)
+        + configs.route("Strict", port=strict, require_tls=True)
+        + configs.route("Bounces", port=bounce)
+        + configs.route("Typo", port=free_port(), host="nxhost.test")
+        + configs.route("Fallback", port=fallback)
+        + configs.rule("Sink", "@example.com")
+        + configs.rule("Refused", "@refused.test")
+        + configs.rule("Strict", "@strict.test")
+        + configs.rule("Typo", "@typo.test")
+        + configs.rule("Fallback", "@fallback.test")
     )
+    return configs.daemon_toml(
+        tmp, smtp, metrics, domains, routes, "",
+        dns={"nameservers": [f"{dns.ip}:{dns.port}"], "timeout": "2s"},
+        queue={"min_backoff": "1h", "max_backoff": "2h"},
+        log={"format": "json"}, bounces={"route": "Bounces"},
+    )  # fmt: skip
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -17,9 +17,11 @@ import pytest
 import pytest_asyncio
 
 from relay.spool import Spool
-from tests.support.opsd import cli, route_toml, rule_toml, send, wait_log, wait_until
+from tests.support import configs
+from tests.support.opsd import cli, send, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -57,17 +59,13 @@ async def daemon(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Daem
     async with Sink(replies={"RCPT": ["451 4.3.0 busy now"]}) as busy:
         path = tmp / "relay.toml"
         smtp, metrics, down = free_port(), free_port(), free_port()
-        path.write_text(
-            f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-            'domains = ["down.test", "busy.test"]\n\n'
-            f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\nmax_backoff = "10h"\n\n'
-            f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-            f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
-            + route_toml("Down", down)
-            + route_toml("Busy", busy.port)
-            + rule_toml("Down", "@down.test")
-            + rule_toml("Busy", "@busy.test")
-        )
+        routes = configs.route("Down", port=down) + configs.route("Busy", port=busy.port)
+        rules = configs.rule("Down", "@down.test") + configs.rule("Busy", "@busy.test")
+        text = configs.daemon_toml(
+            tmp, smtp, metrics, ["down.test", "busy.test"], routes, rules,
+            queue={"min_backoff": "1h", "max_backoff": "10h"},
+        )  # fmt: skip
+        path.write_text(text)
         proc = RelayProcess(path, cwd=tmp)
         proc.start(wait_for="event=started")
         try:
@@ -162,7 +160,7 @@ async def test_held_message_is_never_tried_survives_restart_and_goes_at_release(
     released = await cli(daemon.proc, daemon.path, "queue", "release", m)
     assert released.returncode == 0, released.stderr
     # Tried at once, although its retry was an hour away.
-    await wait_until(lambda: len(daemon.busy.messages) == 1, "the released message delivered")
+    await until(lambda: len(daemon.busy.messages) == 1, what="the released message delivered")
     assert daemon.busy.messages[0].rcpt_tos == ["m@busy.test"]
     events = [(e["event"], e["ids"], e["via"]) for e in daemon.audit()]
     assert ("queue_hold", [m], "daemon") in events

@@ -1,4 +1,4 @@
-"""Issue #6 at the daemon level: SIGHUP / ``relay reload``, the audit log, text logs.
+"""Operations at the daemon level: SIGHUP / ``relay reload``, the audit log, text logs.
 
 One ``relay run`` subprocess for the module (text logs); sinks in-process.
 The tests run in file order on that one daemon: first a refused reload,
@@ -19,21 +19,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.support import configs
 from tests.support.inbound import RawClient
-from tests.support.opsd import (
-    cli,
-    http_get,
-    route_toml,
-    rule_toml,
-    samples,
-    send,
-    send_on,
-    value,
-    wait_log,
-    wait_until,
-)
+from tests.support.opsd import cli, http_get, samples, send, send_on, value, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -61,23 +52,30 @@ class Daemon:
 
     def write(self, *, new: bool = False, spare_port: int | None = None) -> None:
         """Config A (``new=False``) or B: B adds route New, routes old.test to it, removes Old."""
-        domains = '"example.com", "old.test", "guarded.test"' + (', "new.test"' if new else "")
-        listen = ", ".join(f'"127.0.0.1:{port}"' for port in self.ports or [self.smtp])
-        text = (
-            f'[server]\nhostname = "relay.test"\nlisten = [{listen}]\n'
-            f"domains = [{domains}]\n\n"
-            f'[queue]\npath = "{self.tmp / "spool"}"\nmin_backoff = "1h"\n\n'
-            f'[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n\n'
-            f'[audit]\npath = "{self.tmp / "audit.log"}"\n\n'
-            '[bounces]\nroute = "Sink"\n\n'
-            + route_toml("Sink", self.sink.port)
-            + route_toml("Guarded", self.sink.port, require_tls=self.guarded_tls)
-            + route_toml("Spare", spare_port or self.spare_port)
-            + (route_toml("New", self.new_sink.port) if new else route_toml("Old", self.old_port))
-            + rule_toml("Sink", "@example.com")
-            + rule_toml("Guarded", "@guarded.test")
-            + (rule_toml("New", "@new.test", "@old.test") if new else rule_toml("Old", "@old.test"))
+        domains = ["example.com", "old.test", "guarded.test"] + (["new.test"] if new else [])
+        routes = (
+            configs.route("Sink", port=self.sink.port)
+            + configs.route("Guarded", port=self.sink.port, require_tls=self.guarded_tls)
+            + configs.route("Spare", port=spare_port or self.spare_port)
+            + (
+                configs.route("New", port=self.new_sink.port)
+                if new
+                else configs.route("Old", port=self.old_port)
+            )
         )
+        rules = (
+            configs.rule("Sink", "@example.com")
+            + configs.rule("Guarded", "@guarded.test")
+            + (
+                configs.rule("New", "@new.test", "@old.test")
+                if new
+                else configs.rule("Old", "@old.test")
+            )
+        )
+        text = configs.daemon_toml(
+            self.tmp, self.ports or self.smtp, self.metrics, domains, routes, rules,
+            queue={"min_backoff": "1h"}, bounces={"route": "Sink"},
+        )  # fmt: skip
         self.path.write_text(text)
 
     async def reloads(self, result: str) -> float | None:
@@ -144,7 +142,7 @@ async def test_invalid_reload_is_refused_logged_counted_audited(daemon: Daemon) 
     # Still serving on the old config: mail to an old route is delivered.
     delivered = len(daemon.sink.messages)
     await send(daemon.smtp, SENDER, ["b@example.com"])
-    await wait_until(lambda: len(daemon.sink.messages) > delivered, "delivery after refusal")
+    await until(lambda: len(daemon.sink.messages) > delivered, what="delivery after refusal")
     daemon.path.write_text(good)
 
 
@@ -179,7 +177,7 @@ async def test_reload_adds_route_and_rule_open_session_survives(daemon: Daemon) 
         assert (await client.cmd("QUIT"))[0] == 221
     finally:
         await client.close()
-    await wait_until(lambda: len(daemon.new_sink.messages) == 1, "delivery on route New")
+    await until(lambda: len(daemon.new_sink.messages) == 1, what="delivery on route New")
     assert daemon.new_sink.messages[0].rcpt_tos == ["x@new.test"]
     await wait_log(daemon.proc, f"event=delivered id={qid}")
     attempt = next(line for line in daemon.proc.log.splitlines() if f"attempt id={qid}" in line)
@@ -233,7 +231,7 @@ async def test_reload_removing_a_listener_keeps_its_open_sessions(daemon: Daemon
         await client.close()
     await wait_log(daemon.proc, f"event=delivered id={qid}")
     await send(daemon.smtp2, SENDER, ["w@new.test"])
-    await wait_until(lambda: len(daemon.new_sink.messages) == 4, "delivery via the new listener")
+    await until(lambda: len(daemon.new_sink.messages) == 4, what="delivery via the new listener")
 
 
 async def test_reload_to_an_address_in_use_is_refused_listeners_unchanged(daemon: Daemon) -> None:
@@ -262,18 +260,18 @@ async def test_reload_changes_tls_policy_for_the_next_attempt(daemon: Daemon) ->
     daemon.write(new=True)
     done = await cli(daemon.proc, daemon.path, "reload")
     assert done.returncode == 0, done.stderr
-    await wait_until(
+    await until(
         lambda: (
             daemon.audit_entries()[-1].get("changes", {}).get("routes", {}).get("changed")
             == {"Guarded": {"require_tls": [False, True]}}
         ),
-        "the reload audited",
+        what="the reload audited",
     )
     # The same host, plaintext only: now it fails the route's TLS policy.
     after = await send(daemon.smtp2, SENDER, ["g2@guarded.test"])
     await wait_log(daemon.proc, f"event=bounced id={after}")
     attempt = next(line for line in daemon.proc.log.splitlines() if f"attempt id={after}" in line)
     assert "route=Guarded" in attempt and "result=tls_failed" in attempt, attempt
-    await wait_until(
-        lambda: any(m.rcpt_tos == [SENDER] for m in daemon.sink.messages), "the DSN on Sink"
+    await until(
+        lambda: any(m.rcpt_tos == [SENDER] for m in daemon.sink.messages), what="the DSN on Sink"
     )

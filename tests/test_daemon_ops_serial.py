@@ -13,13 +13,13 @@ from pathlib import Path
 
 from relay import configload
 from relay.app import Daemon
-from tests.support.inbound import config_text
+from tests.support.inbound import inbound_toml
 from tests.support.procs import free_port
 
 
 async def test_overlapping_reloads_apply_one_change_once(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
-    text = config_text(tmp_path / "spool", listen=f'["127.0.0.1:{free_port()}"]')
+    text = inbound_toml(tmp_path / "spool", listen=[f"127.0.0.1:{free_port()}"])
     text += f'\n[audit]\npath = "{tmp_path / "audit.log"}"\n'
     path.write_text(text)
     daemon = Daemon(lambda: configload.load(path))
@@ -27,7 +27,7 @@ async def test_overlapping_reloads_apply_one_change_once(tmp_path: Path) -> None
     try:
         assert await asyncio.gather(daemon.reload(), daemon.reload()) == [True, True]
     finally:
-        await daemon.deliverer.close()
+        await daemon.parts.deliverer.close()
     first, second = (json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines())
     assert first["changes"]["server"] == {"hostname": ["relay.test", "relay2.test"]}
     assert second["unchanged"] is True and second["changes"]["server"] == {}

@@ -10,33 +10,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.support import configs
 from tests.support.hosts import closed_port
-from tests.support.opsd import (
-    cli,
-    http_get,
-    route_toml,
-    rule_toml,
-    samples,
-    send,
-    value,
-    wait_log,
-    wait_until,
-)
+from tests.support.opsd import cli, http_get, samples, send, value, wait_log
 from tests.support.procs import RelayProcess, free_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 SENDER = "s@sender.test"
 
 
 def write_config(path: Path, tmp: Path, smtp: int, metrics: int, routes: str, rules: str) -> None:
-    path.write_text(
-        f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com", "other.com"]\n\n'
-        f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\n\n'
-        '[delivery]\nconnect_timeout = "2s"\nhold_down = "10m"\n\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-        f'[audit]\npath = "{tmp / "audit.log"}"\n\n' + routes + rules
-    )
+    text = configs.daemon_toml(
+        tmp, smtp, metrics, ["example.com", "other.com"], routes, rules,
+        queue={"min_backoff": "1h"}, delivery={"connect_timeout": "2s", "hold_down": "10m"},
+    )  # fmt: skip
+    path.write_text(text)
 
 
 def host_entry(report: dict[str, object], route: str) -> list[dict[str, object]]:
@@ -49,8 +38,8 @@ def host_entry(report: dict[str, object], route: str) -> list[dict[str, object]]
 async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Path) -> None:
     smtp, metrics, sick, other = free_port(), free_port(), closed_port(), closed_port()
     path = tmp_path / "relay.toml"
-    routes = route_toml("Sick", sick) + route_toml("Other", other)
-    rules = rule_toml("Sick", "@example.com") + rule_toml("Other", "@other.com")
+    routes = configs.route("Sick", port=sick) + configs.route("Other", port=other)
+    rules = configs.rule("Sick", "@example.com") + configs.rule("Other", "@other.com")
     write_config(path, tmp_path, smtp, metrics, routes, rules)
     proc = RelayProcess(path, cwd=tmp_path).start(wait_for="event=started")
     try:
@@ -82,7 +71,7 @@ async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Pat
         # Reload: route Sick keeps its host (still down), route Other's host
         # is replaced (its hold-down is forgotten with it).
         replaced = closed_port()
-        routes = route_toml("Sick", sick) + route_toml("Other", replaced)
+        routes = configs.route("Sick", port=sick) + configs.route("Other", port=replaced)
         write_config(path, tmp_path, smtp, metrics, routes, rules)
         assert (await cli(proc, path, "reload")).returncode == 0
         await wait_log(proc, "event=config_applied", count=2)
@@ -97,7 +86,7 @@ async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Pat
         async with Sink(port=sick) as back:
             assert (await cli(proc, path, "queue", "flush")).returncode == 0
             await wait_log(proc, "event=host_up")
-            await wait_until(lambda: len(back.messages) == 1, "the held mail delivered")
+            await until(lambda: len(back.messages) == 1, what="the held mail delivered")
         report = json.loads((await cli(proc, path, "status", "--json")).stdout)
         assert [h["state"] for h in host_entry(report, "Sick")] == ["up"]
     finally:
@@ -106,8 +95,8 @@ async def test_status_shows_a_held_down_host_and_survives_a_reload(tmp_path: Pat
 
 async def test_status_exits_1_without_a_daemon(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
-    routes = route_toml("Sick", closed_port())
-    write_config(path, tmp_path, free_port(), free_port(), routes, rule_toml("Sick", "*"))
+    routes = configs.route("Sick", port=closed_port())
+    write_config(path, tmp_path, free_port(), free_port(), routes, configs.rule("Sick", "*"))
     done = await cli(RelayProcess(path, cwd=tmp_path), path, "status")
     assert done.returncode == 1
     assert "no running relay answered" in done.stderr

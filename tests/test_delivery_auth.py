@@ -16,43 +16,37 @@ import pytest
 
 from relay import audit, config, configdiff, configload, lint
 from relay.session import auth_mechanism
+from tests.support import configs, logs
 from tests.support.authsink import AuthSink, CramMd5Sink
-from tests.support.integ import Relay, config_text, idle, single_route, until
+from tests.support.integ import InProcessRelay, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 PASSWORD = "s3cret-Pa55word"
 DNS = SimpleNamespace(ip="127.0.0.1", port=53)  # every host is an IP literal: never asked
 
 
-class Events(logging.Handler):
+class Events:
     """Every relay event as text (the event and its fields), for leak checks."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", {})
-        pairs = " ".join(f"{key}={value}" for key, value in fields.items())
-        self.lines.append(f"{record.getMessage()} {pairs}")
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
 
     def text(self) -> str:
         return "\n".join(self.lines)
 
 
+def _as_text(record: logging.LogRecord) -> str:
+    fields = getattr(record, "fields", {})
+    pairs = " ".join(f"{key}={value}" for key, value in fields.items())
+    return f"{record.getMessage()} {pairs}"
+
+
 @contextlib.contextmanager
 def events() -> Iterator[Events]:
-    handler = Events()
-    logger = logging.getLogger("relay")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+    with logs.captured(_as_text, logging.DEBUG) as lines:
+        yield Events(lines)
 
 
 def password_file(tmp_path: Path, password: str = PASSWORD, mode: int = 0o600) -> Path:
@@ -64,13 +58,13 @@ def password_file(tmp_path: Path, password: str = PASSWORD, mode: int = 0o600) -
 
 def auth_route(port: int, secret: Path, *, username: str = "relay", extra: str = "") -> str:
     return (
-        single_route("Smarthost", "127.0.0.1", port, require_tls=True, require_ca_signed=True)
+        configs.route("Smarthost", "127.0.0.1", port, require_tls=True, require_ca_signed=True)
         + f'auth = {{ username = "{username}", password_file = "{secret}" }}\n{extra}'
     )
 
 
 def senders_route(port: int) -> str:
-    return single_route("Senders", "127.0.0.1", port)
+    return configs.route("Senders", "127.0.0.1", port)
 
 
 RULES = (
@@ -79,7 +73,7 @@ RULES = (
 )
 
 
-def no_password_in(relay: Relay, *texts: str) -> None:
+def no_password_in(relay: InProcessRelay, *texts: str) -> None:
     assert PASSWORD not in relay.metrics.exposition().decode()
     for path in (relay.config.queue.path).rglob("*"):
         if path.is_file():
@@ -96,12 +90,12 @@ async def test_good_password_is_delivered_over_tls(tmp_path: Path) -> None:
     tls = pki.server_context("smarthost.test")
     async with AuthSink(username="relay", password=PASSWORD, tls_context=tls) as sink:
         routes = auth_route(sink.port, secret) + senders_route(2526)  # no DSN expected
-        toml = config_text(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
+        toml = integration_toml(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
         with events() as log:
-            async with Relay(tmp_path, toml) as relay:
-                relay.put("alice@sender.test", ["bob@partner.test"])
-                await until(lambda: sink.messages)
-                await idle(relay)
+            async with InProcessRelay(tmp_path, toml) as relay:
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@partner.test"], when=lambda: sink.messages
+                )
                 no_password_in(relay, log.text())
     assert sink.auths == [("PLAIN", b"relay", True)]
     (message,) = sink.messages
@@ -115,11 +109,11 @@ async def test_cram_md5_is_preferred_when_offered(tmp_path: Path) -> None:
     tls = pki.server_context("smarthost.test")
     async with CramMd5Sink(username="relay", password=PASSWORD, tls_context=tls) as sink:
         routes = auth_route(sink.port, secret) + senders_route(2526)
-        toml = config_text(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
-        async with Relay(tmp_path, toml) as relay:
-            relay.put("alice@sender.test", ["bob@partner.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        toml = integration_toml(tmp_path, DNS, routes, RULES, ca_file=pki.ca_file)  # type: ignore[arg-type]
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                "alice@sender.test", ["bob@partner.test"], when=lambda: sink.messages
+            )
     assert sink.auths == [("CRAM-MD5", b"relay", True)]
     assert not any(PASSWORD in line for line in sink.lines)
 
@@ -135,14 +129,14 @@ async def test_bad_password_is_a_host_failure_named_in_the_log_and_the_dsn(
         Sink() as senders,
     ):
         routes = auth_route(sink.port, secret) + senders_route(senders.port)
-        toml = config_text(
+        toml = integration_toml(
             tmp_path, DNS, routes, RULES, ca_file=pki.ca_file, max_lifetime="1s",  # type: ignore[arg-type]
         )  # fmt: skip
         with events() as log:
-            async with Relay(tmp_path, toml) as relay:
-                relay.put("alice@sender.test", ["bob@partner.test"])
-                await until(lambda: senders.messages)
-                await idle(relay)
+            async with InProcessRelay(tmp_path, toml) as relay:
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@partner.test"], when=lambda: senders.messages
+                )
                 assert relay.sample(
                     "relay_delivery_attempts_total",
                     route="Smarthost", host="127.0.0.1", result="auth_failed",
@@ -164,11 +158,11 @@ async def test_bad_password_is_a_host_failure_named_in_the_log_and_the_dsn(
 async def test_the_password_is_never_sent_without_tls(tmp_path: Path) -> None:
     secret = password_file(tmp_path)
     async with Sink() as sink:  # no STARTTLS offered
-        route = single_route("Smarthost", "127.0.0.1", sink.port)
+        route = configs.route("Smarthost", "127.0.0.1", sink.port)
         route += f'auth = {{ username = "relay", password_file = "{secret}" }}\n'
-        toml = config_text(tmp_path, DNS, route + senders_route(2526), RULES)  # type: ignore[arg-type]
+        toml = integration_toml(tmp_path, DNS, route + senders_route(2526), RULES)  # type: ignore[arg-type]
         with events() as log:
-            async with Relay(tmp_path, toml) as relay:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 relay.put("alice@sender.test", ["bob@partner.test"])
                 await until(lambda: relay.sample(
                     "relay_delivery_attempts_total",
@@ -225,10 +219,10 @@ def test_auth_config_problems(tmp_path: Path) -> None:
         f"routes[1] 'Smarthost': auth.password_file: cannot read '{missing}': "
         "No such file or directory"
     ]
-    route = single_route("Smarthost", "127.0.0.1", 2525) + 'auth = { password_file = "x" }\n'
+    route = configs.route("Smarthost", "127.0.0.1", 2525) + 'auth = { password_file = "x" }\n'
     found = problems(tmp_path, route)
     assert "routes[1] 'Smarthost': auth.username: is required" in found[0]
-    route = single_route("Smarthost", "127.0.0.1", 2525) + "auth_over_plaintext = true\n"
+    route = configs.route("Smarthost", "127.0.0.1", 2525) + "auth_over_plaintext = true\n"
     assert problems(tmp_path, route) == [
         "routes[1] 'Smarthost': auth_over_plaintext: applies to a route with auth = { ... } only"
     ]
@@ -239,7 +233,7 @@ def test_auth_config_problems(tmp_path: Path) -> None:
 
 def test_auth_over_plaintext_is_warned(tmp_path: Path) -> None:
     secret = password_file(tmp_path)
-    route = single_route("Smarthost", "127.0.0.1", 2525)
+    route = configs.route("Smarthost", "127.0.0.1", 2525)
     route += f'auth = {{ username = "relay", password_file = "{secret}" }}\n'
     cfg = load(tmp_path, route + "auth_over_plaintext = true\n")
     warned = [str(w) for w in lint.warnings(cfg)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import pytest
 
@@ -12,6 +11,7 @@ from relay.config import direct_route
 from relay.errors import Reply
 from relay.metrics import Metrics
 from relay.routing import Candidate
+from tests.support import logs
 from tests.support.delivery import (
     BODY,
     OPPORTUNISTIC,
@@ -271,27 +271,13 @@ async def test_smtputf8_address_to_server_without_it_bounces(closing):
 
 
 async def test_attempt_is_logged_once_per_host(closing):
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep()
-    logger = logging.getLogger("relay")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with logs.captured(logs.records) as records:
         async with Sink(replies={"MAIL": "451 4.3.0 later"}) as one, Sink() as two:
             d = deliverer(make_config())
             closing(d)
             env = envelope(qid="Q42")
             cands = [candidate("mx1.test", one.port), candidate("mx2.test", two.port)]
             await d.deliver(route(OPPORTUNISTIC), env, addresses(env), BODY, cands)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     lines = [r.fields for r in records if r.getMessage() == "attempt"]  # type: ignore[attr-defined]
     assert [(f["host"], f["reply"][:3]) for f in lines] == [
         ("mx1.test", "451"),

@@ -26,6 +26,7 @@ from relay.errors import HostUnreachable
 from relay.health import Health
 from relay.metrics import Metrics
 from relay.routing import Candidate
+from tests.support import logs
 from tests.support.delivery import OPPORTUNISTIC, addresses, envelope, make_config
 from tests.support.hosts import SickHost, closed_port
 from tests.support.sink import Sink, StaticResolver
@@ -57,7 +58,7 @@ def single(host: tuple[str, int], name: str = "r1") -> Route:
     return Route(name=name, primary=(Host(*host),), tls=OPPORTUNISTIC)
 
 
-class Relay:
+class DelivererHarness:
     """A Deliverer over StaticResolver names, with a config that can be swapped."""
 
     def __init__(self, config: Config) -> None:
@@ -82,8 +83,8 @@ class Relay:
 
 
 @asynccontextmanager
-async def relay(config: Config) -> AsyncIterator[Relay]:
-    r = Relay(config)
+async def relay(config: Config) -> AsyncIterator[DelivererHarness]:
+    r = DelivererHarness(config)
     try:
         yield r
     finally:
@@ -103,27 +104,11 @@ async def sick(mode: str, backend: int | None = None) -> AsyncIterator[tuple[Sic
 SICK = ["wedged", "refusing", "421"]
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def logged() -> Iterator[list[logging.LogRecord]]:
-    """relay's events while the test runs (its logger may not propagate)."""
-    logger = logging.getLogger("relay")
-    handler, level = _Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    """relay's events while the test runs."""
+    with logs.captured(logs.records) as kept:
+        yield kept
 
 
 # --- what marks a host down, and skipping it ----------------------------------

@@ -22,7 +22,7 @@ route = "Corp"
 def idn_config(tmp_path: Path, served: str, rule: str) -> Config:
     return make_config(
         tmp_path,
-        domains=f'["example.com", "{served}"]',
+        domains=["example.com", served],
         extra=IDN_RULE.format(domain=rule),
     )
 

@@ -15,44 +15,29 @@ import pytest
 
 from relay.envelope import RcptState
 from relay.errors import TLS_FAILURE_OPTION, TlsFailure
-from tests.support.dnsserver import dnsmasq_servers
+from tests.support import configs
 from tests.support.integ import (
     BODY,
     SENDER,
-    Relay,
+    InProcessRelay,
     closed_port,
-    config_text,
     dsn_parts,
     idle,
-    rule,
-    single_route,
-    until,
+    integration_toml,
 )
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
+from tests.support.wait import until
 
-RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
+RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
 HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
 MX = {"sender.test": [(10, "mx.sender.test")]}
 
 
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
-
-
-@pytest.fixture
-async def dsn_sink():
-    """The sender domain's MX: where DSNs to alice@sender.test arrive."""
-    async with Sink() as sink:
-        yield sink
-
-
 def senders_route(dsn_sink: Sink) -> str:
     # The sender domain's MX hosts, by MX lookup, on the sink's port.
-    return single_route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
+    return configs.route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
 
 
 def _mails(sink: Sink) -> int:
@@ -115,13 +100,11 @@ async def test_tls_failure_bounces_at_once(tmp_path, dnsmasq, dsn_sink, failure,
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with _tls_sink(pki, cert) as failing:
-        routes = single_route("Corp", "mx1.corp.test", failing.port, **on)
+        routes = configs.route("Corp", "mx1.corp.test", failing.port, **on)
         routes += senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: dsn_sink.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
             assert relay.sample("relay_tls_failures_total", route="Corp", host="mx1.corp.test",
@@ -160,13 +143,11 @@ async def test_tls_check_off_delivers(tmp_path, dnsmasq, dsn_sink, failure, cert
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with _tls_sink(pki, cert) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port, **off)
+        routes = configs.route("Corp", "mx1.corp.test", sink.port, **off)
         routes += senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
     [message] = sink.messages
     assert message.data == BODY
@@ -179,14 +160,14 @@ async def test_postmaster_copy_has_the_diagnosis(tmp_path, dnsmasq, dsn_sink):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with _tls_sink(pki, {"names": ("other.test",)}) as failing:
-        routes = single_route("Corp", "mx1.corp.test", failing.port, **ON)
+        routes = configs.route("Corp", "mx1.corp.test", failing.port, **ON)
         routes += senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file,
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file,
                            notify=["postmaster@sender.test"])  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: len(dsn_sink.messages) == 2)
-            await idle(relay)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: len(dsn_sink.messages) == 2
+            )
             assert relay.spooled() == []
             # The copy is not a second bounce of the message.
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
@@ -211,11 +192,11 @@ async def test_postmaster_copy_that_fails_is_dropped_not_copied(tmp_path, dnsmas
     """The copy has the null sender: when it fails nothing more is sent (no loop)."""
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink() as no_tls:
-        routes = single_route("Corp", "mx1.corp.test", no_tls.port, **TLS_ONLY)
+        routes = configs.route("Corp", "mx1.corp.test", no_tls.port, **TLS_ONLY)
         routes += senders_route(dsn_sink)
         # The postmaster's own mail takes the failing route.
-        toml = config_text(tmp_path, server, routes, RULES, notify=["postmaster@corp.test"])
-        async with Relay(tmp_path, toml) as relay:
+        toml = integration_toml(tmp_path, server, routes, RULES, notify=["postmaster@corp.test"])
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
             await until(lambda: dsn_sink.messages)
@@ -235,11 +216,11 @@ async def test_postmaster_copy_that_fails_is_dropped_not_copied(tmp_path, dnsmas
 async def test_451_then_accept_is_delivered_once(tmp_path, dnsmasq, dsn_sink, command):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={command: ["451 4.3.0 try again"]}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, RULES)
+        ) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_recipients_total", route="Corp", outcome="deferred") == 1
             assert relay.sample("relay_recipients_total", route="Corp", outcome="delivered") == 1
@@ -251,11 +232,13 @@ async def test_451_then_accept_is_delivered_once(tmp_path, dnsmasq, dsn_sink, co
 async def test_550_for_one_recipient_bounces_only_that_one(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT bad@corp.test": "550 5.1.1 no such user"}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
-            relay.put(SENDER, ["good@corp.test", "bad@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, RULES)
+        ) as relay:
+            await relay.send_and_settle(
+                SENDER, ["good@corp.test", "bad@corp.test"], when=lambda: dsn_sink.messages
+            )
             assert relay.spooled() == []
     [delivered] = sink.messages
     assert delivered.rcpt_tos == ["good@corp.test"]
@@ -271,16 +254,17 @@ async def test_550_for_one_recipient_bounces_only_that_one(tmp_path, dnsmasq, ds
 async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     clock = Clock(1_900_000_000.0)
-    routes = single_route("Corp", "mx1.corp.test", closed_port()) + senders_route(dsn_sink)
-    toml = config_text(
+    routes = configs.route("Corp", "mx1.corp.test", closed_port()) + senders_route(dsn_sink)
+    toml = integration_toml(
         tmp_path, server, routes, RULES,
         max_lifetime="1h", min_backoff="10m", max_backoff="1h",
     )  # fmt: skip
-    async with Relay(tmp_path, toml, clock=clock) as relay:
-        relay.put(SENDER, ["bob@corp.test"])
-        await until(lambda: relay.sample("relay_recipients_total", route="Corp",
-                                         outcome="deferred"))  # fmt: skip
-        await idle(relay)
+    async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
+        await relay.send_and_settle(
+            SENDER,
+            ["bob@corp.test"],
+            when=lambda: relay.sample("relay_recipients_total", route="Corp", outcome="deferred"),
+        )
         assert dsn_sink.connections == 0
         clock.advance(3600)
         relay.scheduler.flush()
@@ -307,17 +291,19 @@ async def test_expiry_sends_a_4_4_7_dsn(tmp_path, dnsmasq, dsn_sink):
 async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT later@corp.test": "451 4.2.0 mailbox busy"}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        toml = config_text(tmp_path, server, routes, RULES, min_backoff="10m", max_backoff="1h")
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["good@corp.test", "later@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        toml = integration_toml(
+            tmp_path, server, routes, RULES, min_backoff="10m", max_backoff="1h"
+        )
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER, ["good@corp.test", "later@corp.test"], when=lambda: sink.messages
+            )
         [left] = relay.spooled()
         assert [r.address for r in left.pending] == ["later@corp.test"]
         sink.script.replies.clear()
         # A restart: a new Scheduler and Deliverer over the same spool.
-        async with Relay(tmp_path, toml) as again:
+        async with InProcessRelay(tmp_path, toml) as again:
             assert again.requeue() == 1
             again.scheduler.flush()
             await until(lambda: len(sink.messages) == 2)
@@ -333,11 +319,15 @@ async def test_partial_delivery_survives_a_new_scheduler(tmp_path, dnsmasq, dsn_
 async def test_null_sender_failure_sends_no_dsn(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, RULES)) as relay:
-            relay.put("", ["bad@corp.test"])
-            await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
-            await idle(relay)
+        routes = configs.route("Corp", "mx1.corp.test", sink.port) + senders_route(dsn_sink)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, RULES)
+        ) as relay:
+            await relay.send_and_settle(
+                "",
+                ["bad@corp.test"],
+                when=lambda: relay.sample("relay_bounces_total", reason="double_bounce"),
+            )
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="remote_permanent") == 0
     assert any(line.startswith("MAIL FROM:<>") for line in sink.lines)
@@ -352,14 +342,18 @@ async def test_metrics_after_known_traffic(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=hosts, mx=MX)
     refuse = {"RCPT bad@corp.test": "550 5.1.1 no such user"}
     async with Sink(replies=refuse) as corp, Sink() as plain:
-        routes = single_route("Corp", "mx1.corp.test", corp.port)
-        routes += single_route("Strict", "mx2.corp.test", plain.port, **ON)
+        routes = configs.route("Corp", "mx1.corp.test", corp.port)
+        routes += configs.route("Strict", "mx2.corp.test", plain.port, **ON)
         routes += senders_route(dsn_sink)
-        rules = rule("Strict", "@strict.test") + RULES
-        async with Relay(tmp_path, config_text(tmp_path, server, routes, rules)) as relay:
-            relay.put(SENDER, ["good@corp.test", "bad@corp.test", "x@strict.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+        rules = configs.rule("Strict", "@strict.test") + RULES
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, routes, rules)
+        ) as relay:
+            await relay.send_and_settle(
+                SENDER,
+                ["good@corp.test", "bad@corp.test", "x@strict.test"],
+                when=lambda: dsn_sink.messages,
+            )
             assert relay.spooled() == []
             sample = relay.sample
     expected = {
@@ -408,11 +402,11 @@ async def test_each_route_persisted_as_it_ends_then_abandoned_one_retried(
     slow_port = listener.sockets[0].getsockname()[1]
     try:
         async with Sink() as fast:
-            routes = single_route("Slow", "slow.corp.test", slow_port)
-            routes += single_route("Corp", "mx1.corp.test", fast.port) + senders_route(dsn_sink)
-            rules = rule("Slow", "@slow.test") + RULES
-            toml = config_text(tmp_path, server, routes, rules)
-            relay = Relay(tmp_path, toml)
+            routes = configs.route("Slow", "slow.corp.test", slow_port)
+            routes += configs.route("Corp", "mx1.corp.test", fast.port) + senders_route(dsn_sink)
+            rules = configs.rule("Slow", "@slow.test") + RULES
+            toml = integration_toml(tmp_path, server, routes, rules)
+            relay = InProcessRelay(tmp_path, toml)
             task = asyncio.create_task(relay.scheduler.run())
             relay.put(SENDER, ["a@slow.test", "b@corp.test"])
             await until(lambda: fast.messages and accepted)
@@ -425,7 +419,7 @@ async def test_each_route_persisted_as_it_ends_then_abandoned_one_retried(
                 writer.close()
             # The slow host recovers: it is now the fast sink.
             toml = toml.replace(f"port = {slow_port}", f"port = {fast.port}")
-            async with Relay(tmp_path, toml) as again:
+            async with InProcessRelay(tmp_path, toml) as again:
                 assert again.requeue() == 1
                 await until(lambda: len(fast.messages) == 2)
                 await idle(again)

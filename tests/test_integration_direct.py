@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.dnsserver import dnsmasq_servers
+from tests.support import configs
 from tests.support.integ import (
     SENDER,
+    InProcessRelay,
     LoopbackSink,
-    Relay,
-    config_text,
     dsn_parts,
-    idle,
-    rule,
-    single_route,
-    until,
+    integration_toml,
 )
 from tests.support.sink import Sink
-
-
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
 
 
 @pytest.fixture
@@ -50,12 +40,10 @@ async def test_bounce_goes_to_the_sender_domains_mx(tmp_path, dnsmasq, port25):
         mx={"sender.test": [(10, "mx.sender.test")]},
     )
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as corp:
-        route = single_route("Corp", "mx1.corp.test", corp.port)
-        toml = config_text(tmp_path, server, route, rule("Corp", "@corp.test"))
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: port25.messages)
-            await idle(relay)
+        route = configs.route("Corp", "mx1.corp.test", corp.port)
+        toml = integration_toml(tmp_path, server, route, configs.rule("Corp", "@corp.test"))
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: port25.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_recipients_total", route="(direct)",
                                 outcome="delivered") == 1  # fmt: skip
@@ -72,15 +60,13 @@ async def test_trusted_client_relays_to_the_recipient_domains_mx(tmp_path, dnsma
         hosts={"mx.elsewhere.test": ["127.25.0.1"]},
         mx={"elsewhere.test": [(10, "mx.elsewhere.test")]},
     )
-    toml = config_text(
-        tmp_path, server, single_route("Corp", "mx1.corp.test", 2525),
-        rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
+    toml = integration_toml(
+        tmp_path, server, configs.route("Corp", "mx1.corp.test", 2525),
+        configs.rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
     )  # fmt: skip
-    async with Relay(tmp_path, toml) as relay:
-        # Relay.put spools with client 192.0.2.10, inside relay_networks.
-        relay.put(SENDER, ["carol@elsewhere.test"])
-        await until(lambda: port25.messages)
-        await idle(relay)
+    async with InProcessRelay(tmp_path, toml) as relay:
+        # InProcessRelay.put spools with client 192.0.2.10, inside relay_networks.
+        await relay.send_and_settle(SENDER, ["carol@elsewhere.test"], when=lambda: port25.messages)
         assert relay.spooled() == []
     assert port25.messages[0].rcpt_tos == ["carol@elsewhere.test"]
 
@@ -90,14 +76,12 @@ async def test_recipient_domain_nxdomain_bounces(tmp_path, dnsmasq, port25):
     server = dnsmasq(
         hosts={"mx.sender.test": ["127.25.0.1"]}, mx={"sender.test": [(10, "mx.sender.test")]}
     )
-    toml = config_text(
-        tmp_path, server, single_route("Corp", "mx1.corp.test", 2525),
-        rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
+    toml = integration_toml(
+        tmp_path, server, configs.route("Corp", "mx1.corp.test", 2525),
+        configs.rule("Corp", "@corp.test"), relay_networks=["192.0.2.0/24"],
     )  # fmt: skip
-    async with Relay(tmp_path, toml) as relay:
-        relay.put(SENDER, ["carol@nowhere.test"])
-        await until(lambda: port25.messages)
-        await idle(relay)
+    async with InProcessRelay(tmp_path, toml) as relay:
+        await relay.send_and_settle(SENDER, ["carol@nowhere.test"], when=lambda: port25.messages)
         assert relay.spooled() == []
         assert relay.sample("relay_bounces_total", reason="dns_permanent") == 1
     _, _, [fields] = dsn_parts(port25.messages[0].data)

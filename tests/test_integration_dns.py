@@ -11,27 +11,12 @@ import socket
 
 import pytest
 
-from tests.support.dnsserver import dnsmasq_servers
-from tests.support.integ import (
-    SENDER,
-    Relay,
-    config_text,
-    idle,
-    rule,
-    single_route,
-    sinks_on_one_port,
-    until,
-)
+from tests.support import configs
+from tests.support.integ import SENDER, InProcessRelay, idle, integration_toml, sinks_on_one_port
 from tests.support.sink import Sink
+from tests.support.wait import until
 
-CORP = rule("Corp", "@corp.test")
-
-
-@pytest.fixture
-def dnsmasq():
-    """dnsmasq factory: ``dnsmasq(hosts=..., mx=...)`` (tests/support/dnsserver.py)."""
-    with dnsmasq_servers() as start:
-        yield start
+CORP = configs.rule("Corp", "@corp.test")
 
 
 def _nothing_listens(ip: str, port: int) -> bool:
@@ -58,8 +43,8 @@ async def test_mx_hosts_in_preference_order(tmp_path, dnsmasq, two_mx):
         # Listed backwards: the preference decides, not the answer's order.
         mx={"corp.test": [(20, "mx2.corp.test"), (10, "mx1.corp.test")]},
     )
-    route = single_route("Corp", "corp.test", first.port, mx_lookup=True)
-    async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+    route = configs.route("Corp", "corp.test", first.port, mx_lookup=True)
+    async with InProcessRelay(tmp_path, integration_toml(tmp_path, server, route, CORP)) as relay:
         for i in range(10):
             relay.put(SENDER, [f"user{i}@corp.test"])
         await until(lambda: len(first.messages) == 10)
@@ -74,8 +59,8 @@ async def test_mx_failover_to_the_next_preference(tmp_path, dnsmasq, two_mx):
         hosts={"mx1.corp.test": ["127.0.0.4"], "mx2.corp.test": ["127.0.0.3"]},
         mx={"corp.test": [(10, "mx1.corp.test"), (20, "mx2.corp.test")]},
     )
-    route = single_route("Corp", "corp.test", second.port, mx_lookup=True)
-    async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
+    route = configs.route("Corp", "corp.test", second.port, mx_lookup=True)
+    async with InProcessRelay(tmp_path, integration_toml(tmp_path, server, route, CORP)) as relay:
         for i in range(5):
             relay.put(SENDER, [f"user{i}@corp.test"])
         await until(lambda: len(second.messages) == 5)
@@ -93,11 +78,11 @@ async def test_mx_failover_to_the_next_preference(tmp_path, dnsmasq, two_mx):
 async def test_implicit_mx_uses_the_domains_own_address(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"plain.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        route = single_route("Corp", "plain.test", sink.port, mx_lookup=True)
-        async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        route = configs.route("Corp", "plain.test", sink.port, mx_lookup=True)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, route, CORP)
+        ) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
     assert sink.messages[0].rcpt_tos == ["bob@corp.test"]
 
@@ -106,11 +91,15 @@ async def test_null_mx_sender_domain_drops_the_bounce(tmp_path, dnsmasq):
     """A bounce to a null-MX domain fails for good, and a bounce is never bounced."""
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]}, mx={"nullmx.test": [(0, ".")]})
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
-            relay.put("alice@nullmx.test", ["nobody@corp.test"])
-            await until(lambda: relay.sample("relay_bounces_total", reason="double_bounce"))
-            await idle(relay)
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, route, CORP)
+        ) as relay:
+            await relay.send_and_settle(
+                "alice@nullmx.test",
+                ["nobody@corp.test"],
+                when=lambda: relay.sample("relay_bounces_total", reason="double_bounce"),
+            )
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="remote_permanent") == 1
             assert relay.sample("relay_recipients_total", route="(direct)",
@@ -127,10 +116,10 @@ async def test_null_mx_sender_domain_drops_the_bounce(tmp_path, dnsmasq):
 )
 async def test_misconfigured_route_host_defers_and_counts(tmp_path, dnsmasq, host, mx_lookup):
     server = dnsmasq(mx={"nullmx.test": [(0, ".")]})
-    route = single_route("Corp", host, 2525, mx_lookup=mx_lookup)
+    route = configs.route("Corp", host, 2525, mx_lookup=mx_lookup)
     # Long backoff: exactly one attempt to count.
-    toml = config_text(tmp_path, server, route, CORP, min_backoff="10m", max_backoff="1h")
-    async with Relay(tmp_path, toml) as relay:
+    toml = integration_toml(tmp_path, server, route, CORP, min_backoff="10m", max_backoff="1h")
+    async with InProcessRelay(tmp_path, toml) as relay:
         envelope = relay.put(SENDER, ["bob@corp.test"])
         await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                          outcome="deferred"))  # fmt: skip
@@ -149,13 +138,14 @@ async def test_misconfigured_route_host_defers_and_counts(tmp_path, dnsmasq, hos
 async def test_servfail_defers(tmp_path, dnsmasq, mx_lookup):
     server = dnsmasq(servfail=["broken.test"])
     host = "broken.test" if mx_lookup else "mx.broken.test"
-    route = single_route("Corp", host, 2525, mx_lookup=mx_lookup)
-    toml = config_text(tmp_path, server, route, CORP, min_backoff="10m", max_backoff="1h")
-    async with Relay(tmp_path, toml) as relay:
-        relay.put(SENDER, ["bob@corp.test"])
-        await until(lambda: relay.sample("relay_recipients_total", route="Corp",
-                                         outcome="deferred"))  # fmt: skip
-        await idle(relay)
+    route = configs.route("Corp", host, 2525, mx_lookup=mx_lookup)
+    toml = integration_toml(tmp_path, server, route, CORP, min_backoff="10m", max_backoff="1h")
+    async with InProcessRelay(tmp_path, toml) as relay:
+        await relay.send_and_settle(
+            SENDER,
+            ["bob@corp.test"],
+            when=lambda: relay.sample("relay_recipients_total", route="Corp", outcome="deferred"),
+        )
         [left] = relay.spooled()
         assert left.pending[0].last_reply.status == (4, 4, 3)
         # A DNS outage is not a configuration problem.
@@ -170,11 +160,11 @@ async def test_ipv6_address_is_tried_first(tmp_path, dnsmasq):
         pytest.skip(f"cannot listen on [::1]: {exc}")
     try:
         server = dnsmasq(hosts={"dual.corp.test": ["127.0.0.1", "::1"]})
-        route = single_route("Corp", "dual.corp.test", v6.port)
-        async with Relay(tmp_path, config_text(tmp_path, server, route, CORP)) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: v6.messages)
-            await idle(relay)
+        route = configs.route("Corp", "dual.corp.test", v6.port)
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, route, CORP)
+        ) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: v6.messages)
         assert v4.connections == 0
     finally:
         await v6.stop()

@@ -8,51 +8,35 @@ import asyncio
 
 import pytest
 
-from tests.support.dnsserver import dnsmasq_servers
+from tests.support import configs
 from tests.support.integ import (
     SENDER,
-    Relay,
+    InProcessRelay,
     closed_port,
-    config_text,
     dsn_parts,
     idle,
-    multi_route,
-    rule,
-    single_route,
+    integration_toml,
     sinks_on_one_port,
-    until,
 )
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
+from tests.support.wait import until
 
-RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
+RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
 NAMES = ("mx1.corp.test", "mx2.corp.test", "backup.corp.test", "mx.sender.test")
 HOSTS = {name: ["127.0.0.1"] for name in NAMES}
 MX = {"sender.test": [(10, "mx.sender.test")]}
 STRICT_TLS = {"require_tls": True, "require_ca_signed": False, "validate_hostname": False}
 
 
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
-
-
-@pytest.fixture
-async def dsn_sink():
-    async with Sink() as sink:
-        yield sink
-
-
 def tls_route(primary: list[tuple[str, int, int]], secondary=()) -> str:
     """A multi-host route that requires TLS (no certificate checks)."""
-    text = multi_route("Corp", primary, secondary)
-    return text.replace("require_tls = false", "require_tls = true", 1)
+    return configs.route("Corp", primary=primary, secondary=secondary, require_tls=True)
 
 
 def senders(dsn_sink: Sink) -> str:
-    return single_route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
+    return configs.route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
 
 
 async def test_tls_failure_and_unreachable_defers(tmp_path, dnsmasq, dsn_sink):
@@ -62,13 +46,16 @@ async def test_tls_failure_and_unreachable_defers(tmp_path, dnsmasq, dsn_sink):
         route = tls_route(
             [("mx1.corp.test", no_tls.port, 50), ("mx2.corp.test", closed_port(), 50)]
         )
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES,
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES,
                            min_backoff="10m", max_backoff="1h")  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: relay.sample("relay_recipients_total", route="Corp",
-                                             outcome="deferred"))  # fmt: skip
-            await idle(relay)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER,
+                ["bob@corp.test"],
+                when=lambda: relay.sample(
+                    "relay_recipients_total", route="Corp", outcome="deferred"
+                ),
+            )
             [left] = relay.spooled()
             assert left.pending[0].address == "bob@corp.test"
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 0
@@ -82,11 +69,9 @@ async def test_every_host_failing_tls_names_each_in_the_dsn(tmp_path, dnsmasq, d
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink() as first, Sink() as second:
         route = tls_route([("mx1.corp.test", first.port, 50), ("mx2.corp.test", second.port, 50)])
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: dsn_sink.messages)
             assert relay.spooled() == []
     _, human, [fields] = dsn_parts(dsn_sink.messages[0].data)
     assert fields["status"] == "5.7.4"
@@ -107,11 +92,9 @@ async def test_secondary_carries_mail_when_the_primary_fails_tls(tmp_path, dnsma
         backup.tls_context = pki.server_context("backup.corp.test")
         route = tls_route([("mx1.corp.test", no_tls.port, 100)],
                           [("backup.corp.test", backup.port, 100)])  # fmt: skip
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: backup.messages)
-            await idle(relay)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: backup.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 0
     assert backup.messages[0].tls is not None
@@ -122,13 +105,15 @@ async def test_recipient_deferred_at_the_primary_tries_the_secondary(tmp_path, d
     server = dnsmasq(hosts=HOSTS, mx=MX)
     busy = {"RCPT later@corp.test": "451 4.2.0 mailbox busy"}
     async with Sink(replies=busy) as primary, Sink() as backup:
-        route = multi_route("Corp", [("mx1.corp.test", primary.port, 100)],
-                            [("backup.corp.test", backup.port, 100)])  # fmt: skip
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["good@corp.test", "later@corp.test"])
-            await until(lambda: primary.messages and backup.messages)
-            await idle(relay)
+        route = configs.route("Corp", primary=[("mx1.corp.test", primary.port, 100)],
+                              secondary=[("backup.corp.test", backup.port, 100)])  # fmt: skip
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER,
+                ["good@corp.test", "later@corp.test"],
+                when=lambda: primary.messages and backup.messages,
+            )
             assert relay.spooled() == []
     assert [m.rcpt_tos for m in primary.messages] == [["good@corp.test"]]
     assert [m.rcpt_tos for m in backup.messages] == [["later@corp.test"]]
@@ -138,28 +123,24 @@ async def test_name_with_ipv6_and_ipv4_reaches_the_ipv4_listener(tmp_path, dnsma
     # Nothing listens on [::1]:port, so the IPv6 try is refused first.
     server = dnsmasq(hosts={**HOSTS, "dual.corp.test": ["::1", "127.0.0.1"]}, mx=MX)
     async with Sink() as sink:
-        route = single_route("Corp", "dual.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        route = configs.route("Corp", "dual.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
 
 
 async def test_stale_pooled_session_is_replaced(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink() as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["one@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["one@corp.test"], when=lambda: sink.messages)
             sink.kill_connections()
-            relay.put(SENDER, ["two@corp.test"])
-            await until(lambda: len(sink.messages) == 2)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["two@corp.test"], when=lambda: len(sink.messages) == 2
+            )
             assert relay.sample("relay_recipients_total", route="Corp", outcome="deferred") == 0
     assert sink.connections == 2
 
@@ -169,15 +150,18 @@ async def test_undeliverable_dsn_is_retried_then_dropped(tmp_path, dnsmasq):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     clock = Clock(1_900_000_000.0)
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
-        routes = single_route("Corp", "mx1.corp.test", sink.port)
-        routes += single_route("Senders", "sender.test", closed_port(), mx_lookup=True)
-        toml = config_text(tmp_path, server, routes, RULES, max_lifetime="1h",
+        routes = configs.route("Corp", "mx1.corp.test", sink.port)
+        routes += configs.route("Senders", "sender.test", closed_port(), mx_lookup=True)
+        toml = integration_toml(tmp_path, server, routes, RULES, max_lifetime="1h",
                            min_backoff="10m", max_backoff="1h")  # fmt: skip
-        async with Relay(tmp_path, toml, clock=clock) as relay:
-            relay.put(SENDER, ["bad@corp.test"])
-            await until(lambda: relay.sample("relay_recipients_total", route="Senders",
-                                             outcome="deferred"))  # fmt: skip
-            await idle(relay)
+        async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
+            await relay.send_and_settle(
+                SENDER,
+                ["bad@corp.test"],
+                when=lambda: relay.sample(
+                    "relay_recipients_total", route="Senders", outcome="deferred"
+                ),
+            )
             [dsn] = relay.spooled()
             assert dsn.is_bounce and dsn.mail_from == ""
             clock.advance(3600)
@@ -202,13 +186,13 @@ async def test_mx_route_verifies_the_mx_host_name(tmp_path, dnsmasq, dsn_sink, n
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx={**MX, "corp.test": [(10, "mx1.corp.test")]})
     async with Sink(tls_context=pki.server_context(*names)) as sink:
-        route = single_route("Corp", "corp.test", sink.port, mx_lookup=True, **STRICT)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES,
+        route = configs.route("Corp", "corp.test", sink.port, mx_lookup=True, **STRICT)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages or dsn_sink.messages)
-            await idle(relay)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: sink.messages or dsn_sink.messages
+            )
             assert relay.spooled() == []
     assert bool(sink.messages) is delivered
     assert bool(dsn_sink.messages) is not delivered
@@ -223,13 +207,13 @@ async def test_ip_literal_route_host_needs_an_ip_san(tmp_path, dnsmasq, dsn_sink
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(tls_context=pki.server_context(*names)) as sink:
-        route = single_route("Corp", "127.0.0.1", sink.port, **STRICT)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES,
+        route = configs.route("Corp", "127.0.0.1", sink.port, **STRICT)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages or dsn_sink.messages)
-            await idle(relay)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: sink.messages or dsn_sink.messages
+            )
             if not delivered:
                 assert relay.sample("relay_tls_failures_total", route="Corp", host="127.0.0.1",
                                     reason="certificate-host-mismatch") == 1  # fmt: skip
@@ -244,12 +228,12 @@ async def test_421_greeting_moves_on_to_the_next_mx(tmp_path, dnsmasq):
             hosts={"mx1.corp.test": ["127.0.0.2"], "mx2.corp.test": ["127.0.0.3"]},
             mx={"corp.test": [(10, "mx1.corp.test"), (20, "mx2.corp.test")]},
         )
-        route = single_route("Corp", "corp.test", first.port, mx_lookup=True)
-        corp = rule("Corp", "@corp.test")
-        async with Relay(tmp_path, config_text(tmp_path, server, route, corp)) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: second.messages)
-            await idle(relay)
+        route = configs.route("Corp", "corp.test", first.port, mx_lookup=True)
+        corp = configs.rule("Corp", "@corp.test")
+        async with InProcessRelay(
+            tmp_path, integration_toml(tmp_path, server, route, corp)
+        ) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: second.messages)
             assert relay.spooled() == []
         assert first.connections == 1 and first.messages == []
     finally:
@@ -260,12 +244,12 @@ async def test_421_greeting_moves_on_to_the_next_mx(tmp_path, dnsmasq):
 async def test_5xx_to_data_bounces_every_recipient_in_one_dsn(tmp_path, dnsmasq, dsn_sink):
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(replies={"DATA": ["554 5.6.0 content rejected"]}) as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["a@corp.test", "b@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER, ["a@corp.test", "b@corp.test"], when=lambda: dsn_sink.messages
+            )
             assert relay.spooled() == []
     _, _, recipients = dsn_parts(dsn_sink.messages[0].data)
     assert [r["status"] for r in recipients] == ["5.6.0", "5.6.0"]
@@ -276,12 +260,12 @@ async def test_utf8_sender_gets_its_dsn_over_smtputf8(tmp_path, dnsmasq, dsn_sin
     server = dnsmasq(hosts=HOSTS, mx=MX)
     sender = "ålice@sender.test"
     async with Sink(replies={"RCPT": "550 5.1.1 no such user"}) as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(sender, ["bob@corp.test"], smtputf8=True)
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                sender, ["bob@corp.test"], smtputf8=True, when=lambda: dsn_sink.messages
+            )
             assert relay.spooled() == []
     [dsn] = dsn_sink.messages
     assert dsn.rcpt_tos == [sender]
@@ -301,9 +285,9 @@ async def test_stop_abandons_an_attempt_to_a_silent_host(tmp_path, dnsmasq, dsn_
     listener = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        route = single_route("Corp", "mx1.corp.test", port)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        relay = Relay(tmp_path, toml)
+        route = configs.route("Corp", "mx1.corp.test", port)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        relay = InProcessRelay(tmp_path, toml)
         task = asyncio.create_task(relay.scheduler.run())
         envelope = relay.put(SENDER, ["bob@corp.test"])
         await until(lambda: accepted)
@@ -328,12 +312,12 @@ async def test_failed_handshake(tmp_path, dnsmasq, dsn_sink, require_tls):
     broken = {"STARTTLS": "220 2.0.0 go ahead"}  # then plaintext garbage
     async with Sink(tls_context=pki.server_context("mx1.corp.test"), replies=broken) as sink:
         options = STRICT_TLS if require_tls else {}
-        route = single_route("Corp", "mx1.corp.test", sink.port, **options)
-        toml = config_text(tmp_path, server, route + senders(dsn_sink), RULES)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages or dsn_sink.messages)
-            await idle(relay)
+        route = configs.route("Corp", "mx1.corp.test", sink.port, **options)
+        toml = integration_toml(tmp_path, server, route + senders(dsn_sink), RULES)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(
+                SENDER, ["bob@corp.test"], when=lambda: sink.messages or dsn_sink.messages
+            )
             assert relay.spooled() == []
             failures = relay.sample("relay_tls_failures_total", route="Corp",
                                     host="mx1.corp.test", reason="validation-failure")  # fmt: skip

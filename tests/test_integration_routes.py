@@ -1,8 +1,7 @@
 """The whole delivery path over real SMTP and real DNS: hosts, weights, failover, reuse.
 
-Scheduler + Deliverer + DnsResolver wired as the daemon wires them
-(tests/support/integ.py), aiosmtpd sinks on loopback, names resolved by
-dnsmasq. Issues #4 item 9 and #5 item 6.
+The daemon's own parts (relay.app.build, via tests/support/integ.py),
+aiosmtpd sinks on loopback, names resolved by dnsmasq.
 """
 
 from __future__ import annotations
@@ -12,37 +11,22 @@ from collections import Counter
 import pytest
 
 from relay import configload
-from tests.support.dnsserver import dnsmasq_servers
-from tests.support.integ import (
-    BODY,
-    SENDER,
-    Relay,
-    closed_port,
-    config_text,
-    idle,
-    multi_route,
-    rule,
-    single_route,
-    until,
-)
+from tests.support import configs
+from tests.support.integ import BODY, SENDER, InProcessRelay, closed_port, idle, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
+from tests.support.wait import until
 
-CORP = rule("Corp", "@corp.test")
-
-
-@pytest.fixture
-def dnsmasq():
-    """dnsmasq factory: ``dnsmasq(hosts=..., mx=...)`` (tests/support/dnsserver.py)."""
-    with dnsmasq_servers() as start:
-        yield start
+CORP = configs.rule("Corp", "@corp.test")
 
 
 async def test_single_host_plain_delivers_the_spooled_bytes(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        toml = config_text(tmp_path, server, single_route("Corp", "mx1.corp.test", sink.port), CORP)
-        async with Relay(tmp_path, toml) as relay:
+        toml = integration_toml(
+            tmp_path, server, configs.route("Corp", "mx1.corp.test", sink.port), CORP
+        )
+        async with InProcessRelay(tmp_path, toml) as relay:
             envelope = relay.put(SENDER, ["bob@corp.test", "carol@corp.test"])
             spooled = relay.spool.read_body(envelope.id)
             await until(lambda: sink.messages)
@@ -59,15 +43,13 @@ async def test_strict_tls_to_a_name_resolved_by_dns(tmp_path, dnsmasq):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink(tls_context=pki.server_context("mx1.corp.test")) as sink:
-        route = single_route(
+        route = configs.route(
             "Corp", "mx1.corp.test", sink.port,
             require_tls=True, require_ca_signed=True, validate_hostname=True,
         )  # fmt: skip
-        toml = config_text(tmp_path, server, route, CORP, ca_file=pki.ca_file)
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: sink.messages)
-            await idle(relay)
+        toml = integration_toml(tmp_path, server, route, CORP, ca_file=pki.ca_file)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
             assert relay.spooled() == []
             assert relay.sample("relay_tls_failures_total", route="Corp", host="mx1.corp.test",
                                 reason="certificate-host-mismatch") == 0  # fmt: skip
@@ -86,10 +68,11 @@ async def _shares(tmp_path, dnsmasq, loads, messages, seed):
         # so no pick is moved to another host while the first connections
         # are still waiting for their greetings (delivery's jam isolation,
         # tested in test_host_health.py): the counts are the weighted picks.
-        toml = config_text(
-            tmp_path, server, multi_route("Corp", hosts), CORP, max_concurrency=8, max_per_host=8
-        )
-        async with Relay(tmp_path, toml, seed=seed) as relay:
+        toml = integration_toml(
+            tmp_path, server, configs.route("Corp", primary=hosts), CORP,
+            max_concurrency=8, max_per_host=8,
+        )  # fmt: skip
+        async with InProcessRelay(tmp_path, toml, seed=seed) as relay:
             for i in range(messages):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: sum(len(s.messages) for s in sinks) == messages, 20)
@@ -126,13 +109,16 @@ async def test_secondaries_only_when_every_primary_is_down(tmp_path, dnsmasq):
     server = dnsmasq(hosts={name: ["127.0.0.1"] for name in names})
     async with Sink() as backup1, Sink() as backup2:
         down1, down2 = closed_port(), closed_port()
-        route = multi_route(
+        route = configs.route(
             "Corp",
-            [("mx1.corp.test", down1, 50), ("mx2.corp.test", down2, 50)],
-            [("backup1.corp.test", backup1.port, 50), ("backup2.corp.test", backup2.port, 50)],
+            primary=[("mx1.corp.test", down1, 50), ("mx2.corp.test", down2, 50)],
+            secondary=[
+                ("backup1.corp.test", backup1.port, 50),
+                ("backup2.corp.test", backup2.port, 50),
+            ],
         )
-        toml = config_text(tmp_path, server, route, CORP)
-        async with Relay(tmp_path, toml) as relay:
+        toml = integration_toml(tmp_path, server, route, CORP)
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(backup1.messages) + len(backup2.messages) == 20)
@@ -152,13 +138,13 @@ async def test_secondaries_untouched_while_a_primary_works(tmp_path, dnsmasq):
     names = ["mx1.corp.test", "mx2.corp.test", "backup.corp.test"]
     server = dnsmasq(hosts={name: ["127.0.0.1"] for name in names})
     async with Sink() as primary, Sink() as backup:
-        route = multi_route(
+        route = configs.route(
             "Corp",
-            [("mx1.corp.test", primary.port, 50), ("mx2.corp.test", closed_port(), 50)],
-            [("backup.corp.test", backup.port, 100)],
+            primary=[("mx1.corp.test", primary.port, 50), ("mx2.corp.test", closed_port(), 50)],
+            secondary=[("backup.corp.test", backup.port, 100)],
         )
-        toml = config_text(tmp_path, server, route, CORP)
-        async with Relay(tmp_path, toml) as relay:
+        toml = integration_toml(tmp_path, server, route, CORP)
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(primary.messages) == 20)
@@ -170,9 +156,9 @@ async def test_secondaries_untouched_while_a_primary_works(tmp_path, dnsmasq):
 async def test_connection_reuse_at_the_sink(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, CORP, max_per_host=3)
-        async with Relay(tmp_path, toml) as relay:
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route, CORP, max_per_host=3)
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(50):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(sink.messages) == 50)
@@ -186,12 +172,12 @@ async def test_strict_tls_sessions_are_reused(tmp_path, dnsmasq):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink(tls_context=pki.server_context("mx1.corp.test")) as sink:
-        route = single_route(
+        route = configs.route(
             "Corp", "mx1.corp.test", sink.port,
             require_tls=True, require_ca_signed=True, validate_hostname=True,
         )  # fmt: skip
-        toml = config_text(tmp_path, server, route, CORP, ca_file=pki.ca_file, max_per_host=2)
-        async with Relay(tmp_path, toml) as relay:
+        toml = integration_toml(tmp_path, server, route, CORP, ca_file=pki.ca_file, max_per_host=2)
+        async with InProcessRelay(tmp_path, toml) as relay:
             for i in range(20):
                 relay.put(SENDER, [f"user{i}@corp.test"])
             await until(lambda: len(sink.messages) == 20)
@@ -205,18 +191,18 @@ async def test_strict_tls_sessions_are_reused(tmp_path, dnsmasq):
 async def test_idle_session_is_closed_after_idle_timeout(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, CORP).replace(
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route, CORP).replace(
             'idle_timeout = "5s"', 'idle_timeout = "200ms"'
         )
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             assert relay.config.delivery.idle_timeout == 0.2
             relay.put(SENDER, ["one@corp.test"])
             await until(lambda: sink.messages)
             await until(lambda: "QUIT" in sink.lines, 3)
-            relay.put(SENDER, ["two@corp.test"])
-            await until(lambda: len(sink.messages) == 2)
-            await idle(relay)
+            await relay.send_and_settle(
+                SENDER, ["two@corp.test"], when=lambda: len(sink.messages) == 2
+            )
     assert sink.connections == 2
     assert [m.connection for m in sink.messages] == [1, 2]
 
@@ -225,14 +211,12 @@ async def test_session_reused_after_a_refused_transaction(tmp_path, dnsmasq):
     server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
     refuse = {"RCPT bad@corp.test": "550 5.1.1 no such user", "DATA": ["554 5.6.0 rejected"]}
     async with Sink(replies=refuse) as sink:
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, CORP, max_per_host=1)
-        async with Relay(tmp_path, toml) as relay:
+        route = configs.route("Corp", "mx1.corp.test", sink.port)
+        toml = integration_toml(tmp_path, server, route, CORP, max_per_host=1)
+        async with InProcessRelay(tmp_path, toml) as relay:
             for address in ("bad@corp.test", "first@corp.test", "ok@corp.test"):
                 # One at a time, so each finds the previous one's pooled session.
-                relay.put("", [address])
-                await until(lambda: len(relay.scheduler) == 0)
-                await idle(relay)
+                await relay.send_and_settle("", [address], when=lambda: len(relay.scheduler) == 0)
             assert relay.sample("relay_bounces_total", reason="double_bounce") == 2
     assert [m.rcpt_tos for m in sink.messages] == [["ok@corp.test"]]
     assert sink.connections == 1
@@ -242,16 +226,16 @@ async def test_new_config_applies_at_the_next_attempt(tmp_path, dnsmasq):
     """A reload (the config callable answering a new Config) redirects queued mail."""
     server = dnsmasq(hosts={"old.corp.test": ["127.0.0.1"], "new.corp.test": ["127.0.0.1"]})
     async with Sink() as sink:
-        old = single_route("Corp", "old.corp.test", closed_port())
-        toml = config_text(tmp_path, server, old, CORP, min_backoff="10m", max_backoff="1h")
-        async with Relay(tmp_path, toml) as relay:
+        old = configs.route("Corp", "old.corp.test", closed_port())
+        toml = integration_toml(tmp_path, server, old, CORP, min_backoff="10m", max_backoff="1h")
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             await until(lambda: relay.sample("relay_recipients_total", route="Corp",
                                              outcome="deferred"))  # fmt: skip
             await idle(relay)
-            new = single_route("Corp", "new.corp.test", sink.port)
+            new = configs.route("Corp", "new.corp.test", sink.port)
             path = tmp_path / "reloaded.toml"
-            path.write_text(config_text(tmp_path, server, new, CORP))
+            path.write_text(integration_toml(tmp_path, server, new, CORP))
             relay.config = configload.load(path)
             relay.scheduler.flush()
             await until(lambda: sink.messages)

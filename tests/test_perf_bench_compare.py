@@ -8,7 +8,7 @@ import pytest
 
 from tests.bench.compare import Row, format_table, postfix_latencies, relay_latencies
 from tests.bench.postfix_baseline import BenchResult
-from tests.support.procs import wait_for
+from tests.support.wait import blocking_until
 
 RELAY_LOG = """\
 ts=2026-11-28T13:00:00.100Z level=info event=started listen=127.0.0.1:2525 loop=asyncio
@@ -111,7 +111,7 @@ def test_wedged_host_counts_connections_and_never_greets() -> None:
         address = (wedged.host, wedged.port)
         clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
         try:
-            wait_for(lambda: wedged.accepted == 3, 5, what="3 accepted connections")
+            blocking_until(lambda: wedged.accepted == 3, 5, what="3 accepted connections")
             # What a client sends is read and ignored; no greeting ever comes.
             clients[0].sendall(b"EHLO client.test\r\n")
             clients[0].settimeout(0.3)
@@ -121,7 +121,7 @@ def test_wedged_host_counts_connections_and_never_greets() -> None:
         finally:
             for client in clients:
                 client.close()
-        wait_for(lambda: wedged.open_connections == 0, 5, what="closed connections forgotten")
+        blocking_until(lambda: wedged.open_connections == 0, 5, what="closed connections forgotten")
         assert wedged.accepted == 3
 
 
@@ -133,9 +133,11 @@ def test_wedged_host_listens_on_loopback_only() -> None:
 
 
 def test_hung_route_is_two_primaries_at_fifty_fifty() -> None:
+    import tomllib
+
     from tests.bench.compare import SINK_ADDRESS, WEDGED_ADDRESS, hung_route
 
-    table = hung_route(2600, 2601)
+    (table,) = tomllib.loads(hung_route(2600, 2601))["routes"]
     assert table["primary"] == [
         {"host": WEDGED_ADDRESS, "port": 2600, "load": 50},
         {"host": SINK_ADDRESS, "port": 2601, "load": 50},
@@ -165,7 +167,7 @@ def test_hung_relay_config_has_the_route_and_the_timeout(tmp_path: Path) -> None
     from tests.support.procs import relay_config
 
     path = relay_config(
-        tmp_path, [hung_route(2600, 2601)], delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"}
+        tmp_path, hung_route(2600, 2601), delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"}
     )
     config = tomllib.loads(path.read_text())
     assert config["delivery"]["connect_timeout"] == "8s"

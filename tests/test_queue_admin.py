@@ -27,8 +27,8 @@ from tests.support.queue import (
     running,
     settle,
     spool_message,
-    until,
 )
+from tests.support.wait import until
 from tests.test_cli import relay
 from tests.test_config import RULE, SERVER, SINGLE
 

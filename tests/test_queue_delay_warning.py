@@ -23,8 +23,8 @@ from tests.support.queue import (
     running,
     settle,
     spool_message,
-    until,
 )
+from tests.support.wait import until
 from tests.test_config import SERVER, SINGLE, load, problems
 
 
@@ -167,26 +167,23 @@ async def test_delay_warning_reaches_the_senders_mx_and_the_message_stays_queued
 ) -> None:
     from types import SimpleNamespace
 
-    from tests.support.integ import Relay, config_text, dsn_parts, single_route
-    from tests.support.integ import until as integ_until
+    from tests.support import configs
+    from tests.support.integ import InProcessRelay, dsn_parts, integration_toml
     from tests.support.sink import Sink
 
     async with Sink(replies={"RCPT": "451 4.2.1 mailbox busy"}) as busy, Sink() as senders:
-        routes = single_route("Corp", "127.0.0.1", busy.port)
-        routes += single_route("Senders", "127.0.0.1", senders.port)
-        rules = (
-            '[[rules]]\nrecipients = ["@sender.test"]\nroute = "Senders"\n'
-            '[[rules]]\nrecipients = ["@corp.test"]\nroute = "Corp"\n'
-        )
+        routes = configs.route("Corp", "127.0.0.1", busy.port)
+        routes += configs.route("Senders", "127.0.0.1", senders.port)
+        rules = configs.rule("Senders", "@sender.test") + configs.rule("Corp", "@corp.test")
         dns = SimpleNamespace(ip="127.0.0.1", port=53)  # IP-literal hosts: never asked
-        toml = config_text(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
+        toml = integration_toml(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
         toml += '[bounces]\ndelay_warning = "300ms"\n'
-        async with Relay(tmp_path, toml) as relay:
+        async with InProcessRelay(tmp_path, toml) as relay:
             env = relay.put("alice@sender.test", ["bob@corp.test"])
-            await integ_until(lambda: senders.messages)
+            await until(lambda: senders.messages)
             # Several more failed attempts: still one warning.
             attempts = busy.lines.count("RCPT TO:<bob@corp.test>")
-            await integ_until(lambda: busy.lines.count("RCPT TO:<bob@corp.test>") >= attempts + 3)
+            await until(lambda: busy.lines.count("RCPT TO:<bob@corp.test>") >= attempts + 3)
             (stored,) = [e for e in relay.spooled() if e.id == env.id]
             assert stored.delay_warned and stored.pending
             assert relay.sample("relay_delay_warnings_total") == 1

@@ -33,8 +33,8 @@ from tests.support.queue import (
     running,
     settle,
     spool_message,
-    until,
 )
+from tests.support.wait import until
 
 # --- backoff -------------------------------------------------------------------
 

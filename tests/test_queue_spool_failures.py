@@ -24,8 +24,8 @@ from tests.support.queue import (
     running,
     settle,
     spool_message,
-    until,
 )
+from tests.support.wait import until
 
 
 class FillingSpool(Spool):

@@ -13,8 +13,9 @@ import pytest
 from relay import config, configdiff, configload, errors, lint
 from relay.config import Listen, MetricsConfig
 from relay.routing import bounce_route, route_for
+from tests.support import configs
 from tests.support.inbound import RawClient, running_inbound
-from tests.support.integ import Relay, config_text, idle, single_route, until
+from tests.support.integ import InProcessRelay, integration_toml
 from tests.support.sink import Sink
 
 SERVER = """
@@ -201,7 +202,7 @@ route = "Corp"
 
 async def test_one_senders_mail_goes_through_its_own_sink(tmp_path: Path) -> None:
     async with Sink() as corp, Sink() as billing:
-        routes = single_route("Corp", "127.0.0.1", corp.port) + single_route(
+        routes = configs.route("Corp", "127.0.0.1", corp.port) + configs.route(
             "Billing", "127.0.0.1", billing.port
         )
         rules = (
@@ -209,11 +210,13 @@ async def test_one_senders_mail_goes_through_its_own_sink(tmp_path: Path) -> Non
             '[[rules]]\nrecipients = ["@corp.test"]\nroute = "Corp"\n'
         )
         dns = SimpleNamespace(ip="127.0.0.1", port=53)  # IP-literal hosts: never asked
-        toml = config_text(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
-        async with Relay(tmp_path, toml) as relay:
+        toml = integration_toml(tmp_path, dns, routes, rules)  # type: ignore[arg-type]
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put("alice@sender.test", ["bob@corp.test"])
-            relay.put("invoices@billing.corp.test", ["bob@corp.test"])
-            await until(lambda: corp.messages and billing.messages)
-            await idle(relay)
+            await relay.send_and_settle(
+                "invoices@billing.corp.test",
+                ["bob@corp.test"],
+                when=lambda: corp.messages and billing.messages,
+            )
     assert [m.mail_from for m in corp.messages] == ["alice@sender.test"]
     assert [m.mail_from for m in billing.messages] == ["invoices@billing.corp.test"]

@@ -1,6 +1,6 @@
 """One file per message at accept time: the envelope is the body file's first line.
 
-Issue #8: writing the body and the envelope as two fsynced files was most of
+Writing the body and the envelope as two fsynced files was most of
 the spool's work per message. A message accepted in memory is now one file,
 ``msg/<id>.msg``, starting with ``#relay-envelope {json}``; a ``.state``
 appears when its state changes (and wins); older spools (``.eml`` and

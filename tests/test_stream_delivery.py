@@ -16,6 +16,7 @@ import pytest
 from relay import errors
 from relay.session import SEND_CHUNK
 from relay.spool import IN_MEMORY_MAX, BodyFile, Spool
+from tests.support import configs
 from tests.support.delivery import (
     OPPORTUNISTIC,
     STRICT,
@@ -29,9 +30,10 @@ from tests.support.delivery import (
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.inbound import RawClient, running_inbound
 from tests.support.inbound import make_config as inbound_config
-from tests.support.integ import Relay, config_text, dsn_parts, idle, rule, single_route, until
+from tests.support.integ import InProcessRelay, dsn_parts, integration_toml
 from tests.support.sink import Sink
 from tests.support.stream import HEAD, DigestSink, big_body, stuff
+from tests.support.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -169,12 +171,12 @@ async def test_the_scheduler_sends_a_large_body_and_closes_its_file(tmp_path) ->
     with dnsmasq_servers() as start:
         server = start(hosts={"mx1.corp.test": ["127.0.0.1"]})
         async with Sink() as sink:
-            routes = single_route("Corp", "mx1.corp.test", sink.port)
-            toml = config_text(tmp_path, server, routes, rule("Corp", "@corp.test"))
-            async with Relay(tmp_path, toml) as relay:
-                relay.put("alice@sender.test", ["bob@corp.test"], body)
-                await until(lambda: sink.messages)
-                await idle(relay)
+            routes = configs.route("Corp", "mx1.corp.test", sink.port)
+            toml = integration_toml(tmp_path, server, routes, configs.rule("Corp", "@corp.test"))
+            async with InProcessRelay(tmp_path, toml) as relay:
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@corp.test"], body, when=lambda: sink.messages
+                )
                 assert relay.spooled() == []
         assert sink.messages[0].data == body
     gc.collect()
@@ -188,14 +190,16 @@ async def test_a_dsn_for_a_large_message_quotes_its_headers(tmp_path) -> None:
         server = start(hosts=hosts, mx={"sender.test": [(10, "mx.sender.test")]})
         refusing = Sink(replies={"RCPT bob@corp.test": "550 5.1.1 no such user"})
         async with refusing as sink, Sink() as dsn_sink:
-            routes = single_route("Corp", "mx1.corp.test", sink.port) + single_route(
+            routes = configs.route("Corp", "mx1.corp.test", sink.port) + configs.route(
                 "Senders", "sender.test", dsn_sink.port, mx_lookup=True
             )
-            rules = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
-            async with Relay(tmp_path, config_text(tmp_path, server, routes, rules)) as relay:
-                relay.put("alice@sender.test", ["bob@corp.test"], body)
-                await until(lambda: dsn_sink.messages)
-                await idle(relay)
+            rules = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
+            async with InProcessRelay(
+                tmp_path, integration_toml(tmp_path, server, routes, rules)
+            ) as relay:
+                await relay.send_and_settle(
+                    "alice@sender.test", ["bob@corp.test"], body, when=lambda: dsn_sink.messages
+                )
     message, _, recipients = dsn_parts(dsn_sink.messages[0].data)
     assert recipients[0]["status"] == "5.1.1"
     assert b"Subject: big" in dsn_sink.messages[0].data
@@ -219,9 +223,9 @@ async def test_relaying_a_large_message_takes_far_less_memory_than_its_size(tmp_
     cfg = inbound_config(tmp_path, max_message_size=2 * size)
     with dnsmasq_servers() as start:
         server = start(hosts={"mx1.corp.test": ["127.0.0.1"]})
-        route_text = single_route("Corp", "mx1.corp.test", port)
-        toml = config_text(tmp_path, server, route_text, rule("Corp", "@example.com"))
-        relay = Relay(tmp_path, toml)
+        route_text = configs.route("Corp", "mx1.corp.test", port)
+        toml = integration_toml(tmp_path, server, route_text, configs.rule("Corp", "@example.com"))
+        relay = InProcessRelay(tmp_path, toml)
         tracemalloc.start()
         try:
             async with (

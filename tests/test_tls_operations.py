@@ -9,13 +9,10 @@ names through dnsmasq, the whole scheduler and deliverer (tests/support/integ.py
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
-import logging
 import ssl
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,27 +23,25 @@ from relay.errors import TlsFailure
 from relay.expiry import ExpiryWatch
 from relay.lint import warnings
 from relay.metrics import Metrics
-from tests.support.dnsserver import dnsmasq_servers
+from tests.support import configs, logs
 from tests.support.integ import (
     SENDER,
+    InProcessRelay,
     LoopbackSink,
-    Relay,
-    config_text,
     dsn_parts,
     idle,
-    rule,
-    single_route,
-    until,
+    integration_toml,
 )
 from tests.support.ops import BASE, load_text
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = rule("Corp", "@corp.test") + rule("Senders", "@sender.test")
+RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
 HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
 MX = {"sender.test": [(10, "mx.sender.test")], "corp.test": [(10, "mx1.corp.test")]}
 CHECKED = {"require_tls": True, "require_ca_signed": True, "validate_hostname": True}
@@ -54,51 +49,16 @@ DEFER = 'on_tls_failure = "defer"\n'
 TEN_DAYS = datetime.timedelta(days=10)
 
 
-@pytest.fixture
-def dnsmasq():
-    with dnsmasq_servers() as start:
-        yield start
-
-
-@pytest.fixture
-async def dsn_sink():
-    """The sender domain's MX: where a DSN to alice@sender.test would arrive."""
-    async with Sink() as sink:
-        yield sink
-
-
 def _routes(port: int, dsn_sink: Sink, extra: str = "", mx_lookup: bool = False) -> str:
     host = "corp.test" if mx_lookup else "mx1.corp.test"
-    corp = single_route("Corp", host, port, mx_lookup=mx_lookup, **CHECKED) + extra
-    return corp + single_route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
+    corp = configs.route("Corp", host, port, mx_lookup=mx_lookup, **CHECKED) + extra
+    return corp + configs.route("Senders", "sender.test", dsn_sink.port, mx_lookup=True)
 
 
 def _not_after(chain: Path) -> float:
     """The leaf's notAfter as Unix seconds, read from the file the sink presents."""
     decoded = ssl._ssl._test_decode_cert(str(chain))  # type: ignore[attr-defined]
     return ssl.cert_time_to_seconds(decoded["notAfter"])
-
-
-@contextlib.contextmanager
-def _events(name: str) -> Iterator[list[dict[str, object]]]:
-    """The fields of every ``name`` log line logged inside the block."""
-    lines: list[dict[str, object]] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage() == name:
-                lines.append({"level": record.levelname, **record.fields})  # type: ignore[attr-defined]
-
-    handler = Keep()
-    logger = logging.getLogger("relay")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 # --- on_tls_failure = "defer" ---------------------------------------------------------
@@ -112,10 +72,10 @@ async def test_defer_keeps_the_message_until_a_fixed_certificate_delivers_it(
     expired = LoopbackSink(tls_context=pki.server_context("mx1.corp.test", expired=True))
     await expired.start()
     port = expired.port
-    toml = config_text(tmp_path, server, _routes(port, dsn_sink, DEFER), RULES,
+    toml = integration_toml(tmp_path, server, _routes(port, dsn_sink, DEFER), RULES,
                        ca_file=pki.ca_file)  # fmt: skip
-    with _events("tls_deferred") as held:
-        async with Relay(tmp_path, toml) as relay:
+    with logs.captured(logs.fields_of("tls_deferred")) as held:
+        async with InProcessRelay(tmp_path, toml) as relay:
             relay.put(SENDER, ["bob@corp.test"])
             # Several attempts, each deferred (min_backoff 100ms): not bounced.
             await until(lambda: relay.sample("relay_tls_deferred_total", route="Corp") >= 2)
@@ -150,14 +110,16 @@ async def test_defer_bounces_at_max_lifetime_with_the_tls_failure(tmp_path, dnsm
     server = dnsmasq(hosts=HOSTS, mx=MX)
     clock = Clock(datetime.datetime.now(datetime.UTC).timestamp())
     async with Sink(tls_context=pki.server_context("mx1.corp.test", expired=True)) as failing:
-        toml = config_text(
+        toml = integration_toml(
             tmp_path, server, _routes(failing.port, dsn_sink, DEFER), RULES,
             ca_file=pki.ca_file, max_lifetime="1h", min_backoff="10m", max_backoff="1h",
         )  # fmt: skip
-        async with Relay(tmp_path, toml, clock=clock) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: relay.sample("relay_tls_deferred_total", route="Corp"))
-            await idle(relay)
+        async with InProcessRelay(tmp_path, toml, clock=clock) as relay:
+            await relay.send_and_settle(
+                SENDER,
+                ["bob@corp.test"],
+                when=lambda: relay.sample("relay_tls_deferred_total", route="Corp"),
+            )
             assert dsn_sink.connections == 0
             clock.advance(3600)
             relay.scheduler.flush()
@@ -179,12 +141,10 @@ async def test_bounce_stays_the_default(tmp_path, dnsmasq, dsn_sink):
     pki = Pki(tmp_path / "pki")
     server = dnsmasq(hosts=HOSTS, mx=MX)
     async with Sink(tls_context=pki.server_context("mx1.corp.test", expired=True)) as failing:
-        toml = config_text(tmp_path, server, _routes(failing.port, dsn_sink), RULES,
+        toml = integration_toml(tmp_path, server, _routes(failing.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        async with Relay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: dsn_sink.messages)
-            await idle(relay)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: dsn_sink.messages)
             assert relay.sample("relay_bounces_total", reason="tls_policy") == 1
             assert relay.sample("relay_tls_deferred_total", route="Corp") == 0
 
@@ -200,13 +160,13 @@ async def test_expiry_gauge_and_one_warning_a_day_per_host(tmp_path, dnsmasq, ds
     chain, key = pki.issue("mx1.corp.test", expires_in=TEN_DAYS)
     async with Sink(tls_context=tls.server_context(chain, key)) as sink:
         routes = _routes(sink.port, dsn_sink, mx_lookup=True)
-        toml = config_text(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
-        with _events("tls_certificate_expiring") as warned:
-            async with Relay(tmp_path, toml) as relay:
+        toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+        with logs.captured(logs.fields_of("tls_certificate_expiring")) as warned:
+            async with InProcessRelay(tmp_path, toml) as relay:
                 for n in (1, 2):
-                    relay.put(SENDER, ["bob@corp.test"])
-                    await until(lambda n=n: len(sink.messages) == n)
-                    await idle(relay)
+                    await relay.send_and_settle(
+                        SENDER, ["bob@corp.test"], when=lambda n=n: len(sink.messages) == n
+                    )
                 expiry = relay.sample(
                     "relay_tls_certificate_expiry_timestamp_seconds",
                     route="Corp", host="corp.test",
@@ -227,13 +187,11 @@ async def test_a_certificate_far_from_expiry_is_recorded_not_warned(tmp_path, dn
     server = dnsmasq(hosts=HOSTS, mx=MX)
     chain, key = pki.issue("mx1.corp.test")
     async with Sink(tls_context=tls.server_context(chain, key)) as sink:
-        toml = config_text(tmp_path, server, _routes(sink.port, dsn_sink), RULES,
+        toml = integration_toml(tmp_path, server, _routes(sink.port, dsn_sink), RULES,
                            ca_file=pki.ca_file)  # fmt: skip
-        with _events("tls_certificate_expiring") as warned:
-            async with Relay(tmp_path, toml) as relay:
-                relay.put(SENDER, ["bob@corp.test"])
-                await until(lambda: sink.messages)
-                await idle(relay)
+        with logs.captured(logs.fields_of("tls_certificate_expiring")) as warned:
+            async with InProcessRelay(tmp_path, toml) as relay:
+                await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
                 expiry = relay.sample(
                     "relay_tls_certificate_expiry_timestamp_seconds",
                     route="Corp", host="mx1.corp.test",
@@ -377,7 +335,7 @@ def test_watch_takes_the_earliest_host_warns_daily_and_forgets(tmp_path):
             "relay_tls_certificate_expiry_timestamp_seconds", {"route": route, "host": label}
         )
 
-    with _events("tls_certificate_expiring") as warned:
+    with logs.captured(logs.fields_of("tls_certificate_expiring")) as warned:
         watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 90 * day)
         watch.record("Split", "corp.test", "mx2.corp.test", clock.now + 10 * day)
         watch.record("Split", "corp.test", "mx1.corp.test", clock.now + 90 * day)

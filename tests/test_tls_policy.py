@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import ssl
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,6 +10,7 @@ from relay import errors, tls
 from relay.config import TlsPolicy
 from relay.errors import TlsFailure, TlsPolicyFailure
 from relay.metrics import Metrics
+from tests.support import logs
 from tests.support.delivery import (
     BODY,
     CA_SIGNED,
@@ -234,28 +232,6 @@ def test_server_context_offers_the_certificate(pki):
 # --- what the failure and the attempt line say ---------------------------------------
 
 
-@contextlib.contextmanager
-def _attempt_lines() -> Iterator[list[dict[str, object]]]:
-    """The fields of every ``attempt`` log line logged inside the block."""
-    lines: list[dict[str, object]] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage() == "attempt":
-                lines.append(dict(record.fields))  # type: ignore[attr-defined]
-
-    handler = Keep()
-    logger = logging.getLogger("relay")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-
-
 #: case -> the names the failure's certificate carries
 CERTIFICATE_NAMES = {"self_signed": ("mx1.test",), "wrong_name": ("other.test",),
                      "expired": ("mx1.test",)}  # fmt: skip
@@ -267,7 +243,7 @@ async def test_certificate_failure_carries_the_certificate(pki, case):
     relay reads it on a second connection without checks, sending no mail."""
     spec, failing, reason, _ = CASES[case]
     async with Sink(tls_context=_context(pki, spec)) as sink:
-        with _attempt_lines() as lines:
+        with logs.captured(logs.fields_of("attempt")) as lines:
             attempt = await _deliver(pki, sink, failing)
     assert not sink.messages and not any(line.startswith("MAIL") for line in sink.lines)
     (result,) = attempt.results["b@x.test"]
@@ -303,7 +279,7 @@ async def test_certificate_failure_carries_the_certificate(pki, case):
 )
 async def test_attempt_line_says_what_happened_to_tls(pki, spec, policy, tls_field, verified):
     async with Sink(tls_context=_context(pki, spec)) as sink:
-        with _attempt_lines() as lines:
+        with logs.captured(logs.fields_of("attempt")) as lines:
             await _deliver(pki, sink, policy)
     (line,) = lines
     assert (line["tls"], line["verified"]) == (tls_field, verified)
@@ -313,7 +289,7 @@ async def test_attempt_line_says_what_happened_to_tls(pki, spec, policy, tls_fie
 async def test_attempt_line_says_tls_offered_but_not_used(pki):
     replies = {"STARTTLS": ["220 2.0.0 go ahead"]}
     async with Sink(tls_context=pki.server_context("mx1.test"), replies=replies) as sink:
-        with _attempt_lines() as lines:
+        with logs.captured(logs.fields_of("attempt")) as lines:
             attempt = await _deliver(pki, sink, OPPORTUNISTIC)
     assert attempt.outcome("b@x.test") == errors.DELIVERED
     (line,) = lines

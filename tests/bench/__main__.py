@@ -15,7 +15,7 @@ import tests.bench as package
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["compare"]:
-        # Issue #8's side-by-side comparison with Postfix: its own options.
+        # The side-by-side comparison with Postfix: its own options.
         from tests.bench import compare
 
         return compare.main(argv[1:])

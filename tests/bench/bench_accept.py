@@ -27,7 +27,7 @@ from relay.dns import DnsResolver
 from relay.metrics import Metrics
 from relay.queue import Scheduler
 from relay.spool import Spool
-from tests.support.inbound import config_text
+from tests.support.inbound import inbound_toml
 from tests.support.procs import RelayProcess, free_port
 
 CLIENTS = 20
@@ -103,11 +103,11 @@ def main() -> None:
         root = Path(tmp)
         port = free_port()
         config = root / "relay.toml"
-        text = config_text(
+        text = inbound_toml(
             root / "spool",
             max_message_size=10_000_000,
             max_recipients=10,
-            listen=f'["127.0.0.1:{port}"]',
+            listen=[f"127.0.0.1:{port}"],
         )
         config.write_text(text)
         relay = RelayProcess(config, cwd=root).start(wait_for="event=started")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from tests.support.inbound import config_text
+from tests.support.inbound import inbound_toml
 from tests.support.procs import RelayProcess, free_port
 
 IDLE = 1000
@@ -165,11 +165,11 @@ def main() -> None:
         root = Path(tmp)
         port = free_port()
         config = root / "relay.toml"
-        text = config_text(
+        text = inbound_toml(
             root / "spool",
             max_message_size=10_000_000,
             max_recipients=10,
-            listen=f'["127.0.0.1:{port}"]',
+            listen=[f"127.0.0.1:{port}"],
             extra_server="max_connections = 1100",
         )
         config.write_text(text)

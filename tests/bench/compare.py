@@ -1,4 +1,4 @@
-"""Issue #8: relay against Postfix, side by side, in one invocation.
+"""relay against Postfix, side by side, in one invocation.
 
     python -m tests.bench compare [--quick] [--json bench.json] [--only plain,tls,queue,large,hung]
 
@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -64,16 +64,12 @@ from tests.bench.postfix_baseline import (
 )
 from tests.bench.pysink import PySink
 from tests.bench.wedged import WedgedHost
+from tests.support import configs
+from tests.support.configs import TLS_LEVELS
 from tests.support.pki import Pki
 from tests.support.postfix import SMTP_SOURCE, PostfixFactory, UpstreamClient, postfix_missing
-from tests.support.procs import (
-    RelayProcess,
-    free_port,
-    iter_tree,
-    relay_config,
-    route,
-    wait_for,
-)
+from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config
+from tests.support.wait import blocking_until
 
 SESSIONS = 20
 KIB = 1024
@@ -261,7 +257,7 @@ def relay_mta(
     sink_port: int,
     policy: str = "opportunistic",
     name: str = "relay",
-    routes: Sequence[Mapping[str, object]] | None = None,
+    routes: str | None = None,
     **sections: dict[str, object],
 ) -> Iterator[RelayMta]:
     """``python -m relay run`` from the tree RELAYS[name]; ``routes`` (default:
@@ -275,7 +271,7 @@ def relay_mta(
     }
     scratch = scratch / name
     if routes is None:
-        routes = [route("Sink", "127.0.0.1", sink_port, tls=policy)]
+        routes = configs.route("Sink", "127.0.0.1", sink_port, **TLS_LEVELS[policy])
     config = relay_config(scratch, routes, **sections)
     paths = [str(p) for p in RELAYS[name]]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
@@ -392,7 +388,7 @@ def queue_run(variant: str, mta: Mta, sink_port: int, count: int) -> Row:
     argv += ["-M", "source.test", "-f", "bench@source.test", "-t", "bench@example.org"]
     subprocess.run([*argv, f"127.0.0.1:{mta.port}"], stdin=subprocess.DEVNULL, check=True)
     accepted = time.monotonic()
-    wait_for(lambda: mta.settled(count), 900, interval=0.5, what=f"{count} deferred")
+    blocking_until(lambda: mta.settled(count), 900, interval=0.5, what=f"{count} deferred")
     settled = time.monotonic()
     rss1, pss1 = _rss_kib(mta.pids())
     with SmtpSink(port=sink_port) as sink:
@@ -480,13 +476,10 @@ WEDGED_ADDRESS = "127.0.0.2"
 SINK_ADDRESS = "127.0.0.1"
 
 
-def hung_route(wedged_port: int, sink_port: int) -> dict[str, object]:
+def hung_route(wedged_port: int, sink_port: int) -> str:
     """relay's route: two primaries at 50/50, the wedged one listed first."""
-    primaries = [
-        {"host": WEDGED_ADDRESS, "port": wedged_port, "load": 50},
-        {"host": SINK_ADDRESS, "port": sink_port, "load": 50},
-    ]
-    return route("Hung", primary=primaries)
+    primaries = [(WEDGED_ADDRESS, wedged_port, 50), (SINK_ADDRESS, sink_port, 50)]
+    return configs.route("Hung", primary=primaries)
 
 
 def hung_postfix_settings(
@@ -583,7 +576,7 @@ def variant_hung(scratch: Path, counts: dict[str, int]) -> list[Row]:
                 scratch / "hung",
                 sink.port,
                 name=name,
-                routes=[hung_route(wedged.port, sink.port)],
+                routes=hung_route(wedged.port, sink.port),
                 delivery={"connect_timeout": f"{HUNG_TIMEOUT_S}s"},
             ) as relay,
         ):

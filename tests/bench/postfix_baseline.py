@@ -1,4 +1,4 @@
-"""Issue #8 baseline: how fast does a stock Postfix relay the same workload?
+"""The baseline: how fast does a stock Postfix relay the same workload?
 
     smtp-source --(SMTP)--> MTA under test --(SMTP)--> smtp-sink
 
@@ -33,16 +33,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tests.support import configs
 from tests.support.postfix import SMTP_SINK, SMTP_SOURCE, PostfixFactory, postfix_missing
-from tests.support.procs import (
-    RelayProcess,
-    free_port,
-    iter_tree,
-    relay_config,
-    route,
-    wait_for,
-    wait_port,
-)
+from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, wait_port
+from tests.support.wait import blocking_until
 
 MAX_COUNT = 100_000
 MAX_SIZE = 32 << 20  # the 30 MiB message check of docs/performance.md
@@ -81,7 +75,7 @@ class SmtpSink:
         return int(counts[-1]) if counts else 0
 
     def wait(self, count: int, timeout: float) -> None:
-        wait_for(
+        blocking_until(
             lambda: self.received() >= count,
             timeout,
             interval=0.02,
@@ -314,12 +308,12 @@ def relay_benchmark(
     """The same workload through ``python -m relay run`` (docs/performance.md).
 
     relay gets a scratch config from ``relay_config()``: one opportunistic
-    route to the sink, spool in a temporary directory (fsynced as the
-    contract requires). Raises ``RuntimeError`` if the relay cannot start.
+    route to the sink, spool in a temporary directory (fsynced, as a
+    250 promises). Raises ``RuntimeError`` if the relay cannot start.
     """
     check_bounds(count, size, sessions)
     with SmtpSink() as sink, tempfile.TemporaryDirectory(prefix="relay-bench-") as scratch:
-        config = relay_config(Path(scratch), [route("Sink", "127.0.0.1", sink.port)])
+        config = relay_config(Path(scratch), configs.route("Sink", "127.0.0.1", sink.port))
         with RelayProcess(config) as proc:
             run_mta_benchmark(proc.port, sink, 1, size, 1, mta_pids=list, mta="warmup", timeout=30)
             return run_mta_benchmark(

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 
 from relay import configload
-from tests.support.procs import relay_config, route
+from tests.support import configs
+from tests.support.configs import TLS_LEVELS
+from tests.support.procs import relay_config
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("tls", ["opportunistic", "required", "ca", "full"])
 def test_single_host_route_with_each_tls_level(tmp_path: Path, tls: str) -> None:
-    path = relay_config(tmp_path, [route("Down", "127.0.0.1", 2526, tls=tls)])
+    path = relay_config(tmp_path, configs.route("Down", "127.0.0.1", 2526, **TLS_LEVELS[tls]))
     cfg = configload.load(path)
     (loaded,) = cfg.routes
     assert (loaded.primary[0].name, loaded.primary[0].port) == ("127.0.0.1", 2526)
@@ -29,13 +31,13 @@ def test_single_host_route_with_each_tls_level(tmp_path: Path, tls: str) -> None
 def test_multiple_hosts_rules_and_section_overrides(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("placeholder\n")
-    primary = [{"host": "127.0.0.1", "port": p, "load": w} for p, w in ((2527, 70), (2528, 30))]
-    secondary = [{"host": "127.0.0.1", "port": 2529, "load": 100}]
-    split = route("Split", primary=primary, secondary=secondary)
+    primary = [("127.0.0.1", p, w) for p, w in ((2527, 70), (2528, 30))]
+    secondary = [("127.0.0.1", 2529, 100)]
+    split = configs.route("Split", primary=primary, secondary=secondary)
     path = relay_config(
         tmp_path,
-        [route("Down", port=2526), split],
-        rules=[(["@example.org"], "Down"), (["*"], "Split")],
+        configs.route("Down", port=2526) + split,
+        rules=configs.rule("Down", "@example.org") + configs.rule("Split", "*"),
         domains=("example.org", "example.net"),
         port=2600,
         server={"max_recipients": 5},

@@ -21,7 +21,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
-from tests.support.procs import free_port, port_open, swaks, wait_for
+from tests.support.procs import free_port, port_open, swaks
+from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ class Sink:
             with self.lock:
                 return list(self.envelopes) if len(self.envelopes) >= count else None
 
-        return wait_for(enough, timeout, what=f"{count} envelope(s) at the sink")
+        return blocking_until(enough, timeout, what=f"{count} envelope(s) at the sink")
 
 
 @pytest.fixture
@@ -175,7 +176,7 @@ def test_upstream_forwards_sendmail_and_smtp_to_sink(
     assert sorted(by_sender["alice@up.test"].rcpt_tos) == ["bob@example.org", "carol@example.org"]
     assert b"hello from pickup" in (by_sender["alice@up.test"].content or b"")
     assert by_sender["dave@up.test"].rcpt_tos == ["erin@example.com"]
-    wait_for(lambda: not up.queued(), 10, what="upstream queue to drain")
+    blocking_until(lambda: not up.queued(), 10, what="upstream queue to drain")
 
 
 def test_upstream_verifies_sink_certificate(

@@ -20,7 +20,7 @@ from tests.support.procs import RelayProcess, free_port, port_open, swaks
 pytestmark = pytest.mark.e2e
 
 # Reads [server] listen from the config it is given, greets, logs to stderr,
-# exits 0 on SIGTERM and logs SIGHUP: the contract's shape of `relay run`.
+# exits 0 on SIGTERM and logs SIGHUP: the shape of `relay run` (README.md).
 FAKE_DAEMON = r"""
 import asyncio, signal, sys, tomllib
 cfg = tomllib.load(open(sys.argv[-1], "rb"))

@@ -6,7 +6,7 @@ its own STARTTLS certificate, an upstream Postfix using the relay as its
 relayhost) serves every test here; each test writes to its own recipient
 so the shared maildir tells them apart by ``Delivered-To``.
 
-Issue #7, item 1: message intact; swaks with and without STARTTLS;
+What the chain shows: message intact; swaks with and without STARTTLS;
 Postfix submitting with sendmail; nothing listens off loopback.
 """
 
@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import configs
 from tests.support.pki import Pki
 from tests.support.postfix import DownstreamServer, PostfixFactory, UpstreamClient
-from tests.support.procs import RelayProcess, relay_config, route, swaks, wait_for
+from tests.support.procs import RelayProcess, relay_config, swaks
+from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +53,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         inbound = ca.issue("relay.test", "127.0.0.1", stem="relay")
         config = relay_config(
             tmp,
-            [route("Downstream", "127.0.0.1", down.port, tls="full")],
+            configs.route("Downstream", "127.0.0.1", down.port, **configs.TLS_LEVELS["full"]),
             server={"tls_cert": str(inbound.cert), "tls_key": str(inbound.key)},
             tls={"ca_file": str(ca.ca_file)},
         )
@@ -145,7 +147,7 @@ def test_message_arrives_intact_with_exactly_one_relay_received(chain: Chain) ->
     queue_id = re.search(rb"queued as (\S+)", reply)
     assert queue_id, reply
 
-    (raw,) = wait_for(lambda: raw_delivered(chain.down, recipient), 20, what="the message")
+    (raw,) = blocking_until(lambda: raw_delivered(chain.down, recipient), 20, what="the message")
     # The downstream Postfix prepends Return-Path, X-Original-To and
     # Delivered-To (virtual(8)) and its own Received (smtpd); the relay's
     # Received comes next, then the message exactly as submitted (the
@@ -183,7 +185,7 @@ def test_smtputf8_addresses_pass_through(chain: Chain) -> None:
         assert c.rcpt(recipient)[0] == 250
         assert c.data(message)[0] == 250
 
-    (raw,) = wait_for(lambda: raw_delivered(chain.down, recipient), 20, what="the message")
+    (raw,) = blocking_until(lambda: raw_delivered(chain.down, recipient), 20, what="the message")
     fields, rest = split_fields(raw, 5)
     assert fields[0] == "Return-Path: <élise@up.test>".encode()
     assert b"by downstream.test (Postfix) with UTF8SMTPS" in fields[3]
@@ -225,8 +227,8 @@ def test_upstream_postfix_sendmail_twenty_messages_delivered_once(chain: Chain) 
 
     chain.down.wait_messages(len(ids), timeout=30, recipient=recipient)
     # Let any duplicate surface: both queues drained, then a short grace.
-    wait_for(lambda: not chain.up.queued(), 10, what="the upstream queue to drain")
-    wait_for(
+    blocking_until(lambda: not chain.up.queued(), 10, what="the upstream queue to drain")
+    blocking_until(
         lambda: not any((chain.relay.config_path.parent / "relay-spool").rglob("*.msg")),
         10,
         what="the relay spool to drain",

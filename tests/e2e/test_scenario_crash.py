@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import configs
 from tests.support.postfix import PostfixFactory
-from tests.support.procs import RelayProcess, relay_config, route, wait_for
+from tests.support.procs import RelayProcess, relay_config
+from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +47,7 @@ def test_sigkill_with_100_queued_then_all_delivered_once(
     tmp_path: Path, postfix: PostfixFactory, relay: StartRelay
 ) -> None:
     down = postfix.downstream()
-    config = relay_config(tmp_path, [route("Downstream", "127.0.0.1", down.port)])
+    config = relay_config(tmp_path, configs.route("Downstream", "127.0.0.1", down.port))
     proc = relay(config)
     down.stop()
     recipient = "bob-crash@example.org"
@@ -62,7 +64,7 @@ def test_sigkill_with_100_queued_then_all_delivered_once(
     down.start()
     proc.start()
     down.wait_messages(COUNT, timeout=40, recipient=recipient)
-    wait_for(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
+    blocking_until(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
     time.sleep(0.5)  # give a duplicate the chance to arrive
 
     seen = Counter(str(m["Message-ID"]) for m in down.messages(recipient))
@@ -85,7 +87,7 @@ def test_sigkill_during_delivery_loses_nothing(
     transaction in flight: ``max_per_host`` (5) on this one-host route.
     """
     down = postfix.downstream()
-    config = relay_config(tmp_path, [route("Downstream", "127.0.0.1", down.port)])
+    config = relay_config(tmp_path, configs.route("Downstream", "127.0.0.1", down.port))
     proc = relay(config)
     recipient = "bob-midway@example.org"
     # Queue all 100 first, so that they retry together once the downstream is up.
@@ -96,7 +98,7 @@ def test_sigkill_during_delivery_loses_nothing(
     def delivered() -> bool:
         return any("event=delivered" in line for line in proc.stderr_lines())
 
-    wait_for(delivered, 20, interval=0.005, what="the first delivery")
+    blocking_until(delivered, 20, interval=0.005, what="the first delivery")
     proc.kill9()
     # "event=delivered" is logged on the 250, just before the spool write:
     # killing right after it hits the crash window on purpose.
@@ -105,7 +107,7 @@ def test_sigkill_during_delivery_loses_nothing(
     proc.start()
     down.wait_messages(COUNT, timeout=40, recipient=recipient)
     spool = tmp_path / "relay-spool"
-    wait_for(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
+    blocking_until(lambda: not any(spool.rglob("*.msg")), 15, what="the relay spool to drain")
     time.sleep(0.5)
 
     seen = Counter(str(m["Message-ID"]) for m in down.messages(recipient))

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support import configs
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.pki import Pki
 from tests.support.postfix import DownstreamServer, PostfixFactory
-from tests.support.procs import RelayProcess, relay_config, route, swaks
+from tests.support.procs import RelayProcess, relay_config, swaks
 
 pytestmark = pytest.mark.e2e
 
@@ -57,19 +58,23 @@ def mx_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MxSetup]:
         )
         senders = postfix.downstream("senders", domains=["sender.test"])
         routes = [
-            route("Good", "good.test", good.port, tls="full", mx_lookup=True),
-            route("Wrong", "wrong.test", wrong.port, tls="full", mx_lookup=True),
-            route("Senders", "sender.test", senders.port, mx_lookup=True),
+            configs.route(
+                "Good", "good.test", good.port, mx_lookup=True, **configs.TLS_LEVELS["full"]
+            ),
+            configs.route(
+                "Wrong", "wrong.test", wrong.port, mx_lookup=True, **configs.TLS_LEVELS["full"]
+            ),
+            configs.route("Senders", "sender.test", senders.port, mx_lookup=True),
         ]
         rules = [
-            (["@good.test"], "Good"),
-            (["@wrong.test"], "Wrong"),
-            (["@sender.test"], "Senders"),
+            configs.rule("Good", "@good.test"),
+            configs.rule("Wrong", "@wrong.test"),
+            configs.rule("Senders", "@sender.test"),
         ]
         config = relay_config(
             tmp,
-            routes,
-            rules,
+            "".join(routes),
+            "".join(rules),
             domains=("good.test", "wrong.test", "sender.test"),
             tls={"ca_file": str(ca.ca_file)},
             dns={"nameservers": [f"{server.ip}:{server.port}"], "timeout": "2s"},

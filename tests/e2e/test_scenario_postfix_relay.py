@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import configs
 from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
-from tests.support.procs import RelayProcess, relay_config, route, swaks, wait_for
+from tests.support.procs import RelayProcess, relay_config, swaks
+from tests.support.wait import blocking_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +30,7 @@ def test_postfix_through_relay_with_verified_tls(
     inbound = e2e_ca.issue("relay.test", stem="relay")
     config = relay_config(
         tmp_path,
-        [route("Downstream", "127.0.0.1", down.port, tls="full")],
+        configs.route("Downstream", "127.0.0.1", down.port, **configs.TLS_LEVELS["full"]),
         server={"tls_cert": str(inbound.cert), "tls_key": str(inbound.key)},
         tls={"ca_file": str(e2e_ca.ca_file)},
     )
@@ -49,11 +51,11 @@ def test_downstream_down_then_up_delivers_queued_mail(
     tmp_path: Path, postfix: PostfixFactory, relay: StartRelay
 ) -> None:
     down = postfix.downstream()
-    proc = relay(relay_config(tmp_path, [route("Downstream", "127.0.0.1", down.port)]))
+    proc = relay(relay_config(tmp_path, configs.route("Downstream", "127.0.0.1", down.port)))
     down.stop()
     sent = swaks("--server", f"127.0.0.1:{proc.port}", "--to", "bob@example.org")
     assert sent.returncode == 0, sent.stdout  # accepted into the spool while downstream is down
-    wait_for(
+    blocking_until(
         lambda: any("deferred" in line or "attempt" in line for line in proc.stderr_lines()),
         15,
         what="a failed delivery attempt in the relay log",

@@ -7,32 +7,25 @@ from pathlib import Path
 import aiohttp
 
 from relay.passwords import hash_password
-from tests.support.opsd import route_toml, rule_toml
+from tests.support import configs
 
 USER = "ops"
 PASSWORD = "correct horse battery"
 _HASH = hash_password(PASSWORD)
 
 
-def console_config(
-    tmp: Path, smtp: int, metrics: int, admin: int, sink_port: int, *, allow: str = ""
-) -> str:
+def console_config(tmp: Path, smtp: int, metrics: int, admin: int, sink_port: int) -> str:
     """A relay config with the console on ``admin`` and one route Sink; comments to keep."""
-    allow_line = f"allow = [{allow}]\n" if allow else ""
-    return (
-        "# The console test's relay. This comment must survive a save.\n"
-        f'[server]\nhostname = "relay.test"\nlisten = ["127.0.0.1:{smtp}"]\n'
-        'domains = ["example.com", "new.test"]\n\n'
-        f'[queue]\npath = "{tmp / "spool"}"\nmin_backoff = "1h"\n\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n\n'
-        f'[audit]\npath = "{tmp / "audit.log"}"\n\n'
-        f'[delivery]\nconnect_timeout = "3s"\n\n'
-        f'[admin]\nlisten = "127.0.0.1:{admin}"\n{allow_line}'
-        f'[[admin.users]]\nname = "{USER}"\npassword_hash = "{_HASH}"\n\n'
-        "# Where example.com goes (kept by the console).\n"
-        + route_toml("Sink", sink_port)
-        + rule_toml("Sink", "@example.com")
+    routes = "# Where example.com goes (kept by the console).\n" + configs.route(
+        "Sink", port=sink_port
     )
+    text = configs.daemon_toml(
+        tmp, smtp, metrics, ["example.com", "new.test"],
+        routes, configs.rule("Sink", "@example.com"),
+        queue={"min_backoff": "1h"}, delivery={"connect_timeout": "3s"},
+        admin={"listen": f"127.0.0.1:{admin}", "users": [{"name": USER, "password_hash": _HASH}]},
+    )  # fmt: skip
+    return "# The console test's relay. This comment must survive a save.\n" + text
 
 
 async def login(base: str, password: str = PASSWORD) -> tuple[aiohttp.ClientSession, str]:

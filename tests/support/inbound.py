@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import tomllib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,40 +19,12 @@ from relay.envelope import Envelope
 from relay.inbound import Inbound
 from relay.metrics import Metrics
 from relay.spool import Spool
+from tests.support import configs
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BASE_TOML = """\
-[server]
-hostname = "relay.test"
-listen = ["127.0.0.1:2525"]
-domains = ["example.com", "example.net"]
-max_message_size = {max_message_size}
-max_recipients = {max_recipients}
-timeout = "{timeout}"
-{extra_server}
 
-[queue]
-path = "{spool}"
-
-[metrics]
-listen = "{metrics}"
-
-[[routes]]
-name = "Corp"
-host = "127.0.0.1"
-port = 2526
-require_tls = false
-require_ca_signed = false
-validate_hostname = false
-
-[[rules]]
-recipients = ["@example.com", "known@example.net"]
-route = "Corp"
-"""
-
-
-def config_text(
+def inbound_toml(
     spool: Path,
     *,
     max_message_size: int = 100_000,
@@ -60,30 +32,37 @@ def config_text(
     timeout: str = "30s",
     extra_server: str = "",
     metrics: str = "",
-    listen: str | None = None,
-    domains: str | None = None,
+    listen: Sequence[str] = ("127.0.0.1:2525",),
+    domains: Sequence[str] = ("example.com", "example.net"),
+    queue: Mapping[str, object] | None = None,
     extra: str = "",
 ) -> str:
-    """The inbound tests' TOML; ``domains`` replaces the served domains' list
-    (TOML text), ``extra`` is appended (more routes or rules)."""
-    text = BASE_TOML.format(
-        spool=spool,
-        max_message_size=max_message_size,
-        max_recipients=max_recipients,
-        timeout=timeout,
-        extra_server=extra_server,
-        metrics=metrics,
-    )
-    if listen is not None:
-        text = text.replace('listen = ["127.0.0.1:2525"]', f"listen = {listen}")
-    if domains is not None:
-        text = text.replace('domains = ["example.com", "example.net"]', f"domains = {domains}")
-    return text + extra
+    """The inbound tests' TOML: example.com and known@example.net go to route
+    Corp (127.0.0.1:2526). ``extra_server`` is more ``[server]`` keys as TOML
+    lines, ``queue`` more ``[queue]`` keys; ``extra`` is appended (more routes,
+    rules or sections)."""
+    server: dict[str, object] = {
+        "hostname": "relay.test",
+        "listen": list(listen),
+        "domains": list(domains),
+        "max_message_size": max_message_size,
+        "max_recipients": max_recipients,
+        "timeout": timeout,
+        **tomllib.loads(extra_server),
+    }
+    sections = {
+        "server": server,
+        "queue": {"path": spool, **(queue or {})},
+        "metrics": {"listen": metrics},
+    }
+    routes = configs.route("Corp", "127.0.0.1", 2526)
+    rules = configs.rule("Corp", "@example.com", "known@example.net")
+    return configs.relay_toml(sections, routes, rules) + extra
 
 
 def make_config(tmp_path: Path, **kwargs: object) -> Config:
     """A valid Config listening on 127.0.0.1 port 0 (the OS picks), metrics off."""
-    text = config_text(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
+    text = inbound_toml(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
     cfg = configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
     server = dataclasses.replace(cfg.server, listen=(Listen("127.0.0.1", 0),))
     return dataclasses.replace(cfg, server=server, metrics=MetricsConfig(listen=None))

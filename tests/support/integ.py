@@ -1,18 +1,17 @@
-"""The whole delivery path in-process, wired as the daemon wires it.
+"""The whole delivery path in-process, wired by the daemon's own ``relay.app.build``.
 
-``Relay`` builds ``Scheduler(lambda: cfg, Spool, Deliverer(lambda: cfg,
-DnsResolver(cfg.dns), metrics, rng), metrics, clock, rng)`` from TOML text
-loaded with :func:`relay.configload.load`, so the real SMTP client, the real
-resolver (against dnsmasq, tests/support/dnsserver.py) and the real
-scheduler all run::
+``InProcessRelay`` loads TOML text with :func:`relay.configload.load` and builds
+the daemon's parts from it, so the real SMTP client, the real resolver
+(against dnsmasq, tests/support/dnsserver.py) and the real scheduler all
+run (the SMTP listeners and the control folder are built but not started)::
 
     async with Sink() as sink:
         server = dnsmasq(hosts={"mx1.corp.test": ["127.0.0.1"]})
-        route = single_route("Corp", "mx1.corp.test", sink.port)
-        toml = config_text(tmp_path, server, route, rule("Corp", "@corp.test"))
-        async with Relay(tmp_path, toml) as relay:
-            relay.put("alice@sender.test", ["bob@corp.test"])
-            await until(lambda: sink.messages)
+        routes = configs.route("Corp", "mx1.corp.test", sink.port)
+        rules = configs.rule("Corp", "@corp.test")
+        toml = integration_toml(tmp_path, server, routes, rules)
+        async with InProcessRelay(tmp_path, toml) as relay:
+            await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: sink.messages)
 
 Sinks on other loopback addresses (127.0.0.2 ...) let two MX hosts share
 the route's one port, as they would on the internet.
@@ -23,24 +22,23 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from relay import configload
+import pytest
+
+from relay import app, configload
 from relay.config import Config
-from relay.delivery import Deliverer
-from relay.dns import DnsResolver
 from relay.envelope import ClientInfo, Envelope, Recipient
-from relay.metrics import Metrics
-from relay.queue import Scheduler
-from relay.spool import Spool, new_id
-from tests.support.dnsserver import DnsServer
+from relay.spool import new_id
+from tests.support.configs import relay_toml
+from tests.support.dnsserver import DnsmasqFactory, DnsServer, dnsmasq_servers
 from tests.support.sink import Sink
+from tests.support.wait import until
 
 SENDER = "alice@sender.test"
 
@@ -96,48 +94,7 @@ def closed_port() -> int:
 # --- config text ------------------------------------------------------------
 
 
-def single_route(
-    name: str,
-    host: str,
-    port: int,
-    *,
-    mx_lookup: bool = False,
-    require_tls: bool = False,
-    require_ca_signed: bool = False,
-    validate_hostname: bool = False,
-) -> str:
-    return (
-        f'[[routes]]\nname = "{name}"\nhost = "{host}"\nport = {port}\n'
-        f"mx_lookup = {_b(mx_lookup)}\nrequire_tls = {_b(require_tls)}\n"
-        f"require_ca_signed = {_b(require_ca_signed)}\n"
-        f"validate_hostname = {_b(validate_hostname)}\n"
-    )
-
-
-def multi_route(
-    name: str,
-    primary: Sequence[tuple[str, int, int]],
-    secondary: Sequence[tuple[str, int, int]] = (),
-    *,
-    mx_lookup: bool = False,
-) -> str:
-    """A route of (host, port, load) tables with opportunistic TLS."""
-    text = (
-        f'[[routes]]\nname = "{name}"\nmx_lookup = {_b(mx_lookup)}\n'
-        "require_tls = false\nrequire_ca_signed = false\nvalidate_hostname = false\n"
-    )
-    for table, hosts in (("primary", primary), ("secondary", secondary)):
-        for host, port, load in hosts:
-            text += f'[[routes.{table}]]\nhost = "{host}"\nport = {port}\nload = {load}\n'
-    return text
-
-
-def rule(route: str, *patterns: str) -> str:
-    quoted = ", ".join(f'"{p}"' for p in patterns)
-    return f'[[rules]]\nrecipients = [{quoted}]\nroute = "{route}"\n'
-
-
-def config_text(
+def integration_toml(
     tmp_path: Path,
     dns: DnsServer,
     routes: str,
@@ -153,37 +110,49 @@ def config_text(
     relay_networks: Sequence[str] = (),
     notify: Sequence[str] = (),
 ) -> str:
-    """A complete relay.toml for one test: spool in tmp_path, DNS at ``dns``."""
-    tls = f'[tls]\nca_file = "{ca_file}"\n' if ca_file else ""
-    bounces = f'[bounces]\nroute = "{bounce_route}"\n' if bounce_route else ""
+    """A complete relay.toml for one test: spool in tmp_path, DNS at ``dns``;
+    ``routes`` and ``rules`` from tests/support/configs.py."""
+    sections: dict[str, dict[str, object]] = {
+        "server": {
+            "hostname": "relay.test",
+            "domains": ["corp.test"],
+            "relay_networks": list(relay_networks),
+        },
+        "queue": {
+            "path": tmp_path / "spool",
+            "max_lifetime": max_lifetime,
+            "min_backoff": min_backoff,
+            "max_backoff": max_backoff,
+        },
+        "delivery": {
+            "max_concurrency": max_concurrency,
+            "max_per_host": max_per_host,
+            "connect_timeout": "3s",
+            "command_timeout": "5s",
+            "idle_timeout": "5s",
+            # Hold-downs as short as the retries: a host that comes back is tried again.
+            "hold_down": min_backoff,
+            "max_hold_down": max_backoff,
+        },
+        "dns": {"nameservers": [f"{dns.ip}:{dns.port}"], "timeout": "2s"},
+        "metrics": {"listen": ""},
+        "audit": {"path": tmp_path / "audit.log"},
+    }
+    if ca_file:
+        sections["tls"] = {"ca_file": ca_file}
+    bounces: dict[str, object] = {"route": bounce_route} if bounce_route else {}
     if notify:
-        listed = ", ".join(f'"{address}"' for address in notify)
-        bounces = (bounces or "[bounces]\n") + f"notify = [{listed}]\n"
-    networks = ", ".join(f'"{n}"' for n in relay_networks)
-    return (
-        '[server]\nhostname = "relay.test"\ndomains = ["corp.test"]\n'
-        f"relay_networks = [{networks}]\n"
-        f'[queue]\npath = "{tmp_path / "spool"}"\nmax_lifetime = "{max_lifetime}"\n'
-        f'min_backoff = "{min_backoff}"\nmax_backoff = "{max_backoff}"\n'
-        f"[delivery]\nmax_concurrency = {max_concurrency}\nmax_per_host = {max_per_host}\n"
-        'connect_timeout = "3s"\ncommand_timeout = "5s"\nidle_timeout = "5s"\n'
-        # Hold-downs as short as the retries: a host that comes back is tried again.
-        f'hold_down = "{min_backoff}"\nmax_hold_down = "{max_backoff}"\n'
-        f'[dns]\nnameservers = ["{dns.ip}:{dns.port}"]\ntimeout = "2s"\n'
-        f'[metrics]\nlisten = ""\n[audit]\npath = "{tmp_path / "audit.log"}"\n'
-        f"{tls}{bounces}{routes}{rules}"
-    )
-
-
-def _b(value: bool) -> str:
-    return "true" if value else "false"
+        bounces["notify"] = list(notify)
+    if bounces:
+        sections["bounces"] = bounces
+    return relay_toml(sections, routes, rules)
 
 
 # --- the relay ---------------------------------------------------------------
 
 
-class Relay:
-    """Spool + Scheduler + Deliverer + DnsResolver + Metrics, from a config file."""
+class InProcessRelay:
+    """The daemon's parts (``relay.app.build``) from a config file, the scheduler running."""
 
     def __init__(
         self,
@@ -197,18 +166,13 @@ class Relay:
         path = tmp_path / name
         path.write_text(toml)
         self.config: Config = configload.load(path)
-        self.spool = Spool(self.config.queue.path, fsync=False)
-        self.spool.open()
-        self.metrics = Metrics()
         self.clock = clock
-        self.rng = random.Random(seed) if seed is not None else random.Random()
-        self.deliverer = Deliverer(
-            lambda: self.config, DnsResolver(self.config.dns), self.metrics, self.rng
-        )
-        self.scheduler = Scheduler(
-            lambda: self.config, self.spool, self.deliverer, self.metrics,
-            clock=clock, rng=random.Random(seed),
-        )  # fmt: skip
+        parts = app.build(lambda: self.config, fsync=False, clock=clock, seed=seed)
+        self.metrics = parts.metrics
+        self.spool = parts.spool
+        self.deliverer = parts.deliverer
+        self.scheduler = parts.scheduler
+        self.spool.open()
         self._task: asyncio.Task[None] | None = None
 
     def put(
@@ -235,6 +199,22 @@ class Relay:
         self.scheduler.add(envelope)
         return envelope
 
+    async def send_and_settle(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes = BODY,
+        *,
+        when: Callable[[], object],
+        smtputf8: bool = False,
+    ) -> Envelope:
+        """``put`` a message, wait until ``when`` holds (a sink has it, a DSN came
+        back ...), then until nothing runs and nothing is due."""
+        envelope = self.put(sender, recipients, body, smtputf8=smtputf8)
+        await until(when, what="the message's outcome")
+        await idle(self)
+        return envelope
+
     def requeue(self) -> int:
         """Schedule every spooled message (what the daemon does at start)."""
         envelopes = list(self.spool.load_all())
@@ -248,7 +228,7 @@ class Relay:
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
-    async def __aenter__(self) -> Relay:
+    async def __aenter__(self) -> InProcessRelay:
         self._task = asyncio.create_task(self.scheduler.run())
         return self
 
@@ -259,16 +239,26 @@ class Relay:
         await self.deliverer.close()
 
 
-async def until(condition: Callable[[], object], within: float = 10.0) -> None:
-    """Poll ``condition`` until true; TimeoutError after ``within`` seconds."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - a predicate on sink state, no event
-            await asyncio.sleep(0.01)
-
-
-async def idle(relay: Relay, within: float = 10.0) -> None:
+async def idle(relay: InProcessRelay, within: float = 10.0) -> None:
     """Until nothing runs and nothing is due in the scheduler."""
-    await until(lambda: not relay.scheduler.busy, within)
+    await until(lambda: not relay.scheduler.busy, within, what="the relay idle")
+
+
+# --- fixtures (tests/conftest.py loads this module as a plugin) ---------------
+
+
+@pytest.fixture
+def dnsmasq() -> Iterator[DnsmasqFactory]:
+    """dnsmasq factory: ``dnsmasq(hosts=..., mx=...)`` (tests/support/dnsserver.py)."""
+    with dnsmasq_servers() as start:
+        yield start
+
+
+@pytest.fixture
+async def dsn_sink() -> AsyncIterator[Sink]:
+    """The sender domain's MX: where DSNs to alice@sender.test arrive."""
+    async with Sink() as sink:
+        yield sink
 
 
 # --- DSNs ---------------------------------------------------------------------

@@ -10,28 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.inbound import RawClient
 from tests.support.procs import RelayProcess
+from tests.support.wait import until
 
 MSG = b"From: a@sender.test\r\nSubject: ops\r\n\r\nHello.\r\n"
 
 #: (metric sample name, sorted label pairs) -> value.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-async def wait_until(check: Callable[[], bool], what: str, within: float = 10) -> None:
-    """Poll ``check`` without blocking the loop (the sinks live on it)."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def wait_log(proc: RelayProcess, text: str, count: int = 1, within: float = 10) -> None:
@@ -44,8 +34,8 @@ async def wait_log(proc: RelayProcess, text: str, count: int = 1, within: float 
         return proc.log.count(text) >= count
 
     try:
-        await wait_until(seen, f"{text!r} x{count}", within)
-    except AssertionError as exc:
+        await until(seen, within, what=f"{text!r} x{count}", interval=0.05)
+    except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{proc.log}") from None
 
 
@@ -118,16 +108,3 @@ async def cli(proc: RelayProcess, config: Path, *args: str) -> subprocess.Comple
 def json_lines(log: str) -> list[dict[str, object]]:
     """Every stderr line as JSON (raises if one is not)."""
     return [json.loads(line) for line in log.splitlines() if line.strip()]
-
-
-def route_toml(name: str, port: int, *, require_tls: bool = False, host: str = "127.0.0.1") -> str:
-    tls = "true" if require_tls else "false"
-    return (
-        f'[[routes]]\nname = "{name}"\nhost = "{host}"\nport = {port}\n'
-        f"require_tls = {tls}\nrequire_ca_signed = false\nvalidate_hostname = false\n\n"
-    )
-
-
-def rule_toml(route: str, *patterns: str) -> str:
-    quoted = ", ".join(f'"{p}"' for p in patterns)
-    return f'[[rules]]\nrecipients = [{quoted}]\nroute = "{route}"\n\n'

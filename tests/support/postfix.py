@@ -45,14 +45,8 @@ from typing import Self
 
 from tests.support.peers import require_postfix
 from tests.support.pki import CertFiles
-from tests.support.procs import (
-    free_port,
-    kill_tree,
-    pid_alive,
-    port_open,
-    wait_for,
-    wait_port,
-)
+from tests.support.procs import free_port, kill_tree, pid_alive, port_open, wait_port
+from tests.support.wait import blocking_until
 
 POSTFIX = "/usr/sbin/postfix"
 SENDMAIL = "/usr/sbin/sendmail"
@@ -254,12 +248,12 @@ class PostfixInstance:
             return
         self._run(POSTFIX, "-c", str(self.config_dir), "stop", timeout=timeout)
         try:
-            wait_for(lambda: not pid_alive(pid), timeout, what=f"postfix {self.name} to stop")
+            blocking_until(lambda: not pid_alive(pid), timeout, what=f"postfix {self.name} to stop")
         except TimeoutError:
             kill_tree(pid)
         # Children notice the master's death through its status pipe, but make sure.
         kill_tree(pid)
-        wait_for(
+        blocking_until(
             lambda: not port_open("127.0.0.1", self.port), 5.0, what=f"{self.name} port to close"
         )
         _LIVE.discard(self)
@@ -290,7 +284,9 @@ class PostfixInstance:
         def search() -> re.Match[str] | None:
             return next(filter(None, map(regex.search, self.maillog().splitlines())), None)
 
-        return wait_for(search, timeout, what=f"{self.name} maillog line matching {pattern!r}")
+        return blocking_until(
+            search, timeout, what=f"{self.name} maillog line matching {pattern!r}"
+        )
 
     def queued(self) -> list[str]:
         """Queue ids of every message still in this instance's queue."""
@@ -387,7 +383,7 @@ class DownstreamServer(PostfixInstance):
             found = self.messages(recipient)
             return found if len(found) >= count else None
 
-        return wait_for(
+        return blocking_until(
             enough,
             timeout,
             what=f"{count} message(s) in {self.name}'s maildir",

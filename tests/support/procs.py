@@ -1,7 +1,7 @@
-"""Subprocess helpers for end-to-end tests: the relay daemon, swaks, ports, polling.
+"""Subprocess helpers for end-to-end tests: the relay daemon, swaks, ports.
 
 Everything here is bounded in time: every wait takes a timeout and raises
-``TimeoutError`` naming what it was waiting for, so a broken scenario fails
+``TimeoutError`` naming what it was waiting for (tests/support/wait.py), so a broken scenario fails
 with a message instead of hanging until pytest-timeout fires.
 """
 
@@ -11,20 +11,22 @@ import contextlib
 import json
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from relay.configvalues import parse_listen
+from tests.support import configs
+from tests.support.inbound import inbound_toml
 from tests.support.peers import SWAKS, require_swaks
-
-T = TypeVar("T")
+from tests.support.wait import blocking_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,28 +40,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def wait_for(
-    predicate: Callable[[], T | None],
-    timeout: float,
-    *,
-    interval: float = 0.05,
-    what: str = "condition",
-) -> T:
-    """Poll ``predicate`` until it returns a truthy value and return that value.
-
-    Raises ``TimeoutError(what)`` after ``timeout`` seconds. The predicate is
-    always called at least once, and once more at the deadline.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def port_open(host: str, port: int) -> bool:
     """True when a TCP connection to host:port succeeds right now."""
     try:
@@ -71,12 +51,14 @@ def port_open(host: str, port: int) -> bool:
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until host:port accepts TCP connections."""
-    wait_for(lambda: port_open(host, port), timeout, what=f"{host}:{port} to accept connections")
+    blocking_until(
+        lambda: port_open(host, port), timeout, what=f"{host}:{port} to accept connections"
+    )
 
 
 def wait_port_closed(host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until host:port refuses TCP connections."""
-    wait_for(lambda: not port_open(host, port), timeout, what=f"{host}:{port} to close")
+    blocking_until(lambda: not port_open(host, port), timeout, what=f"{host}:{port} to close")
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,10 +101,6 @@ def _first_listener(config_path: Path) -> tuple[str, int]:
     listen = raw.get("server", {}).get("listen", ["127.0.0.1:2525"])
     first = parse_listen(str(listen[0]))
     return first.host, first.port
-
-
-# start()'s ``wait_for`` parameter shadows the function of that name.
-_wait_until = wait_for
 
 
 @dataclass
@@ -244,7 +222,7 @@ class RelayProcess:
             return port_open(self.host, self.port)
 
         try:
-            _wait_until(
+            blocking_until(
                 ready, timeout or self.startup_timeout, what=f"relay on {self.host}:{self.port}"
             )
         except TimeoutError:
@@ -322,7 +300,7 @@ class RelayProcess:
         def find() -> str | None:
             return next((line for line in self.stderr_lines() if needle in line), None)
 
-        return wait_for(find, timeout, what=f"relay stderr line containing {needle!r}")
+        return blocking_until(find, timeout, what=f"relay stderr line containing {needle!r}")
 
     def cleanup(self) -> None:
         """Stop the daemon and delete the captured logs."""
@@ -335,6 +313,71 @@ class RelayProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class DaemonUnderTest:
+    """``relay run`` on free loopback ports: its config file in ``tmp_path``
+    (tests/support/inbound.py's ``inbound_toml``: example.com to route Corp),
+    and the RelayProcess that runs it (not started)."""
+
+    def __init__(self, tmp_path: Path, listen: Sequence[str] | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.spool_dir = tmp_path / "spool"
+        self.config = tmp_path / "relay.toml"
+        self.audit = tmp_path / "audit.log"
+        self.listen = list(listen or [f"127.0.0.1:{self.port}"])
+        self.write()
+        self.process = RelayProcess(self.config, cwd=tmp_path)
+
+    def write(
+        self, *, spool: Path | None = None, metrics: int | None = None, lifetime: str = "5d"
+    ) -> None:
+        """(Re)write the config: by default this spool and metrics port, 5 days' lifetime."""
+        text = inbound_toml(
+            spool or self.spool_dir,
+            metrics=f"127.0.0.1:{metrics or self.metrics_port}",
+            listen=self.listen,
+            queue={"max_lifetime": lifetime},
+            extra=configs.table("[audit]", {"path": self.audit}),
+        )
+        self.config.write_text(text)
+
+    def smtp(self) -> smtplib.SMTP:
+        """A client that said EHLO."""
+        client = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+        client.ehlo("client.test")
+        return client
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text: str = resp.read().decode()
+        return text
+
+    def metric(self, line_start: str) -> str:
+        """The exposition's lines that start with ``line_start``."""
+        lines = self.metrics().splitlines()
+        return "\n".join(line for line in lines if line.startswith(line_start))
+
+    def reloads(self, result: str) -> str:
+        """``relay_config_reloads_total{result=...}``'s value, as exposed."""
+        needle = f'relay_config_reloads_total{{result="{result}"}} '
+        lines = self.metrics().splitlines()
+        return next(line for line in lines if line.startswith(needle))[len(needle) :]
+
+    def audit_entries(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.process.cli(*args, config=self.config)
+
+    def __enter__(self) -> DaemonUnderTest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.stop()
 
 
 def iter_tree(root_pid: int, *, zombies: bool = False) -> Iterator[int]:
@@ -370,74 +413,11 @@ def kill_tree(root_pid: int) -> None:
 
 # --- relay configs for scenarios --------------------------------------------------
 
-TomlValue = str | int | float | bool | Path | list[str] | tuple[str, ...]
-
-
-def _toml(value: TomlValue) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    # TOML basic strings accept JSON's escapes.
-    return json.dumps(str(value))
-
-
-def _table(header: str, items: Mapping[str, object]) -> list[str]:
-    lines = [header]
-    nested: list[str] = []
-    for key, value in items.items():
-        if isinstance(value, list) and value and isinstance(value[0], Mapping):
-            # An array of tables inside a table: [[routes.primary]] etc.
-            for sub in value:
-                nested += ["", *_table(f"[[{header.strip('[]')}.{key}]]", sub)]
-        else:
-            lines.append(f"{key} = {_toml(value)}")  # type: ignore[arg-type]
-    return lines + nested
-
-
-def route(
-    name: str,
-    host: str = "127.0.0.1",
-    port: int = 25,
-    *,
-    tls: str = "opportunistic",
-    mx_lookup: bool = False,
-    primary: Sequence[Mapping[str, object]] = (),
-    secondary: Sequence[Mapping[str, object]] = (),
-) -> dict[str, object]:
-    """One ``[[routes]]`` table. ``tls``: "opportunistic" (no checks), "required"
-    (STARTTLS only), "ca" (plus a CA-signed chain) or "full" (plus hostname match).
-    With ``primary`` (and ``secondary``) lists of ``{"host", "port", "load"}`` it is
-    a multiple-host route and ``host``/``port`` are ignored.
-    """
-    levels = {
-        "opportunistic": (False, False, False),
-        "required": (True, False, False),
-        "ca": (True, True, False),
-        "full": (True, True, True),
-    }
-    require_tls, require_ca, check_name = levels[tls]
-    table: dict[str, object] = {"name": name}
-    if primary:
-        table["primary"] = [dict(h) for h in primary]
-        if secondary:
-            table["secondary"] = [dict(h) for h in secondary]
-    else:
-        table |= {"host": host, "port": port}
-    return table | {
-        "mx_lookup": mx_lookup,
-        "require_tls": require_tls,
-        "require_ca_signed": require_ca,
-        "validate_hostname": check_name,
-    }
-
 
 def relay_config(
     directory: Path,
-    routes: Sequence[Mapping[str, object]],
-    rules: Sequence[tuple[Sequence[str], str]] | None = None,
+    routes: str,
+    rules: str = "",
     *,
     domains: Sequence[str] = ("example.org",),
     port: int | None = None,
@@ -446,12 +426,13 @@ def relay_config(
 ) -> Path:
     """Write ``directory/<name>.toml`` for a relay under test and return its path.
 
-    Defaults suit a scenario: listen and metrics on free loopback ports,
-    spool and audit log inside ``directory``, retries after 1-2 s, short
-    delivery timeouts and hold-downs, 127.0.0.0/8 may relay. ``rules`` are (patterns,
-    route name) pairs, default: every recipient to the first route. Any
-    ``sections`` (``server={...}``, ``queue={...}``, ``tls={"ca_file": ...}``,
-    ``dns={"nameservers": [...]}``...) are merged over the defaults.
+    ``routes`` and ``rules`` come from tests/support/configs.py; default rule:
+    every recipient to the first route. Defaults suit a scenario: listen and
+    metrics on free loopback ports, spool and audit log inside ``directory``,
+    retries after 1-2 s, short delivery timeouts and hold-downs, 127.0.0.0/8
+    may relay. Any ``sections`` (``server={...}``, ``queue={...}``,
+    ``tls={"ca_file": ...}``, ``dns={"nameservers": [...]}``...) are merged
+    over the defaults.
     """
     directory.mkdir(parents=True, exist_ok=True)
     defaults: dict[str, dict[str, object]] = {
@@ -477,17 +458,7 @@ def relay_config(
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "audit": {"path": str(directory / f"{name}-audit.log")},
     }
-    for key, values in sections.items():
-        defaults[key] = {**defaults.get(key, {}), **values}
-    if rules is None:
-        rules = [(["*"], str(routes[0]["name"]))]
-    lines: list[str] = []
-    for key, values in defaults.items():
-        lines += [*_table(f"[{key}]", values), ""]
-    for table in routes:
-        lines += [*_table("[[routes]]", table), ""]
-    for patterns, route_name in rules:
-        lines += [*_table("[[rules]]", {"recipients": list(patterns), "route": route_name}), ""]
+    rules = rules or configs.rule(configs.first_route_name(routes), "*")
     path = directory / f"{name}.toml"
-    path.write_text("\n".join(lines))
+    path.write_text(configs.relay_toml(configs.merged(defaults, sections), routes, rules))
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from relay.metrics import Metrics
 from relay.queue import Deliverer, Scheduler
 from relay.routing import Candidate
 from relay.spool import Spool, new_id
+from tests.support.wait import until
 
 OK = Reply(250, (2, 0, 0), "Ok: queued")
 TEMP = Reply(451, (4, 3, 0), "Try again later")
@@ -257,12 +258,4 @@ async def running(scheduler: Scheduler, grace: float = 1.0) -> AsyncIterator[Sch
 
 async def settle(scheduler: Scheduler, within: float = 5.0) -> None:
     """Wait until nothing runs and nothing is due (the clock does not move by itself)."""
-    await until(lambda: not scheduler.busy, within)
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``condition`` (a plain predicate on state, so no Event to wait on)."""
-    async with asyncio.timeout(within):
-        await asyncio.sleep(0)
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+    await until(lambda: not scheduler.busy, within, what="the scheduler idle")
