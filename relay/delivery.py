@@ -77,7 +77,7 @@ from relay.session import (
     remote_failure,
     reply_within,
 )
-from relay.spool import Body, BodyFile
+from relay.spoolbody import Body, BodyFile
 
 
 @dataclass(frozen=True, slots=True)

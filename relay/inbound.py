@@ -47,7 +47,9 @@ from relay.dns import ReverseResolver, confirmed_name
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
-from relay.spool import IN_MEMORY_MAX, BodyWriter, Spool, new_id
+from relay.spool import Spool
+from relay.spoolbody import IN_MEMORY_MAX, BodyWriter
+from relay.spoolfiles import new_id
 
 # RFC 5321 section 6.3 suggests 100 hops; relay allows 30 (README.md "What relay accepts").
 MAX_RECEIVED = 30
@@ -657,7 +659,7 @@ def unstuff(raw: bytes) -> bytes:
 
 
 #: Content held in memory while DATA is received, before the rest goes to
-#: the spool's temp file (see relay.spool.IN_MEMORY_MAX).
+#: the spool's temp file (see relay.spoolbody.IN_MEMORY_MAX).
 SPILL_THRESHOLD = IN_MEMORY_MAX
 
 
@@ -666,7 +668,7 @@ class _Spill:
 
     The first piece decides the queue id and writes our Received header,
     then each piece is unstuffed, checked (:class:`MessageCheck`) and
-    appended to a :class:`relay.spool.BodyWriter`. A spool error is kept
+    appended to a :class:`relay.spoolbody.BodyWriter`. A spool error is kept
     for the reply after the final dot (the client must send the rest
     first); later pieces are then only checked. ``budget`` is shared by
     every session: while it is exhausted, everything spills at once.

@@ -51,7 +51,9 @@ from relay.envelope import Envelope, RcptState, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.limits import LiveLimit
 from relay.metrics import Metrics
-from relay.spool import IN_MEMORY_MAX, Body, BodyFile, Spool, new_id
+from relay.spool import Spool
+from relay.spoolbody import IN_MEMORY_MAX, Body, BodyFile
+from relay.spoolfiles import new_id
 
 if TYPE_CHECKING:
     from relay.delivery import Attempt
@@ -362,7 +364,7 @@ class Scheduler:
         except (ValueError, TypeError) as exc:
             # An unreadable envelope will not get better by retrying: set it
             # aside (corrupt/, body and all) for a human.
-            await asyncio.to_thread(self._spool.quarantine, qid)
+            await asyncio.to_thread(self._spool.quarantine.add, qid)
             events.error("dropped", id=qid, reason="unreadable envelope", error=str(exc))
             return None
         if envelope.done:

@@ -27,6 +27,7 @@ from tests.support.integ import (
 )
 from tests.support.pki import Pki
 from tests.support.sink import Sink
+from tests.support.spool import read_body
 
 CORP = rule("Corp", "@corp.test")
 
@@ -44,7 +45,7 @@ async def test_single_host_plain_delivers_the_spooled_bytes(tmp_path, dnsmasq):
         toml = config_text(tmp_path, server, single_route("Corp", "mx1.corp.test", sink.port), CORP)
         async with Relay(tmp_path, toml) as relay:
             envelope = relay.put(SENDER, ["bob@corp.test", "carol@corp.test"])
-            spooled = relay.spool.read_body(envelope.id)
+            spooled = read_body(relay.spool, envelope.id)
             await until(lambda: sink.messages)
             await idle(relay)
             assert relay.spooled() == []

@@ -14,7 +14,8 @@ from relay.config import Config, Host, Route, Rule
 from relay.delivery import Attempt
 from relay.envelope import Envelope, RcptState
 from relay.errors import SpoolFull
-from relay.spool import Body, Spool
+from relay.spool import Spool
+from relay.spoolbody import Body
 from tests.support.queue import (
     PERM,
     TEMP,
@@ -26,6 +27,7 @@ from tests.support.queue import (
     spool_message,
     until,
 )
+from tests.support.spool import body_path
 
 
 class FillingSpool(Spool):
@@ -33,11 +35,6 @@ class FillingSpool(Spool):
 
     update_full = False
     put_full = False
-
-    def update(self, envelope: Envelope) -> bool:
-        if self.update_full:
-            raise SpoolFull(f"cannot update {envelope.id}: [Errno 28] No space left on device")
-        return super().update(envelope)
 
     async def update_async(self, envelope: Envelope) -> bool:
         if self.update_full:
@@ -152,7 +149,7 @@ async def test_delete_during_an_attempt_leaves_nothing_behind(tmp_path) -> None:
 async def test_an_envelope_without_its_body_is_removed(tmp_path) -> None:
     h = harness(tmp_path)
     env = spool_message(h.spool, ["bob@example.com"])
-    h.spool.body_path(env.id).unlink()
+    body_path(h.spool, env.id).unlink()
     async with running(h.scheduler):
         h.scheduler.add(env)
         await settle(h.scheduler)
@@ -218,7 +215,7 @@ async def test_a_just_accepted_message_is_tried_from_memory(tmp_path) -> None:
 
 
 async def test_a_large_or_recovered_message_is_read_from_the_spool(tmp_path) -> None:
-    from relay.spool import IN_MEMORY_MAX
+    from relay.spoolbody import IN_MEMORY_MAX
 
     spool = CountingSpool(tmp_path / "spool")
     h = harness(tmp_path, spool=spool)

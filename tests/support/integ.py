@@ -38,7 +38,8 @@ from relay.dns import DnsResolver
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.metrics import Metrics
 from relay.queue import Scheduler
-from relay.spool import Spool, new_id
+from relay.spool import Spool
+from relay.spoolfiles import new_id
 from tests.support.dnsserver import DnsServer
 from tests.support.sink import Sink
 

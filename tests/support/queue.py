@@ -26,7 +26,9 @@ from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics
 from relay.queue import Deliverer, Scheduler
 from relay.routing import Candidate
-from relay.spool import Spool, new_id
+from relay.spool import Spool
+from relay.spoolfiles import new_id
+from tests.support.spool import body_path
 
 OK = Reply(250, (2, 0, 0), "Ok: queued")
 TEMP = Reply(451, (4, 3, 0), "Try again later")
@@ -196,7 +198,7 @@ def legacy_message(
         received_at=1_800_000_000.0,
         size=len(body),
     )
-    spool.body_path(envelope.id).write_bytes(body)
+    body_path(spool, envelope.id).write_bytes(body)
     (spool.msg_dir / f"{envelope.id}.json").write_bytes(envelope.dumps())
     return envelope
 
