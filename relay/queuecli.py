@@ -31,8 +31,8 @@ from typing import Any
 from relay import control
 from relay.audit import AuditLog
 from relay.config import Config, parse_duration
+from relay.cycle import route_of
 from relay.envelope import Envelope, RcptState, Recipient
-from relay.queue import route_of
 from relay.spool import Spool
 from relay.spoolbody import IN_MEMORY_MAX, BodyFile
 

@@ -36,8 +36,8 @@ caller still returns only after an fsync of ``msg/`` that started after its
 own rename or unlink, so every promise above holds per message, while a
 burst of N concurrent writes costs one directory fsync instead of N.
 
-Bodies are relay.spoolbody's, the ``hold/`` directory relay.hold's, the
-file names and the envelope line relay.spoolfiles'.
+Bodies are relay.spoolbody's, ``hold/`` is relay.hold's, ``corrupt/``
+relay.quarantine's, file names and the envelope line relay.spoolfiles'.
 """
 
 from __future__ import annotations

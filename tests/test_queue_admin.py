@@ -17,7 +17,7 @@ from relay import control
 from relay.audit import AuditLog, format_entry
 from relay.envelope import Envelope, Recipient
 from relay.errors import HostUnreachable
-from relay.queue import JITTER
+from relay.outcomes import JITTER
 from relay.spool import Spool
 from tests.support.queue import (
     TEMP,

@@ -41,6 +41,7 @@ from relay.queue import Scheduler
 from relay.spool import Spool
 from relay.spoolfiles import new_id
 from tests.support.dnsserver import DnsServer
+from tests.support.queue import busy
 from tests.support.sink import Sink
 
 SENDER = "alice@sender.test"
@@ -269,7 +270,7 @@ async def until(condition: Callable[[], object], within: float = 10.0) -> None:
 
 async def idle(relay: Relay, within: float = 10.0) -> None:
     """Until nothing runs and nothing is due in the scheduler."""
-    await until(lambda: not relay.scheduler.busy, within)
+    await until(lambda: not busy(relay.scheduler), within)
 
 
 # --- DSNs ---------------------------------------------------------------------

@@ -20,11 +20,12 @@ from relay.config import (
     Rule,
     ServerConfig,
 )
+from relay.cycle import Deliverer
 from relay.delivery import Attempt, HostResult
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics
-from relay.queue import Deliverer, Scheduler
+from relay.queue import Scheduler
 from relay.routing import Candidate
 from relay.spool import Spool
 from relay.spoolfiles import new_id
@@ -259,7 +260,13 @@ async def running(scheduler: Scheduler, grace: float = 1.0) -> AsyncIterator[Sch
 
 async def settle(scheduler: Scheduler, within: float = 5.0) -> None:
     """Wait until nothing runs and nothing is due (the clock does not move by itself)."""
-    await until(lambda: not scheduler.busy, within)
+    await until(lambda: not busy(scheduler), within)
+
+
+def busy(scheduler: Scheduler) -> bool:
+    """True while an attempt runs or a message is due now."""
+    running = len(scheduler) - len(scheduler.due)  # len() counts queued and running
+    return running > 0 or scheduler.due.due_now()
 
 
 async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
