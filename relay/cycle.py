@@ -6,7 +6,7 @@ and one :meth:`Deliverer.deliver` call is made per route, concurrently
 within ``[delivery] max_concurrency``. Each result is handed to
 relay.outcomes as it arrives and persisted before the cycle goes on.
 
-A body over ``spool.IN_MEMORY_MAX`` is not read whole: delivery gets the
+A body over ``spoolbody.IN_MEMORY_MAX`` is not read whole: delivery gets the
 open file and sends it in pieces.
 """
 
