@@ -65,13 +65,13 @@ class DueIndex:
         return self._heap[0][0] if self._heap else None
 
     def due_now(self) -> bool:
+        """True when a message is due (its time has come by the clock)."""
         when = self.next_due()
         return when is not None and when <= self._clock()
 
-    def pop_due(self, now: float) -> str | None:
-        """Take out and return a message due at ``now``, or None."""
-        when = self.next_due()
-        if when is None or when > now:
+    def pop_due(self) -> str | None:
+        """Take out and return a message due now, or None."""
+        if not self.due_now():
             return None
         _, qid = heapq.heappop(self._heap)
         del self._due[qid]
@@ -199,9 +199,8 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         # Cycles are bounded too: each holds a message body in memory.
-        now = self._clock()
         while not self._stopping and not self._full():
-            qid = self.due.pop_due(now)
+            qid = self.due.pop_due()
             if qid is None:
                 return
             task = asyncio.create_task(self._cycle.run(qid), name=f"relay-queue-{qid}")
