@@ -45,10 +45,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 from relay.envelope import Envelope
 from relay.groupcommit import GroupSync, durable
@@ -71,8 +70,6 @@ from relay.spoolfiles import (
 #: commits on ext4/xfs, so a few more threads than cores pay off (measured:
 #: 8 threads about 2x one thread's fsync rate on the development VM).
 SPOOL_THREADS = 8
-
-_T = TypeVar("_T")
 
 
 class Spool:
@@ -102,9 +99,6 @@ class Spool:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(SPOOL_THREADS, thread_name_prefix="relay-spool")
         return self._executor
-
-    async def _in_thread(self, func: Callable[..., _T], *args: object) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool(), func, *args)
 
     def _sync_msg_dir(self) -> None:
         if self.fsync:
@@ -166,7 +160,8 @@ class Spool:
         """The envelope and body of one message (KeyError / FileNotFoundError
         if gone); a body over ``inline_max`` bytes comes as an open
         :class:`BodyFile` (the caller closes it) instead of bytes."""
-        return await self._in_thread(self._open, queue_id, inline_max)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool(), self._open, queue_id, inline_max)
 
     def _open(self, queue_id: str, inline_max: int) -> tuple[Envelope, Body]:
         envelope = self.load(queue_id)
@@ -175,7 +170,7 @@ class Spool:
     def open_body(self, queue_id: str, inline_max: int) -> Body:
         """The body as bytes, or as an open :class:`BodyFile` when over
         ``inline_max`` bytes. FileNotFoundError when there is none."""
-        return open_body(self._names(queue_id)[0], inline_max)
+        return open_body(message_paths(self.msg_dir, queue_id)[0], inline_max)
 
     def body_writer(self, queue_id: str) -> BodyWriter:
         """A body file in ``tmp/`` to fill piece by piece, for :meth:`put_async`."""
@@ -291,7 +286,7 @@ class Spool:
 
     def _replace_meta(self, envelope: Envelope) -> bool:
         """Rename a new envelope over the old one (no directory fsync): False if gone."""
-        body, meta = self._names(envelope.id)
+        body, meta = message_paths(self.msg_dir, envelope.id)
         if not (body.exists() and (body.suffix == ".msg" or meta.exists())):
             return False
         try:
@@ -312,10 +307,6 @@ class Spool:
         if data is None:
             raise KeyError(queue_id)
         return Envelope.loads(data)
-
-    def _names(self, queue_id: str) -> tuple[Path, Path]:
-        """(body, envelope) paths in ``msg/`` (relay.spoolfiles.message_paths)."""
-        return message_paths(self.msg_dir, queue_id)
 
     def load_all(
         self, quarantine: bool = True, unreadable: list[str] | None = None
