@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay import events
+from relay.addresses import client_address
 from relay.config import ServerConfig
 
 #: Seconds between two log lines about the same refused client.
@@ -27,13 +28,10 @@ LOG_MEMORY = 4096
 
 def client_key(ip: str) -> str:
     """What the per-client limit counts: the IPv4 address, or the IPv6 /64."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
+    addr = client_address(ip)
+    if addr is None:
         return ip
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
 
@@ -121,6 +119,23 @@ class RefusalLog:
             # Dicts keep insertion order: the first entries are the oldest logged.
             for old in list(self._seen)[: len(self._seen) - LOG_MEMORY]:
                 del self._seen[old]
+
+
+#: File descriptors kept for the spool, deliveries and metrics beyond
+#: ``max_connections`` when raising the open-files limit.
+FD_RESERVE = 1024
+
+
+def reserve_descriptors(max_connections: int) -> None:
+    """Raise the open-files limit for ``max_connections`` (one descriptor
+    each) plus the spool's and the deliveries' own; log what was done."""
+    wanted = max_connections + FD_RESERVE
+    before, now = raise_fd_limit(wanted)
+    if now != before:
+        events.log("fd_limit_raised", soft_before=before, soft=now)
+    if now != resource.RLIM_INFINITY and now < wanted:
+        # Past it accept() fails (EMFILE) before any 421 can be sent.
+        events.warning("fd_limit_low", soft=now, wanted=wanted)
 
 
 def raise_fd_limit(wanted: int) -> tuple[int, int]:

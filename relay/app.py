@@ -19,17 +19,17 @@ import os
 import signal
 import ssl
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import relay
 from relay import config as configmod
-from relay import events, tls
+from relay import configdiff, configload, events, tls
 from relay import metrics as metricsmod
 from relay.audit import AuditLog
-from relay.config import Config, ConfigError
+from relay.config import Config
+from relay.configload import ConfigError
 from relay.control import Control
 from relay.delivery import Deliverer
 from relay.dns import DnsResolver
@@ -41,48 +41,16 @@ from relay.spool import Spool
 #: Seconds SIGTERM may take: spool writes in flight, 421s, in-flight attempts.
 SHUTDOWN_GRACE = 10.0
 
-#: ``relay run`` with no --config, no $RELAY_CONFIG and no config/relay.toml
-#: runs on this (README.md "Quick start": one command runs the relay on an
-#: embedded default). Relative paths are relative to the current directory. It is
-#: config/relay.toml but for its paths; a test keeps the two the same.
-DEFAULT_CONFIG_TOML = """\
-[server]
-hostname = "relay.localhost"
-listen = ["127.0.0.1:2525"]
-domains = ["example.com"]
-relay_networks = ["127.0.0.0/8", "::1/128"]
-
-[queue]
-path = "var/spool"
-min_backoff = "30s"
-max_backoff = "10m"
-
-[metrics]
-listen = "127.0.0.1:9325"
-
-[audit]
-path = "var/audit.log"
-
-[[routes]]
-name = "Local sink"
-host = "127.0.0.1"
-port = 2526
-require_tls = false
-require_ca_signed = false
-validate_hostname = false
-
-[[rules]]
-recipients = ["*"]
-route = "Local sink"
-"""
-
 EMBEDDED = configmod.EMBEDDED
 
 
 def default_config() -> Config:
-    """The embedded default, with paths relative to the current directory."""
-    source = Path.cwd() / EMBEDDED
-    return configmod.parse(tomllib.loads(DEFAULT_CONFIG_TOML), source, "embedded")
+    """The embedded default: config/relay.toml as packaged (relay.configload.load_embedded).
+
+    ``relay run`` with no --config, no $RELAY_CONFIG and no config/relay.toml
+    runs on it (README.md "Quick start"), its spool in ./var/spool.
+    """
+    return configload.load_embedded()
 
 
 def _server_tls_context(cfg: Config) -> ssl.SSLContext | None:
@@ -393,7 +361,7 @@ class Daemon:
         try:
             added, removed = await self._inbound.relisten(new.server.listen)
         except OSError as exc:
-            problem = configmod.Problem("server", "listen", f"cannot listen: {exc}")
+            problem = configload.Problem("server", "listen", f"cannot listen: {exc}")
             self._refuse(old, new.source, [problem], trigger)
             return False
         events.log(
@@ -408,7 +376,7 @@ class Daemon:
         self,
         old: Config,
         source: Path,
-        problems: list[configmod.Problem],
+        problems: list[configload.Problem],
         trigger: str = "SIGHUP",
     ) -> None:
         """A loaded config cannot be applied: count, log and audit it; ``old`` keeps running."""
@@ -430,7 +398,7 @@ class Daemon:
             routes=len(new.routes),
             rules=len(new.rules),
         )
-        for line in configmod.describe(new):
+        for line in configdiff.describe(new):
             events.log("config", line=line)
         for route in new.routes:
             # Only where it can happen: require_tls encrypts before any AUTH.
@@ -452,7 +420,7 @@ class Daemon:
             events.error("audit_failed", path=str(cfg.audit.path), error=str(exc))
 
 
-def restart_problems(old: Config, new: Config) -> list[configmod.Problem]:
+def restart_problems(old: Config, new: Config) -> list[configload.Problem]:
     """The changes from ``old`` to ``new`` a reload cannot apply, as Problems.
 
     ``queue.path`` (the spool, and the pid file ``relay reload`` and
@@ -464,7 +432,7 @@ def restart_problems(old: Config, new: Config) -> list[configmod.Problem]:
     problems = []
     if new.queue.path != old.queue.path:
         problems.append(
-            configmod.Problem(
+            configload.Problem(
                 "queue",
                 "path",
                 f"changing it needs a restart; the running relay keeps {old.queue.path}",
@@ -473,7 +441,7 @@ def restart_problems(old: Config, new: Config) -> list[configmod.Problem]:
     if new.metrics.listen != old.metrics.listen:
         keeps = str(old.metrics.listen) if old.metrics.listen else "the endpoint off"
         problems.append(
-            configmod.Problem(
+            configload.Problem(
                 "metrics",
                 "listen",
                 f"changing it needs a restart; the running relay keeps {keeps}",
@@ -484,7 +452,7 @@ def restart_problems(old: Config, new: Config) -> list[configmod.Problem]:
         old.admin.tls_key,
     ):
         problems.append(
-            configmod.Problem(
+            configload.Problem(
                 "admin",
                 "listen",
                 "changing listen, tls_cert or tls_key needs a restart; "
@@ -502,7 +470,7 @@ def run(config_path: Path | None) -> int:
     """
 
     def load() -> Config:
-        return default_config() if config_path is None else configmod.load(config_path)
+        return default_config() if config_path is None else configload.load(config_path)
 
     async def main() -> int:
         try:

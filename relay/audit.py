@@ -9,7 +9,7 @@ skips and the next append starts after.
 Entries (every one has ``time``, ISO 8601 UTC, ``event`` and ``path``):
 
 - ``start``: ``sha256``, ``summary`` (route names, rule count) and
-  ``changes`` (a :func:`relay.config.diff` result). Against the last
+  ``changes`` (a :func:`relay.configdiff.diff` result). Against the last
   snapshot in the log when there is one, so edits made while the daemon
   was down show up; on the very first audited start, every route and rule
   counts as added (settings are the baseline, not listed).
@@ -21,7 +21,7 @@ Entries (every one has ``time``, ISO 8601 UTC, ``event`` and ``path``):
 - ``console_route_save``, ``console_route_delete``, ``console_rules_save``:
   a change saved from the admin console (relay.console): ``user``,
   ``client`` (its address), ``applied`` (the reload took it) and
-  ``changes`` (routes and rules as in :func:`relay.config.diff`).
+  ``changes`` (routes and rules as in :func:`relay.configdiff.diff`).
 
 - ``queue_flush``, ``queue_hold``, ``queue_release``, ``queue_delete``:
   an operator's ``relay queue`` action: ``user``, ``selection`` (the ids
@@ -47,7 +47,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from relay.config import Config, Problem, diff, diff_is_empty, diff_snapshots, snapshot
+from relay.config import Config
+from relay.configdiff import diff, diff_is_empty, diff_snapshots, snapshot
+from relay.configload import Problem
 
 
 def _stamp(seconds: float) -> str:

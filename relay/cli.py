@@ -20,8 +20,9 @@ from typing import Any
 
 import relay
 from relay import config as configmod
-from relay import errors, routing
-from relay.config import Config, ConfigError, Route
+from relay import configdiff, configload, errors, routing
+from relay.config import Config, Route
+from relay.configload import ConfigError
 from relay.dns import DnsResolver, Resolver
 from relay.routing import Candidate
 from relay.spool import Spool
@@ -36,7 +37,7 @@ def config_path(argument: str | None) -> Path | None:
     """The config file every command uses; None means the embedded default.
 
     ``--config``, then ``$RELAY_CONFIG``, then ``config/relay.toml`` in the
-    current folder, then the embedded default (relay.app.DEFAULT_CONFIG_TOML).
+    current folder, then the embedded default (relay.configload.load_embedded).
     A named file must exist: only when nothing names one does its absence
     fall through to the default.
     """
@@ -68,7 +69,7 @@ def _load(args: argparse.Namespace) -> Config:
         from relay import app
 
         return app.default_config()
-    return configmod.load(path)
+    return configload.load(path)
 
 
 def _print_problems(error: ConfigError) -> None:
@@ -88,7 +89,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if found:
         counts += f", {len(found)} warning(s)"
     print(f"{cfg.shown_source}: valid, {counts}")
-    for line in configmod.describe(cfg):
+    for line in configdiff.describe(cfg):
         print(f"  {line}")
     if found:
         print("warnings:")

@@ -22,12 +22,13 @@ from relay.config import Config, Route
 from relay.envelope import Envelope, Recipient
 from relay.limits import LiveLimit
 from relay.outcomes import Outcomes
+from relay.relaying import may_relay
 from relay.reports import NO_ROUTE
 from relay.spool import Spool
 from relay.spoolbody import IN_MEMORY_MAX, Body, BodyFile
 
 if TYPE_CHECKING:
-    from relay.delivery import Attempt
+    from relay.attempt import Attempt
 
 #: A just-accepted message's body is handed to the scheduler in memory, so
 #: its first attempt reads nothing back from disk (two opens, two reads and
@@ -65,7 +66,7 @@ def route_of(cfg: Config, envelope: Envelope, address: str) -> Route | None:
             return routing.bounce_route(cfg, address)
         except ValueError:
             return None  # no domain to send it to: deferred, dropped at its lifetime
-    trusted = cfg.server.trusts(envelope.client.ip)
+    trusted = may_relay(cfg.server, envelope.client.ip)
     return routing.route_for(cfg, address, trusted, envelope.mail_from)
 
 

@@ -33,7 +33,9 @@ import dns.rdtypes.ANY.PTR
 import dns.resolver
 import dns.reversename
 
-from relay.config import DnsConfig, is_hostname
+from relay.addresses import ip_literal
+from relay.config import DnsConfig
+from relay.configvalues import is_hostname
 from relay.errors import DnsTemporary, NoRoute, NoSuchDomain, NullMx, RelayError
 
 #: Seconds for one try at one nameserver; the whole lookup is bounded by
@@ -55,23 +57,6 @@ class Resolver(Protocol):
         Raises NoSuchDomain (NXDOMAIN), NoRoute (no A/AAAA), DnsTemporary.
         """
         ...
-
-
-def ip_literal(name: str) -> str | None:
-    """The IP address ``name`` spells, normalized, or None for a host name.
-
-    Accepts ``192.0.2.1``, ``2001:db8::1``, and the RFC 5321 section 4.1.3
-    address-literal forms ``[192.0.2.1]`` and ``[IPv6:2001:db8::1]``.
-    """
-    text = name.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-        if text[:5].lower() == "ipv6:":
-            text = text[5:]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 class DnsResolver:

@@ -270,6 +270,13 @@ class RemotePermanent(PermanentFailure):
     """The next hop answered 5xx; its reply is kept verbatim."""
 
 
+def remote_failure(code: int, message: str) -> RemoteTemporary | RemotePermanent:
+    """The next hop's reply as a failure of its class, kept verbatim."""
+    reply = Reply.parse(code, message)
+    klass = RemotePermanent if reply.permanent else RemoteTemporary
+    return klass(str(reply), reply)
+
+
 class TlsFailure(enum.Enum):
     """Which check of a route's TLS policy failed; also the metric label.
 
@@ -296,12 +303,23 @@ TLS_FAILURE_TEXT: dict[TlsFailure, str] = {
     TlsFailure.EXPIRED: "the server certificate has expired or is not yet valid",
 }
 
-TLS_FAILURE_OPTION: dict[TlsFailure, str] = {
-    TlsFailure.NO_STARTTLS: "require_tls",
-    TlsFailure.HANDSHAKE: "require_tls",
-    TlsFailure.UNTRUSTED_CA: "require_ca_signed",
-    TlsFailure.HOSTNAME_MISMATCH: "validate_hostname",
-    TlsFailure.EXPIRED: "require_ca_signed",
+
+class TlsCheck(enum.StrEnum):
+    """The checks a route's TLS policy can require, by their option's name
+    (docs/tls.md); ``relay.tls.enforces`` says which a policy requires."""
+
+    TLS = "require_tls"
+    CA_SIGNED = "require_ca_signed"
+    HOSTNAME = "validate_hostname"
+
+
+#: The check (the route option) each failure fails.
+TLS_FAILURE_OPTION: dict[TlsFailure, TlsCheck] = {
+    TlsFailure.NO_STARTTLS: TlsCheck.TLS,
+    TlsFailure.HANDSHAKE: TlsCheck.TLS,
+    TlsFailure.UNTRUSTED_CA: TlsCheck.CA_SIGNED,
+    TlsFailure.HOSTNAME_MISMATCH: TlsCheck.HOSTNAME,
+    TlsFailure.EXPIRED: TlsCheck.CA_SIGNED,
 }
 
 # RFC 3463: 5.7.4 "security features not supported", 5.7.5 "cryptographic failure".
@@ -340,12 +358,21 @@ class SpoolFull(SpoolError):
 
 # --- aggregation ------------------------------------------------------------
 
-DELIVERED = "delivered"
-BOUNCED = "bounced"
-DEFERRED = "deferred"
+
+class Outcome(enum.StrEnum):
+    """One recipient's fate after an attempt (the strings of logs and metrics)."""
+
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    DEFERRED = "deferred"
 
 
-def outcome(results: Iterable[Reply | RelayError], tls_defers: bool = False) -> str:
+DELIVERED = Outcome.DELIVERED
+BOUNCED = Outcome.BOUNCED
+DEFERRED = Outcome.DEFERRED
+
+
+def outcome(results: Iterable[Reply | RelayError], tls_defers: bool = False) -> Outcome:
     """Decide one recipient's fate from every candidate host's result.
 
     Rules (docs/queue.md): any acceptance delivers; a permanent

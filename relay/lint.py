@@ -7,7 +7,9 @@ names the rule, route or host the way the errors do.
 
 from __future__ import annotations
 
-from relay.config import Config, Host, Problem, Route, address_key, is_ip_literal
+from relay.addresses import is_ip_literal
+from relay.config import Config, Host, Route, address_key
+from relay.configload import Problem
 
 
 def warnings(config: Config) -> list[Problem]:

@@ -32,7 +32,7 @@ from relay.spool import Spool
 from relay.spoolbody import Body
 
 if TYPE_CHECKING:
-    from relay.delivery import Attempt
+    from relay.attempt import Attempt
 
 #: Jitter either side of the backoff delay, so messages deferred together
 #: (one next hop down) do not all come back in the same second.

@@ -11,8 +11,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from relay.hop import Hop
 from relay.limits import LiveLimit
-from relay.session import HopKey, Session, quit_session
+from relay.session import Session, quit_session
 
 
 class Pool:
@@ -25,12 +26,12 @@ class Pool:
     """
 
     def __init__(self) -> None:
-        self._idle: dict[HopKey, list[Session]] = {}
+        self._idle: dict[Hop, list[Session]] = {}
         #: Per next hop, ``[delivery] max_per_host`` read live (a reload applies).
-        self._slots: dict[HopKey, LiveLimit] = {}
+        self._slots: dict[Hop, LiveLimit] = {}
         #: Per next hop, the slot holders still opening their session
         #: (connect, greeting, EHLO, STARTTLS).
-        self._connecting: dict[HopKey, int] = {}
+        self._connecting: dict[Hop, int] = {}
         #: Attempts waiting for any slot or connection state to change.
         self._watchers: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -41,36 +42,36 @@ class Pool:
         return len(self._slots.keys() | self._idle.keys())
 
     @contextlib.asynccontextmanager
-    async def slot(self, key: HopKey, limit: Callable[[], int]) -> AsyncIterator[None]:
-        """Hold one of ``limit()`` connection slots for ``key``."""
-        gate = self._slots.get(key)
+    async def slot(self, hop: Hop, limit: Callable[[], int]) -> AsyncIterator[None]:
+        """Hold one of ``limit()`` connection slots for ``hop``."""
+        gate = self._slots.get(hop)
         if gate is None:
-            gate = self._slots[key] = LiveLimit(limit)
+            gate = self._slots[hop] = LiveLimit(limit)
         try:
             await gate.acquire()
         except BaseException:
-            self._forget(key)
+            self._forget(hop)
             raise
         try:
             yield
         finally:
             gate.release()
-            self._forget(key)
+            self._forget(hop)
             if self._watchers:
                 self._notify()
 
     @contextlib.contextmanager
-    def connecting(self, key: HopKey) -> Iterator[None]:
-        """Count one slot holder of ``key`` as opening its session (:meth:`jammed`)."""
-        self._connecting[key] = self._connecting.get(key, 0) + 1
+    def connecting(self, hop: Hop) -> Iterator[None]:
+        """Count one slot holder of ``hop`` as opening its session (:meth:`jammed`)."""
+        self._connecting[hop] = self._connecting.get(hop, 0) + 1
         try:
             yield
         finally:
-            left = self._connecting[key] - 1
+            left = self._connecting[hop] - 1
             if left:
-                self._connecting[key] = left
+                self._connecting[hop] = left
             else:
-                del self._connecting[key]
+                del self._connecting[hop]
             if self._watchers:
                 self._notify()
 
@@ -90,37 +91,37 @@ class Pool:
             if not watcher.done():
                 watcher.set_result(None)
 
-    def jammed(self, key: HopKey) -> bool:
-        """Every slot of ``key`` is taken by a connection not yet greeted.
+    def jammed(self, hop: Hop) -> bool:
+        """Every slot of ``hop`` is taken by a connection not yet greeted.
 
         A wedged host (accepts TCP, never speaks) stays so for a whole
         connect timeout; a healthy one for a moment at most.
         """
-        gate = self._slots.get(key)
-        return gate is not None and gate.full and self._connecting.get(key, 0) >= gate.used
+        gate = self._slots.get(hop)
+        return gate is not None and gate.full and self._connecting.get(hop, 0) >= gate.used
 
-    def _forget(self, key: HopKey) -> None:
-        """Drop ``key``'s entries when nothing uses them."""
-        gate = self._slots.get(key)
+    def _forget(self, hop: Hop) -> None:
+        """Drop ``hop``'s entries when nothing uses them."""
+        gate = self._slots.get(hop)
         if gate is not None and gate.idle:
-            del self._slots[key]
-        if not self._idle.get(key):
-            self._idle.pop(key, None)
+            del self._slots[hop]
+        if not self._idle.get(hop):
+            self._idle.pop(hop, None)
 
-    def take(self, key: HopKey, idle_timeout: float) -> Session | None:
-        """An idle session for ``key`` younger than ``idle_timeout``, if any."""
-        sessions = self._idle.get(key, [])
+    def take(self, hop: Hop, idle_timeout: float) -> Session | None:
+        """An idle session for ``hop`` younger than ``idle_timeout``, if any."""
+        sessions = self._idle.get(hop, [])
         now = time.monotonic()
         while sessions:
             session = sessions.pop()
             _cancel_expiry(session)
-            if now - session.idle_since < idle_timeout and session.smtp.is_connected:
+            if now - session.idle_since < idle_timeout and session.connected:
                 return session
             self._retire(session)
         return None
 
     def give(self, session: Session, idle_timeout: float, limit: int) -> None:
-        sessions = self._idle.setdefault(session.key, [])
+        sessions = self._idle.setdefault(session.hop, [])
         if len(sessions) >= limit or idle_timeout <= 0:
             self._retire(session)
             return
@@ -132,11 +133,11 @@ class Pool:
     def _expire(self, session: Session) -> None:
         """The session stayed idle for idle_timeout: drop it from the pool."""
         session.expiry = None
-        sessions = self._idle.get(session.key, [])
+        sessions = self._idle.get(session.hop, [])
         if session in sessions:
             sessions.remove(session)
             self._retire(session)
-        self._forget(session.key)
+        self._forget(session.hop)
 
     def _retire(self, session: Session) -> None:
         """QUIT politely in the background; close regardless."""

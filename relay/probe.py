@@ -13,21 +13,22 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from relay import certificate, errors
+from relay import certificate, errors, tls
+from relay.addresses import ip_literal
 from relay.advice import Advice, expiry_warning, tls_advice
 from relay.certificate import Certificate
 from relay.config import Config, Route, TlsPolicy
-from relay.dns import ip_literal
-from relay.errors import RelayError, TlsFailure, TlsPolicyFailure
+from relay.errors import RelayError, TlsCheck, TlsFailure, TlsPolicyFailure
 from relay.expiry import expires_soon
+from relay.hop import Hop
 from relay.routing import Candidate
 from relay.session import (
+    LOOK,
     HandshakeFailed,
-    HopKey,
+    open_hop,
     open_session,
     quit_session,
     start_tls,
-    transport_info,
 )
 
 #: The IPs to connect to for a candidate, under the route's DNS policy
@@ -106,9 +107,9 @@ class ProbeResult:
         chain_why = "" if self.chain_verified else (self.chain_error or "no TLS session")
         name_why = "" if self.hostname_matched else (self.hostname_error or "no TLS session")
         return [
-            ("require_tls", tls_ok, tls_why),
-            ("require_ca_signed", tls_ok and self.chain_verified, chain_why),
-            ("validate_hostname", tls_ok and self.hostname_matched, name_why),
+            (TlsCheck.TLS, tls_ok, tls_why),
+            (TlsCheck.CA_SIGNED, tls_ok and self.chain_verified, chain_why),
+            (TlsCheck.HOSTNAME, tls_ok and self.hostname_matched, name_why),
         ]
 
 
@@ -145,16 +146,12 @@ async def _probe_one(route: Route, candidate: Candidate, ip: str, cfg: Config) -
 async def _check_auth(route: Route, candidate: Candidate, ip: str, cfg: Config) -> tuple[str, str]:
     """Connect as delivery does (the route's TLS policy, then AUTH) and QUIT:
     (the mechanism accepted, "") or ("", why it failed)."""
-    key: HopKey = (ip, candidate.port, route.tls, candidate.host.strip("[]"), route.auth)
+    hop = Hop.of(route, candidate, ip)
     try:
-        try:
-            session = await open_session(key, cfg, starttls=True, read_certificate=False)
-        except HandshakeFailed as exc:
-            if route.tls.require_tls:
-                return "", f"no TLS session: {exc.failure.detail}"
-            # Opportunistic, as delivery: the same host in plaintext.
-            session = await open_session(key, cfg, starttls=False)
+        session = await open_hop(hop, cfg, read_certificate=False)
     except RelayError as exc:
+        if isinstance(exc.__cause__, HandshakeFailed):
+            return "", f"no TLS session: {exc.detail}"
         return "", exc.detail
     mechanism = session.auth_mechanism
     await quit_session(session)
@@ -162,29 +159,32 @@ async def _check_auth(route: Route, candidate: Candidate, ip: str, cfg: Config) 
 
 
 async def _probe_tls(route: Route, candidate: Candidate, ip: str, cfg: Config) -> ProbeResult:
-    """Three looks at one address: the certificate, the chain, the name."""
+    """Three looks at one address: the certificate, the chain, the name.
+
+    What each look found is a finding; the route's policy
+    (:func:`relay.tls.policy_failures`, as delivery asks it) says which fail.
+    """
     name = candidate.host.strip("[]")
     # First look: encrypt without checks, to read the certificate even
     # when it would fail verification.
-    look = TlsPolicy(require_tls=True, require_ca_signed=False, validate_hostname=False)
     try:
-        session = await open_session((ip, candidate.port, look, name, None), cfg, starttls=False)
+        session = await open_session(Hop(ip, candidate.port, LOOK, name), cfg, starttls=False)
     except RelayError as exc:
         return ProbeResult(candidate, ip, error=exc.detail)
-    if not session.smtp.supports_extension("starttls"):
+    if not session.starttls_offered:
         await quit_session(session)
-        failures = (TlsFailure.NO_STARTTLS,) if route.tls.require_tls else ()
+        failures = tls.policy_failures(route.tls, [(TlsCheck.TLS, TlsFailure.NO_STARTTLS)])
         return ProbeResult(candidate, ip, failures=failures)
     try:
-        await start_tls(session, look, cfg)
+        await start_tls(session, LOOK, cfg)
     except (HandshakeFailed, RelayError) as exc:
         session.close()
         failure = exc.failure if isinstance(exc, HandshakeFailed) else exc
-        failures = (TlsFailure.HANDSHAKE,) if route.tls.require_tls else ()
+        failures = tls.policy_failures(route.tls, [(TlsCheck.TLS, TlsFailure.HANDSHAKE)])
         return ProbeResult(
             candidate, ip, starttls=True, failures=failures, tls_error=failure.detail
         )
-    der = transport_info(session.smtp, "ssl_object", lambda o: o.getpeercert(binary_form=True))
+    der = session.peer_certificate()
     cert = certificate.decode(der) if der else None
     version, cipher = session.tls_version, session.cipher
     await quit_session(session)
@@ -197,11 +197,7 @@ async def _probe_tls(route: Route, candidate: Candidate, ip: str, cfg: Config) -
         named = None
     else:
         named = TlsPolicyFailure(TlsFailure.HOSTNAME_MISMATCH, f"no SAN matches {name}")
-    found: list[TlsFailure] = []
-    if route.tls.require_ca_signed and chain is not None:
-        found.append(chain.reason)
-    if route.tls.validate_hostname and named is not None:
-        found.append(named.reason)
+    findings = [(TlsCheck.CA_SIGNED, chain), (TlsCheck.HOSTNAME, named)]
     return ProbeResult(
         candidate,
         ip,
@@ -214,7 +210,9 @@ async def _probe_tls(route: Route, candidate: Candidate, ip: str, cfg: Config) -
         hostname_matched=named is None,
         hostname_checked=name,
         hostname_error=named.detail if named else "",
-        failures=tuple(found),
+        failures=tls.policy_failures(
+            route.tls, [(check, found.reason) for check, found in findings if found is not None]
+        ),
     )
 
 
@@ -222,10 +220,10 @@ async def _check(
     candidate: Candidate, ip: str, policy: TlsPolicy, cfg: Config
 ) -> TlsPolicyFailure | None:
     """Handshake under ``policy``; the failure, or None when it passed."""
-    key: HopKey = (ip, candidate.port, policy, candidate.host.strip("[]"), None)
+    hop = Hop(ip, candidate.port, policy, candidate.host.strip("[]"))
     try:
         # The certificate was read by the first look: no second read here.
-        session = await open_session(key, cfg, starttls=True, read_certificate=False)
+        session = await open_session(hop, cfg, starttls=True, read_certificate=False)
     except HandshakeFailed as exc:
         if isinstance(exc.failure, TlsPolicyFailure):
             return exc.failure

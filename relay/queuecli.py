@@ -30,7 +30,8 @@ from typing import Any
 
 from relay import control
 from relay.audit import AuditLog
-from relay.config import Config, parse_duration
+from relay.config import Config
+from relay.configvalues import parse_duration
 from relay.cycle import route_of
 from relay.envelope import Envelope, RcptState, Recipient
 from relay.spool import Spool

@@ -50,8 +50,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from relay import config as cfg
+from relay.addresses import domain_key, ip_literal
 from relay.config import Config, Host, Route
-from relay.dns import Resolver, ip_literal
+from relay.dns import Resolver
 from relay.errors import (
     HostUnreachable,
     NoRoute,
@@ -151,7 +152,7 @@ class Plan:
 
 def _domain(address: str) -> str:
     # A-labels: what DNS is asked, and how [server] domains are kept.
-    return cfg.domain_key(address.rpartition("@")[2])
+    return domain_key(address.rpartition("@")[2])
 
 
 def route_for(config: Config, address: str, client_trusted: bool, sender: str) -> Route | None:

@@ -16,16 +16,38 @@ from __future__ import annotations
 
 import functools
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
 
 from relay.config import TlsPolicy
-from relay.errors import TlsFailure
+from relay.errors import TlsCheck, TlsFailure
 
 # OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) that mean
 # "the certificate is outside its validity period".
 _EXPIRED_CODES = frozenset({9, 10})  # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
 # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_EMAIL_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_CODES = frozenset({62, 63, 64})
+
+
+def enforces(policy: TlsPolicy, check: TlsCheck) -> bool:
+    """Whether a host that fails ``check`` fails ``policy``.
+
+    The one place that decides it: delivery (:mod:`relay.session`) and
+    ``relay test-tls`` (:mod:`relay.probe`) both ask here.
+    """
+    required = {
+        TlsCheck.TLS: policy.require_tls,
+        TlsCheck.CA_SIGNED: policy.require_ca_signed,
+        TlsCheck.HOSTNAME: policy.validate_hostname,
+    }
+    return required[check]
+
+
+def policy_failures(
+    policy: TlsPolicy, findings: Iterable[tuple[TlsCheck, TlsFailure]]
+) -> tuple[TlsFailure, ...]:
+    """Of what each check found at a host, the failures that fail ``policy``, in order."""
+    return tuple(failure for check, failure in findings if enforces(policy, check))
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:

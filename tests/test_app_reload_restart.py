@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import app
-from relay import config as configmod
+from relay import app, configload
 from relay.config import Config
 from tests.support.inbound import config_text
 from tests.support.procs import RelayProcess, free_port
@@ -116,14 +115,14 @@ def test_queue_durations_apply_on_reload(relay: Relay) -> None:
 
 def _config(tmp_path: Path, **kwargs: object) -> Config:
     text = config_text(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
-    return configmod.parse(tomllib.loads(text), tmp_path / "relay.toml")
+    return configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
 
 
 def test_restart_problems_names_only_path_and_metrics_listen(tmp_path: Path) -> None:
     old = _config(tmp_path, metrics="127.0.0.1:9325")
     same = _config(tmp_path, metrics="127.0.0.1:9325", timeout="1m")
     assert app.restart_problems(old, same) == []
-    moved = configmod.parse(
+    moved = configload.parse(
         tomllib.loads(config_text(tmp_path / "other", metrics="")), tmp_path / "relay.toml"
     )
     problems = app.restart_problems(old, moved)

@@ -9,7 +9,7 @@ import pytest
 
 from relay import cli
 from relay.audit import AuditLog, format_entry
-from relay.config import ConfigError, Problem
+from relay.configload import ConfigError, Problem
 from tests.support.ops import BASE, load_text
 
 T0 = 1_795_861_200.0  # 2026-11-28T10:20:00Z

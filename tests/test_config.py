@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from relay import config
-from relay.config import ConfigError, Host, Listen, TlsPolicy
+from relay import config, configdiff, configload, configvalues
+from relay.config import Host, Listen, TlsPolicy
+from relay.configload import ConfigError
 
 SERVER = """
 [server]
@@ -33,7 +35,7 @@ route = "R"
 def load(tmp_path: Path, text: str) -> config.Config:
     path = tmp_path / "relay.toml"
     path.write_text(textwrap.dedent(text))
-    return config.load(path)
+    return configload.load(path)
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:
@@ -103,13 +105,13 @@ def test_multiple_host_route(tmp_path: Path) -> None:
     [("30s", 30), ("15m", 900), ("4h", 14400), ("5d", 432000), ("500ms", 0.5), ("1.5h", 5400)],
 )
 def test_durations(text: str, seconds: float) -> None:
-    assert config.parse_duration(text) == seconds
+    assert configvalues.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "5", "5x", "m5", "-1s", "5 days"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
-        config.parse_duration(text)
+        configvalues.parse_duration(text)
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
@@ -131,7 +133,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
             + SINGLE
         )
     )
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert cfg.queue.path == sub / "spool"
     assert cfg.audit.path == Path("/var/tmp/audit.log")
     assert cfg.tls.ca_file == sub / "ca.pem"
@@ -380,7 +382,7 @@ def test_toml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        config.load(tmp_path / "nope.toml")
+        configload.load(tmp_path / "nope.toml")
     assert "cannot read config file" in str(info.value)
 
 
@@ -412,3 +414,33 @@ def test_direct_route_is_opportunistic_mx() -> None:
     assert route.mx_lookup and route.implicit
     assert route.tls == TlsPolicy(False, False, False)
     assert route.primary == (Host("sender.test", 25, 100),)
+
+
+@pytest.mark.parametrize("section", [*configdiff.DIFF_SECTIONS, "admin"])
+def test_every_field_of_a_section_is_a_key_the_file_accepts(tmp_path: Path, section: str) -> None:
+    # The known keys come from the dataclass fields: each one is read (a
+    # value of the wrong type is a problem of that key), none is unknown.
+    cls = type(getattr(config.Config(Path("x"), "", config.ServerConfig()), section))
+    # (Without the rest of [server] here, its domains are missing too.)
+    head = "" if section == "server" else SERVER
+    for key in config.toml_keys(cls):
+        text = head + f"[{section}]\n{key} = {{ x = 1 }}\n" + SINGLE + RULE
+        found = problems(tmp_path, text)
+        assert [p for p in found if p.startswith(f"{section}: {key}: ")], (key, found)
+        assert not [p for p in found if "unknown key" in p], (key, found)
+
+
+def test_every_route_key_is_known(tmp_path: Path) -> None:
+    for key in config.toml_keys(config.Route):
+        if key not in ("name", "host", "port"):
+            found = problems(tmp_path, SERVER + SINGLE + f"{key} = [0]\n" + RULE)
+            assert [p for p in found if f"'R': {key}" in p], (key, found)
+            assert not [p for p in found if "unknown key" in p], (key, found)
+
+
+def test_embedded_default_is_config_relay_toml_as_packaged() -> None:
+    root = Path(__file__).resolve().parent.parent
+    assert configload.embedded_text() == (root / "config/relay.toml").read_text()
+    # ... and a wheel carries it (pip install . without -e).
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "default.toml" in project["tool"]["setuptools"]["package-data"]["relay"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config, lint
+from relay import configload, lint
 from tests.test_config import SERVER
 
 
@@ -22,7 +22,7 @@ def rule(route_name: str, *patterns: str) -> str:
 def warnings(tmp_path: Path, text: str) -> list[str]:
     path = tmp_path / "relay.toml"
     path.write_text(text)
-    return [str(w) for w in lint.warnings(config.load(path))]
+    return [str(w) for w in lint.warnings(configload.load(path))]
 
 
 A, B = route("A", "a.test"), route("B", "b.test")

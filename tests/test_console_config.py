@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from relay import passwords
-from relay.config import ConfigError, Listen
+from relay.config import Listen
+from relay.configload import ConfigError
 from tests.support.ops import load_text
 
 BASE = '[server]\nhostname = "relay.test"\ndomains = ["example.com"]\n\n'

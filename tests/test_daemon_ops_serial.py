@@ -11,7 +11,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from relay import config as configmod
+from relay import configload
 from relay.app import Daemon
 from tests.support.inbound import config_text
 from tests.support.procs import free_port
@@ -22,7 +22,7 @@ async def test_overlapping_reloads_apply_one_change_once(tmp_path: Path) -> None
     text = config_text(tmp_path / "spool", listen=f'["127.0.0.1:{free_port()}"]')
     text += f'\n[audit]\npath = "{tmp_path / "audit.log"}"\n'
     path.write_text(text)
-    daemon = Daemon(lambda: configmod.load(path))
+    daemon = Daemon(lambda: configload.load(path))
     path.write_text(text.replace('hostname = "relay.test"', 'hostname = "relay2.test"'))
     try:
         assert await asyncio.gather(daemon.reload(), daemon.reload()) == [True, True]

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from relay import audit, config, lint
+from relay import audit, config, configdiff, configload, lint
 from relay.session import auth_mechanism
 from tests.support.authsink import AuthSink, CramMd5Sink
 from tests.support.integ import Relay, config_text, idle, single_route, until
@@ -194,11 +194,11 @@ SERVER = '[server]\nhostname = "relay.test"\ndomains = ["corp.test"]\n'
 def load(tmp_path: Path, route: str) -> config.Config:
     path = tmp_path / "relay.toml"
     path.write_text(SERVER + route + '[[rules]]\nrecipients = ["*"]\nroute = "Smarthost"\n')
-    return config.load(path)
+    return configload.load(path)
 
 
 def problems(tmp_path: Path, route: str) -> list[str]:
-    with pytest.raises(config.ConfigError) as info:
+    with pytest.raises(configload.ConfigError) as info:
         load(tmp_path, route)
     return [str(p) for p in info.value.problems]
 
@@ -215,7 +215,7 @@ def test_a_password_file_others_can_read_is_refused_with_the_fix(tmp_path: Path)
     assert route.auth is not None and route.auth.password == PASSWORD
     # Never in a repr (log lines, tracebacks) nor in check-config's summary.
     assert PASSWORD not in repr(route) and PASSWORD not in "\n".join(
-        config.describe(load(tmp_path, auth_route(2525, secret)))
+        configdiff.describe(load(tmp_path, auth_route(2525, secret)))
     )
 
 
@@ -254,17 +254,19 @@ def test_the_audit_says_credentials_changed_and_never_the_password(tmp_path: Pat
     old = load(tmp_path, auth_route(2525, secret))
     password_file(tmp_path, password="a-new-one")
     new = load(tmp_path, auth_route(2525, secret))
-    changes = config.diff(old, new)
+    changes = configdiff.diff(old, new)
     assert changes["routes"]["changed"] == {"Smarthost": {"credentials": ["(hidden)", "(hidden)"]}}
     lines = audit.format_entry({"time": "t", "event": "reload", "changes": changes})
     assert '  route "Smarthost": credentials changed' in lines
-    snap = str(config.snapshot(new))
+    snap = str(configdiff.snapshot(new))
     assert "a-new-one" not in snap and PASSWORD not in snap
-    assert config.diff(old, load(tmp_path, auth_route(2525, secret)))["routes"]["changed"]
+    assert configdiff.diff(old, load(tmp_path, auth_route(2525, secret)))["routes"]["changed"]
     same = load(tmp_path, auth_route(2525, secret))
-    assert config.diff(new, same)["routes"]["changed"] == {}
+    assert configdiff.diff(new, same)["routes"]["changed"] == {}
     assert os.stat(secret).st_mode & 0o077 == 0
-    assert re.fullmatch(r"[0-9a-f]{8}", config.snapshot(new)["routes"]["Smarthost"]["credentials"])
+    assert re.fullmatch(
+        r"[0-9a-f]{8}", configdiff.snapshot(new)["routes"]["Smarthost"]["credentials"]
+    )
 
 
 # --- relay test-tls -----------------------------------------------------------

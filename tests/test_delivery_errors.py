@@ -9,8 +9,8 @@ import aiosmtplib
 import pytest
 
 from relay import errors
-from relay.delivery import map_smtp_errors
 from relay.errors import TlsFailure, TlsPolicyFailure
+from relay.session import map_handshake_errors, map_smtp_errors
 
 
 def _instance(cls: type[BaseException]) -> BaseException:
@@ -61,7 +61,7 @@ def test_every_exported_exception_is_in_the_table():
 @pytest.mark.parametrize("name", EXPORTED)
 def test_each_exception_maps_to_its_class(name):
     exc = _instance(getattr(aiosmtplib, name))
-    with pytest.raises(errors.RelayError) as caught, map_smtp_errors():
+    with pytest.raises(errors.RelayError) as caught, map_handshake_errors():
         raise exc
     assert type(caught.value) is EXPECTED[name]
     assert caught.value.__cause__ is exc
@@ -76,10 +76,10 @@ def test_remote_reply_is_kept_verbatim():
 def test_ssl_errors_are_tls_policy_failures_when_required():
     exc = ssl.SSLCertVerificationError(1, "certificate verify failed: certificate has expired")
     exc.verify_code, exc.verify_message = 10, "certificate has expired"
-    with pytest.raises(TlsPolicyFailure) as caught, map_smtp_errors(require_tls=True):
+    with pytest.raises(TlsPolicyFailure) as caught, map_handshake_errors():
         raise exc
     assert caught.value.reason is TlsFailure.EXPIRED
-    with pytest.raises(errors.ConnectionLost), map_smtp_errors(require_tls=False):
+    with pytest.raises(errors.ConnectionLost), map_smtp_errors():
         raise ssl.SSLError(1, "wrong version number")
 
 
@@ -95,13 +95,13 @@ def test_ssl_errors_are_tls_policy_failures_when_required():
 )
 def test_peer_going_away_mid_handshake_is_not_a_tls_verdict(exc):
     # The peer closing or resetting is temporary even under require_tls.
-    with pytest.raises(errors.ConnectionLost), map_smtp_errors(require_tls=True):
+    with pytest.raises(errors.ConnectionLost), map_handshake_errors():
         raise exc
 
 
 def test_openssl_alert_is_a_tls_verdict():
     exc = ssl.SSLError(1, "[SSL: TLSV1_ALERT_PROTOCOL_VERSION] tlsv1 alert protocol version")
-    with pytest.raises(TlsPolicyFailure) as caught, map_smtp_errors(require_tls=True):
+    with pytest.raises(TlsPolicyFailure) as caught, map_handshake_errors():
         raise exc
     assert caught.value.reason is TlsFailure.HANDSHAKE
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from relay import config, errors
+from relay import configload, errors
 from relay.config import Config, DeliveryConfig
 from relay.delivery import Deliverer
 from relay.errors import TlsFailure, TlsPolicyFailure
@@ -165,7 +165,7 @@ def test_data_timeout_defaults_to_ten_minutes(tmp_path):
         '[server]\nhostname = "relay.test"\ndomains = ["x.test"]\n'
         '[delivery]\ndata_timeout = "15m"\n'
     )
-    assert config.load(path).delivery.data_timeout == 900.0
+    assert configload.load(path).delivery.data_timeout == 900.0
 
 
 async def test_reply_to_the_dot_waits_data_timeout_not_command_timeout(closing):

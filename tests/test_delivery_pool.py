@@ -124,10 +124,11 @@ async def test_hop_limit_is_never_exceeded_while_waiters_are_woken():
     # "holding", the hop's gate must not be dropped, or the next arrival
     # would get a fresh gate and the limit would count twice.
     from relay.config import TlsPolicy
+    from relay.hop import Hop
     from relay.pool import Pool as _Pool
 
     pool = _Pool()
-    key = ("127.0.0.1", 25, TlsPolicy(), "mx.test")
+    key = Hop("127.0.0.1", 25, TlsPolicy(), "mx.test")
     active = peak = 0
 
     async def user(i: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
+from relay import configload
 from tests.support.deploy import DEPLOY, ROOT, k8s_by_kind
 
 TOML_FILES = sorted(DEPLOY.glob("**/*.toml"))
@@ -19,7 +19,7 @@ def test_there_are_deploy_configs() -> None:
 
 @pytest.mark.parametrize("path", TOML_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_deploy_toml_loads(path: Path) -> None:
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert cfg.routes and cfg.rules
     # Production configs keep state in the service's state directory, not
     # relative to wherever the file happens to be.
@@ -31,6 +31,6 @@ def test_configmap_relay_toml_loads(tmp_path: Path) -> None:
     (configmap,) = k8s_by_kind("ConfigMap")
     path = tmp_path / "relay.toml"
     path.write_text(configmap["data"]["relay.toml"])
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert cfg.routes
     assert str(cfg.queue.path) == "/var/lib/relay/spool"

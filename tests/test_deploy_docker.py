@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from relay import config
+from relay import configload
 from relay.metrics import Metrics, serve
 from tests.support.deploy import DEPLOY, DOCKERFILE, ROOT, dockerfile_instructions
 
@@ -36,6 +36,16 @@ def test_copied_sources_exist() -> None:
     assert missing == []
 
 
+def test_the_build_copies_what_the_package_links_to() -> None:
+    # relay/default.toml is a link to config/relay.toml: `pip install .`
+    # in the image needs the file it points to.
+    copied = {source for args in instructions("COPY") for source in args.split()[:-1]}
+    links = [path for path in (ROOT / "relay").rglob("*") if path.is_symlink()]
+    assert links
+    for link in links:
+        assert str(link.resolve().relative_to(ROOT)) in copied, link
+
+
 def test_runs_as_a_numeric_non_root_user() -> None:
     (user,) = instructions("USER")
     uid = user.split(":")[0]
@@ -43,7 +53,7 @@ def test_runs_as_a_numeric_non_root_user() -> None:
 
 
 def test_spool_volume_ports_config_and_entrypoint() -> None:
-    cfg = config.load(DEPLOY / "docker" / "relay.toml")
+    cfg = configload.load(DEPLOY / "docker" / "relay.toml")
     (volume,) = instructions("VOLUME")
     (volume_path,) = json.loads(volume)
     assert cfg.queue.path.is_relative_to(volume_path)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from relay import config
+from relay import config, configload
 from tests.support.deploy import K8S, k8s_by_kind, k8s_documents
 
 #: Kinds that are not core Kubernetes (no bundled schema).
@@ -49,7 +49,7 @@ def relay_config(tmp_path: Path) -> config.Config:
     (configmap,) = k8s_by_kind("ConfigMap")
     path = tmp_path / "relay.toml"
     path.write_text(configmap["data"]["relay.toml"])
-    return config.load(path)
+    return configload.load(path)
 
 
 def test_kinds() -> None:

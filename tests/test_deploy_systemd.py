@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
+from relay import configload
 from tests.support.deploy import DEPLOY, UNIT, unit_directives
 
 
@@ -54,7 +54,7 @@ def test_hardening(key: str, value: str) -> None:
 
 def test_the_shipped_config_keeps_state_in_the_state_directory() -> None:
     # StateDirectory=relay is /var/lib/relay, the only place the service may write.
-    cfg = config.load(DEPLOY / "systemd" / "relay.toml")
+    cfg = configload.load(DEPLOY / "systemd" / "relay.toml")
     state = Path("/var/lib") / one("StateDirectory")
     assert cfg.queue.path.is_relative_to(state)
     assert cfg.audit.path.is_relative_to(state)

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from relay.addresses import ip_literal
 from relay.config import DnsConfig
-from relay.dns import DnsResolver, ip_literal
+from relay.dns import DnsResolver
 from relay.errors import DnsTemporary, NoRoute, NoSuchDomain, NullMx
 from tests.support.dnsserver import DnsServer, dns_server, dnsmasq_servers  # noqa: F401
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
+from relay import configdiff, configload
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(ROOT.glob("config/*.toml")) + sorted(ROOT.glob("deploy/**/*.toml"))
@@ -15,7 +15,7 @@ SHIPPED = sorted(ROOT.glob("config/*.toml")) + sorted(ROOT.glob("deploy/**/*.tom
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_config_validates(path: Path) -> None:
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert cfg.routes, "a shipped config should show at least one route"
 
 
@@ -27,9 +27,9 @@ def test_reference_config_shows_the_defaults() -> None:
     var/. An option whose default is none or computed is a commented-out
     example there.
     """
-    example = config.load(ROOT / "config/relay.example.toml")
+    example = configload.load(ROOT / "config/relay.example.toml")
     differs = []
-    for section in config.DIFF_SECTIONS:
+    for section in configdiff.DIFF_SECTIONS:
         shown = getattr(example, section)
         default = type(shown)(hostname=shown.hostname) if section == "server" else type(shown)()
         for field in dataclasses.fields(shown):

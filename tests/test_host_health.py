@@ -19,8 +19,9 @@ from contextlib import asynccontextmanager
 import pytest
 
 from relay import errors, routing
+from relay.attempt import Attempt
 from relay.config import Config, Host, Route
-from relay.delivery import Attempt, Deliverer
+from relay.delivery import Deliverer
 from relay.errors import HostUnreachable
 from relay.health import Health
 from relay.metrics import Metrics

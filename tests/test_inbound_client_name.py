@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.content import received_header
 from relay.dns import DnsResolver, confirmed_name
-from relay.inbound import received_header
 from tests.support.dnsserver import DnsmasqFactory, DnsServer, dnsmasq_servers
 from tests.support.inbound import make_config, running_inbound
 from tests.support.spool import read_body

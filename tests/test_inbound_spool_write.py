@@ -33,7 +33,7 @@ async def test_a_write_that_cannot_start_is_not_left_counted(tmp_path: Path) -> 
             await client.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
             code, _ = await client.reply(wait=5)
             assert code >= 400
-        assert h.inbound._writes_done.is_set()
+        assert h.inbound.intake.writes_done.is_set()
         assert h.accepted == []
 
 
@@ -59,4 +59,4 @@ async def test_a_failed_directory_fsync_answers_451_and_leaves_nothing(
         assert list(spool.msg_dir.iterdir()) == []
         assert list(spool.tmp_dir.iterdir()) == []
         assert h.accepted == []
-        assert h.inbound._writes_done.is_set()
+        assert h.inbound.intake.writes_done.is_set()

@@ -7,16 +7,9 @@ from pathlib import Path
 import pytest
 
 from relay import errors
-from relay.inbound import (
-    AddressError,
-    check_message,
-    has_bare_line_ending,
-    parse_path,
-    protocol_keyword,
-    received_header,
-    recipient_reply,
-    valid_helo,
-)
+from relay.addresses import AddressError, parse_path, valid_helo
+from relay.content import check_message, has_bare_line_ending, protocol_keyword, received_header
+from relay.relaying import recipient_reply
 from tests.support.inbound import make_config
 
 VALID_PATHS = [

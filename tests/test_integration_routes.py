@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from relay import config as config_module
+from relay import configload
 from tests.support.dnsserver import dnsmasq_servers
 from tests.support.integ import (
     BODY,
@@ -247,7 +247,7 @@ async def test_new_config_applies_at_the_next_attempt(tmp_path, dnsmasq):
             new = single_route("Corp", "new.corp.test", sink.port)
             path = tmp_path / "reloaded.toml"
             path.write_text(config_text(tmp_path, server, new, CORP))
-            relay.config = config_module.load(path)
+            relay.config = configload.load(path)
             relay.scheduler.flush()
             await until(lambda: sink.messages)
             await idle(relay)

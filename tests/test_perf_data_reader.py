@@ -8,7 +8,8 @@ import pytest
 
 from relay import errors
 from relay.config import Config
-from relay.inbound import DATA_BLOCK, longest_line, unstuff
+from relay.content import longest_line, unstuff
+from relay.datareader import DATA_BLOCK
 from tests.support.inbound import Harness, RawClient, make_config, running_inbound
 from tests.support.spool import read_body
 

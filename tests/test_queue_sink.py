@@ -18,8 +18,8 @@ import pytest
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
+from relay.attempt import Attempt, HostResult
 from relay.config import Host, Route, Rule
-from relay.delivery import Attempt, HostResult
 from relay.envelope import Envelope, RcptState
 from relay.errors import ConnectionLost, HostUnreachable, RelayError, Reply
 from relay.routing import Candidate

@@ -10,8 +10,8 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+from relay.attempt import Attempt
 from relay.config import Config, Host, Route, Rule
-from relay.delivery import Attempt
 from relay.envelope import Envelope, RcptState
 from relay.errors import SpoolFull
 from relay.spool import Spool

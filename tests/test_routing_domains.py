@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
-from relay.config import DIRECT_ROUTE, Config, ConfigError, Host, Rule, domain_key
+from relay import configload
+from relay.addresses import domain_key
+from relay.config import DIRECT_ROUTE, Config, Host, Rule
+from relay.configload import ConfigError
 from relay.routing import route_for
 
 #: The envelope sender of the mail being routed (no rule here matches senders).
@@ -39,7 +41,7 @@ route = "Books"
 
 
 def load(tmp_path: Path, text: str = TOML) -> Config:
-    return config.parse(tomllib.loads(text), tmp_path / "relay.toml")
+    return configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
 
 
 # --- finding 4: a served domain never goes to its own MX ----------------------

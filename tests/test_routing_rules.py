@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
+from relay import configload
 from relay.config import DIRECT_ROUTE, Config, Host
 from relay.routing import bounce_route, route_for
 
@@ -53,7 +53,7 @@ route = "Catch-all"
 def load(tmp_path: Path, text: str = TOML, bounces: str = "") -> Config:
     if bounces:
         text += f'\n[bounces]\nroute = "{bounces}"\n'
-    return config.parse(tomllib.loads(text), tmp_path / "relay.toml")
+    return configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
 
 
 def without_catch_all(tmp_path: Path) -> Config:

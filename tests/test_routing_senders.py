@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from relay import config, errors, lint
+from relay import config, configdiff, configload, errors, lint
 from relay.config import Listen, MetricsConfig
 from relay.routing import bounce_route, route_for
 from tests.support.inbound import RawClient, running_inbound
@@ -58,7 +58,7 @@ route = "Outbound"
 
 
 def load(tmp_path: Path, text: str = SERVER + ROUTES + RULES) -> config.Config:
-    return config.parse(tomllib.loads(text), tmp_path / "relay.toml")
+    return configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
 
 
 @pytest.mark.parametrize(
@@ -90,23 +90,23 @@ def test_a_dsn_to_a_sender_is_not_routed_by_that_senders_rule(tmp_path: Path) ->
 
 def test_a_rule_needs_recipients_or_senders(tmp_path: Path) -> None:
     text = SERVER + ROUTES + '[[rules]]\nroute = "Corp"\n'
-    with pytest.raises(config.ConfigError) as info:
+    with pytest.raises(configload.ConfigError) as info:
         load(tmp_path, text)
     (problem,) = [str(p) for p in info.value.problems]
     assert problem.startswith("rules[1]: recipients: is required (or senders)")
     text = SERVER + ROUTES + '[[rules]]\nsenders = ["bad@"]\nroute = "Corp"\n'
-    with pytest.raises(config.ConfigError) as info:
+    with pytest.raises(configload.ConfigError) as info:
         load(tmp_path, text)
     (problem,) = [str(p) for p in info.value.problems]
     assert problem == 'rules[1]: senders: \'bad@\' is not an address, "@domain" or "*"'
     text = SERVER + ROUTES + '[[rules]]\nsenders = []\nroute = "Corp"\n'
-    with pytest.raises(config.ConfigError) as info:
+    with pytest.raises(configload.ConfigError) as info:
         load(tmp_path, text)
     assert [str(p) for p in info.value.problems][0].startswith("rules[1]: senders: must list")
 
 
 def test_check_config_shows_the_senders(tmp_path: Path) -> None:
-    lines = config.describe(load(tmp_path))
+    lines = configdiff.describe(load(tmp_path))
     first = "rule 1: senders @billing.corp.test, invoices@corp.test; any recipient -> 'Billing'"
     assert first in lines
     assert "rule 2: senders ceo@corp.test; recipients @partner.test -> 'Outbound'" in lines
@@ -162,7 +162,7 @@ def test_the_audit_diff_records_senders(tmp_path: Path) -> None:
     old = load(tmp_path)
     new_rules = RULES.replace('"invoices@corp.test"', '"payroll@corp.test"')
     new = load(tmp_path, SERVER + ROUTES + new_rules)
-    changed = config.diff(old, new)["rules"]["changed"]
+    changed = configdiff.diff(old, new)["rules"]["changed"]
     assert changed == {
         "rules[1]": {
             "senders": [
@@ -172,7 +172,7 @@ def test_the_audit_diff_records_senders(tmp_path: Path) -> None:
         }
     }
     # A rule without senders snapshots as before senders existed.
-    assert config.snapshot(old)["rules"][2] == {"recipients": ["@corp.test"], "route": "Corp"}
+    assert configdiff.snapshot(old)["rules"][2] == {"recipients": ["@corp.test"], "route": "Corp"}
 
 
 async def test_inbound_accepts_a_recipient_only_a_sender_rule_routes(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ recipients = ["@corp.test"]
 route = "Corp"
 """
     )
-    cfg = config.parse(tomllib.loads(text), tmp_path / "relay.toml")
+    cfg = configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
     server = dataclasses.replace(cfg.server, listen=(Listen("127.0.0.1", 0),))
     cfg = dataclasses.replace(cfg, server=server, metrics=MetricsConfig(listen=None))
     async with running_inbound(cfg) as h, await RawClient.connect(h.port) as client:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from relay import errors
-from relay.delivery import SEND_CHUNK
+from relay.session import SEND_CHUNK
 from relay.spool import Spool
 from relay.spoolbody import IN_MEMORY_MAX, BodyFile
 from tests.support.delivery import (

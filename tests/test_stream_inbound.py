@@ -9,13 +9,9 @@ import pytest
 
 from relay import errors
 from relay.config import Config
-from relay.inbound import (
-    SPILL_THRESHOLD,
-    MessageCheck,
-    check_message,
-    read_data,
-    unstuff,
-)
+from relay.content import MessageCheck, check_message, unstuff
+from relay.datareader import read_data
+from relay.intake import SPILL_THRESHOLD
 from relay.spool import Spool
 from tests.support.fs import tmpfs
 from tests.support.inbound import Harness, RawClient, make_config, running_inbound
@@ -137,7 +133,7 @@ async def test_size_limit_refuses_and_abandons_the_spill() -> None:
     raw, refusal, spill, rest = await read_blocks(
         [stream[i : i + 40] for i in range(0, len(stream), 40)], size_limit=150
     )
-    assert raw is None and refusal == "552 Error: Too much mail data"
+    assert raw is None and refusal == errors.MESSAGE_TOO_BIG
     assert spill.abandoned and rest == b"NOOP\r\n"
 
 
@@ -146,7 +142,7 @@ async def test_line_too_long_refuses_and_abandons_the_spill() -> None:
     raw, refusal, spill, rest = await read_blocks(
         [stream[i : i + 100] for i in range(0, len(stream), 100)]
     )
-    assert raw is None and refusal == "500 Line too long (see RFC5321 4.5.3.1.6)"
+    assert raw is None and refusal == errors.LINE_TOO_LONG
     assert spill.abandoned and rest == b"NOOP\r\n"
 
 

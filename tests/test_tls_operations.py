@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config, tls
+from relay import configdiff, configload, tls
 from relay.audit import AuditLog
 from relay.errors import TlsFailure
 from relay.expiry import ExpiryWatch
@@ -313,7 +313,7 @@ def test_failure_reasons_are_tls_rpt_result_types():
 def test_on_tls_failure_is_validated_and_every_problem_named(tmp_path):
     text = BASE.replace("port = 25\n", 'port = 25\non_tls_failure = "later"\n')
     text += '[tls]\nexpiry_warning = "soon"\n'
-    with pytest.raises(config.ConfigError) as caught:
+    with pytest.raises(configload.ConfigError) as caught:
         load_text(tmp_path, text)
     problems = [str(p) for p in caught.value.problems]
     assert any(
@@ -330,7 +330,7 @@ def test_defaults_and_check_config_summary(tmp_path):
     deferring = load_text(tmp_path, BASE.replace("port = 25\n", f"port = 25\n{DEFER}"))
     assert deferring.routes[0].tls_defers and not deferring.routes[1].tls_defers
     assert "route 'On-prem': require_tls=on require_ca_signed=on validate_hostname=on " \
-        "on_tls_failure=defer" in config.describe(deferring)  # fmt: skip
+        "on_tls_failure=defer" in configdiff.describe(deferring)  # fmt: skip
 
 
 def test_audit_records_a_change_of_on_tls_failure(tmp_path):
@@ -347,11 +347,11 @@ def test_audit_records_a_change_of_on_tls_failure(tmp_path):
 
 def test_an_audit_snapshot_from_before_the_option_is_not_a_change(tmp_path):
     cfg = load_text(tmp_path, BASE)
-    older = config.snapshot(cfg)
+    older = configdiff.snapshot(cfg)
     for fields in older["routes"].values():
         del fields["on_tls_failure"]
     del older["tls"]["expiry_warning"]
-    assert config.diff_is_empty(config.diff_snapshots(older, config.snapshot(cfg)))
+    assert configdiff.diff_is_empty(configdiff.diff_snapshots(older, configdiff.snapshot(cfg)))
 
 
 def test_defer_without_require_tls_is_warned_about(tmp_path):

@@ -18,8 +18,10 @@ from aiohttp import web
 
 import relay
 from relay import config as configmod
+from relay import configdiff, configvalues
 from relay.audit import AuditLog, format_entry
-from relay.config import Config, ConfigError, Route
+from relay.config import Config, Route
+from relay.configload import ConfigError
 from relay.console import SERVICES, Services, configfile, health
 from relay.console.auth import Session, client_of
 
@@ -158,7 +160,7 @@ def status_view(services: Services) -> dict[str, Any]:
 
 def _queue_args(query: Any, ids: list[str] | None = None) -> argparse.Namespace:
     older = query.get("older_than") or None
-    age = configmod.parse_duration(older) if older else None
+    age = configvalues.parse_duration(older) if older else None
     return argparse.Namespace(
         held=query.get("held") in ("1", "true", True),
         deferred=query.get("deferred") in ("1", "true", True),
@@ -315,7 +317,7 @@ async def _save(
             return web.json_response({"saved": False, "problems": problems}, status=422)
         await asyncio.to_thread(configfile.write_atomic, cfg.source, tomlkit.dumps(doc))
         applied = await services.reload()
-        full = configmod.diff(cfg, new)
+        full = configdiff.diff(cfg, new)
         changes = {"routes": full["routes"], "rules": full["rules"]}
         session = _session(request)
         try:

@@ -3,7 +3,7 @@
 Edits go through a tomlkit document so that every comment, blank line
 and key order the operator wrote stays as it was; only the tables the
 console changes are touched (and inside an edited route, only its keys).
-A candidate is validated by :func:`relay.config.parse`, exactly what
+A candidate is validated by :func:`relay.configload.parse`, exactly what
 ``relay check-config`` and a reload run, before anything is written.
 """
 
@@ -20,10 +20,12 @@ import tomlkit
 from tomlkit.items import AoT
 
 from relay import config as configmod
-from relay.config import Config, ConfigError, Problem
+from relay import configload
+from relay.config import Config
+from relay.configload import ConfigError, Problem
 
 #: The route keys the console writes; any other key of a route is left alone.
-ROUTE_OPTIONS = ("mx_lookup", "require_tls", "require_ca_signed", "validate_hostname")
+ROUTE_OPTIONS = ("mx_lookup", *configmod.toml_keys(configmod.TlsPolicy))
 
 
 def read_only_reason(cfg: Config) -> str | None:
@@ -41,9 +43,7 @@ def read_only_reason(cfg: Config) -> str | None:
 def load(cfg: Config) -> tomlkit.TOMLDocument:
     """The config's file as a tomlkit document (the embedded default's text for it)."""
     if cfg.shown_source == configmod.EMBEDDED:
-        from relay.app import DEFAULT_CONFIG_TOML
-
-        return tomlkit.parse(DEFAULT_CONFIG_TOML)
+        return tomlkit.parse(configload.embedded_text())
     return tomlkit.parse(cfg.source.read_text(encoding="utf-8"))
 
 
@@ -168,7 +168,7 @@ def validate(doc: tomlkit.TOMLDocument, source: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [Problem("", "", f"TOML syntax error: {exc}")]) from None
-    return configmod.parse(data, source)
+    return configload.parse(data, source)
 
 
 def split_problems(problems: Sequence[Problem], index: int | None) -> dict[str, Any]:

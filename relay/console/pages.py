@@ -17,7 +17,8 @@ import jinja2
 from aiohttp import web
 
 import relay
-from relay.config import ALLOWED_PORTS, ON_TLS_FAILURE, check_port
+from relay.config import ON_TLS_FAILURE, Host, Route, TlsPolicy, field_default
+from relay.configvalues import ALLOWED_PORTS, check_port
 from relay.console import SERVICES, api, auth, configfile
 
 HERE = Path(__file__).parent
@@ -111,11 +112,16 @@ async def routes_page(request: web.Request) -> web.Response:
 
 
 def _blank_route() -> dict[str, Any]:
-    row = {"host": "", "port": 25, "load": 100}
+    """The new-route form: every option at the default relay.config gives it."""
+    port, load = field_default(Host, "port"), field_default(Host, "load")
+    row = {"host": "", "port": port, "load": load}
+    tls = TlsPolicy()
     return {
-        "name": "", "single": True, "host": "", "port": 25, "primary": [row],
-        "secondary": [], "mx_lookup": False, "require_tls": True, "require_ca_signed": True,
-        "validate_hostname": True, "on_tls_failure": ON_TLS_FAILURE[0],
+        "name": "", "single": True, "host": "", "port": port, "primary": [row],
+        "secondary": [], "mx_lookup": field_default(Route, "mx_lookup"),
+        "require_tls": tls.require_tls, "require_ca_signed": tls.require_ca_signed,
+        "validate_hostname": tls.validate_hostname,
+        "on_tls_failure": field_default(Route, "on_tls_failure"),
     }  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 # Run from a checkout: import this tree's relay and tests, not an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from relay import config as configmod  # noqa: E402
+from relay import configload  # noqa: E402
 from relay.delivery import Deliverer  # noqa: E402
 from relay.dns import DnsResolver  # noqa: E402
 from relay.envelope import Envelope, Recipient  # noqa: E402
@@ -81,7 +81,7 @@ async def run(count: int, connect_timeout: float, mode: str) -> dict[str, float 
         await sink.start()
         spool_dir = Path(tmp) / "spool"
         text = config_text(spool_dir, sick_port, sink.port, connect_timeout)
-        cfg = configmod.parse(tomllib.loads(text), Path(tmp) / "relay.toml", "bench")
+        cfg = configload.parse(tomllib.loads(text), Path(tmp) / "relay.toml", "bench")
         spool = Spool(spool_dir, fsync=False)
         spool.open()
         metrics = Metrics()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
+from relay import configload
 from tests.support.procs import relay_config, route
 
 pytestmark = pytest.mark.e2e
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.parametrize("tls", ["opportunistic", "required", "ca", "full"])
 def test_single_host_route_with_each_tls_level(tmp_path: Path, tls: str) -> None:
     path = relay_config(tmp_path, [route("Down", "127.0.0.1", 2526, tls=tls)])
-    cfg = config.load(path)
+    cfg = configload.load(path)
     (loaded,) = cfg.routes
     assert (loaded.primary[0].name, loaded.primary[0].port) == ("127.0.0.1", 2526)
     policy = loaded.tls
@@ -41,7 +41,7 @@ def test_multiple_hosts_rules_and_section_overrides(tmp_path: Path) -> None:
         server={"max_recipients": 5},
         tls={"ca_file": str(ca)},
     )
-    cfg = config.load(path)
+    cfg = configload.load(path)
     assert [h.load for h in cfg.routes[1].primary] == [70, 30]
     assert cfg.routes[1].secondary[0].port == 2529
     assert cfg.route_for("x@example.net", "").name == "Split"

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay import config as configmod
+from relay import configload
 from relay.config import Config, Listen, MetricsConfig
 from relay.envelope import Envelope
 from relay.inbound import Inbound
@@ -84,7 +84,7 @@ def config_text(
 def make_config(tmp_path: Path, **kwargs: object) -> Config:
     """A valid Config listening on 127.0.0.1 port 0 (the OS picks), metrics off."""
     text = config_text(tmp_path / "spool", **kwargs)  # type: ignore[arg-type]
-    cfg = configmod.parse(tomllib.loads(text), tmp_path / "relay.toml")
+    cfg = configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
     server = dataclasses.replace(cfg.server, listen=(Listen("127.0.0.1", 0),))
     return dataclasses.replace(cfg, server=server, metrics=MetricsConfig(listen=None))
 

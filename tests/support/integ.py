@@ -2,7 +2,7 @@
 
 ``Relay`` builds ``Scheduler(lambda: cfg, Spool, Deliverer(lambda: cfg,
 DnsResolver(cfg.dns), metrics, rng), metrics, clock, rng)`` from TOML text
-loaded with :func:`relay.config.load`, so the real SMTP client, the real
+loaded with :func:`relay.configload.load`, so the real SMTP client, the real
 resolver (against dnsmasq, tests/support/dnsserver.py) and the real
 scheduler all run::
 
@@ -31,7 +31,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from relay import config as config_module
+from relay import configload
 from relay.config import Config
 from relay.delivery import Deliverer
 from relay.dns import DnsResolver
@@ -198,7 +198,7 @@ class Relay:
     ) -> None:
         path = tmp_path / name
         path.write_text(toml)
-        self.config: Config = config_module.load(path)
+        self.config: Config = configload.load(path)
         self.spool = Spool(self.config.queue.path, fsync=False)
         self.spool.open()
         self.metrics = Metrics()

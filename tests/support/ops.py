@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relay import config
+from relay import configload
 from relay.config import Config
 
 BASE = """\
@@ -44,4 +44,4 @@ def load_text(tmp_path: Path, text: str, name: str = "relay.toml") -> Config:
     """Write ``text`` as a config file in ``tmp_path`` and load it."""
     path = tmp_path / name
     path.write_text(text)
-    return config.load(path)
+    return configload.load(path)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from relay.config import parse_listen
+from relay.configvalues import parse_listen
 from tests.support.peers import SWAKS, require_swaks
 
 T = TypeVar("T")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.attempt import Attempt, HostResult
 from relay.config import (
     BouncesConfig,
     Config,
@@ -21,7 +22,6 @@ from relay.config import (
     ServerConfig,
 )
 from relay.cycle import Deliverer
-from relay.delivery import Attempt, HostResult
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics

@@ -11,7 +11,8 @@ import hashlib
 import random
 from pathlib import Path
 
-from relay.inbound import MessageCheck, _CrlfCommandReader, unstuff
+from relay.content import MessageCheck, unstuff
+from relay.inbound import _CrlfCommandReader
 
 HEAD = b"From: a@example.org\r\nTo: user@example.com\r\nSubject: big\r\n\r\n"
 
