@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 from relay import events
 from relay.envelope import Envelope
-from relay.spool import Spool, new_id
+from relay.spool import Spool
+from relay.spoolfiles import new_id
 
 if TYPE_CHECKING:
     from relay.queue import Scheduler
@@ -62,7 +63,7 @@ RESULT_TIMEOUT = 600.0
 
 ACTIONS = ("flush", "hold", "release")
 
-#: What relay.spool.new_id makes (ids are checked: they become file names).
+#: What relay.spoolfiles.new_id makes (ids are checked: they become file names).
 _QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
@@ -248,7 +249,7 @@ class Control:
         if action == "flush":
             return self._flush(ids)
         if ids is None:
-            ids = self._spool.held() if action == "release" else []
+            ids = self._spool.hold.ids() if action == "release" else []
         if action == "hold":
             return await self._hold(ids, reporter)
         return await self._release(ids, reporter)
@@ -263,8 +264,8 @@ class Control:
         return {
             "done": flushed,
             "running": [qid for qid in rest if qid in self._scheduler],
-            "held": [qid for qid in rest if self._spool.is_held(qid)],
-            "missing": [q for q in rest if q not in self._scheduler and not self._spool.is_held(q)],
+            "held": [qid for qid in rest if qid in self._spool.hold],
+            "missing": [q for q in rest if q not in self._scheduler and q not in self._spool.hold],
         }
 
     async def _hold(self, ids: list[str], reporter: _Reporter) -> dict[str, Any]:
@@ -277,12 +278,12 @@ class Control:
             for qid in batch:
                 if await self._scheduler.withdraw(qid):
                     taken.append(qid)
-                elif self._spool.is_held(qid):
+                elif qid in self._spool.hold:
                     held.append(qid)
                 else:
                     missing.append(qid)
             try:
-                moved = await asyncio.to_thread(self._spool.hold, taken)
+                moved = await asyncio.to_thread(self._spool.hold.add, taken)
             except OSError:
                 await self._requeue(taken, held=False)
                 raise
@@ -298,7 +299,7 @@ class Control:
         queued: list[str] = []
         for start in range(0, len(ids), PROGRESS_EVERY):
             batch = ids[start : start + PROGRESS_EVERY]
-            moved = await asyncio.to_thread(self._spool.release, batch)
+            moved = await asyncio.to_thread(self._spool.hold.release, batch)
             await self._requeue(moved, held=True)
             done += moved
             for qid in set(batch) - set(moved):

@@ -61,7 +61,7 @@ from relay.pool import Pool
 from relay.probe import ProbeResult, probe_hosts
 from relay.routing import Candidate
 from relay.session import SEND_CHUNK, read_piece
-from relay.spool import Body, BodyFile
+from relay.spoolbody import Body, BodyFile
 
 # --- the body ---------------------------------------------------------------
 

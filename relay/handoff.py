@@ -22,7 +22,7 @@ from relay.hop import Hop
 from relay.pool import Pool
 from relay.routing import Candidate
 from relay.session import Session, StaleSession, open_hop, reset, send_mail
-from relay.spool import Body
+from relay.spoolbody import Body
 
 
 class Handoff:

@@ -20,10 +20,12 @@ from relay.content import MessageCheck, check_message, protocol_keyword, receive
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
 from relay.metrics import Metrics
-from relay.spool import IN_MEMORY_MAX, BodyWriter, Spool, new_id
+from relay.spool import Spool
+from relay.spoolbody import IN_MEMORY_MAX, BodyWriter
+from relay.spoolfiles import new_id
 
 #: Content held in memory while DATA is received, before the rest goes to
-#: the spool's temp file (see relay.spool.IN_MEMORY_MAX).
+#: the spool's temp file (see relay.spoolbody.IN_MEMORY_MAX).
 SPILL_THRESHOLD = IN_MEMORY_MAX
 
 
@@ -62,7 +64,7 @@ class SpoolSpill:
 
     The first piece decides the queue id and writes our Received header,
     then each piece is unstuffed, checked (:class:`MessageCheck`) and
-    appended to a :class:`relay.spool.BodyWriter`. A spool error is kept
+    appended to a :class:`relay.spoolbody.BodyWriter`. A spool error is kept
     for the reply after the final dot (the client must send the rest
     first); later pieces are then only checked. ``budget`` is shared by
     every session: while it is exhausted, everything spills at once.

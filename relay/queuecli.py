@@ -32,9 +32,10 @@ from relay import control
 from relay.audit import AuditLog
 from relay.config import Config
 from relay.configvalues import parse_duration
+from relay.cycle import route_of
 from relay.envelope import Envelope, RcptState, Recipient
-from relay.queue import route_of
-from relay.spool import IN_MEMORY_MAX, BodyFile, Spool
+from relay.spool import Spool
+from relay.spoolbody import IN_MEMORY_MAX, BodyFile
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -104,7 +105,7 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 def _load(spool: Spool, unreadable: list[str]) -> list[Entry]:
     """Every message, waiting and held, oldest first (read-only)."""
     entries = [Entry(e, False) for e in spool.load_all(quarantine=False, unreadable=unreadable)]
-    entries += [Entry(e, True) for e in spool.load_held(unreadable)]
+    entries += [Entry(e, True) for e in spool.hold.load_all(unreadable)]
     return sorted(entries, key=lambda e: (e.envelope.received_at, e.id))
 
 
@@ -231,7 +232,7 @@ def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     now = time.time()
     unreadable: list[str] = []
     entries, _ = _select(args, cfg, spool, unreadable)
-    corrupt = sorted(set(spool.quarantined()) | set(unreadable))
+    corrupt = sorted(set(spool.quarantine.ids()) | set(unreadable))
     if args.json:
         report = {
             "messages": [_entry_json(cfg, e, now) for e in entries],
@@ -267,9 +268,9 @@ def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
 
 def cmd_show(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    held = spool.is_held(args.id)
+    held = args.id in spool.hold
     try:
-        env = spool.load(args.id, held=held)
+        env = (spool.hold if held else spool).load(args.id)
     except KeyError:
         print(f"no message {args.id} in the queue ({spool.path})", file=sys.stderr)
         return EXIT_FAIL
@@ -280,7 +281,7 @@ def cmd_show(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     print()
     try:
         # The header section only: a large body is not read whole.
-        opened = spool.open_body(env.id, IN_MEMORY_MAX, held=held)
+        opened = (spool.hold if held else spool).open_body(env.id, IN_MEMORY_MAX)
         if isinstance(opened, BodyFile):
             with opened:
                 body = opened.head(IN_MEMORY_MAX)
@@ -528,9 +529,9 @@ def _move_files(spool: Spool, action: str, ids: list[str]) -> list[str]:
     for start in range(0, len(ids), step):
         batch = ids[start : start + step]
         if action == "hold":
-            done += spool.hold(batch)
+            done += spool.hold.add(batch)
         else:
-            moved = spool.release(batch)
+            moved = spool.hold.release(batch)
             envelopes = []
             for qid in moved:
                 with contextlib.suppress(KeyError, ValueError, TypeError):
@@ -561,7 +562,7 @@ def cmd_delete(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     done: list[str] = []
     for index, entry in enumerate(entries, 1):
         # Direct: the daemon drops a message that vanished under it.
-        gone = spool.delete_held(entry.id) if entry.held else spool.delete(entry.id)
+        gone = spool.hold.delete(entry.id) if entry.held else spool.delete(entry.id)
         if gone:
             done.append(entry.id)
         else:

@@ -38,7 +38,7 @@ from relay.config import Config, RouteAuth, TlsPolicy
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsCheck, TlsFailure, TlsPolicyFailure
 from relay.hop import Hop
-from relay.spool import Body, BodyFile
+from relay.spoolbody import Body, BodyFile
 
 #: aiosmtplib internals this module uses, checked by tests/test_private_members.py.
 PRIVATE_MEMBERS = (

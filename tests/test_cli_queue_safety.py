@@ -8,6 +8,7 @@ from pathlib import Path
 
 from relay.spool import Spool
 from tests.support.queue import spool_message
+from tests.support.spool import body_path, update_envelope
 from tests.test_cli import relay
 from tests.test_config import RULE, SERVER, SINGLE
 
@@ -42,7 +43,7 @@ def test_queue_list_reports_corrupt_messages_and_moves_nothing(tmp_path: Path) -
     good = spool_message(spool, ["bob@example.test"])
     bad = spool_message(spool, ["carol@example.test"])
     old = spool_message(spool, ["dave@example.test"])
-    spool.quarantine(old.id)  # set aside earlier by the daemon
+    spool.quarantine.add(old.id)  # set aside earlier by the daemon
     (spool.msg_dir / f"{bad.id}.state").write_bytes(b"{truncated")
     result = relay("queue", "list", "--config", str(config))
     assert result.returncode == 0, result.stderr
@@ -52,7 +53,7 @@ def test_queue_list_reports_corrupt_messages_and_moves_nothing(tmp_path: Path) -
     assert str(spool.corrupt_dir) in result.stdout
     # Read-only: the unreadable envelope is where it was, with its body.
     assert (spool.msg_dir / f"{bad.id}.state").read_bytes() == b"{truncated"
-    assert spool.body_path(bad.id).exists()
+    assert body_path(spool, bad.id).exists()
     show = relay("queue", "show", bad.id, "--config", str(config))
     assert show.returncode == 1 and "unreadable envelope" in show.stderr
     assert "Traceback" not in show.stderr
@@ -61,7 +62,7 @@ def test_queue_list_reports_corrupt_messages_and_moves_nothing(tmp_path: Path) -
 def test_queue_show_prints_the_headers_of_small_and_large_messages(tmp_path: Path) -> None:
     # One-file messages (envelope line first) and large bodies (read only
     # up to their header section) show the same way; no envelope line.
-    from relay.spool import IN_MEMORY_MAX
+    from relay.spoolbody import IN_MEMORY_MAX
 
     config = _config(tmp_path)
     spool = Spool(tmp_path / "spool", fsync=False)
@@ -77,8 +78,8 @@ def test_queue_show_prints_the_headers_of_small_and_large_messages(tmp_path: Pat
         assert "#relay-envelope" not in shown.stdout
         assert "yyyy" not in shown.stdout
     # A body being deleted (its envelope left by a delete cut short).
-    assert spool.update(small)
-    spool.body_path(small.id).unlink()
+    assert update_envelope(spool, small)
+    body_path(spool, small.id).unlink()
     legacy = tmp_path / "spool" / "msg" / f"{small.id}.json"
     legacy.write_bytes(small.dumps())
     shown = relay("queue", "show", small.id, "--config", str(config))

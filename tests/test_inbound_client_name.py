@@ -12,6 +12,7 @@ from relay.content import received_header
 from relay.dns import DnsResolver, confirmed_name
 from tests.support.dnsserver import DnsmasqFactory, DnsServer, dnsmasq_servers
 from tests.support.inbound import make_config, running_inbound
+from tests.support.spool import read_body
 
 MSG = b"Subject: hi\r\n\r\nHallo.\r\n"
 
@@ -71,7 +72,7 @@ async def test_received_names_the_client_as_postfix_does(
     async with running_inbound(make_config(tmp_path), resolver=resolver) as h:
         for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
             await send_from(h.port, source)
-        lines = sorted(h.spool.read_body(e.id).split(b"\r\n", 1)[0] for e in h.spooled())
+        lines = sorted(read_body(h.spool, e.id).split(b"\r\n", 1)[0] for e in h.spooled())
     assert lines == [
         b"Received: from helo.test (client.test [127.0.0.2])",
         b"Received: from helo.test (unknown [127.0.0.3])",
@@ -83,7 +84,7 @@ async def test_without_a_resolver_loopback_is_localhost(tmp_path: Path) -> None:
     async with running_inbound(make_config(tmp_path)) as h:
         await send_from(h.port, "127.0.0.2")
         [env] = h.spooled()
-        head = h.spool.read_body(env.id).split(b"\r\n", 1)[0]
+        head = read_body(h.spool, env.id).split(b"\r\n", 1)[0]
     assert head == b"Received: from helo.test (localhost [127.0.0.2])"
 
 
@@ -112,5 +113,5 @@ async def test_a_silent_dns_server_costs_at_most_reverse_dns_timeout(
     async with running_inbound(cfg, resolver=resolver) as h:
         await send_from(h.port, "127.0.0.6")
         [env] = h.spooled()
-        head = h.spool.read_body(env.id).split(b"\r\n", 1)[0]
+        head = read_body(h.spool, env.id).split(b"\r\n", 1)[0]
     assert head == b"Received: from helo.test (unknown [127.0.0.6])"

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from tests.support.inbound import Harness, RawClient, make_config, running_inbound
+from tests.support.spool import read_body
 
 
 def body(size: int, tag: bytes) -> bytes:
@@ -33,7 +34,7 @@ async def test_over_the_budget_a_message_under_256k_goes_to_disk(tmp_path: Path)
         queue_id = await send(client, data)
         # Spilled: the scheduler got no body in memory, the spool has it all.
         assert h.handed[queue_id] == b""
-        assert h.spool.read_body(queue_id).endswith(data)
+        assert read_body(h.spool, queue_id).endswith(data)
         assert held(h) == 0
 
 

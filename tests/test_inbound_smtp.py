@@ -13,6 +13,7 @@ from relay import errors
 from relay.config import Config
 from relay.envelope import RcptState
 from tests.support.inbound import Harness, RawClient, make_config, running_inbound
+from tests.support.spool import read_body
 
 MSG = b"From: a@example.org\r\nTo: user@example.com\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -84,7 +85,7 @@ async def test_accept_spools_then_replies_queued(cfg: Config) -> None:
         assert env.client.tls == ""
         assert env.next_attempt == env.received_at
         assert [e.id for e in h.accepted] == [queue_id]
-        body = h.spool.read_body(queue_id)
+        body = read_body(h.spool, queue_id)
         head, _, rest = body.partition(b"\r\nFrom: ")
         assert head.startswith(b"Received: from ")
         assert f"id {queue_id}; ".encode() in head
@@ -104,7 +105,7 @@ async def test_single_recipient_received_has_for_clause(cfg: Config) -> None:
         assert code == 250
         [env] = h.spooled()
         assert env.mail_from == ""  # the null reverse-path
-        head = h.spool.read_body(env.id).split(b"\r\nFrom: ")[0]
+        head = read_body(h.spool, env.id).split(b"\r\nFrom: ")[0]
         assert b"from client.test (localhost [127.0.0.1])" in head
         assert b"with ESMTP\r\n" in head
         assert b"\tfor <user@example.com>; " in head
@@ -133,7 +134,7 @@ async def test_helo_session_uses_smtp_keyword(cfg: Config) -> None:
             assert (await send_message(client, MSG))[0] == 250
         [env] = h.spooled()
         assert env.client.helo == "old.client"
-        assert b"with SMTP\r\n" in h.spool.read_body(env.id)
+        assert b"with SMTP\r\n" in read_body(h.spool, env.id)
 
 
 RCPT_CASES = [
@@ -309,7 +310,7 @@ async def test_smuggling_gives_at_most_one_message(cfg: Config, ending: bytes) -
             assert (await client.reply())[0] == 250
         spooled = h.spooled()
         assert len(spooled) <= 1
-        assert all(b"smuggled" not in h.spool.read_body(e.id) for e in spooled)
+        assert all(b"smuggled" not in read_body(h.spool, e.id) for e in spooled)
 
 
 @pytest.mark.parametrize(
@@ -383,7 +384,7 @@ async def test_smtputf8_addresses(cfg: Config) -> None:
         assert env.smtputf8
         assert env.mail_from == "发件人@example.org"
         assert env.recipients[0].address == "用户@example.com"
-        data = h.spool.read_body(env.id)
+        data = read_body(h.spool, env.id)
         assert b"with UTF8SMTP\r\n" in data
         assert "for <用户@example.com>".encode() in data
         assert data.endswith(body)

@@ -14,6 +14,7 @@ from relay.config import Config, QueueConfig
 from relay.spool import Spool
 from tests.support.fs import tmpfs
 from tests.support.inbound import RawClient, make_config, running_inbound
+from tests.support.spool import read_body
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\n" + b"x" * 900 + b"\r\n"
 
@@ -90,6 +91,6 @@ async def test_the_scheduler_is_handed_the_body_as_spooled(tmp_path: Path) -> No
         text = await send_one(h.port)
         assert text.startswith("250 2.0.0 Ok: queued as ")
         [env] = h.accepted
-        assert h.handed[env.id] == h.spool.read_body(env.id)
+        assert h.handed[env.id] == read_body(h.spool, env.id)
         assert h.handed[env.id].startswith(b"Received: ")
         assert h.handed[env.id].endswith(MSG)

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from relay.envelope import Envelope
-from relay.spool import IN_MEMORY_MAX, BodyWriter, GroupSync, Spool
+from relay.groupcommit import GroupSync
+from relay.spool import Spool
+from relay.spoolbody import IN_MEMORY_MAX, BodyWriter
 from tests.support.inbound import RawClient, make_config, running_inbound
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from relay import errors
 from relay.envelope import Envelope
-from relay.spool import BodyWriter, Spool
+from relay.spool import Spool
+from relay.spoolbody import BodyWriter
 from tests.support.inbound import RawClient, make_config, running_inbound
+from tests.support.spool import read_body
 
 
 class SlowSpool(Spool):
@@ -49,7 +51,7 @@ async def test_slow_data_longer_than_the_timeout_is_accepted(tmp_path: Path) -> 
             code, text = await client.reply()
         assert code == 250, text
         [env] = h.spooled()
-        assert h.spool.read_body(env.id).endswith(b"line 7\r\n")
+        assert read_body(h.spool, env.id).endswith(b"line 7\r\n")
 
 
 async def test_stalled_data_still_times_out(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from relay import app
 from relay.config import Config
 from tests.support.inbound import RawClient, make_config, running_inbound
 from tests.support.peers import require_swaks
+from tests.support.spool import read_body
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ async def test_swaks_starttls(tls_config: Config) -> None:
         assert "250 2.0.0 Ok: queued as" in out
         [env] = h.spooled()
         assert env.client.tls.startswith("TLSv1")
-        data = h.spool.read_body(env.id)
+        data = read_body(h.spool, env.id)
         assert b"with ESMTPS (using TLSv1" in data
 
 

@@ -15,6 +15,7 @@ from tests.support import configs
 from tests.support.integ import BODY, SENDER, InProcessRelay, closed_port, idle, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
+from tests.support.spool import read_body
 from tests.support.wait import until
 
 CORP = configs.rule("Corp", "@corp.test")
@@ -28,7 +29,7 @@ async def test_single_host_plain_delivers_the_spooled_bytes(tmp_path, dnsmasq):
         )
         async with InProcessRelay(tmp_path, toml) as relay:
             envelope = relay.put(SENDER, ["bob@corp.test", "carol@corp.test"])
-            spooled = relay.spool.read_body(envelope.id)
+            spooled = read_body(relay.spool, envelope.id)
             await until(lambda: sink.messages)
             await idle(relay)
             assert relay.spooled() == []

@@ -5,7 +5,8 @@ between the directory listing and the read is simply gone, never an error."""
 from __future__ import annotations
 
 from relay.envelope import Envelope, Recipient
-from relay.spool import Spool, new_id
+from relay.spool import Spool
+from relay.spoolfiles import new_id
 
 
 def _put(spool: Spool, address: str) -> Envelope:

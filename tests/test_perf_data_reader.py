@@ -11,6 +11,7 @@ from relay.config import Config
 from relay.content import longest_line, unstuff
 from relay.datareader import DATA_BLOCK
 from tests.support.inbound import Harness, RawClient, make_config, running_inbound
+from tests.support.spool import read_body
 
 HEAD = b"From: a@example.org\r\nTo: user@example.com\r\nSubject: hi\r\n\r\n"
 
@@ -31,7 +32,7 @@ async def transaction(h: Harness) -> RawClient:
 
 def stored_body(h: Harness) -> bytes:
     (env,) = h.spooled()
-    body = h.spool.read_body(env.id)
+    body = read_body(h.spool, env.id)
     # Our Received header comes first; the client's bytes follow it.
     return body[body.index(b"\r\n", body.index(b"Received:")) :].split(b"\r\n", 1)[1]
 

@@ -17,7 +17,7 @@ from relay import control
 from relay.audit import AuditLog, format_entry
 from relay.envelope import Envelope, Recipient
 from relay.errors import HostUnreachable
-from relay.queue import JITTER
+from relay.outcomes import JITTER
 from relay.spool import Spool
 from tests.support.queue import (
     TEMP,
@@ -28,6 +28,7 @@ from tests.support.queue import (
     settle,
     spool_message,
 )
+from tests.support.spool import update_envelope
 from tests.support.wait import until
 from tests.test_cli import relay
 from tests.test_config import RULE, SERVER, SINGLE
@@ -129,14 +130,14 @@ def test_envelopes_without_the_new_fields_load_and_new_ones_write_them_only_when
 def test_hold_and_release_move_every_file_and_load_all_skips_held(tmp_path: Path) -> None:
     spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com"])
-    assert spool.update(env)  # a .state next to the .msg
+    assert update_envelope(spool, env)  # a .state next to the .msg
     other = spool_message(spool, ["carol@example.com"])
-    assert spool.hold([env.id, "NOSUCH"]) == [env.id]
+    assert spool.hold.add([env.id, "NOSUCH"]) == [env.id]
     assert sorted(p.name for p in spool.hold_dir.iterdir()) == [f"{env.id}.msg", f"{env.id}.state"]
     assert [e.id for e in spool.load_all()] == [other.id]  # never scheduled
-    assert [e.id for e in spool.load_held()] == [env.id]
-    assert spool.is_held(env.id) and spool.held() == [env.id]
-    assert spool.release([env.id]) == [env.id]
+    assert [e.id for e in spool.hold.load_all()] == [env.id]
+    assert env.id in spool.hold and spool.hold.ids() == [env.id]
+    assert spool.hold.release([env.id]) == [env.id]
     assert sorted(e.id for e in spool.load_all()) == sorted([env.id, other.id])
     assert list(spool.hold_dir.iterdir()) == []
 
@@ -145,13 +146,13 @@ def test_start_finishes_a_hold_or_release_cut_short_as_held(tmp_path: Path) -> N
     spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com"])
     env.attempts = 3
-    assert spool.update(env)
+    assert update_envelope(spool, env)
     # The body moved, the crash came before the envelope followed.
     spool.hold_dir.mkdir()
     (spool.msg_dir / f"{env.id}.msg").rename(spool.hold_dir / f"{env.id}.msg")
     spool.open()
     assert list(spool.msg_dir.iterdir()) == []  # the state was not dropped as debris
-    assert spool.load(env.id, held=True).attempts == 3
+    assert spool.hold.load(env.id).attempts == 3
 
 
 # --- relay queue on the spool itself (no daemon) -----------------------------------------
@@ -181,14 +182,14 @@ def test_hold_and_release_all_without_a_daemon_report_progress_and_audit(
     assert f"hold: {count} message(s)" in held.stdout
     assert f"hold: {control.PROGRESS_EVERY}/{count} message(s)" in held.stderr
     assert f"hold: {count}/{count} message(s)" in held.stderr
-    assert list(spool.load_all()) == [] and len(spool.held()) == count
+    assert list(spool.load_all()) == [] and len(spool.hold.ids()) == count
     listed = relay("queue", "list", "--held", "--json", "--config", str(config))
     assert json.loads(listed.stdout)["total"] == count
 
     released = relay("queue", "release", "--all", "--config", str(config))
     assert released.returncode == 0, released.stderr
     envelopes = list(spool.load_all())
-    assert len(envelopes) == count and spool.held() == []
+    assert len(envelopes) == count and spool.hold.ids() == []
     assert all(e.next_attempt == 0.0 for e in envelopes)  # tried when a relay starts
 
     entries = [e for e in AuditLog(tmp_path / "audit.log").entries()]
@@ -217,12 +218,12 @@ def test_delete_one_without_yes_and_a_held_one(tmp_path: Path) -> None:
     kept = spool_message(spool, ["bob@example.com"])
     gone = spool_message(spool, ["carol@example.com"])
     held = spool_message(spool, ["dave@example.com"])
-    spool.hold([held.id])
+    spool.hold.add([held.id])
     done = relay("queue", "delete", gone.id, "--config", str(config))
     assert done.returncode == 0 and "deleted 1 message(s)" in done.stdout
     done = relay("queue", "delete", "--held", "--config", str(config))
     assert done.returncode == 0 and held.id in done.stdout
-    assert [e.id for e in spool.load_all()] == [kept.id] and spool.held() == []
+    assert [e.id for e in spool.load_all()] == [kept.id] and spool.hold.ids() == []
     missing = relay("queue", "delete", "NOSUCH", "--config", str(config))
     assert missing.returncode == 1 and "no message NOSUCH" in missing.stderr
 
@@ -274,7 +275,7 @@ async def test_the_daemon_side_refuses_ids_that_are_not_queue_ids(tmp_path: Path
     assert "letters and digits" in refused["error"]
     result = json.loads((folder / "R2.done").read_text())
     assert result == {"done": [env.id], "already": [], "missing": ["NOSUCH"]}
-    assert h.spool.held() == [env.id] and env.id not in h.scheduler
+    assert h.spool.hold.ids() == [env.id] and env.id not in h.scheduler
     assert not [p for p in folder.iterdir() if p.suffix in (".req", ".work")]
 
 

@@ -12,7 +12,10 @@ import pytest
 
 from relay.envelope import ClientInfo, Envelope, RcptState, Recipient
 from relay.errors import SpoolError
-from relay.spool import IN_MEMORY_MAX, GroupSync, Spool, new_id
+from relay.groupcommit import GroupSync
+from relay.spool import Spool
+from relay.spoolbody import IN_MEMORY_MAX
+from relay.spoolfiles import new_id
 from tests.support.queue import open_spool
 
 

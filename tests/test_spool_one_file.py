@@ -15,7 +15,9 @@ import dataclasses
 import pytest
 
 from relay.envelope import RcptState
-from relay.spool import ENVELOPE_LINE, BodyFile, Spool
+from relay.spool import Spool
+from relay.spoolbody import BodyFile
+from relay.spoolfiles import ENVELOPE_LINE
 from tests.support.queue import (
     BODY,
     harness,
@@ -25,17 +27,18 @@ from tests.support.queue import (
     settle,
     spool_message,
 )
+from tests.support.spool import body_path, read_body, update_envelope
 
 
 def test_a_message_is_one_file_with_its_envelope_first(tmp_path) -> None:
     spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     assert [p.name for p in spool.msg_dir.iterdir()] == [f"{env.id}.msg"]
-    raw = spool.body_path(env.id).read_bytes()
+    raw = body_path(spool, env.id).read_bytes()
     assert raw.startswith(ENVELOPE_LINE) and raw.endswith(BODY)
     assert raw.count(b"\n", 0, len(raw) - len(BODY)) == 1  # the envelope is one line
     assert spool.load(env.id) == dataclasses.replace(env, size=len(BODY))
-    assert spool.read_body(env.id) == BODY
+    assert read_body(spool, env.id) == BODY
     assert spool.open_body(env.id, 1 << 20) == BODY
 
 
@@ -53,11 +56,11 @@ def test_a_state_change_writes_the_json_which_wins(tmp_path) -> None:
     spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
-    assert spool.update(env)
+    assert update_envelope(spool, env)
     assert sorted(p.suffix for p in spool.msg_dir.iterdir()) == [".msg", ".state"]
     assert spool.load(env.id).recipients[0].state == RcptState.DELIVERED
     assert [e.recipients[0].state for e in spool.load_all()] == [RcptState.DELIVERED]
-    assert spool.read_body(env.id) == BODY
+    assert read_body(spool, env.id) == BODY
     assert spool.delete(env.id)
     assert list(spool.msg_dir.iterdir()) == []
     with pytest.raises(KeyError):
@@ -68,7 +71,7 @@ def test_a_state_change_writes_the_json_which_wins(tmp_path) -> None:
 def test_a_restart_keeps_one_file_messages_and_drops_bodies_without_envelopes(tmp_path) -> None:
     spool = open_spool(tmp_path)
     kept = spool_message(spool, ["bob@example.com"])
-    orphan = spool.body_path("ORPHAN")
+    orphan = body_path(spool, "ORPHAN")
     orphan.write_bytes(BODY)  # renamed into place, envelope never followed
     Spool(spool.path, fsync=False).open()
     assert [p.name for p in spool.msg_dir.iterdir()] == [f"{kept.id}.msg"]
@@ -81,9 +84,9 @@ async def test_a_delete_cut_short_leaves_nothing_that_is_delivered_again(tmp_pat
     h = harness(tmp_path)
     env = spool_message(h.spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
-    assert h.spool.update(env)
-    h.spool.body_path(env.id).unlink()  # the first half of a delete
-    assert h.spool.update(env) is False
+    assert update_envelope(h.spool, env)
+    body_path(h.spool, env.id).unlink()  # the first half of a delete
+    assert update_envelope(h.spool, env) is False
     async with running(h.scheduler):
         for stored in h.spool.load_all():
             h.scheduler.add(stored)
@@ -97,14 +100,14 @@ def test_an_unreadable_envelope_line_is_quarantined_with_the_body(tmp_path) -> N
     spool = open_spool(tmp_path)
     good = spool_message(spool, ["bob@example.com"])
     bad = spool_message(spool, ["carol@example.com"])
-    path = spool.body_path(bad.id)
+    path = body_path(spool, bad.id)
     path.write_bytes(ENVELOPE_LINE + b'{"id": trunc\n' + BODY)
     unreadable: list[str] = []
     assert [e.id for e in spool.load_all(unreadable=unreadable)] == [good.id]
     assert unreadable == [bad.id]
     assert (spool.corrupt_dir / f"{bad.id}.msg").read_bytes().endswith(BODY)
     Spool(spool.path, fsync=False).open()  # a restart deletes nothing of it
-    assert spool.quarantined() == [bad.id]
+    assert spool.quarantine.ids() == [bad.id]
 
 
 def test_a_spool_written_by_an_older_relay_still_loads_and_reads(tmp_path) -> None:
@@ -113,7 +116,7 @@ def test_a_spool_written_by_an_older_relay_still_loads_and_reads(tmp_path) -> No
     new = spool_message(spool, ["carol@example.com"])
     Spool(spool.path, fsync=False).open()
     assert sorted(e.id for e in spool.load_all()) == sorted([old.id, new.id])
-    assert spool.read_body(old.id) == BODY == spool.read_body(new.id)
+    assert read_body(spool, old.id) == BODY == read_body(spool, new.id)
     assert spool.open_body(old.id, 1 << 20) == BODY
     assert spool.delete(old.id) and spool.delete(new.id)
     assert list(spool.msg_dir.iterdir()) == []
@@ -126,7 +129,7 @@ def test_an_older_relay_neither_reads_nor_deletes_one_file_messages(tmp_path) ->
     spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
-    assert spool.update(env)
+    assert update_envelope(spool, env)
     spool_message(spool, ["dave@example.com"])
     assert not list(spool.msg_dir.glob("*.eml")) and not list(spool.msg_dir.glob("*.json"))
 
@@ -135,7 +138,7 @@ def test_a_state_left_by_a_delete_cut_short_is_removed_at_start_up(tmp_path) -> 
     spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com", "carol@example.com"])
     env.recipients[0].state = RcptState.DELIVERED
-    assert spool.update(env)
+    assert update_envelope(spool, env)
     (spool.msg_dir / f"{env.id}.msg").unlink()  # the first half of a delete
     assert list(spool.load_all()) == []
     Spool(spool.path, fsync=False).open()

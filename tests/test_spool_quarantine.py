@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from relay.spool import Spool
 from tests.support.queue import legacy_message, open_spool, spool_message
+from tests.support.spool import body_path, update_envelope
 
 
 def test_unreadable_envelope_is_set_aside_with_its_body_and_survives_a_restart(tmp_path) -> None:
@@ -16,7 +17,7 @@ def test_unreadable_envelope_is_set_aside_with_its_body_and_survives_a_restart(t
         f"{bad.id}.msg",
         f"{bad.id}.state",
     ]
-    assert spool.quarantined() == [bad.id]
+    assert spool.quarantine.ids() == [bad.id]
     Spool(spool.path, fsync=False).open()  # the next start
     assert b"\nFrom: Alice" in (spool.corrupt_dir / f"{bad.id}.msg").read_bytes()
     assert sorted(p.name for p in spool.msg_dir.iterdir()) == [f"{good.id}.msg"]
@@ -28,7 +29,7 @@ def test_start_keeps_the_body_of_an_envelope_set_aside_by_an_older_relay(tmp_pat
     meta = spool.msg_dir / f"{bad.id}.json"
     meta.rename(meta.with_suffix(".corrupt"))  # what relay did before corrupt/
     Spool(spool.path, fsync=False).open()
-    assert spool.quarantined() == [bad.id]
+    assert spool.quarantine.ids() == [bad.id]
     assert (spool.corrupt_dir / f"{bad.id}.eml").exists()
     assert (spool.corrupt_dir / f"{bad.id}.json").exists()
 
@@ -47,11 +48,11 @@ def test_read_only_listing_moves_nothing(tmp_path) -> None:
 def test_update_of_a_deleted_message_writes_nothing(tmp_path) -> None:
     spool = open_spool(tmp_path)
     env = spool_message(spool, ["bob@example.com"])
-    assert spool.update(env) is True
+    assert update_envelope(spool, env) is True
     assert spool.delete(env.id)
-    assert spool.update(env) is False
+    assert update_envelope(spool, env) is False
     assert list(spool.msg_dir.iterdir()) == []
     # Nor when only the body went (a delete interrupted half-way).
     env2 = spool_message(spool, ["bob@example.com"])
-    spool.body_path(env2.id).unlink()
-    assert spool.update(env2) is False
+    body_path(spool, env2.id).unlink()
+    assert update_envelope(spool, env2) is False

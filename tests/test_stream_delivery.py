@@ -15,7 +15,8 @@ import pytest
 
 from relay import errors
 from relay.session import SEND_CHUNK
-from relay.spool import IN_MEMORY_MAX, BodyFile, Spool
+from relay.spool import Spool
+from relay.spoolbody import IN_MEMORY_MAX, BodyFile
 from tests.support import configs
 from tests.support.delivery import (
     OPPORTUNISTIC,
@@ -32,6 +33,7 @@ from tests.support.inbound import RawClient, running_inbound
 from tests.support.inbound import make_config as inbound_config
 from tests.support.integ import InProcessRelay, dsn_parts, integration_toml
 from tests.support.sink import Sink
+from tests.support.spool import body_path
 from tests.support.stream import HEAD, DigestSink, big_body, stuff
 from tests.support.wait import until
 
@@ -242,7 +244,7 @@ async def test_relaying_a_large_message_takes_far_less_memory_than_its_size(tmp_
                     await client.send(view[at : at + (1 << 16)])  # type: ignore[arg-type]
                 assert (await client.reply(wait=30))[0] == 250
                 (env,) = h.accepted
-                with relay.spool.body_path(env.id).open("rb") as fh:
+                with body_path(relay.spool, env.id).open("rb") as fh:
                     head = fh.read(4096)
                 relay.scheduler.add(env)
                 await until(lambda: digests, within=30)

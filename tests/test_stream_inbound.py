@@ -15,6 +15,7 @@ from relay.intake import SPILL_THRESHOLD
 from relay.spool import Spool
 from tests.support.fs import tmpfs
 from tests.support.inbound import Harness, RawClient, make_config, running_inbound
+from tests.support.spool import read_body
 from tests.support.stream import (
     HEAD,
     CollectingSpill,
@@ -181,7 +182,7 @@ async def test_a_large_message_is_spooled_byte_exact(cfg: Config) -> None:
             code, text = await client.reply()
             assert code == 250, text
             assert (await client.cmd("NOOP"))[0] == 250
-        stored = h.spool.read_body(h.spooled()[0].id)
+        stored = read_body(h.spool, h.spooled()[0].id)
         assert stored.startswith(b"Received: from client.test")
         assert stored.endswith(body) and b"\r\n\r\n" not in stored[: stored.index(b"From: a@")]
         assert tmp_files(cfg.queue.path) == []
@@ -245,6 +246,6 @@ async def test_a_full_disk_mid_spill_is_452_and_loses_nothing(tmp_path: Path) ->
                 assert (await client.reply())[0] == 250
             spooled = h.spooled()
             assert len(spooled) == 2 and h.rejected("disk_full") == 1
-            ends = sorted(h.spool.read_body(e.id)[-7:] for e in spooled)
+            ends = sorted(read_body(h.spool, e.id)[-7:] for e in spooled)
             assert ends == [b"first\r\n", b"third\r\n"]
             assert tmp_files(cfg.queue.path) == []

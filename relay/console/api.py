@@ -25,7 +25,7 @@ from relay.configload import ConfigError
 from relay.console import SERVICES, Services, configfile, health
 from relay.console.auth import Session, client_of
 
-#: A queue id (relay.spool.new_id): ids become file names, so nothing else passes.
+#: A queue id (relay.spoolfiles.new_id): ids become file names, so nothing else passes.
 _QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
 
 SAVE_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("save_lock", asyncio.Lock)
@@ -143,7 +143,7 @@ def status_view(services: Services) -> dict[str, Any]:
         "version": relay.version(),
         "uptime_seconds": round(time.time() - services.started),
         "config": services.config().shown_source,
-        "queue": {"scheduled": len(services.scheduler), "held": len(services.spool.held())},
+        "queue": {"scheduled": len(services.scheduler), "held": len(services.spool.hold.ids())},
         "messages_received": received,
         "recipients": recipients,
         "hosts": [
@@ -183,26 +183,26 @@ def queue_view(services: Services, query: Any) -> dict[str, Any]:
     return {
         "messages": [queuecli._entry_json(cfg, e, now) for e in entries],
         "total": len(entries),
-        "corrupt": sorted(set(services.spool.quarantined()) | set(unreadable)),
+        "corrupt": sorted(set(services.spool.quarantine.ids()) | set(unreadable)),
     }
 
 
 def message_view(services: Services, qid: str) -> dict[str, Any] | None:
     """One message's envelope and its header section only (``relay queue show``)."""
     from relay import queuecli
-    from relay.spool import IN_MEMORY_MAX, BodyFile
+    from relay.spoolbody import IN_MEMORY_MAX, BodyFile
 
     spool, cfg = services.spool, services.config()
     if not _QUEUE_ID.fullmatch(qid):
         return None  # ids become file names: nothing else reaches the spool
-    held = spool.is_held(qid)
+    held = qid in spool.hold
     try:
-        env = spool.load(qid, held=held)
+        env = (spool.hold if held else spool).load(qid)
     except (KeyError, ValueError, TypeError):
         return None
     entry = queuecli._entry_json(cfg, queuecli.Entry(env, held), time.time())
     try:
-        opened = spool.open_body(env.id, IN_MEMORY_MAX, held=held)
+        opened = (spool.hold if held else spool).open_body(env.id, IN_MEMORY_MAX)
         if isinstance(opened, BodyFile):
             with opened:
                 body = opened.head(IN_MEMORY_MAX)
@@ -441,7 +441,7 @@ def _delete(services: Services, ids: list[str]) -> dict[str, list[str]]:
     done: list[str] = []
     missing: list[str] = []
     for qid in ids:
-        gone = spool.delete_held(qid) if spool.is_held(qid) else spool.delete(qid)
+        gone = spool.hold.delete(qid) if qid in spool.hold else spool.delete(qid)
         (done if gone else missing).append(qid)
     return {"done": done, "missing": missing}
 

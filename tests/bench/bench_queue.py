@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from relay.envelope import ClientInfo, Envelope, Recipient  # noqa: E402
 from relay.metrics import Metrics  # noqa: E402
 from relay.queue import Scheduler  # noqa: E402
-from relay.spool import Spool, new_id  # noqa: E402
+from relay.spool import Spool  # noqa: E402
+from relay.spoolfiles import new_id  # noqa: E402
 from tests.support.queue import FakeDeliverer, make_config  # noqa: E402
 
 

@@ -29,7 +29,8 @@ from relay.dns import DnsResolver  # noqa: E402
 from relay.envelope import Envelope, Recipient  # noqa: E402
 from relay.metrics import Metrics  # noqa: E402
 from relay.queue import Scheduler  # noqa: E402
-from relay.spool import Spool, new_id  # noqa: E402
+from relay.spool import Spool  # noqa: E402
+from relay.spoolfiles import new_id  # noqa: E402
 from tests.support.hosts import SickHost, closed_port  # noqa: E402
 from tests.support.sink import Sink  # noqa: E402
 

@@ -34,9 +34,10 @@ import pytest
 from relay import app, configload
 from relay.config import Config
 from relay.envelope import ClientInfo, Envelope, Recipient
-from relay.spool import new_id
+from relay.spoolfiles import new_id
 from tests.support.configs import relay_toml
 from tests.support.dnsserver import DnsmasqFactory, DnsServer, dnsmasq_servers
+from tests.support.queue import busy
 from tests.support.sink import Sink
 from tests.support.wait import until
 
@@ -241,7 +242,7 @@ class InProcessRelay:
 
 async def idle(relay: InProcessRelay, within: float = 10.0) -> None:
     """Until nothing runs and nothing is due in the scheduler."""
-    await until(lambda: not relay.scheduler.busy, within, what="the relay idle")
+    await until(lambda: not busy(relay.scheduler), within, what="the relay idle")
 
 
 # --- fixtures (tests/conftest.py loads this module as a plugin) ---------------

@@ -21,12 +21,15 @@ from relay.config import (
     Rule,
     ServerConfig,
 )
+from relay.cycle import Deliverer
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.metrics import Metrics
-from relay.queue import Deliverer, Scheduler
+from relay.queue import Scheduler
 from relay.routing import Candidate
-from relay.spool import Spool, new_id
+from relay.spool import Spool
+from relay.spoolfiles import new_id
+from tests.support.spool import body_path
 from tests.support.wait import until
 
 OK = Reply(250, (2, 0, 0), "Ok: queued")
@@ -197,7 +200,7 @@ def legacy_message(
         received_at=1_800_000_000.0,
         size=len(body),
     )
-    spool.body_path(envelope.id).write_bytes(body)
+    body_path(spool, envelope.id).write_bytes(body)
     (spool.msg_dir / f"{envelope.id}.json").write_bytes(envelope.dumps())
     return envelope
 
@@ -258,4 +261,10 @@ async def running(scheduler: Scheduler, grace: float = 1.0) -> AsyncIterator[Sch
 
 async def settle(scheduler: Scheduler, within: float = 5.0) -> None:
     """Wait until nothing runs and nothing is due (the clock does not move by itself)."""
-    await until(lambda: not scheduler.busy, within, what="the scheduler idle")
+    await until(lambda: not busy(scheduler), within, what="the scheduler idle")
+
+
+def busy(scheduler: Scheduler) -> bool:
+    """True while an attempt runs or a message is due now."""
+    running = len(scheduler) - len(scheduler.due)  # len() counts queued and running
+    return running > 0 or scheduler.due.due_now()
