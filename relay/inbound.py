@@ -246,12 +246,8 @@ class _Connection(SMTP):
         super()._cb_client_connected(reader, writer)
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
-        """aiosmtpd's parameter split, without the MAIL parameters relay reads
-        itself (relay.mailparams), which aiosmtpd would refuse with 555.
-
-        Only for MAIL: aiosmtpd refuses a nested MAIL before this, so
-        during MAIL there is no sender yet and during RCPT there is one.
-        """
+        """aiosmtpd's split, less relay.mailparams's MAIL parameters (else 555).
+        Only at MAIL: aiosmtpd refuses a nested MAIL first, so a sender is set at RCPT."""
         result: dict[str, str | bool] | None = super()._getparams(params)
         if result is not None and self.envelope is not None and not self.envelope.mail_from:
             for name in MAIL_PARAMETERS:
