@@ -48,7 +48,10 @@ class MessageCheck:
     is :func:`check_message`.
     """
 
-    __slots__ = ("max_received", "nul", "bare", "bad_header", "received", "in_header", "lines")
+    __slots__ = (
+        "max_received", "nul", "bare", "bad_header", "received", "in_header", "lines",
+        "tls_optional",
+    )  # fmt: skip
 
     def __init__(self, max_received: int = MAX_RECEIVED) -> None:
         self.max_received = max_received
@@ -57,6 +60,8 @@ class MessageCheck:
         self.in_header = True
         #: Header lines seen so far (only whether it is 0 matters).
         self.lines = 0
+        #: A ``TLS-Required: No`` header field (RFC 8689 section 3) was seen.
+        self.tls_optional = False
 
     def feed(self, content: bytes) -> None:
         if b"\x00" in content:
@@ -88,12 +93,15 @@ class MessageCheck:
                     self.bad_header = True
                     return
                 continue
-            name, colon, _ = line.partition(b":")
+            name, colon, value = line.partition(b":")
             if not colon or not _valid_field_name(name):
                 self.bad_header = True
                 return
             if name.lower() == b"received":
                 self.received += 1
+            elif name.lower() == b"tls-required" and value.strip().lower() == b"no":
+                # "No" is the field's one value (RFC 8689 section 3).
+                self.tls_optional = True
 
     def result(self) -> tuple[Reply, str] | None:
         """Why the message must be refused (reply, metric reason), or None."""

@@ -124,6 +124,12 @@ class Envelope:
     #: The sender was sent its one delay warning (``[bounces] delay_warning``);
     #: kept so a restart does not send it again.
     delay_warned: bool = False
+    #: MAIL FROM carried REQUIRETLS (RFC 8689): every next hop must take it
+    #: over verified TLS and offer REQUIRETLS itself, or it bounces.
+    requiretls: bool = False
+    #: The message has ``TLS-Required: No`` (RFC 8689 section 5) and no
+    #: REQUIRETLS: it goes out even where the route's TLS policy fails.
+    tls_optional: bool = False
 
     @property
     def pending(self) -> list[Recipient]:
@@ -151,6 +157,10 @@ class Envelope:
             data["backoff_from"] = self.backoff_from  # only when set, as last_cause
         if self.delay_warned:
             data["delay_warned"] = True
+        if self.requiretls:
+            data["requiretls"] = True  # only when set, as last_cause
+        if self.tls_optional:
+            data["tls_optional"] = True
         return data
 
     def dumps(self) -> bytes:
@@ -176,6 +186,8 @@ class Envelope:
             is_bounce=bool(data.get("is_bounce", False)),
             backoff_from=int(data.get("backoff_from", 0)),
             delay_warned=bool(data.get("delay_warned", False)),
+            requiretls=bool(data.get("requiretls", False)),
+            tls_optional=bool(data.get("tls_optional", False)),
         )
 
     @classmethod

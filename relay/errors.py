@@ -24,6 +24,7 @@ The failure classes, each carrying the Reply a client or a DSN sees::
     │   ├── NoRoute                 no MX and no address record
     │   └── RemotePermanent         the next hop's own 5xx, verbatim
     ├── TlsPolicyFailure            one host failed the route's TLS policy (a TlsFailure)
+    │   └── RequireTlsUnsupported   a REQUIRETLS message's next hop cannot take it (RFC 8689)
     └── SpoolError                  the spool could not store or update a message
         └── SpoolFull               no space left on the spool's file system
 
@@ -138,6 +139,14 @@ SPOOL_FAILED = Reply(451, (4, 3, 0), "Temporary local problem, please try again 
 DISK_FULL = Reply(452, (4, 3, 1), "Insufficient system storage")
 INTERNAL_ERROR = Reply(451, (4, 3, 0), "Temporary local problem, please try again later")
 SHUTTING_DOWN = Reply(421, (4, 3, 2), "Service shutting down, try again later")
+# RFC 8689 section 2: MAIL FROM REQUIRETLS only on a TLS session; 5.7.10
+# "encryption needed" (RFC 5248 registry), as 530 to a command needing TLS.
+REQUIRETLS_NEEDS_TLS = Reply(530, (5, 7, 10), "REQUIRETLS needs a TLS session: STARTTLS first")
+# RFC 8689 section 5 (and its 5.7.30 registration): no next hop could take it.
+REQUIRETLS_UNSUPPORTED = Reply(
+    550, (5, 7, 30), "REQUIRETLS support required: the next hop cannot take the message over TLS"
+)
+UNKNOWN_PARAMETER = Reply(555, (5, 5, 4), "MAIL FROM/RCPT TO parameter not recognized")
 # RFC 6531 section 3.4: a non-ASCII address cannot go to a next hop without SMTPUTF8.
 SMTPUTF8_UNSUPPORTED = Reply(
     550, (5, 6, 7), "Next hop does not support SMTPUTF8, required by a non-ASCII address"
@@ -365,6 +374,16 @@ class TlsPolicyFailure(RelayError):
         option = TLS_FAILURE_OPTION[reason]
         text = f"TLS required by route ({option}): {TLS_FAILURE_TEXT[reason]}"
         super().__init__(detail or text, Reply(550, status, text))
+
+
+class RequireTlsUnsupported(TlsPolicyFailure):
+    """A REQUIRETLS message (RFC 8689) at a host without STARTTLS, or that did
+    not offer REQUIRETLS after it: 5.7.30. A TLS-policy failure, so the next
+    candidate is tried and the route's ``on_tls_failure`` decides at the end."""
+
+    def __init__(self, reason: TlsFailure, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reply = REQUIRETLS_UNSUPPORTED
 
 
 class SpoolError(RelayError):

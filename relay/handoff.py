@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from relay import errors, health
+from relay import errors, events, health
 from relay.attempt import HostResult, RecipientResults, host_label
 from relay.config import Config, Route
 from relay.envelope import Envelope
@@ -50,7 +50,10 @@ class Handoff:
         waits at most one connect timeout behind a host that is down.
         """
         cfg = self._config()
-        next_hop = Hop.of(route, candidate, ip)
+        next_hop = Hop.of(route, candidate, ip, envelope)
+        if envelope.tls_optional and next_hop.policy != route.tls:
+            # RFC 8689 section 4.2.2: the sender waived the route's TLS checks.
+            events.log("tls_required_no", id=envelope.id, route=route.name, host=candidate.host)
         where = f"{candidate.host} [{ip}]"
         session: Session | None = None
         reused = False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay import tls
 from relay.config import Route, RouteAuth, TlsPolicy
+from relay.envelope import Envelope
 from relay.routing import Candidate
 
 
@@ -20,8 +22,18 @@ class Hop:
     #: The route's AUTH credentials: part of the hop, so that a pooled session
     #: is reused only by a route that authenticates (or not) the same way.
     auth: RouteAuth | None = None
+    #: The message asks REQUIRETLS (RFC 8689): ``policy`` is strict and the
+    #: host must offer REQUIRETLS after STARTTLS (relay.session).
+    requiretls: bool = False
 
     @classmethod
-    def of(cls, route: Route, candidate: Candidate, ip: str) -> Hop:
-        """The hop delivery uses for ``candidate`` at ``ip`` under ``route``."""
-        return cls(ip, candidate.port, route.tls, candidate.host.strip("[]"), route.auth)
+    def of(
+        cls, route: Route, candidate: Candidate, ip: str, envelope: Envelope | None = None
+    ) -> Hop:
+        """The hop delivery uses for ``candidate`` at ``ip`` under ``route``
+        (for ``envelope``, whose REQUIRETLS or TLS-Required can change the policy)."""
+        requiretls = envelope is not None and envelope.requiretls
+        tls_optional = envelope is not None and envelope.tls_optional
+        policy = tls.message_policy(route.tls, requiretls, tls_optional)
+        name = candidate.host.strip("[]")
+        return cls(ip, candidate.port, policy, name, route.auth, requiretls)

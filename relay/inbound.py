@@ -42,6 +42,7 @@ from relay.envelope import Envelope
 from relay.errors import Reply
 from relay.intake import Intake, SpoolSpill, Transaction
 from relay.listeners import Listeners, address_texts
+from relay.mailparams import MAIL_PARAMETERS, ParameterRefused, mail_extensions, parse_mail
 from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
 from relay.relaying import may_relay, recipient_reply
 from relay.spool import Spool
@@ -56,6 +57,8 @@ PRIVATE_MEMBERS = (
     ("aiosmtpd.smtp", "SMTP._cb_client_connected"),
     # Overridden: the strict RFC 5321 path grammar instead of RFC 5322's.
     ("aiosmtpd.smtp", "SMTP._getaddr"),
+    # Overridden: lets relay.mailparams's MAIL parameters past aiosmtpd's 555.
+    ("aiosmtpd.smtp", "SMTP._getparams"),
     # Overridden: 421 before closing an idle session.
     ("aiosmtpd.smtp", "SMTP._timeout_cb"),
     # Called: restart the idle timer (per DATA block, after the spool write).
@@ -241,6 +244,15 @@ class _Connection(SMTP):
         reader.on_data_line = self._data_line
         reader.on_command = self._command_read
         super()._cb_client_connected(reader, writer)
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's split, less relay.mailparams's MAIL parameters (else 555).
+        Only at MAIL: aiosmtpd refuses a nested MAIL first, so a sender is set at RCPT."""
+        result: dict[str, str | bool] | None = super()._getparams(params)
+        if result is not None and self.envelope is not None and not self.envelope.mail_from:
+            for name in MAIL_PARAMETERS:
+                result.pop(name, None)
+        return result
 
     def _command_read(self) -> None:
         self.waiting_since = None
@@ -435,6 +447,8 @@ def transaction(server: SMTP, session: Session, envelope: SmtpEnvelope) -> Trans
         recipients=tuple(envelope.rcpt_tos),
         smtputf8=envelope.smtp_utf8,
         body_8bit="BODY=8BITMIME" in envelope.mail_options,
+        # The options handle_MAIL accepted, read again.
+        params=parse_mail(envelope.mail_options, tls=bool(ssl_info)),
     )
 
 
@@ -474,7 +488,9 @@ class _Handler:
         session.host_name = hostname
         # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8 and STARTTLS (when a
         # context is set); drop its AUTH line, we offer no authentication.
-        return [line for line in responses if not line[4:].startswith("AUTH")]
+        lines = [line for line in responses if not line[4:].startswith("AUTH")]
+        ours = [f"250-{keyword}" for keyword in mail_extensions(bool(session.ssl))]
+        return lines[:-1] + ours + lines[-1:]
 
     async def handle_MAIL(
         self,
@@ -492,6 +508,11 @@ class _Handler:
             # RFC 6531 section 3.4: non-ASCII addresses need SMTPUTF8.
             self.inbound.rejected("bad_address", session, "MAIL")
             return str(errors.NON_ASCII_ADDRESS)
+        try:
+            parse_mail(mail_options, tls=bool(session.ssl))
+        except ParameterRefused as exc:
+            self.inbound.rejected("bad_syntax", session, "MAIL", reply=exc.reply)
+            return str(exc.reply)
         # With a hook, aiosmtpd leaves recording the sender to us.
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)

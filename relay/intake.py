@@ -16,9 +16,10 @@ from typing import Any, Protocol
 from relay import errors, events
 from relay.addresses import client_address
 from relay.admission import MemoryBudget
-from relay.content import MessageCheck, check_message, protocol_keyword, received_header, unstuff
+from relay.content import MessageCheck, protocol_keyword, received_header, unstuff
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
+from relay.mailparams import MailParameters
 from relay.metrics import Metrics
 from relay.spool import Spool
 from relay.spoolbody import IN_MEMORY_MAX, BodyWriter
@@ -50,6 +51,8 @@ class Transaction:
     recipients: tuple[str, ...]
     smtputf8: bool
     body_8bit: bool
+    #: The MAIL FROM parameters relay implements (relay.mailparams).
+    params: MailParameters = MailParameters()
 
 
 class Reject(Protocol):
@@ -164,7 +167,10 @@ class Intake:
         ``spill``'s temp file (checked piece by piece, with the Received
         header :meth:`begin` made).
         """
-        problem = check_message(content) if spill is None else spill.check.result()
+        check = spill.check if spill is not None else MessageCheck()
+        if spill is None:
+            check.feed(content)
+        problem = check.result()
         if problem is not None:
             reject(problem[1], reply=problem[0])
             return problem[0]
@@ -178,6 +184,8 @@ class Intake:
             if spill.failure is not None:
                 # The disk filled (or failed) during the DATA.
                 return self._not_spooled(env, spill.failure, reject)
+        # RFC 8689 section 4.1: REQUIRETLS outranks a TLS-Required: No header.
+        env.tls_optional = check.tls_optional and not env.requiretls
         write = self._spool(env, header, content, spill.writer if spill is not None else None)
         try:
             await asyncio.shield(write)
@@ -292,4 +300,5 @@ class Intake:
             next_attempt=now,
             smtputf8=tx.smtputf8,
             body_8bit=tx.body_8bit,
+            requiretls=tx.params.requiretls,
         )

@@ -190,4 +190,7 @@ def _report(envelope: Envelope, to: Sequence[str], now: float, smtputf8: bool) -
         next_attempt=now,
         smtputf8=smtputf8,
         is_bounce=True,
+        # RFC 8689 section 5: a report on a REQUIRETLS message quotes its
+        # headers (never the body: build_dsn) and goes with REQUIRETLS too.
+        requiretls=envelope.requiretls,
     )

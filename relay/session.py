@@ -253,6 +253,8 @@ async def start_tls(
     """
     smtp = session.smtp
     if not smtp.supports_extension("starttls"):
+        if session.hop.requiretls:
+            raise errors.RequireTlsUnsupported(TlsFailure.NO_STARTTLS, "no STARTTLS")
         if tls.enforces(policy, TlsCheck.TLS):
             raise TlsPolicyFailure(TlsFailure.NO_STARTTLS)
         return
@@ -279,6 +281,9 @@ async def start_tls(
     required = tls.enforces(policy, TlsCheck.TLS)
     with map_handshake_errors() if required else map_smtp_errors():
         await _hello(smtp)
+    if session.hop.requiretls and not smtp.supports_extension("requiretls"):
+        # RFC 8689 section 4.2.1: relay never delivers finally; every next hop must offer it.
+        raise errors.RequireTlsUnsupported(TlsFailure.HANDSHAKE, "no REQUIRETLS after STARTTLS")
     session.tls_version = _transport_info(smtp, "ssl_object", lambda o: o.version())
     session.cipher = _transport_info(smtp, "cipher", lambda c: c[0])
     session.verified = tls.enforces(policy, TlsCheck.CA_SIGNED)
@@ -520,6 +525,8 @@ def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, size: int) -> list[
         elif not _ascii_envelope(envelope):
             # RFC 6531 section 3.4: a non-ASCII address cannot be downgraded.
             raise errors.PermanentFailure("next hop lacks SMTPUTF8", errors.SMTPUTF8_UNSUPPORTED)
+    if envelope.requiretls:
+        options.append("REQUIRETLS")  # RFC 8689 section 2; the hop offered it (start_tls)
     return options
 
 

@@ -43,6 +43,28 @@ def enforces(policy: TlsPolicy, check: TlsCheck) -> bool:
     return required[check]
 
 
+#: The policy of a REQUIRETLS message (RFC 8689 section 4.2.1): TLS, a
+#: chain to a trusted CA, the name delivered to, whatever the route says.
+REQUIRETLS_POLICY = TlsPolicy(require_tls=True, require_ca_signed=True, validate_hostname=True)
+#: The policy of a ``TLS-Required: No`` message (RFC 8689 section 4.2.2):
+#: STARTTLS when offered, as opportunistic TLS; nothing required.
+TLS_OPTIONAL_POLICY = TlsPolicy(require_tls=False, require_ca_signed=False, validate_hostname=False)
+
+
+def message_policy(route: TlsPolicy, requiretls: bool, tls_optional: bool) -> TlsPolicy:
+    """The TLS policy one message's hops follow under a route's ``route`` policy.
+
+    REQUIRETLS makes it strict; ``TLS-Required: No`` (never together with
+    REQUIRETLS: relay.intake) makes it opportunistic, since the sender
+    asked that its message go even where the route's checks fail.
+    """
+    if requiretls:
+        return REQUIRETLS_POLICY
+    if tls_optional:
+        return TLS_OPTIONAL_POLICY
+    return route
+
+
 def policy_failures(
     policy: TlsPolicy, findings: Iterable[tuple[TlsCheck, TlsFailure]]
 ) -> tuple[TlsFailure, ...]:

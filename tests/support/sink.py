@@ -33,6 +33,8 @@ lines), ``sessions_tls`` (TLS version at each MAIL, None if plaintext).
 session replacement). ``pipelining=True`` offers PIPELINING (RFC 2920);
 ``grouped`` then lists the commands that arrived with the next command
 already waiting behind them (sent as one group, not in lock-step).
+``requiretls=True`` offers REQUIRETLS (RFC 8689) after STARTTLS and takes
+it on MAIL FROM (recorded in ``mail_options``).
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ class _SinkSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.sink._open.discard(self)
         super().connection_lost(error)
+
+    def _getparams(self, params: Any) -> Any:
+        result = super()._getparams(params)
+        if result is not None and self.sink.requiretls:
+            result.pop("REQUIRETLS", None)
+        return result
 
     def tls_version(self) -> str | None:
         obj = self.transport.get_extra_info("ssl_object") if self.transport else None
@@ -190,6 +198,7 @@ class Sink:
         smtputf8: bool = True,
         pipelining: bool = False,
         port: int = 0,
+        requiretls: bool = False,
     ) -> None:
         #: STARTTLS is offered exactly when a context is given.
         self.tls_context = tls_context
@@ -199,6 +208,7 @@ class Sink:
         self.hostname = hostname
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
+        self.requiretls = requiretls
         self.grouped: list[str] = []
         self.messages: list[Received] = []
         self.lines: list[str] = []
@@ -261,6 +271,8 @@ class Sink:
         session.host_name = hostname
         if self.pipelining:
             responses.insert(1, "250-PIPELINING")
+        if self.requiretls and session.ssl:
+            responses.insert(-1, "250-REQUIRETLS")
         return responses
 
     async def handle_DATA(self, server: _SinkSMTP, session: Session, envelope: Envelope) -> str:
