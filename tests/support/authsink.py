@@ -7,14 +7,13 @@ the session is encrypted, ``auth_required`` refuses MAIL before AUTH); the
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tests.support.sink import Sink, _SinkSMTP
+from tests.support.sink import Sink
 
 
 class AuthSink(Sink):
@@ -26,20 +25,12 @@ class AuthSink(Sink):
         #: (mechanism, login, accepted) of every AUTH the sink saw.
         self.auths: list[tuple[str, bytes, bool]] = []
 
-    def _factory(self) -> _SinkSMTP:
-        self.connections += 1
-        return _SinkSMTP(
-            self,
-            self.connections,
-            hostname=self.hostname,
-            tls_context=self.tls_context,
-            enable_SMTPUTF8=self.smtputf8,
-            timeout=30,
-            loop=asyncio.get_running_loop(),
-            authenticator=self._authenticate,
-            auth_required=True,
-            auth_require_tls=True,
-        )
+    def _smtp_options(self) -> dict[str, Any]:
+        return {
+            "authenticator": self._authenticate,
+            "auth_required": True,
+            "auth_require_tls": True,
+        }
 
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any

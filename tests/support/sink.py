@@ -229,7 +229,12 @@ class Sink:
             enable_SMTPUTF8=self.smtputf8,
             timeout=30,
             loop=asyncio.get_running_loop(),
+            **self._smtp_options(),
         )
+
+    def _smtp_options(self) -> dict[str, Any]:
+        """More keyword arguments for aiosmtpd's SMTP (a subclass adds AUTH, say)."""
+        return {}
 
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
