@@ -22,6 +22,7 @@ from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.expiry import ExpiryWatch
 from relay.metrics import Metrics
+from relay.mtasts import TESTING, would_fail
 from relay.routing import Candidate
 
 
@@ -206,6 +207,10 @@ class AttemptRecorder:
         if isinstance(failure, TlsPolicyFailure):
             self._metrics.tls_failures.labels(route.name, label, failure.reason.value).inc()
         self._metrics.delivery_attempts.labels(route.name, label, outcome).inc()
+        if cand.sts == TESTING and result.starttls_offered is not None and not result.tls_version:
+            # RFC 8461 section 4.2 wants TLS at every MX: enforce would refuse
+            # a session that went on without it.
+            would_fail(self._metrics, route, cand.via_mx or "", cand.host, "starttls-not-supported")
         if result.not_after is not None:
             self._expiry.record(route.name, label, cand.host.strip("[]"), result.not_after)
         reply = result.reply or (failure.reply if failure else None)

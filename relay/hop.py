@@ -23,5 +23,10 @@ class Hop:
 
     @classmethod
     def of(cls, route: Route, candidate: Candidate, ip: str) -> Hop:
-        """The hop delivery uses for ``candidate`` at ``ip`` under ``route``."""
-        return cls(ip, candidate.port, route.tls, candidate.host.strip("[]"), route.auth)
+        """The hop delivery uses for ``candidate`` at ``ip`` under ``route``.
+
+        The candidate's own TLS policy (an MTA-STS ``enforce`` policy's)
+        replaces the route's: relay.tls.enforces then decides as ever.
+        """
+        policy = candidate.tls or route.tls
+        return cls(ip, candidate.port, policy, candidate.host.strip("[]"), route.auth)

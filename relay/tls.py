@@ -91,6 +91,17 @@ def client_context(policy: TlsPolicy, ca_file: Path | None = None) -> ssl.SSLCon
     return context
 
 
+@functools.lru_cache(maxsize=4)
+def web_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """The context for HTTPS fetches (MTA-STS policies, RFC 8461 section 3.3):
+    the system store plus ``[tls] ca_file``, names checked (RFC 6125)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
 def classify(exc: BaseException) -> TlsFailure:
     """Which check of the TLS policy ``exc`` (raised by a handshake) failed."""
     if isinstance(exc, ssl.SSLCertVerificationError):
