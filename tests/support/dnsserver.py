@@ -167,8 +167,9 @@ def dnsmasq_arguments(
         args.append(f"--ptr-record={reverse},{name}")
     for name, texts in (txt or {}).items():
         for text in texts:
-            # dnsmasq's own quoting: a quoted string is one TXT record.
-            args.append(f'--txt-record={name},"{text}"')
+            # On the command line quotes are kept literally; a comma would
+            # split the text into character-strings (joined again by readers).
+            args.append(f"--txt-record={name},{text}")
     for domain, records in mx.items():
         for preference, exchange in records:
             args.append(f"--mx-host={domain},{exchange},{preference}")
