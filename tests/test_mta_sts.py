@@ -17,8 +17,14 @@ from aiohttp import web
 from relay import configdiff, configload, mtasts
 from relay.config import Route
 from tests.support import configs
-from tests.support.integ import SENDER, InProcessRelay, idle, integration_toml, sinks_on_one_port
-from tests.support.integ import LoopbackSink
+from tests.support.integ import (
+    SENDER,
+    InProcessRelay,
+    LoopbackSink,
+    idle,
+    integration_toml,
+    sinks_on_one_port,
+)
 from tests.support.pki import Pki
 from tests.support.wait import until
 
