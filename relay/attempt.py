@@ -226,6 +226,8 @@ class AttemptRecorder:
             "result": outcome,
             "reply": str(reply) if reply else "-",
         }
+        if cand.sts:
+            fields["mta_sts"] = cand.sts
         if failure is not None and failure.detail != (reply.text if reply else ""):
             fields["detail"] = failure.detail
         if isinstance(failure, TlsPolicyFailure):

@@ -58,6 +58,8 @@ MAX_POLICY_BYTES = 64 * 1024
 MAX_AGE_LIMIT = 31_557_600
 #: Seconds for the whole policy fetch (connect, TLS, body).
 FETCH_TIMEOUT = 10.0
+#: Policies kept in memory (the implicit route meets domains without bound).
+MEMORY_POLICIES = 10_000
 
 #: What an ``enforce`` policy requires of every MX host (RFC 8461 section 4.2):
 #: TLS, a certificate chain to a trusted root, and a name matching the MX host.
@@ -277,7 +279,7 @@ class MtaSts:
         self._clock = clock
         self._memory: dict[str, Policy] = {}
         # One lookup per domain at a time: a burst to one domain fetches once.
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, asyncio.Future[Policy | None]] = {}
 
     def _cache(self) -> PolicyCache:
         return PolicyCache(self._config().queue.path / "mta-sts")
@@ -290,9 +292,13 @@ class MtaSts:
         """
         if not isinstance(resolver, TxtResolver) or ip_literal(domain) is not None:
             return None
-        lock = self._locks.setdefault(domain, asyncio.Lock())
-        async with lock:
-            return await self._policy(route, domain, resolver)
+        pending = self._pending.get(domain)
+        if pending is None:
+            pending = asyncio.ensure_future(self._policy(route, domain, resolver))
+            self._pending[domain] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(domain, None))
+        # Shielded: one waiter cancelled (shutdown) does not cancel the others' lookup.
+        return await asyncio.shield(pending)
 
     async def _policy(self, route: Route, domain: str, resolver: TxtResolver) -> Policy | None:
         now = self._clock()
@@ -323,6 +329,9 @@ class MtaSts:
             self._failed(route, domain, INVALID, f"mta-sts.{domain} policy: {exc}", valid)
             return valid
         self._memory[domain] = fetched
+        while len(self._memory) > MEMORY_POLICIES:
+            # The oldest fetch goes first; the spool file still has it.
+            del self._memory[next(iter(self._memory))]
         try:
             self._cache().save(fetched)
         except OSError as exc:
