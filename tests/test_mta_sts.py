@@ -25,6 +25,7 @@ from tests.support.integ import (
     integration_toml,
     sinks_on_one_port,
 )
+from tests.support.logs import captured, fields_of
 from tests.support.pki import Pki
 from tests.support.wait import until
 
@@ -192,19 +193,26 @@ async def test_enforce_refuses_a_certificate_for_another_name(
 ):
     policy_server.text = policy_text("enforce", "mx1.corp.test")
     [sink] = await sinks_on_one_port(["127.0.0.2"], tls_context=pki.server_context("other.test"))
-    try:
-        server = dnsmasq(**dns_records())
-        toml = relay_toml(tmp_path, server, sink.port, pki)
-        async with InProcessRelay(tmp_path, toml) as relay:
-            relay.put(SENDER, ["bob@corp.test"])
-            await until(lambda: tls_failures(relay, "certificate-host-mismatch") >= 1)
-            await idle(relay, within=5)
-            # Never delivered there, and never bounced: kept queued (RFC 8461 section 5).
-            assert sink.messages == []
-            assert [e.recipients[0].address for e in relay.spooled()] == ["bob@corp.test"]
-            assert relay.sample("relay_bounces_total", reason="tls") == 0
-    finally:
-        await sink.stop()
+    server = dnsmasq(**dns_records())
+    toml = relay_toml(tmp_path, server, sink.port, pki)
+    with captured(fields_of("attempt")) as attempts:
+        try:
+            async with InProcessRelay(tmp_path, toml) as relay:
+                relay.put(SENDER, ["bob@corp.test"])
+                await until(lambda: tls_failures(relay, "certificate-host-mismatch") >= 1)
+                await idle(relay, within=5)
+                # Never delivered there, and never bounced: kept queued (RFC 8461 section 5).
+                assert sink.messages == []
+                assert [e.recipients[0].address for e in relay.spooled()] == ["bob@corp.test"]
+                assert relay.sample("relay_bounces_total", reason="tls") == 0
+        finally:
+            await sink.stop()
+    attempt = attempts[0]
+    assert (attempt["result"], attempt["mta_sts"]) == ("tls_failed", "enforce")
+    # Turning the route's validate_hostname off would not help: the advice says so.
+    diagnosis = str(attempt["diagnosis"])
+    assert "MTA-STS policy of corp.test" in diagnosis
+    assert "validate_hostname = false" not in diagnosis
 
 
 async def test_testing_mode_delivers_and_counts(tmp_path, dnsmasq, pki, policy_server):
