@@ -287,3 +287,21 @@ async def test_mta_sts_false_ignores_the_policy(tmp_path, dnsmasq, pki, policy_s
     async with InProcessRelay(tmp_path, toml) as relay:
         await relay.send_and_settle(SENDER, ["bob@corp.test"], when=lambda: mx1.messages)
     assert policy_server.fetches == 0
+
+
+async def test_a_new_txt_id_fetches_the_new_policy(tmp_path, dnsmasq, pki, policy_server, two_mx):
+    mx1, mx2 = two_mx
+    server = dnsmasq(**dns_records("1"))
+    async with InProcessRelay(tmp_path, relay_toml(tmp_path, server, mx1.port, pki)) as relay:
+        await relay.send_and_settle(SENDER, ["a@corp.test"], when=lambda: mx2.messages)
+    # Same id: the cached policy is used without a fetch, across a restart.
+    async with InProcessRelay(tmp_path, relay_toml(tmp_path, server, mx1.port, pki)) as relay:
+        await relay.send_and_settle(SENDER, ["b@corp.test"], when=lambda: len(mx2.messages) == 2)
+    assert policy_server.fetches == 1
+    # The domain publishes a new policy under a new id: fetched, and it applies.
+    policy_server.text = policy_text("enforce", "mx1.corp.test")
+    server = dnsmasq(**dns_records("2"))
+    async with InProcessRelay(tmp_path, relay_toml(tmp_path, server, mx1.port, pki)) as relay:
+        await relay.send_and_settle(SENDER, ["c@corp.test"], when=lambda: mx1.messages)
+    assert policy_server.fetches == 2
+    assert len(mx2.messages) == 2
