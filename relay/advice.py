@@ -8,6 +8,7 @@ sender never reads route names or admin advice.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +43,16 @@ def _names(certificate: Certificate | None) -> str:
 def _turn_off(option: str, route: str, consequence: str) -> str:
     where = f' in route "{route}"' if route else " in the route"
     return f"or set {option} = false{where} ({consequence}; not recommended)"
+
+
+def under_mta_sts(advice: Advice, domain: str, route: str) -> Advice:
+    """``advice`` for a host held to ``domain``'s MTA-STS ``enforce`` policy (RFC
+    8461): the route's options do not apply, so turning one off fixes nothing."""
+    fixes = tuple(fix for fix in advice.fixes if not fix.startswith("or set "))
+    where = f' in route "{route}"' if route else " in the route"
+    problem = f"{advice.problem} (required by the MTA-STS policy of {domain}, mode enforce)"
+    ignore = f"or set mta_sts = false{where} (the domain's policy is then ignored; not recommended)"
+    return dataclasses.replace(advice, problem=problem, fixes=(*fixes, ignore))
 
 
 def tls_advice(

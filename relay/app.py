@@ -385,6 +385,7 @@ class Daemon:
         self._config, self._tls = new, server_tls
         # A CA file may have changed on disk under the same path.
         tls.client_context.cache_clear()
+        tls.web_context.cache_clear()
         if new.dns != old.dns:
             self.parts.deliverer.use_resolver(DnsResolver(new.dns))
         # Hosts still in the config keep their hold-down; removed ones are forgotten.

@@ -16,12 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay import errors, events
-from relay.advice import tls_advice
+from relay.advice import tls_advice, under_mta_sts
 from relay.config import Config, Route
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.expiry import ExpiryWatch
 from relay.metrics import Metrics
+from relay.mtasts import ENFORCE, TESTING, would_fail
 from relay.routing import Candidate
 
 
@@ -206,6 +207,10 @@ class AttemptRecorder:
         if isinstance(failure, TlsPolicyFailure):
             self._metrics.tls_failures.labels(route.name, label, failure.reason.value).inc()
         self._metrics.delivery_attempts.labels(route.name, label, outcome).inc()
+        if cand.sts == TESTING and result.starttls_offered is not None and not result.tls_version:
+            # RFC 8461 section 4.2 wants TLS at every MX: enforce would refuse
+            # a session that went on without it.
+            would_fail(self._metrics, route, cand.via_mx or "", cand.host, "starttls-not-supported")
         if result.not_after is not None:
             self._expiry.record(route.name, label, cand.host.strip("[]"), result.not_after)
         reply = result.reply or (failure.reply if failure else None)
@@ -221,6 +226,8 @@ class AttemptRecorder:
             "result": outcome,
             "reply": str(reply) if reply else "-",
         }
+        if cand.sts:
+            fields["mta_sts"] = cand.sts
         if failure is not None and failure.detail != (reply.text if reply else ""):
             fields["detail"] = failure.detail
         if isinstance(failure, TlsPolicyFailure):
@@ -228,6 +235,8 @@ class AttemptRecorder:
                 failure.reason, cand.host.strip("[]"), failure.certificate, route.name,
                 failure.detail, via_mx=cand.via_mx or "",
             )  # fmt: skip
+            if cand.sts == ENFORCE:
+                advice = under_mta_sts(advice, cand.via_mx or cand.host, route.name)
             fields["tls_check"] = failure.reason.value
             fields["diagnosis"] = advice.one_line()
         events.log("attempt", **fields)

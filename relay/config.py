@@ -125,6 +125,9 @@ class Route:
     #: When every host failed the TLS policy: "bounce" at once (as the
     #: console does) or "defer" (keep it queued until max_lifetime).
     on_tls_failure: str = ON_TLS_FAILURE[0]
+    #: With ``mx_lookup``: apply the MTA-STS policy (RFC 8461) each domain
+    #: publishes (relay/mtasts.py). Routes to fixed hosts have no MX to check.
+    mta_sts: bool = True
 
     @property
     def tls_defers(self) -> bool:

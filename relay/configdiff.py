@@ -27,6 +27,7 @@ def describe(config: Config) -> list[str]:
             opts.append(f"on_tls_failure={route.on_tls_failure}")
         if route.mx_lookup:
             opts.insert(0, "mx_lookup")
+            opts.insert(1, f"mta_sts={'on' if route.mta_sts else 'off'}")
         lines.append(f"route {route.name!r}: {' '.join(opts)}")
         tables = [("primary", route.primary), ("secondary", route.secondary)]
         for table, hosts in tables:
@@ -90,6 +91,7 @@ def route_snapshot(route: Route) -> dict[str, Any]:
     fields["require_ca_signed"] = route.tls.require_ca_signed
     fields["validate_hostname"] = route.tls.validate_hostname
     fields["on_tls_failure"] = route.on_tls_failure
+    fields["mta_sts"] = route.mta_sts
     if route.auth is not None:
         # Only when set, so a route without auth reads as before auth existed.
         # The password never: its fingerprint says whether it changed.
@@ -113,7 +115,7 @@ def _rule_snapshot(rule: Rule) -> dict[str, Any]:
 #: route (or section) had before: an older snapshot without them is read as
 #: having had that value, so an upgrade is not logged as a change.
 _FIELDS_SINCE: dict[str, dict[str, Any]] = {
-    "routes": {"on_tls_failure": "bounce"},
+    "routes": {"on_tls_failure": "bounce", "mta_sts": True},
     "tls": {"expiry_warning": TlsConfig().expiry_warning},
 }
 

@@ -438,6 +438,11 @@ def _route(problems: list[Problem], index: int, raw: Any, base: Path) -> Route |
             'or "defer" (keep the mail queued until max_lifetime)',
         )
         on_tls_failure = field_default(Route, "on_tls_failure")
+    mta_sts = r.get("mta_sts", bool, field_default(Route, "mta_sts"))
+    if "mta_sts" in raw and not mx_lookup:
+        r.problem(
+            "mta_sts", "applies to a route with mx_lookup = true only (fixed hosts have no MX)"
+        )
     # The shape (one host, or tables) decides which fields apply; a wrong
     # shape is a problem of the route itself, and every field present is
     # still checked so that one run of check-config lists everything.
@@ -470,11 +475,11 @@ def _route(problems: list[Problem], index: int, raw: Any, base: Path) -> Route |
     if not tables:
         return Route(
             name, (Host(host, port),), (), mx_lookup, tls, single=True,
-            on_tls_failure=on_tls_failure, auth=auth,
+            on_tls_failure=on_tls_failure, auth=auth, mta_sts=mta_sts,
         )  # fmt: skip
     return Route(
         name, primary, secondary, mx_lookup, tls, single=False,
-        on_tls_failure=on_tls_failure, auth=auth,
+        on_tls_failure=on_tls_failure, auth=auth, mta_sts=mta_sts,
     )  # fmt: skip
 
 

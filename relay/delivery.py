@@ -43,6 +43,7 @@ reuse, per-hop limits) and :mod:`relay.probe` (``relay test-tls``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 
@@ -57,6 +58,7 @@ from relay.handoff import Handoff
 from relay.health import Health
 from relay.hop import Hop
 from relay.metrics import Metrics
+from relay.mtasts import MtaSts
 from relay.pool import Pool
 from relay.probe import ProbeResult, probe_hosts
 from relay.routing import Candidate
@@ -137,6 +139,8 @@ class Deliverer:
         self.health = Health(config, metrics)
         self._handoff = Handoff(config, self._pool, self.health)
         self._recorder = AttemptRecorder(config, metrics)
+        #: MTA-STS policies of recipient domains (relay.mtasts), cached in the spool.
+        self.mta_sts = MtaSts(config, metrics)
 
     async def close(self) -> None:
         """QUIT and close every pooled session."""
@@ -183,6 +187,10 @@ class Deliverer:
                 results = {address: (planned,) for address in recipients}
                 return Attempt(route.name, (), results, {})
             candidates, token = planned.candidates, planned.token
+            if planned.sts_enforced and not route.tls_defers:
+                # RFC 8461 section 5: an enforce policy's failure is never
+                # permanent before the policy is looked up again (next attempt).
+                route = dataclasses.replace(route, on_tls_failure="defer")
         try:
             return await self._walk(route, envelope, recipients, body, candidates, token)
         finally:
@@ -279,7 +287,7 @@ class Deliverer:
     async def _plan(self, route: Route, envelope: Envelope) -> routing.Plan | RelayError:
         """The route's candidates with their addresses, or the failure that left none
         (a DNS failure, or every host held down)."""
-        plan = await routing.plan(route, self._resolver, self._rng, self.health)
+        plan = await routing.plan(route, self._resolver, self._rng, self.health, self.mta_sts)
         for failure in plan.dns_failures:
             if isinstance(failure.error, errors.RouteMisconfigured):
                 self._recorder.route_dns_error(

@@ -1,4 +1,4 @@
-"""The one resolver: every DNS lookup (MX, A, AAAA) goes through dnspython here.
+"""The one resolver: every DNS lookup (MX, A, AAAA, TXT) goes through dnspython here.
 
 relay never calls getaddrinfo: names resolve through the ``[dns]``
 nameservers (or the system resolver's nameservers from /etc/resolv.conf
@@ -30,6 +30,7 @@ import dns.name
 import dns.nameserver
 import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.PTR
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 import dns.reversename
 
@@ -144,6 +145,21 @@ class DnsResolver:
         if failures:
             raise failures[0]
         raise NoRoute(f"{name}: no AAAA and no A record")
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name``, each one string (its character-strings
+        joined, RFC 7208 section 3.3 style); [] when the name has none.
+
+        Raises NoSuchDomain (NXDOMAIN), DnsTemporary.
+        """
+        answer = await self._query(name, "TXT")
+        if answer is None:
+            return []
+        return [
+            b"".join(rdata.strings).decode("utf-8", "replace")
+            for rdata in answer
+            if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT)
+        ]
 
     async def names(self, ip: str) -> list[str]:
         """The PTR names of an IP address (lower case, no trailing dot); [] when none.

@@ -31,9 +31,14 @@ class Hop:
         cls, route: Route, candidate: Candidate, ip: str, envelope: Envelope | None = None
     ) -> Hop:
         """The hop delivery uses for ``candidate`` at ``ip`` under ``route``
-        (for ``envelope``, whose REQUIRETLS or TLS-Required can change the policy)."""
+        (for ``envelope``, whose REQUIRETLS or TLS-Required can change the policy).
+
+        The candidate's own TLS policy (an MTA-STS ``enforce`` policy's)
+        replaces the route's; the message may then tighten or waive it
+        (relay.tls.message_policy), and relay.tls.enforces decides as ever.
+        """
         requiretls = envelope is not None and envelope.requiretls
         tls_optional = envelope is not None and envelope.tls_optional
-        policy = tls.message_policy(route.tls, requiretls, tls_optional)
+        policy = tls.message_policy(candidate.tls or route.tls, requiretls, tls_optional)
         name = candidate.host.strip("[]")
         return cls(ip, candidate.port, policy, name, route.auth, requiretls)

@@ -90,6 +90,13 @@ class Metrics:
             ["route", "host", "reason"],
             registry=r,
         )
+        self.mta_sts_testing = Counter(
+            "relay_mta_sts_testing_failures_total",
+            "MX hosts an MTA-STS policy in testing mode would have refused "
+            "(RFC 8461: the mail was delivered as the route says).",
+            ["route", "reason"],
+            registry=r,
+        )
         self.tls_deferred = Counter(
             "relay_tls_deferred_total",
             "Recipients kept queued because every host failed the route's TLS policy "

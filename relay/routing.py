@@ -31,6 +31,15 @@ trusted client's recipient that matched no rule) are NXDOMAIN
 (NoSuchDomain), null MX (NullMx) and no address (NoRoute) permanent.
 SERVFAIL and timeouts are always :class:`~relay.errors.DnsTemporary`.
 
+MTA-STS (RFC 8461, relay/mtasts.py). Given an :class:`~relay.mtasts.MtaSts`,
+:func:`plan` looks up each domain's policy alongside its MX records for a
+route with ``mx_lookup`` and ``mta_sts`` (routes to fixed hosts have no MX
+to check). ``enforce``: only the MX hosts the policy's ``mx`` patterns
+match are candidates, each with the strict TlsPolicy (``Candidate.tls``:
+TLS, CA-signed, name checked, whatever the route's options), and a domain
+left without one is a temporary failure; ``testing``: every MX host stays,
+the ones ``enforce`` would drop are counted and logged.
+
 Partial failure. :func:`plan` never raises for DNS: it returns a
 :class:`Plan` with the candidates of every domain that resolved and one
 error per domain that did not (``dns_failures``, in route order), so the
@@ -51,7 +60,7 @@ from dataclasses import dataclass, field, replace
 
 from relay import config as cfg
 from relay.addresses import domain_key, ip_literal
-from relay.config import Config, Host, Route
+from relay.config import Config, Host, Route, TlsPolicy
 from relay.dns import Resolver
 from relay.errors import (
     HostUnreachable,
@@ -64,6 +73,7 @@ from relay.errors import (
     TemporaryFailure,
 )
 from relay.health import Health
+from relay.mtasts import ENFORCE, STRICT, TESTING, MtaSts, Policy, would_fail
 
 #: The reply of mail deferred because every host of its route is held down.
 HELD_DOWN = Reply(451, (4, 4, 1), "Next hop unreachable: every host held down after failing")
@@ -99,6 +109,12 @@ class Candidate:
     #: DnsTemporary, HostUnreachable for a dangling MX, or for an implicit
     #: route NoSuchDomain / NoRoute).
     error: RelayError | None = None
+    #: The TLS policy for this host when not the route's: an MTA-STS
+    #: ``enforce`` policy's (relay.mtasts.STRICT). ``Hop.of`` applies it.
+    tls: TlsPolicy | None = None
+    #: The mode of the via_mx domain's MTA-STS policy ("enforce",
+    #: "testing"), "" when none applies.
+    sts: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +142,11 @@ class Plan:
     held_down: tuple[str, ...] = ()
     #: The attempt's token for the probes it claimed (``Health.release``).
     token: object = field(default=None, compare=False)
+
+    @property
+    def sts_enforced(self) -> bool:
+        """Some candidate is held to an MTA-STS ``enforce`` policy."""
+        return any(c.sts == ENFORCE for c in self.candidates)
 
     @property
     def failure(self) -> RelayError | None:
@@ -247,7 +268,11 @@ def shuffle_mx(records: Sequence[tuple[int, str]], rng: random.Random) -> list[s
 
 
 async def plan(
-    route: Route, resolver: Resolver, rng: random.Random, health: Health | None = None
+    route: Route,
+    resolver: Resolver,
+    rng: random.Random,
+    health: Health | None = None,
+    sts: MtaSts | None = None,
 ) -> Plan:
     """The candidates of one attempt over ``route`` and any DNS failures met.
 
@@ -262,14 +287,23 @@ async def plan(
     over the live hosts only (their loads renormalised). An address whose
     hold-down is over is claimed for this attempt as the host's one probe
     (``Plan.token``; release it with ``health.release(plan.token)``).
+
+    With ``sts``, MTA-STS policies apply (see the module docstring).
     """
     entries = [(PRIMARY, host) for host in route.primary]
     entries += [(SECONDARY, host) for host in route.secondary]
+    policies: dict[int, Policy] = {}
     if route.mx_lookup:
         # Resolve concurrently, but draw the MX shuffles in route order afterwards.
-        answers = await asyncio.gather(*(_mx_records(h, resolver) for _, h in entries))
+        mx_lookups = [_mx_records(h, resolver) for _, h in entries]
+        use_sts = sts is not None and route.mta_sts
+        answers, found_policies = await asyncio.gather(
+            asyncio.gather(*mx_lookups),
+            _policies(route, [h for _, h in entries], resolver, sts if use_sts else None),
+        )
+        policies = found_policies
         names = [
-            _mx_names(route, host, answer)
+            _sts_names(route, host, _mx_names(route, host, answer), policies.get(id(host)), sts)
             for (_, host), answer in zip(entries, answers, strict=True)
         ]
     else:
@@ -282,7 +316,7 @@ async def plan(
     resolved: dict[tuple[str, str], tuple[str, ...] | RelayError] = {}
     if health is not None:
         lookups = {
-            (host.name, name): _candidate(route, table, host, name)
+            (host.name, name): _candidate(route, table, host, name, policies.get(id(host)))
             for (table, host), found in zip(entries, names, strict=True)
             if not isinstance(found, RelayError)
             for _, name in found
@@ -313,7 +347,9 @@ async def plan(
             assert not isinstance(records, RelayError)
             ordered = shuffle_mx(records, rng) if route.mx_lookup else [host.name]
             for name in ordered:
-                candidate: Candidate | None = _candidate(route, table, host, name)
+                candidate: Candidate | None = _candidate(
+                    route, table, host, name, policies.get(id(host))
+                )
                 if health is not None and candidate is not None:
                     answer = resolved[(host.name, name)]
                     candidate = _with_addresses(candidate, answer, health, token)
@@ -337,9 +373,57 @@ async def plan(
     return Plan(_unique(out), tuple(failures), tuple(held), token)
 
 
-def _candidate(route: Route, table: str, host: Host, name: str) -> Candidate:
+def _candidate(
+    route: Route, table: str, host: Host, name: str, policy: Policy | None = None
+) -> Candidate:
     via = host.name if route.mx_lookup else None
-    return Candidate(name, host.port, via, table, host.name, route.name, route.implicit)
+    if policy is None or policy.mode not in (ENFORCE, TESTING):
+        return Candidate(name, host.port, via, table, host.name, route.name, route.implicit)
+    strict = STRICT if policy.mode == ENFORCE else None
+    return Candidate(
+        name, host.port, via, table, host.name, route.name, route.implicit,
+        tls=strict, sts=policy.mode,
+    )  # fmt: skip
+
+
+async def _policies(
+    route: Route, hosts: Sequence[Host], resolver: Resolver, sts: MtaSts | None
+) -> dict[int, Policy]:
+    """The MTA-STS policy of each route domain that has one, by ``id(host)``."""
+    if sts is None:
+        return {}
+    found = await asyncio.gather(*(sts.policy(route, host.name, resolver) for host in hosts))
+    return {id(h): p for h, p in zip(hosts, found, strict=True) if p is not None}
+
+
+def _sts_names(
+    route: Route,
+    host: Host,
+    names: list[tuple[int, str]] | RelayError,
+    policy: Policy | None,
+    sts: MtaSts | None,
+) -> list[tuple[int, str]] | RelayError:
+    """The MX hosts a domain's MTA-STS policy lets through (RFC 8461 section 4.1)."""
+    if policy is None or isinstance(names, RelayError):
+        return names
+    if policy.mode == TESTING and sts is not None:
+        for _, name in names:
+            if not policy.allows(name):
+                would_fail(sts.metrics, route, host.name, name, "mx-mismatch")
+        return names
+    if policy.mode != ENFORCE:
+        return names
+    kept = [(pref, name) for pref, name in names if policy.allows(name)]
+    if kept:
+        return kept
+    listed = ", ".join(name for _, name in names)
+    # RFC 8461 section 5: never a permanent failure for a policy mismatch;
+    # the next attempt looks for an updated policy.
+    return TemporaryFailure(
+        f"MTA-STS policy of {host.name} (id {policy.id}, enforce) matches none of "
+        f"its MX hosts ({listed}); mx patterns: {', '.join(policy.mx)}",
+        Reply(451, (4, 7, 5), "No MX host matches the domain's MTA-STS policy"),
+    )
 
 
 async def _lookup(candidate: Candidate, resolver: Resolver) -> tuple[str, ...] | RelayError:
@@ -379,7 +463,10 @@ def _with_addresses(
     if not usable:
         return None
     c = candidate  # dataclasses.replace() costs several times this, per message
-    return Candidate(c.host, c.port, c.via_mx, c.table, c.configured, c.route, c.implicit, usable)
+    return Candidate(
+        c.host, c.port, c.via_mx, c.table, c.configured, c.route, c.implicit, usable,
+        None, c.tls, c.sts,
+    )  # fmt: skip
 
 
 async def _mx_records(host: Host, resolver: Resolver) -> list[tuple[int, str]] | RelayError:

@@ -51,18 +51,20 @@ REQUIRETLS_POLICY = TlsPolicy(require_tls=True, require_ca_signed=True, validate
 TLS_OPTIONAL_POLICY = TlsPolicy(require_tls=False, require_ca_signed=False, validate_hostname=False)
 
 
-def message_policy(route: TlsPolicy, requiretls: bool, tls_optional: bool) -> TlsPolicy:
-    """The TLS policy one message's hops follow under a route's ``route`` policy.
+def message_policy(base: TlsPolicy, requiretls: bool, tls_optional: bool) -> TlsPolicy:
+    """The TLS policy one message's hop follows where the hop's own policy is ``base``
+    (the route's, or an MTA-STS ``enforce`` policy's: relay.hop).
 
     REQUIRETLS makes it strict; ``TLS-Required: No`` (never together with
     REQUIRETLS: relay.intake) makes it opportunistic, since the sender
-    asked that its message go even where the route's checks fail.
+    asked that its message go even where the route's checks, or the
+    recipient domain's MTA-STS policy, fail (RFC 8689 section 5).
     """
     if requiretls:
         return REQUIRETLS_POLICY
     if tls_optional:
         return TLS_OPTIONAL_POLICY
-    return route
+    return base
 
 
 def policy_failures(
@@ -110,6 +112,17 @@ def client_context(policy: TlsPolicy, ca_file: Path | None = None) -> ssl.SSLCon
         context.load_verify_locations(cafile=str(ca_file))
     # Without validate_hostname the chain must verify but any name is fine.
     context.check_hostname = policy.validate_hostname
+    return context
+
+
+@functools.lru_cache(maxsize=4)
+def web_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """The context for HTTPS fetches (MTA-STS policies, RFC 8461 section 3.3):
+    the system store plus ``[tls] ca_file``, names checked (RFC 6125)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
     return context
 
 

@@ -18,10 +18,13 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay import app
+from relay import app, mtasts, tls
 from relay.config import Config
+from relay.configload import load
 from relay.content import MessageCheck
 from relay.envelope import Envelope, Recipient
+from relay.hop import Hop
+from relay.routing import Candidate
 from relay.spoolfiles import new_id
 from tests.support import configs
 from tests.support.inbound import RawClient, make_config, running_inbound
@@ -218,3 +221,23 @@ async def test_tls_required_no_waives_the_route_policy(tmp_path, dnsmasq, pki) -
     [delivered] = corp.messages
     assert delivered.tls is not None  # STARTTLS still tried, as opportunistic TLS
     assert "REQUIRETLS" not in delivered.mail_options
+
+
+def test_message_policy_over_an_mta_sts_policy(tmp_path: Path) -> None:
+    """REQUIRETLS tightens and ``TLS-Required: No`` waives an MTA-STS
+    ``enforce`` policy as they do a route's (RFC 8689 section 5)."""
+    route = tmp_path / "relay.toml"
+    routes = configs.route("open", "mx.example.net", mx_lookup=True)
+    route.write_text(configs.relay_toml({"server": {"domains": ["example.net"]}}, routes))
+    open_route = load(route).routes[0]
+    sts = Candidate("mx.example.net", 25, tls=mtasts.STRICT, sts="enforce")
+    plain = Candidate("mx.example.net", 25)
+
+    def policy(candidate: Candidate, **flags: bool) -> object:
+        envelope = Envelope("q", "a@b.test", [Recipient("c@d.test")], **flags)
+        return Hop.of(open_route, candidate, "127.0.0.1", envelope).policy
+
+    assert policy(plain) == open_route.tls
+    assert policy(sts) == mtasts.STRICT
+    assert policy(plain, requiretls=True) == tls.REQUIRETLS_POLICY
+    assert policy(sts, tls_optional=True) == tls.TLS_OPTIONAL_POLICY

@@ -19,6 +19,7 @@ What dnsmasq answers (verified against dnsmasq 2.90):
 - ``hosts`` also gives each address its PTR record (the name).
 - ``ptr``: PTR records alone, address → name (``--ptr-record``), e.g. a
   PTR whose name has no address record or another address.
+- ``txt``: TXT records (``--txt-record``), name → texts, one record each.
 - ``mx``: MX records (``--mx-host``); an exchange of ``"."`` gives RFC 7505's
   null MX ``MX 0 .``. A domain with MX but no host entry answers A/AAAA
   with NOERROR and no data.
@@ -135,6 +136,7 @@ def dnsmasq_arguments(
     mx: Mapping[str, Sequence[tuple[int, str]]],
     forward: Mapping[str, int],
     ptr: Mapping[str, str] | None = None,
+    txt: Mapping[str, Sequence[str]] | None = None,
 ) -> list[str]:
     """The dnsmasq command line serving these records on 127.0.0.1:port."""
     args = [
@@ -163,6 +165,11 @@ def dnsmasq_arguments(
         # A PTR alone, with no address record behind it (a lying PTR).
         reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
         args.append(f"--ptr-record={reverse},{name}")
+    for name, texts in (txt or {}).items():
+        for text in texts:
+            # On the command line quotes are kept literally; a comma would
+            # split the text into character-strings (joined again by readers).
+            args.append(f"--txt-record={name},{text}")
     for domain, records in mx.items():
         for preference, exchange in records:
             args.append(f"--mx-host={domain},{exchange},{preference}")
@@ -201,6 +208,7 @@ class DnsmasqFactory:
         servfail: Sequence[str] = (),
         timeout: Sequence[str] = (),
         ptr: Mapping[str, str] | None = None,
+        txt: Mapping[str, Sequence[str]] | None = None,
     ) -> DnsServer:
         forward: dict[str, int] = {}
         if servfail:
@@ -215,7 +223,7 @@ class DnsmasqFactory:
         for _ in range(5):
             port = _free_port()
             log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-            args = dnsmasq_arguments(port, hosts or {}, mx or {}, forward, ptr)
+            args = dnsmasq_arguments(port, hosts or {}, mx or {}, forward, ptr, txt)
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             self._procs.append((proc, log))
             if _wait_ready(proc, port, time.monotonic() + 10):
