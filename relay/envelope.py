@@ -39,6 +39,21 @@ class Recipient:
     #: "Connect call failed ('192.0.2.1', 25)" behind "451 4.4.1 Next hop
     #: unreachable" (for ``relay queue list``); "" when the reply says it all.
     last_cause: str = ""
+    #: The client's RCPT NOTIFY (RFC 3461 section 4.1): "" when it gave
+    #: none, "NEVER", or a list such as "SUCCESS,FAILURE" (relay.params).
+    notify: str = ""
+    #: The client's RCPT ORCPT, decoded: "rfc822;user@example.com"; "" if none.
+    orcpt: str = ""
+
+    def notifies(self, when: str) -> bool:
+        """The sender asked to hear of ``when`` ("SUCCESS", "FAILURE", "DELAY").
+
+        Without NOTIFY, RFC 3461 section 4.1 leaves it to the relay:
+        failures and delays, never successes (as Postfix).
+        """
+        if not self.notify:
+            return when != "SUCCESS"
+        return when in self.notify.split(",")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"address": self.address, "state": self.state.value}
@@ -55,6 +70,10 @@ class Recipient:
             # Written only when set: an envelope without it reads the same
             # in an older relay (which ignores keys it does not know).
             data["last_cause"] = self.last_cause
+        if self.notify:
+            data["notify"] = self.notify
+        if self.orcpt:
+            data["orcpt"] = self.orcpt
         return data
 
     @classmethod
@@ -72,6 +91,8 @@ class Recipient:
             remote_mta=data.get("remote_mta", ""),
             last_remote=bool(data.get("last_remote", False)),
             last_cause=str(data.get("last_cause", "")),
+            notify=str(data.get("notify", "")),
+            orcpt=str(data.get("orcpt", "")),
         )
 
 
@@ -124,6 +145,10 @@ class Envelope:
     #: The sender was sent its one delay warning (``[bounces] delay_warning``);
     #: kept so a restart does not send it again.
     delay_warned: bool = False
+    #: The client's MAIL RET (RFC 3461 section 4.3): "FULL", "HDRS" or "" (none).
+    ret: str = ""
+    #: The client's MAIL ENVID, decoded (RFC 3461 section 4.4); "" if none.
+    envid: str = ""
 
     @property
     def pending(self) -> list[Recipient]:
@@ -151,6 +176,10 @@ class Envelope:
             data["backoff_from"] = self.backoff_from  # only when set, as last_cause
         if self.delay_warned:
             data["delay_warned"] = True
+        if self.ret:
+            data["ret"] = self.ret
+        if self.envid:
+            data["envid"] = self.envid
         return data
 
     def dumps(self) -> bytes:
@@ -176,6 +205,8 @@ class Envelope:
             is_bounce=bool(data.get("is_bounce", False)),
             backoff_from=int(data.get("backoff_from", 0)),
             delay_warned=bool(data.get("delay_warned", False)),
+            ret=str(data.get("ret", "")),
+            envid=str(data.get("envid", "")),
         )
 
     @classmethod

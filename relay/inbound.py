@@ -1,10 +1,11 @@
 """Inbound SMTP: the aiosmtpd listeners and sessions, spool before 250.
 
 Implements the receiving side of RFC 5321 with SIZE (RFC 1870), 8BITMIME
-(RFC 6152), SMTPUTF8 (RFC 6531) and STARTTLS (RFC 3207). The rules it
-applies live in modules of their own: the path grammar in
-relay.addresses, recipient policy in relay.relaying, message checks and
-the Received header in relay.content, the DATA reader in
+(RFC 6152), SMTPUTF8 (RFC 6531), STARTTLS (RFC 3207) and DSN (RFC 3461).
+The rules it applies live in modules of their own: the path grammar in
+relay.addresses, the MAIL and RCPT parameters relay implements in
+relay.params, recipient policy in relay.relaying, message checks and the
+Received header in relay.content, the DATA reader in
 relay.datareader, the spool write before ``250 queued as`` in
 relay.intake. This module is the glue to aiosmtpd.
 
@@ -19,7 +20,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
@@ -43,6 +44,13 @@ from relay.errors import Reply
 from relay.intake import Intake, SpoolSpill, Transaction
 from relay.listeners import Listeners, address_texts
 from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
+from relay.params import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
+    Check,
+    ParameterError,
+    take_parameters,
+)
 from relay.relaying import may_relay, recipient_reply
 from relay.spool import Spool
 
@@ -198,6 +206,14 @@ class _Connection(SMTP):
         self._name_known = False
         #: The client's forward-confirmed reverse DNS name, once known.
         self.client_name: str | None = None
+        #: The parameter table (relay.params) of the MAIL or RCPT under way.
+        self._parameter_table: Mapping[str, Check] = {}
+        #: What relay.params took off the MAIL or RCPT under way, or why it refused.
+        self.taken: dict[str, str] = {}
+        self.parameter_error = ""
+        #: The transaction's MAIL parameters and each recipient's RCPT parameters.
+        self.mail_parameters: dict[str, str] = {}
+        self.rcpt_parameters: dict[str, dict[str, str]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -351,14 +367,36 @@ class _Connection(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._parameter_table = MAIL_PARAMETERS
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._parameter_table = RCPT_PARAMETERS
+        await super().smtp_RCPT(arg)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete
         # syntax, CFWS) with the strict RFC 5321 path grammar. None makes
         # aiosmtpd answer its malformed-address reply, mapped to 501 5.1.3.
         try:
-            return parse_path(arg)
+            mailbox, params = parse_path(arg)
         except AddressError:
             return None, None
+        # The parameters relay implements are taken off here, before
+        # aiosmtpd refuses what it does not know (555), with their case
+        # (aiosmtpd upper-cases; xtext is case-sensitive). The hook refuses
+        # a bad one (501 5.5.4).
+        table, self._parameter_table = self._parameter_table, {}
+        self.taken, self.parameter_error = {}, ""
+        try:
+            self.taken, params = take_parameters(params, table)
+        except ParameterError as exc:
+            self.parameter_error = str(exc)
+            params = " ".join(w for w in params.split() if w.partition("=")[0].upper() not in table)
+        return mailbox, params
 
     async def push(self, status: Any) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
@@ -435,7 +473,14 @@ def transaction(server: SMTP, session: Session, envelope: SmtpEnvelope) -> Trans
         recipients=tuple(envelope.rcpt_tos),
         smtputf8=envelope.smtp_utf8,
         body_8bit="BODY=8BITMIME" in envelope.mail_options,
+        mail_parameters=server.mail_parameters if isinstance(server, _Connection) else {},
+        rcpt_parameters=server.rcpt_parameters if isinstance(server, _Connection) else {},
     )
+
+
+def _bad_parameter(server: SMTP) -> str:
+    """Why relay.params refused a parameter of this command ("" if none did)."""
+    return server.parameter_error if isinstance(server, _Connection) else ""
 
 
 _RCPT_REASONS = {
@@ -474,7 +519,9 @@ class _Handler:
         session.host_name = hostname
         # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8 and STARTTLS (when a
         # context is set); drop its AUTH line, we offer no authentication.
-        return [line for line in responses if not line[4:].startswith("AUTH")]
+        lines = [line for line in responses if not line[4:].startswith("AUTH")]
+        # RFC 3461: NOTIFY, ORCPT, RET and ENVID (relay.params); before "250 HELP".
+        return [*lines[:-1], "250-DSN", lines[-1]]
 
     async def handle_MAIL(
         self,
@@ -492,6 +539,11 @@ class _Handler:
             # RFC 6531 section 3.4: non-ASCII addresses need SMTPUTF8.
             self.inbound.rejected("bad_address", session, "MAIL")
             return str(errors.NON_ASCII_ADDRESS)
+        if _bad_parameter(server):
+            self.inbound.rejected("bad_syntax", session, "MAIL", error=_bad_parameter(server))
+            return str(errors.BAD_PARAMETER)
+        if isinstance(server, _Connection):
+            server.mail_parameters, server.rcpt_parameters = server.taken, {}
         # With a hook, aiosmtpd leaves recording the sender to us.
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -513,6 +565,8 @@ class _Handler:
             address = f"postmaster@{config.server.domains[0]}"
         if address == "<>":
             reply, reason = errors.MALFORMED_ADDRESS, "bad_address"
+        elif _bad_parameter(server):
+            reply, reason = errors.BAD_PARAMETER, "bad_syntax"
         elif not address.isascii() and not envelope.smtp_utf8:
             reply, reason = errors.NON_ASCII_ADDRESS, "bad_address"
         elif len(envelope.rcpt_tos) >= config.server.max_recipients:
@@ -528,6 +582,8 @@ class _Handler:
         if address not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
+            if isinstance(server, _Connection):
+                server.rcpt_parameters[address] = server.taken
         return str(reply)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:

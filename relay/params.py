@@ -1,0 +1,152 @@
+"""ESMTP parameters of MAIL and RCPT that relay implements itself.
+
+aiosmtpd checks SIZE, BODY and SMTPUTF8 and refuses any other parameter
+(555). The parameters in :data:`MAIL_PARAMETERS` and
+:data:`RCPT_PARAMETERS` are taken off the command before it does, checked
+here and kept with the envelope: the DSN extension's RET and ENVID (MAIL),
+NOTIFY and ORCPT (RCPT) of RFC 3461. Each table maps a keyword to the
+function that checks its value and returns it as stored; an extension
+adds its keyword to the table. Pure rules, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from relay.addresses import AddressError, check_mailbox
+
+#: Checks one parameter's value (None for a keyword without "="); returns
+#: the value as stored, raises ParameterError.
+Check = Callable[[str | None], str]
+
+
+class ParameterError(ValueError):
+    """A parameter relay knows is malformed, repeated or out of place (501 5.5.4)."""
+
+
+# --- xtext (RFC 3461 section 4) -------------------------------------------------
+
+
+def xtext_decode(text: str) -> str:
+    """``xtext = *( xchar / hexchar )``: "+" and two upper-case hex digits
+    stand for one octet; every other character is printable ASCII (33-126)
+    other than "+" and "=". Raises ParameterError."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "+":
+            digits = text[i + 1 : i + 3]
+            if len(digits) != 2 or any(d not in "0123456789ABCDEF" for d in digits):
+                raise ParameterError(f"bad xtext escape in {text!r}")
+            out.append(chr(int(digits, 16)))
+            i += 3
+            continue
+        if not 33 <= ord(ch) <= 126 or ch == "=":
+            raise ParameterError(f"bad xtext character in {text!r}")
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def xtext_encode(text: str) -> str:
+    """The xtext form of ``text`` (printable ASCII; "+", "=" and others as "+XX")."""
+    return "".join(
+        ch if 33 <= ord(ch) <= 126 and ch not in "+=" else f"+{ord(ch):02X}" for ch in text
+    )
+
+
+def _printable(text: str) -> bool:
+    return all(32 <= ord(ch) <= 126 for ch in text)
+
+
+# --- MAIL: RET, ENVID ------------------------------------------------------------
+
+
+def _ret(value: str | None) -> str:
+    # RFC 3461 section 4.3: RET=FULL / RET=HDRS, case-insensitive.
+    if value is None or value.upper() not in ("FULL", "HDRS"):
+        raise ParameterError("RET must be FULL or HDRS")
+    return value.upper()
+
+
+def _envid(value: str | None) -> str:
+    # RFC 3461 section 4.4: xtext, at most 100 characters, printable ASCII decoded.
+    if not value:
+        raise ParameterError("ENVID needs a value")
+    envid = xtext_decode(value)
+    if len(envid) > 100 or not _printable(envid):
+        raise ParameterError("ENVID too long or not printable")
+    return envid
+
+
+# --- RCPT: NOTIFY, ORCPT ------------------------------------------------------------
+
+#: NOTIFY's values other than NEVER (RFC 3461 section 4.1).
+NOTIFY_WHEN = ("SUCCESS", "FAILURE", "DELAY")
+
+
+def _notify(value: str | None) -> str:
+    # "NEVER" alone, or a comma list of SUCCESS, FAILURE, DELAY (no repeats).
+    if not value:
+        raise ParameterError("NOTIFY needs a value")
+    items = [item.upper() for item in value.split(",")]
+    if items == ["NEVER"]:
+        return "NEVER"
+    if len(set(items)) != len(items) or not all(item in NOTIFY_WHEN for item in items):
+        raise ParameterError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+    return ",".join(items)
+
+
+def _orcpt(value: str | None) -> str:
+    # RFC 3461 section 4.2: addr-type ";" xtext, at most 500 characters;
+    # stored decoded as "addr-type;address". An rfc822 address must be one.
+    if not value or len(value) > 500:
+        raise ParameterError("ORCPT needs addr-type;address (at most 500 characters)")
+    addr_type, semi, encoded = value.partition(";")
+    atom = addr_type.replace("-", "").replace("_", "")
+    if not semi or not atom.isascii() or not atom.isalnum():
+        raise ParameterError("ORCPT needs addr-type;address")
+    address = xtext_decode(encoded)
+    if not address or not _printable(address):
+        raise ParameterError("ORCPT address empty or not printable")
+    if addr_type.lower() == "rfc822":
+        try:
+            check_mailbox(address)
+        except AddressError as exc:
+            raise ParameterError(f"ORCPT is not an address: {exc}") from exc
+        return f"rfc822;{address}"
+    return f"{addr_type};{address}"
+
+
+def orcpt_xtext(orcpt: str) -> str:
+    """A stored ORCPT (``addr-type;address``) as the parameter's value."""
+    addr_type, _, address = orcpt.partition(";")
+    return f"{addr_type};{xtext_encode(address)}"
+
+
+#: MAIL FROM parameters relay implements itself (keyword -> check).
+MAIL_PARAMETERS: dict[str, Check] = {"RET": _ret, "ENVID": _envid}
+#: RCPT TO parameters relay implements itself (keyword -> check).
+RCPT_PARAMETERS: dict[str, Check] = {"NOTIFY": _notify, "ORCPT": _orcpt}
+
+
+def take_parameters(text: str, table: Mapping[str, Check]) -> tuple[dict[str, str], str]:
+    """Split a command's parameters (after the path) into those in ``table``,
+    checked (keyword -> value as stored), and the rest as written (for
+    aiosmtpd). Keywords are case-insensitive, values keep their case (xtext
+    is). Raises ParameterError for a bad value or a keyword given twice
+    (RFC 3461 section 4: each at most once).
+    """
+    taken: dict[str, str] = {}
+    rest: list[str] = []
+    for word in text.split():
+        keyword, eq, value = word.partition("=")
+        check = table.get(keyword.upper())
+        if check is None:
+            rest.append(word)
+            continue
+        if keyword.upper() in taken:
+            raise ParameterError(f"{keyword.upper()} given twice")
+        taken[keyword.upper()] = check(value if eq else None)
+    return taken, " ".join(rest)
