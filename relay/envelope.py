@@ -44,6 +44,9 @@ class Recipient:
     notify: str = ""
     #: The client's RCPT ORCPT, decoded: "rfc822;user@example.com"; "" if none.
     orcpt: str = ""
+    #: Delivered to a next hop without DSN and the client asked NOTIFY=SUCCESS:
+    #: a "relayed" notice is owed to the sender (RFC 3461 section 4.2).
+    relayed_notice: bool = False
 
     def notifies(self, when: str) -> bool:
         """The sender asked to hear of ``when`` ("SUCCESS", "FAILURE", "DELAY").
@@ -74,6 +77,8 @@ class Recipient:
             data["notify"] = self.notify
         if self.orcpt:
             data["orcpt"] = self.orcpt
+        if self.relayed_notice:
+            data["relayed_notice"] = True
         return data
 
     @classmethod
@@ -93,6 +98,7 @@ class Recipient:
             last_cause=str(data.get("last_cause", "")),
             notify=str(data.get("notify", "")),
             orcpt=str(data.get("orcpt", "")),
+            relayed_notice=bool(data.get("relayed_notice", False)),
         )
 
 

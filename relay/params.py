@@ -6,14 +6,17 @@ aiosmtpd checks SIZE, BODY and SMTPUTF8 and refuses any other parameter
 here and kept with the envelope: the DSN extension's RET and ENVID (MAIL),
 NOTIFY and ORCPT (RCPT) of RFC 3461. Each table maps a keyword to the
 function that checks its value and returns it as stored; an extension
-adds its keyword to the table. Pure rules, no I/O.
+adds its keyword to the table. The same parameters go to a next hop that
+offers them (:func:`mail_options`, :func:`rcpt_options`). Pure rules, no I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from relay import errors
 from relay.addresses import AddressError, check_mailbox
+from relay.envelope import Envelope
 
 #: Checks one parameter's value (None for a keyword without "="); returns
 #: the value as stored, raises ParameterError.
@@ -150,3 +153,46 @@ def take_parameters(text: str, table: Mapping[str, Check]) -> tuple[dict[str, st
             raise ParameterError(f"{keyword.upper()} given twice")
         taken[keyword.upper()] = check(value if eq else None)
     return taken, " ".join(rest)
+
+
+# --- outbound: the parameters given to the next hop --------------------------------
+
+
+def mail_options(envelope: Envelope, size: int, offers: Callable[[str], bool]) -> list[str]:
+    """ESMTP MAIL parameters the envelope asks for and the server ``offers``
+    (its EHLO keywords, lower-case). Raises PermanentFailure when a
+    non-ASCII envelope meets a server without SMTPUTF8."""
+    options: list[str] = []
+    if offers("size"):
+        options.append(f"SIZE={size}")  # RFC 1870
+    if envelope.body_8bit and offers("8bitmime"):
+        options.append("BODY=8BITMIME")  # RFC 6152
+    if envelope.smtputf8:
+        if offers("smtputf8"):
+            options.append("SMTPUTF8")  # RFC 6531
+        elif not _ascii_envelope(envelope):
+            # RFC 6531 section 3.4: a non-ASCII address cannot be downgraded.
+            raise errors.PermanentFailure("next hop lacks SMTPUTF8", errors.SMTPUTF8_UNSUPPORTED)
+    if offers("dsn"):
+        # RFC 3461 section 4: passed on as the client gave them.
+        if envelope.ret:
+            options.append(f"RET={envelope.ret}")
+        if envelope.envid:
+            options.append(f"ENVID={xtext_encode(envelope.envid)}")
+    return options
+
+
+def rcpt_options(envelope: Envelope, address: str, dsn: bool) -> list[str]:
+    """RCPT parameters for ``address``: its NOTIFY and ORCPT, to a next hop offering ``dsn``."""
+    rcpt = next((r for r in envelope.recipients if r.address == address), None)
+    if not dsn or rcpt is None:
+        return []
+    options = [f"NOTIFY={rcpt.notify}"] if rcpt.notify else []
+    if rcpt.orcpt:
+        options.append(f"ORCPT={orcpt_xtext(rcpt.orcpt)}")
+    return options
+
+
+def _ascii_envelope(envelope: Envelope) -> bool:
+    addresses = [envelope.mail_from, *(r.address for r in envelope.recipients)]
+    return all(a.isascii() for a in addresses)
