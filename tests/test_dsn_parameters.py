@@ -41,7 +41,8 @@ async def test_dsn_is_advertised_and_parameters_are_spooled(tmp_path: Path) -> N
             harness.port,
             "MAIL FROM:<s@example.org> RET=hdrs ENVID=Ab+2Bc+3Dd SIZE=100",
             [
-                "RCPT TO:<one@example.com> NOTIFY=success,FAILURE ORCPT=rfc822;Old+2BOne@example.com",
+                "RCPT TO:<one@example.com> NOTIFY=success,FAILURE"
+                " ORCPT=rfc822;Old+2BOne@example.com",
                 "RCPT TO:<two@example.com> NOTIFY=NEVER",
                 "RCPT TO:<three@example.com>",
             ],
