@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from relay.bounce import build_relayed
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.spoolfiles import new_id
 from tests.support import configs
@@ -176,6 +178,7 @@ def queue_file_records(config_dir: Path, queue_id: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.e2e
 async def test_postfix_downstream_receives_notify_orcpt_envid_ret(
     tmp_path, dnsmasq, dsn_sink, postfix
 ):
@@ -208,3 +211,12 @@ async def test_postfix_downstream_receives_notify_orcpt_envid_ret(
     assert lines[two - 3] == "notify_flags=1", records
     # No "relayed" notice: Postfix offers DSN and tells the sender itself.
     assert dsn_sink.messages == []
+
+
+def test_a_relayed_notice_is_never_built_for_the_null_sender() -> None:
+    envelope = Envelope(id="q1", mail_from="", recipients=[Recipient("u@corp.test")])
+    with pytest.raises(ValueError):
+        build_relayed(
+            envelope, envelope.recipients, hostname="relay.test", original=MESSAGE,
+            now=datetime.now(UTC),
+        )  # fmt: skip
