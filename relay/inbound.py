@@ -20,7 +20,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
@@ -44,13 +44,7 @@ from relay.errors import Reply
 from relay.intake import Intake, SpoolSpill, Transaction
 from relay.listeners import Listeners, address_texts
 from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
-from relay.params import (
-    MAIL_PARAMETERS,
-    RCPT_PARAMETERS,
-    Check,
-    ParameterError,
-    take_parameters,
-)
+from relay.params import MAIL_PARAMETERS, RCPT_PARAMETERS, SessionParameters
 from relay.relaying import may_relay, recipient_reply
 from relay.spool import Spool
 
@@ -206,14 +200,8 @@ class _Connection(SMTP):
         self._name_known = False
         #: The client's forward-confirmed reverse DNS name, once known.
         self.client_name: str | None = None
-        #: The parameter table (relay.params) of the MAIL or RCPT under way.
-        self._parameter_table: Mapping[str, Check] = {}
-        #: What relay.params took off the MAIL or RCPT under way, or why it refused.
-        self.taken: dict[str, str] = {}
-        self.parameter_error = ""
-        #: The transaction's MAIL parameters and each recipient's RCPT parameters.
-        self.mail_parameters: dict[str, str] = {}
-        self.rcpt_parameters: dict[str, dict[str, str]] = {}
+        #: The MAIL and RCPT parameters relay implements (relay.params).
+        self.parameters = SessionParameters()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -369,12 +357,12 @@ class _Connection(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        self._parameter_table = MAIL_PARAMETERS
+        self.parameters.table = MAIL_PARAMETERS
         await super().smtp_MAIL(arg)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        self._parameter_table = RCPT_PARAMETERS
+        self.parameters.table = RCPT_PARAMETERS
         await super().smtp_RCPT(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -389,14 +377,7 @@ class _Connection(SMTP):
         # aiosmtpd refuses what it does not know (555), with their case
         # (aiosmtpd upper-cases; xtext is case-sensitive). The hook refuses
         # a bad one (501 5.5.4).
-        table, self._parameter_table = self._parameter_table, {}
-        self.taken, self.parameter_error = {}, ""
-        try:
-            self.taken, params = take_parameters(params, table)
-        except ParameterError as exc:
-            self.parameter_error = str(exc)
-            params = " ".join(w for w in params.split() if w.partition("=")[0].upper() not in table)
-        return mailbox, params
+        return mailbox, self.parameters.take(params)
 
     async def push(self, status: Any) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
@@ -473,14 +454,13 @@ def transaction(server: SMTP, session: Session, envelope: SmtpEnvelope) -> Trans
         recipients=tuple(envelope.rcpt_tos),
         smtputf8=envelope.smtp_utf8,
         body_8bit="BODY=8BITMIME" in envelope.mail_options,
-        mail_parameters=server.mail_parameters if isinstance(server, _Connection) else {},
-        rcpt_parameters=server.rcpt_parameters if isinstance(server, _Connection) else {},
+        mail_parameters=_parameters(server).mail,
+        rcpt_parameters=_parameters(server).rcpt,
     )
 
 
-def _bad_parameter(server: SMTP) -> str:
-    """Why relay.params refused a parameter of this command ("" if none did)."""
-    return server.parameter_error if isinstance(server, _Connection) else ""
+def _parameters(server: SMTP) -> SessionParameters:
+    return server.parameters if isinstance(server, _Connection) else SessionParameters()
 
 
 _RCPT_REASONS = {
@@ -539,11 +519,10 @@ class _Handler:
             # RFC 6531 section 3.4: non-ASCII addresses need SMTPUTF8.
             self.inbound.rejected("bad_address", session, "MAIL")
             return str(errors.NON_ASCII_ADDRESS)
-        if _bad_parameter(server):
-            self.inbound.rejected("bad_syntax", session, "MAIL", error=_bad_parameter(server))
+        if _parameters(server).error:
+            self.inbound.rejected("bad_syntax", session, "MAIL", error=_parameters(server).error)
             return str(errors.BAD_PARAMETER)
-        if isinstance(server, _Connection):
-            server.mail_parameters, server.rcpt_parameters = server.taken, {}
+        _parameters(server).mail_accepted()
         # With a hook, aiosmtpd leaves recording the sender to us.
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -565,7 +544,7 @@ class _Handler:
             address = f"postmaster@{config.server.domains[0]}"
         if address == "<>":
             reply, reason = errors.MALFORMED_ADDRESS, "bad_address"
-        elif _bad_parameter(server):
+        elif _parameters(server).error:
             reply, reason = errors.BAD_PARAMETER, "bad_syntax"
         elif not address.isascii() and not envelope.smtp_utf8:
             reply, reason = errors.NON_ASCII_ADDRESS, "bad_address"
@@ -582,8 +561,7 @@ class _Handler:
         if address not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
-            if isinstance(server, _Connection):
-                server.rcpt_parameters[address] = server.taken
+            _parameters(server).rcpt_accepted(address)
         return str(reply)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:

@@ -13,6 +13,7 @@ offers them (:func:`mail_options`, :func:`rcpt_options`). Pure rules, no I/O.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from relay import errors
 from relay.addresses import AddressError, check_mailbox
@@ -153,6 +154,44 @@ def take_parameters(text: str, table: Mapping[str, Check]) -> tuple[dict[str, st
             raise ParameterError(f"{keyword.upper()} given twice")
         taken[keyword.upper()] = check(value if eq else None)
     return taken, " ".join(rest)
+
+
+# --- one session's parameters ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class SessionParameters:
+    """What relay took off one SMTP session's MAIL and RCPT commands.
+
+    The server sets ``table`` as a command starts (MAIL_PARAMETERS or
+    RCPT_PARAMETERS) and calls :meth:`take` with the command's parameters;
+    its hook refuses the command if ``error`` is set, else records them.
+    """
+
+    table: Mapping[str, Check] = field(default_factory=dict)
+    #: The command under way: what it gave, or why it is refused ("" if not).
+    taken: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+    #: The transaction's MAIL parameters and each recipient's RCPT parameters.
+    mail: dict[str, str] = field(default_factory=dict)
+    rcpt: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def take(self, params: str) -> str:
+        """Take the command's parameters in ``table`` off ``params``; the rest."""
+        table, self.table = self.table, {}
+        self.taken, self.error = {}, ""
+        try:
+            self.taken, rest = take_parameters(params, table)
+        except ParameterError as exc:
+            self.error = str(exc)
+            rest = " ".join(w for w in params.split() if w.partition("=")[0].upper() not in table)
+        return rest
+
+    def mail_accepted(self) -> None:
+        self.mail, self.rcpt = self.taken, {}
+
+    def rcpt_accepted(self, address: str) -> None:
+        self.rcpt[address] = self.taken
 
 
 # --- outbound: the parameters given to the next hop --------------------------------
