@@ -110,6 +110,8 @@ class Attempt:
     remote: Mapping[str, str]
     #: The route's ``on_tls_failure = "defer"``: TLS failures at every host defer.
     tls_defers: bool = False
+    #: Recipients accepted by a next hop that does not offer DSN (RFC 3461).
+    relayed: frozenset[str] = frozenset()
 
     def outcome(self, address: str) -> errors.Outcome:
         """errors.DELIVERED, errors.BOUNCED or errors.DEFERRED."""
@@ -148,6 +150,8 @@ class RecipientResults:
         self.seen: set[str] = set()
         #: Recipients settled for this attempt without a final result.
         self.held: set[str] = set()
+        #: Recipients accepted by a next hop that does not offer DSN.
+        self.relayed: set[str] = set()
 
     def next_host(self) -> list[str]:
         """Start a new host; the recipients it should carry."""
@@ -280,7 +284,10 @@ class AttemptRecorder:
         final = {r: tuple(items) for r, items in results.results.items()}
         if route.tls_defers:
             self._tls_held(route, envelope, hosts, final)
-        return Attempt(route.name, tuple(hosts), final, dict(results.remote), route.tls_defers)
+        return Attempt(
+            route.name, tuple(hosts), final, dict(results.remote), route.tls_defers,
+            frozenset(results.relayed),
+        )  # fmt: skip
 
     def _tls_held(
         self,

@@ -3,7 +3,10 @@
 A DSN is ``multipart/report; report-type=delivery-status`` (RFC 6522) with
 three parts: a plain-words explanation, the machine-readable
 ``message/delivery-status`` fields, and the original message's headers
-(``text/rfc822-headers``). Internationalised addresses use the RFC 6533
+(``text/rfc822-headers``), or the whole message (``message/rfc822``) when
+its sender asked for it (RFC 3461 RET=FULL). The sender's ENVID and each
+recipient's ORCPT come back as Original-Envelope-Id and Original-Recipient
+(RFC 3464 sections 2.2.1, 2.3.1). Internationalised addresses use the RFC 6533
 types (``utf-8`` address type, ``message/global-delivery-status``,
 ``message/global-headers``) and make the DSN an SMTPUTF8 message.
 
@@ -30,7 +33,7 @@ from email.policy import compat32
 
 from relay.advice import Advice, tls_advice
 from relay.certificate import Certificate
-from relay.envelope import Envelope
+from relay.envelope import Envelope, Recipient
 from relay.errors import (
     NoRoute,
     NoSuchDomain,
@@ -256,15 +259,20 @@ def _explain(failure: Failure) -> list[str]:
 
 
 def _human_text(
-    envelope: Envelope, failed: Sequence[Failure], hostname: str, postmaster_told: bool
+    envelope: Envelope,
+    failed: Sequence[Failure],
+    hostname: str,
+    postmaster_told: bool,
+    full: bool = False,
 ) -> list[str]:
+    attached = "Your message is attached." if full else "The headers of your message are attached."
     lines = [
         f"This is the mail system at host {hostname}.",
         "",
         *_wrap(
             f"Your message (queue id {envelope.id}) could not be delivered to the "
             "following recipients. This is a permanent error; the mail system will not "
-            "try again. The headers of your message are attached."
+            f"try again. {attached}"
         ),
         "",
     ]
@@ -324,19 +332,35 @@ def _postmaster_text(envelope: Envelope, failed: Sequence[Failure], hostname: st
 # --- the delivery-status part -------------------------------------------------
 
 
+def _message_fields(envelope: Envelope, hostname: str) -> list[str]:
+    """RFC 3464 section 2.2: the per-message fields, the sender's ENVID first."""
+    lines = _field("Original-Envelope-Id", envelope.envid) if envelope.envid else []
+    return [
+        *lines,
+        *_field("Reporting-MTA", f"dns; {hostname}"),
+        *_field("X-Relay-Queue-ID", envelope.id),
+        *_field("Arrival-Date", _date(envelope.received_at)),
+    ]
+
+
+def _recipient_fields(envelope: Envelope, address: str, utf8: bool) -> list[str]:
+    """Original-Recipient (the client's ORCPT, RFC 3464 section 2.3.1) and Final-Recipient."""
+    clean = (lambda s: s) if utf8 else _ascii
+    orcpt = next((r.orcpt for r in envelope.recipients if r.address == address), "")
+    addr_type, _, original = orcpt.partition(";")
+    lines = _field("Original-Recipient", clean(f"{addr_type}; {original}")) if orcpt else []
+    return [*lines, *_field("Final-Recipient", clean(_address_field(address, utf8)))]
+
+
 def _status_fields(
     envelope: Envelope, failed: Sequence[Failure], hostname: str, utf8: bool
 ) -> list[str]:
     clean = (lambda s: s) if utf8 else _ascii
     # RFC 3464 section 2.2: per-message fields first, then a block per recipient.
-    lines = [
-        *_field("Reporting-MTA", f"dns; {hostname}"),
-        *_field("X-Relay-Queue-ID", envelope.id),
-        *_field("Arrival-Date", _date(envelope.received_at)),
-    ]
+    lines = _message_fields(envelope, hostname)
     for failure in failed:
         lines.append("")
-        lines += _field("Final-Recipient", clean(_address_field(failure.address, utf8)))
+        lines += _recipient_fields(envelope, failure.address, utf8)
         lines += _field("Action", "failed")
         lines += _field("Status", failure.status_text)
         # RFC 3464 section 2.3.5: the host the relay tried to pass the
@@ -422,14 +446,10 @@ def _delay_fields(
     envelope: Envelope, delayed: Sequence[Delay], hostname: str, give_up: float, utf8: bool
 ) -> list[str]:
     clean = (lambda s: s) if utf8 else _ascii
-    lines = [
-        *_field("Reporting-MTA", f"dns; {hostname}"),
-        *_field("X-Relay-Queue-ID", envelope.id),
-        *_field("Arrival-Date", _date(envelope.received_at)),
-    ]
+    lines = _message_fields(envelope, hostname)
     for item in delayed:
         lines.append("")
-        lines += _field("Final-Recipient", clean(_address_field(item.address, utf8)))
+        lines += _recipient_fields(envelope, item.address, utf8)
         lines += _field("Action", "delayed")
         lines += _field("Status", item.status_text)
         if item.remote_mta.endswith("]"):
@@ -478,6 +498,63 @@ def delay_needs_smtputf8(envelope: Envelope, delayed: Sequence[Delay]) -> bool:
     return envelope.smtputf8 or not all(a.isascii() for a in addresses)
 
 
+# --- "relayed" notices (RFC 3461 section 4.2) ------------------------------------
+
+
+def build_relayed(
+    envelope: Envelope,
+    relayed: Sequence[Recipient],
+    *,
+    hostname: str,
+    original: bytes,
+    now: datetime,
+) -> bytes:
+    """The RFC 3464 report telling ``envelope.mail_from`` that ``relayed``
+    recipients, who asked NOTIFY=SUCCESS, were handed to a next hop that
+    does not offer DSN (``Action: relayed``, ``Status: 2.0.0``): no further
+    notice will come. Headers only (RFC 3461 section 4.3: a DSN without a
+    failure returns no content). Raises ValueError for a null sender.
+    """
+    if not envelope.mail_from:
+        raise ValueError("never send a DSN to the null reverse-path")
+    if not relayed:
+        raise ValueError("a relayed notice needs at least one recipient")
+    utf8 = relayed_needs_smtputf8(envelope, relayed)
+    clean = (lambda s: s) if utf8 else _ascii
+    text = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        *_wrap(
+            f"Your message (queue id {envelope.id}) was delivered to the mail servers "
+            "of the following recipients, as you asked to be told. Those servers do "
+            "not send delivery notifications, so you will not hear more about it. "
+            "The headers of your message are attached."
+        ),
+        "",
+    ]
+    fields = _message_fields(envelope, hostname)
+    for rcpt in relayed:
+        where = f" at host {rcpt.remote_mta}" if rcpt.remote_mta else ""
+        reply = f": {rcpt.last_reply}" if rcpt.last_reply else ""
+        text += [f"<{rcpt.address}>:", *_wrap(f"Relayed{where}{reply}", "    "), ""]
+        fields.append("")
+        fields += _recipient_fields(envelope, rcpt.address, utf8)
+        fields += [*_field("Action", "relayed"), *_field("Status", "2.0.0")]
+        if rcpt.remote_mta.endswith("]"):
+            fields += _field("Remote-MTA", clean(f"dns; {_remote_name(rcpt.remote_mta)}"))
+        if rcpt.last_reply is not None and rcpt.last_remote:
+            fields += _field("Diagnostic-Code", clean(f"smtp; {rcpt.last_reply}"))
+    to = f"<{envelope.mail_from}>"
+    subject = "Successful Mail Delivery Report"
+    return _assemble(original, hostname, now, to, subject, text, fields, utf8)
+
+
+def relayed_needs_smtputf8(envelope: Envelope, relayed: Sequence[Recipient]) -> bool:
+    """True when the relayed notice carries a non-ASCII address (sent with SMTPUTF8)."""
+    addresses = [envelope.mail_from, *(r.address for r in relayed)]
+    return envelope.smtputf8 or not all(a.isascii() for a in addresses)
+
+
 # --- assembly -------------------------------------------------------------------
 
 
@@ -489,10 +566,12 @@ def build_dsn(
     original: bytes,
     now: datetime,
     postmaster_told: bool = False,
+    full: bool = False,
 ) -> bytes:
     """The RFC 3464 report telling ``envelope.mail_from`` that ``failed`` recipients bounced.
 
-    ``original`` is the spooled message (only its headers are returned).
+    ``original`` is the spooled message: only its headers are returned
+    unless ``full`` (the sender's RET=FULL, and ``original`` is all of it).
     ``now`` is the Date of the report. ``postmaster_told``: a postmaster
     copy goes out too (``[bounces] notify``), and the text says so.
     Raises ValueError for a null sender or no failures: those never get a
@@ -502,10 +581,12 @@ def build_dsn(
         raise ValueError("never bounce the null reverse-path")
     if not failed:
         raise ValueError("a DSN needs at least one failed recipient")
-    text = _human_text(envelope, failed, hostname, postmaster_told)
+    text = _human_text(envelope, failed, hostname, postmaster_told, full)
     to = f"<{envelope.mail_from}>"
     subject = "Undelivered Mail Returned to Sender"
-    return _report(envelope, failed, hostname, original, now, to, subject, text)
+    utf8 = needs_smtputf8(envelope, failed)
+    fields = _status_fields(envelope, failed, hostname, utf8)
+    return _assemble(original, hostname, now, to, subject, text, fields, utf8, full)
 
 
 def build_postmaster_copy(
@@ -555,12 +636,17 @@ def _assemble(
     text: list[str],
     fields: list[str],
     utf8: bool,
+    full: bool = False,
 ) -> bytes:
-    """The multipart/report around ``text`` and the delivery-status ``fields``."""
+    """The multipart/report around ``text`` and the delivery-status ``fields``;
+    the original's headers, or all of it when ``full``."""
     boundary = f"=_relay_{secrets.token_hex(12)}"
     headers = _original_headers(original)
     original_id = _original_message_id(headers)
-
+    if full:
+        returned = _returned(original, utf8, boundary)
+    else:
+        returned = _returned_headers(headers, utf8, boundary)
     top = [
         *_field("From", f"Mail Delivery System <MAILER-DAEMON@{hostname}>"),
         *_field("To", to),
@@ -603,6 +689,12 @@ def _assemble(
         *fields,
         "",
     ]
+    text_bytes = "\r\n".join([*top, *human, *status]).encode("utf-8")
+    return text_bytes + b"\r\n" + returned
+
+
+def _returned_headers(headers: bytes, utf8: bool, boundary: str) -> bytes:
+    """The last part: the original's header section."""
     # RFC 6533 section 3.3: message/global-headers for headers that may be UTF-8.
     headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
     if not utf8 and not headers.isascii():
@@ -613,5 +705,30 @@ def _assemble(
         "Content-Description: Undelivered Message Headers",
         "",
     ]
-    text_bytes = "\r\n".join([*top, *human, *status, *head_part]).encode("utf-8")
-    return text_bytes + b"\r\n" + headers + f"\r\n--{boundary}--\r\n".encode("ascii")
+    return "\r\n".join(head_part).encode() + b"\r\n" + headers + _closing(boundary)
+
+
+def _returned(original: bytes, utf8: bool, boundary: str) -> bytes:
+    """The last part: the whole original (RET=FULL), lines cut at 998 octets."""
+    # RFC 6533 section 3.2: message/global for a message that may be UTF-8.
+    kind = "message/global" if utf8 else "message/rfc822"
+    lines = re.split(rb"\r\n|\r|\n", original)
+    if lines and not lines[-1]:
+        lines.pop()
+    body = b"".join(
+        line[i : i + _MAX_LINE] + b"\r\n"
+        for line in lines
+        for i in range(0, len(line) or 1, _MAX_LINE)
+    )
+    part = [
+        f"--{boundary}",
+        f"Content-Type: {kind}",
+        "Content-Description: Undelivered Message",
+        "Content-Transfer-Encoding: " + ("7bit" if body.isascii() else "8bit"),
+        "",
+    ]
+    return "\r\n".join(part).encode() + b"\r\n" + body + _closing(boundary)
+
+
+def _closing(boundary: str) -> bytes:
+    return f"\r\n--{boundary}--\r\n".encode("ascii")

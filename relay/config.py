@@ -325,6 +325,10 @@ class BouncesConfig:
     #: delayed (an RFC 3464 "Action: delayed" DSN); 0 sends no warning, like
     #: Postfix's delay_warning_time, whose default is off too.
     delay_warning: float = 0.0
+    #: Bytes of the original message a DSN returns when its sender asked
+    #: for the full message (RFC 3461 RET=FULL); a longer one is returned
+    #: as its headers only (as Postfix's bounce_size_limit, 50000).
+    max_returned_size: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)

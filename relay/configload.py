@@ -661,6 +661,7 @@ def parse(
         bounce_reader.get("route", str, field_default(BouncesConfig, "route")),
         _notify(bounce_reader, bounce_reader.strings("notify", ())),
         _delay_warning(bounce_reader),
+        bounce_reader.positive("max_returned_size", BouncesConfig().max_returned_size),
     )
     admin = _admin(problems, data.get("admin", {}), base)
     if bounces.route and bounces.route not in names:

@@ -39,6 +39,24 @@ class Recipient:
     #: "Connect call failed ('192.0.2.1', 25)" behind "451 4.4.1 Next hop
     #: unreachable" (for ``relay queue list``); "" when the reply says it all.
     last_cause: str = ""
+    #: The client's RCPT NOTIFY (RFC 3461 section 4.1): "" when it gave
+    #: none, "NEVER", or a list such as "SUCCESS,FAILURE" (relay.params).
+    notify: str = ""
+    #: The client's RCPT ORCPT, decoded: "rfc822;user@example.com"; "" if none.
+    orcpt: str = ""
+    #: Delivered to a next hop without DSN and the client asked NOTIFY=SUCCESS:
+    #: a "relayed" notice is owed to the sender (RFC 3461 section 4.2).
+    relayed_notice: bool = False
+
+    def notifies(self, when: str) -> bool:
+        """The sender asked to hear of ``when`` ("SUCCESS", "FAILURE", "DELAY").
+
+        Without NOTIFY, RFC 3461 section 4.1 leaves it to the relay:
+        failures and delays, never successes (as Postfix).
+        """
+        if not self.notify:
+            return when != "SUCCESS"
+        return when in self.notify.split(",")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"address": self.address, "state": self.state.value}
@@ -55,6 +73,12 @@ class Recipient:
             # Written only when set: an envelope without it reads the same
             # in an older relay (which ignores keys it does not know).
             data["last_cause"] = self.last_cause
+        if self.notify:
+            data["notify"] = self.notify
+        if self.orcpt:
+            data["orcpt"] = self.orcpt
+        if self.relayed_notice:
+            data["relayed_notice"] = True
         return data
 
     @classmethod
@@ -72,6 +96,9 @@ class Recipient:
             remote_mta=data.get("remote_mta", ""),
             last_remote=bool(data.get("last_remote", False)),
             last_cause=str(data.get("last_cause", "")),
+            notify=str(data.get("notify", "")),
+            orcpt=str(data.get("orcpt", "")),
+            relayed_notice=bool(data.get("relayed_notice", False)),
         )
 
 
@@ -130,6 +157,10 @@ class Envelope:
     #: The message has ``TLS-Required: No`` (RFC 8689 section 5) and no
     #: REQUIRETLS: it goes out even where the route's TLS policy fails.
     tls_optional: bool = False
+    #: The client's MAIL RET (RFC 3461 section 4.3): "FULL", "HDRS" or "" (none).
+    ret: str = ""
+    #: The client's MAIL ENVID, decoded (RFC 3461 section 4.4); "" if none.
+    envid: str = ""
 
     @property
     def pending(self) -> list[Recipient]:
@@ -161,6 +192,10 @@ class Envelope:
             data["requiretls"] = True  # only when set, as last_cause
         if self.tls_optional:
             data["tls_optional"] = True
+        if self.ret:
+            data["ret"] = self.ret
+        if self.envid:
+            data["envid"] = self.envid
         return data
 
     def dumps(self) -> bytes:
@@ -188,6 +223,8 @@ class Envelope:
             delay_warned=bool(data.get("delay_warned", False)),
             requiretls=bool(data.get("requiretls", False)),
             tls_optional=bool(data.get("tls_optional", False)),
+            ret=str(data.get("ret", "")),
+            envid=str(data.get("envid", "")),
         )
 
     @classmethod

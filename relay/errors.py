@@ -129,6 +129,9 @@ NO_ROUTE = Reply(550, (5, 1, 1), "No route for this recipient")
 TOO_MANY_RECIPIENTS = Reply(452, (4, 5, 3), "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, (5, 3, 4), "Message size exceeds fixed limit")
 MALFORMED_ADDRESS = Reply(501, (5, 1, 3), "Bad address syntax")
+#: A MAIL or RCPT parameter relay implements is malformed or repeated
+#: (RFC 3461 section 4: NOTIFY, ORCPT, RET, ENVID; RFC 3463 5.5.4).
+BAD_PARAMETER = Reply(501, (5, 5, 4), "Invalid command parameter")
 BAD_SYNTAX = Reply(501, (5, 5, 4), "Syntax error in parameters or arguments")
 LOOP_DETECTED = Reply(554, (5, 4, 6), "Routing loop detected: too many Received headers")
 BARE_LINE_ENDING = Reply(

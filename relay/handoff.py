@@ -114,6 +114,9 @@ class Handoff:
         )
         for address in sent.accepted:
             results.record(address, sent.reply, where)
+            if not sent.dsn and sent.reply.code // 100 == 2:
+                # No NOTIFY went with it: relay owes the sender's SUCCESS notice.
+                results.relayed.add(address)
         return sent.reply
 
     async def _health_checked(

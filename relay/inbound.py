@@ -1,10 +1,11 @@
 """Inbound SMTP: the aiosmtpd listeners and sessions, spool before 250.
 
 Implements the receiving side of RFC 5321 with SIZE (RFC 1870), 8BITMIME
-(RFC 6152), SMTPUTF8 (RFC 6531) and STARTTLS (RFC 3207). The rules it
-applies live in modules of their own: the path grammar in
-relay.addresses, recipient policy in relay.relaying, message checks and
-the Received header in relay.content, the DATA reader in
+(RFC 6152), SMTPUTF8 (RFC 6531), STARTTLS (RFC 3207) and DSN (RFC 3461).
+The rules it applies live in modules of their own: the path grammar in
+relay.addresses, the MAIL and RCPT parameters relay implements in
+relay.params, recipient policy in relay.relaying, message checks and the
+Received header in relay.content, the DATA reader in
 relay.datareader, the spool write before ``250 queued as`` in
 relay.intake. This module is the glue to aiosmtpd.
 
@@ -34,6 +35,7 @@ from relay.admission import (
     client_key,
     reserve_descriptors,
 )
+from relay.commandreader import CrlfCommandReader
 from relay.config import Config, Listen
 from relay.content import unstuff
 from relay.datareader import REFUSAL_REASONS, read_data
@@ -42,23 +44,21 @@ from relay.envelope import Envelope
 from relay.errors import Reply
 from relay.intake import Intake, SpoolSpill, Transaction
 from relay.listeners import Listeners, address_texts
-from relay.mailparams import MAIL_PARAMETERS, ParameterRefused, mail_extensions, parse_mail
 from relay.metrics import CONNECTION_REFUSALS, REJECT_REASONS, Metrics
+from relay.params import MAIL_PARAMETERS, RCPT_PARAMETERS, SessionParameters, ehlo_keywords
 from relay.relaying import may_relay, recipient_reply
 from relay.spool import Spool
 
-#: The private members of aiosmtpd (pinned in pyproject.toml) and asyncio
+#: The private members of aiosmtpd (pinned in pyproject.toml)
 #: that this module reaches into; tests/test_private_members.py checks
 #: that each still exists. Beyond them, _Connection.smtp_DATA re-implements
 #: aiosmtpd 1.4's smtp_DATA (same checks, same order) to read in blocks.
 PRIVATE_MEMBERS = (
     # Overridden: swaps the class of aiosmtpd's live StreamReader for
-    # _CrlfCommandReader (strict command line endings, DATA timer).
+    # CrlfCommandReader (strict command line endings, DATA timer).
     ("aiosmtpd.smtp", "SMTP._cb_client_connected"),
     # Overridden: the strict RFC 5321 path grammar instead of RFC 5322's.
     ("aiosmtpd.smtp", "SMTP._getaddr"),
-    # Overridden: lets relay.mailparams's MAIL parameters past aiosmtpd's 555.
-    ("aiosmtpd.smtp", "SMTP._getparams"),
     # Overridden: 421 before closing an idle session.
     ("aiosmtpd.smtp", "SMTP._timeout_cb"),
     # Called: restart the idle timer (per DATA block, after the spool write).
@@ -74,8 +74,6 @@ PRIVATE_MEMBERS = (
     # blocks, goodbye() writes 421 past push()).
     ("aiosmtpd.smtp", "SMTP._reader"),
     ("aiosmtpd.smtp", "SMTP._writer"),
-    # Written: _CrlfCommandReader.unread puts bytes back into the buffer.
-    ("asyncio.streams", "StreamReader._buffer"),
 )
 
 # aiosmtpd answers some conditions itself with fixed texts; they are mapped
@@ -89,53 +87,9 @@ _AIOSMTPD_REPLIES: dict[str, tuple[Reply, str]] = {
     ),
     "553 5.1.3 Error: malformed address": (errors.MALFORMED_ADDRESS, "bad_address"),
     "500 Command line too long": (errors.LINE_TOO_LONG, "bad_syntax"),
-    # An empty command line, or one that ended in a bare LF (_CrlfCommandReader).
+    # An empty command line, or one that ended in a bare LF (CrlfCommandReader).
     "500 Error: bad syntax": (errors.BAD_COMMAND_LINE, "bad_syntax"),
 }
-
-
-class _CrlfCommandReader(asyncio.StreamReader):
-    """aiosmtpd's stream reader, refusing command lines that end in a bare LF.
-
-    aiosmtpd reads commands up to LF (``readuntil()``) and DATA lines up to
-    CRLF. RFC 5321 section 2.3.8 says lines end in CRLF only; a command
-    ending in a bare LF is turned into an empty line, which aiosmtpd
-    answers with its syntax error (mapped to 500 5.5.2 below), so the
-    command is refused rather than executed. DATA lines (read up to CRLF)
-    are returned untouched, and each one calls ``on_data_line``.
-    """
-
-    #: Called after each DATA line is read (the session's idle timer).
-    on_data_line: Callable[[], None] | None = None
-    #: Called after each command line is read (the session is busy).
-    on_command: Callable[[], None] | None = None
-    #: Set when the session said 421: commands already buffered (pipelined)
-    #: must not run, so every later read ends the session's task.
-    closed = False
-
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:  # type: ignore[override]
-        if self.closed:
-            raise asyncio.CancelledError
-        line = await super().readuntil(separator)
-        # A bare CR just before the CRLF ("DATA\r\r\n") would vanish in
-        # aiosmtpd's rstrip and the command would run: refuse it like a bare
-        # LF. A CR inside an argument is left to the argument checks (501).
-        if separator == b"\n" and self.on_command is not None:
-            self.on_command()
-        if separator == b"\n" and (not line.endswith(b"\r\n") or line.endswith(b"\r\r\n")):
-            return b"\n"
-        if separator == b"\r\n" and self.on_data_line is not None:
-            self.on_data_line()
-        return line
-
-    async def read(self, n: int = -1) -> bytes:
-        if self.closed:
-            raise asyncio.CancelledError
-        return await super().read(n)
-
-    def unread(self, data: bytes) -> None:
-        """Put back what a block read took past the end of DATA (pipelined commands)."""
-        self._buffer[0:0] = data  # type: ignore[attr-defined]
 
 
 class _Gate(asyncio.Protocol):
@@ -201,6 +155,8 @@ class _Connection(SMTP):
         self._name_known = False
         #: The client's forward-confirmed reverse DNS name, once known.
         self.client_name: str | None = None
+        #: The MAIL and RCPT parameters relay implements (relay.params).
+        self.parameters = SessionParameters()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -239,20 +195,11 @@ class _Connection(SMTP):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         # The reader aiosmtpd created, made strict about command line endings.
-        reader.__class__ = _CrlfCommandReader
-        assert isinstance(reader, _CrlfCommandReader)
+        reader.__class__ = CrlfCommandReader
+        assert isinstance(reader, CrlfCommandReader)
         reader.on_data_line = self._data_line
         reader.on_command = self._command_read
         super()._cb_client_connected(reader, writer)
-
-    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
-        """aiosmtpd's split, less relay.mailparams's MAIL parameters (else 555).
-        Only at MAIL: aiosmtpd refuses a nested MAIL first, so a sender is set at RCPT."""
-        result: dict[str, str | bool] | None = super()._getparams(params)
-        if result is not None and self.envelope is not None and not self.envelope.mail_from:
-            for name in MAIL_PARAMETERS:
-                result.pop(name, None)
-        return result
 
     def _command_read(self) -> None:
         self.waiting_since = None
@@ -301,7 +248,7 @@ class _Connection(SMTP):
         await self._wait_client_name()
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         reader = self._reader
-        assert isinstance(reader, _CrlfCommandReader)
+        assert isinstance(reader, CrlfCommandReader)
         envelope, session = self.envelope, self.session
         assert session is not None
         spill = SpoolSpill(
@@ -326,7 +273,7 @@ class _Connection(SMTP):
             return
         await self.push(status)
 
-    async def _receive(self, reader: _CrlfCommandReader, spill: SpoolSpill) -> Any:
+    async def _receive(self, reader: CrlfCommandReader, spill: SpoolSpill) -> Any:
         """Read the content and run the DATA hook: the reply, None at end of stream."""
         assert self.envelope is not None
         # The idle timer restarts with every block, so it alone would let a
@@ -363,14 +310,30 @@ class _Connection(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.parameters.table = MAIL_PARAMETERS
+        self.parameters.tls = self._tls_protocol is not None
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.parameters.table = RCPT_PARAMETERS
+        await super().smtp_RCPT(arg)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Replaces aiosmtpd's RFC 5322 header parser (comments, obsolete
         # syntax, CFWS) with the strict RFC 5321 path grammar. None makes
         # aiosmtpd answer its malformed-address reply, mapped to 501 5.1.3.
         try:
-            return parse_path(arg)
+            mailbox, params = parse_path(arg)
         except AddressError:
             return None, None
+        # The parameters relay implements are taken off here, before
+        # aiosmtpd refuses what it does not know (555), with their case
+        # (aiosmtpd upper-cases; xtext is case-sensitive). The hook refuses
+        # a bad one (501 5.5.4).
+        return mailbox, self.parameters.take(params)
 
     async def push(self, status: Any) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
@@ -422,7 +385,7 @@ class _Connection(SMTP):
         with contextlib.suppress(ConnectionError, RuntimeError, AttributeError):
             self._writer.write(f"{reply}\r\n".encode())
         transport.close()
-        if isinstance(self._reader, _CrlfCommandReader):
+        if isinstance(self._reader, CrlfCommandReader):
             self._reader.closed = True
 
 
@@ -447,9 +410,13 @@ def transaction(server: SMTP, session: Session, envelope: SmtpEnvelope) -> Trans
         recipients=tuple(envelope.rcpt_tos),
         smtputf8=envelope.smtp_utf8,
         body_8bit="BODY=8BITMIME" in envelope.mail_options,
-        # The options handle_MAIL accepted, read again.
-        params=parse_mail(envelope.mail_options, tls=bool(ssl_info)),
+        mail_parameters=_parameters(server).mail,
+        rcpt_parameters=_parameters(server).rcpt,
     )
+
+
+def _parameters(server: SMTP) -> SessionParameters:
+    return server.parameters if isinstance(server, _Connection) else SessionParameters()
 
 
 _RCPT_REASONS = {
@@ -489,7 +456,8 @@ class _Handler:
         # aiosmtpd lists SIZE, 8BITMIME, SMTPUTF8 and STARTTLS (when a
         # context is set); drop its AUTH line, we offer no authentication.
         lines = [line for line in responses if not line[4:].startswith("AUTH")]
-        ours = [f"250-{keyword}" for keyword in mail_extensions(bool(session.ssl))]
+        # Their own: DSN (RFC 3461) and, over TLS, REQUIRETLS (relay.params).
+        ours = [f"250-{keyword}" for keyword in ehlo_keywords(bool(session.ssl))]
         return lines[:-1] + ours + lines[-1:]
 
     async def handle_MAIL(
@@ -508,11 +476,14 @@ class _Handler:
             # RFC 6531 section 3.4: non-ASCII addresses need SMTPUTF8.
             self.inbound.rejected("bad_address", session, "MAIL")
             return str(errors.NON_ASCII_ADDRESS)
-        try:
-            parse_mail(mail_options, tls=bool(session.ssl))
-        except ParameterRefused as exc:
-            self.inbound.rejected("bad_syntax", session, "MAIL", reply=exc.reply)
-            return str(exc.reply)
+        parameters = _parameters(server)
+        if parameters.error:
+            reply = parameters.reply
+            self.inbound.rejected(
+                "bad_syntax", session, "MAIL", reply=reply, error=parameters.error
+            )
+            return str(reply)
+        parameters.mail_accepted()
         # With a hook, aiosmtpd leaves recording the sender to us.
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -534,6 +505,8 @@ class _Handler:
             address = f"postmaster@{config.server.domains[0]}"
         if address == "<>":
             reply, reason = errors.MALFORMED_ADDRESS, "bad_address"
+        elif _parameters(server).error:
+            reply, reason = errors.BAD_PARAMETER, "bad_syntax"
         elif not address.isascii() and not envelope.smtp_utf8:
             reply, reason = errors.NON_ASCII_ADDRESS, "bad_address"
         elif len(envelope.rcpt_tos) >= config.server.max_recipients:
@@ -549,6 +522,7 @@ class _Handler:
         if address not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
+            _parameters(server).rcpt_accepted(address)
         return str(reply)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:

@@ -9,8 +9,8 @@ session and asks :meth:`Intake.accept` for the reply to the final dot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relay import errors, events
@@ -19,7 +19,6 @@ from relay.admission import MemoryBudget
 from relay.content import MessageCheck, protocol_keyword, received_header, unstuff
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.errors import Reply, SpoolError, SpoolFull
-from relay.mailparams import MailParameters
 from relay.metrics import Metrics
 from relay.spool import Spool
 from relay.spoolbody import IN_MEMORY_MAX, BodyWriter
@@ -51,8 +50,10 @@ class Transaction:
     recipients: tuple[str, ...]
     smtputf8: bool
     body_8bit: bool
-    #: The MAIL FROM parameters relay implements (relay.mailparams).
-    params: MailParameters = MailParameters()
+    #: The MAIL parameters relay.params checked (keyword -> value as stored).
+    mail_parameters: Mapping[str, str] = field(default_factory=dict)
+    #: Per recipient (by address), the RCPT parameters relay.params checked.
+    rcpt_parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 class Reject(Protocol):
@@ -290,7 +291,7 @@ class Intake:
         return Envelope(
             id=queue_id or new_id(),
             mail_from="" if tx.mail_from == "<>" else tx.mail_from,
-            recipients=[Recipient(address) for address in tx.recipients],
+            recipients=[_recipient(address, tx) for address in tx.recipients],
             client=ClientInfo(
                 ip=str(client_address(tx.peer) or tx.peer),
                 helo=tx.helo,
@@ -300,5 +301,13 @@ class Intake:
             next_attempt=now,
             smtputf8=tx.smtputf8,
             body_8bit=tx.body_8bit,
-            requiretls=tx.params.requiretls,
+            requiretls="REQUIRETLS" in tx.mail_parameters,
+            ret=tx.mail_parameters.get("RET", ""),
+            envid=tx.mail_parameters.get("ENVID", ""),
         )
+
+
+def _recipient(address: str, tx: Transaction) -> Recipient:
+    """A recipient with the DSN parameters its RCPT gave (RFC 3461)."""
+    params = tx.rcpt_parameters.get(address, {})
+    return Recipient(address, notify=params.get("NOTIFY", ""), orcpt=params.get("ORCPT", ""))

@@ -138,6 +138,9 @@ class Outcomes:
                 # expired, bounced ones once their DSN is spooled (_bounce).
                 self._metrics.recipients.labels(route.name, outcome).inc()
                 rcpt.state = RcptState.DELIVERED
+                if not isinstance(attempt, BaseException) and address in attempt.relayed:
+                    # RFC 3461 section 4.2: told "relayed" by conclude().
+                    rcpt.relayed_notice = rcpt.notifies("SUCCESS")
                 self._metrics.delivery_seconds.labels(route.name).observe(
                     max(0.0, now - envelope.received_at)
                 )
@@ -173,6 +176,13 @@ class Outcomes:
             ]
         for _, route in deferred:
             self._metrics.recipients.labels(route, errors.DEFERRED).inc()
+        owed = [r for r in envelope.recipients if r.relayed_notice]
+        if owed and await self._reporter.relayed(envelope, body, owed, now):
+            # Spooled (or not due): once only. One that could not be spooled
+            # is tried again with the next attempt, or lost with a message
+            # that is done: a success notice never holds up the mail.
+            for rcpt in owed:
+                rcpt.relayed_notice = False
         if envelope.done:
             return await self.remove(envelope)
         if deferred and self._reporter.warning_due(envelope, now):
@@ -264,7 +274,7 @@ class Outcomes:
             events.log(
                 "bounced", logging.WARNING, id=envelope.id, to=f"<{failure.address}>",
                 reason=failure.reason.value, reply=str(failure.reply),
-                remote=failure.remote_mta, dsn=dsn_id or "none (null sender)",
+                remote=failure.remote_mta, dsn=dsn_id or "none (null sender, or NOTIFY)",
             )  # fmt: skip
         return True
 

@@ -2,7 +2,11 @@
 
 RFC 3464 DSNs for recipients that failed, the one delay warning
 (``Action: delayed``) for recipients still deferred after ``[bounces]
-delay_warning``, and the postmaster copy of a DSN (``[bounces] notify``).
+delay_warning``, the "relayed" notice for recipients that asked
+NOTIFY=SUCCESS of a next hop without DSN, and the postmaster copy of a DSN
+(``[bounces] notify``). Each recipient's NOTIFY (RFC 3461 section 4.1)
+decides which of these its sender gets; RET which part of the message
+comes back.
 The bytes are relay.bounce's; this module spools them and queues them like
 any other message (null sender, the bounce route). A report is never sent
 to the null reverse-path (RFC 5321 section 4.5.5), so reports cannot loop.
@@ -22,8 +26,10 @@ from relay.bounce import (
     build_delay_warning,
     build_dsn,
     build_postmaster_copy,
+    build_relayed,
     delay_needs_smtputf8,
     needs_smtputf8,
+    relayed_needs_smtputf8,
 )
 from relay.config import Config
 from relay.envelope import Envelope, RcptState, Recipient
@@ -56,21 +62,30 @@ class Reporter:
     async def bounce(
         self, envelope: Envelope, body: Body, failures: Sequence[Failure], now: float
     ) -> str | None:
-        """Spool one DSN for ``failures``; its queue id, "" when the sender is
-        the null reverse-path (no DSN), None when it could not be spooled."""
+        """Spool one DSN for ``failures``; its queue id, "" when no DSN is
+        due (the null reverse-path, or NOTIFY without FAILURE for every one
+        of them), None when it could not be spooled."""
         if not envelope.mail_from:
             # RFC 5321 section 4.5.5 / RFC 3464: never bounce the null
             # reverse-path; a DSN that cannot be delivered is dropped.
             self._metrics.bounces.labels(BounceReason.DOUBLE_BOUNCE.value).inc()
             return ""
+        # RFC 3461 section 4.1: NOTIFY=NEVER (or SUCCESS/DELAY alone): no DSN.
+        failures = [f for f in failures if _notifies(envelope, f.address, "FAILURE")]
+        if not failures:
+            return ""
         cfg = self._config()
-        if isinstance(body, BodyFile):
+        full = await _full_message(envelope, body, cfg.bounces.max_returned_size)
+        if full is not None:
+            body = full
+        elif isinstance(body, BodyFile):
             # The DSN quotes the header section only: read a bounded head.
             body = await asyncio.to_thread(body.head, IN_MEMORY_MAX)
         notify = cfg.bounces.notify
         dsn = build_dsn(
             envelope, failures, hostname=cfg.server.hostname, original=body,
             now=datetime.fromtimestamp(now, UTC), postmaster_told=bool(notify),
+            full=full is not None,
         )  # fmt: skip
         report = _report(envelope, [envelope.mail_from], now, needs_smtputf8(envelope, failures))
         try:
@@ -124,7 +139,8 @@ class Reporter:
                 route="" if route == NO_ROUTE else route,
             )
             for rcpt, route in deferred
-            if rcpt.state is RcptState.PENDING
+            # RFC 3461 section 4.1: only to those whose NOTIFY allows DELAY.
+            if rcpt.state is RcptState.PENDING and rcpt.notifies("DELAY")
         ]
         if not delayed:
             return False
@@ -147,6 +163,37 @@ class Reporter:
         events.log(
             "delay_warning", id=envelope.id, to=f"<{envelope.mail_from}>", dsn=report.id,
             recipients=len(delayed), age=round(now - envelope.received_at), gives_up=give_up_at,
+        )  # fmt: skip
+        self._queue(report)
+        return True
+
+    async def relayed(
+        self, envelope: Envelope, body: Body, relayed: Sequence[Recipient], now: float
+    ) -> bool:
+        """Spool the "relayed" notice (RFC 3461 section 4.2, ``Action:
+        relayed``) for recipients that asked NOTIFY=SUCCESS and went to a
+        next hop without DSN; True once spooled (or when none is due: the
+        null sender, a DSN itself)."""
+        if not relayed or not envelope.mail_from or envelope.is_bounce:
+            return True
+        cfg = self._config()
+        if isinstance(body, BodyFile):
+            body = await asyncio.to_thread(body.head, IN_MEMORY_MAX)
+        notice = build_relayed(
+            envelope, relayed, hostname=cfg.server.hostname, original=body,
+            now=datetime.fromtimestamp(now, UTC),
+        )  # fmt: skip
+        report = _report(
+            envelope, [envelope.mail_from], now, relayed_needs_smtputf8(envelope, relayed)
+        )
+        try:
+            await asyncio.to_thread(self._spool.put, report, notice)
+        except RelayError as exc:
+            events.error("relayed_notice_failed", id=envelope.id, error=exc.detail)
+            return False
+        events.log(
+            "relayed_notice", id=envelope.id, to=f"<{envelope.mail_from}>", dsn=report.id,
+            recipients=len(relayed),
         )  # fmt: skip
         self._queue(report)
         return True
@@ -194,3 +241,20 @@ def _report(envelope: Envelope, to: Sequence[str], now: float, smtputf8: bool) -
         # headers (never the body: build_dsn) and goes with REQUIRETLS too.
         requiretls=envelope.requiretls,
     )
+
+
+def _notifies(envelope: Envelope, address: str, when: str) -> bool:
+    """The recipient ``address`` of ``envelope`` asked to hear of ``when`` (RFC 3461)."""
+    rcpt = next((r for r in envelope.recipients if r.address == address), None)
+    return rcpt is None or rcpt.notifies(when)
+
+
+async def _full_message(envelope: Envelope, body: Body, limit: int) -> bytes | None:
+    """The whole message for a DSN when its sender asked RET=FULL (RFC 3461
+    section 4.3) and it is at most ``limit`` bytes; else None (headers only)."""
+    size = len(body) if isinstance(body, bytes) else body.size
+    if envelope.ret != "FULL" or size > limit:
+        return None
+    if isinstance(body, BodyFile):
+        return await asyncio.to_thread(body.read, 0, size)
+    return body

@@ -38,6 +38,7 @@ from relay.config import Config, RouteAuth, TlsPolicy
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsCheck, TlsFailure, TlsPolicyFailure
 from relay.hop import Hop
+from relay.params import mail_options, rcpt_options
 from relay.spoolbody import Body, BodyFile
 
 #: aiosmtplib internals this module uses, checked by tests/test_private_members.py.
@@ -412,6 +413,9 @@ class Sent:
     #: For the accepted recipients, the reply to the final dot or the 5xx to
     #: DATA; with none accepted, the last refusal (nothing to record).
     reply: Reply
+    #: The next hop offered DSN (RFC 3461) and was given the sender's
+    #: NOTIFY, ORCPT, RET and ENVID: its own DSNs tell the sender the rest.
+    dsn: bool = False
 
 
 async def send_mail(
@@ -439,13 +443,20 @@ async def send_mail(
     with map_smtp_errors():
         encoding = "utf-8" if envelope.smtputf8 else "ascii"
         size = len(body) if isinstance(body, bytes) else body.size
-        options = _mail_options(smtp, envelope, size)
+        options = mail_options(envelope, size, smtp.supports_extension)
         # quote_address: as aiosmtplib's mail() and rcpt() quote ("" -> "<>").
         mail = b" ".join(
             [b"MAIL FROM:" + quote_address(envelope.mail_from).encode(encoding)]
             + [o.encode("ascii") for o in options]
         )
-        rcpts = [b"RCPT TO:" + quote_address(a).encode(encoding) for a in recipients]
+        dsn = smtp.supports_extension("dsn")
+        rcpts = [
+            b" ".join(
+                [b"RCPT TO:" + quote_address(a).encode(encoding)]
+                + [o.encode("ascii") for o in rcpt_options(envelope, a, dsn)]
+            )
+            for a in recipients
+        ]
         timeout = cfg.delivery.command_timeout
         accepted: list[str] = []
         last: Reply | None = None
@@ -491,7 +502,7 @@ async def send_mail(
                 # recipient gets an empty message it will refuse.
                 await _send_body(smtp, b"", cfg)
             assert last is not None
-            return Sent((), last)
+            return Sent((), last, dsn)
         if data_reply is None:
             data_reply = await smtp.execute_command(b"DATA", timeout=timeout)
         if data_reply.code // 100 in (2, 3) and data_reply.code != 354:
@@ -508,31 +519,8 @@ async def send_mail(
                 # A 4xx to DATA: this host failed the transaction; the
                 # recipients stay open for the next candidate.
                 raise errors.remote_failure(exc.code, exc.message) from exc
-            return Sent(tuple(accepted), reply)
-    return Sent(tuple(accepted), Reply.parse(response.code, response.message))
-
-
-def _mail_options(smtp: aiosmtplib.SMTP, envelope: Envelope, size: int) -> list[str]:
-    """ESMTP MAIL parameters the envelope asks for and the server offers."""
-    options: list[str] = []
-    if smtp.supports_extension("size"):
-        options.append(f"SIZE={size}")  # RFC 1870
-    if envelope.body_8bit and smtp.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")  # RFC 6152
-    if envelope.smtputf8:
-        if smtp.supports_extension("smtputf8"):
-            options.append("SMTPUTF8")  # RFC 6531
-        elif not _ascii_envelope(envelope):
-            # RFC 6531 section 3.4: a non-ASCII address cannot be downgraded.
-            raise errors.PermanentFailure("next hop lacks SMTPUTF8", errors.SMTPUTF8_UNSUPPORTED)
-    if envelope.requiretls:
-        options.append("REQUIRETLS")  # RFC 8689 section 2; the hop offered it (start_tls)
-    return options
-
-
-def _ascii_envelope(envelope: Envelope) -> bool:
-    addresses = [envelope.mail_from, *(r.address for r in envelope.recipients)]
-    return all(a.isascii() for a in addresses)
+            return Sent(tuple(accepted), reply, dsn)
+    return Sent(tuple(accepted), Reply.parse(response.code, response.message), dsn)
 
 
 # --- pipelining (RFC 2920) ----------------------------------------------------

@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 #: The modules that may reach into a library's private members.
-ADAPTERS = ("relay.session", "relay.inbound", "relay.certificate")
+ADAPTERS = ("relay.session", "relay.inbound", "relay.commandreader", "relay.certificate")
 
 
 def _members() -> list[tuple[str, str, str]]:

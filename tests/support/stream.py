@@ -11,8 +11,8 @@ import hashlib
 import random
 from pathlib import Path
 
+from relay.commandreader import CrlfCommandReader
 from relay.content import MessageCheck, unstuff
-from relay.inbound import _CrlfCommandReader
 
 HEAD = b"From: a@example.org\r\nTo: user@example.com\r\nSubject: big\r\n\r\n"
 
@@ -45,7 +45,7 @@ def stuff(content: bytes) -> bytes:
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
-class ScriptedReader(_CrlfCommandReader):
+class ScriptedReader(CrlfCommandReader):
     """A DATA reader whose read() returns the given blocks, one per call."""
 
     def __init__(self, blocks: list[bytes]) -> None:
