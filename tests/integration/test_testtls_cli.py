@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import ROOT
 from tests.support.pki import Pki
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(tmp_path: Path, pki: Pki, port: int, policy: str = "") -> Path:

@@ -1,7 +1,7 @@
 """Queue administration without a daemon: the recorded cause, backoff restart,
 the hold directory, and ``relay queue`` acting on the spool itself.
 
-With a running daemon: tests/test_daemon_ops_queue.py.
+With a running daemon: tests/e2e/test_daemon_ops_queue.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from relay.envelope import Envelope, Recipient
 from relay.errors import HostUnreachable
 from relay.outcomes import JITTER
 from relay.spool import Spool
+from tests.integration.test_cli import relay
 from tests.support.queue import (
     TEMP,
     FakeDeliverer,
@@ -30,8 +31,7 @@ from tests.support.queue import (
 )
 from tests.support.spool import update_envelope
 from tests.support.wait import until
-from tests.test_cli import relay
-from tests.test_config import RULE, SERVER, SINGLE
+from tests.unit.test_config import RULE, SERVER, SINGLE
 
 REFUSED = HostUnreachable("Connect call failed ('192.0.2.1', 25)")
 

@@ -33,6 +33,7 @@ from tests.support.integ import (
     integration_toml,
 )
 from tests.support.ops import BASE, load_text
+from tests.support.paths import ROOT
 from tests.support.pki import Pki
 from tests.support.queue import Clock
 from tests.support.sink import Sink
@@ -40,7 +41,6 @@ from tests.support.wait import until
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
 RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
 HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
 MX = {"sender.test": [(10, "mx.sender.test")], "corp.test": [(10, "mx1.corp.test")]}

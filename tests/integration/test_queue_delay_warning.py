@@ -25,7 +25,7 @@ from tests.support.queue import (
     spool_message,
 )
 from tests.support.wait import until
-from tests.test_config import SERVER, SINGLE, load, problems
+from tests.unit.test_config import SERVER, SINGLE, load, problems
 
 
 def _config(tmp_path: Path, delay_warning: float) -> Config:

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from relay.spool import Spool
+from tests.integration.test_cli import relay
 from tests.support.queue import spool_message
 from tests.support.spool import body_path, update_envelope
-from tests.test_cli import relay
-from tests.test_config import RULE, SERVER, SINGLE
+from tests.unit.test_config import RULE, SERVER, SINGLE
 
 
 def _config(tmp_path: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay import configload, lint
-from tests.test_config import SERVER
+from tests.unit.test_config import SERVER
 
 
 def route(name: str, host: str, extra: str = "") -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from relay import configdiff, configload
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(ROOT.glob("config/*.toml")) + sorted(ROOT.glob("deploy/**/*.toml"))
 
 

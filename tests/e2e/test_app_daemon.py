@@ -17,7 +17,7 @@ import pytest
 from relay import app, errors
 from relay import version as relay_version
 from relay.spool import Spool
-from tests.support.inbound import ROOT
+from tests.support.paths import ROOT
 from tests.support.procs import DaemonUnderTest, RelayProcess, free_port
 
 MSG = b"From: a@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
@@ -202,7 +202,7 @@ def test_embedded_default_matches_config_relay_toml() -> None:
     # packaged, whose paths land in the same place from the repository root.
     from relay import configdiff, configload
 
-    shipped = configload.load(Path(__file__).resolve().parent.parent / "config/relay.toml")
+    shipped = configload.load(ROOT / "config/relay.toml")
     embedded = app.default_config()
     assert configdiff.describe(embedded) == configdiff.describe(shipped)
     for section in ("server", "delivery", "dns", "tls", "metrics", "log", "bounces"):

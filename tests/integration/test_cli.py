@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 from relay import version as relay_version
-from tests.test_config import RULE, SERVER, SINGLE
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import ROOT
+from tests.unit.test_config import RULE, SERVER, SINGLE
 
 
 def relay(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT):

@@ -1,7 +1,7 @@
 """The DSN builder: RFC 3464 structure, every field parsed back, golden files per trigger.
 
 Regenerate the golden files after an intended change with
-``RELAY_UPDATE_GOLDEN=1 python -m pytest tests/test_bounce_dsn.py``.
+``RELAY_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_bounce_dsn.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import re
 from datetime import UTC, datetime
 from email.message import EmailMessage, Message
-from pathlib import Path
 
 import pytest
 
@@ -38,8 +37,9 @@ from relay.errors import (
     TlsFailure,
     TlsPolicyFailure,
 )
+from tests.support.paths import DATA
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = DATA / "golden"
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 ARRIVAL = datetime(2026, 11, 27, 9, 30, 0, tzinfo=UTC).timestamp()
 LAST = datetime(2026, 11, 28, 11, 59, 0, tzinfo=UTC).timestamp()

@@ -3,7 +3,7 @@
 Real sockets on loopback: a wedged host (accepts, never greets), a refusing
 host (a closed port), a host answering 421 to every greeting, and healthy
 sinks. Shares are checked over N = 2000 plans with +-8 points, as in
-tests/test_routing_order.py (7.2 sigma for an unseeded run).
+tests/unit/test_routing_order.py (7.2 sigma for an unseeded run).
 """
 
 from __future__ import annotations

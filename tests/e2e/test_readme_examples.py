@@ -3,7 +3,7 @@
 Each ```text block of the README that starts with ``$ relay ...`` is
 compared with the output of that command run here, on the README's own
 set-up (config/relay.toml on free ports, the README's sink, the configs in
-tests/bad_configs/readme and tests/warning_configs/readme). What differs
+tests/data/bad_configs/readme and tests/data/warning_configs/readme). What differs
 from one run to the next is normalised on both sides before comparing:
 queue ids, hashes, absolute paths and numbers (see ``normalise``). The log lines
 are compared by event and keys. A failure prints the real output: paste
@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from relay import version
+from tests.support.paths import DATA, ROOT
 from tests.support.procs import RelayProcess, free_port, wait_port
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 MSG = b"From: me@example.org\r\nTo: user@example.com\r\nSubject: hello\r\n\r\nthrough relay\r\n"
 
@@ -98,7 +98,7 @@ def test_check_config_valid() -> None:
 
 
 def test_check_config_invalid() -> None:
-    case = ROOT / "tests/bad_configs/readme"
+    case = DATA / "bad_configs/readme"
     assert_shown(
         "relay check-config --config relay.toml",
         run("check-config", "--config", "relay.toml", cwd=case),
@@ -106,7 +106,7 @@ def test_check_config_invalid() -> None:
 
 
 def test_check_config_warnings() -> None:
-    case = ROOT / "tests/warning_configs/readme"
+    case = DATA / "warning_configs/readme"
     assert_shown(
         "relay check-config --config /etc/relay/relay.toml",
         run("check-config", "--config", "relay.toml", cwd=case),

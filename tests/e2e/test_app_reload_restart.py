@@ -4,10 +4,13 @@
 start. A reload changing either is refused like an invalid one -- counted
 as an error, audited as reload_refused -- and the old config runs on, so
 ``relay reload`` / ``relay queue`` keep finding the daemon and its spool.
+Overlapping reloads (two SIGHUPs close together) run one after the other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import smtplib
 import tomllib
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from relay import app, configload
+from relay.app import Daemon
 from relay.config import Config
 from tests.support.inbound import inbound_toml
 from tests.support.procs import DaemonUnderTest, free_port
@@ -90,3 +94,27 @@ def test_restart_problems_names_only_path_and_metrics_listen(tmp_path: Path) -> 
     problems = app.restart_problems(old, moved)
     assert [(p.where, p.field) for p in problems] == [("queue", "path"), ("metrics", "listen")]
     assert str(tmp_path / "spool") in problems[0].message
+
+
+# Daemon.reload in-process: reloads that overlap run one after the other.
+#
+# Two SIGHUPs close together (a config-management run, then the sidecar)
+# must not both compare with the same old config: each reload diffs, audits
+# and swaps against the config the previous one left.
+
+
+async def test_overlapping_reloads_apply_one_change_once(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    text = inbound_toml(tmp_path / "spool", listen=[f"127.0.0.1:{free_port()}"])
+    text += f'\n[audit]\npath = "{tmp_path / "audit.log"}"\n'
+    path.write_text(text)
+    daemon = Daemon(lambda: configload.load(path))
+    path.write_text(text.replace('hostname = "relay.test"', 'hostname = "relay2.test"'))
+    try:
+        assert await asyncio.gather(daemon.reload(), daemon.reload()) == [True, True]
+    finally:
+        await daemon.parts.deliverer.close()
+    first, second = (json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines())
+    assert first["changes"]["server"] == {"hostname": ["relay.test", "relay2.test"]}
+    assert second["unchanged"] is True and second["changes"]["server"] == {}
+    assert daemon.config().server.hostname == "relay2.test"

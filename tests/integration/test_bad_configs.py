@@ -1,4 +1,4 @@
-"""The examples in tests/bad_configs/ and tests/warning_configs/ through `relay check-config`.
+"""The examples in tests/data/bad_configs/ and warning_configs/ through `relay check-config`.
 
 An invalid example exits 2 naming every problem; a valid one with warnings
 exits 0 listing each under ``warnings:``. A case is a folder with
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CASES = sorted((Path(__file__).parent / "bad_configs").iterdir())
+from tests.support.paths import DATA, ROOT
+
+CASES = sorted((DATA / "bad_configs").iterdir())
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)
@@ -35,7 +36,7 @@ def test_check_config_names_every_problem(case: Path) -> None:
     assert f"{len(expected)} problem(s)" in result.stderr, result.stderr
 
 
-WARNING_CASES = sorted((Path(__file__).parent / "warning_configs").iterdir())
+WARNING_CASES = sorted((DATA / "warning_configs").iterdir())
 
 
 @pytest.mark.parametrize("case", WARNING_CASES, ids=lambda p: p.name)

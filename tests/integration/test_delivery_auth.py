@@ -269,7 +269,7 @@ def test_the_audit_says_credentials_changed_and_never_the_password(tmp_path: Pat
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("good", [True, False])
 async def test_test_tls_checks_auth_when_credentials_are_set(tmp_path: Path, good: bool) -> None:
-    from tests.test_testtls_cli import _config, _run
+    from tests.integration.test_testtls_cli import _config, _run
 
     pki = Pki(tmp_path / "pki")
     secret = password_file(tmp_path)

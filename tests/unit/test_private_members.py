@@ -14,12 +14,13 @@ import importlib.metadata
 import inspect
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
-PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+from tests.support.paths import ROOT
+
+PYPROJECT = ROOT / "pyproject.toml"
 
 #: The modules that may reach into a library's private members.
 ADAPTERS = ("relay.session", "relay.inbound", "relay.certificate")

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
+import aiosmtplib
 import pytest
+from aiosmtplib.protocol import SMTPProtocol
 
 from relay import errors
+from relay.session import pipeline
 from tests.support.delivery import (
     BODY,
     OPPORTUNISTIC,
@@ -294,3 +297,85 @@ async def test_a_reply_to_data_other_than_354_or_an_error_defers(answer):
     # no body was sent, so the recipients must not be taken as delivered.
     attempt, _ = await _deliver_raw(["b@x.test"], data_reply=answer)
     assert attempt.outcome("b@x.test") == errors.DEFERRED
+
+
+# A pooled session whose RSET is answered 421 (the server's idle timeout fired
+# as the group went out) is replaced like a closed one, as the lock-step
+# liveness check does: not a host failure.
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_pooled_session_answering_rset_with_421_is_replaced(pipelining):
+    async with Sink(pipelining=pipelining, replies={"RSET": ["421 4.4.2 idle timeout"]}) as sink:
+        d = deliverer(make_config())
+        try:
+            await _send(d, sink, 1)
+            (attempt,) = await _send(d, sink, 1)
+        finally:
+            await d.close()
+    assert attempt.outcome("b@x.test") == errors.DELIVERED
+    assert all(h.failure is None for h in attempt.hosts)
+
+
+# A recipient refused for good (550) keeps its 550 when the connection is lost
+# later in the same transaction: each RCPT reply is recorded as it arrives (in
+# lock-step and in a pipelined group), so it is bounced, not retried.
+@pytest.mark.parametrize(
+    ("pipelining", "third"),
+    [(False, "421 4.3.2 shutting down"), (True, "drop")],
+)
+async def test_a_550_before_a_lost_connection_still_bounces(pipelining, third):
+    replies = {"RCPT bad@x.test": "550 5.1.1 no such user", "RCPT c@x.test": third}
+    async with Sink(pipelining=pipelining, replies=replies) as sink:
+        d = deliverer(make_config())
+        try:
+            (attempt,) = await _send(d, sink, 1, "bad@x.test", "b@x.test", "c@x.test", "e@x.test")
+        finally:
+            await d.close()
+    assert attempt.outcome("bad@x.test") == errors.BOUNCED
+
+
+# Replies to a pipelined group that arrive in consecutive loop turns.
+#
+# aiosmtplib 5.1.3's SMTPProtocol.data_received drops bytes that arrive while
+# a parsed reply waits to be picked up; asyncio.wait_for resumes the reader
+# one turn late, so relay awaits each reply directly (session._next_reply).
+# A server that writes one reply per command must lose none of them.
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self, on_write):
+        super().__init__()
+        self._on_write = on_write
+        self._closed = False
+
+    def write(self, data):
+        self._on_write(data)
+
+    def is_closing(self):
+        return self._closed
+
+    def close(self):
+        self._closed = True
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+@pytest.mark.timeout(30)
+async def test_replies_arriving_one_loop_turn_apart_are_all_read():
+    loop = asyncio.get_running_loop()
+    protocol = SMTPProtocol(loop=loop)
+    # One TCP segment per reply, each one loop turn after the previous one.
+    segments = [b"250 2.1.0 sender ok\r\n", b"250 2.1.5 rcpt ok\r\n", b"354 go ahead\r\n"]
+
+    def arrive():
+        if segments:
+            protocol.data_received(segments.pop(0))
+            loop.call_soon(arrive)
+
+    transport = _Transport(lambda data: loop.call_soon(arrive))
+    protocol.connection_made(transport)
+    protocol._response_pending = False  # the greeting and EHLO are behind us
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=25)
+    smtp.protocol, smtp.transport = protocol, transport
+    replies = await pipeline(smtp, [b"MAIL FROM:<a@src.test>", b"RCPT TO:<b@x.test>", b"DATA"], 2)
+    assert [r.code for r in replies] == [250, 250, 354]

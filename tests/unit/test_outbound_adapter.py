@@ -10,8 +10,9 @@ import pytest
 from relay import tls
 from relay.config import TlsPolicy
 from relay.errors import TLS_FAILURE_OPTION, TlsCheck, TlsFailure
+from tests.support.paths import ROOT
 
-RELAY = Path(__file__).resolve().parent.parent / "relay"
+RELAY = ROOT / "relay"
 
 
 def _imports(path: Path) -> set[str]:

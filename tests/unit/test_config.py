@@ -11,6 +11,7 @@ import pytest
 from relay import config, configdiff, configload, configvalues
 from relay.config import Host, Listen, TlsPolicy
 from relay.configload import ConfigError
+from tests.support.paths import ROOT
 
 SERVER = """
 [server]
@@ -439,7 +440,7 @@ def test_every_route_key_is_known(tmp_path: Path) -> None:
 
 
 def test_embedded_default_is_config_relay_toml_as_packaged() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     assert configload.embedded_text() == (root / "config/relay.toml").read_text()
     # ... and a wheel carries it (pip install . without -e).
     project = tomllib.loads((root / "pyproject.toml").read_text())
