@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -54,15 +53,6 @@ async def test_greeting_and_ehlo_advertise_extensions(cfg: Config) -> None:
         assert "SMTPUTF8" in lines
         assert "STARTTLS" not in lines
         assert not any(line.startswith("AUTH") for line in lines)
-
-
-async def test_greeting_names_hostname_not_library(cfg: Config) -> None:
-    async with running_inbound(cfg) as h:
-        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
-        greeting = await asyncio.wait_for(reader.readline(), 5)
-        writer.close()
-        await writer.wait_closed()
-    assert greeting == b"220 relay.test ESMTP relay\r\n"
 
 
 async def test_accept_spools_then_replies_queued(cfg: Config) -> None:
@@ -137,36 +127,6 @@ async def test_helo_session_uses_smtp_keyword(cfg: Config) -> None:
         assert b"with SMTP\r\n" in read_body(h.spool, env.id)
 
 
-RCPT_CASES = [
-    ("<user@other.test>", errors.RELAYING_DENIED, "relaying_denied"),
-    ("<other@example.net>", errors.NO_ROUTE, "no_route"),
-    ("<user@other.test@example.com>", errors.MALFORMED_ADDRESS, "bad_address"),
-    ("<@example.com:user@other.test>", errors.RELAYING_DENIED, "relaying_denied"),
-    ("<user@[192.0.2.1]>", errors.RELAYING_DENIED, "relaying_denied"),
-    ("<user%other.test@example.com>", errors.ROUTING_CHARACTERS, "routing_characters"),
-    ('<"user@other.test"@example.com>', errors.ROUTING_CHARACTERS, "routing_characters"),
-    ("<other.test!user@example.com>", errors.ROUTING_CHARACTERS, "routing_characters"),
-    ("user@example.com", errors.MALFORMED_ADDRESS, "bad_address"),
-    ("<user(comment)@example.com>", errors.MALFORMED_ADDRESS, "bad_address"),
-    ("<>", errors.MALFORMED_ADDRESS, "bad_address"),
-    ("<Postmaster>", errors.RECIPIENT_OK, ""),
-    ("<postmaster@other.test>", errors.RELAYING_DENIED, "relaying_denied"),
-    ("<用户@example.com>", errors.NON_ASCII_ADDRESS, "bad_address"),
-]
-
-
-@pytest.mark.parametrize(("rcpt", "expected", "reason"), RCPT_CASES)
-async def test_rcpt_replies(cfg: Config, rcpt: str, expected: errors.Reply, reason: str) -> None:
-    async with running_inbound(cfg) as h:
-        client = await session(h)
-        async with client:
-            assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
-            code, text = await client.cmd(f"RCPT TO:{rcpt}")
-        assert text == str(expected)
-        if reason:
-            assert h.rejected(reason) == 1
-
-
 async def test_open_relay_tricks_never_reach_a_foreign_domain(cfg: Config) -> None:
     """Whatever is accepted is routed by the domain after the last '@': ours."""
     tricks = [
@@ -219,16 +179,6 @@ async def test_too_many_recipients(cfg: Config) -> None:
             assert (await send_message(client, MSG))[0] == 250
         [env] = h.spooled()
         assert len(env.recipients) == 5
-
-
-async def test_size_parameter_over_limit(cfg: Config) -> None:
-    async with running_inbound(cfg) as h:
-        client = await session(h)
-        async with client:
-            code, text = await client.cmd("MAIL FROM:<s@example.org> SIZE=100001")
-            assert text == str(errors.MESSAGE_TOO_BIG)
-            assert (await client.cmd("MAIL FROM:<s@example.org> SIZE=99999"))[0] == 250
-        assert h.rejected("too_big") == 1
 
 
 async def test_actual_size_over_limit(cfg: Config) -> None:
@@ -313,64 +263,6 @@ async def test_smuggling_gives_at_most_one_message(cfg: Config, ending: bytes) -
         assert all(b"smuggled" not in read_body(h.spool, e.id) for e in spooled)
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        b"EHLO host\rX-Injected: yes",
-        b"EHLO host\x00",
-        b"HELO host\rX-Injected: yes",
-        b"EHLO two words",
-    ],
-    ids=repr,
-)
-async def test_helo_injection_refused(cfg: Config, command: bytes) -> None:
-    async with running_inbound(cfg) as h:
-        client = await RawClient.connect(h.port)
-        async with client:
-            code, text = await client.cmd(command)
-            assert text == str(errors.BAD_HELO)
-            # No valid HELO yet: MAIL is refused, so nothing can be spooled.
-            assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 503
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        b"MAIL FROM:<s\r@example.org>",
-        b'MAIL FROM:<"s\rX-Injected: 1"@example.org>',
-        b'MAIL FROM:<"s\x00"@example.org>',
-        b"MAIL FROM:<s@example.org> SIZE=10\rX",
-    ],
-    ids=repr,
-)
-async def test_mail_injection_refused(cfg: Config, command: bytes) -> None:
-    async with running_inbound(cfg) as h:
-        client = await session(h)
-        async with client:
-            code, text = await client.cmd(command)
-            assert text == str(errors.MALFORMED_ADDRESS)
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        b"RCPT TO:<user\r@example.com>",
-        b'RCPT TO:<"user\rX-Injected: 1"@example.com>',
-        b'RCPT TO:<"user\\\x00"@example.com>',
-        b"RCPT TO:<user@example.com\x00>",
-    ],
-    ids=repr,
-)
-async def test_rcpt_injection_refused(cfg: Config, command: bytes) -> None:
-    async with running_inbound(cfg) as h:
-        client = await session(h)
-        async with client:
-            await client.cmd("MAIL FROM:<s@example.org>")
-            code, text = await client.cmd(command)
-            assert text == str(errors.MALFORMED_ADDRESS)
-            assert (await client.cmd("DATA"))[0] == 503  # no recipient recorded
-
-
 async def test_smtputf8_addresses(cfg: Config) -> None:
     async with running_inbound(cfg) as h:
         client = await session(h)
@@ -388,14 +280,6 @@ async def test_smtputf8_addresses(cfg: Config) -> None:
         assert b"with UTF8SMTP\r\n" in data
         assert "for <用户@example.com>".encode() in data
         assert data.endswith(body)
-
-
-async def test_non_ascii_sender_without_smtputf8(cfg: Config) -> None:
-    async with running_inbound(cfg) as h:
-        client = await session(h)
-        async with client:
-            code, text = await client.cmd("MAIL FROM:<发件人@example.org>")
-        assert text == str(errors.NON_ASCII_ADDRESS)
 
 
 async def test_8bitmime_recorded(cfg: Config) -> None:
@@ -483,7 +367,7 @@ async def test_config_provider_is_read_per_command(tmp_path: Path, cfg: Config) 
 async def test_aiosmtpd_texts_are_mapped() -> None:
     # If an aiosmtpd upgrade changes these texts, the mapping must follow
     # (its version is checked with its private members, in
-    # tests/test_private_members.py).
+    # tests/unit/test_private_members.py).
     import inspect
 
     import aiosmtpd.smtp

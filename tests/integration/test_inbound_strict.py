@@ -72,22 +72,6 @@ async def connect_from(port: int, source: str) -> RawClient:
     return client
 
 
-async def test_routing_characters_are_refused_for_outside_clients(tmp_path: Path) -> None:
-    async with running_inbound(make_config(tmp_path)) as h:
-        async with await RawClient.connect(h.port) as client:
-            assert (await client.cmd("EHLO client.test"))[0] == 250
-            assert (await client.cmd("MAIL FROM:<s@example.org>"))[0] == 250
-            for rcpt in ROUTING_FORMS:
-                reply = await client.cmd(f"RCPT TO:<{rcpt}>")
-                assert reply == (550, str(errors.ROUTING_CHARACTERS)), rcpt
-            # Nothing was accepted, so there is nothing to send anywhere.
-            assert (await client.cmd("DATA"))[0] == 503
-            # The plain form of the same domain still goes through.
-            assert (await client.cmd("RCPT TO:<user@example.com>"))[0] == 250
-        assert h.rejected("routing_characters") == len(ROUTING_FORMS)
-        assert h.spooled() == []
-
-
 async def test_routing_characters_from_relay_networks_or_when_allowed(tmp_path: Path) -> None:
     trusted = make_config(tmp_path / "a", extra_server='relay_networks = ["127.0.0.2/32"]')
     allowed = make_config(tmp_path / "b", extra_server="allow_routing_characters = true")
