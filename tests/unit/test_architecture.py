@@ -2,7 +2,9 @@
 
 The page's module map lists every module in relay/ and relay/console/; its
 layer table puts each module in one layer, and a module may import only
-from its own layer or a lower one (type-only imports included).
+from its own layer or a lower one (type-only imports included). And the
+tests keep their layout (README.md "Development"): pyproject's testpaths
+collect only tests/unit, tests/integration and tests/e2e.
 """
 
 from __future__ import annotations
@@ -76,3 +78,8 @@ def test_imports_go_to_the_same_or_a_lower_layer() -> None:
             if imported in layer_of and layer_of[imported] > layer_of[importer]:
                 upward.add((importer, imported))
     assert upward == EXCEPTIONS
+
+
+def test_every_test_module_is_in_a_collected_folder() -> None:
+    # A test module left in tests/ itself would never run.
+    assert sorted(p.name for p in (ROOT / "tests").glob("test_*.py")) == []
