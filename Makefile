@@ -33,6 +33,8 @@ deps: $(PY)
 	$(PIP) -e '.[test]'
 	./scripts/install-system-deps
 
+# pyproject's testpaths run tests/unit, then tests/integration, then tests/e2e
+# (the cheapest failures first); `make test PYTEST_ARGS=tests/unit` runs one.
 # pytest exits 5 when it collected no tests: a failure too, said in words.
 test: deps
 	@$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; \

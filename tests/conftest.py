@@ -10,8 +10,6 @@ import pytest
 # the in-process relay's (dnsmasq, dsn_sink).
 pytest_plugins = ["tests.support.delivery", "tests.support.integ"]
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def write_config(tmp_path: Path):

@@ -14,7 +14,7 @@ Runs the real daemon (``python -m relay run``) as a subprocess, then:
 ``max_connections`` is raised to 1 100 so that the benchmark's own
 clients fit next to the idle ones (at the limit, a new client would take
 an idle session's place after ``busy_timeout``: tested in
-tests/test_inbound_connections.py, not measured here). Loopback only;
+tests/integration/test_inbound_connections.py, not measured here). Loopback only;
 bounded: at most ``COUNT`` messages or ``LIMIT`` seconds per run.
 """
 

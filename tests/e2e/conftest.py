@@ -2,7 +2,8 @@
 
 Every fixture tears down what it started, even when the test fails; the
 Postfix maillogs are copied into the test's ``tmp_path/postfix-logs`` first
-so a failure can be investigated.
+so a failure can be investigated. Every test under tests/e2e/ carries the
+``e2e`` marker (``pytest -m "not e2e"`` leaves the directory out).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import pytest
 from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
 from tests.support.procs import RelayProcess
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.bench.postfix_baseline import SmtpSink, format_table, postfix_baseline
 from tests.support.peers import require_postfix
-
-pytestmark = pytest.mark.e2e
 
 
 def test_postfix_baseline_counts_every_message() -> None:

@@ -11,8 +11,6 @@ from tests.support import configs
 from tests.support.configs import TLS_LEVELS
 from tests.support.procs import relay_config
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.mark.parametrize("tls", ["opportunistic", "required", "ca", "full"])
 def test_single_host_route_with_each_tls_level(tmp_path: Path, tls: str) -> None:

@@ -24,8 +24,6 @@ from tests.support.postfix import PostfixFactory
 from tests.support.procs import free_port, port_open, swaks
 from tests.support.wait import blocking_until
 
-pytestmark = pytest.mark.e2e
-
 
 @dataclass
 class Sink:

@@ -17,8 +17,6 @@ import pytest
 
 from tests.support.procs import RelayProcess, free_port, port_open, swaks
 
-pytestmark = pytest.mark.e2e
-
 # Reads [server] listen from the config it is given, greets, logs to stderr,
 # exits 0 on SIGTERM and logs SIGHUP: the shape of `relay run` (README.md).
 FAKE_DAEMON = r"""

@@ -32,8 +32,6 @@ from tests.support.postfix import DownstreamServer, PostfixFactory, UpstreamClie
 from tests.support.procs import RelayProcess, relay_config, swaks
 from tests.support.wait import blocking_until
 
-pytestmark = pytest.mark.e2e
-
 
 @dataclass
 class Chain:

@@ -16,14 +16,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.support import configs
 from tests.support.postfix import PostfixFactory
 from tests.support.procs import RelayProcess, relay_config
 from tests.support.wait import blocking_until
-
-pytestmark = pytest.mark.e2e
 
 StartRelay = Callable[[Path], RelayProcess]
 COUNT = 100

@@ -30,8 +30,6 @@ from tests.support.pki import Pki
 from tests.support.postfix import DownstreamServer, PostfixFactory
 from tests.support.procs import RelayProcess, relay_config, swaks
 
-pytestmark = pytest.mark.e2e
-
 
 @dataclass
 class MxSetup:

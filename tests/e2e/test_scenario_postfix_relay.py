@@ -10,15 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.support import configs
 from tests.support.pki import Pki
 from tests.support.postfix import PostfixFactory
 from tests.support.procs import RelayProcess, relay_config, swaks
 from tests.support.wait import blocking_until
-
-pytestmark = pytest.mark.e2e
 
 StartRelay = Callable[[Path], RelayProcess]
 

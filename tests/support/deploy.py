@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import ROOT
+
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "relay.service"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"

@@ -21,8 +21,6 @@ from relay.metrics import Metrics
 from relay.spool import Spool
 from tests.support import configs
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def inbound_toml(
     spool: Path,

@@ -25,10 +25,9 @@ from pathlib import Path
 from relay.configvalues import parse_listen
 from tests.support import configs
 from tests.support.inbound import inbound_toml
+from tests.support.paths import ROOT
 from tests.support.peers import SWAKS, require_swaks
 from tests.support.wait import blocking_until
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
