@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-#: Private members of libraries used here (tests/test_private_members.py):
+#: Private members of libraries used here (tests/unit/test_private_members.py):
 #: the stdlib's DER certificate decoder, for a certificate that failed
 #: verification (ssl only decodes a verified peer's certificate).
 PRIVATE_MEMBERS = (("ssl", "_ssl._test_decode_cert"),)

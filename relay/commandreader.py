@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable
 
 #: The private members of asyncio this module reaches into;
-#: tests/test_private_members.py checks that each still exists.
+#: tests/unit/test_private_members.py checks that each still exists.
 PRIVATE_MEMBERS = (
     # Written: CrlfCommandReader.unread puts bytes back into the buffer.
     ("asyncio.streams", "StreamReader._buffer"),

@@ -50,7 +50,7 @@ from relay.relaying import may_relay, recipient_reply
 from relay.spool import Spool
 
 #: The private members of aiosmtpd (pinned in pyproject.toml)
-#: that this module reaches into; tests/test_private_members.py checks
+#: that this module reaches into; tests/unit/test_private_members.py checks
 #: that each still exists. Beyond them, _Connection.smtp_DATA re-implements
 #: aiosmtpd 1.4's smtp_DATA (same checks, same order) to read in blocks.
 PRIVATE_MEMBERS = (
@@ -79,7 +79,7 @@ PRIVATE_MEMBERS = (
 # aiosmtpd answers some conditions itself with fixed texts; they are mapped
 # here to our replies (and metric reasons), the one place where its wire
 # texts are known. aiosmtpd is pinned in pyproject.toml, and
-# tests/test_inbound_smtp.py checks that aiosmtpd still says each of them.
+# tests/integration/test_inbound_smtp.py checks that aiosmtpd still says each of them.
 _AIOSMTPD_REPLIES: dict[str, tuple[Reply, str]] = {
     "552 Error: message size exceeds fixed maximum message size": (
         errors.MESSAGE_TOO_BIG,

@@ -41,7 +41,7 @@ from relay.hop import Hop
 from relay.params import mail_options, rcpt_options
 from relay.spoolbody import Body, BodyFile
 
-#: aiosmtplib internals this module uses, checked by tests/test_private_members.py.
+#: aiosmtplib internals this module uses, checked by tests/unit/test_private_members.py.
 PRIVATE_MEMBERS = (
     # Replies to a pipelined group read from the buffer (:func:`_reply_in_buffer`).
     ("aiosmtplib.protocol", "SMTPProtocol._read_response_from_buffer"),
@@ -49,7 +49,7 @@ PRIVATE_MEMBERS = (
     ("aiosmtplib.protocol", "FlowControlMixin._drain_helper"),
 )
 
-# --- exception mapping (guarded by tests/test_delivery_errors.py) ----------
+# --- exception mapping (guarded by tests/unit/test_delivery_errors.py) ----------
 
 
 class StaleSession(Exception):

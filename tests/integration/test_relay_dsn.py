@@ -1,6 +1,7 @@
-"""RFC 3461 outbound: DSN parameters passed on to a next hop that offers DSN
-(a real Postfix), and acted on by relay when the next hop does not (an
-aiosmtpd sink): "relayed" notices, NOTIFY=NEVER, RET, ENVID, ORCPT.
+"""RFC 3461 outbound: DSN parameters acted on by relay when the next hop
+does not offer DSN (an aiosmtpd sink): "relayed" notices, NOTIFY=NEVER,
+RET, ENVID, ORCPT. Passed on to one that does: a real Postfix, in
+tests/e2e/test_scenario_dsn_postfix.py.
 
 DSNs travel like any message, to the sender domain's MX (a sink found
 through dnsmasq), where they are parsed with the email package.
@@ -8,55 +9,22 @@ through dnsmasq), where they are parsed with the email package.
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from relay.bounce import build_relayed
-from relay.envelope import ClientInfo, Envelope, Recipient
-from relay.spoolfiles import new_id
-from tests.support import configs
+from relay.envelope import Envelope, Recipient
+from tests.support.dsn import HOSTS, MESSAGE, MX, RULES, put, routes
 from tests.support.integ import (
-    SENDER,
     InProcessRelay,
     dsn_parts,
     idle,
     integration_toml,
     parse_dsn,
 )
-from tests.support.postfix import PostfixFactory
 from tests.support.sink import Sink
-from tests.support.wait import blocking_until, until
-
-RULES = configs.rule("Corp", "@corp.test") + configs.rule("Senders", "@sender.test")
-HOSTS = {"mx1.corp.test": ["127.0.0.1"], "mx.sender.test": ["127.0.0.1"]}
-MX = {"sender.test": [(10, "mx.sender.test")]}
-MESSAGE = b"From: alice@sender.test\r\nSubject: dsn test\r\nMessage-ID: <m1@sender.test>\r\n\r\n"
-MESSAGE += b"the secret body line\r\n"
-
-
-def routes(corp_port: int, dsn_sink: Sink) -> str:
-    return configs.route("Corp", "mx1.corp.test", corp_port) + configs.route(
-        "Senders", "sender.test", dsn_sink.port, mx_lookup=True
-    )
-
-
-def put(
-    relay: InProcessRelay, recipients: list[Recipient], ret: str = "", envid: str = ""
-) -> Envelope:
-    """Spool a message with DSN parameters as inbound would, and queue it."""
-    now = relay.clock()
-    envelope = Envelope(
-        id=new_id(), mail_from=SENDER, recipients=recipients,
-        client=ClientInfo(ip="192.0.2.10", helo="client.test"),
-        received_at=now, next_attempt=now, ret=ret, envid=envid,
-    )  # fmt: skip
-    relay.spool.put(envelope, MESSAGE)
-    relay.scheduler.add(envelope)
-    return envelope
+from tests.support.wait import until
 
 
 def message_fields(data: bytes) -> dict[str, str]:
@@ -155,62 +123,6 @@ async def test_ret_full_over_the_size_limit_returns_headers(tmp_path, dnsmasq, d
     message, _, _ = dsn_parts(dsn.data)
     assert list(message.iter_parts())[2].get_content_type() == "text/rfc822-headers"
     assert b"the secret body line" not in dsn.data
-
-
-# --- a next hop that offers DSN: Postfix -------------------------------------------
-
-
-@pytest.fixture
-def postfix(tmp_path: Path) -> Iterator[PostfixFactory]:
-    factory = PostfixFactory(keep_logs_in=tmp_path / "postfix-logs")
-    try:
-        yield factory
-    finally:
-        factory.close()
-
-
-def queue_file_records(config_dir: Path, queue_id: str) -> str:
-    """``postcat`` of one queued message: its envelope records, DSN ones included."""
-    done = subprocess.run(
-        ["/usr/sbin/postcat", "-c", str(config_dir), "-e", "-q", queue_id],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    return done.stdout + done.stderr
-
-
-@pytest.mark.e2e
-async def test_postfix_downstream_receives_notify_orcpt_envid_ret(
-    tmp_path, dnsmasq, dsn_sink, postfix
-):
-    # HOLD keeps the message in Postfix's queue, where its queue file shows
-    # the DSN parameters as Postfix took them from relay's MAIL and RCPT.
-    down = postfix.downstream(domains=("corp.test",), recipient_replies={"corp.test": "HOLD"})
-    server = dnsmasq(hosts=HOSTS, mx=MX)
-    toml = integration_toml(tmp_path, server, routes(down.port, dsn_sink), RULES)
-    async with InProcessRelay(tmp_path, toml) as relay:
-        rcpts = [
-            Recipient("one@corp.test", notify="SUCCESS,DELAY", orcpt="rfc822;orig+tag@corp.test"),
-            Recipient("two@corp.test", notify="NEVER"),
-        ]
-        put(relay, rcpts, ret="HDRS", envid="id+=1")
-        await until(lambda: relay.spooled() == [], what="the message delivered")
-        await idle(relay)
-    (queue_id,) = blocking_until(lambda: down.queued() or None, 15, what="the held message")
-    records = queue_file_records(down.config_dir, queue_id)
-    lines = [line.removeprefix("named_attribute: ") for line in records.splitlines()]
-    assert "envelope_id=id+=1" in lines, records
-    assert "ret_flags=2" in lines, records  # Postfix's DSN_RET_HDRS
-    # Per recipient, before its recipient record; Postfix's NOTIFY bit mask
-    # is NEVER 1, SUCCESS 2, FAILURE 4, DELAY 8.
-    one = lines.index("recipient: one@corp.test")
-    assert lines[one - 3 : one - 1] == [
-        "notify_flags=10",
-        "dsn_orig_rcpt=rfc822;orig+tag@corp.test",
-    ]
-    two = lines.index("recipient: two@corp.test")
-    assert lines[two - 3] == "notify_flags=1", records
-    # No "relayed" notice: Postfix offers DSN and tells the sender itself.
-    assert dsn_sink.messages == []
 
 
 def test_a_relayed_notice_is_never_built_for_the_null_sender() -> None:
