@@ -1,7 +1,8 @@
 """What went wrong with a host's TLS and how to fix it: the one place for those words.
 
 ``relay test-tls``, the attempt log line, the DSN's delivery-status part
-and the postmaster copy all say it with :func:`tls_advice`; the sender's
+and the postmaster copy all say it with :func:`tls_advice` (delivery through
+:func:`hop_advice`, which knows who set the policy); the sender's
 plain-words line comes from here too (:attr:`Advice.sender`), so the
 sender never reads route names or admin advice.
 """
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from relay.certificate import Certificate, day
-from relay.errors import TLS_FAILURE_OPTION, TlsFailure
+from relay.errors import REQUIRETLS_NOT_OFFERED, TLS_FAILURE_OPTION, TlsFailure
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +46,61 @@ def _turn_off(option: str, route: str, consequence: str) -> str:
     return f"or set {option} = false{where} ({consequence}; not recommended)"
 
 
-def under_mta_sts(advice: Advice, domain: str, route: str) -> Advice:
-    """``advice`` for a host held to ``domain``'s MTA-STS ``enforce`` policy (RFC
-    8461): the route's options do not apply, so turning one off fixes nothing."""
-    fixes = tuple(fix for fix in advice.fixes if not fix.startswith("or set "))
+def hop_advice(
+    reason: TlsFailure,
+    host: str,
+    certificate: Certificate | None = None,
+    route: str = "",
+    detail: str = "",
+    *,
+    via_mx: str = "",
+    sts_domain: str = "",
+    requiretls: bool = False,
+) -> Advice:
+    """:func:`tls_advice`, told where the policy the host failed came from.
+
+    The route's options are the fix only when the route set the policy. For
+    a message sent with REQUIRETLS (RFC 8689) the sender set it; for a host
+    under ``sts_domain``'s MTA-STS ``enforce`` policy (RFC 8461) the
+    recipient domain did. The attempt log line and the DSN both ask here.
+    """
+    advice = tls_advice(reason, host, certificate, route, detail, via_mx=via_mx)
+    if requiretls:
+        return _under_requiretls(advice, host, detail == REQUIRETLS_NOT_OFFERED)
+    if sts_domain:
+        return _under_mta_sts(advice, sts_domain, route)
+    return advice
+
+
+def _route_fixes(advice: Advice) -> tuple[str, ...]:
+    """The fixes that do not turn a route option off."""
+    return tuple(fix for fix in advice.fixes if not fix.startswith("or set "))
+
+
+def _under_mta_sts(advice: Advice, domain: str, route: str) -> Advice:
+    # The route's options do not apply, so turning one off fixes nothing.
     where = f' in route "{route}"' if route else " in the route"
     problem = f"{advice.problem} (required by the MTA-STS policy of {domain}, mode enforce)"
     ignore = f"or set mta_sts = false{where} (the domain's policy is then ignored; not recommended)"
-    return dataclasses.replace(advice, problem=problem, fixes=(*fixes, ignore))
+    return dataclasses.replace(advice, problem=problem, fixes=(*_route_fixes(advice), ignore))
+
+
+def _under_requiretls(advice: Advice, host: str, keyword_missing: bool) -> Advice:
+    # RFC 8689: the sender's REQUIRETLS overrides the route, which cannot relax it.
+    if keyword_missing:
+        return Advice(
+            advice.option,
+            f"{host} does not offer REQUIRETLS after STARTTLS, which the sender asked for",
+            (
+                f"enable REQUIRETLS on {host} (RFC 8689), or route such mail through a next hop "
+                "that offers it",
+                "or ask the sender to send without REQUIRETLS",
+            ),
+            "it does not support the secure delivery (REQUIRETLS) the message asked for",
+        )
+    problem = f"{advice.problem} (required by the sender: REQUIRETLS)"
+    fixes = (*_route_fixes(advice), "or ask the sender to send without REQUIRETLS")
+    return dataclasses.replace(advice, problem=problem, fixes=fixes)
 
 
 def tls_advice(

@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay import errors, events
-from relay.advice import tls_advice, under_mta_sts
+from relay.advice import hop_advice
 from relay.config import Config, Route
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.expiry import ExpiryWatch
 from relay.metrics import Metrics
-from relay.mtasts import ENFORCE, TESTING, would_fail
+from relay.mtasts import TESTING, would_fail
 from relay.routing import Candidate
 
 
@@ -235,12 +235,11 @@ class AttemptRecorder:
         if failure is not None and failure.detail != (reply.text if reply else ""):
             fields["detail"] = failure.detail
         if isinstance(failure, TlsPolicyFailure):
-            advice = tls_advice(
+            advice = hop_advice(
                 failure.reason, cand.host.strip("[]"), failure.certificate, route.name,
-                failure.detail, via_mx=cand.via_mx or "",
+                failure.detail, via_mx=cand.via_mx or "", sts_domain=cand.sts_domain,
+                requiretls=envelope.requiretls,
             )  # fmt: skip
-            if cand.sts == ENFORCE:
-                advice = under_mta_sts(advice, cand.via_mx or cand.host, route.name)
             fields["tls_check"] = failure.reason.value
             fields["diagnosis"] = advice.one_line()
         events.log("attempt", **fields)

@@ -31,7 +31,7 @@ from email import utils
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from relay.advice import Advice, tls_advice
+from relay.advice import Advice, hop_advice
 from relay.certificate import Certificate
 from relay.envelope import Envelope, Recipient
 from relay.errors import (
@@ -70,15 +70,20 @@ class TlsIssue:
     detail: str = ""
     #: The domain whose MX lookup gave ``host`` ("" for a host from the route).
     via_mx: str = ""
+    #: The domain whose MTA-STS ``enforce`` policy the host failed ("" if none).
+    sts_domain: str = ""
+    #: The message asked for REQUIRETLS: the sender set the policy, not the route.
+    requiretls: bool = False
 
     @property
     def where(self) -> str:
         return f"{self.host} [{self.ip}]" if self.ip else self.host
 
     def advice(self, route: str) -> Advice:
-        return tls_advice(
-            self.reason, self.host, self.certificate, route, self.detail, via_mx=self.via_mx
-        )
+        return hop_advice(
+            self.reason, self.host, self.certificate, route, self.detail,
+            via_mx=self.via_mx, sts_domain=self.sts_domain, requiretls=self.requiretls,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -379,6 +379,11 @@ class TlsPolicyFailure(RelayError):
         super().__init__(detail or text, Reply(550, status, text))
 
 
+#: The detail of a RequireTlsUnsupported at a host that ran STARTTLS but did
+#: not list REQUIRETLS (relay.advice words the fix for it).
+REQUIRETLS_NOT_OFFERED = "no REQUIRETLS after STARTTLS"
+
+
 class RequireTlsUnsupported(TlsPolicyFailure):
     """A REQUIRETLS message (RFC 8689) at a host without STARTTLS, or that did
     not offer REQUIRETLS after it: 5.7.30. A TLS-policy failure, so the next

@@ -150,7 +150,7 @@ class Outcomes:
                 )  # fmt: skip
             elif outcome == errors.BOUNCED:
                 assert not isinstance(attempt, BaseException)
-                failures.append(_failure(attempt, address, route, now))
+                failures.append(_failure(attempt, address, route, now, envelope.requiretls))
             else:
                 deferred.append((rcpt, route.name))
 
@@ -317,8 +317,9 @@ def from_wire(results: Sequence[Reply | RelayError]) -> bool:
     return isinstance(results[-1], Reply | errors.RemoteTemporary | errors.RemotePermanent)
 
 
-def _failure(attempt: Attempt, address: str, route: Route, now: float) -> Failure:
-    """The DSN entry of a recipient that bounced in ``attempt``."""
+def _failure(attempt: Attempt, address: str, route: Route, now: float, requiretls: bool) -> Failure:
+    """The DSN entry of a recipient that bounced in ``attempt`` (of a message
+    sent with REQUIRETLS when ``requiretls``)."""
     results: Sequence[Reply | RelayError] = attempt.results.get(address, ())
     reason = reason_for(results)
     tls: tuple[TlsIssue, ...] = ()
@@ -331,11 +332,15 @@ def _failure(attempt: Attempt, address: str, route: Route, now: float) -> Failur
                 certificate=host.failure.certificate,
                 detail=host.failure.detail,
                 via_mx=host.candidate.via_mx or "",
+                sts_domain=host.candidate.sts_domain,
+                requiretls=requiretls,
             )
             for host in attempt.hosts
             if isinstance(host.failure, TlsPolicyFailure)
         ) or tuple(
-            TlsIssue(attempt.remote.get(address, "") or route.name, item.reason)
+            TlsIssue(
+                attempt.remote.get(address, "") or route.name, item.reason, requiretls=requiretls
+            )
             for item in results
             if isinstance(item, TlsPolicyFailure)
         )

@@ -116,6 +116,11 @@ class Candidate:
     #: "testing"), "" when none applies.
     sts: str = ""
 
+    @property
+    def sts_domain(self) -> str:
+        """The domain whose MTA-STS ``enforce`` policy holds this host ("" if none)."""
+        return (self.via_mx or self.host) if self.sts == ENFORCE else ""
+
 
 @dataclass(frozen=True, slots=True)
 class DnsFailure:

@@ -284,7 +284,7 @@ async def start_tls(
         await _hello(smtp)
     if session.hop.requiretls and not smtp.supports_extension("requiretls"):
         # RFC 8689 section 4.2.1: relay never delivers finally; every next hop must offer it.
-        raise errors.RequireTlsUnsupported(TlsFailure.HANDSHAKE, "no REQUIRETLS after STARTTLS")
+        raise errors.RequireTlsUnsupported(TlsFailure.HANDSHAKE, errors.REQUIRETLS_NOT_OFFERED)
     session.tls_version = _transport_info(smtp, "ssl_object", lambda o: o.version())
     session.cipher = _transport_info(smtp, "cipher", lambda c: c[0])
     session.verified = tls.enforces(policy, TlsCheck.CA_SIGNED)

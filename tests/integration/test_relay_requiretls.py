@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,18 +144,21 @@ async def _deliver(
     corp: Sink,
     dsn: Sink,
     *flags: dict[str, bool],
+    notify: Sequence[str] = (),
     **tls: bool,
 ) -> None:
     """Spool one message per ``flags`` (Envelope fields) for bob@corp.test and
-    wait until each went to ``corp`` or its DSN to ``dsn``; ``tls``: Corp's policy."""
+    wait until each went to ``corp`` or its DSN to ``dsn`` (and the postmaster
+    copy to ``notify``, at ``dsn`` too); ``tls``: Corp's policy."""
     server = dnsmasq(hosts=HOSTS, mx=MX)
     routes = configs.route("Corp", "mx1.corp.test", corp.port, **tls)
     routes += configs.route("Senders", "sender.test", dsn.port, mx_lookup=True)
-    toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file)
+    toml = integration_toml(tmp_path, server, routes, RULES, ca_file=pki.ca_file, notify=notify)
+    per = 2 if notify else 1
     async with InProcessRelay(tmp_path, toml) as relay:
         for done, one in enumerate(flags, 1):
             _put(relay, **one)
-            await until(lambda n=done: len(corp.messages) + len(dsn.messages) == n)  # type: ignore[misc]
+            await until(lambda n=done: len(corp.messages) + len(dsn.messages) == n * per)  # type: ignore[misc]
             await idle(relay)
         assert relay.spooled() == []
 
@@ -191,6 +195,21 @@ async def test_requiretls_bounces_530_never_plaintext(tmp_path, dnsmasq, pki, co
     assert headers.get_content_type() == "text/rfc822-headers"
     assert b"Subject: integration" in report.data
     assert b"starts with a dot" not in report.data and b"last line" not in report.data
+
+
+async def test_requiretls_postmaster_copy_names_the_sender_not_the_route(
+    tmp_path, dnsmasq, pki
+) -> None:
+    # The route's options are not the fix: the sender asked for REQUIRETLS.
+    plain = Sink(tls_context=pki.server_context("mx1.corp.test"))
+    async with plain as corp, _dsn_sink(pki) as dsn:
+        flags = {"requiretls": True}
+        await _deliver(tmp_path, dnsmasq, pki, corp, dsn, flags, notify=["postmaster@sender.test"])
+    [copy] = [m for m in dsn.messages if m.rcpt_tos == ["postmaster@sender.test"]]
+    text = " ".join(copy.data.decode().split())
+    assert "mx1.corp.test does not offer REQUIRETLS after STARTTLS, which the sender" in text
+    assert "or ask the sender to send without REQUIRETLS" in text
+    assert "= false" not in text
 
 
 async def test_requiretls_delivered_with_requiretls(tmp_path, dnsmasq, pki) -> None:

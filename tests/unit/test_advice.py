@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from relay.advice import tls_advice
+from relay.advice import hop_advice, tls_advice
 from relay.certificate import Certificate
-from relay.errors import TlsFailure
+from relay.errors import REQUIRETLS_NOT_OFFERED, TlsFailure
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
 
@@ -88,3 +88,31 @@ def test_name_mismatch_at_an_mx_host_does_not_say_route_host() -> None:
     assert advice.fixes[0] == "install a certificate on mx.example.test that names mx.example.test"
     assert "MX record of example.test" in advice.fixes[1]
     assert "route host" not in advice.one_line()
+
+
+def test_a_requiretls_message_is_not_fixed_by_the_route() -> None:
+    # RFC 8689: the sender set the policy; turning a route option off changes nothing.
+    missing = hop_advice(
+        TlsFailure.HANDSHAKE, "mx1.test", route="Corp", detail=REQUIRETLS_NOT_OFFERED,
+        requiretls=True,
+    )  # fmt: skip
+    assert missing.problem == (
+        "mx1.test does not offer REQUIRETLS after STARTTLS, which the sender asked for"
+    )
+    assert "REQUIRETLS" in missing.sender
+    untrusted = hop_advice(TlsFailure.UNTRUSTED_CA, "mx1.test", route="Corp", requiretls=True)
+    assert untrusted.problem.endswith("(required by the sender: REQUIRETLS)")
+    for advice in (missing, untrusted):
+        assert not any("= false" in fix for fix in advice.fixes), advice.fixes
+        assert advice.fixes[-1] == "or ask the sender to send without REQUIRETLS"
+
+
+def test_an_mta_sts_host_is_fixed_by_the_domain_or_mta_sts_false() -> None:
+    advice = hop_advice(TlsFailure.EXPIRED, "mx1.test", route="Corp", sts_domain="corp.test")
+    assert advice.problem.endswith("(required by the MTA-STS policy of corp.test, mode enforce)")
+    assert [fix for fix in advice.fixes if "= false" in fix] == [
+        'or set mta_sts = false in route "Corp" (the domain\'s policy is then ignored; '
+        "not recommended)"
+    ]
+    plain = hop_advice(TlsFailure.EXPIRED, "mx1.test", route="Corp")
+    assert plain == tls_advice(TlsFailure.EXPIRED, "mx1.test", route="Corp")
