@@ -11,7 +11,6 @@ import asyncio
 import fcntl
 import json
 import os
-import random
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -20,11 +19,9 @@ from typing import Any
 
 import relay
 from relay import config as configmod
-from relay import configdiff, configload, errors, routing
+from relay import configdiff, configload, errors, testtls
 from relay.config import Config, Route
 from relay.configload import ConfigError
-from relay.dns import DnsResolver, Resolver
-from relay.routing import Candidate
 from relay.spool import Spool
 
 EXIT_OK = 0
@@ -224,77 +221,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --- test-tls (docs/tls.md) -------------------------------------------------
 
 
-async def _candidates(route: Route, resolver: Resolver) -> list[Candidate]:
-    """The route's candidate hosts, after MX lookup, exactly as delivery orders them."""
-    return await routing.candidates(route, resolver, random.Random())
-
-
-async def _probe(cfg: Config, route: Route) -> list[Any]:
-    from relay.delivery import Deliverer
-    from relay.metrics import Metrics
-
-    resolver = DnsResolver(cfg.dns)
-    deliverer = Deliverer(lambda: cfg, resolver, Metrics())
-    try:
-        return await deliverer.probe(route, await _candidates(route, resolver))
-    finally:
-        await deliverer.close()
-
-
-def _probe_json(route: Route, result: Any, window: float) -> dict[str, Any]:
-    cand, cert = result.candidate, result.certificate
-    return {
-        "route": route.name,
-        "host": cand.host,
-        "table": cand.table,
-        "via_mx": cand.via_mx,
-        "address": result.ip,
-        "port": cand.port,
-        "error": result.error or None,
-        "starttls": result.starttls,
-        "tls_version": result.tls_version,
-        "cipher": result.cipher,
-        "certificate": None
-        if cert is None
-        else {
-            "subject": cert.subject,
-            "issuer": cert.issuer,
-            "sans": list(cert.sans),
-            "names": list(cert.names),
-            "not_before": cert.not_before,
-            "not_after": cert.not_after,
-            "days_left": cert.days_left,
-        },
-        "chain_verified": result.chain_verified,
-        "chain_error": result.chain_error or None,
-        "hostname_matched": result.hostname_matched,
-        "hostname_checked": result.hostname_checked or None,
-        "checks": {
-            option: {"enabled": getattr(route.tls, option), "passed": ok, "reason": why or None}
-            for option, ok, why in result.checks()
-        },
-        "failures": [
-            {
-                "reason": f.value,
-                "option": advice.option,
-                "text": errors.TLS_FAILURE_TEXT[f],
-                "problem": advice.problem,
-                "fixes": list(advice.fixes),
-            }
-            for f, advice in zip(result.failures, result.advice(route.name), strict=True)
-        ],
-        "auth": None
-        if not result.auth_checked
-        else {
-            "passed": not result.auth_error,
-            "mechanism": result.auth_mechanism or None,
-            "error": result.auth_error or None,
-        },
-        "passed": result.passed,
-        "warnings": result.warnings(window),
-    }
-
-
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -364,14 +290,14 @@ def cmd_test_tls(args: argparse.Namespace) -> int:
         print(f"no route named {args.route!r}; routes: {names}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        results = asyncio.run(_probe(cfg, route))
+        results = asyncio.run(testtls.probe_route(cfg, route))
     except errors.RelayError as exc:
         print(f"route {route.name!r}: {exc.detail}", file=sys.stderr)
         return EXIT_FAIL
     passed = bool(results) and all(r.passed for r in results)
     if args.json:
         report = {"route": route.name, "passed": passed}
-        report["hosts"] = [_probe_json(route, r, cfg.tls.expiry_warning) for r in results]
+        report["hosts"] = [testtls.probe_json(route, r, cfg.tls.expiry_warning) for r in results]
         print(json.dumps(report, indent=2))
     else:
         for result in results:

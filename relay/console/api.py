@@ -18,7 +18,7 @@ from aiohttp import web
 
 import relay
 from relay import config as configmod
-from relay import configdiff, configvalues
+from relay import configdiff, configvalues, testtls
 from relay.audit import AuditLog, format_entry
 from relay.config import Config, Route
 from relay.configload import ConfigError
@@ -380,7 +380,6 @@ async def put_rules(request: web.Request) -> web.Response:
 
 async def test_tls(request: web.Request) -> web.Response:
     """``relay test-tls`` on the unsaved form: the same probe, the same JSON per host."""
-    from relay.cli import _probe, _probe_json
     from relay.errors import RelayError
 
     data = await _body(request)
@@ -393,10 +392,10 @@ async def test_tls(request: web.Request) -> web.Response:
         return web.json_response({"passed": False, "problems": problems}, status=422)
     route = candidate.routes[index]
     try:
-        results = await _probe(candidate, route)
+        results = await testtls.probe_route(candidate, route)
     except RelayError as exc:
         return web.json_response({"passed": False, "error": exc.detail})
-    hosts = [_probe_json(route, r, candidate.tls.expiry_warning) for r in results]
+    hosts = [testtls.probe_json(route, r, candidate.tls.expiry_warning) for r in results]
     passed = bool(results) and all(r.passed for r in results)
     return web.json_response({"route": route.name, "passed": passed, "hosts": hosts})
 

@@ -18,7 +18,7 @@ PAGE = ROOT / "docs/architecture.md"
 RELAY = ROOT / "relay"
 
 #: The upward imports the page names as exceptions (importer, imported).
-EXCEPTIONS = {("console.api", "queuecli"), ("console.api", "cli")}
+EXCEPTIONS = {("console.api", "queuecli")}
 
 
 def module_name(path_in_relay: str) -> str:
