@@ -60,6 +60,10 @@ class Resolver(Protocol):
         ...
 
 
+#: Answers kept at most (the least recently used go first).
+CACHE_SIZE = 10_000
+
+
 class DnsResolver:
     """The :class:`Resolver` relay uses: dnspython's async stub resolver.
 
@@ -84,6 +88,11 @@ class DnsResolver:
                 resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.lifetime = config.timeout
         resolver.timeout = min(_TRY_TIMEOUT, config.timeout)
+        # Answers are kept for their TTL, as a caching resolver would: mail
+        # to one domain looks up the same MX, addresses and MTA-STS TXT for
+        # every message. Bounded; a reload builds a new resolver, and with it
+        # an empty cache.
+        resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
         self._resolver = resolver
 
     async def mx(self, domain: str) -> list[tuple[int, str]]:

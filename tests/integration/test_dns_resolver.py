@@ -181,3 +181,17 @@ async def test_large_answer_retried_over_tcp(dns_server) -> None:  # noqa: F811
     server = dns_server(hosts={"big.test": v4})
     found = await DnsResolver(server.config()).addresses("big.test")
     assert sorted(found) == sorted(v4)
+
+
+@pytest.mark.parametrize(("ttl", "cached"), [(60, True), (0, False)])
+async def test_answers_are_kept_for_their_ttl(ttl: int, cached: bool) -> None:
+    with dnsmasq_servers() as factory:
+        server = factory(hosts={"mx1.example.test": ["192.0.2.1"]}, ttl=ttl)
+        resolver = DnsResolver(server.config(timeout=0.5))
+        assert await resolver.addresses("mx1.example.test") == ["192.0.2.1"]
+    # The server is gone: only a cached answer can still come back.
+    if cached:
+        assert await resolver.addresses("MX1.example.test") == ["192.0.2.1"]
+    else:
+        with pytest.raises(DnsTemporary):
+            await resolver.addresses("mx1.example.test")

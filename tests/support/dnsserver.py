@@ -137,8 +137,10 @@ def dnsmasq_arguments(
     forward: Mapping[str, int],
     ptr: Mapping[str, str] | None = None,
     txt: Mapping[str, Sequence[str]] | None = None,
+    ttl: int = 0,
 ) -> list[str]:
-    """The dnsmasq command line serving these records on 127.0.0.1:port."""
+    """The dnsmasq command line serving these records on 127.0.0.1:port
+    (with time to live ``ttl``: 0, dnsmasq's default, lets no client cache them)."""
     args = [
         DNSMASQ,
         "--no-daemon",
@@ -155,6 +157,7 @@ def dnsmasq_arguments(
         "--log-queries",
         # Everything not configured below is NXDOMAIN, never forwarded.
         "--local=/#/",
+        f"--local-ttl={ttl}",
     ]
     for name, addresses in hosts.items():
         for address in addresses:
@@ -209,6 +212,7 @@ class DnsmasqFactory:
         timeout: Sequence[str] = (),
         ptr: Mapping[str, str] | None = None,
         txt: Mapping[str, Sequence[str]] | None = None,
+        ttl: int = 0,
     ) -> DnsServer:
         forward: dict[str, int] = {}
         if servfail:
@@ -223,7 +227,7 @@ class DnsmasqFactory:
         for _ in range(5):
             port = _free_port()
             log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-            args = dnsmasq_arguments(port, hosts or {}, mx or {}, forward, ptr, txt)
+            args = dnsmasq_arguments(port, hosts or {}, mx or {}, forward, ptr, txt, ttl)
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             self._procs.append((proc, log))
             if _wait_ready(proc, port, time.monotonic() + 10):
