@@ -386,8 +386,9 @@ class Daemon:
         # A CA file may have changed on disk under the same path.
         tls.client_context.cache_clear()
         tls.web_context.cache_clear()
-        if new.dns != old.dns:
-            self.parts.deliverer.use_resolver(DnsResolver(new.dns))
+        # A new resolver each time: [dns] may have changed, and a reload is
+        # how an operator makes a DNS change apply before its TTL runs out.
+        self.parts.deliverer.use_resolver(DnsResolver(new.dns))
         # Hosts still in the config keep their hold-down; removed ones are forgotten.
         self.parts.deliverer.health.reconfigure(new)
         self.parts.metrics.config_reloads.labels(result="success").inc()
