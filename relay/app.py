@@ -326,7 +326,7 @@ class Daemon(ConfigKeeper):
         """What ``relay status`` shows (``GET /status`` on the metrics listener)."""
         cfg = self._config
         now = time.time()
-        return {
+        report = {
             "version": relay.version(),
             "pid": os.getpid(),
             "started": self._started,
@@ -337,6 +337,11 @@ class Daemon(ConfigKeeper):
             "queue": len(self.parts.scheduler),
             "routes": self.parts.deliverer.health.snapshot(cfg),
         }
+        if self.worker is not None:
+            # How the kernel spread the connections (relay.workers).
+            (counter,) = self.parts.metrics.messages_received.collect()
+            report["accepted"] = sum(s.value for s in counter.samples if s.name.endswith("_total"))
+        return report
 
     async def _start_console(self, scheduler: Scheduler, control: Control) -> Any:
         """The admin web console (relay.console) on this loop, when ``[admin] listen`` is set."""

@@ -92,7 +92,7 @@ def lines(report: dict[str, Any]) -> list[str]:
         state = f"pid {worker['pid']}" if worker.get("up") else "DOWN (restarting)"
         out.append(
             f"worker {worker['worker']}: {state}, queue {worker.get('queue', 0)}, "
-            f"restarts {worker.get('restarts', 0)}"
+            f"accepted {worker.get('accepted', 0)}, restarts {worker.get('restarts', 0)}"
         )
     for route in report.get("routes", []):
         out.append(f"route {route['route']!r}:")

@@ -346,6 +346,7 @@ class Supervisor(ConfigKeeper):
                 "pid": slot.proc.pid if slot.proc is not None else None,
                 "up": reports[slot.index] is not None,
                 "queue": (reports[slot.index] or {}).get("queue", 0),
+                "accepted": (reports[slot.index] or {}).get("accepted", 0),
                 "restarts": slot.restarts,
             }
             for slot in self.slots

@@ -128,6 +128,8 @@ async def test_relay_status_is_one_report_with_a_line_per_worker(relay: Relay) -
     assert result.returncode == 0, result.stderr
     assert f"pid {relay.proc.pid}" in result.stdout
     assert "worker 0: pid" in result.stdout and "worker 1: pid" in result.stdout
+    report = await relay.status()
+    assert sum(w["accepted"] for w in report["workers"]) == 10  # type: ignore[attr-defined]
     code, body = await http_get(relay.metrics, "/healthz")
     assert code == 200, body
 
@@ -181,16 +183,7 @@ async def test_kill_9_of_a_worker_loses_nothing_and_it_is_started_again(relay: R
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
     await wait_log(relay.proc, "event=worker_died worker=1")
-
-    async def restarted() -> bool:
-        pids = await relay.worker_pids()
-        return pids[1] not in (None, victim) and (await relay.status())["workers"][1]["up"]  # type: ignore[index]
-
-    for _ in range(100):
-        if await restarted():
-            break
-        await asyncio.sleep(0.1)
-    assert await restarted()
+    await _started_again(relay, victim)
     assert relay.shard_ids() == waiting
     # The Later hop comes up: a flush delivers every message, from both shards.
     async with Sink(port=relay.later) as later:
@@ -207,6 +200,28 @@ async def test_kill_9_of_a_worker_loses_nothing_and_it_is_started_again(relay: R
     assert not any(relay.shard_ids())
     code, text = await http_get(relay.metrics, "/metrics")
     assert value(samples(text), "relay_worker_restarts_total") == 1
+
+
+async def _started_again(relay: Relay, victim: int) -> None:
+    """Wait (bounded) until worker 1 runs again, under a new pid, and answers."""
+    for _ in range(150):
+        report = await relay.status()
+        worker = report["workers"][1]  # type: ignore[index]
+        if worker["pid"] not in (None, victim) and worker["up"]:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"worker 1 not started again: {report}")
+
+
+async def test_a_worker_that_dies_again_soon_waits_longer(relay: Relay) -> None:
+    """A crash loop backs off (1 s, 2 s, ... 30 s), rather than spinning."""
+    victim = (await relay.worker_pids())[1]
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    await wait_log(relay.proc, f"event=worker_died worker=1 pid={victim} code=-9 restart_in=2.0")
+    await _started_again(relay, victim)
+    code, text = await http_get(relay.metrics, "/metrics")
+    assert value(samples(text), "relay_worker_restarts_total") == 2
 
 
 async def test_sigterm_stops_every_worker(relay: Relay) -> None:
@@ -244,4 +259,21 @@ async def test_fewer_workers_adopt_the_orphan_shards(relay: Relay) -> None:
                 await until(lambda: len(later.messages) >= len(ids), 1, what="the mail delivered")
                 break
         assert len(later.messages) == len(ids)
+    assert relay.proc.stop() == 0
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(relay: Relay) -> None:
+    """kill -9 of the supervisor: its workers notice and stop (no orphan keeps
+    the port or a shard), and the relay starts again on the same spool."""
+    relay.path.write_text(
+        config_text(relay.tmp, relay.smtp, relay.metrics, relay.corp.port, relay.later, 2)
+    )
+    relay.proc.start(wait_for="event=started")
+    pids = await relay.worker_pids()
+    os.kill(relay.proc.pid, signal.SIGKILL)
+    relay.proc.wait(10)
+    await until(
+        lambda: not any(pid_alive(p) for p in pids if p is not None), 15, what="workers gone"
+    )
+    relay.proc.start(wait_for="event=started")
     assert relay.proc.stop() == 0
