@@ -120,7 +120,7 @@ def _load(spool: Spool, unreadable: list[str]) -> list[Entry]:
     return sorted(entries, key=lambda e: (e.envelope.received_at, e.id))
 
 
-def _shard_of(spool: Spool, qid: str) -> Spool:
+def shard_of(spool: Spool, qid: str) -> Spool:
     """The shard that holds ``qid`` (``spool`` itself when none does)."""
     return next((s for s in spools(spool) if qid in s.hold or s.has_body(qid)), spool)
 
@@ -284,7 +284,7 @@ def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
 
 def cmd_show(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
-    spool = _shard_of(spool, args.id)
+    spool = shard_of(spool, args.id)
     held = args.id in spool.hold
     try:
         env = (spool.hold if held else spool).load(args.id)
@@ -454,7 +454,7 @@ def _by_shard(spool: Spool, ids: list[str] | None) -> list[tuple[Spool, list[str
         return [(shard, None) for shard in every]
     groups: dict[str, list[str]] = {}
     for qid in ids:
-        groups.setdefault(str(_shard_of(spool, qid).path), []).append(qid)
+        groups.setdefault(str(shard_of(spool, qid).path), []).append(qid)
     return [(s, groups[str(s.path)]) for s in every if str(s.path) in groups] or [(spool, [])]
 
 

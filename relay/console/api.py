@@ -192,9 +192,10 @@ def message_view(services: Services, qid: str) -> dict[str, Any] | None:
     from relay import queuecli
     from relay.spoolbody import IN_MEMORY_MAX, BodyFile
 
-    spool, cfg = services.spool, services.config()
+    cfg = services.config()
     if not _QUEUE_ID.fullmatch(qid):
         return None  # ids become file names: nothing else reaches the spool
+    spool = queuecli.shard_of(services.spool, qid)  # with workers, any worker's shard
     held = qid in spool.hold
     try:
         env = (spool.hold if held else spool).load(qid)
