@@ -211,11 +211,20 @@ class Supervisor(ConfigKeeper):
         delay = RESTART_MIN / 2
         while not self._stop.is_set():
             began = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(slot.index), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self._argv(slot.index), stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+            except OSError as exc:  # no process at all (EAGAIN, ENOMEM): as if it died
+                events.error("worker_not_started", worker=slot.index, error=str(exc))
+                delay = min(delay * 2, RESTART_MAX)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                continue
             slot.proc = proc
+            if self._stop.is_set():
+                proc.terminate()  # started while the others were told to stop
             self._up.set(sum(s.proc is not None for s in self.slots))
             await self._await_ready(slot, proc)
             code = await proc.wait()
