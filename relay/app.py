@@ -8,6 +8,9 @@ refused and the old one keeps running), SIGUSR1 flushes the queue,
 SIGUSR2 says a ``relay queue`` request waits (relay.control),
 SIGTERM/SIGINT stop gracefully (stop accepting, 421 to open sessions,
 everything stays in the spool, exit 0 within ``SHUTDOWN_GRACE`` seconds).
+With ``[server] workers`` above 1, ``run`` hands over to relay.workers'
+supervisor, and each of its worker processes is a :class:`Daemon` here in
+a :class:`WorkerRole`. Keeping and reloading the config is relay.keeper's.
 """
 
 from __future__ import annotations
