@@ -82,14 +82,17 @@ def merge_expositions(texts: Sequence[str], own: str = "") -> bytes:
     parsed = [list(text_string_to_metric_families(text)) for text in texts]
     names = {family.name for families in parsed for family in families} | owned
     combined = _Families()
+
+    def created(family: Metric) -> bool:
+        return family.name.endswith("_created") and family.name[: -len("_created")] in names
+
     for family in own_families:
-        combined.add(family)
+        if not created(family):
+            combined.add(family)
     for families in parsed:
         for family in families:
-            created = family.name.endswith("_created") and family.name[: -len("_created")] in names
-            if family.name in owned or created:
-                continue
-            combined.add(family)
+            if family.name not in owned and not created(family):
+                combined.add(family)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(combined)
     return generate_latest(registry)

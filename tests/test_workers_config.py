@@ -7,13 +7,25 @@ import os
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from relay import configload, shards, workers
 from relay.keeper import restart_problems
+from relay.metrics import Metrics
+from relay.metricsmerge import merge_expositions, merge_status
 from relay.spool import Spool
+from tests.support import configs
+from tests.support.opsd import samples, value
 from tests.support.procs import free_port
 from tests.support.queue import legacy_message, spool_message
-from tests.test_workers import config_text
+
+
+def config_text(tmp: Path, smtp: int, metrics: int, corp: int, later: int, count: object) -> str:
+    routes = configs.route("Corp", port=corp) + configs.route("Later", port=later)
+    rules = configs.rule("Later", "@later.test") + configs.rule("Corp", "*")
+    return configs.daemon_toml(
+        tmp, smtp, metrics, ["corp.test", "later.test"], routes, rules, server={"workers": count}
+    )
 
 
 def test_workers_auto_is_the_cores_this_process_may_use(tmp_path: Path) -> None:
@@ -80,3 +92,37 @@ def test_more_shards_leave_the_spool_as_it_is(tmp_path: Path) -> None:
     message = spool_message(_opened(root), ["a@x.test"])
     assert shards.adopt_orphans(root, 4) == 0
     assert [e.id for e in _opened(root).load_all()] == [message.id]
+
+
+def test_metrics_of_workers_are_summed_and_host_up_is_the_lowest() -> None:
+    first, second = Metrics(), Metrics()
+    first.messages_received.inc(3)
+    second.messages_received.inc(4)
+    first.delivery_seconds.labels("Corp").observe(0.02)
+    second.delivery_seconds.labels("Corp").observe(7)
+    first.host_up.labels("Corp", "mx").set(1)
+    second.host_up.labels("Corp", "mx").set(0)
+    first.config_reloads.labels("success").inc(5)  # each worker counts its own
+    # The supervisor's own registry: reloads, counted once for all workers.
+    registry = CollectorRegistry()
+    reloads = Counter("relay_config_reloads_total", "Reloads.", ["result"], registry=registry)
+    reloads.labels("success").inc()
+    texts = [m.exposition().decode() for m in (first, second)]
+    merged = samples(merge_expositions(texts, generate_latest(registry).decode()).decode())
+    assert value(merged, "relay_messages_received_total") == 7
+    assert value(merged, "relay_delivery_seconds_count", route="Corp") == 2
+    assert value(merged, "relay_delivery_seconds_bucket", route="Corp", le="0.025") == 1
+    assert value(merged, "relay_host_up", route="Corp", host="mx") == 0
+    assert value(merged, "relay_config_reloads_total", result="success") == 1
+    assert not [name for name, _ in merged if name.endswith("_created")]
+
+
+def test_status_of_workers_sums_the_queue_and_shows_a_host_down_anywhere() -> None:
+    def report(queue: int, state: str) -> dict[str, object]:
+        host = {"host": "mx", "port": 25, "table": "primary", "state": state}
+        return {"queue": queue, "routes": [{"route": "Corp", "hosts": [host]}]}
+
+    merged = merge_status([report(2, "up"), None, report(3, "down")])
+    assert merged["queue"] == 5
+    (host,) = merged["routes"][0]["hosts"]
+    assert host["state"] == "down" and host["down_in_workers"] == [2]
