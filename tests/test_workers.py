@@ -34,7 +34,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 SENDER = "s@sender.test"
 
 
-def config_text(tmp: Path, smtp: int, metrics: int, corp: int, later: int, count: object) -> str:
+def config_text(
+    tmp: Path, smtp: int | list[int], metrics: int, corp: int, later: int, count: object
+) -> str:
     routes = configs.route("Corp", port=corp) + configs.route("Later", port=later)
     rules = configs.rule("Later", "@later.test") + configs.rule("Corp", "*")
     return configs.daemon_toml(
@@ -166,6 +168,19 @@ async def test_reload_is_checked_and_audited_once_and_reaches_every_worker(relay
     assert [e["event"] for e in audit if "queue" not in e["event"]] == ["start", "reload"]
     code, text = await http_get(relay.metrics, "/metrics")
     assert value(samples(text), "relay_config_reloads_total", result="success") == 1
+
+
+async def test_a_reload_that_adds_a_listener_binds_it_in_every_worker(relay: Relay) -> None:
+    extra = free_port()
+    relay.path.write_text(
+        config_text(relay.tmp, [relay.smtp, extra], relay.metrics, relay.corp.port, relay.later, 2)
+    )
+    relay.proc.reload()
+    await wait_log(relay.proc, "event=listen_changed", count=2)  # each worker binds it
+    before = len(relay.corp.messages)
+    for _ in range(6):  # over several connections: the kernel picks a worker for each
+        await send(extra, SENDER, ["b@corp.test"])
+    await until(lambda: len(relay.corp.messages) >= before + 6, 20, what="mail via the new port")
 
 
 async def test_flush_signal_reaches_every_worker(relay: Relay) -> None:
