@@ -24,6 +24,7 @@ import pytest_asyncio
 from relay import shards
 from relay.spool import Spool
 from tests.support import configs
+from tests.support.console import console_config, login
 from tests.support.opsd import cli, http_get, samples, send, value, wait_log
 from tests.support.procs import RelayProcess, free_port, pid_alive
 from tests.support.sink import Sink
@@ -293,3 +294,39 @@ async def test_workers_stop_when_the_supervisor_is_killed(relay: Relay) -> None:
     )
     relay.proc.start(wait_for="event=started")
     assert relay.proc.stop() == 0
+
+
+async def test_the_console_runs_in_worker_0_and_acts_on_every_shard(tmp_path: Path) -> None:
+    smtp, metrics, admin, down = free_port(), free_port(), free_port(), free_port()
+    path = tmp_path / "relay.toml"
+    text = console_config(tmp_path, smtp, metrics, admin, down)  # nothing listens on `down`
+    path.write_text(text.replace("[server]\n", "[server]\nworkers = 2\n", 1))
+    with RelayProcess(path, cwd=tmp_path) as proc:
+        proc.wait_log("event=started", 15)
+        spool = tmp_path / "spool"
+        for _ in range(60):
+            await send(smtp, SENDER, ["a@example.com"])
+            ids = [
+                {e.id for e in Spool(p).load_all(quarantine=False)}
+                for p in shards.shard_paths(spool)
+            ]
+            if len(ids) == 2 and all(ids):
+                break
+        assert len(ids) == 2 and all(ids), "both shards hold a waiting message"
+        other = sorted(ids[1])[0]  # in worker 1's shard
+        base = f"http://127.0.0.1:{admin}"
+        client, csrf = await login(base)
+        try:
+            async with client.get(f"{base}/api/queue") as response:
+                listed = {m["id"] for m in (await response.json())["messages"]}
+            assert listed == ids[0] | ids[1]
+            async with client.get(f"{base}/api/queue/{other}") as response:
+                assert response.status == 200
+            headers = {"X-CSRF-Token": csrf}
+            async with client.post(
+                f"{base}/api/queue/hold", json={"ids": [other]}, headers=headers
+            ) as response:
+                assert (await response.json())["done"] == [other], await response.text()
+            assert Spool(shards.shard_path(spool, 1)).hold.ids() == [other]
+        finally:
+            await client.close()
