@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -51,6 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 import relay
 from relay import configload, events, shards
 from relay import metrics as metricsmod
+from relay.app import PidFile, WorkerRole, default_config, run_worker
 from relay.config import Config
 from relay.keeper import ConfigKeeper
 from relay.metricsmerge import merge_expositions, merge_status
@@ -134,8 +136,6 @@ class Supervisor(ConfigKeeper):
         self._reloads.labels(result=result).inc()
 
     async def run(self) -> int:
-        from relay.app import PidFile
-
         cfg = self._config
         events.setup(cfg.log.format, cfg.log.level)
         pid_file = PidFile(cfg.pid_file)
@@ -148,7 +148,7 @@ class Supervisor(ConfigKeeper):
         finally:
             pid_file.remove()
 
-    async def _serve(self, cfg: Config, pid_file: Any) -> int:
+    async def _serve(self, cfg: Config, pid_file: PidFile) -> int:
         try:
             shards.adopt_orphans(cfg.queue.path, len(self.slots))
         except OSError as exc:
@@ -333,8 +333,6 @@ class Supervisor(ConfigKeeper):
 
     async def status(self) -> dict[str, Any]:
         """``/status``: one report for ``relay status``."""
-        import json
-
         answers = await self._gather("/status")
         reports: list[dict[str, Any] | None] = []
         for _, body in answers:
@@ -387,8 +385,6 @@ async def supervise(config_path: Path | None, load: Callable[[], Config]) -> int
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """``python -m relay.workers --index K --of N [--config PATH]``: one worker."""
-    from relay import app
-
     parser = argparse.ArgumentParser(prog="relay.workers")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--of", type=int, required=True)
@@ -396,7 +392,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def load() -> Config:
-        cfg = app.default_config() if args.config is None else configload.load(args.config)
+        cfg = default_config() if args.config is None else configload.load(args.config)
         return worker_config(cfg, args.index, args.of)
 
     def ready(port: int) -> None:
@@ -406,7 +402,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, 1)
         os.close(devnull)
 
-    return app.run_worker(load, app.WorkerRole(args.index, args.of, ready))
+    return run_worker(load, WorkerRole(args.index, args.of, ready))
 
 
 if __name__ == "__main__":
