@@ -23,7 +23,9 @@ What stays one:
   series combined, :mod:`relay.metricsmerge`), ``/status`` (one report:
   the queue summed, host health as the workers see it, one line per
   worker) and ``/healthz`` (200 only while every worker is up and healthy).
-  Each worker answers these on a loopback port it reported at start.
+  Each worker answers these on a loopback port it reported at start;
+- ``relay queue``: each shard's worker takes the requests written into
+  that shard's ``control/`` (relay.control, relay.queuecli).
 
 A worker that dies (kill -9, a crash) is started again after a back-off
 (1 s, doubling to 30 s while it keeps dying within 30 s of its start); its
