@@ -8,6 +8,9 @@ refused and the old one keeps running), SIGUSR1 flushes the queue,
 SIGUSR2 says a ``relay queue`` request waits (relay.control),
 SIGTERM/SIGINT stop gracefully (stop accepting, 421 to open sessions,
 everything stays in the spool, exit 0 within ``SHUTDOWN_GRACE`` seconds).
+With ``[server] workers`` above 1, ``run`` hands over to relay.workers'
+supervisor, and each of its worker processes is a :class:`Daemon` here in
+a :class:`WorkerRole`. Keeping and reloading the config is relay.keeper's.
 """
 
 from __future__ import annotations
@@ -20,22 +23,22 @@ import random
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import relay
 from relay import config as configmod
-from relay import configdiff, configload, events, tls
+from relay import configload, events, shards
 from relay import metrics as metricsmod
-from relay.audit import AuditLog
 from relay.config import Config
-from relay.configload import ConfigError
 from relay.control import Control
 from relay.delivery import Deliverer
 from relay.dns import DnsResolver
 from relay.inbound import Inbound, listen_texts
+from relay.keeper import ConfigKeeper, server_tls_context
+from relay.keeper import restart_problems as restart_problems
 from relay.metrics import Metrics
 from relay.queue import Scheduler
 from relay.spool import Spool
@@ -55,11 +58,8 @@ def default_config() -> Config:
     return configload.load_embedded()
 
 
-def _server_tls_context(cfg: Config) -> ssl.SSLContext | None:
-    """Inbound STARTTLS is offered only when a certificate is configured."""
-    if cfg.server.tls_cert is None or cfg.server.tls_key is None:
-        return None
-    return tls.server_context(cfg.server.tls_cert, cfg.server.tls_key)
+#: Its older name, for callers (the tests): relay.keeper has it now.
+_server_tls_context = server_tls_context
 
 
 class PidFile:
@@ -178,32 +178,49 @@ def end_hold_downs(deliverer: Deliverer) -> None:
         events.log("hold_downs_ended", hosts=hosts)
 
 
-class Daemon:
+@dataclass(frozen=True)
+class WorkerRole:
+    """This daemon is worker ``index`` of ``count`` under a supervisor (relay.workers).
+
+    Its config's ``queue.path`` is its own spool shard. It locks that
+    shard (:data:`WORKER_LOCK`), not the pid file (the supervisor's), binds
+    the SMTP listeners with SO_REUSEPORT next to its siblings, writes no
+    audit log, and serves ``/metrics``, ``/status`` and ``/healthz`` on a
+    loopback port it hands to ``ready`` for the supervisor to gather.
+    """
+
+    index: int
+    count: int
+    ready: Callable[[int], None]
+
+
+#: A worker's lock on its shard (the pid file stays the supervisor's).
+WORKER_LOCK = "worker.pid"
+
+#: Seconds between a worker's checks that its supervisor still runs.
+PARENT_CHECK = 1.0
+
+
+class Daemon(ConfigKeeper):
     """One running relay. ``load`` reads the config (again, on SIGHUP)."""
 
-    def __init__(self, load: Callable[[], Config]) -> None:
-        self._load = load
-        self._config = load()
-        self._tls = _server_tls_context(self._config)
+    def __init__(self, load: Callable[[], Config], worker: WorkerRole | None = None) -> None:
+        super().__init__(load, audit=worker is None)
+        self.worker = worker
         self.parts = build(self.config, tls_context=self.tls_context)
+        # Several workers accept on one port: the kernel spreads connections.
+        self.parts.inbound.listeners.reuse_port = worker is not None
         self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task[bool]] = set()
-        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
         #: Set once the SMTP listeners are up (a reload may change them).
         self._inbound: Inbound | None = None
         self._started = time.time()
 
-    def config(self) -> Config:
-        """The current config: every component reads it through this callable."""
-        return self._config
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        return self._tls
-
     async def run(self) -> int:
         cfg = self._config
         events.setup(cfg.log.format, cfg.log.level)
-        pid_file = PidFile(cfg.pid_file)
+        lock = cfg.pid_file if self.worker is None else cfg.queue.path / WORKER_LOCK
+        pid_file = PidFile(lock)
         # Lock before touching the spool: open() cleans tmp/, which would
         # break the writes of a relay that is still running on it.
         holder = pid_file.lock()
@@ -211,6 +228,9 @@ class Daemon:
             events.error("already_running", pid=holder, pid_file=str(pid_file.path))
             return 1
         try:
+            if self.worker is None:
+                # Shards of an earlier run with more workers (relay.shards).
+                shards.adopt_orphans(cfg.queue.path, 1)
             return await self._serve(cfg, pid_file)
         finally:
             pid_file.remove()
@@ -236,21 +256,13 @@ class Daemon:
         try:
             await inbound.start()
             self._inbound = inbound
-            if cfg.metrics.listen is not None:
-                listen = cfg.metrics.listen
-                metrics_server = await metricsmod.serve(
-                    self.parts.metrics,
-                    listen.host,
-                    listen.port,
-                    healthy=self.parts.spool.writable,
-                    status=self.status,
-                )
+            metrics_server = await self._serve_metrics(cfg)
         except OSError as exc:
             events.error("start_failed", error=str(exc))
             await inbound.stop(0)
             return 1
         console_runner = None
-        if cfg.admin.listen is not None:
+        if cfg.admin.listen is not None and (self.worker is None or self.worker.index == 0):
             try:
                 console_runner = await self._start_console(scheduler, control)
             except (OSError, ssl.SSLError) as exc:
@@ -260,16 +272,21 @@ class Daemon:
         self._applied(cfg, "start")
         run_task = asyncio.create_task(scheduler.run())
         control_task = asyncio.create_task(control.run())
-        events.log(
-            "started",
-            version=relay.version(),
-            config=cfg.shown_source,
-            listen=",".join(listen_texts(inbound)),
-            metrics=str(cfg.metrics.listen) if cfg.metrics.listen is not None else "off",
-            spool=str(self.parts.spool.path),
-            recovered=recovered,
-            pid=os.getpid(),
-        )
+        fields: dict[str, Any] = {
+            "version": relay.version(),
+            "config": cfg.shown_source,
+            "listen": ",".join(listen_texts(inbound)),
+            "metrics": str(cfg.metrics.listen) if cfg.metrics.listen is not None else "off",
+            "spool": str(self.parts.spool.path),
+            "recovered": recovered,
+            "pid": os.getpid(),
+        }
+        if self.worker is not None:
+            fields["worker"] = self.worker.index
+        events.log(self._event("started"), **fields)
+        if self.worker is not None:
+            self._spawn(self._watch_parent())
+            self.worker.ready(metrics_server.sockets[0].getsockname()[1] if metrics_server else 0)
         try:
             await self._stop.wait()
         finally:
@@ -282,11 +299,37 @@ class Daemon:
             await self._shutdown(inbound, scheduler, run_task, metrics_server)
         return 0
 
+    def _event(self, name: str) -> str:
+        """``started``, ``stopping``, ``stopped``: a worker's are ``worker_started``...
+        (its supervisor logs the relay's own)."""
+        return name if self.worker is None else f"worker_{name}"
+
+    async def _serve_metrics(self, cfg: Config) -> asyncio.Server | None:
+        """``[metrics] listen``; a worker's on a loopback port for its supervisor."""
+        if self.worker is not None:
+            host, port = "127.0.0.1", 0
+        elif cfg.metrics.listen is not None:
+            host, port = cfg.metrics.listen.host, cfg.metrics.listen.port
+        else:
+            return None
+        return await metricsmod.serve(
+            self.parts.metrics, host, port, healthy=self.parts.spool.writable, status=self.status
+        )
+
+    async def _watch_parent(self) -> None:
+        """A worker stops when its supervisor is gone (killed with -9): no orphan
+        keeps the SMTP port and the shard from the next supervisor."""
+        parent = os.getppid()
+        while os.getppid() == parent:  # noqa: ASYNC110 - no event tells a parent's death
+            await asyncio.sleep(PARENT_CHECK)
+        events.warning("supervisor_gone", pid=parent)
+        self._stop.set()
+
     def status(self) -> dict[str, Any]:
         """What ``relay status`` shows (``GET /status`` on the metrics listener)."""
         cfg = self._config
         now = time.time()
-        return {
+        report = {
             "version": relay.version(),
             "pid": os.getpid(),
             "started": self._started,
@@ -297,17 +340,30 @@ class Daemon:
             "queue": len(self.parts.scheduler),
             "routes": self.parts.deliverer.health.snapshot(cfg),
         }
+        if self.worker is not None:
+            # How the kernel spread the connections (relay.workers).
+            (counter,) = self.parts.metrics.messages_received.collect()
+            report["accepted"] = sum(s.value for s in counter.samples if s.name.endswith("_total"))
+        return report
 
     async def _start_console(self, scheduler: Scheduler, control: Control) -> Any:
         """The admin web console (relay.console) on this loop, when ``[admin] listen`` is set."""
         from relay import console
 
         services = console.Services(
-            config=self.config, reload=lambda: self.reload("console"), spool=self.parts.spool,
+            config=self.config, reload=self._console_reload, spool=self.parts.spool,
             scheduler=scheduler, control=control, metrics=self.parts.metrics, started=self._started,
             health=lambda: self.parts.deliverer.health.snapshot(self._config),
         )  # fmt: skip
         return await console.serve(services)
+
+    async def _console_reload(self) -> bool:
+        """A save in the console: reload here; a worker also has its supervisor
+        reload every worker (and write the audit log)."""
+        applied = await self.reload("console")
+        if applied and self.worker is not None:
+            os.kill(os.getppid(), signal.SIGHUP)
+        return applied
 
     async def _shutdown(
         self,
@@ -316,7 +372,7 @@ class Daemon:
         run_task: asyncio.Task[None],
         metrics_server: asyncio.Server | None,
     ) -> None:
-        events.log("stopping", grace=SHUTDOWN_GRACE)
+        events.log(self._event("stopping"), grace=SHUTDOWN_GRACE)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -337,7 +393,7 @@ class Daemon:
         for task in list(self._tasks):
             task.cancel()
         self.parts.spool.close()
-        events.log("stopped")
+        events.log(self._event("stopped"))
 
     def _install_signals(self, control: Control) -> None:
         loop = asyncio.get_running_loop()
@@ -348,54 +404,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
 
     def _spawn_reload(self) -> None:
-        task = asyncio.create_task(self.reload())
+        self._spawn(self.reload())
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def reload(self, trigger: str = "SIGHUP") -> bool:
-        """SIGHUP: load the config again; swap it in only if it is valid.
-
-        Reloads run one at a time: each one compares with (and audits
-        against) the config the previous one left, never a stale one.
-        ``trigger`` is what the audit log says asked for it ("console" for
-        a save in the admin console).
-        """
-        async with self._reloading:
-            return await self._reload(trigger)
-
-    async def _reload(self, trigger: str = "SIGHUP") -> bool:
-        old = self._config
-        try:
-            new = await asyncio.to_thread(self._load)
-            server_tls = _server_tls_context(new)
-        except ConfigError as exc:
-            self._refuse(old, exc.path, list(exc.problems), trigger)
-            return False
-        except (OSError, ssl.SSLError) as exc:
-            self.parts.metrics.config_reloads.labels(result="error").inc()
-            events.error("reload_failed", config=old.shown_source, error=str(exc))
-            return False
-        needs_restart = restart_problems(old, new)
-        if needs_restart:
-            self._refuse(old, new.source, needs_restart, trigger)
-            return False
-        if not await self._relisten(old, new, trigger):
-            return False
-        # One reference swap: inbound and the scheduler read it per command.
-        self._config, self._tls = new, server_tls
-        # A CA file may have changed on disk under the same path.
-        tls.client_context.cache_clear()
-        tls.web_context.cache_clear()
-        # A new resolver each time: [dns] may have changed, and a reload is
-        # how an operator makes a DNS change apply before its TTL runs out.
-        self.parts.deliverer.use_resolver(DnsResolver(new.dns))
-        # Hosts still in the config keep their hold-down; removed ones are forgotten.
-        self.parts.deliverer.health.reconfigure(new)
-        self.parts.metrics.config_reloads.labels(result="success").inc()
-        if new.log != old.log:
-            events.setup(new.log.format, new.log.level)
-        self._applied(new, "reload", old, trigger)
-        return True
 
     async def _relisten(self, old: Config, new: Config, trigger: str = "SIGHUP") -> bool:
         """Bind the listeners a reload added, close the ones it removed.
@@ -420,105 +434,33 @@ class Daemon:
         )
         return True
 
-    def _refuse(
-        self,
-        old: Config,
-        source: Path,
-        problems: list[configload.Problem],
-        trigger: str = "SIGHUP",
-    ) -> None:
-        """A loaded config cannot be applied: count, log and audit it; ``old`` keeps running."""
-        self.parts.metrics.config_reloads.labels(result="error").inc()
-        events.error("reload_failed", config=str(source), problems=len(problems))
-        for problem in problems:
-            events.error("reload_problem", problem=str(problem))
-        self._audit(old, lambda log: log.record_refused(source, problems, trigger))
+    def _count(self, result: str) -> None:
+        self.parts.metrics.config_reloads.labels(result=result).inc()
 
-    def _applied(
-        self, new: Config, reason: str, old: Config | None = None, trigger: str = "SIGHUP"
-    ) -> None:
-        """A config took effect (start or reload): log it, and audit it."""
-        events.log(
-            "config_applied",
-            reason=reason,
-            config=new.shown_source,
-            sha256=new.sha256,
-            routes=len(new.routes),
-            rules=len(new.rules),
-        )
-        for line in configdiff.describe(new):
-            events.log("config", line=line)
-        for route in new.routes:
-            # Only where it can happen: require_tls encrypts before any AUTH.
-            if route.auth is not None and route.auth.over_plaintext and not route.tls.require_tls:
-                events.warning(
-                    "auth_over_plaintext", route=route.name,
-                    risk="the password may cross the network unencrypted",
-                )  # fmt: skip
-        if old is None:
-            self._audit(new, lambda log: log.record_start(new))
-        else:
-            self._audit(new, lambda log: log.record_reload(old, new, trigger))
-
-    def _audit(self, cfg: Config, write: Callable[[AuditLog], None]) -> None:
-        """Append to the audit log; a failed write is logged, never fatal to a reload."""
-        try:
-            write(AuditLog(cfg.audit.path))
-        except OSError as exc:
-            events.error("audit_failed", path=str(cfg.audit.path), error=str(exc))
-
-
-def restart_problems(old: Config, new: Config) -> list[configload.Problem]:
-    """The changes from ``old`` to ``new`` a reload cannot apply, as Problems.
-
-    ``queue.path`` (the spool, and the pid file ``relay reload`` and
-    ``relay queue`` find the daemon by) and ``metrics.listen`` are bound
-    at start. A reload changing either is refused as a whole, so the audit
-    log never says a config applied that did not. The ``[queue]``
-    durations apply live: the scheduler reads them at every use.
-    """
-    problems = []
-    if new.queue.path != old.queue.path:
-        problems.append(
-            configload.Problem(
-                "queue",
-                "path",
-                f"changing it needs a restart; the running relay keeps {old.queue.path}",
-            )
-        )
-    if new.metrics.listen != old.metrics.listen:
-        keeps = str(old.metrics.listen) if old.metrics.listen else "the endpoint off"
-        problems.append(
-            configload.Problem(
-                "metrics",
-                "listen",
-                f"changing it needs a restart; the running relay keeps {keeps}",
-            )
-        )
-    if new.admin.listen != old.admin.listen or (new.admin.tls_cert, new.admin.tls_key) != (
-        old.admin.tls_cert,
-        old.admin.tls_key,
-    ):
-        problems.append(
-            configload.Problem(
-                "admin",
-                "listen",
-                "changing listen, tls_cert or tls_key needs a restart; "
-                "the running console keeps its address and certificate",
-            )
-        )
-    return problems
+    def _swapped(self, old: Config, new: Config) -> None:
+        # A new resolver each time: [dns] may have changed, and a reload is
+        # how an operator makes a DNS change apply before its TTL runs out.
+        self.parts.deliverer.use_resolver(DnsResolver(new.dns))
+        # Hosts still in the config keep their hold-down; removed ones are forgotten.
+        self.parts.deliverer.health.reconfigure(new)
 
 
 def run(config_path: Path | None) -> int:
     """``relay run``: the daemon in the foreground until SIGTERM; the exit code.
 
     ``config_path`` None means the embedded default. Raises ConfigError
-    for an invalid config at start (the CLI prints it and exits 2).
+    for an invalid config at start (the CLI prints it and exits 2). With
+    ``[server] workers`` above 1 this process is the supervisor of that
+    many worker daemons (relay.workers).
     """
 
     def load() -> Config:
         return default_config() if config_path is None else configload.load(config_path)
+
+    if load().server.workers > 1:
+        from relay import workers
+
+        return asyncio.run(workers.supervise(config_path, load))
 
     async def main() -> int:
         try:
@@ -531,6 +473,21 @@ def run(config_path: Path | None) -> int:
             return await daemon.run()
         except OSError as exc:
             events.error("start_failed", error=str(exc))
+            return 1
+
+    return asyncio.run(main())
+
+
+def run_worker(load: Callable[[], Config], role: WorkerRole) -> int:
+    """One worker of ``relay run`` with ``[server] workers`` above 1 (relay.workers)."""
+
+    async def main() -> int:
+        try:
+            daemon = Daemon(load, role)
+            return await daemon.run()
+        except (OSError, ssl.SSLError) as exc:
+            events.setup()
+            events.error("start_failed", error=str(exc), worker=role.index)
             return 1
 
     return asyncio.run(main())

@@ -244,6 +244,9 @@ class ServerConfig:
     allow_routing_characters: bool = False
     #: Seconds for the client's reverse DNS (PTR and back) per connection.
     reverse_dns_timeout: float = 2.0
+    #: Worker processes (relay.workers); "auto" in the file is the cores
+    #: this process may run on. 1: one process, no supervisor.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import os
 import stat
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -240,6 +241,7 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
     if soft > hard:
         r.problem("soft_error_limit", f"must not exceed hard_error_limit ({soft} > {hard})")
     read = {
+        "workers": _workers(r),
         "hostname": hostname,
         "listen": tuple(listen) or defaults.listen,
         "domains": domains,
@@ -250,6 +252,22 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
         "hard_error_limit": hard,
     }
     return ServerConfig(**r.settings(defaults, read))
+
+
+#: More workers than this is a typo, not a machine (each is a process with threads).
+MAX_WORKERS = 64
+
+
+def _workers(r: _Reader) -> int:
+    """``workers``: a count, or "auto" for the cores this process may run on."""
+    value = r.get("workers", (int, str), 1)
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, str) or not 1 <= value <= MAX_WORKERS:
+        wanted = f'"auto" or a whole number from 1 to {MAX_WORKERS}'
+        r.problem("workers", f"must be {wanted}, got {value!r}")
+        return 1
+    return int(value)
 
 
 def _queue(problems: list[Problem], raw: Any, base: Path) -> QueueConfig:

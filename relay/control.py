@@ -114,10 +114,14 @@ def submit(
         ready = (folder / READY).read_text().strip()
     except OSError:
         ready = ""
-    if ready != str(pid):
+    if ready.isdigit() and ready != str(pid) and _parent(int(ready)) == pid:
+        # A worker of the relay (relay.workers) owns this spool shard: ask it.
+        pid = int(ready)
+    elif ready != str(pid):
         raise ControlError(
-            f"the running relay (pid {pid}) does not take queue requests: it is older than "
-            "this command; restart it (`kill -USR1` flushes everything meanwhile)"
+            f"the running relay (pid {pid}) does not take queue requests for {spool_path}: "
+            "it is older than this command, or that worker is starting again; retry, or "
+            "restart the relay (`kill -USR1` flushes everything meanwhile)"
         )
     rid = new_id()
     request, work = folder / f"{rid}.req", folder / f"{rid}.work"
@@ -150,6 +154,16 @@ def submit(
     for leftover in (done, report, work):
         leftover.unlink(missing_ok=True)
     return result
+
+
+def _parent(pid: int) -> int:
+    """The parent of ``pid`` (0 when it is gone), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # The fields after the parenthesised command name (which may hold spaces).
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def _alive(pid: int) -> bool:

@@ -19,11 +19,16 @@ class Listeners:
         self.servers: list[asyncio.Server] = []
         #: The same servers by the listen address they were bound for.
         self._listening: dict[Listen, asyncio.Server] = {}
+        #: SO_REUSEPORT: set in a worker process (relay.workers), whose
+        #: siblings bind the same addresses; the kernel spreads connections.
+        self.reuse_port = False
 
     async def bind(self, listen: Listen) -> None:
         """Start accepting on ``listen``; raises OSError if it cannot be bound."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._protocol, listen.host, listen.port)
+        server = await loop.create_server(
+            self._protocol, listen.host, listen.port, reuse_port=self.reuse_port or None
+        )
         self.servers.append(server)
         self._listening[listen] = server
 

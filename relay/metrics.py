@@ -11,8 +11,9 @@ registry, so counters start from zero and can be checked exactly.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import (
@@ -203,13 +204,24 @@ async def _read_request_path(reader: asyncio.StreamReader) -> tuple[str, str]:
     return parts[0], parts[1].split("?")[0]
 
 
-#: What ``GET /status`` answers: the daemon's state as JSON-ready data.
-StatusReport = Callable[[], dict[str, Any]]
+#: What ``GET /status`` answers: the daemon's state as JSON-ready data
+#: (a supervisor's is a coroutine: it asks its workers, relay.workers).
+StatusReport = Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]
+
+#: ``/healthz``'s check; a supervisor's is a coroutine too.
+HealthCheck = Callable[[], bool | Awaitable[bool]]
+
+#: ``/metrics``'s text when it is not one registry's (a supervisor's).
+Exposition = Callable[[], Awaitable[bytes]]
 
 
-def _respond(
-    metrics: Metrics,
-    healthy: Callable[[], bool],
+async def _settled(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _respond(
+    metrics: Metrics | Exposition,
+    healthy: HealthCheck,
     method: str,
     path: str,
     status: StatusReport | None = None,
@@ -217,10 +229,11 @@ def _respond(
     if method not in ("GET", "HEAD"):
         return "405 Method Not Allowed", "text/plain", b"use GET\n"
     if path == "/metrics":
-        return "200 OK", CONTENT_TYPE_LATEST, metrics.exposition()
+        text = metrics.exposition() if isinstance(metrics, Metrics) else await metrics()
+        return "200 OK", CONTENT_TYPE_LATEST, text
     if path == "/healthz":
         try:
-            ok = healthy()
+            ok = await _settled(healthy())
         except Exception:  # a broken check means unhealthy, not a dead endpoint
             ok = False
         if ok:
@@ -228,16 +241,17 @@ def _respond(
         return "503 Service Unavailable", "text/plain", b"spool not writable\n"
     if path == "/status" and status is not None:
         # `relay status` reads this (relay.status): version, queue, host health.
-        body = json.dumps(status(), indent=2, sort_keys=True).encode() + b"\n"
+        report = await _settled(status())
+        body = json.dumps(report, indent=2, sort_keys=True).encode() + b"\n"
         return "200 OK", "application/json", body
     return "404 Not Found", "text/plain", b"not found\n"
 
 
 async def serve(
-    metrics: Metrics,
+    metrics: Metrics | Exposition,
     host: str,
     port: int,
-    healthy: Callable[[], bool],
+    healthy: HealthCheck,
     *,
     read_timeout: float = 10.0,
     status: StatusReport | None = None,
@@ -258,7 +272,7 @@ async def serve(
         try:
             async with asyncio.timeout(read_timeout):
                 method, path = await _read_request_path(reader)
-            code, ctype, body = _respond(metrics, healthy, method, path, status)
+            code, ctype, body = await _respond(metrics, healthy, method, path, status)
             head = (
                 f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

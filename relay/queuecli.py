@@ -25,10 +25,10 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from relay import control
+from relay import control, shards
 from relay.audit import AuditLog
 from relay.config import Config
 from relay.configvalues import parse_duration
@@ -51,6 +51,8 @@ class Entry:
 
     envelope: Envelope
     held: bool
+    #: The spool shard it is in (relay.shards); None: the one spool.
+    spool: Spool | None = field(default=None, compare=False)
 
     @property
     def id(self) -> str:
@@ -102,11 +104,25 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def spools(spool: Spool) -> list[Spool]:
+    """``spool`` and its shards, one per worker process (relay.shards): the
+    commands see every message, whichever worker holds it."""
+    return [spool] + [Spool(path) for path in shards.shard_paths(spool.path)[1:]]
+
+
 def _load(spool: Spool, unreadable: list[str]) -> list[Entry]:
     """Every message, waiting and held, oldest first (read-only)."""
-    entries = [Entry(e, False) for e in spool.load_all(quarantine=False, unreadable=unreadable)]
-    entries += [Entry(e, True) for e in spool.hold.load_all(unreadable)]
+    entries: list[Entry] = []
+    for shard in spools(spool):
+        waiting = shard.load_all(quarantine=False, unreadable=unreadable)
+        entries += [Entry(e, False, shard) for e in waiting]
+        entries += [Entry(e, True, shard) for e in shard.hold.load_all(unreadable)]
     return sorted(entries, key=lambda e: (e.envelope.received_at, e.id))
+
+
+def shard_of(spool: Spool, qid: str) -> Spool:
+    """The shard that holds ``qid`` (``spool`` itself when none does)."""
+    return next((s for s in spools(spool) if qid in s.hold or s.has_body(qid)), spool)
 
 
 def _matches(entry: Entry, args: argparse.Namespace, cfg: Config, now: float) -> bool:
@@ -232,7 +248,7 @@ def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     now = time.time()
     unreadable: list[str] = []
     entries, _ = _select(args, cfg, spool, unreadable)
-    corrupt = sorted(set(spool.quarantine.ids()) | set(unreadable))
+    corrupt = sorted({q for s in spools(spool) for q in s.quarantine.ids()} | set(unreadable))
     if args.json:
         report = {
             "messages": [_entry_json(cfg, e, now) for e in entries],
@@ -268,6 +284,7 @@ def cmd_list(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
 
 
 def cmd_show(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
+    spool = shard_of(spool, args.id)
     held = args.id in spool.hold
     try:
         env = (spool.hold if held else spool).load(args.id)
@@ -410,16 +427,35 @@ def _needs_selection(args: argparse.Namespace, action: str) -> bool:
 def _daemon_result(
     cfg: Config, spool: Spool, pid: int, action: str, ids: list[str] | None
 ) -> tuple[list[str], dict[str, list[str]]] | None:
-    try:
-        result = control.submit(spool.path, pid, action, ids, _Progress(action))
-    except control.ControlError as exc:
-        _failed(action, exc)
-        return None
-    if "error" in result:
-        print(f"queue {action}: the relay failed: {result['error']}", file=sys.stderr)
-        return None
-    skipped = {k: list(v) for k, v in result.items() if k != "done" and v}
-    return list(result["done"]), skipped
+    """The daemon's answer; with workers, each shard's worker answers for its ids."""
+    done: list[str] = []
+    skipped: dict[str, list[str]] = {}
+    for shard, chosen in _by_shard(spool, ids):
+        try:
+            result = control.submit(shard.path, pid, action, chosen, _Progress(action))
+        except control.ControlError as exc:
+            _failed(action, exc)
+            return None
+        if "error" in result:
+            print(f"queue {action}: the relay failed: {result['error']}", file=sys.stderr)
+            return None
+        done += result["done"]
+        for key, value in result.items():
+            if key != "done" and value:
+                skipped.setdefault(key, []).extend(value)
+    return done, skipped
+
+
+def _by_shard(spool: Spool, ids: list[str] | None) -> list[tuple[Spool, list[str] | None]]:
+    """``ids`` grouped by the shard that holds them; None (all) goes to every shard.
+    An id no shard holds goes to the first, which answers "missing"."""
+    every = spools(spool)
+    if ids is None:
+        return [(shard, None) for shard in every]
+    groups: dict[str, list[str]] = {}
+    for qid in ids:
+        groups.setdefault(str(shard_of(spool, qid).path), []).append(qid)
+    return [(s, groups[str(s.path)]) for s in every if str(s.path) in groups] or [(spool, [])]
 
 
 def cmd_flush(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
@@ -505,7 +541,9 @@ def _move(args: argparse.Namespace, cfg: Config, spool: Spool, action: str) -> i
                 done, more = outcome
                 via = "daemon"
             else:
-                done, more = _move_files(spool, action, ids), {}
+                done, more = [], {}
+                for shard, chosen in _by_shard(spool, ids):
+                    done += _move_files(shard, action, chosen or [])
                 via = "spool"
     except control.ControlError as exc:
         return _failed(action, exc)
@@ -562,7 +600,8 @@ def cmd_delete(args: argparse.Namespace, cfg: Config, spool: Spool) -> int:
     done: list[str] = []
     for index, entry in enumerate(entries, 1):
         # Direct: the daemon drops a message that vanished under it.
-        gone = spool.hold.delete(entry.id) if entry.held else spool.delete(entry.id)
+        shard = entry.spool or spool
+        gone = shard.hold.delete(entry.id) if entry.held else shard.delete(entry.id)
         if gone:
             done.append(entry.id)
         else:

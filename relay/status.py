@@ -88,6 +88,12 @@ def lines(report: dict[str, Any]) -> list[str]:
         f"config: {report.get('config', '?')} sha256 {report.get('config_sha256', '?')}",
         f"queue:  {report.get('queue', 0)} message(s)",
     ]
+    for worker in report.get("workers", []):
+        state = f"pid {worker['pid']}" if worker.get("up") else "DOWN (restarting)"
+        out.append(
+            f"worker {worker['worker']}: {state}, queue {worker.get('queue', 0)}, "
+            f"accepted {worker.get('accepted', 0)}, restarts {worker.get('restarts', 0)}"
+        )
     for route in report.get("routes", []):
         out.append(f"route {route['route']!r}:")
         for host in route.get("hosts", []):
@@ -96,6 +102,9 @@ def lines(report: dict[str, Any]) -> list[str]:
             since = host.get("since")
             ago = f" for {_span(now - since)}" if since else ""
             out.append(f"  {state:<4} {where} ({host.get('table', '-')}){ago}")
+            if host.get("down_in_workers"):
+                whom = ", ".join(map(str, host["down_in_workers"]))
+                out.append(f"       held down by worker(s) {whom} (host health is per worker)")
             if host.get("last_error"):
                 out.append(f"       last error: {host['last_error']}")
             if host.get("state") == "down" and host.get("next_probe") is not None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import tomlkit
@@ -18,7 +21,7 @@ from aiohttp import web
 
 import relay
 from relay import config as configmod
-from relay import configdiff, configvalues, testtls
+from relay import configdiff, configvalues, control, testtls
 from relay.audit import AuditLog, format_entry
 from relay.config import Config, Route
 from relay.configload import ConfigError
@@ -192,9 +195,10 @@ def message_view(services: Services, qid: str) -> dict[str, Any] | None:
     from relay import queuecli
     from relay.spoolbody import IN_MEMORY_MAX, BodyFile
 
-    spool, cfg = services.spool, services.config()
+    cfg = services.config()
     if not _QUEUE_ID.fullmatch(qid):
         return None  # ids become file names: nothing else reaches the spool
+    spool = queuecli.shard_of(services.spool, qid)  # with workers, any worker's shard
     held = qid in spool.hold
     try:
         env = (spool.hold if held else spool).load(qid)
@@ -418,9 +422,11 @@ async def queue_action(request: web.Request) -> web.Response:
         result = await asyncio.to_thread(_delete, services, ids)
     else:
         try:
-            result = await services.control.perform(action, ids)
+            result = await _perform(services, action, ids)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        except control.ControlError as exc:
+            return web.json_response({"error": str(exc)}, status=503)
     done = list(result.get("done", []))
     skipped = {k: list(v) for k, v in result.items() if k != "done" and v}
     session = _session(request)
@@ -434,12 +440,37 @@ async def queue_action(request: web.Request) -> web.Response:
     return web.json_response({"done": done, "skipped": skipped})
 
 
+async def _perform(services: Services, action: str, ids: list[str]) -> dict[str, Any]:
+    """flush, hold or release: this process's messages through its own control;
+    with workers (relay.workers), another worker's through that worker's
+    control files, as ``relay queue`` asks (relay.control)."""
+    from relay import queuecli
+
+    groups: dict[str, list[str]] = {}
+    for qid in ids:
+        groups.setdefault(str(queuecli.shard_of(services.spool, qid).path), []).append(qid)
+    result: dict[str, Any] = {}
+    for path, chosen in groups.items():
+        if path == str(services.spool.path):
+            part = await services.control.perform(action, chosen)
+        else:
+            submit = functools.partial(control.submit, Path(path), os.getppid(), action, chosen)
+            part = await asyncio.to_thread(submit)
+            if "error" in part:
+                raise control.ControlError(str(part["error"]))
+        for key, value in part.items():
+            result.setdefault(key, []).extend(value)
+    return result
+
+
 def _delete(services: Services, ids: list[str]) -> dict[str, list[str]]:
     """As ``relay queue delete``: unlink; the scheduler drops what vanished under it."""
-    spool = services.spool
+    from relay import queuecli
+
     done: list[str] = []
     missing: list[str] = []
     for qid in ids:
+        spool = queuecli.shard_of(services.spool, qid)  # with workers, any worker's shard
         gone = spool.hold.delete(qid) if qid in spool.hold else spool.delete(qid)
         (done if gone else missing).append(qid)
     return {"done": done, "missing": missing}

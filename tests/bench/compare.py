@@ -250,6 +250,9 @@ DELIVERY_CONCURRENCY = 100
 #: package in DIR, e.g. an export of main; ``--baseline-name`` renames it).
 RELAYS: dict[str, tuple[Path, ...]] = {"relay": ()}
 
+#: ``--relay-workers N``: ``[server] workers`` of the relays under test.
+RELAY_WORKERS = 1
+
 
 @contextlib.contextmanager
 def relay_mta(
@@ -268,6 +271,7 @@ def relay_mta(
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
         **sections,
         "delivery": {**delivery, **sections.get("delivery", {})},
+        "server": {"workers": RELAY_WORKERS, **sections.get("server", {})},
     }
     scratch = scratch / name
     if routes is None:
@@ -685,7 +689,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="relay-base",
         help="the name of --baseline-relay's rows (e.g. relay-after for a branch to merge)",
     )
+    parser.add_argument(
+        "--relay-workers", type=int, default=1, help="[server] workers of relay (default 1)"
+    )
     args = parser.parse_args(argv)
+    global RELAY_WORKERS  # noqa: PLW0603 - one run, one setting, read by relay_mta
+    RELAY_WORKERS = args.relay_workers
     missing = postfix_missing()
     if missing:
         print(f"cannot run the comparison: {missing}", file=sys.stderr)
