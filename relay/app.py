@@ -166,6 +166,9 @@ def build(
         resolver=lambda: deliverer.resolver,
     )
     control = Control(spool, scheduler, on_flush=lambda: end_hold_downs(deliverer))
+    # Read at each scrape: a hold, a release or a delete by `relay queue`
+    # while the daemon is stopped all show without bookkeeping.
+    metrics.queue_held.set_function(lambda: len(spool.hold.ids()))
     return Parts(config, metrics, spool, deliverer, scheduler, inbound, control)
 
 

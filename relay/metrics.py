@@ -123,7 +123,14 @@ class Metrics:
             "Delay warnings (RFC 3464 Action: delayed) spooled to senders.",
             registry=r,
         )
-        self.queue_messages = Gauge("relay_queue_messages", "Messages in the spool.", registry=r)
+        self.queue_messages = Gauge(
+            "relay_queue_messages", "Messages in the spool, queued or being tried.", registry=r
+        )
+        self.queue_held = Gauge(
+            "relay_queue_held_messages",
+            "Messages on hold (relay queue hold): in the spool, never tried until released.",
+            registry=r,
+        )
         self.delivery_seconds = Histogram(
             "relay_delivery_seconds",
             "Seconds from acceptance to delivery.",

@@ -13,13 +13,15 @@ import signal
 import time
 from pathlib import Path
 
-from relay import control
+from relay import app, control
 from relay.audit import AuditLog, format_entry
+from relay.configload import load
 from relay.envelope import Envelope, Recipient
 from relay.errors import HostUnreachable
 from relay.outcomes import JITTER
 from relay.spool import Spool
 from tests.integration.test_cli import relay
+from tests.support import configs
 from tests.support.queue import (
     TEMP,
     FakeDeliverer,
@@ -296,3 +298,23 @@ def test_audit_prints_queue_entries_in_a_line_or_three() -> None:
         "  ids: A B",
         "  skipped (missing): C",
     ]
+
+
+def test_held_messages_have_a_gauge_of_their_own(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    sections = {"server": {"domains": ["x.test"]}, "queue": {"path": str(tmp_path / "spool")}}
+    toml.write_text(configs.relay_toml(sections, configs.route("Out", "127.0.0.1", 2526)))
+    cfg = load(toml)
+    parts = app.build(lambda: cfg, fsync=False)
+    parts.spool.open()
+    envelope = Envelope("HOLDME1", "a@b.test", [Recipient("c@x.test")])
+    parts.spool.put(envelope, b"Subject: x\r\n\r\nbody\r\n")
+
+    def held() -> float | None:
+        return parts.metrics.registry.get_sample_value("relay_queue_held_messages")
+
+    assert held() == 0
+    parts.spool.hold.add([envelope.id])
+    assert held() == 1  # counted at the scrape: also a hold made by `relay queue` offline
+    parts.spool.hold.release([envelope.id])
+    assert held() == 0
