@@ -1,0 +1,103 @@
+"""How busy the machine, and each thread of a process, was over a run window.
+
+``MachineWindow`` reads the ``cpu`` line of ``/proc/stat`` at the start and
+at the end of a run: the share of the machine's time (all cores) that was
+not idle (idle and iowait count as idle), and the load average when the run
+ended. ``ThreadWindow`` reads ``/proc/<pid>/task/*/stat`` the same way for
+one process: the CPU seconds of each thread, grouped by the thread's OS name
+(``main`` for the thread whose id is the pid, the event loop in relay).
+
+Only reads ``/proc``; nothing here changes what it measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_line() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user).
+    total = sum(fields[:8])
+    idle = fields[3] + fields[4]
+    return total - idle, total
+
+
+class MachineWindow:
+    """The machine's busy share between ``start()`` and ``stop()``."""
+
+    def __init__(self) -> None:
+        self._busy0, self._total0, self._t0 = 0, 0, 0.0
+        self.busy_pct: float | None = None
+        self.loadavg_1m: float | None = None
+        self.seconds = 0.0
+
+    def start(self) -> MachineWindow:
+        self._busy0, self._total0 = _cpu_line()
+        self._t0 = time.monotonic()
+        return self
+
+    def stop(self) -> MachineWindow:
+        busy, total = _cpu_line()
+        self.seconds = time.monotonic() - self._t0
+        if total > self._total0:
+            self.busy_pct = round(100 * (busy - self._busy0) / (total - self._total0), 1)
+        self.loadavg_1m = round(os.getloadavg()[0], 2)
+        return self
+
+
+def _thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """tid -> (name, utime + stime ticks) for every thread of ``pid`` now."""
+    threads: dict[int, tuple[str, int]] = {}
+    task = Path(f"/proc/{pid}/task")
+    with contextlib.suppress(OSError):
+        for entry in task.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                tid = int(entry.name)
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                name = "main" if tid == pid else (entry / "comm").read_text().strip()
+                threads[tid] = (name, int(fields[11]) + int(fields[12]))
+    return threads
+
+
+class ThreadWindow:
+    """CPU seconds per thread name of ``pid`` between ``start()`` and ``stop()``.
+
+    A thread that started during the window counts from zero; one that
+    ended during it is lost (relay's threads live as long as the daemon).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._before: dict[int, tuple[str, int]] = {}
+        self._t0 = 0.0
+        self.cpu_seconds: dict[str, float] = {}
+        self.threads: dict[str, int] = {}
+        self.seconds = 0.0
+
+    def start(self) -> ThreadWindow:
+        self._before = _thread_ticks(self.pid)
+        self._t0 = time.monotonic()
+        return self
+
+    def stop(self) -> ThreadWindow:
+        after = _thread_ticks(self.pid)
+        self.seconds = time.monotonic() - self._t0
+        ticks: dict[str, int] = {}
+        for tid, (name, now) in after.items():
+            ticks[name] = ticks.get(name, 0) + now - self._before.get(tid, (name, 0))[1]
+            self.threads[name] = self.threads.get(name, 0) + 1
+        self.cpu_seconds = {name: round(t / CLOCK_TICKS, 2) for name, t in sorted(ticks.items())}
+        return self
+
+    def core_pct(self) -> dict[str, float]:
+        """Each thread name's CPU as a percentage of one core over the window."""
+        if not self.seconds:
+            return {}
+        return {n: round(100 * s / self.seconds, 1) for n, s in self.cpu_seconds.items()}
