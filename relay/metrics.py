@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +22,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -39,6 +40,33 @@ ATTEMPT_RESULTS = ("delivered", "deferred", "bounced", "tls_failed", "unreachabl
 BOUNCE_REASONS = ("remote_permanent", "tls_policy", "expired", "double_bounce", "dns_permanent")
 RELOAD_RESULTS = ("success", "error")
 HOST_STATES = ("down", "up")
+
+
+class SyncCounts(Protocol):
+    """What the spool's group commit counts (relay.groupcommit.GroupSync)."""
+
+    syncs: int
+    served: int
+
+
+class _SpoolSyncs:
+    """The spool's directory fsyncs and the changes they covered, read at scrape
+    time from the group commit's own counters (nothing to update per message)."""
+
+    def __init__(self, counts: SyncCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "relay_spool_dir_syncs",
+            "Directory fsyncs of the spool (each covers every rename or unlink before it).",
+            value=self._counts.syncs,
+        )
+        yield CounterMetricFamily(
+            "relay_spool_dir_sync_changes",
+            "Renames and unlinks made durable by the spool's directory fsyncs.",
+            value=self._counts.served,
+        )
 
 
 class Metrics:
@@ -175,6 +203,10 @@ class Metrics:
             self.bounces.labels(reason)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+
+    def watch_spool_syncs(self, counts: SyncCounts) -> None:
+        """Export the spool's fsync counts; their ratio is the fsync batch size."""
+        self.registry.register(_SpoolSyncs(counts))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
