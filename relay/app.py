@@ -27,7 +27,7 @@ from typing import Any
 
 import relay
 from relay import config as configmod
-from relay import configdiff, configload, events, tls
+from relay import configdiff, configload, events, loops, tls
 from relay import metrics as metricsmod
 from relay.audit import AuditLog
 from relay.config import Config
@@ -153,6 +153,7 @@ def build(
     """
     metrics = Metrics()
     spool = Spool(config().queue.path, fsync=fsync)
+    metrics.watch_spool_syncs(spool.group)
     deliverer = Deliverer(config, DnsResolver(config().dns), metrics, random.Random(seed))
     scheduler = Scheduler(config, spool, deliverer, metrics, clock=clock, rng=random.Random(seed))
     inbound = Inbound(
@@ -269,6 +270,7 @@ class Daemon:
             spool=str(self.parts.spool.path),
             recovered=recovered,
             pid=os.getpid(),
+            loop=loops.name(),
         )
         try:
             await self._stop.wait()
@@ -476,6 +478,14 @@ def restart_problems(old: Config, new: Config) -> list[configload.Problem]:
     durations apply live: the scheduler reads them at every use.
     """
     problems = []
+    if new.server.event_loop != old.server.event_loop:
+        problems.append(
+            configload.Problem(
+                "server",
+                "event_loop",
+                f"changing it needs a restart; the running relay keeps {old.server.event_loop}",
+            )
+        )
     if new.queue.path != old.queue.path:
         problems.append(
             configload.Problem(
@@ -518,9 +528,17 @@ def run(config_path: Path | None) -> int:
     def load() -> Config:
         return default_config() if config_path is None else configload.load(config_path)
 
+    # Read once before the loop exists, to pick it ([server] event_loop); the
+    # daemon starts with this reading and reads the file again on reload.
+    first = [load()]
+    event_loop = first[0].server.event_loop
+
+    def first_then_load() -> Config:
+        return first.pop() if first else load()
+
     async def main() -> int:
         try:
-            daemon = Daemon(load)
+            daemon = Daemon(first_then_load)
         except (OSError, ssl.SSLError) as exc:
             events.setup()
             events.error("start_failed", error=str(exc))
@@ -531,4 +549,4 @@ def run(config_path: Path | None) -> int:
             events.error("start_failed", error=str(exc))
             return 1
 
-    return asyncio.run(main())
+    return loops.run(main(), event_loop)

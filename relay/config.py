@@ -241,6 +241,8 @@ class ServerConfig:
     allow_routing_characters: bool = False
     #: Seconds for the client's reverse DNS (PTR and back) per connection.
     reverse_dns_timeout: float = 2.0
+    #: "asyncio" or "uvloop" (relay.loops); applies at start.
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True, slots=True)
