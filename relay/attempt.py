@@ -204,8 +204,9 @@ class AttemptRecorder:
         failure = result.failure
         outcome = result.outcome
         if isinstance(failure, TlsPolicyFailure):
-            self._metrics.tls_failures.labels(route.name, label, failure.reason.value).inc()
-        self._metrics.delivery_attempts.labels(route.name, label, outcome).inc()
+            metrics = self._metrics
+            metrics.child(metrics.tls_failures, route.name, label, failure.reason.value).inc()
+        self._metrics.child(self._metrics.delivery_attempts, route.name, label, outcome).inc()
         if result.not_after is not None:
             self._expiry.record(route.name, label, cand.host.strip("[]"), result.not_after)
         reply = result.reply or (failure.reply if failure else None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -40,6 +40,9 @@ ATTEMPT_RESULTS = ("delivered", "deferred", "bounced", "tls_failed", "unreachabl
 BOUNCE_REASONS = ("remote_permanent", "tls_policy", "expired", "double_bounce", "dns_permanent")
 RELOAD_RESULTS = ("success", "error")
 HOST_STATES = ("down", "up")
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
 
 
 class SyncCounts(Protocol):
@@ -75,6 +78,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.messages_received = Counter(
@@ -203,6 +207,21 @@ class Metrics:
             self.bounces.labels(reason)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+
+    def child(self, metric: _Metric, *values: str) -> _Metric:
+        """``metric.labels(*values)``, looked up once per label values.
+
+        prometheus-client validates the values and takes a lock on every
+        ``labels()`` call (about 2 us); a delivered message makes three. The
+        children of counters and histograms are never removed, and their
+        label values come from the configuration, so this dict stays small.
+        (Gauges whose series are removed, such as relay_host_up, do not use it.)
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def watch_spool_syncs(self, counts: SyncCounts) -> None:
         """Export the spool's fsync counts; their ratio is the fsync batch size."""

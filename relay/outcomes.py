@@ -136,9 +136,10 @@ class Outcomes:
             if outcome == errors.DELIVERED:
                 # Deferred ones are counted once the cycle knows whether they
                 # expired, bounced ones once their DSN is spooled (_bounce).
-                self._metrics.recipients.labels(route.name, outcome).inc()
+                metrics = self._metrics
+                metrics.child(metrics.recipients, route.name, outcome).inc()
                 rcpt.state = RcptState.DELIVERED
-                self._metrics.delivery_seconds.labels(route.name).observe(
+                metrics.child(metrics.delivery_seconds, route.name).observe(
                     max(0.0, now - envelope.received_at)
                 )
                 events.log(
@@ -172,7 +173,7 @@ class Outcomes:
                 (r, f.route or NO_ROUTE) for f in failures if (r := pending(envelope, f.address))
             ]
         for _, route in deferred:
-            self._metrics.recipients.labels(route, errors.DEFERRED).inc()
+            self._metrics.child(self._metrics.recipients, route, errors.DEFERRED).inc()
         if envelope.done:
             return await self.remove(envelope)
         if deferred and self._reporter.warning_due(envelope, now):

@@ -15,7 +15,7 @@ from aiosmtpd.controller import Controller
 
 from relay.groupcommit import name_os_thread
 from tests.bench.compare import relay_setting
-from tests.bench.machine import MachineWindow, ThreadWindow
+from tests.bench.machine import MachineWindow, StateSampler, ThreadWindow
 from tests.bench.postfix_baseline import BenchResult
 from tests.bench.replywait import ReplyProbe
 from tests.bench.report import Row, format_table
@@ -74,11 +74,15 @@ def test_machine_and_thread_windows_read_proc() -> None:
             sum(range(1000))
 
     machine, threads = MachineWindow().start(), ThreadWindow(os.getpid()).start()
+    states = StateSampler(os.getpid()).start()
     spinner = threading.Thread(target=spin)
     spinner.start()
     stop.wait(0.2)
     threads.stop()  # while the spinner lives: a thread that ended is not counted
     machine.stop()
+    # Every sample of this (main) thread is classified: running, gil, poll or a wchan.
+    shares = states.stop()
+    assert shares and abs(sum(shares.values()) - 100) < 1
     stop.set()
     spinner.join()
     assert machine.busy_pct is not None and 0 <= machine.busy_pct <= 100

@@ -29,8 +29,9 @@ to the sink, 100 deliveries at once; relay's defaults are 5 and 20):
 
 ``--one-per-connection`` runs plain and tls in both client shapes: also
 ``smtp-source`` without ``-d``, a new connection for every message (rows
-"<variant> 1/conn"). ``--reply-waits`` adds one session that times each
-reply (tests/bench/replywait.py). Every row has the MTA's CPU, how busy
+"<variant> 1/conn"). ``--diagnose`` adds one session that times each
+reply (tests/bench/replywait.py) and samples what relay's event-loop thread
+is doing (running, waiting for the GIL, idle in epoll). Every row has the MTA's CPU, how busy
 the whole machine was (/proc/stat) and the load average (tests/bench/machine.py);
 relay's rows the CPU of each of its threads and the spool's fsync batches.
 
@@ -61,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.latency import _quantiles, postfix_latencies, relay_latencies
-from tests.bench.machine import ThreadWindow
+from tests.bench.machine import StateSampler, ThreadWindow
 from tests.bench.pacer import pace
 from tests.bench.postfix_baseline import (
     BenchResult,
@@ -269,8 +270,9 @@ def postfix_mta(sink_port: int, **kwargs: Any) -> Iterator[PostfixMta]:
 #: ``smtp-source -d`` (connections reused), True one message per connection
 #: (``--one-per-connection`` adds it, reported as "<variant> 1/conn").
 SHAPES: list[bool] = [False]
-#: ``--reply-waits``: a ReplyProbe session times every reply during each run.
-REPLY_WAITS = [False]
+#: ``--diagnose``: a ReplyProbe session times every reply during each run, and
+#: relay's event-loop thread is sampled (running, waiting for the GIL, idle).
+DIAGNOSE = [False]
 
 
 def shaped(variant: str, one_per_connection: bool) -> str:
@@ -293,8 +295,11 @@ def measure(
     """
     run_mta_benchmark(mta.port, sink, 1, size, 1, mta_pids=list, mta="warmup", timeout=60)
     offset = mta.log_offset()
-    probe = ReplyProbe(mta.port, size, one_per_connection) if REPLY_WAITS[0] else None
+    probe = ReplyProbe(mta.port, size, one_per_connection) if DIAGNOSE[0] else None
     threads = ThreadWindow(mta.pids()[0]) if isinstance(mta, RelayMta) else None
+    states = StateSampler(mta.pids()[0]) if threads is not None and DIAGNOSE[0] else None
+    if states is not None:
+        states.start()
     syncs = mta.spool_syncs() if isinstance(mta, RelayMta) else (0.0, 0.0)
     if threads is not None:
         threads.start()
@@ -313,6 +318,8 @@ def measure(
     extra: dict[str, Any] = {}
     if threads is not None:
         extra["thread_core_pct"] = threads.stop().core_pct()
+    if states is not None:
+        extra["loop_thread_states_pct"] = states.stop()
     if isinstance(mta, RelayMta):
         after = mta.spool_syncs()
         fsyncs, changes = after[0] - syncs[0], after[1] - syncs[1]
@@ -611,9 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run this checkout's relay as NAME with a config setting (repeatable)",
     )
     parser.add_argument(
-        "--reply-waits",
+        "--diagnose",
         action="store_true",
-        help="one more session times every reply (p50/p99 ms per command) during each run",
+        help="one more session times every reply (p50/p99 ms per command) during each run; "
+        "relay's event-loop thread sampled every ms (running, gil, poll)",
     )
     parser.add_argument(
         "--hung-deadline",
@@ -667,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         RELAYS[name] = ()
         RELAY_SETTINGS.setdefault(name, {}).setdefault(section, {})[key] = value
     SHAPES[:] = [False, True] if args.one_per_connection else [False]
-    REPLY_WAITS[0] = args.reply_waits
+    DIAGNOSE[0] = args.diagnose
     info = machine()
     print(f"machine: {info}", flush=True)
     rows: list[Row] = []

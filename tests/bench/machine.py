@@ -6,6 +6,8 @@ not idle (idle and iowait count as idle), and the load average when the run
 ended. ``ThreadWindow`` reads ``/proc/<pid>/task/*/stat`` the same way for
 one process: the CPU seconds of each thread, grouped by the thread's OS name
 (``main`` for the thread whose id is the pid, the event loop in relay).
+``StateSampler`` samples what one thread is doing: running, waiting for a
+futex (the GIL), or waiting in epoll (nothing to do).
 
 Only reads ``/proc``; nothing here changes what it measures.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -101,3 +104,58 @@ class ThreadWindow:
         if not self.seconds:
             return {}
         return {n: round(100 * s / self.seconds, 1) for n, s in self.cpu_seconds.items()}
+
+
+class StateSampler:
+    """What one thread is doing, sampled every ``interval`` s from /proc in a thread.
+
+    Each sample is the thread's scheduler state and, when it sleeps, the
+    kernel function it waits in (``wchan``): ``running`` (state R), ``gil``
+    (a futex: CPython's GIL, or another lock), ``poll`` (epoll/select: the
+    event loop has nothing to do), or the wchan name. The share of samples
+    in each is how the thread spent the window. Bounded by ``max_samples``.
+    """
+
+    def __init__(self, pid: int, tid: int | None = None, interval: float = 0.001) -> None:
+        self._task = Path(f"/proc/{pid}/task/{tid or pid}")
+        self.interval = interval
+        self.max_samples = 600_000
+        self.counts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="state-sampler", daemon=True)
+
+    def start(self) -> StateSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """Stop; the percentage of samples per state."""
+        self._stop.set()
+        self._thread.join(5)
+        total = sum(self.counts.values())
+        return (
+            {k: round(100 * v / total, 1) for k, v in sorted(self.counts.items())} if total else {}
+        )
+
+    def sample(self) -> None:
+        state = (self._task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "R":
+            kind = "running"
+        else:
+            wchan = (self._task / "wchan").read_text().strip()
+            if "futex" in wchan:
+                kind = "gil"
+            elif "poll" in wchan or "select" in wchan:
+                kind = "poll"
+            else:
+                kind = wchan or state
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def _run(self) -> None:
+        for _ in range(self.max_samples):
+            if self._stop.wait(self.interval):
+                return
+            try:
+                self.sample()
+            except OSError:
+                return
