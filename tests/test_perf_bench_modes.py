@@ -90,6 +90,7 @@ def test_machine_and_thread_windows_read_proc() -> None:
     # The OS name of the thread, and "main" for the one whose id is the pid.
     assert {"main", "bench-spin"} <= set(threads.cpu_seconds)
     assert all(pct >= 0 for pct in threads.core_pct().values())
+    assert set(threads.runqueue_pct()) == set(threads.cpu_seconds)
 
 
 def test_relay_setting_reads_name_section_key_and_a_toml_value() -> None:

@@ -318,6 +318,7 @@ def measure(
     extra: dict[str, Any] = {}
     if threads is not None:
         extra["thread_core_pct"] = threads.stop().core_pct()
+        extra["thread_runqueue_pct"] = threads.runqueue_pct()
     if states is not None:
         extra["loop_thread_states_pct"] = states.stop()
     if isinstance(mta, RelayMta):

@@ -55,17 +55,23 @@ class MachineWindow:
         return self
 
 
-def _thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
-    """tid -> (name, utime + stime ticks) for every thread of ``pid`` now."""
-    threads: dict[int, tuple[str, int]] = {}
+def _thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (name, utime + stime ticks, ns waited on a run queue) for every thread now.
+
+    The run-queue wait (``/proc/<pid>/task/<tid>/schedstat``, second field)
+    is time the thread was ready to run and got no core: on a machine busy
+    with other work it is what a thread lost to it.
+    """
+    threads: dict[int, tuple[str, int, int]] = {}
     task = Path(f"/proc/{pid}/task")
     with contextlib.suppress(OSError):
         for entry in task.iterdir():
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 tid = int(entry.name)
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
                 name = "main" if tid == pid else (entry / "comm").read_text().strip()
-                threads[tid] = (name, int(fields[11]) + int(fields[12]))
+                waited = int((entry / "schedstat").read_text().split()[1])
+                threads[tid] = (name, int(fields[11]) + int(fields[12]), waited)
     return threads
 
 
@@ -78,9 +84,11 @@ class ThreadWindow:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._before: dict[int, tuple[str, int]] = {}
+        self._before: dict[int, tuple[str, int, int]] = {}
         self._t0 = 0.0
         self.cpu_seconds: dict[str, float] = {}
+        #: Seconds each thread name was ready to run but had no core.
+        self.runqueue_seconds: dict[str, float] = {}
         self.threads: dict[str, int] = {}
         self.seconds = 0.0
 
@@ -93,10 +101,14 @@ class ThreadWindow:
         after = _thread_ticks(self.pid)
         self.seconds = time.monotonic() - self._t0
         ticks: dict[str, int] = {}
-        for tid, (name, now) in after.items():
-            ticks[name] = ticks.get(name, 0) + now - self._before.get(tid, (name, 0))[1]
+        waited: dict[str, int] = {}
+        for tid, (name, now, wait_ns) in after.items():
+            _, then, wait0 = self._before.get(tid, (name, 0, 0))
+            ticks[name] = ticks.get(name, 0) + now - then
+            waited[name] = waited.get(name, 0) + wait_ns - wait0
             self.threads[name] = self.threads.get(name, 0) + 1
         self.cpu_seconds = {name: round(t / CLOCK_TICKS, 2) for name, t in sorted(ticks.items())}
+        self.runqueue_seconds = {name: round(ns / 1e9, 2) for name, ns in sorted(waited.items())}
         return self
 
     def core_pct(self) -> dict[str, float]:
@@ -104,6 +116,12 @@ class ThreadWindow:
         if not self.seconds:
             return {}
         return {n: round(100 * s / self.seconds, 1) for n, s in self.cpu_seconds.items()}
+
+    def runqueue_pct(self) -> dict[str, float]:
+        """Each thread name's time ready but without a core, as a percentage of the window."""
+        if not self.seconds:
+            return {}
+        return {n: round(100 * s / self.seconds, 1) for n, s in self.runqueue_seconds.items()}
 
 
 class StateSampler:
@@ -113,7 +131,9 @@ class StateSampler:
     kernel function it waits in (``wchan``): ``running`` (state R), ``gil``
     (a futex: CPython's GIL, or another lock), ``poll`` (epoll/select: the
     event loop has nothing to do), or the wchan name. The share of samples
-    in each is how the thread spent the window. Bounded by ``max_samples``.
+    in each is how the thread spent the window. ``running`` includes time
+    ready to run but waiting for a core (ThreadWindow.runqueue_pct tells
+    that part). Bounded by ``max_samples``.
     """
 
     def __init__(self, pid: int, tid: int | None = None, interval: float = 0.001) -> None:
