@@ -159,8 +159,31 @@ class _Gate(asyncio.Protocol):
             conn.connection_made(transport)
 
 
+_NAMES: dict[type, list[str]] = {}
+
+
+def _aiosmtpd_names(cls: type) -> list[str]:
+    """The attributes of ``cls`` that aiosmtpd's SMTP.__init__ looks for.
+
+    On every connection it finds the commands (``smtp_*``), AUTH mechanisms
+    (``auth_*``) and handler hooks (``handle_*``) with ``dir()`` and
+    ``inspect.getmembers()`` of the session and the handler: a getattr of
+    every attribute, properties included, about a tenth of the CPU of a
+    connection that carries one message. They change only with the class,
+    so the ``__dir__`` of both lists just those (tests/test_inbound_hooks.py).
+    """
+    names = _NAMES.get(cls)
+    if names is None:
+        prefixes = ("smtp_", "auth_", "handle_")
+        names = _NAMES[cls] = [name for name in dir(cls) if name.startswith(prefixes)]
+    return names
+
+
 class _Connection(SMTP):
     """One inbound session: aiosmtpd's SMTP with strict addresses and mapped replies."""
+
+    def __dir__(self) -> Iterable[str]:
+        return _aiosmtpd_names(type(self))
 
     def __init__(self, inbound: Inbound, config: Config, tls: ssl.SSLContext | None) -> None:
         # aiosmtpd keeps per-command size limits in a class-level dict that
@@ -461,6 +484,9 @@ _RCPT_REASONS = {
 
 class _Handler:
     """The aiosmtpd hooks: policy at each command, checks and spool at DATA."""
+
+    def __dir__(self) -> Iterable[str]:
+        return _aiosmtpd_names(type(self))
 
     def __init__(self, inbound: Inbound) -> None:
         self.inbound = inbound
