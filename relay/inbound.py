@@ -159,23 +159,16 @@ class _Gate(asyncio.Protocol):
             conn.connection_made(transport)
 
 
+#: Per class, the names aiosmtpd's SMTP.__init__ looks up with dir() and
+#: inspect.getmembers() on every connection (commands, AUTH mechanisms, hooks):
+#: the session's and the handler's __dir__ give just these, so it no longer
+#: getattrs every attribute (a quarter of a session's set-up cost).
 _NAMES: dict[type, list[str]] = {}
 
 
 def _aiosmtpd_names(cls: type) -> list[str]:
-    """The attributes of ``cls`` that aiosmtpd's SMTP.__init__ looks for.
-
-    On every connection it finds the commands (``smtp_*``), AUTH mechanisms
-    (``auth_*``) and handler hooks (``handle_*``) with ``dir()`` and
-    ``inspect.getmembers()`` of the session and the handler: a getattr of
-    every attribute, properties included, about a tenth of the CPU of a
-    connection that carries one message. They change only with the class,
-    so the ``__dir__`` of both lists just those (tests/test_inbound_hooks.py).
-    """
-    names = _NAMES.get(cls)
-    if names is None:
-        prefixes = ("smtp_", "auth_", "handle_")
-        names = _NAMES[cls] = [name for name in dir(cls) if name.startswith(prefixes)]
+    if (names := _NAMES.get(cls)) is None:
+        names = _NAMES[cls] = [n for n in dir(cls) if n.startswith(("smtp_", "auth_", "handle_"))]
     return names
 
 
