@@ -61,7 +61,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from tests.bench.latency import _quantiles, postfix_latencies, relay_latencies
+from tests.bench.latency import postfix_latencies, quantiles_ms, relay_latencies
 from tests.bench.machine import StateSampler, ThreadWindow
 from tests.bench.pacer import pace
 from tests.bench.postfix_baseline import (
@@ -330,7 +330,7 @@ def measure(
     if probe is not None:
         extra["reply_wait_ms_p50_p99"] = probe.summary()
     time.sleep(0.3)  # the delivered lines follow the sink's 250 by a hair
-    p50, p99 = _quantiles(mta.latencies(offset))
+    p50, p99 = quantiles_ms(mta.latencies(offset))
     return Row(shaped(variant, one_per_connection), mta.name, result, p50, p99, extra)
 
 
@@ -345,7 +345,7 @@ def paced(mta: Mta, sink: SmtpSink, rate: int, seconds: int = 10) -> dict[str, A
     sink.wait(before + sent.sent, 120)
     elapsed = time.monotonic() - started
     time.sleep(0.3)
-    p50, p99 = _quantiles(mta.latencies(offset))
+    p50, p99 = quantiles_ms(mta.latencies(offset))
     return {
         "target_rate": rate,
         "achieved_rate": round(sent.rate, 1),
@@ -552,7 +552,7 @@ def hung_run(
     # Cut short by the deadline: the rate of what did arrive.
     result = replace(result, end_to_end_rate=round(delivered / (done - started), 1))
     time.sleep(0.3)  # the delivered lines follow the sink's 250 by a hair
-    p50, p99 = _quantiles(mta.latencies(offset))
+    p50, p99 = quantiles_ms(mta.latencies(offset))
     extra = {
         "delivered": delivered,
         "end_to_end_seconds": result.end_to_end_seconds,

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 
-def _quantiles(values: Sequence[float]) -> tuple[float | None, float | None]:
+def quantiles_ms(values: Sequence[float]) -> tuple[float | None, float | None]:
     if len(values) < 2:
         return (values[0] * 1000, values[0] * 1000) if values else (None, None)
     q = statistics.quantiles(values, n=100, method="inclusive")
