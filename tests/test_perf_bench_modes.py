@@ -121,3 +121,26 @@ def test_table_gives_relays_ratio_to_each_postfix_and_the_busy_figures() -> None
     assert any(line.startswith("tls 1k 1/conn") for line in table)
     assert any("machine_busy_pct" in line and "95" in line for line in table)
     assert any("sink_tls_handshakes" in line and "201" in line for line in table)
+
+
+@pytest.mark.parametrize("one_per_connection", [False, True])
+def test_smtp_source_opens_a_connection_per_message_only_when_asked(
+    one_per_connection: bool,
+) -> None:
+    # smtp-source straight into smtp-sink (no MTA in between): the sink's
+    # session count tells the two client shapes apart.
+    import re
+
+    from tests.bench.postfix_baseline import SmtpSink, run_mta_benchmark
+    from tests.support.peers import require_postfix
+
+    require_postfix()
+    with SmtpSink() as sink:
+        result = run_mta_benchmark(
+            sink.port, sink, 6, 200, 2, mta_pids=list, one_per_connection=one_per_connection
+        )
+        sessions = int(re.findall(rb"sess=(\d+)", sink.out_path.read_bytes())[-1])
+        assert sink.received() == 6
+    assert result.one_per_connection is one_per_connection
+    assert (sessions >= 6) is one_per_connection
+    assert result.loadavg_1m is not None
