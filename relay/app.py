@@ -30,7 +30,7 @@ from typing import Any
 
 import relay
 from relay import config as configmod
-from relay import configload, events, shards
+from relay import configload, events, loops, shards
 from relay import metrics as metricsmod
 from relay.config import Config
 from relay.control import Control
@@ -153,6 +153,7 @@ def build(
     """
     metrics = Metrics()
     spool = Spool(config().queue.path, fsync=fsync)
+    metrics.watch_spool_syncs(spool.group)
     deliverer = Deliverer(config, DnsResolver(config().dns), metrics, random.Random(seed))
     scheduler = Scheduler(config, spool, deliverer, metrics, clock=clock, rng=random.Random(seed))
     inbound = Inbound(
@@ -283,6 +284,7 @@ class Daemon(ConfigKeeper):
             "spool": str(self.parts.spool.path),
             "recovered": recovered,
             "pid": os.getpid(),
+            "loop": loops.name(),
         }
         if self.worker is not None:
             fields["worker"] = self.worker.index
@@ -460,14 +462,21 @@ def run(config_path: Path | None) -> int:
     def load() -> Config:
         return default_config() if config_path is None else configload.load(config_path)
 
-    if load().server.workers > 1:
+    # Read once before the loop exists, to pick it ([server] event_loop); the
+    # daemon starts with this reading and reads the file again on reload.
+    first = [load()]
+    event_loop = first[0].server.event_loop
+    if first[0].server.workers > 1:
         from relay import workers
 
         return asyncio.run(workers.supervise(config_path, load))
 
+    def first_then_load() -> Config:
+        return first.pop() if first else load()
+
     async def main() -> int:
         try:
-            daemon = Daemon(load)
+            daemon = Daemon(first_then_load)
         except (OSError, ssl.SSLError) as exc:
             events.setup()
             events.error("start_failed", error=str(exc))
@@ -478,7 +487,7 @@ def run(config_path: Path | None) -> int:
             events.error("start_failed", error=str(exc))
             return 1
 
-    return asyncio.run(main())
+    return loops.run(main(), event_loop)
 
 
 def run_worker(load: Callable[[], Config], role: WorkerRole) -> int:
@@ -493,4 +502,4 @@ def run_worker(load: Callable[[], Config], role: WorkerRole) -> int:
             events.error("start_failed", error=str(exc), worker=role.index)
             return 1
 
-    return asyncio.run(main())
+    return loops.run(main(), load().server.event_loop)

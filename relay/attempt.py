@@ -209,8 +209,9 @@ class AttemptRecorder:
         failure = result.failure
         outcome = result.outcome
         if isinstance(failure, TlsPolicyFailure):
-            self._metrics.tls_failures.labels(route.name, label, failure.reason.value).inc()
-        self._metrics.delivery_attempts.labels(route.name, label, outcome).inc()
+            metrics = self._metrics
+            metrics.child(metrics.tls_failures, route.name, label, failure.reason.value).inc()
+        self._metrics.child(self._metrics.delivery_attempts, route.name, label, outcome).inc()
         if cand.sts == TESTING and result.starttls_offered is not None and not result.tls_version:
             # RFC 8461 section 4.2 wants TLS at every MX: enforce would refuse
             # a session that went on without it.

@@ -247,6 +247,8 @@ class ServerConfig:
     #: Worker processes (relay.workers); "auto" in the file is the cores
     #: this process may run on. 1: one process, no supervisor.
     workers: int = 1
+    #: "asyncio" or "uvloop" (relay.loops); applies at start.
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True, slots=True)

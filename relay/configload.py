@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from relay import loops
 from relay.addresses import domain_key, ip_literal, is_ip_literal
 from relay.config import (
     ADMIN_ALLOW_DEFAULT,
@@ -236,6 +237,9 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
     key = r.path("tls_key", base, must_exist=True)
     if (cert is None) != (key is None):
         r.problem("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+    event_loop = r.get("event_loop", str, defaults.event_loop)
+    if (why := loops.missing(event_loop)) is not None:
+        r.problem("event_loop", why)
     soft = r.positive("soft_error_limit", defaults.soft_error_limit)
     hard = r.positive("hard_error_limit", defaults.hard_error_limit)
     if soft > hard:
@@ -250,6 +254,7 @@ def _server(problems: list[Problem], raw: Any, base: Path) -> ServerConfig:
         "tls_key": key,
         "soft_error_limit": soft,
         "hard_error_limit": hard,
+        "event_loop": event_loop,
     }
     return ServerConfig(**r.settings(defaults, read))
 

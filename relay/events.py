@@ -42,10 +42,15 @@ def _quote(value: Any) -> str:
     so a value can never break the line or forge another key (no log
     injection from an address or a remote reply).
     """
-    text = str(value)
-    if text == "" or _NEEDS_QUOTES.search(text) or not text.isprintable():
-        return _one_line(json.dumps(text, ensure_ascii=False))
-    return text
+    text = value if type(value) is str else str(value)
+    if text.isprintable():
+        if text and not _NEEDS_QUOTES.search(text):
+            return text
+        if '"' not in text and "\\" not in text:
+            # What json.dumps gives a printable string with nothing to escape
+            # (a route name, a reply text), without its cost on every line.
+            return f'"{text}"'
+    return _one_line(json.dumps(text, ensure_ascii=False))
 
 
 @functools.lru_cache(maxsize=4)
@@ -148,6 +153,9 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     """Send relay's events to stderr in the configured format (idempotent)."""
     for old in _logger.handlers:
         old.flush()
+    # No formatter here prints a record's thread or process: the logging
+    # HOWTO's "Optimization" switches, so that a record does not look them up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = TurnHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     _logger.handlers[:] = [handler]

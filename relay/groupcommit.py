@@ -77,6 +77,7 @@ class GroupSync:
             thread.join()
 
     def _run(self) -> None:
+        name_os_thread("relay-sync")
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
@@ -106,6 +107,18 @@ class GroupSync:
             for loop, calls in wakeups.items():
                 with suppress(RuntimeError):
                     loop.call_soon_threadsafe(_call_all, calls)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` in the OS too (at most 15 bytes on Linux).
+
+    ``top -H`` and ``/proc/<pid>/task/*/comm`` then tell the spool's threads
+    from the event loop (the main thread), whose CPU is what limits relay.
+    Best effort: elsewhere than Linux nothing happens.
+    """
+    comm = f"/proc/self/task/{threading.get_native_id()}/comm"
+    with suppress(OSError), open(comm, "w") as file:
+        file.write(name[:15])
 
 
 def _call_all(calls: list[Callable[[], None]]) -> None:

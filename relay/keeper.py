@@ -160,6 +160,14 @@ def restart_problems(old: Config, new: Config) -> list[configload.Problem]:
     durations apply live: the scheduler reads them at every use.
     """
     problems = []
+    if new.server.event_loop != old.server.event_loop:
+        problems.append(
+            configload.Problem(
+                "server",
+                "event_loop",
+                f"changing it needs a restart; the running relay keeps {old.server.event_loop}",
+            )
+        )
     if new.queue.path != old.queue.path:
         problems.append(
             configload.Problem(

@@ -136,12 +136,13 @@ class Outcomes:
             if outcome == errors.DELIVERED:
                 # Deferred ones are counted once the cycle knows whether they
                 # expired, bounced ones once their DSN is spooled (_bounce).
-                self._metrics.recipients.labels(route.name, outcome).inc()
+                metrics = self._metrics
+                metrics.child(metrics.recipients, route.name, outcome).inc()
                 rcpt.state = RcptState.DELIVERED
                 if not isinstance(attempt, BaseException) and address in attempt.relayed:
                     # RFC 3461 section 4.2: told "relayed" by conclude().
                     rcpt.relayed_notice = rcpt.notifies("SUCCESS")
-                self._metrics.delivery_seconds.labels(route.name).observe(
+                metrics.child(metrics.delivery_seconds, route.name).observe(
                     max(0.0, now - envelope.received_at)
                 )
                 events.log(
@@ -175,7 +176,7 @@ class Outcomes:
                 (r, f.route or NO_ROUTE) for f in failures if (r := pending(envelope, f.address))
             ]
         for _, route in deferred:
-            self._metrics.recipients.labels(route, errors.DEFERRED).inc()
+            self._metrics.child(self._metrics.recipients, route, errors.DEFERRED).inc()
         owed = [r for r in envelope.recipients if r.relayed_notice]
         if owed and await self._reporter.relayed(envelope, body, owed, now):
             # Spooled (or not due): once only. One that could not be spooled

@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from relay.envelope import Envelope
-from relay.groupcommit import GroupSync, durable
+from relay.groupcommit import GroupSync, durable, name_os_thread
 from relay.hold import HoldArea
 from relay.quarantine import Quarantine
 from relay.spoolbody import Body, BodyWriter, open_body
@@ -97,7 +97,12 @@ class Spool:
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(SPOOL_THREADS, thread_name_prefix="relay-spool")
+            self._executor = ThreadPoolExecutor(
+                SPOOL_THREADS,
+                thread_name_prefix="relay-spool",
+                initializer=name_os_thread,
+                initargs=("relay-spool",),
+            )
         return self._executor
 
     def _sync_msg_dir(self) -> None:

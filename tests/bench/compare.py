@@ -14,7 +14,9 @@ to the sink, 100 deliveries at once; relay's defaults are 5 and 20):
 * ``tls``: the same 1 KiB workload to a sink that requires STARTTLS with a
   certificate from a trustme CA; relay's route has all three options on
   (require_tls, require_ca_signed, validate_hostname), Postfix runs with
-  ``smtp_tls_security_level = secure`` and the CA.
+  ``smtp_tls_security_level = secure`` and the CA, once at its default
+  (a TLS handshake per message) and once as ``postfix-reuse``
+  (``smtp_tls_connection_reuse = yes``); the sink counts the handshakes.
 * ``queue``: 100 000 × 1 KiB accepted while the downstream is down (retries
   pushed an hour out), RSS growth per queued message; then the sink comes
   up, the queue is flushed (SIGUSR1 / ``postqueue -f``) and the drain timed.
@@ -24,6 +26,14 @@ to the sink, 100 deliveries at once; relay's defaults are 5 and 20):
   other the sink; an 8 s connect/greeting timeout on both MTAs. Messages per
   second end to end and the connections each MTA made to the wedged host;
   each MTA gets ``--hung-deadline`` seconds (60), then what arrived counts.
+
+``--one-per-connection`` runs plain and tls in both client shapes: also
+``smtp-source`` without ``-d``, a new connection for every message (rows
+"<variant> 1/conn"). ``--diagnose`` adds one session that times each
+reply (tests/bench/replywait.py) and samples what relay's event-loop thread
+is doing (running, waiting for the GIL, idle in epoll). Every row has the MTA's CPU, how busy
+the whole machine was (/proc/stat) and the load average (tests/bench/machine.py);
+relay's rows the CPU of each of its threads and the spool's fsync batches.
 
 ``--quick`` divides the counts by 10 (2 000 × 1 KiB, 200 × 100 KiB, queue
 10 000; hung: 50). Latency is accept → delivered as each MTA records it: for relay the
@@ -39,21 +49,20 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from tests.bench.latency import postfix_latencies, quantiles_ms, relay_latencies
+from tests.bench.machine import StateSampler, ThreadWindow
 from tests.bench.pacer import pace
 from tests.bench.postfix_baseline import (
     BenchResult,
@@ -63,7 +72,16 @@ from tests.bench.postfix_baseline import (
     run_mta_benchmark,
 )
 from tests.bench.pysink import PySink
-from tests.bench.wedged import WedgedHost
+from tests.bench.replywait import ReplyProbe
+from tests.bench.report import Row, format_table, machine
+from tests.bench.wedged import (
+    HUNG_DEADLINE_S,
+    HUNG_TIMEOUT_S,
+    WEDGED_ADDRESS,
+    WedgedHost,
+    hung_postfix_settings,
+    hung_route,
+)
 from tests.support import configs
 from tests.support.configs import TLS_LEVELS
 from tests.support.pki import Pki
@@ -73,73 +91,6 @@ from tests.support.wait import blocking_until
 
 SESSIONS = 20
 KIB = 1024
-FIGURES = (
-    "end_to_end_rate",
-    "accept_rate",
-    "latency_p50_ms",
-    "latency_p99_ms",
-    "peak_rss_mib",
-    "peak_pss_mib",
-    "cpu_seconds",
-)
-
-
-@dataclass
-class Row:
-    """One workload's figures for one MTA (BenchResult plus latency)."""
-
-    variant: str
-    mta: str
-    result: BenchResult
-    latency_p50_ms: float | None = None
-    latency_p99_ms: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def figure(self, name: str) -> float | None:
-        if name.startswith("latency"):
-            return getattr(self, name)  # type: ignore[no-any-return]
-        return getattr(self.result, name)  # type: ignore[no-any-return]
-
-
-def _quantiles(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if len(values) < 2:
-        return (values[0] * 1000, values[0] * 1000) if values else (None, None)
-    q = statistics.quantiles(values, n=100, method="inclusive")
-    return round(q[49] * 1000, 1), round(q[98] * 1000, 1)
-
-
-# -- latency sources -----------------------------------------------------------
-
-_RELAY_EVENT = re.compile(r"^ts=(\S+)Z level=\w+ event=(accepted|delivered) id=(\S+)")
-
-
-def relay_latencies(log: Path, offset: int) -> list[float]:
-    """Seconds from each message's ``event=accepted`` to its ``event=delivered`` line."""
-    accepted: dict[str, float] = {}
-    delays: list[float] = []
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        for raw in fh:
-            match = _RELAY_EVENT.match(raw.decode(errors="replace"))
-            if not match:
-                continue
-            stamp = datetime.fromisoformat(match.group(1) + "+00:00").timestamp()
-            if match.group(2) == "accepted":
-                accepted[match.group(3)] = stamp
-            elif match.group(3) in accepted:
-                delays.append(stamp - accepted.pop(match.group(3)))
-    return delays
-
-
-_POSTFIX_SENT = re.compile(r" delay=([\d.]+), .*status=sent ")
-
-
-def postfix_latencies(log: Path, offset: int) -> list[float]:
-    """The ``delay=`` of every ``status=sent`` line after ``offset``."""
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        text = fh.read().decode(errors="replace")
-    return [float(m.group(1)) for m in _POSTFIX_SENT.finditer(text)]
 
 
 def _size(path: Path) -> int:
@@ -204,6 +155,12 @@ class RelayMta(Mta):
         deferred = self.metric("relay_recipients_total", 'outcome="deferred"')
         return deferred >= count
 
+    def spool_syncs(self) -> tuple[float, float]:
+        """(directory fsyncs, renames and unlinks they covered) so far."""
+        return self.metric("relay_spool_dir_syncs_total"), self.metric(
+            "relay_spool_dir_sync_changes_total"
+        )
+
 
 class PostfixMta(Mta):
     name = "postfix"
@@ -249,6 +206,24 @@ DELIVERY_CONCURRENCY = 100
 #: this checkout). ``--baseline-relay DIR`` adds "relay-base" (the relay
 #: package in DIR, e.g. an export of main; ``--baseline-name`` renames it).
 RELAYS: dict[str, tuple[Path, ...]] = {"relay": ()}
+#: ``--relay-setting NAME:SECTION.KEY=VALUE``: a relay from this checkout run
+#: as NAME with that config setting on top (e.g. ``uvloop:server.event_loop=uvloop``).
+RELAY_SETTINGS: dict[str, dict[str, dict[str, object]]] = {}
+
+
+def relay_setting(text: str) -> tuple[str, str, str, object]:
+    """``NAME:SECTION.KEY=VALUE`` -> (name, section, key, value); VALUE is TOML."""
+    name, _, setting = text.partition(":")
+    dotted, _, value = setting.partition("=")
+    section, _, key = dotted.partition(".")
+    if not (name and section and key and value):
+        raise ValueError(f"{text!r} is not NAME:SECTION.KEY=VALUE")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word: the string itself
+    return name, section, key, parsed
+
 
 #: ``--relay-workers N``: ``[server] workers`` of the relays under test.
 RELAY_WORKERS = 1
@@ -273,6 +248,8 @@ def relay_mta(
         "delivery": {**delivery, **sections.get("delivery", {})},
         "server": {"workers": RELAY_WORKERS, **sections.get("server", {})},
     }
+    for section, values in RELAY_SETTINGS.get(name, {}).items():
+        sections[section] = {**sections.get(section, {}), **values}
     scratch = scratch / name
     if routes is None:
         routes = configs.route("Sink", "127.0.0.1", sink_port, **TLS_LEVELS[policy])
@@ -294,18 +271,72 @@ def postfix_mta(sink_port: int, **kwargs: Any) -> Iterator[PostfixMta]:
 # -- the variants ----------------------------------------------------------------
 
 
+#: The client shapes each of the plain and TLS workloads runs in: False is
+#: ``smtp-source -d`` (connections reused), True one message per connection
+#: (``--one-per-connection`` adds it, reported as "<variant> 1/conn").
+SHAPES: list[bool] = [False]
+#: ``--diagnose``: a ReplyProbe session times every reply during each run, and
+#: relay's event-loop thread is sampled (running, waiting for the GIL, idle).
+DIAGNOSE = [False]
+
+
+def shaped(variant: str, one_per_connection: bool) -> str:
+    return f"{variant} 1/conn" if one_per_connection else variant
+
+
 def measure(
-    variant: str, mta: Mta, sink: SmtpSink, count: int, size: int, sessions: int = SESSIONS
+    variant: str,
+    mta: Mta,
+    sink: SmtpSink,
+    count: int,
+    size: int,
+    sessions: int = SESSIONS,
+    one_per_connection: bool = False,
 ) -> Row:
-    """Warm up, then the workload; latency from the MTA's log lines of this run."""
+    """Warm up, then the workload; latency from the MTA's log lines of this run.
+
+    For relay also the CPU of each of its threads (``main`` is the event
+    loop) and the spool's directory fsyncs with the changes each covered.
+    """
     run_mta_benchmark(mta.port, sink, 1, size, 1, mta_pids=list, mta="warmup", timeout=60)
     offset = mta.log_offset()
+    probe = ReplyProbe(mta.port, size, one_per_connection) if DIAGNOSE[0] else None
+    threads = ThreadWindow(mta.pids()[0]) if isinstance(mta, RelayMta) else None
+    states = StateSampler(mta.pids()[0]) if threads is not None and DIAGNOSE[0] else None
+    if states is not None:
+        states.start()
+    syncs = mta.spool_syncs() if isinstance(mta, RelayMta) else (0.0, 0.0)
+    if threads is not None:
+        threads.start()
     result = run_mta_benchmark(
-        mta.port, sink, count, size, sessions, mta_pids=mta.pids, mta=mta.name, timeout=900
+        mta.port,
+        sink,
+        count,
+        size,
+        sessions,
+        mta_pids=mta.pids,
+        mta=mta.name,
+        timeout=900,
+        one_per_connection=one_per_connection,
+        probe=probe,
     )
+    extra: dict[str, Any] = {}
+    if threads is not None:
+        extra["thread_core_pct"] = threads.stop().core_pct()
+        extra["thread_runqueue_pct"] = threads.runqueue_pct()
+    if states is not None:
+        extra["loop_thread_states_pct"] = states.stop()
+    if isinstance(mta, RelayMta):
+        after = mta.spool_syncs()
+        fsyncs, changes = after[0] - syncs[0], after[1] - syncs[1]
+        if fsyncs:
+            extra["spool_dir_fsyncs"] = int(fsyncs)
+            extra["changes_per_dir_fsync"] = round(changes / fsyncs, 2)
+    if probe is not None:
+        extra["reply_wait_ms_p50_p99"] = probe.summary()
     time.sleep(0.3)  # the delivered lines follow the sink's 250 by a hair
-    p50, p99 = _quantiles(mta.latencies(offset))
-    return Row(variant, mta.name, result, p50, p99)
+    p50, p99 = quantiles_ms(mta.latencies(offset))
+    return Row(shaped(variant, one_per_connection), mta.name, result, p50, p99, extra)
 
 
 def paced(mta: Mta, sink: SmtpSink, rate: int, seconds: int = 10) -> dict[str, Any]:
@@ -319,7 +350,7 @@ def paced(mta: Mta, sink: SmtpSink, rate: int, seconds: int = 10) -> dict[str, A
     sink.wait(before + sent.sent, 120)
     elapsed = time.monotonic() - started
     time.sleep(0.3)
-    p50, p99 = _quantiles(mta.latencies(offset))
+    p50, p99 = quantiles_ms(mta.latencies(offset))
     return {
         "target_rate": rate,
         "achieved_rate": round(sent.rate, 1),
@@ -334,42 +365,63 @@ def variant_plain(scratch: Path, counts: dict[str, int]) -> list[Row]:
     rows: list[Row] = []
     for label, size in (("1k", KIB), ("100k", 100 * KIB)):
         count = counts[label]
-        with SmtpSink() as sink, postfix_mta(sink.port, tls_level="none") as pf:
-            rows.append(measure(f"plain {label}", pf, sink, count, size))
-        for name in RELAYS:
-            with (
-                SmtpSink() as sink,
-                relay_mta(scratch / f"plain-{label}", sink.port, name=name) as relay,
-            ):
-                row = measure(f"plain {label}", relay, sink, count, size)
-                rows.append(row)
-                if label == "1k":
-                    half = int(row.result.end_to_end_rate / 2)
-                    row.extra["half_rate_latency"] = paced(relay, sink, half)
-        if label == "1k":
-            # Postfix at the same even rate: the reference for relay's figure.
-            half = rows[-1].extra["half_rate_latency"]["target_rate"]
+        for one in SHAPES:
+            variant = f"plain {label}"
             with SmtpSink() as sink, postfix_mta(sink.port, tls_level="none") as pf:
-                run_mta_benchmark(pf.port, sink, 1, KIB, 1, mta_pids=list, mta="warmup", timeout=60)
-                rows[0].extra["half_rate_latency"] = paced(pf, sink, half)
+                reference = measure(variant, pf, sink, count, size, one_per_connection=one)
+                rows.append(reference)
+            for name in RELAYS:
+                with (
+                    SmtpSink() as sink,
+                    relay_mta(scratch / f"plain-{label}", sink.port, name=name) as relay,
+                ):
+                    row = measure(variant, relay, sink, count, size, one_per_connection=one)
+                    rows.append(row)
+                    if label == "1k" and not one:
+                        half = int(row.result.end_to_end_rate / 2)
+                        row.extra["half_rate_latency"] = paced(relay, sink, half)
+            if label == "1k" and not one:
+                # Postfix at the same even rate: the reference for relay's figure.
+                half = rows[-1].extra["half_rate_latency"]["target_rate"]
+                with SmtpSink() as sink, postfix_mta(sink.port, tls_level="none") as pf:
+                    run_mta_benchmark(
+                        pf.port, sink, 1, KIB, 1, mta_pids=list, mta="warmup", timeout=60
+                    )
+                    reference.extra["half_rate_latency"] = paced(pf, sink, half)
     return rows
 
 
+#: Postfix at its best for TLS: one TLS session per connection reused for many
+#: messages (Postfix 3.4+; the ``tlsproxy`` service holds the TLS state of a
+#: cached connection). Its default, ``no``, makes a handshake per message.
+TLS_REUSE = {"smtp_tls_connection_reuse": "yes"}
+
+
 def variant_tls(scratch: Path, counts: dict[str, int]) -> list[Row]:
+    """Verified TLS to the sink: Postfix at its default, Postfix reusing its
+    TLS connections (``postfix-reuse``), then relay; the handshakes the sink saw."""
     ca = Pki(scratch / "pki")
     leaf = ca.issue("sink.test", "127.0.0.1", stem="sink")
     rows: list[Row] = []
     count = counts["1k"]
-    with (
-        PySink(leaf.cert, leaf.key) as sink,
-        postfix_mta(sink.port, tls_level="secure", ca_file=ca.ca_file, tls_match="sink.test") as pf,
-    ):
-        rows.append(measure("tls 1k", pf, sink, count, KIB))
-    for name in RELAYS:
-        with PySink(leaf.cert, leaf.key) as sink:
-            tls_section = {"ca_file": str(ca.ca_file)}
-            with relay_mta(scratch / "tls", sink.port, "full", name, tls=tls_section) as relay:
-                rows.append(measure("tls 1k", relay, sink, count, KIB))
+    secure = {"tls_level": "secure", "ca_file": ca.ca_file, "tls_match": "sink.test"}
+    for one in SHAPES:
+        for mta_name, settings in (("postfix", {}), ("postfix-reuse", TLS_REUSE)):
+            with (
+                PySink(leaf.cert, leaf.key) as sink,
+                postfix_mta(sink.port, settings=settings, **secure) as pf,
+            ):
+                pf.name = mta_name
+                row = measure("tls 1k", pf, sink, count, KIB, one_per_connection=one)
+                row.extra["sink_tls_handshakes"] = sink.handshakes()
+                rows.append(row)
+        for name in RELAYS:
+            with PySink(leaf.cert, leaf.key) as sink:
+                tls_section = {"ca_file": str(ca.ca_file)}
+                with relay_mta(scratch / "tls", sink.port, "full", name, tls=tls_section) as relay:
+                    row = measure("tls 1k", relay, sink, count, KIB, one_per_connection=one)
+                    row.extra["sink_tls_handshakes"] = sink.handshakes()
+                    rows.append(row)
     return rows
 
 
@@ -466,54 +518,6 @@ def variant_large(scratch: Path, counts: dict[str, int]) -> list[Row]:
     return rows
 
 
-#: The ``hung`` variant: one of two 50/50 primaries accepts TCP and never
-#: greets. relay's ``connect_timeout`` covers the TCP connect and the
-#: greeting; Postfix splits them into ``smtp_connect_timeout`` (TCP only) and
-#: ``smtp_helo_timeout`` (the greeting), so both get this value.
-HUNG_TIMEOUT_S = 8
-#: Wall-clock limit for one MTA's run: what is not at the sink by then is
-#: reported as not delivered, and the MTA is stopped.
-HUNG_DEADLINE_S = 60.0
-#: The wedged primary; the healthy one is the sink on 127.0.0.1. Distinct
-#: loopback addresses, so each MTA sees two hosts, not two ports of one.
-WEDGED_ADDRESS = "127.0.0.2"
-SINK_ADDRESS = "127.0.0.1"
-
-
-def hung_route(wedged_port: int, sink_port: int) -> str:
-    """relay's route: two primaries at 50/50, the wedged one listed first."""
-    primaries = [(WEDGED_ADDRESS, wedged_port, 50), (SINK_ADDRESS, sink_port, 50)]
-    return configs.route("Hung", primary=primaries)
-
-
-def hung_postfix_settings(
-    wedged_port: int, sink_port: int, timeout_s: int = HUNG_TIMEOUT_S
-) -> dict[str, str]:
-    """Postfix the same way: both hosts for every message, in a random order.
-
-    That is what relay does with the route (a weighted random order of the
-    primaries, the next one tried in the same attempt) and what Postfix does
-    with two MX records of equal preference. MX records would need Postfix's
-    resolver, which reads /etc/resolv.conf and cannot be pointed at a test
-    DNS server on another port, so the list is the relayhost instead
-    (several destinations: Postfix 3.5+, tried in order in one delivery) and
-    the order is drawn per message: ``randmap:`` (Postfix 3.0+) picks one of
-    two names per lookup, ``pipemap:`` turns the name into its list, and
-    ``sender_dependent_relayhost_maps`` overrides ``relayhost`` for every
-    message. (A plain ``randmap`` of the two hosts would give each message
-    one host and no fall-back: not what either MTA does with two MX.)
-    """
-    wedged, sink = f"[{WEDGED_ADDRESS}]:{wedged_port}", f"[{SINK_ADDRESS}]:{sink_port}"
-    orders = f"inline:{{{{wedged_first = {wedged}, {sink}}}, {{sink_first = {sink}, {wedged}}}}}"
-    return {
-        "sender_dependent_relayhost_maps": (
-            f"pipemap:{{randmap:{{wedged_first, sink_first}}, {orders}}}"
-        ),
-        "smtp_connect_timeout": f"{timeout_s}s",
-        "smtp_helo_timeout": f"{timeout_s}s",
-    }
-
-
 def hung_run(
     variant: str, mta: Mta, sink: SmtpSink, wedged: WedgedHost, count: int, deadline: float
 ) -> Row:
@@ -553,7 +557,7 @@ def hung_run(
     # Cut short by the deadline: the rate of what did arrive.
     result = replace(result, end_to_end_rate=round(delivered / (done - started), 1))
     time.sleep(0.3)  # the delivered lines follow the sink's 250 by a hair
-    p50, p99 = _quantiles(mta.latencies(offset))
+    p50, p99 = quantiles_ms(mta.latencies(offset))
     extra = {
         "delivered": delivered,
         "end_to_end_seconds": result.end_to_end_seconds,
@@ -597,70 +601,6 @@ VARIANTS: dict[str, Callable[[Path, dict[str, int]], list[Row]]] = {
 }
 
 
-# -- output ----------------------------------------------------------------------
-
-
-def _fmt(value: float | str | None) -> str:
-    if isinstance(value, str):
-        return value
-    return "-" if value is None else f"{value:g}"
-
-
-def format_table(rows: Sequence[Row]) -> str:
-    """One line per variant and figure: each MTA, then each relay's ratio to Postfix."""
-    mtas = list(dict.fromkeys(["postfix", *(r.mta for r in rows)]))
-    relays = mtas[1:]
-    head = f"{'variant':<14}{'figure':<30}" + "".join(f"{m:>14}" for m in mtas)
-    head += "".join(f"{m + '/pf':>17}" for m in relays)
-    lines = [head]
-    for variant in dict.fromkeys(r.variant for r in rows):
-        by_mta = {r.mta: r for r in rows if r.variant == variant}
-        queue = variant.startswith("queue")
-        names = (*FIGURES[:2], *FIGURES[4:]) if queue else FIGURES
-        for name in names:
-            values = [by_mta[m].figure(name) if m in by_mta else None for m in mtas]
-            label = "drain_rate" if queue and name == "end_to_end_rate" else name
-            line = f"{variant:<14}{label:<30}" + "".join(f"{_fmt(v):>14}" for v in values)
-            base = values[0]
-            for value in values[1:]:
-                line += f"{value / base:>17.2f}" if base and value is not None else f"{'-':>17}"
-            lines.append(line)
-        for key in sorted({k for r in by_mta.values() for k in r.extra}):
-            for mta in mtas:
-                value = by_mta[mta].extra.get(key) if mta in by_mta else None
-                if isinstance(value, dict):
-                    text = " ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-                    lines.append(f"{variant:<14}{key:<30}{mta}: {text}")
-            values = [by_mta[m].extra.get(key) if m in by_mta else None for m in mtas]
-            if not any(isinstance(v, dict) for v in values):
-                cells = "".join(f"{_fmt(v):>14}" for v in values)
-                lines.append(f"{variant:<14}{key:<30}{cells}")
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    load = os.getloadavg()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    postfix = subprocess.run(
-        ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "postfix": postfix,
-        "loadavg_at_start": [round(x, 2) for x in load],
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench compare", description=__doc__.split("\n\n")[0]
@@ -671,6 +611,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count-100k", type=int, help="100 KiB messages (default 2000)")
     parser.add_argument("--count-queue", type=int, help="queue-run messages (default 100000)")
     parser.add_argument("--count-hung", type=int, help="hung-variant messages (default 200)")
+    parser.add_argument(
+        "--one-per-connection",
+        action="store_true",
+        help="plain and tls also with one message per connection (smtp-source without -d)",
+    )
+    parser.add_argument(
+        "--relay-setting",
+        action="append",
+        default=[],
+        metavar="NAME:SECTION.KEY=VALUE",
+        help="also run this checkout's relay as NAME with a config setting (repeatable)",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="one more session times every reply (p50/p99 ms per command) during each run; "
+        "relay's event-loop thread sampled every ms (running, gil, poll)",
+    )
     parser.add_argument(
         "--hung-deadline",
         type=float,
@@ -718,6 +676,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.baseline_name in ("relay", "postfix"):
             parser.error(f"--baseline-name {args.baseline_name} is taken")
         RELAYS.update({args.baseline_name: (args.baseline_relay.resolve(),), "relay": ()})
+    for text in args.relay_setting:
+        try:
+            name, section, key, value = relay_setting(text)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if name in ("relay", "postfix", args.baseline_name):
+            parser.error(f"--relay-setting {name} is taken")
+        RELAYS[name] = ()
+        RELAY_SETTINGS.setdefault(name, {}).setdefault(section, {})[key] = value
+    SHAPES[:] = [False, True] if args.one_per_connection else [False]
+    DIAGNOSE[0] = args.diagnose
     info = machine()
     print(f"machine: {info}", flush=True)
     rows: list[Row] = []

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tests.bench.machine import MachineWindow
+from tests.bench.replywait import ReplyProbe
 from tests.support import configs
 from tests.support.postfix import SMTP_SINK, SMTP_SOURCE, PostfixFactory, postfix_missing
 from tests.support.procs import RelayProcess, free_port, iter_tree, relay_config, wait_port
@@ -197,6 +199,14 @@ class BenchResult:
     peak_processes: int
     cpu_seconds: float
     cpu_ms_per_message: float
+    #: The MTA's CPU over the run as a percentage of one core.
+    mta_core_pct: float | None = None
+    #: How busy the whole machine (every core) was over the run, and the
+    #: 1-minute load average when it ended (tests/bench/machine.py).
+    machine_busy_pct: float | None = None
+    loadavg_1m: float | None = None
+    #: True: ``smtp-source`` without ``-d``, one message per connection.
+    one_per_connection: bool = False
 
     @classmethod
     def measured(
@@ -209,6 +219,8 @@ class BenchResult:
         e2e_s: float,
         sampler: TreeSampler,
         cpu: float,
+        window: MachineWindow | None = None,
+        one_per_connection: bool = False,
     ) -> BenchResult:
         """The figures from raw timings (seconds) and the process sampler."""
         return cls(
@@ -225,6 +237,10 @@ class BenchResult:
             peak_processes=sampler.peak_processes,
             cpu_seconds=round(cpu, 2),
             cpu_ms_per_message=round(1000 * cpu / count, 3),
+            mta_core_pct=round(100 * cpu / e2e_s, 1),
+            machine_busy_pct=window.busy_pct if window else None,
+            loadavg_1m=window.loadavg_1m if window else None,
+            one_per_connection=one_per_connection,
         )
 
 
@@ -248,35 +264,53 @@ def run_mta_benchmark(
     mta: str = "mta",
     timeout: float = 300.0,
     recipient: str = "bench@example.org",
+    one_per_connection: bool = False,
+    probe: ReplyProbe | None = None,
 ) -> BenchResult:
     """Send ``count`` messages of ``size`` bytes over ``sessions`` parallel sessions
-    (connections reused, smtp-source ``-d``) to 127.0.0.1:``smtp_port``; wait
+    (connections reused, smtp-source ``-d``; with ``one_per_connection``, a
+    new connection for every message) to 127.0.0.1:``smtp_port``; wait
     until ``sink`` has them all; measure the process trees ``mta_pids()``.
 
+    ``probe`` (tests/bench/replywait.py) runs alongside ``smtp-source``
+    until it is done; the messages it sent are waited for at the sink too.
     The MTA must forward mail for ``recipient`` to ``sink``. Raises
     ``TimeoutError`` if the sink does not see every message within ``timeout``.
     """
     check_bounds(count, size, sessions)
     sampler = TreeSampler(mta_pids)
     before = sink.received()
-    argv = [SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(count), "-l", str(size)]
+    argv = [SMTP_SOURCE, *([] if one_per_connection else ["-d"]), "-s", str(sessions)]
+    argv += ["-m", str(count), "-l", str(size)]
     argv += ["-M", "source.test", "-f", "bench@source.test", "-t", recipient]
+    window = MachineWindow()
     sampler.start()
+    window.start()
     started = time.monotonic()
-    subprocess.run(
-        [*argv, f"127.0.0.1:{smtp_port}"],
-        stdin=subprocess.DEVNULL,
-        check=True,
-        timeout=timeout,
-    )
-    accepted = time.monotonic()
+    if probe is not None:
+        probe.start()
     try:
-        sink.wait(before + count, max(1.0, timeout - (accepted - started)))
+        subprocess.run(
+            [*argv, f"127.0.0.1:{smtp_port}"],
+            stdin=subprocess.DEVNULL,
+            check=True,
+            timeout=timeout,
+        )
+    finally:
+        if probe is not None:
+            probe.stop()
+    accepted = time.monotonic()
+    extra = probe.messages if probe is not None else 0
+    try:
+        sink.wait(before + count + extra, max(1.0, timeout - (accepted - started)))
     finally:
         done = time.monotonic()
+        window.stop()
         cpu = sampler.stop()
     accept_s, e2e_s = accepted - started, done - started
-    return BenchResult.measured(mta, count, size, sessions, accept_s, e2e_s, sampler, cpu)
+    return BenchResult.measured(
+        mta, count, size, sessions, accept_s, e2e_s, sampler, cpu, window, one_per_connection
+    )
 
 
 def postfix_baseline(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import signal
 import ssl
 import subprocess
@@ -31,6 +32,9 @@ _END = b"\r\n.\r\n"
 class _Counter:
     def __init__(self) -> None:
         self.messages = 0
+        #: Completed TLS handshakes: tells a client that reuses its TLS
+        #: connections from one that makes a handshake per message.
+        self.handshakes = 0
 
 
 class _Session(asyncio.Protocol):
@@ -40,6 +44,7 @@ class _Session(asyncio.Protocol):
         self.secure = False
         self.buffer = b""
         self.in_data = False
+        self.upgrading = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -49,6 +54,11 @@ class _Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if self.upgrading:
+            # With TLS 1.3 the client's first command (EHLO) can come with its
+            # Finished message, before start_tls() has returned the new
+            # transport: a reply now would go out in clear on the old one.
+            return
         replies: list[bytes] = []
         while self.buffer:
             if self.in_data:
@@ -75,6 +85,8 @@ class _Session(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.write(b"".join(replies) + b"220 2.0.0 Ready to start TLS\r\n")
                 self.transport.pause_reading()
+                # RFC 3207 section 4.2: nothing sent before the handshake counts.
+                self.upgrading, self.buffer = True, b""
                 asyncio.ensure_future(self._start_tls())
                 return
             elif verb == b"MAIL" and self.tls and not self.secure:
@@ -102,7 +114,10 @@ class _Session(asyncio.Protocol):
             self.transport.close()
             return
         assert new is not None
-        self.transport, self.secure, self.buffer = new, True, b""
+        self.transport, self.secure, self.upgrading = new, True, False
+        self.counter.handshakes += 1
+        if self.buffer:
+            self.data_received(b"")
 
 
 async def _serve(port: int, tls: ssl.SSLContext | None) -> None:
@@ -113,12 +128,12 @@ async def _serve(port: int, tls: ssl.SSLContext | None) -> None:
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    shown = -1
+    shown = (-1, -1)
     async with server:
         while not stop.is_set():
-            if counter.messages != shown:
-                shown = counter.messages
-                print(f"sess=0 quit=0 mesg={shown}", flush=True)
+            if (counter.messages, counter.handshakes) != shown:
+                shown = (counter.messages, counter.handshakes)
+                print(f"sess=0 quit=0 mesg={shown[0]} tls={shown[1]}", flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.02)
 
@@ -140,6 +155,11 @@ class PySink(SmtpSink):
             )
         wait_port("127.0.0.1", self.port, 10)
         return self
+
+    def handshakes(self) -> int:
+        """TLS handshakes completed so far (the last ``tls=N`` progress figure)."""
+        counts = re.findall(rb"tls=(\d+)", self.out_path.read_bytes())
+        return int(counts[-1]) if counts else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import selectors
 import socket
 import threading
 
+from tests.support import configs
 from tests.support.procs import free_port
 
 
@@ -101,3 +102,51 @@ class WedgedHost:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+#: The ``hung`` variant: one of two 50/50 primaries accepts TCP and never
+#: greets. relay's ``connect_timeout`` covers the TCP connect and the
+#: greeting; Postfix splits them into ``smtp_connect_timeout`` (TCP only) and
+#: ``smtp_helo_timeout`` (the greeting), so both get this value.
+HUNG_TIMEOUT_S = 8
+#: Wall-clock limit for one MTA's run: what is not at the sink by then is
+#: reported as not delivered, and the MTA is stopped.
+HUNG_DEADLINE_S = 60.0
+#: The wedged primary; the healthy one is the sink on 127.0.0.1. Distinct
+#: loopback addresses, so each MTA sees two hosts, not two ports of one.
+WEDGED_ADDRESS = "127.0.0.2"
+SINK_ADDRESS = "127.0.0.1"
+
+
+def hung_route(wedged_port: int, sink_port: int) -> str:
+    """relay's route: two primaries at 50/50, the wedged one listed first."""
+    primaries = [(WEDGED_ADDRESS, wedged_port, 50), (SINK_ADDRESS, sink_port, 50)]
+    return configs.route("Hung", primary=primaries)
+
+
+def hung_postfix_settings(
+    wedged_port: int, sink_port: int, timeout_s: int = HUNG_TIMEOUT_S
+) -> dict[str, str]:
+    """Postfix the same way: both hosts for every message, in a random order.
+
+    That is what relay does with the route (a weighted random order of the
+    primaries, the next one tried in the same attempt) and what Postfix does
+    with two MX records of equal preference. MX records would need Postfix's
+    resolver, which reads /etc/resolv.conf and cannot be pointed at a test
+    DNS server on another port, so the list is the relayhost instead
+    (several destinations: Postfix 3.5+, tried in order in one delivery) and
+    the order is drawn per message: ``randmap:`` (Postfix 3.0+) picks one of
+    two names per lookup, ``pipemap:`` turns the name into its list, and
+    ``sender_dependent_relayhost_maps`` overrides ``relayhost`` for every
+    message. (A plain ``randmap`` of the two hosts would give each message
+    one host and no fall-back: not what either MTA does with two MX.)
+    """
+    wedged, sink = f"[{WEDGED_ADDRESS}]:{wedged_port}", f"[{SINK_ADDRESS}]:{sink_port}"
+    orders = f"inline:{{{{wedged_first = {wedged}, {sink}}}, {{sink_first = {sink}, {wedged}}}}}"
+    return {
+        "sender_dependent_relayhost_maps": (
+            f"pipemap:{{randmap:{{wedged_first, sink_first}}, {orders}}}"
+        ),
+        "smtp_connect_timeout": f"{timeout_s}s",
+        "smtp_helo_timeout": f"{timeout_s}s",
+    }

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tests.bench.postfix_baseline import SmtpSink, format_table, postfix_baseline
+import re
+
+import pytest
+
+from tests.bench.postfix_baseline import (
+    SmtpSink,
+    format_table,
+    postfix_baseline,
+    run_mta_benchmark,
+)
 from tests.support.peers import require_postfix
 
 
@@ -21,3 +30,21 @@ def test_sink_counts_start_at_zero() -> None:
     require_postfix()
     with SmtpSink() as sink:
         assert sink.received() == 0
+
+
+@pytest.mark.parametrize("one_per_connection", [False, True])
+def test_smtp_source_opens_a_connection_per_message_only_when_asked(
+    one_per_connection: bool,
+) -> None:
+    # smtp-source straight into smtp-sink (no MTA in between): the sink's
+    # session count tells the two client shapes apart.
+    require_postfix()
+    with SmtpSink() as sink:
+        result = run_mta_benchmark(
+            sink.port, sink, 6, 200, 2, mta_pids=list, one_per_connection=one_per_connection
+        )
+        sessions = int(re.findall(rb"sess=(\d+)", sink.out_path.read_bytes())[-1])
+        assert sink.received() == 6
+    assert result.one_per_connection is one_per_connection
+    assert (sessions >= 6) is one_per_connection
+    assert result.loadavg_1m is not None

@@ -135,7 +135,7 @@ def test_wedged_host_listens_on_loopback_only() -> None:
 def test_hung_route_is_two_primaries_at_fifty_fifty() -> None:
     import tomllib
 
-    from tests.bench.compare import SINK_ADDRESS, WEDGED_ADDRESS, hung_route
+    from tests.bench.wedged import SINK_ADDRESS, WEDGED_ADDRESS, hung_route
 
     (table,) = tomllib.loads(hung_route(2600, 2601))["routes"]
     assert table["primary"] == [

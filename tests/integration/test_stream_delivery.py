@@ -10,6 +10,7 @@ import os
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -265,10 +266,10 @@ class _HangUpInData(asyncio.Protocol):
     """A next hop that takes DATA, then closes the connection at the first body bytes."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Any loop's transport: uvloop's are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
         self.in_data = False
-        transport.write(b"220 hangup.test ESMTP\r\n")
+        self.transport.write(b"220 hangup.test ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:
         if self.in_data:

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import random
 from pathlib import Path
+from typing import cast
 
 from relay.commandreader import CrlfCommandReader
 from relay.content import MessageCheck, unstuff
@@ -98,9 +99,9 @@ class DigestSink(asyncio.Protocol):
         self.skip = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(b"220 digest.test ESMTP\r\n")
+        # Any loop's transport: uvloop's are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(b"220 digest.test ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:
         if self.in_data:
