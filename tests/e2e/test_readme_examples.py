@@ -114,7 +114,7 @@ def test_check_config_warnings() -> None:
 
 
 class Sink:
-    """The README's sink: ``python -m aiosmtpd -n -l 127.0.0.1:PORT``."""
+    """The README's sink: ``.venv/bin/python -m aiosmtpd -n -l 127.0.0.1:PORT``."""
 
     def __init__(self, port: int) -> None:
         self.port = port
