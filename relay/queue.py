@@ -107,6 +107,8 @@ class Scheduler:
         #: What is queued and when it is due (attempts running are not in it).
         self.due = DueIndex(clock)
         self._active: dict[str, asyncio.Task[float | None]] = {}
+        #: Running when a flush came: due again at once if their attempt defers.
+        self._flush_after: set[str] = set()
         reporter = Reporter(config, spool, metrics, queue=self.add)
         rng = rng or random.Random()
         self._outcomes = Outcomes(config, spool, metrics, reporter, clock=clock, rng=rng)
@@ -135,11 +137,15 @@ class Scheduler:
         SIGUSR1 and ``relay queue flush``. Their backoff restarts too: after
         a flushed attempt fails, the next waits ``min_backoff`` again (the
         operator fixed something; the old delay no longer says anything).
-        A message whose attempt is running now is not flushed.
+        A message whose attempt is running now is flushed when that attempt
+        ends, if it deferred: it may have been planned before the flush
+        ended the hold-downs, and would otherwise wait a whole backoff.
         """
         chosen = self.due.make_due(ids)
-        self._cycle.restart_backoff(chosen)
-        running = len(self._active) if ids is None else sum(q in self._active for q in ids)
+        running_ids = [q for q in (self._active if ids is None else ids) if q in self._active]
+        self._flush_after.update(running_ids)
+        self._cycle.restart_backoff([*chosen, *running_ids])
+        running = len(running_ids)
         # messages: every one of them in the queue, running ones included.
         events.log("flush", messages=len(chosen) + running, running=running)
         self._wake.set()
@@ -219,7 +225,8 @@ class Scheduler:
             events.error("queue_error", id=qid, error=repr(exc), retry_in=retry)
             self._schedule(qid, self._clock() + retry)
         elif (when := task.result()) is not None:
-            self._schedule(qid, when)
+            self._schedule(qid, self._clock() if qid in self._flush_after else when)
+        self._flush_after.discard(qid)
         self._metrics.queue_messages.set(len(self))
         self._wake.set()
 

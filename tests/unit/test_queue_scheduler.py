@@ -510,3 +510,22 @@ async def test_a_message_deleted_before_its_first_attempt_is_not_delivered(tmp_p
     async with running(h.scheduler):
         await settle(h.scheduler)
     assert h.deliverer.calls == []
+
+
+async def test_a_flush_during_an_attempt_makes_it_due_again_if_it_defers(tmp_path) -> None:
+    # The attempt was planned before the flush (perhaps with every host held
+    # down); deferred, it would otherwise wait a whole backoff after the flush.
+    gate = asyncio.Event()
+    clock = Clock()
+    script = {"bob@example.com": [TEMP]}
+    h = harness(tmp_path, FakeDeliverer(script=script, gate=gate), clock=clock)
+    env = spool_message(h.spool, ["bob@example.com"], received_at=clock.now)
+    async with running(h.scheduler):
+        h.scheduler.add(env)
+        await until(lambda: len(h.deliverer.calls) == 1)
+        h.scheduler.flush()
+        gate.set()
+        # No clock advance: only the flush can make it due.
+        await until(lambda: len(h.deliverer.calls) == 2)
+        await settle(h.scheduler)
+    assert h.spooled() == []
