@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support.procs import iter_tree
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -56,22 +58,27 @@ class MachineWindow:
 
 
 def _thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
-    """tid -> (name, utime + stime ticks, ns waited on a run queue) for every thread now.
+    """tid -> (name, utime + stime ticks, ns waited on a run queue) for every
+    thread of ``pid`` and of its child processes now.
 
     The run-queue wait (``/proc/<pid>/task/<tid>/schedstat``, second field)
     is time the thread was ready to run and got no core: on a machine busy
     with other work it is what a thread lost to it.
     """
     threads: dict[int, tuple[str, int, int]] = {}
-    task = Path(f"/proc/{pid}/task")
-    with contextlib.suppress(OSError):
-        for entry in task.iterdir():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                tid = int(entry.name)
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                name = "main" if tid == pid else (entry / "comm").read_text().strip()
-                waited = int((entry / "schedstat").read_text().split()[1])
-                threads[tid] = (name, int(fields[11]) + int(fields[12]), waited)
+    # With [server] workers the threads that work are in the supervisor's
+    # children: theirs count as "worker-<name>", summed over the workers.
+    for proc in iter_tree(pid):
+        prefix = "" if proc == pid else "worker-"
+        task = Path(f"/proc/{proc}/task")
+        with contextlib.suppress(OSError):
+            for entry in task.iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    tid = int(entry.name)
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    comm = "main" if tid == proc else (entry / "comm").read_text().strip()
+                    waited = int((entry / "schedstat").read_text().split()[1])
+                    threads[tid] = (prefix + comm, int(fields[11]) + int(fields[12]), waited)
     return threads
 
 
