@@ -37,8 +37,7 @@ from relay.control import Control
 from relay.delivery import Deliverer
 from relay.dns import DnsResolver
 from relay.inbound import Inbound, listen_texts
-from relay.keeper import ConfigKeeper, server_tls_context
-from relay.keeper import restart_problems as restart_problems
+from relay.keeper import ConfigKeeper
 from relay.metrics import Metrics
 from relay.queue import Scheduler
 from relay.spool import Spool
@@ -56,10 +55,6 @@ def default_config() -> Config:
     runs on it (README.md "Quick start"), its spool in ./var/spool.
     """
     return configload.load_embedded()
-
-
-#: Its older name, for callers (the tests): relay.keeper has it now.
-_server_tls_context = server_tls_context
 
 
 class PidFile:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import app, configload
+from relay import configload, keeper
 from relay.app import Daemon
 from relay.config import Config
 from tests.support.inbound import inbound_toml
@@ -87,11 +87,11 @@ def _config(tmp_path: Path, **kwargs: object) -> Config:
 def test_restart_problems_names_only_path_and_metrics_listen(tmp_path: Path) -> None:
     old = _config(tmp_path, metrics="127.0.0.1:9325")
     same = _config(tmp_path, metrics="127.0.0.1:9325", timeout="1m")
-    assert app.restart_problems(old, same) == []
+    assert keeper.restart_problems(old, same) == []
     moved = configload.parse(
         tomllib.loads(inbound_toml(tmp_path / "other", metrics="")), tmp_path / "relay.toml"
     )
-    problems = app.restart_problems(old, moved)
+    problems = keeper.restart_problems(old, moved)
     assert [(p.where, p.field) for p in problems] == [("queue", "path"), ("metrics", "listen")]
     assert str(tmp_path / "spool") in problems[0].message
 

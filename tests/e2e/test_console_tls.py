@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay import app
+from relay import keeper
 from relay.config import Listen
 from tests.support import configs
 from tests.support.console import PASSWORD, USER, console_config, login
@@ -69,7 +69,7 @@ def test_a_reload_cannot_move_the_console(tmp_path: Path) -> None:
         "new.toml",
     )
     assert new.admin.listen == Listen("127.0.0.1", 8025)
-    assert [(p.where, p.field) for p in app.restart_problems(old, new)] == [("admin", "listen")]
+    assert [(p.where, p.field) for p in keeper.restart_problems(old, new)] == [("admin", "listen")]
 
 
 def _hash() -> str:

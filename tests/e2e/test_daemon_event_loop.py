@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import app, configload, loops
+from relay import configload, keeper, loops
 from relay.config import Config
 from tests.bench.pysink import PySink
 from tests.support import configs
@@ -72,6 +72,6 @@ def test_changing_the_event_loop_needs_a_restart(tmp_path: Path) -> None:
         return configload.parse(tomllib.loads(text), tmp_path / "relay.toml")
 
     old, new = parse('event_loop = "asyncio"'), parse('event_loop = "uvloop"')
-    problems = app.restart_problems(old, new)
+    problems = keeper.restart_problems(old, new)
     assert [(p.where, p.field) for p in problems] == [("server", "event_loop")]
     assert "keeps asyncio" in problems[0].message

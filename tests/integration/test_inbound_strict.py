@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay import app, errors
+from relay import errors, keeper
 from relay.config import Config
 from tests.support.inbound import RawClient, make_config, running_inbound
 
@@ -36,7 +36,7 @@ async def test_second_starttls_is_refused_554(
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
     caplog.set_level(logging.DEBUG)
-    async with running_inbound(cfg, tls_context=app._server_tls_context(cfg)) as h:
+    async with running_inbound(cfg, tls_context=keeper.server_tls_context(cfg)) as h:
         async with await RawClient.connect(h.port) as client:
             assert (await client.cmd("EHLO client.test"))[0] == 250
             assert (await client.cmd("STARTTLS"))[0] == 220

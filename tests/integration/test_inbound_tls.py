@@ -10,7 +10,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from relay import app
+from relay import keeper
 from relay.config import Config
 from tests.support.inbound import RawClient, make_config, running_inbound
 from tests.support.peers import require_swaks
@@ -54,18 +54,18 @@ async def swaks(port: int, *args: str) -> tuple[int, str]:
 
 
 async def test_starttls_offered_only_with_certificate(tls_config: Config, tmp_path: Path) -> None:
-    context = app._server_tls_context(tls_config)
+    context = keeper.server_tls_context(tls_config)
     assert context is not None
     async with running_inbound(tls_config, tls_context=context) as h:
         client = await RawClient.connect(h.port)
         async with client:
             _, text = await client.cmd("EHLO client.test")
     assert "250-STARTTLS" in text
-    assert app._server_tls_context(make_config(tmp_path / "plain")) is None
+    assert keeper.server_tls_context(make_config(tmp_path / "plain")) is None
 
 
 async def test_swaks_starttls(tls_config: Config) -> None:
-    context = app._server_tls_context(tls_config)
+    context = keeper.server_tls_context(tls_config)
     async with running_inbound(tls_config, tls_context=context) as h:
         code, out = await swaks(h.port, "--tls", "--to", "user@example.com")
         assert code == 0, out
@@ -88,7 +88,7 @@ async def test_swaks_plain_and_relaying_denied(tls_config: Config) -> None:
 
 
 async def test_aiosmtplib_starttls_verifies_against_ca(tls_config: Config, ca: trustme.CA) -> None:
-    context = app._server_tls_context(tls_config)
+    context = keeper.server_tls_context(tls_config)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     async with running_inbound(tls_config, tls_context=context) as h:

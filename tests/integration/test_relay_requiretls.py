@@ -19,7 +19,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay import app, mtasts, tls
+from relay import keeper, mtasts, tls
 from relay.config import Config
 from relay.configload import load
 from relay.content import MessageCheck
@@ -60,7 +60,7 @@ def _client_context(pki: Pki) -> ssl.SSLContext:
 
 
 async def test_requiretls_offered_and_taken_only_over_tls(tls_config: Config, pki: Pki) -> None:
-    context = app._server_tls_context(tls_config)
+    context = keeper.server_tls_context(tls_config)
     async with running_inbound(tls_config, tls_context=context) as h:
         smtp = aiosmtplib.SMTP(
             hostname="127.0.0.1", port=h.port, start_tls=False, local_hostname="client.test"
@@ -85,7 +85,7 @@ async def test_requiretls_offered_and_taken_only_over_tls(tls_config: Config, pk
 
 
 async def test_requiretls_refused_without_tls(tls_config: Config) -> None:
-    context = app._server_tls_context(tls_config)
+    context = keeper.server_tls_context(tls_config)
     async with running_inbound(tls_config, tls_context=context) as h:
         async with await RawClient.connect(h.port) as client:
             code, text = await client.cmd("EHLO client.test")
