@@ -13,7 +13,7 @@ the cached copy expired.
 
 What routing does with a policy (relay/routing.py ``plan``): ``enforce``
 keeps only the MX hosts the policy's ``mx`` patterns match and gives them
-a TlsPolicy that requires TLS, a CA-signed certificate and a matching name;
+relay.tls.STRICT_POLICY (TLS, a CA-signed certificate and a matching name);
 ``testing`` delivers as the route says and counts what would have failed;
 ``none`` (or no policy) changes nothing.
 
@@ -42,7 +42,7 @@ import aiohttp.abc
 
 from relay import events, tls
 from relay.addresses import ip_literal
-from relay.config import Config, Route, TlsPolicy
+from relay.config import Config, Route
 from relay.errors import NoSuchDomain, RelayError
 from relay.metrics import Metrics
 
@@ -61,9 +61,6 @@ FETCH_TIMEOUT = 10.0
 #: Policies kept in memory (the implicit route meets domains without bound).
 MEMORY_POLICIES = 10_000
 
-#: What an ``enforce`` policy requires of every MX host (RFC 8461 section 4.2):
-#: TLS, a certificate chain to a trusted root, and a name matching the MX host.
-STRICT = TlsPolicy(require_tls=True, require_ca_signed=True, validate_hostname=True)
 
 # RFC 8460 section 4.3.2.1 result types.
 FETCH_ERROR = "sts-policy-fetch-error"

@@ -59,6 +59,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from relay import config as cfg
+from relay import tls
 from relay.addresses import domain_key, ip_literal
 from relay.config import Config, Host, Route, TlsPolicy
 from relay.dns import Resolver
@@ -73,7 +74,7 @@ from relay.errors import (
     TemporaryFailure,
 )
 from relay.health import Health
-from relay.mtasts import ENFORCE, STRICT, TESTING, MtaSts, Policy, would_fail
+from relay.mtasts import ENFORCE, TESTING, MtaSts, Policy, would_fail
 
 #: The reply of mail deferred because every host of its route is held down.
 HELD_DOWN = Reply(451, (4, 4, 1), "Next hop unreachable: every host held down after failing")
@@ -110,7 +111,7 @@ class Candidate:
     #: route NoSuchDomain / NoRoute).
     error: RelayError | None = None
     #: The TLS policy for this host when not the route's: an MTA-STS
-    #: ``enforce`` policy's (relay.mtasts.STRICT). ``Hop.of`` applies it.
+    #: ``enforce`` policy's (relay.tls.STRICT_POLICY). ``Hop.of`` applies it.
     tls: TlsPolicy | None = None
     #: The mode of the via_mx domain's MTA-STS policy ("enforce",
     #: "testing"), "" when none applies.
@@ -384,7 +385,7 @@ def _candidate(
     via = host.name if route.mx_lookup else None
     if policy is None or policy.mode not in (ENFORCE, TESTING):
         return Candidate(name, host.port, via, table, host.name, route.name, route.implicit)
-    strict = STRICT if policy.mode == ENFORCE else None
+    strict = tls.STRICT_POLICY if policy.mode == ENFORCE else None
     return Candidate(
         name, host.port, via, table, host.name, route.name, route.implicit,
         tls=strict, sts=policy.mode,

@@ -43,9 +43,11 @@ def enforces(policy: TlsPolicy, check: TlsCheck) -> bool:
     return required[check]
 
 
-#: The policy of a REQUIRETLS message (RFC 8689 section 4.2.1): TLS, a
-#: chain to a trusted CA, the name delivered to, whatever the route says.
-REQUIRETLS_POLICY = TlsPolicy(require_tls=True, require_ca_signed=True, validate_hostname=True)
+#: Every check, whatever the route says: TLS, a chain to a trusted CA, the
+#: name delivered to. A REQUIRETLS message's policy (RFC 8689 section
+#: 4.2.1) and an MTA-STS ``enforce`` policy's for its MX hosts (RFC 8461
+#: section 4.2).
+STRICT_POLICY = TlsPolicy(require_tls=True, require_ca_signed=True, validate_hostname=True)
 #: The policy of a ``TLS-Required: No`` message (RFC 8689 section 4.2.2):
 #: STARTTLS when offered, as opportunistic TLS; nothing required.
 TLS_OPTIONAL_POLICY = TlsPolicy(require_tls=False, require_ca_signed=False, validate_hostname=False)
@@ -61,7 +63,7 @@ def message_policy(base: TlsPolicy, requiretls: bool, tls_optional: bool) -> Tls
     recipient domain's MTA-STS policy, fail (RFC 8689 section 5).
     """
     if requiretls:
-        return REQUIRETLS_POLICY
+        return STRICT_POLICY
     if tls_optional:
         return TLS_OPTIONAL_POLICY
     return base

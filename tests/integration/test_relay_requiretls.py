@@ -19,7 +19,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay import keeper, mtasts, tls
+from relay import keeper, tls
 from relay.config import Config
 from relay.configload import load
 from relay.content import MessageCheck
@@ -249,7 +249,7 @@ def test_message_policy_over_an_mta_sts_policy(tmp_path: Path) -> None:
     routes = configs.route("open", "mx.example.net", mx_lookup=True)
     route.write_text(configs.relay_toml({"server": {"domains": ["example.net"]}}, routes))
     open_route = load(route).routes[0]
-    sts = Candidate("mx.example.net", 25, tls=mtasts.STRICT, sts="enforce")
+    sts = Candidate("mx.example.net", 25, tls=tls.STRICT_POLICY, sts="enforce")
     plain = Candidate("mx.example.net", 25)
 
     def policy(candidate: Candidate, **flags: bool) -> object:
@@ -257,6 +257,6 @@ def test_message_policy_over_an_mta_sts_policy(tmp_path: Path) -> None:
         return Hop.of(open_route, candidate, "127.0.0.1", envelope).policy
 
     assert policy(plain) == open_route.tls
-    assert policy(sts) == mtasts.STRICT
-    assert policy(plain, requiretls=True) == tls.REQUIRETLS_POLICY
+    assert policy(sts) == tls.STRICT_POLICY
+    assert policy(plain, requiretls=True) == tls.STRICT_POLICY
     assert policy(sts, tls_optional=True) == tls.TLS_OPTIONAL_POLICY
