@@ -250,6 +250,24 @@ class Metrics:
 MAX_HEADER_LINES = 100
 
 
+async def get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    """``GET path`` from an endpoint :func:`serve` runs: its status code and body.
+
+    The client of ``relay status`` and of a supervisor gathering its
+    workers (relay.workers); the caller bounds the time.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n".encode())
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    parts = head.split(None, 2)
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
+
+
 async def _read_request_path(reader: asyncio.StreamReader) -> tuple[str, str]:
     """The method and path of one HTTP request; its headers are read and dropped."""
     request = await reader.readline()

@@ -13,6 +13,7 @@ import json
 import time
 from typing import Any
 
+from relay import metrics
 from relay.config import Listen
 
 #: Seconds to wait for the daemon's answer.
@@ -34,16 +35,7 @@ def _client_host(listen: Listen) -> str:
 
 async def _get(host: str, port: int, limit: float) -> tuple[int, bytes]:
     async with asyncio.timeout(limit):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(b"GET /status HTTP/1.0\r\nHost: relay\r\n\r\n")
-            await writer.drain()
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    parts = head.split(None, 2)
-    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
+        return await metrics.get(host, port, "/status")
 
 
 def fetch(listen: Listen, timeout: float = TIMEOUT) -> dict[str, Any]:

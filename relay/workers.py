@@ -315,7 +315,9 @@ class Supervisor(ConfigKeeper):
             if not slot.port:
                 return None
             try:
-                code, body = await asyncio.wait_for(_http_get(slot.port, path), GATHER_TIMEOUT)
+                code, body = await asyncio.wait_for(
+                    metricsmod.get("127.0.0.1", slot.port, path), GATHER_TIMEOUT
+                )
             except (OSError, TimeoutError, ValueError):
                 return None
             return body if code == 200 else None
@@ -361,20 +363,6 @@ class Supervisor(ConfigKeeper):
             for slot in self.slots
         ]
         return report
-
-
-async def _http_get(port: int, path: str) -> tuple[int, bytes]:
-    """The status code and body of ``GET path`` from a worker's loopback endpoint."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        await writer.drain()
-        raw = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    parts = head.split(None, 2)
-    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
 
 
 async def supervise(config_path: Path | None, load: Callable[[], Config]) -> int:
