@@ -342,8 +342,8 @@ class Daemon(ConfigKeeper):
         }
         if self.worker is not None:
             # How the kernel spread the connections (relay.workers).
-            (counter,) = self.parts.metrics.messages_received.collect()
-            report["accepted"] = sum(s.value for s in counter.samples if s.name.endswith("_total"))
+            received = "relay_messages_received_total"
+            report["accepted"] = self.parts.metrics.registry.get_sample_value(received) or 0.0
         return report
 
     async def _start_console(self, scheduler: Scheduler, control: Control) -> Any:
