@@ -155,6 +155,14 @@ class RelayMta(Mta):
         deferred = self.metric("relay_recipients_total", 'outcome="deferred"')
         return deferred >= count
 
+    def worker_accepted(self) -> list[int]:
+        """With ``[server] workers``: the messages each worker has accepted
+        (``/status``), to see how the kernel spread the connections."""
+        url = f"http://127.0.0.1:{self.metrics_port}/status"
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
+            report = json.loads(response.read())
+        return [int(worker.get("accepted", 0)) for worker in report.get("workers", [])]
+
     def spool_syncs(self) -> tuple[float, float]:
         """(directory fsyncs, renames and unlinks they covered) so far."""
         return self.metric("relay_spool_dir_syncs_total"), self.metric(
@@ -256,10 +264,17 @@ def relay_mta(
     config = relay_config(scratch, routes, **sections)
     paths = [str(p) for p in RELAYS[name]]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
-    with RelayProcess(config, env=env if paths else None) as proc:
+    proc = RelayProcess(config, env=env if paths else None)
+    # Not just the port: with [server] workers the first worker listens
+    # before the others, and the 20 reused connections a run opens at once
+    # would all stay with it (seen: 100:0). "started" follows every worker.
+    proc.start(wait_for="event=started")
+    try:
         mta = RelayMta(proc, metrics_port)
         mta.name = name
         yield mta
+    finally:
+        proc.stop()
 
 
 @contextlib.contextmanager
@@ -306,6 +321,7 @@ def measure(
     if states is not None:
         states.start()
     syncs = mta.spool_syncs() if isinstance(mta, RelayMta) else (0.0, 0.0)
+    spread = mta.worker_accepted() if isinstance(mta, RelayMta) else []
     if threads is not None:
         threads.start()
     result = run_mta_benchmark(
@@ -329,6 +345,10 @@ def measure(
     if isinstance(mta, RelayMta):
         after = mta.spool_syncs()
         fsyncs, changes = after[0] - syncs[0], after[1] - syncs[1]
+        if spread:
+            extra["worker_messages"] = [
+                now - then for now, then in zip(mta.worker_accepted(), spread, strict=True)
+            ]
         if fsyncs:
             extra["spool_dir_fsyncs"] = int(fsyncs)
             extra["changes_per_dir_fsync"] = round(changes / fsyncs, 2)

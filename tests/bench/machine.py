@@ -2,12 +2,14 @@
 
 ``MachineWindow`` reads the ``cpu`` line of ``/proc/stat`` at the start and
 at the end of a run: the share of the machine's time (all cores) that was
-not idle (idle and iowait count as idle), and the load average when the run
-ended. ``ThreadWindow`` reads ``/proc/<pid>/task/*/stat`` the same way for
-one process: the CPU seconds of each thread, grouped by the thread's OS name
-(``main`` for the thread whose id is the pid, the event loop in relay).
-``StateSampler`` samples what one thread is doing: running, waiting for a
-futex (the GIL), or waiting in epoll (nothing to do).
+not idle (idle and iowait count as idle), the share that was idle with a
+disk write outstanding (iowait: every runnable thread waited on the disk,
+e.g. an fsync), and the load average when the run ended. ``ThreadWindow``
+reads ``/proc/<pid>/task/*/stat`` the same way for one process: the CPU
+seconds of each thread, grouped by the thread's OS name (``main`` for the
+thread whose id is the pid, the event loop in relay). ``StateSampler``
+samples what one thread is doing: running, waiting for a futex (the GIL),
+or waiting in epoll (nothing to do).
 
 Only reads ``/proc``; nothing here changes what it measures.
 """
@@ -25,34 +27,36 @@ from tests.support.procs import iter_tree
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_line() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores since boot."""
+def _cpu_line() -> tuple[int, int, int]:
+    """(busy, iowait, total) jiffies of all cores since boot."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user).
     total = sum(fields[:8])
     idle = fields[3] + fields[4]
-    return total - idle, total
+    return total - idle, fields[4], total
 
 
 class MachineWindow:
     """The machine's busy share between ``start()`` and ``stop()``."""
 
     def __init__(self) -> None:
-        self._busy0, self._total0, self._t0 = 0, 0, 0.0
+        self._busy0, self._iowait0, self._total0, self._t0 = 0, 0, 0, 0.0
         self.busy_pct: float | None = None
+        self.iowait_pct: float | None = None
         self.loadavg_1m: float | None = None
         self.seconds = 0.0
 
     def start(self) -> MachineWindow:
-        self._busy0, self._total0 = _cpu_line()
+        self._busy0, self._iowait0, self._total0 = _cpu_line()
         self._t0 = time.monotonic()
         return self
 
     def stop(self) -> MachineWindow:
-        busy, total = _cpu_line()
+        busy, iowait, total = _cpu_line()
         self.seconds = time.monotonic() - self._t0
         if total > self._total0:
             self.busy_pct = round(100 * (busy - self._busy0) / (total - self._total0), 1)
+            self.iowait_pct = round(100 * (iowait - self._iowait0) / (total - self._total0), 1)
         self.loadavg_1m = round(os.getloadavg()[0], 2)
         return self
 

@@ -204,6 +204,8 @@ class BenchResult:
     #: How busy the whole machine (every core) was over the run, and the
     #: 1-minute load average when it ended (tests/bench/machine.py).
     machine_busy_pct: float | None = None
+    #: Of the machine's idle share, the part with a disk write outstanding.
+    machine_iowait_pct: float | None = None
     loadavg_1m: float | None = None
     #: True: ``smtp-source`` without ``-d``, one message per connection.
     one_per_connection: bool = False
@@ -239,6 +241,7 @@ class BenchResult:
             cpu_ms_per_message=round(1000 * cpu / count, 3),
             mta_core_pct=round(100 * cpu / e2e_s, 1),
             machine_busy_pct=window.busy_pct if window else None,
+            machine_iowait_pct=window.iowait_pct if window else None,
             loadavg_1m=window.loadavg_1m if window else None,
             one_per_connection=one_per_connection,
         )

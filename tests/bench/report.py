@@ -23,6 +23,7 @@ FIGURES = (
     "cpu_ms_per_message",
     "mta_core_pct",
     "machine_busy_pct",
+    "machine_iowait_pct",
     "loadavg_1m",
 )
 #: The variant column's width ("plain 100k 1/conn").
@@ -46,9 +47,11 @@ class Row:
         return getattr(self.result, name)  # type: ignore[no-any-return]
 
 
-def _fmt(value: float | str | None) -> str:
+def _fmt(value: float | str | list[int] | None) -> str:
     if isinstance(value, str):
         return value
+    if isinstance(value, list):  # a spread over workers, e.g. 1043:957
+        return ":".join(str(v) for v in value)
     return "-" if value is None else f"{value:g}"
 
 
