@@ -9,6 +9,7 @@ them (metrics, the ``attempt`` log line, certificate expiry).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,10 @@ class Attempt:
     tls_defers: bool = False
     #: Recipients accepted by a next hop that does not offer DSN (RFC 3461).
     relayed: frozenset[str] = frozenset()
+    #: Nothing was tried: every host is held down and these probes of some
+    #: of them are running (relay.health). The results defer every
+    #: recipient; the scheduler may instead retry when a probe ends (relay.cycle).
+    probes: tuple[asyncio.Future[None], ...] = ()
 
     def outcome(self, address: str) -> errors.Outcome:
         """errors.DELIVERED, errors.BOUNCED or errors.DEFERRED."""
