@@ -165,7 +165,8 @@ class Health:
     def end_hold_downs(self) -> int:
         """Every held-down host is due for its probe now (``relay queue flush``,
         as Postfix's flush retries dead destinations); the number of hosts.
-        Still one probe per host: the others keep skipping it until it ends."""
+        Still one probe per host: the others skip it, or wait for the probe's
+        outcome (:meth:`probe_ended`), until it ends."""
         now = self._clock()
         due = [s for s in self._hosts.values() if not s.up and s.until > now]
         for state in due:
