@@ -59,34 +59,39 @@ async def queued_behind_a_down_host(relay: InProcessRelay) -> list[Envelope]:
 async def test_a_flush_after_the_host_is_back_delivers_every_message_at_once(
     tmp_path: Path,
 ) -> None:
-    async with Sink() as good, SickHost("421", good.port) as host:
-        async with InProcessRelay(tmp_path, flush_toml(tmp_path, host.port)) as relay:
-            await queued_behind_a_down_host(relay)
-            host.heal()
-            relay.flush()
-            await until(
-                lambda: len(good.messages) == MESSAGES,
-                within=BACKOFF / 10,
-                what="every flushed message delivered",
-            )
-            await until(lambda: not relay.spooled(), what="the spool emptied")
+    async with (
+        Sink() as good,
+        SickHost("421", good.port) as host,
+        InProcessRelay(tmp_path, flush_toml(tmp_path, host.port)) as relay,
+    ):
+        await queued_behind_a_down_host(relay)
+        host.heal()
+        relay.flush()
+        await until(
+            lambda: len(good.messages) == MESSAGES,
+            within=BACKOFF / 10,
+            what="every flushed message delivered",
+        )
+        await until(lambda: not relay.spooled(), what="the spool emptied")
     assert sorted(m.rcpt_tos[0] for m in good.messages) == sorted(
         f"user{n}@corp.test" for n in range(MESSAGES)
     )
 
 
 async def test_a_failed_probe_defers_the_messages_that_waited_for_it(tmp_path: Path) -> None:
-    async with SickHost("421") as host:
-        async with InProcessRelay(tmp_path, flush_toml(tmp_path, host.port)) as relay:
-            await queued_behind_a_down_host(relay)
-            before = host.connections
-            relay.flush()
-            await until(
-                lambda: all(e.attempts == 2 for e in relay.spooled()),
-                what="every flushed message tried again",
-            )
-            await idle(relay)
-            stored = relay.spooled()
+    async with (
+        SickHost("421") as host,
+        InProcessRelay(tmp_path, flush_toml(tmp_path, host.port)) as relay,
+    ):
+        await queued_behind_a_down_host(relay)
+        before = host.connections
+        relay.flush()
+        await until(
+            lambda: all(e.attempts == 2 for e in relay.spooled()),
+            what="every flushed message tried again",
+        )
+        await idle(relay)
+        stored = relay.spooled()
     # One probe, and no retry loop: each message deferred once more, for
     # min_backoff again (the flush restarted the backoff).
     assert host.connections - before == 1
