@@ -9,7 +9,6 @@ them (metrics, the ``attempt`` log line, certificate expiry).
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from relay.config import Config, Route
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.expiry import ExpiryWatch
+from relay.health import ProbeEnd
 from relay.metrics import Metrics
 from relay.mtasts import TESTING, would_fail
 from relay.routing import Candidate
@@ -116,7 +116,7 @@ class Attempt:
     #: Nothing was tried: every host is held down and these probes of some
     #: of them are running (relay.health). The results defer every
     #: recipient; the scheduler may instead retry when a probe ends (relay.cycle).
-    probes: tuple[asyncio.Future[None], ...] = ()
+    probes: tuple[ProbeEnd, ...] = ()
 
     def outcome(self, address: str) -> errors.Outcome:
         """errors.DELIVERED, errors.BOUNCED or errors.DEFERRED."""

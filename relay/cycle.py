@@ -30,6 +30,7 @@ from relay import errors, events, routing
 from relay.bounce import Failure
 from relay.config import Config, Route
 from relay.envelope import Envelope, Recipient
+from relay.health import ProbeEnd
 from relay.limits import LiveLimit
 from relay.outcomes import Outcomes
 from relay.relaying import may_relay
@@ -55,7 +56,7 @@ class Waiting:
     latest, and as soon as one of ``probes`` is done (relay.queue)."""
 
     due: float
-    probes: tuple[asyncio.Future[None], ...]
+    probes: tuple[ProbeEnd, ...]
 
 
 #: What a cycle answers: the next due time, a probe to wait for, or None

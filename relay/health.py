@@ -47,6 +47,9 @@ from relay.metrics import Metrics
 HostKey = tuple[str, int]
 #: (route name, configured host, port): a host as the configuration names it.
 _Group = tuple[str, str, int]
+#: Done when a host's probe ends: True when it tried the host (which is up
+#: again, or held down longer), False when its attempt ended without trying it.
+ProbeEnd = asyncio.Future[bool]
 
 UP = "up"
 DOWN = "down"
@@ -85,7 +88,7 @@ class HostState:
     probe: object | None = None
     #: Done when the running probe ends (:meth:`Health.probe_ended`); made
     #: only when someone waits for it.
-    ended: asyncio.Future[None] | None = None
+    ended: ProbeEnd | None = None
 
 
 class Health:
@@ -141,18 +144,17 @@ class Health:
         """The attempt ``token`` ended: probes it took but never ran are free again."""
         for state in self._hosts.values():
             if state.probe is token:
-                _probe_over(state)
+                _probe_over(state, ran=False)
 
     def probing(self, key: HostKey) -> bool:
         """Held down, and an attempt is probing it now."""
         state = self._hosts.get(key)
         return state is not None and not state.up and state.probe is not None
 
-    def probe_ended(self, keys: Iterable[HostKey]) -> list[asyncio.Future[None]]:
-        """One future per host of ``keys`` being probed now, done when its probe
-        ends, whatever the outcome: success, failure, or the probing attempt
-        ending without trying it. Bounded by that attempt's own timeouts."""
-        out: list[asyncio.Future[None]] = []
+    def probe_ended(self, keys: Iterable[HostKey]) -> list[ProbeEnd]:
+        """One :data:`ProbeEnd` per host of ``keys`` being probed now, done when
+        its probe ends (bounded by the probing attempt's own timeouts)."""
+        out: list[ProbeEnd] = []
         for key in dict.fromkeys(keys):
             state = self._hosts.get(key)
             if state is None or state.up or state.probe is None:
@@ -381,12 +383,13 @@ class Health:
         return routes
 
 
-def _probe_over(state: HostState) -> None:
-    """The host's probe (if any) ended: whoever waits for it learns so."""
+def _probe_over(state: HostState, ran: bool = True) -> None:
+    """The host's probe (if any) ended, having tried the host or not (``ran``):
+    whoever waits for it learns so."""
     state.probe = None
     if state.ended is not None:
         if not state.ended.done():
-            state.ended.set_result(None)
+            state.ended.set_result(ran)
         state.ended = None
 
 

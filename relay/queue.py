@@ -24,6 +24,7 @@ from relay import events
 from relay.config import Config
 from relay.cycle import Deliverer, DeliveryCycle, Next, Waiting
 from relay.envelope import Envelope
+from relay.health import ProbeEnd
 from relay.metrics import Metrics
 from relay.outcomes import Outcomes
 from relay.reports import Reporter
@@ -120,7 +121,7 @@ class Scheduler:
         #: Running when a flush came: due again at once if their attempt defers.
         self._flush_after: set[str] = set()
         #: Messages waiting for a host's probe, by the future its end sets.
-        self._waiting: dict[asyncio.Future[None], list[str]] = {}
+        self._waiting: dict[ProbeEnd, list[str]] = {}
         reporter = Reporter(config, spool, metrics, queue=self.add)
         rng = rng or random.Random()
         self._outcomes = Outcomes(config, spool, metrics, reporter, clock=clock, rng=rng)
@@ -248,17 +249,24 @@ class Scheduler:
         self._metrics.queue_messages.set(len(self))
         self._wake.set()
 
-    def _wait_for(self, probe: asyncio.Future[None], qid: str) -> None:
+    def _wait_for(self, probe: ProbeEnd, qid: str) -> None:
         waiters = self._waiting.get(probe)
         if waiters is None:
             waiters = self._waiting[probe] = []
             probe.add_done_callback(self._probe_ended)
         waiters.append(qid)
 
-    def _probe_ended(self, probe: asyncio.Future[None]) -> None:
-        """A probe some messages wait for ended: they are due now (one that
-        left the index meanwhile, held or deleted, stays out)."""
-        for qid in self._waiting.pop(probe, ()):
+    def _probe_ended(self, probe: ProbeEnd) -> None:
+        """A probe some messages wait for ended. When it tried the host they
+        are due now: it is up, or held down, so they go or are deferred at
+        once. When its attempt never tried the host, they keep their due
+        time (one connect timeout): the next attempt to plan claims the
+        probe, and a stream of claims left unused cannot spin them.
+        One that left the index meanwhile (held, deleted) stays out."""
+        waiters = self._waiting.pop(probe, ())
+        if probe.cancelled() or not probe.result():
+            return
+        for qid in waiters:
             self.due.hasten(qid)
         self._wake.set()
 

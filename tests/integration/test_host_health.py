@@ -304,11 +304,17 @@ async def test_with_no_other_host_an_attempt_waits_for_the_running_probe():
         (probe,) = alone.probes
         assert not probe.done()
         health.failed(key, "mx1.test", "r1", "mx1.test", HostUnreachable("test: down"), "probe")
-        assert probe.done() and health.is_down(key)
+        assert probe.result() is True and health.is_down(key)  # it tried the host
         # The probe failed: no probe runs, so the next attempt defers at once.
         again = await r.send(single(("mx1.test", host.port)), "Q3")
         assert not again.hosts and not again.probes
         assert again.outcome("b@x.test") == errors.DEFERRED
+        # A probe claimed and released untried says so: nobody needs to hurry.
+        health.end_hold_downs()
+        assert health.claim(key, "unused")
+        (untried,) = (await r.send(single(("mx1.test", host.port)), "Q4")).probes
+        health.release("unused")
+        assert untried.result() is False and health.available(key)
     assert host.connections == 0
 
 
