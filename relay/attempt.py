@@ -21,6 +21,7 @@ from relay.config import Config, Route
 from relay.envelope import Envelope
 from relay.errors import RelayError, Reply, TlsPolicyFailure
 from relay.expiry import ExpiryWatch
+from relay.health import ProbeEnd
 from relay.metrics import Metrics
 from relay.mtasts import TESTING, would_fail
 from relay.routing import Candidate
@@ -112,6 +113,10 @@ class Attempt:
     tls_defers: bool = False
     #: Recipients accepted by a next hop that does not offer DSN (RFC 3461).
     relayed: frozenset[str] = frozenset()
+    #: Nothing was tried: every host is held down and these probes of some
+    #: of them are running (relay.health). The results defer every
+    #: recipient; the scheduler may instead retry when a probe ends (relay.cycle).
+    probes: tuple[ProbeEnd, ...] = ()
 
     def outcome(self, address: str) -> errors.Outcome:
         """errors.DELIVERED, errors.BOUNCED or errors.DEFERRED."""

@@ -8,18 +8,29 @@ relay.outcomes as it arrives and persisted before the cycle goes on.
 
 A body over ``spoolbody.IN_MEMORY_MAX`` is not read whole: delivery gets the
 open file and sends it in pieces.
+
+Waiting for a probe. A route whose every host is held down while another
+attempt probes one of them (relay.health) is not deferred for a backoff:
+when no route of the message tried anything, the cycle counts no attempt,
+writes nothing and answers :class:`Waiting`, and the scheduler makes the
+message due again as soon as the probe ends (at once if the host is back;
+if the probe failed, that attempt finds the host held down and defers as
+ever). A message with other routes that did try records the waiting route
+as deferred, and is likewise due again when the probe ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from relay import errors, events, routing
 from relay.bounce import Failure
 from relay.config import Config, Route
 from relay.envelope import Envelope, Recipient
+from relay.health import ProbeEnd
 from relay.limits import LiveLimit
 from relay.outcomes import Outcomes
 from relay.relaying import may_relay
@@ -37,6 +48,20 @@ if TYPE_CHECKING:
 #: bodies are files anyway) and in total: beyond these the first attempt
 #: reads the spool as every later one does.
 FRESH_TOTAL_MAX = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A cycle's answer when a route waits for a probe: due at ``due`` at the
+    latest, and as soon as one of ``probes`` is done (relay.queue)."""
+
+    due: float
+    probes: tuple[ProbeEnd, ...]
+
+
+#: What a cycle answers: the next due time, a probe to wait for, or None
+#: when the message left the queue.
+Next = float | Waiting | None
 
 
 class Deliverer(Protocol):
@@ -123,8 +148,9 @@ class DeliveryCycle:
             self._fresh_bytes -= len(fresh[1])
         return fresh
 
-    async def run(self, qid: str) -> float | None:
-        """Try one due message; its next due time, or None when it left the queue."""
+    async def run(self, qid: str) -> Next:
+        """Try one due message; its next due time, what it waits for (see the
+        module docstring), or None when it left the queue."""
         bodies: list[Body] = []
         try:
             return await self._try(qid, bodies)
@@ -133,7 +159,7 @@ class DeliveryCycle:
                 if isinstance(body, BodyFile):
                     body.close()
 
-    async def _try(self, qid: str, bodies: list[Body]) -> float | None:
+    async def _try(self, qid: str, bodies: list[Body]) -> Next:
         """:meth:`run`; the body read goes into ``bodies`` (closed by the caller)."""
         held = self._outcomes.unsaved(qid)
         if held is not None:
@@ -175,7 +201,9 @@ class DeliveryCycle:
             return None
         if envelope.done:
             return await self._outcomes.remove(envelope)
-        if qid in self._reset_backoff:
+        before = envelope.attempts, envelope.backoff_from
+        reset = qid in self._reset_backoff
+        if reset:
             self._reset_backoff.discard(qid)
             envelope.backoff_from = envelope.attempts
         envelope.attempts += 1
@@ -190,10 +218,26 @@ class DeliveryCycle:
             rcpt.last_remote = False
             rcpt.last_cause = ""
             deferred.append((rcpt, NO_ROUTE))
-        if not await self._attempt_routes(envelope, body, groups, failures, deferred):
+        waiting: list[tuple[Route, Sequence[str], Attempt]] = []
+        if not await self._attempt_routes(envelope, body, groups, failures, deferred, waiting):
             events.log("dropped", id=qid, reason="no longer in the spool")
             return None
-        return await self._outcomes.conclude(envelope, body, failures, deferred)
+        probes = tuple(probe for _, _, attempt in waiting for probe in attempt.probes)
+        if waiting and len(waiting) == len(groups) and not unrouted:
+            # Nothing was tried: as if this cycle had not run, until the probe
+            # ends; at the latest after one connect timeout, which bounds how
+            # long a probe takes to learn whether its host is alive.
+            envelope.attempts, envelope.backoff_from = before
+            if reset:
+                self._reset_backoff.add(qid)
+            if fresh is not None:
+                self._fresh[qid] = fresh
+                self._fresh_bytes += len(fresh[1])
+            return Waiting(self._clock() + self._config().delivery.connect_timeout, probes)
+        for route, addrs, attempt in waiting:
+            self._outcomes.apply(envelope, route, addrs, attempt, failures, deferred)
+        when = await self._outcomes.conclude(envelope, body, failures, deferred)
+        return Waiting(when, probes) if when is not None and probes else when
 
     def _group(
         self, envelope: Envelope
@@ -217,12 +261,15 @@ class DeliveryCycle:
         groups: dict[str, tuple[Route, list[str]]],
         failures: list[Failure],
         deferred: list[tuple[Recipient, str]],
+        waiting: list[tuple[Route, Sequence[str], Attempt]],
     ) -> bool:
         """One deliver() per route, concurrently; persist each outcome as it arrives.
 
         A failed write does not stop the other routes: their transactions
         are under way, and the state is kept in memory (:meth:`Outcomes.save`).
-        False when the message was deleted from the spool meanwhile.
+        A route that tried nothing while a probe runs goes to ``waiting``
+        instead, unapplied. False when the message was deleted from the
+        spool meanwhile.
         """
         tasks = {
             asyncio.create_task(self._deliver(route, envelope, addrs, body)): (route, addrs)
@@ -233,9 +280,17 @@ class DeliveryCycle:
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                applied = False
                 for task in done:
                     route, addrs = tasks[task]
-                    self._outcomes.apply(envelope, route, addrs, task.result(), failures, deferred)
+                    attempt = task.result()
+                    if not isinstance(attempt, BaseException) and attempt.probes:
+                        waiting.append((route, addrs, attempt))
+                        continue
+                    self._outcomes.apply(envelope, route, addrs, attempt, failures, deferred)
+                    applied = True
+                if not applied:
+                    continue  # nothing changed: nothing to write
                 if not pending and envelope.done:
                     # Every recipient is delivered: conclude() deletes the
                     # message, which says as much as a state write would

@@ -25,7 +25,9 @@ addresses held down and carries each candidate's addresses, so an attempt
 walks one list. Opening a session tells health whether the host is alive
 (:func:`relay.health.marks_down`); an address that goes down while an
 attempt waits for its connection slot is skipped without connecting. With
-every host held down, every recipient is deferred at once.
+every host held down, every recipient is deferred at once; when one of
+them is being probed by another attempt, the Attempt carries that probe
+(``Attempt.probes``) so the scheduler can retry when it ends instead.
 
 At-least-once: the scheduler persists per-recipient state after
 ``deliver`` returns. A duplicate can come from a crash between the next
@@ -182,10 +184,13 @@ class Deliverer:
         token = object()
         if candidates is None:
             planned = await self._plan(route, envelope)
-            if isinstance(planned, RelayError):
-                # Also when every host is held down: deferred without connecting.
-                results = {address: (planned,) for address in recipients}
-                return Attempt(route.name, (), results, {})
+            failure = planned.failure if not planned.candidates else None
+            if failure is not None:
+                # Also when every host is held down: deferred without connecting,
+                # unless the caller waits for the probes running (relay.cycle).
+                results = {address: (failure,) for address in recipients}
+                probes = tuple(self.health.probe_ended(planned.probing))
+                return Attempt(route.name, (), results, {}, probes=probes)
             candidates, token = planned.candidates, planned.token
             if planned.sts_enforced and not route.tls_defers:
                 # RFC 8461 section 5: an enforce policy's failure is never
@@ -284,9 +289,9 @@ class Deliverer:
             self._pool.jammed(Hop.of(route, candidate, ip)) for ip in candidate.addresses
         )
 
-    async def _plan(self, route: Route, envelope: Envelope) -> routing.Plan | RelayError:
-        """The route's candidates with their addresses, or the failure that left none
-        (a DNS failure, or every host held down)."""
+    async def _plan(self, route: Route, envelope: Envelope) -> routing.Plan:
+        """The route's candidates with their addresses; without any, its ``failure``
+        (a DNS failure, or every host held down) says why."""
         plan = await routing.plan(route, self._resolver, self._rng, self.health, self.mta_sts)
         for failure in plan.dns_failures:
             if isinstance(failure.error, errors.RouteMisconfigured):
@@ -300,7 +305,6 @@ class Deliverer:
                 )  # fmt: skip
         if not plan.candidates and plan.failure is not None:
             self.health.release(plan.token)
-            return plan.failure
         return plan
 
     async def _candidate_addresses(

@@ -17,6 +17,9 @@ seconds. When it expires, exactly one attempt may try it again (the
 every other attempt keeps skipping the host until the probe ends). A
 probe that fails doubles the hold-down, up to ``[delivery]
 max_hold_down``; any success brings the host back at once and resets it.
+An attempt left without a host while a probe runs waits for its outcome
+(:meth:`Health.probe_ended`, the scheduler parks the message: relay.queue)
+instead of waiting out a whole backoff behind a host that may be back.
 
 A state change logs one line (``event=host_down`` / ``event=host_up``) and
 counts ``relay_host_state_changes_total``; a message skipping a down host
@@ -29,6 +32,7 @@ under ``(mx)``, so the labels stay bounded by the configuration.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,6 +47,9 @@ from relay.metrics import Metrics
 HostKey = tuple[str, int]
 #: (route name, configured host, port): a host as the configuration names it.
 _Group = tuple[str, str, int]
+#: Done when a host's probe ends: True when it tried the host (which is up
+#: again, or held down longer), False when its attempt ended without trying it.
+ProbeEnd = asyncio.Future[bool]
 
 UP = "up"
 DOWN = "down"
@@ -79,6 +86,9 @@ class HostState:
     last_error: str = ""
     #: The attempt probing the host (see :meth:`Health.claim`), if any.
     probe: object | None = None
+    #: Done when the running probe ends (:meth:`Health.probe_ended`); made
+    #: only when someone waits for it.
+    ended: ProbeEnd | None = None
 
 
 class Health:
@@ -134,12 +144,31 @@ class Health:
         """The attempt ``token`` ended: probes it took but never ran are free again."""
         for state in self._hosts.values():
             if state.probe is token:
-                state.probe = None
+                _probe_over(state, ran=False)
+
+    def probing(self, key: HostKey) -> bool:
+        """Held down, and an attempt is probing it now."""
+        state = self._hosts.get(key)
+        return state is not None and not state.up and state.probe is not None
+
+    def probe_ended(self, keys: Iterable[HostKey]) -> list[ProbeEnd]:
+        """One :data:`ProbeEnd` per host of ``keys`` being probed now, done when
+        its probe ends (bounded by the probing attempt's own timeouts)."""
+        out: list[ProbeEnd] = []
+        for key in dict.fromkeys(keys):
+            state = self._hosts.get(key)
+            if state is None or state.up or state.probe is None:
+                continue
+            if state.ended is None:
+                state.ended = asyncio.get_running_loop().create_future()
+            out.append(state.ended)
+        return out
 
     def end_hold_downs(self) -> int:
         """Every held-down host is due for its probe now (``relay queue flush``,
         as Postfix's flush retries dead destinations); the number of hosts.
-        Still one probe per host: the others keep skipping it until it ends."""
+        Still one probe per host: the others skip it, or wait for the probe's
+        outcome (:meth:`probe_ended`), until it ends."""
         now = self._clock()
         due = [s for s in self._hosts.values() if not s.up and s.until > now]
         for state in due:
@@ -162,7 +191,8 @@ class Health:
                 del self._hosts[key]  # nothing to remember about a healthy stranger
             return
         down_for = self._wall() - state.since
-        state.up, state.hold, state.until, state.probe = True, 0.0, 0.0, None
+        state.up, state.hold, state.until = True, 0.0, 0.0
+        _probe_over(state)
         state.since = self._wall()
         events.log(
             "host_up", host=name, ip=key[0], port=key[1], route=route,
@@ -190,7 +220,8 @@ class Health:
         state.name, state.last_error = name, error.detail or str(error.reply)
         if state.up:
             state.up, state.hold, state.since = False, settings.hold_down, self._wall()
-            state.until, state.probe = now + state.hold, None
+            state.until = now + state.hold
+            _probe_over(state)
             self._log_down("host_down", state, route)
             self._changed(key, route, label, DOWN)
             return
@@ -203,7 +234,8 @@ class Health:
         # The probe failed: hold it down twice as long (RFC 5321 section
         # 4.5.4.1 asks for retries to back off; so do we, per host).
         state.hold = min(max(state.hold, settings.hold_down) * 2, settings.max_hold_down)
-        state.until, state.probe = now + state.hold, None
+        state.until = now + state.hold
+        _probe_over(state)
         self._log_down("host_probe_failed", state, route)
 
     def _prune(self, now: float, keep: float) -> None:
@@ -278,7 +310,9 @@ class Health:
         for route, host in labels:
             self._export(route, host)
         for key in orphans - {k for keys in self._groups.values() for k in keys}:
-            self._hosts.pop(key, None)
+            state = self._hosts.pop(key, None)
+            if state is not None:
+                _probe_over(state)
 
     # --- relay status -----------------------------------------------------------
 
@@ -347,6 +381,16 @@ class Health:
             ]
             routes.append({"route": "(mx)", "hosts": hosts})
         return routes
+
+
+def _probe_over(state: HostState, ran: bool = True) -> None:
+    """The host's probe (if any) ended, having tried the host or not (``ran``):
+    whoever waits for it learns so."""
+    state.probe = None
+    if state.ended is not None:
+        if not state.ended.done():
+            state.ended.set_result(ran)
+        state.ended = None
 
 
 def _summary(addresses: list[dict[str, Any]], down: bool, started: float) -> dict[str, Any]:

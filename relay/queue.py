@@ -5,7 +5,9 @@ Only ``(due time, queue id)`` stays in memory per queued message
 message is due. A due message gets one delivery cycle (relay.cycle) as a
 task of its own, within ``[delivery] max_concurrency``; what its results
 change, recipient states, reports and the next due time, is relay.outcomes'
-(docs/queue.md).
+(docs/queue.md). A message whose cycle waits for a host's probe
+(relay.cycle.Waiting) holds no delivery slot and no body meanwhile: it is
+back in the index, due again as soon as the probe ends.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from collections.abc import Callable, Collection, Sequence
 
 from relay import events
 from relay.config import Config
-from relay.cycle import Deliverer, DeliveryCycle
+from relay.cycle import Deliverer, DeliveryCycle, Next, Waiting
 from relay.envelope import Envelope
+from relay.health import ProbeEnd
 from relay.metrics import Metrics
 from relay.outcomes import Outcomes
 from relay.reports import Reporter
@@ -77,6 +80,14 @@ class DueIndex:
         del self._due[qid]
         return qid
 
+    def hasten(self, qid: str) -> bool:
+        """Make ``qid`` due now if it is queued for later; True if it was."""
+        now = self._clock()
+        if self._due.get(qid, now) <= now:
+            return False
+        self.schedule(qid, now)
+        return True
+
     def make_due(self, ids: Collection[str] | None) -> list[str]:
         """Make queued messages due now, every one or ``ids``; the ids made due."""
         now = self._clock()
@@ -106,9 +117,11 @@ class Scheduler:
         self._clock = clock
         #: What is queued and when it is due (attempts running are not in it).
         self.due = DueIndex(clock)
-        self._active: dict[str, asyncio.Task[float | None]] = {}
+        self._active: dict[str, asyncio.Task[Next]] = {}
         #: Running when a flush came: due again at once if their attempt defers.
         self._flush_after: set[str] = set()
+        #: Messages waiting for a host's probe, by the future its end sets.
+        self._waiting: dict[ProbeEnd, list[str]] = {}
         reporter = Reporter(config, spool, metrics, queue=self.add)
         rng = rng or random.Random()
         self._outcomes = Outcomes(config, spool, metrics, reporter, clock=clock, rng=rng)
@@ -213,7 +226,7 @@ class Scheduler:
             self._active[qid] = task
             task.add_done_callback(functools.partial(self._finished, qid))
 
-    def _finished(self, qid: str, task: asyncio.Task[float | None]) -> None:
+    def _finished(self, qid: str, task: asyncio.Task[Next]) -> None:
         self._active.pop(qid, None)
         if task.cancelled():
             # Abandoned at stop(): its recipients are still pending in the spool.
@@ -224,10 +237,37 @@ class Scheduler:
             retry = self._config().queue.min_backoff
             events.error("queue_error", id=qid, error=repr(exc), retry_in=retry)
             self._schedule(qid, self._clock() + retry)
-        elif (when := task.result()) is not None:
+        elif isinstance(when := task.result(), Waiting):
+            # Waiting for the probe beats a flush that came meanwhile: the
+            # flush's own probe is usually the one being waited for.
+            self._schedule(qid, when.due)
+            for probe in when.probes:
+                self._wait_for(probe, qid)
+        elif when is not None:
             self._schedule(qid, self._clock() if qid in self._flush_after else when)
         self._flush_after.discard(qid)
         self._metrics.queue_messages.set(len(self))
+        self._wake.set()
+
+    def _wait_for(self, probe: ProbeEnd, qid: str) -> None:
+        waiters = self._waiting.get(probe)
+        if waiters is None:
+            waiters = self._waiting[probe] = []
+            probe.add_done_callback(self._probe_ended)
+        waiters.append(qid)
+
+    def _probe_ended(self, probe: ProbeEnd) -> None:
+        """A probe some messages wait for ended. When it tried the host they
+        are due now: it is up, or held down, so they go or are deferred at
+        once. When its attempt never tried the host, they keep their due
+        time (one connect timeout): the next attempt to plan claims the
+        probe, and a stream of claims left unused cannot spin them.
+        One that left the index meanwhile (held, deleted) stays out."""
+        waiters = self._waiting.pop(probe, ())
+        if probe.cancelled() or not probe.result():
+            return
+        for qid in waiters:
+            self.due.hasten(qid)
         self._wake.set()
 
     async def stop(self, grace: float) -> None:

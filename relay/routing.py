@@ -73,7 +73,7 @@ from relay.errors import (
     RouteMisconfigured,
     TemporaryFailure,
 )
-from relay.health import Health
+from relay.health import Health, HostKey
 from relay.mtasts import ENFORCE, TESTING, MtaSts, Policy, would_fail
 
 #: The reply of mail deferred because every host of its route is held down.
@@ -148,6 +148,9 @@ class Plan:
     held_down: tuple[str, ...] = ()
     #: The attempt's token for the probes it claimed (``Health.release``).
     token: object = field(default=None, compare=False)
+    #: With no candidate: the held-down addresses another attempt is probing
+    #: now (``Health.probe_ended``), whose outcome may bring a host back.
+    probing: tuple[HostKey, ...] = ()
 
     @property
     def sts_enforced(self) -> bool:
@@ -376,7 +379,18 @@ async def plan(
                     for address in answer
                 ]
                 health.seen(route.name, host.name, host.port, keys)
-    return Plan(_unique(out), tuple(failures), tuple(held), token)
+    probing: tuple[HostKey, ...] = ()
+    if health is not None and not out:
+        probing = tuple(
+            (address, host.port)
+            for (_, host), found in zip(entries, names, strict=True)
+            if not isinstance(found, RelayError)
+            for _, name in found
+            if not isinstance(answer := resolved[(host.name, name)], RelayError)
+            for address in answer
+            if health.probing((address, host.port))
+        )
+    return Plan(_unique(out), tuple(failures), tuple(held), token, probing)
 
 
 def _candidate(

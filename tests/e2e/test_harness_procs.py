@@ -10,12 +10,14 @@ or never listens.
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.procs import RelayProcess, free_port, port_open, swaks
+from tests.support.procs import RESERVATION_NAME, RelayProcess, free_port, port_open, swaks
 
 # Reads [server] listen from the config it is given, greets, logs to stderr,
 # exits 0 on SIGTERM and logs SIGHUP: the shape of `relay run` (README.md).
@@ -120,3 +122,31 @@ def test_daemon_that_never_listens_times_out_and_is_killed(tmp_path: Path) -> No
 def test_uses_the_interpreter_running_the_tests(tmp_path: Path) -> None:
     path, _ = config(tmp_path)
     assert RelayProcess(path).argv[0] == sys.executable
+
+
+# --- free_port: what no other process is handed meanwhile ----------------------------
+
+
+def test_free_port_is_never_a_port_the_kernel_hands_out_by_itself() -> None:
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert not [p for p in ports if low <= p <= high]
+    # What took a daemon's port before: a port-0 listener (or a connection's
+    # source port) elsewhere on the machine, drawn from that range.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        assert low <= other.getsockname()[1] <= high
+
+
+def test_a_port_handed_out_stays_reserved_for_other_processes() -> None:
+    port = free_port()
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        f"    s.bind({RESERVATION_NAME % port!r})\n"
+        "except OSError:\n"
+        "    sys.exit(7)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], timeout=30).returncode == 7

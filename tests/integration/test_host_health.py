@@ -288,6 +288,36 @@ async def test_an_unused_probe_claim_is_released():
         assert r.deliverer.health.available(key)  # still free for the next attempt
 
 
+async def test_with_no_other_host_an_attempt_waits_for_the_running_probe():
+    async with Sink() as good, SickHost("421") as host, relay(settings()) as r:
+        key = ("127.0.0.1", host.port)
+        health = r.deliverer.health
+        health.failed(key, "mx1.test", "r1", "mx1.test", HostUnreachable("test: down"))
+        health.end_hold_downs()  # a flush
+        assert health.claim(key, "probe")  # another attempt is probing it now
+        # Another host that is up still takes the mail at once.
+        other = await r.send(two_tier(("mx1.test", host.port), ("mx2.test", good.port)))
+        assert other.outcome("b@x.test") == errors.DELIVERED and not other.probes
+        # Alone, nothing is tried: the attempt carries the probe to wait for.
+        alone = await r.send(single(("mx1.test", host.port)), "Q2")
+        assert not alone.hosts and alone.outcome("b@x.test") == errors.DEFERRED
+        (probe,) = alone.probes
+        assert not probe.done()
+        health.failed(key, "mx1.test", "r1", "mx1.test", HostUnreachable("test: down"), "probe")
+        assert probe.result() is True and health.is_down(key)  # it tried the host
+        # The probe failed: no probe runs, so the next attempt defers at once.
+        again = await r.send(single(("mx1.test", host.port)), "Q3")
+        assert not again.hosts and not again.probes
+        assert again.outcome("b@x.test") == errors.DEFERRED
+        # A probe claimed and released untried says so: nobody needs to hurry.
+        health.end_hold_downs()
+        assert health.claim(key, "unused")
+        (untried,) = (await r.send(single(("mx1.test", host.port)), "Q4")).probes
+        health.release("unused")
+        assert untried.result() is False and health.available(key)
+    assert host.connections == 0
+
+
 # --- shares over the live primaries ----------------------------------------------
 
 

@@ -169,6 +169,7 @@ class InProcessRelay:
         self.config: Config = configload.load(path)
         self.clock = clock
         parts = app.build(lambda: self.config, fsync=False, clock=clock, seed=seed)
+        self._parts = parts
         self.metrics = parts.metrics
         self.spool = parts.spool
         self.deliverer = parts.deliverer
@@ -215,6 +216,10 @@ class InProcessRelay:
         await until(when, what="the message's outcome")
         await idle(self)
         return envelope
+
+    def flush(self) -> None:
+        """What ``relay queue flush`` and SIGUSR1 do to the daemon."""
+        self._parts.flush()
 
     def requeue(self) -> int:
         """Schedule every spooled message (what the daemon does at start)."""

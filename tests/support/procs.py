@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import smtplib
 import socket
@@ -29,14 +30,74 @@ from tests.support.paths import ROOT
 from tests.support.peers import SWAKS, require_swaks
 from tests.support.wait import blocking_until
 
+#: How long a port free_port handed out stays reserved against every other
+#: free_port caller on this loopback (seconds): far longer than any daemon
+#: takes to bind it.
+PORT_RESERVATION = 300.0
+#: The abstract Unix socket name that reserves a port (``% port``).
+RESERVATION_NAME = "\0relay-test-port-%d"
+_reservations: list[tuple[float, socket.socket]] = []
+_random = random.SystemRandom()  # whatever a test seeds the random module with
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago (bind to port 0, close)."""
+    """A TCP port on ``host`` that is free now and is handed to nobody else meanwhile.
+
+    Every daemon, sink and peer a test starts on a port of its own gets it
+    here. Binding port 0 and closing the socket (as this once did) leaves a
+    window, until the daemon binds, in which the kernel may give the same
+    port to anyone on the machine: another test's port-0 listener, or the
+    source port of any outgoing connection, all drawn from the ephemeral
+    range (``/proc/sys/net/ipv4/ip_local_port_range``); a worker then failed
+    to bind with EADDRINUSE. So the port is drawn from outside that range,
+    where the kernel assigns none by itself, and reserved for
+    :data:`PORT_RESERVATION` seconds under an abstract Unix socket name,
+    which every process sharing this network namespace sees whatever its
+    chroot, so no other caller of this function hands it out meanwhile.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+    now = time.monotonic()
+    while _reservations and now - _reservations[0][0] > PORT_RESERVATION:
+        _reservations.pop(0)[1].close()
+    candidates = _outside_ephemeral_range()
+    for _ in range(1000):
+        port = _random.choice(candidates)
+        reservation = _reserve(port)
+        if reservation is None:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                reservation.close()
+                continue
+        _reservations.append((now, reservation))
         return port
+    raise RuntimeError(f"no free port on {host} outside the ephemeral range")
+
+
+def _outside_ephemeral_range() -> range:
+    """Ports the kernel never hands out by itself: below the ephemeral range
+    (or above it, when below leaves too few)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(part) for part in text.split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    below = range(max(1024, low - 10000), low)
+    above = range(high + 1, 65536)
+    return below if len(below) >= len(above) else above
+
+
+def _reserve(port: int) -> socket.socket | None:
+    """Hold ``port``'s reservation name; None if another process holds it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(RESERVATION_NAME % port)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def port_open(host: str, port: int) -> bool:
