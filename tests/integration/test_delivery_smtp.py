@@ -86,6 +86,8 @@ async def test_null_sender_goes_out_as_empty_reverse_path(closing):
         b"Subject: dots\r\n\r\n.\r\n",
         b"Subject: dots\r\n\r\n..\r\n...\r\n. x\r\n.\r\n.end",
         b"Subject: dots\r\n\r\nline\r\n.\r\n\r\n.\r\n",
+        # The first line is a line too (a body with no header section).
+        b".first\r\n..\r\n",
     ],
 )
 async def test_dot_stuffing_arrives_intact(closing, body):
