@@ -12,7 +12,8 @@ import pytest
 
 from relay import configload
 from tests.support import configs
-from tests.support.integ import BODY, SENDER, InProcessRelay, closed_port, idle, integration_toml
+from tests.support.hosts import closed_port
+from tests.support.integ import BODY, SENDER, InProcessRelay, idle, integration_toml
 from tests.support.pki import Pki
 from tests.support.sink import Sink
 from tests.support.spool import read_body

@@ -7,15 +7,17 @@ health (relay.health) must route around.
 from __future__ import annotations
 
 import asyncio
-import socket
+
+from tests.support.procs import free_port
 
 
 def closed_port() -> int:
-    """A loopback port nothing listens on (a connection to it is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A loopback port nothing listens on (a connection to it is refused).
+
+    One of :func:`free_port`'s: outside the ephemeral range and reserved, so
+    no other test's listener or outgoing connection takes it meanwhile.
+    """
+    return free_port()
 
 
 class SickHost:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from email.message import EmailMessage
@@ -83,13 +82,6 @@ async def sinks_on_one_port(ips: Sequence[str], **kwargs: Any) -> list[LoopbackS
             continue
         return started
     raise RuntimeError("no port free on every loopback address")
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- config text ------------------------------------------------------------
