@@ -16,11 +16,11 @@ import pytest
 from relay.envelope import RcptState
 from relay.errors import TLS_FAILURE_OPTION, TlsFailure
 from tests.support import configs
+from tests.support.hosts import closed_port
 from tests.support.integ import (
     BODY,
     SENDER,
     InProcessRelay,
-    closed_port,
     dsn_parts,
     idle,
     integration_toml,

@@ -9,10 +9,10 @@ import asyncio
 import pytest
 
 from tests.support import configs
+from tests.support.hosts import closed_port
 from tests.support.integ import (
     SENDER,
     InProcessRelay,
-    closed_port,
     dsn_parts,
     idle,
     integration_toml,
