@@ -372,23 +372,15 @@ async def plan(
         ]
         for (_, host), found in zip(entries, names, strict=True):
             if not route.implicit and not isinstance(found, RelayError):
-                keys = [
-                    (address, host.port)
-                    for _, name in found
-                    if not isinstance(answer := resolved[(host.name, name)], RelayError)
-                    for address in answer
-                ]
-                health.seen(route.name, host.name, host.port, keys)
+                health.seen(route.name, host.name, host.port, _host_keys(host, found, resolved))
     probing: tuple[HostKey, ...] = ()
     if health is not None and not out:
         probing = tuple(
-            (address, host.port)
+            key
             for (_, host), found in zip(entries, names, strict=True)
             if not isinstance(found, RelayError)
-            for _, name in found
-            if not isinstance(answer := resolved[(host.name, name)], RelayError)
-            for address in answer
-            if health.probing((address, host.port))
+            for key in _host_keys(host, found, resolved)
+            if health.probing(key)
         )
     return Plan(_unique(out), tuple(failures), tuple(held), token, probing)
 
@@ -451,6 +443,20 @@ async def _lookup(candidate: Candidate, resolver: Resolver) -> tuple[str, ...] |
         return tuple(await addresses_for(candidate, resolver))
     except RelayError as exc:
         return exc
+
+
+def _host_keys(
+    host: Host,
+    found: list[tuple[int, str]],
+    resolved: dict[tuple[str, str], tuple[str, ...] | RelayError],
+) -> list[HostKey]:
+    """The (address, port) health keys of a route host's names that resolved."""
+    return [
+        (address, host.port)
+        for _, name in found
+        if not isinstance(answer := resolved[(host.name, name)], RelayError)
+        for address in answer
+    ]
 
 
 def _alive(
