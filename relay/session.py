@@ -638,15 +638,16 @@ def read_piece(body: BodyFile, offset: int, chunk: int) -> bytes:
     return piece
 
 
-def _stuffed(body: bytes) -> bytes:
+def _stuffed(data: bytes, line_start: bool = True) -> bytes:
     """RFC 5321 section 4.5.2: a line starting with "." gets one more.
 
-    ``body`` is CRLF-only, so a line starts at its start or after a CRLF:
-    bytes.replace does it in C (a multi-line ``^\\.`` regex took 0.8 ms
-    for 100 KiB, 5x as long).
+    ``data`` is CRLF-only and never splits a CRLF, so a line starts after a
+    CRLF, or at its start when ``line_start`` (a body, or a piece of one
+    that follows a CRLF): bytes.replace does it in C (a multi-line ``^\\.``
+    regex took 0.8 ms for 100 KiB, 5x as long).
     """
-    stuffed = body.replace(b"\r\n.", b"\r\n..")
-    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if line_start and stuffed.startswith(b".") else stuffed
 
 
 async def _send_body(smtp: aiosmtplib.SMTP, body: Body, cfg: Config) -> aiosmtplib.SMTPResponse:
@@ -711,10 +712,8 @@ async def _send_file(
         if not piece:
             raise errors.TemporaryFailure("spooled body shrank during delivery")
         offset += len(piece)
-        if line_start and piece.startswith(b"."):
-            protocol.write(b".")
         # Pieces never split a CRLF: every "CRLF ." is inside one piece.
-        protocol.write(piece.replace(b"\r\n.", b"\r\n.."))
+        protocol.write(_stuffed(piece, line_start))
         line_start = piece.endswith(b"\r\n")
         del piece
         await _drained(protocol, reply, limit)
