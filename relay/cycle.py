@@ -148,6 +148,11 @@ class DeliveryCycle:
             self._fresh_bytes -= len(fresh[1])
         return fresh
 
+    def _give_back_fresh(self, qid: str, fresh: tuple[Envelope, bytes]) -> None:
+        """Undo :meth:`_take_fresh` (a cycle that tried nothing)."""
+        self._fresh[qid] = fresh
+        self._fresh_bytes += len(fresh[1])
+
     async def run(self, qid: str) -> Next:
         """Try one due message; its next due time, what it waits for (see the
         module docstring), or None when it left the queue."""
@@ -231,8 +236,7 @@ class DeliveryCycle:
             if reset:
                 self._reset_backoff.add(qid)
             if fresh is not None:
-                self._fresh[qid] = fresh
-                self._fresh_bytes += len(fresh[1])
+                self._give_back_fresh(qid, fresh)
             return Waiting(self._clock() + self._config().delivery.connect_timeout, probes)
         for route, addrs, attempt in waiting:
             self._outcomes.apply(envelope, route, addrs, attempt, failures, deferred)

@@ -80,13 +80,12 @@ class DueIndex:
         del self._due[qid]
         return qid
 
-    def hasten(self, qid: str) -> bool:
-        """Make ``qid`` due now if it is queued for later; True if it was."""
+    def hasten(self, qid: str) -> None:
+        """Make ``qid`` due now if it is queued for later (one heap push, where
+        :meth:`make_due` rebuilds the heap)."""
         now = self._clock()
-        if self._due.get(qid, now) <= now:
-            return False
-        self.schedule(qid, now)
-        return True
+        if self._due.get(qid, now) > now:
+            self.schedule(qid, now)
 
     def make_due(self, ids: Collection[str] | None) -> list[str]:
         """Make queued messages due now, every one or ``ids``; the ids made due."""
