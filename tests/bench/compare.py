@@ -141,10 +141,15 @@ class RelayMta(Mta):
     def flush(self) -> None:
         self.proc.signal(signal.SIGUSR1)
 
-    def metric(self, name: str, labels: str = "") -> float:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+    def _get(self, path: str) -> bytes:
+        """``GET path`` from relay's metrics endpoint (/metrics, /status)."""
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
         with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
-            text = response.read().decode()
+            body: bytes = response.read()
+        return body
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = self._get("/metrics").decode()
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and labels in line and not line.startswith("#"):
@@ -158,9 +163,7 @@ class RelayMta(Mta):
     def worker_accepted(self) -> list[int]:
         """With ``[server] workers``: the messages each worker has accepted
         (``/status``), to see how the kernel spread the connections."""
-        url = f"http://127.0.0.1:{self.metrics_port}/status"
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
-            report = json.loads(response.read())
+        report = json.loads(self._get("/status"))
         return [int(worker.get("accepted", 0)) for worker in report.get("workers", [])]
 
     def spool_syncs(self) -> tuple[float, float]:
